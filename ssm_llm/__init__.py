@@ -1,0 +1,20 @@
+"""ssm_llm: a jitted, pure-functional JAX inference stack for attention and state-space language models.
+
+    config, params = converters.load("model.gguf")            # or ssm_llm.init_params(config, key)
+    cache = ssm_llm.init_cache(config, batch=4, max_len=2048)
+    logits, cache = ssm_llm.forward(params, config, tokens, cache)
+    out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=64))
+"""
+
+from ssm_llm.cache import KVCache
+from ssm_llm.config import ModelConfig, RopeConfig, config_from_dict
+from ssm_llm.default_model import default_model_path
+from ssm_llm.generation import GenerationConfig, GenerationResult, generate
+from ssm_llm.model import forward, init_cache, init_params
+from ssm_llm.sampling import filter_logits, sample
+
+__all__ = [
+    "GenerationConfig", "GenerationResult", "KVCache", "ModelConfig", "RopeConfig", "config_from_dict",
+    "default_model_path", "filter_logits", "forward", "generate", "init_cache", "init_params", "sample",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""The `ssm-llm` command line: `generate` text (streamed as it is produced) and `convert` checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(model: str | None):
+    import converters
+    from ssm_llm.default_model import default_model_path
+
+    path = Path(model) if model else default_model_path()
+    print(f"loading {path}", file=sys.stderr)
+    config, params = converters.load(path, progress=True)
+    return path, config, params
+
+
+class _TextStream:
+    """Prints the text of one growing token sequence as new tokens arrive (called from the jitted loop)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.ids: list[int] = []
+        self.printed = ""
+        self.finished = False
+
+    def __call__(self, step, tokens):
+        token = int(np.asarray(tokens)[0])
+        if self.finished or token < 0 or token in self.stop_ids:
+            self.finished = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _generate(args) -> int:
+    import converters
+    from ssm_llm.generation import GenerationConfig, generate
+
+    path, config, params = _load(args.model)
+    tokenizer = converters.load_tokenizer(path)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(args.prompt).input_ids
+    eos = set(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    gen_config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, seed=args.seed, eos_token_ids=tuple(sorted(eos)),
+    )
+    stream = None if args.no_stream else _TextStream(tokenizer, eos)
+    result = generate(params, config, [ids], gen_config, on_token=stream)
+    if stream is None:
+        sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True))
+    else:
+        # Flush anything held back while waiting for a multi-byte character.
+        sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True)[len(stream.printed):])
+    sys.stdout.write("\n")
+    n = len(result.tokens[0])
+    rate = n / result.decode_seconds if result.decode_seconds > 0 else float("nan")
+    print(f"[{len(ids)} prompt tokens, {n} new ({result.finish_reasons[0]}); prefill "
+          f"{result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s incl. compilation]", file=sys.stderr)
+    return 0
+
+
+def _convert(args) -> int:
+    import jax.numpy as jnp
+
+    import converters
+
+    config, params = converters.load(args.source, dtype=jnp.dtype(args.dtype), progress=True)
+    try:
+        tokenizer = converters.load_tokenizer(args.source)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"warning: saving without a tokenizer ({e})", file=sys.stderr)
+        tokenizer = None
+    out = converters.save(params, config, args.dest, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssm-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt (default model: SmolLM2-135M-Instruct)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: embedded SmolLM2)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--system", help="system message for --chat")
+    gen.add_argument("--no-stream", action="store_true", help="print the text only when generation ends")
+    gen.set_defaults(func=_generate)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint to an orbax ssm-llm checkpoint")
+    conv.add_argument("source", help="GGUF file or Hugging Face model directory")
+    conv.add_argument("dest", help="output directory")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ssm-llm` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"ssm-llm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Model configurations: frozen, hashable dataclasses (static arguments under `jax.jit`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTENTION_FAMILY = "attention"
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters (the `rope_parameters` of Hugging Face configs).
+
+    `rope_type` is "default", "linear" (positions divided by `factor`) or "llama3" (Llama 3.1's
+    frequency-dependent scaling with `low_freq_factor`, `high_freq_factor` and
+    `original_max_position_embeddings`).
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if not self.theta > 0:
+            raise ValueError(f"rope theta must be > 0, got {self.theta}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"llama3 rope needs high_freq_factor > low_freq_factor, got "
+                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only attention model (Llama, Qwen2, Mistral, SmolLM2 share this shape).
+
+    `layer_windows[i]` is layer i's sliding-window size (0: full causal attention); a key at position
+    `s` is visible from a query at `p` when `p - window < s <= p`, as in Hugging Face.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    layer_windows: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "llama"
+    family: str = ATTENTION_FAMILY
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers or any(w < 0 for w in self.layer_windows):
+            raise ValueError(
+                f"layer_windows must hold {self.num_layers} sizes >= 0 (0 = full attention), "
+                f"got {self.layer_windows}"
+            )
+        object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if self.family != ATTENTION_FAMILY:
+            raise ValueError(f"ModelConfig.family must be {ATTENTION_FAMILY!r}, got {self.family!r}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `config_from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Rebuild a config written by `ModelConfig.to_dict` (unknown keys are an error)."""
+    d = dict(d)
+    family = d.get("family", ATTENTION_FAMILY)
+    if family != ATTENTION_FAMILY:
+        raise ValueError(f"unknown model family {family!r} in saved config")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown keys in saved model config: {unknown}")
+    d["rope"] = RopeConfig(**d.get("rope", {}))
+    for key in ("layer_windows", "eos_token_ids"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return ModelConfig(**d)

@@ -1,0 +1,214 @@
+"""Batched generation: one jitted prefill, then one jitted `lax.while_loop` of decode steps.
+
+Prompts are ragged: they are right-padded into one batch and every sequence continues from its own
+length, stops at its own EOS, and is returned without padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.cache import init_cache
+from ssm_llm.config import ModelConfig
+from ssm_llm.models import attention_lm
+from ssm_llm.sampling import sample
+
+# Padded sizes are rounded up so that nearby prompt lengths share one compiled program.
+_PROMPT_BUCKET = 16
+_CACHE_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate.
+
+    temperature 0 is greedy decoding; otherwise tokens are sampled after the top-k (0/None: off),
+    top-p (1.0: off) and min-p (0.0: off) filters. `eos_token_ids=None` uses the model config's.
+    `max_len` fixes the cache size (default: longest prompt + max_new_tokens, rounded up).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] | None = None
+    max_len: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must lie in [0, 1), got {self.min_p}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+            raise ValueError(f"max_len must be None or an int >= 1, got {self.max_len!r}")
+        if self.eos_token_ids is not None:
+            object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """tokens[i]: the new tokens of prompt i (EOS excluded); finish_reasons[i]: "eos" or "length".
+
+    prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
+    on a first call with new shapes).
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prefill_seconds: float
+    decode_seconds: float
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (int, np.integer)):
+            raise ValueError("prompts must be a list of token-id lists; wrap a single prompt as [ids]")
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a flat list of int token ids")
+        if ids.size == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"prompt {i} holds token id {int(bad[0])}, outside the vocabulary [0, {vocab_size})")
+        out.append(ids.astype(np.int32).tolist())
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
+def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
+    cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
+    h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl)
+    last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
+    return attention_lm.logits_from_hidden(params, config, last), cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "eos", "greedy", "top_k", "use_top_p", "use_min_p",
+                     "on_token", "impl"),
+    donate_argnames=("cache",),
+)
+def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, max_new_tokens, eos,
+            greedy, top_k, use_top_p, use_min_p, on_token, impl):
+    batch = logits.shape[0]
+    eos_ids = jnp.asarray(eos, jnp.int32) if eos else None
+
+    def draw(logits, key):
+        return sample(logits, key, temperature=0.0 if greedy else temperature, top_k=top_k,
+                      top_p=top_p if use_top_p else None, min_p=min_p if use_min_p else None)
+
+    def is_eos(tok):
+        return jnp.zeros(tok.shape, bool) if eos_ids is None else (tok[:, None] == eos_ids).any(-1)
+
+    def emit(step, tok):
+        if on_token is not None:
+            jax.debug.callback(on_token, step, tok, ordered=True)
+
+    key, sub = jax.random.split(key)
+    tok = draw(logits, sub)
+    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(tok)
+    done = is_eos(tok)
+    emit(0, tok)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, cache, done, out, key = state
+        h, cache = attention_lm.hidden_states(params, config, tok[:, None], cache,
+                                              jnp.ones((batch,), jnp.int32), impl)
+        key, sub = jax.random.split(key)
+        new = draw(attention_lm.logits_from_hidden(params, config, h[:, 0]), sub)
+        new = jnp.where(done, -1, new)  # finished sequences emit nothing
+        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
+        emit(step, new)
+        return step + 1, jnp.where(done, tok, new), cache, done | is_eos(new), out, key
+
+    state = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out, key))
+    return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
+
+
+def generate(params: dict, config: ModelConfig, prompts: Sequence[Sequence[int]],
+             gen_config: GenerationConfig = GenerationConfig(), *,
+             on_token: Callable[[int, np.ndarray], None] | None = None,
+             impl: str = "auto") -> GenerationResult:
+    """Generate continuations of a ragged batch of token-id prompts.
+
+    `on_token(step, tokens)` (optional) is called from inside the compiled loop as each step's tokens
+    `[B]` are drawn (-1 for finished sequences), e.g. to stream text; pass the same function each time
+    to reuse the compiled loop.
+    """
+    prompts = _check_prompts(prompts, config.vocab_size)
+    lengths = [len(p) for p in prompts]
+    needed = max(lengths) + gen_config.max_new_tokens
+    if gen_config.max_len is not None and needed > gen_config.max_len:
+        raise ValueError(
+            f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+            f"= {needed} exceeds max_len {gen_config.max_len}"
+        )
+    if needed > config.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+            f"= {needed} exceeds the model's context of {config.max_position_embeddings} positions"
+        )
+    max_len = gen_config.max_len or min(_round_up(needed, _CACHE_BUCKET), config.max_position_embeddings)
+    steps = min(_round_up(max(lengths), _PROMPT_BUCKET), max_len)
+    tokens = np.zeros((len(prompts), steps), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    eos = gen_config.eos_token_ids if gen_config.eos_token_ids is not None else config.eos_token_ids
+    cache_dtype = jnp.dtype(params["embed"].dtype)
+
+    start = time.perf_counter()
+    logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
+                             max_len, impl, cache_dtype)
+    logits.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+    out, _ = _decode(
+        params, config, cache, logits, jax.random.PRNGKey(gen_config.seed),
+        jnp.float32(gen_config.temperature or 1.0), jnp.float32(gen_config.top_p),
+        jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos),
+        greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
+        use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, on_token=on_token, impl=impl,
+    )
+    out = np.asarray(out)
+    decode_seconds = time.perf_counter() - start - prefill_seconds
+
+    eos_set = set(eos)
+    new_tokens, reasons = [], []
+    for row in out:
+        seq, reason = [], "length"
+        for t in row.tolist():
+            if t < 0:
+                break
+            if t in eos_set:
+                reason = "eos"
+                break
+            seq.append(t)
+        new_tokens.append(seq)
+        reasons.append(reason)
+    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds)

@@ -1,0 +1,88 @@
+"""The one protocol every model family follows: `init_params`, `init_cache`, `forward`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.cache import KVCache
+from ssm_llm.cache import init_cache as _init_kv_cache
+from ssm_llm.config import ModelConfig
+from ssm_llm.models import attention_lm
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters for `config` (tests, benchmarks, training from scratch)."""
+    return attention_lm.init_params(config, key, dtype)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    return _init_kv_cache(config, batch, max_len, dtype)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Raise ValueError if any concrete token id is outside [0, vocab_size)."""
+    if not _is_concrete(tokens):
+        return
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)].ravel()[0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+
+
+def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_counts) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, steps], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    batch, steps = tokens.shape
+    if steps == 0:
+        raise ValueError("tokens has no steps (shape [B, 0]); pass at least one token per sequence")
+    if batch != cache.batch:
+        raise ValueError(f"tokens batch {batch} != cache batch {cache.batch}")
+    if steps > cache.max_len:
+        raise ValueError(f"{steps} tokens do not fit a cache of max_len {cache.max_len}")
+    if token_counts is not None and token_counts.shape != (batch,):
+        raise ValueError(f"token_counts must have shape ({batch},), got {token_counts.shape}")
+    check_token_ids(tokens, config.vocab_size)
+    if _is_concrete(cache.lengths) and (token_counts is None or _is_concrete(token_counts)):
+        counts = np.full(batch, steps) if token_counts is None else np.asarray(token_counts)
+        if counts.min() < 0 or counts.max() > steps:
+            raise ValueError(f"token_counts must lie in [0, {steps}], got {counts.tolist()}")
+        needed = np.asarray(cache.lengths) + counts
+        if needed.max() > cache.max_len:
+            row = int(needed.argmax())
+            raise ValueError(
+                f"cache overflow: sequence {row} would hold {int(needed[row])} tokens but the cache "
+                f"max_len is {cache.max_len}; allocate a larger cache with init_cache(..., max_len=...)"
+            )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"))
+def _forward(params, config, tokens, cache, token_counts, impl):
+    h, cache = attention_lm.hidden_states(params, config, tokens, cache, token_counts, impl)
+    return attention_lm.logits_from_hidden(params, config, h), cache
+
+
+def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache, *,
+            token_counts: jax.Array | None = None, impl: str = "auto") -> tuple[jax.Array, KVCache]:
+    """Append `tokens: [B, T]` to `cache` and return `(logits [B, T, V], new_cache)`.
+
+    Works for prefill (T > 1) and decode (T = 1); each sequence continues at its own cached length.
+    `token_counts: [B]` marks how many of each row's tokens are real when rows are right-padded
+    (default: all T); the cache advances by that many. Never mutates its inputs.
+    """
+    tokens = jnp.asarray(tokens)
+    _check_forward_inputs(config, tokens, cache, token_counts)
+    if token_counts is None:
+        token_counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return _forward(params, config, tokens.astype(jnp.int32), cache,
+                    jnp.asarray(token_counts, jnp.int32), impl)

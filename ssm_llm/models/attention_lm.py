@@ -1,0 +1,120 @@
+"""Decoder-only attention language models: Llama, Qwen2 (q/k/v bias), Mistral (sliding window), SmolLM2.
+
+Pure functions over a params dict whose per-layer weights are stacked on a leading layer axis and
+scanned with `lax.scan` (compile time does not grow with depth). Linear weights are stored
+`[in, out]` so a projection is `x @ w`.
+
+params = {
+  "embed": [V, H], "final_norm": [H], "lm_head": [H, V] (untied models only),
+  "layers": {"attn_norm": [L, H], "wq": [L, H, Hq*D], "wk"/"wv": [L, H, Hkv*D], "wo": [L, Hq*D, H],
+             "bq"/"bk"/"bv" (qkv_bias), "bo" (o_bias), "mlp_norm": [L, H], "w_gate"/"w_up": [L, H, I],
+             "w_down": [L, I, H], "b_gate"/"b_up"/"b_down" (mlp_bias)},
+}
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import attention
+from ssm_llm.cache import KVCache
+from ssm_llm.config import ModelConfig
+from ssm_llm.norm import rms_norm
+from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The shape of every parameter, as a pytree matching `params`."""
+    L, H, I, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    Q, KV = config.q_size, config.kv_size
+    layers = {
+        "attn_norm": (L, H), "wq": (L, H, Q), "wk": (L, H, KV), "wv": (L, H, KV), "wo": (L, Q, H),
+        "mlp_norm": (L, H), "w_gate": (L, H, I), "w_up": (L, H, I), "w_down": (L, I, H),
+    }
+    if config.qkv_bias:
+        layers.update(bq=(L, Q), bk=(L, KV), bv=(L, KV))
+    if config.o_bias:
+        layers.update(bo=(L, H))
+    if config.mlp_bias:
+        layers.update(b_gate=(L, I), b_up=(L, I), b_down=(L, H))
+    shapes = {"embed": (V, H), "final_norm": (H,), "layers": layers}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (H, V)
+    return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters (normal, std 0.02; norms at 1, biases small) for tests and benchmarks."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            out.append(jnp.ones(shape, dtype) + 0.1 * jax.random.normal(k, shape, dtype))
+        else:
+            out.append(0.02 * jax.random.normal(k, shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _linear(x, w, b=None):
+    y = x @ w
+    return y if b is None else y + b
+
+
+def _layer(config: ModelConfig, impl: str, carry, layer):
+    """One decoder block; `carry` threads the activations and the whole stacked cache."""
+    x, k_all, v_all, positions, kv_lengths, cos, sin, index = carry
+    p, window = layer
+    batch, steps, _ = x.shape
+    hd = config.head_dim
+
+    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+    q = _linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, hd)
+    k = _linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, hd)
+    v = _linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    # Scatter the new keys/values at each sequence's own positions; padded tokens past the cache's
+    # end are dropped (they are never attended to).
+    rows = jnp.arange(batch)[:, None]
+    k_all = k_all.at[index, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[index, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
+    attn = attention(q, k_all[index], v_all[index], positions, kv_lengths, window, impl=impl)
+    x = x + _linear(attn.reshape(batch, steps, config.q_size), p["wo"], p.get("bo"))
+
+    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    gate = _linear(h, p["w_gate"], p.get("b_gate"))
+    up = _linear(h, p["w_up"], p.get("b_up"))
+    x = x + _linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
+    return (x, k_all, v_all, positions, kv_lengths, cos, sin, index + 1), None
+
+
+def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache,
+                  token_counts: jax.Array, impl: str = "auto") -> tuple[jax.Array, KVCache]:
+    """Run the decoder stack on `tokens: [B, T]` appended to `cache`.
+
+    token_counts: [B], how many of each row's T tokens are real (the rest is right padding).
+    Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
+    """
+    steps = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    kv_lengths = cache.lengths + token_counts
+    cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
+    x = params["embed"][tokens]
+    windows = jnp.asarray(config.layer_windows, jnp.int32)
+    carry = (x, cache.k, cache.v, positions, kv_lengths, cos, sin, jnp.int32(0))
+    carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, c, layer), carry,
+                            (params["layers"], windows))
+    x, k_all, v_all = carry[:3]
+    h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return h, KVCache(k=k_all, v=v_all, lengths=kv_lengths)
+
+
+def logits_from_hidden(params: dict, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """Project hidden states `[..., H]` to vocabulary logits `[..., V]`."""
+    if config.tie_word_embeddings:
+        return h @ params["embed"].T
+    return h @ params["lm_head"]

@@ -1,0 +1,79 @@
+"""Token sampling as a pure function of logits and a PRNG key.
+
+Filters follow Hugging Face's warpers, in its order: temperature, top-k, top-p (nucleus), min-p.
+Each later filter sees the distribution left by the earlier ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+# top-p first looks for the nucleus among this many best tokens and sorts the whole vocabulary only
+# for rows whose nucleus is larger (flat distributions); the result is exact either way.
+_TOP_P_CANDIDATES = 256
+
+
+def _top_k_filter(logits, k: int):
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _nucleus_threshold(sorted_logits, log_z, top_p):
+    """Smallest kept logit per row, from logits sorted descending `[B, K]` (K may be a prefix of the
+    vocabulary) and the full log-normaliser `log_z: [B, 1]`; also whether all K were kept."""
+    probs = jnp.exp(sorted_logits - log_z)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+    keep = (mass_before < top_p).at[..., 0].set(True)
+    last = jnp.sum(keep, axis=-1, keepdims=True) - 1
+    return jnp.take_along_axis(sorted_logits, last, axis=-1), jnp.all(keep, axis=-1)
+
+
+def _top_p_filter(logits, top_p):
+    vocab = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    best = jax.lax.top_k(logits, min(_TOP_P_CANDIDATES, vocab))[0]
+    threshold, saturated = _nucleus_threshold(best, log_z, top_p)
+    if best.shape[-1] < vocab:
+        threshold = jax.lax.cond(
+            jnp.any(saturated),
+            lambda: _nucleus_threshold(-jnp.sort(-logits, axis=-1), log_z, top_p)[0],
+            lambda: threshold,
+        )
+    return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def _min_p_filter(logits, min_p):
+    probs = jax.nn.softmax(logits, axis=-1)
+    floor = min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < floor, NEG_INF, logits)
+
+
+def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = None, top_p=None,
+                  min_p=None) -> jax.Array:
+    """Scale by temperature and set excluded tokens to -inf. logits: [B, V] -> [B, V] float32.
+
+    `top_k` is static (0 or None disables it); `top_p` / `min_p` may be traced scalars, or None to
+    skip the filter. At least the most likely token always survives.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        logits = _top_k_filter(logits, min(int(top_k), logits.shape[-1]))
+    if top_p is not None:
+        logits = _top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = _min_p_filter(logits, min_p)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature=0.0, top_k: int | None = None,
+           top_p=None, min_p=None) -> jax.Array:
+    """Draw one token per row of `logits: [B, V]`; temperature 0 (a Python number) is greedy argmax.
+
+    Returns int32 `[B]`.
+    """
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
