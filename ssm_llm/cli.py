@@ -42,9 +42,15 @@ class _TextStream:
 
 
 def _generate(args) -> int:
+    import dataclasses
+
     import converters
     from ssm_llm.generation import GenerationConfig, generate
 
+    gen_config = GenerationConfig(  # validate the options before the slow model load
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+    )
     path, config, params = _load(args.model)
     tokenizer = converters.load_tokenizer(path)
     if args.chat:
@@ -57,10 +63,7 @@ def _generate(args) -> int:
     eos = set(config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    gen_config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, eos_token_ids=tuple(sorted(eos)),
-    )
+    gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
     stream = None if args.no_stream else _TextStream(tokenizer, eos)
     result = generate(params, config, [ids], gen_config, on_token=stream)
     if stream is None:
@@ -81,13 +84,16 @@ def _convert(args) -> int:
 
     import converters
 
+    dest = Path(args.dest)
+    if dest.exists() and any(dest.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace it")
     config, params = converters.load(args.source, dtype=jnp.dtype(args.dtype), progress=True)
     try:
         tokenizer = converters.load_tokenizer(args.source)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"warning: saving without a tokenizer ({e})", file=sys.stderr)
         tokenizer = None
-    out = converters.save(params, config, args.dest, tokenizer=tokenizer, overwrite=args.overwrite)
+    out = converters.save(params, config, dest, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random Hugging Face models (no download) and the real SmolLM2 GGUF."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=False)
+
+
+def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny random `transformers` causal LM (float32, eval mode) of the given kind."""
+    import torch
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    config = config_cls(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # default init gives near-uniform logits; widen them so argmax is robust
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            else:
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    """Full-sequence logits `[T, V]` of one prompt from a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids, n: int) -> list[int]:
+    """`n` greedy new tokens from transformers' own generate (no EOS stop)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(config, params, tokenizer, path) of the real SmolLM2-135M-Instruct GGUF."""
+    import converters
+    import ssm_llm
+
+    path = ssm_llm.default_model_path()
+    config, params = converters.load(path)
+    return config, params, converters.load_tokenizer(path), path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own float32 SmolLM2, loaded from the same GGUF by its GGUF integration."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import ssm_llm
+
+    path = ssm_llm.default_model_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
