@@ -4,7 +4,9 @@ Every module `pallas_kernels/<name>.py` holds `<name>_ref` (the reference) and `
 models call only the dispatchers.
 """
 
-from pallas_kernels.attention import attention, attention_ref
+from pallas_kernels.cache_attention import cache_attention, cache_attention_ref
 from pallas_kernels.dispatch import IMPLS, resolve_impl
+from pallas_kernels.flash_attention import flash_attention, flash_attention_ref
 
-__all__ = ["IMPLS", "attention", "attention_ref", "resolve_impl"]
+__all__ = ["IMPLS", "cache_attention", "cache_attention_ref", "flash_attention", "flash_attention_ref",
+           "resolve_impl"]

@@ -100,7 +100,7 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
 def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
-    h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl)
+    h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return attention_lm.logits_from_hidden(params, config, last), cache
 

@@ -66,9 +66,9 @@ def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_cou
             )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"))
-def _forward(params, config, tokens, cache, token_counts, impl):
-    h, cache = attention_lm.hidden_states(params, config, tokens, cache, token_counts, impl)
+@functools.partial(jax.jit, static_argnames=("config", "impl", "fresh"))
+def _forward(params, config, tokens, cache, token_counts, impl, fresh):
+    h, cache = attention_lm.hidden_states(params, config, tokens, cache, token_counts, impl, fresh)
     return attention_lm.logits_from_hidden(params, config, h), cache
 
 
@@ -84,5 +84,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache
     _check_forward_inputs(config, tokens, cache, token_counts)
     if token_counts is None:
         token_counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    # A cache known to be empty takes the cheaper prefill attention (same result).
+    fresh = _is_concrete(cache.lengths) and not np.asarray(cache.lengths).any()
     return _forward(params, config, tokens.astype(jnp.int32), cache,
-                    jnp.asarray(token_counts, jnp.int32), impl)
+                    jnp.asarray(token_counts, jnp.int32), impl, fresh)

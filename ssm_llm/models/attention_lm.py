@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import attention
+from pallas_kernels.cache_attention import cache_attention
+from pallas_kernels.flash_attention import flash_attention
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
 from ssm_llm.norm import rms_norm
@@ -64,7 +65,7 @@ def _linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def _layer(config: ModelConfig, impl: str, carry, layer):
+def _layer(config: ModelConfig, impl: str, fresh: bool, carry, layer):
     """One decoder block; `carry` threads the activations and the whole stacked cache."""
     x, k_all, v_all, positions, kv_lengths, cos, sin, index = carry
     p, window = layer
@@ -77,12 +78,19 @@ def _layer(config: ModelConfig, impl: str, carry, layer):
     v = _linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    # Scatter the new keys/values at each sequence's own positions; padded tokens past the cache's
-    # end are dropped (they are never attended to).
-    rows = jnp.arange(batch)[:, None]
-    k_all = k_all.at[index, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[index, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
-    attn = attention(q, k_all[index], v_all[index], positions, kv_lengths, window, impl=impl)
+    if fresh:
+        # Empty cache: attend among the new tokens only, then store them at positions 0..T-1.
+        attn = flash_attention(q, k, v, window, impl=impl)
+        start = (index, 0, 0, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype).transpose(0, 2, 1, 3)[None], start)
+    else:
+        # Scatter the new keys/values at each sequence's own positions (padded tokens past the
+        # cache's end are dropped; they are never attended to), then attend over the cache.
+        rows = jnp.arange(batch)[:, None]
+        k_all = k_all.at[index, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[index, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
+        attn = cache_attention(q, k_all[index], v_all[index], positions, kv_lengths, window, impl=impl)
     x = x + _linear(attn.reshape(batch, steps, config.q_size), p["wo"], p.get("bo"))
 
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
@@ -93,10 +101,12 @@ def _layer(config: ModelConfig, impl: str, carry, layer):
 
 
 def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache,
-                  token_counts: jax.Array, impl: str = "auto") -> tuple[jax.Array, KVCache]:
+                  token_counts: jax.Array, impl: str = "auto", fresh: bool = False) -> tuple[jax.Array, KVCache]:
     """Run the decoder stack on `tokens: [B, T]` appended to `cache`.
 
     token_counts: [B], how many of each row's T tokens are real (the rest is right padding).
+    fresh (static): the cache is known to be empty (all lengths 0), so prefill attention runs among
+    the new tokens only, skipping the unused cache and most of the causal mask.
     Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
     """
     steps = tokens.shape[1]
@@ -106,7 +116,7 @@ def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: K
     x = params["embed"][tokens]
     windows = jnp.asarray(config.layer_windows, jnp.int32)
     carry = (x, cache.k, cache.v, positions, kv_lengths, cos, sin, jnp.int32(0))
-    carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, c, layer), carry,
+    carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, fresh, c, layer), carry,
                             (params["layers"], windows))
     x, k_all, v_all = carry[:3]
     h = rms_norm(x, params["final_norm"], config.rms_norm_eps)

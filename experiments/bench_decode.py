@@ -1,0 +1,182 @@
+"""Decode and prefill speed of ssm_llm vs Hugging Face transformers (PyTorch, float32) on SmolLM2-135M.
+
+Both run in this one process, on the same dequantized float32 weights, interleaved repeat by repeat.
+Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
+  * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
+  * prefill time  = t(1 new token) for a 512-token prompt
+Writes experiments/results/bench_decode.json (+ .png) and prints a table of ratios last.
+
+    python experiments/bench_decode.py            # full run (~10 min on 2 cores)
+    python experiments/bench_decode.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import converters  # noqa: E402
+import ssm_llm  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": sys.version.split()[0], "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
+    """`batch` distinct real-text prompts of exactly `length` tokens (Python's language reference)."""
+    import pydoc_data.topics
+
+    text = " ".join(pydoc_data.topics.topics.values())
+    ids = tokenizer(text[: 40 * length * (batch + 1)]).input_ids
+    return [ids[i * length : (i + 1) * length] for i in range(batch)]
+
+
+class Ours:
+    name = "ssm_llm"
+
+    def __init__(self, params, config):
+        self.params, self.config = params, config
+
+    def generate(self, prompts, n):
+        gen = ssm_llm.GenerationConfig(max_new_tokens=n, eos_token_ids=())
+        start = time.perf_counter()
+        out = ssm_llm.generate(self.params, self.config, prompts, gen)
+        elapsed = time.perf_counter() - start
+        assert all(len(t) == n for t in out.tokens)
+        return elapsed, out.tokens
+
+
+class Peer:
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts, n):
+        ids = torch.tensor(prompts)  # equal lengths: no padding needed
+        start = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+        return elapsed, out[:, ids.shape[1]:].tolist()
+
+
+def measure(runner, prompts, n, repeats):
+    """Median wall time of generating 1 and n tokens; the first (compile / warm-up) call is discarded."""
+    runner.generate(prompts, 1)
+    runner.generate(prompts, n)
+    one, full, tokens = [], [], None
+    for _ in range(repeats):
+        one.append(runner.generate(prompts, 1)[0])
+        t, tokens = runner.generate(prompts, n)
+        full.append(t)
+    t1, tn = statistics.median(one), statistics.median(full)
+    return {"t_1_token_s": t1, "t_n_tokens_s": tn, "n": n, "batch": len(prompts),
+            "decode_tok_s": (n - 1) * len(prompts) / (tn - t1), "tokens": tokens}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.repeats, args.batch = 8, 1, 2
+
+    from transformers import AutoModelForCausalLM
+
+    path = ssm_llm.default_model_path()
+    config, params = converters.load(path)
+    tokenizer = converters.load_tokenizer(path)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    runners = [Ours(params, config), Peer(hf)]
+
+    cases = [("decode b=1 ctx=128", 128, 1, args.new_tokens), ("decode b=1 ctx=512", 512, 1, args.new_tokens),
+             (f"decode b={args.batch} ctx=128", 128, args.batch, args.new_tokens)]
+    rows = {}
+    for label, ctx, batch, n in tqdm(cases, desc="cases"):
+        prompts = prompts_of(tokenizer, ctx, batch)
+        rows[label] = {r.name: measure(r, prompts, n, args.repeats) for r in runners}
+        same = rows[label]["ssm_llm"].pop("tokens") == rows[label]["transformers"].pop("tokens")
+        rows[label]["identical_greedy_tokens"] = same
+
+    summary = {}
+    for label in rows:
+        ours, peer = rows[label]["ssm_llm"], rows[label]["transformers"]
+        summary[label] = {"ssm_llm_tok_s": ours["decode_tok_s"], "transformers_tok_s": peer["decode_tok_s"],
+                          "speedup": ours["decode_tok_s"] / peer["decode_tok_s"]}
+    pre = rows["decode b=1 ctx=512"]
+    summary["prefill 512 tokens"] = {
+        "ssm_llm_s": pre["ssm_llm"]["t_1_token_s"], "transformers_s": pre["transformers"]["t_1_token_s"],
+        "speedup": pre["transformers"]["t_1_token_s"] / pre["ssm_llm"]["t_1_token_s"]}
+    b1 = rows["decode b=1 ctx=128"]["ssm_llm"]["decode_tok_s"]
+    bn = rows[f"decode b={args.batch} ctx=128"]["ssm_llm"]["decode_tok_s"]
+    summary[f"batch-{args.batch} / batch-1 throughput (ssm_llm)"] = bn / b1
+
+    result = {"script": "experiments/bench_decode.py", "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": machine_info(), "model": str(path.name), "rows": rows, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(summary, args.out.with_suffix(".png"))
+
+    print(f"\nSmolLM2-135M, float32, {machine_info()['cpu']} ({os.cpu_count()} cores); results: {args.out}")
+    print(f"{'case':<28}{'ssm_llm':>14}{'transformers':>16}{'ratio':>9}  same tokens")
+    for label in rows:
+        s = summary[label]
+        print(f"{label:<28}{s['ssm_llm_tok_s']:>10.1f} t/s{s['transformers_tok_s']:>12.1f} t/s"
+              f"{s['speedup']:>8.2f}x  {rows[label]['identical_greedy_tokens']}")
+    s = summary["prefill 512 tokens"]
+    print(f"{'prefill 512 tokens':<28}{s['ssm_llm_s']:>12.3f} s{s['transformers_s']:>14.3f} s{s['speedup']:>8.2f}x")
+    print(f"batch-{args.batch} throughput / batch-1 (ssm_llm): {bn / b1:.1f}x")
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [k for k, v in summary.items() if isinstance(v, dict)]
+    ratios = [summary[k]["speedup"] for k in labels]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.barh(labels, ratios, color="tab:blue")
+    ax.axvline(1.0, color="gray", linestyle="--")
+    ax.set_xlabel("speed-up of ssm_llm over transformers (x)")
+    for i, r in enumerate(ratios):
+        ax.text(r, i, f" {r:.2f}x", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
