@@ -84,10 +84,7 @@ class GGUFTensors(Mapping):
 
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
