@@ -196,6 +196,8 @@ def generate(params: dict, config: ModelConfig, prompts: Sequence[Sequence[int]]
         use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, on_token=on_token, impl=impl,
     )
     out = np.asarray(out)
+    if on_token is not None:
+        jax.effects_barrier()  # every streamed token has been delivered before we return
     decode_seconds = time.perf_counter() - start - prefill_seconds
 
     eos_set = set(eos)
