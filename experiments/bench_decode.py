@@ -1,6 +1,8 @@
 """Decode and prefill speed of ssm_llm vs Hugging Face transformers (PyTorch, float32) on SmolLM2-135M.
 
 Both run in this one process, on the same dequantized float32 weights, interleaved repeat by repeat.
+ssm_llm is measured in both layer layouts (`ssm_llm.layer_layout`): stacked (lax.scan, the default)
+and unstacked (unrolled loop, faster on CPU).
 Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
   * prefill time  = t(1 new token) for a 512-token prompt
@@ -57,10 +59,8 @@ def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
 
 
 class Ours:
-    name = "ssm_llm"
-
-    def __init__(self, params, config):
-        self.params, self.config = params, config
+    def __init__(self, params, config, name):
+        self.params, self.config, self.name = params, config, name
 
     def generate(self, prompts, n):
         gen = ssm_llm.GenerationConfig(max_new_tokens=n, eos_token_ids=())
@@ -118,7 +118,8 @@ def main(argv=None):
     config, params = converters.load(path)
     tokenizer = converters.load_tokenizer(path)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    runners = [Ours(params, config), Peer(hf)]
+    ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
+    runners = [*ours, Peer(hf)]
 
     cases = [("decode b=1 ctx=128", 128, 1, args.new_tokens), ("decode b=1 ctx=512", 512, 1, args.new_tokens),
              (f"decode b={args.batch} ctx=128", 128, args.batch, args.new_tokens)]
@@ -126,21 +127,27 @@ def main(argv=None):
     for label, ctx, batch, n in tqdm(cases, desc="cases"):
         prompts = prompts_of(tokenizer, ctx, batch)
         rows[label] = {r.name: measure(r, prompts, n, args.repeats) for r in runners}
-        same = rows[label]["ssm_llm"].pop("tokens") == rows[label]["transformers"].pop("tokens")
-        rows[label]["identical_greedy_tokens"] = same
+        tokens = [rows[label][r.name].pop("tokens") for r in runners]
+        rows[label]["identical_greedy_tokens"] = all(t == tokens[-1] for t in tokens)
 
     summary = {}
     for label in rows:
-        ours, peer = rows[label]["ssm_llm"], rows[label]["transformers"]
-        summary[label] = {"ssm_llm_tok_s": ours["decode_tok_s"], "transformers_tok_s": peer["decode_tok_s"],
-                          "speedup": ours["decode_tok_s"] / peer["decode_tok_s"]}
+        peer = rows[label]["transformers"]["decode_tok_s"]
+        summary[label] = {"transformers_tok_s": peer}
+        for r in ours:
+            summary[label][f"{r.name}_tok_s"] = rows[label][r.name]["decode_tok_s"]
+            summary[label][f"{r.name}_speedup"] = rows[label][r.name]["decode_tok_s"] / peer
     pre = rows["decode b=1 ctx=512"]
-    summary["prefill 512 tokens"] = {
-        "ssm_llm_s": pre["ssm_llm"]["t_1_token_s"], "transformers_s": pre["transformers"]["t_1_token_s"],
-        "speedup": pre["transformers"]["t_1_token_s"] / pre["ssm_llm"]["t_1_token_s"]}
-    b1 = rows["decode b=1 ctx=128"]["ssm_llm"]["decode_tok_s"]
-    bn = rows[f"decode b={args.batch} ctx=128"]["ssm_llm"]["decode_tok_s"]
-    summary[f"batch-{args.batch} / batch-1 throughput (ssm_llm)"] = bn / b1
+    summary["prefill 512 tokens"] = {"transformers_s": pre["transformers"]["t_1_token_s"]}
+    for r in ours:
+        summary["prefill 512 tokens"][f"{r.name}_s"] = pre[r.name]["t_1_token_s"]
+        summary["prefill 512 tokens"][f"{r.name}_speedup"] = pre["transformers"]["t_1_token_s"] / pre[r.name]["t_1_token_s"]
+    batch_gain = {}
+    for r in ours:
+        b1 = rows["decode b=1 ctx=128"][r.name]["decode_tok_s"]
+        bn = rows[f"decode b={args.batch} ctx=128"][r.name]["decode_tok_s"]
+        batch_gain[r.name] = bn / b1
+    summary[f"batch-{args.batch} / batch-1 throughput"] = batch_gain
 
     result = {"script": "experiments/bench_decode.py", "args": {k: str(v) for k, v in vars(args).items()},
               "machine": machine_info(), "model": str(path.name), "rows": rows, "summary": summary}
@@ -148,16 +155,17 @@ def main(argv=None):
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, args.out.with_suffix(".png"))
 
+    names = [r.name for r in ours]
     print(f"\nSmolLM2-135M, float32, {machine_info()['cpu']} ({os.cpu_count()} cores); results: {args.out}")
-    print(f"{'case':<28}{'ssm_llm':>14}{'transformers':>16}{'ratio':>9}  same tokens")
+    print(f"{'case':<22}" + "".join(f"{n:>22}" for n in names) + f"{'transformers':>14}  same tokens")
     for label in rows:
         s = summary[label]
-        print(f"{label:<28}{s['ssm_llm_tok_s']:>10.1f} t/s{s['transformers_tok_s']:>12.1f} t/s"
-              f"{s['speedup']:>8.2f}x  {rows[label]['identical_greedy_tokens']}")
+        cells = "".join(f"{s[n + '_tok_s']:>10.1f} t/s ({s[n + '_speedup']:.2f}x)" for n in names)
+        print(f"{label:<22}{cells}{s['transformers_tok_s']:>10.1f} t/s  {rows[label]['identical_greedy_tokens']}")
     s = summary["prefill 512 tokens"]
-    print(f"{'prefill 512 tokens':<28}{s['ssm_llm_s']:>12.3f} s{s['transformers_s']:>14.3f} s{s['speedup']:>8.2f}x")
-    print(f"batch-{args.batch} throughput / batch-1 (ssm_llm): {bn / b1:.1f}x")
-
+    cells = "".join(f"{s[n + '_s']:>12.3f} s ({s[n + '_speedup']:.2f}x)" for n in names)
+    print(f"{'prefill 512 tokens':<22}{cells}{s['transformers_s']:>12.3f} s")
+    print(f"batch-{args.batch} throughput / batch-1: " + ", ".join(f"{n} {g:.1f}x" for n, g in batch_gain.items()))
 
 def plot(summary, path):
     import matplotlib
@@ -165,14 +173,20 @@ def plot(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [k for k, v in summary.items() if isinstance(v, dict)]
-    ratios = [summary[k]["speedup"] for k in labels]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.barh(labels, ratios, color="tab:blue")
+    labels = [k for k in summary if k.startswith(("decode", "prefill"))]
+    names = [k[: -len("_speedup")] for k in summary[labels[0]] if k.endswith("_speedup")]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    height = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ratios = [summary[k][f"{name}_speedup"] for k in labels]
+        ys = [i + j * height for i in range(len(labels))]
+        ax.barh(ys, ratios, height=height, label=name)
+        for y, r in zip(ys, ratios):
+            ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
+    ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(labels))], labels)
     ax.axvline(1.0, color="gray", linestyle="--")
-    ax.set_xlabel("speed-up of ssm_llm over transformers (x)")
-    for i, r in enumerate(ratios):
-        ax.text(r, i, f" {r:.2f}x", va="center")
+    ax.set_xlabel("speed-up over transformers (x)")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

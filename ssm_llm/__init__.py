@@ -10,11 +10,13 @@ from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig, RopeConfig, config_from_dict
 from ssm_llm.default_model import default_model_path
 from ssm_llm.generation import GenerationConfig, GenerationResult, generate
+from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.model import forward, init_cache, init_params
 from ssm_llm.sampling import filter_logits, sample
 
 __all__ = [
     "GenerationConfig", "GenerationResult", "KVCache", "ModelConfig", "RopeConfig", "config_from_dict",
-    "default_model_path", "filter_logits", "forward", "generate", "init_cache", "init_params", "sample",
+    "default_model_path", "filter_logits", "forward", "generate", "init_cache", "init_params", "is_stacked",
+    "sample", "stack_layers", "unstack_layers",
 ]
 __version__ = "0.1.0"

@@ -62,3 +62,24 @@ def test_greedy_generate_matches_transformers(pair):
                               ssm_llm.GenerationConfig(max_new_tokens=20, eos_token_ids=()))
     assert result.tokens[0] == expected
     assert result.finish_reasons == ["length"]
+
+
+def test_unstacked_layer_layout_gives_the_same_logits_and_tokens(pair):
+    _, _, config, params = pair
+    unstacked = ssm_llm.unstack_layers(params)
+    assert not ssm_llm.is_stacked(unstacked) and len(unstacked["layers"]) == config.num_layers
+    ids = jnp.asarray([[5, 1, 4, 1, 5, 9, 2, 6]])
+    for fresh_cache in (True, False):
+        cache = ssm_llm.init_cache(config, 1, 16)
+        if not fresh_cache:  # a non-empty cache takes the cache-attention path
+            _, cache = ssm_llm.forward(params, config, ids[:, :3], cache)
+        a, cache_a = ssm_llm.forward(params, config, ids[:, 3:], cache)
+        b, cache_b = ssm_llm.forward(unstacked, config, ids[:, 3:], cache)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(cache_a.k), np.asarray(cache_b.k), atol=1e-5)
+    gen = ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=())
+    assert (ssm_llm.generate(unstacked, config, [[3, 4], [7]], gen).tokens
+            == ssm_llm.generate(params, config, [[3, 4], [7]], gen).tokens)
+    restacked = ssm_llm.stack_layers(unstacked)
+    for name, value in params["layers"].items():
+        np.testing.assert_array_equal(np.asarray(restacked["layers"][name]), np.asarray(value))

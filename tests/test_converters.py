@@ -94,6 +94,9 @@ def test_orbax_round_trip(llama, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         converters.save(params, config, out)
     converters.save(params, config, out, overwrite=True)
+    unstacked = ssm_llm.unstack_layers(params)
+    converters.save(unstacked, config, out, overwrite=True)
+    assert_same_params(unstacked, converters.load(out)[1])
 
 
 def test_orbax_load_needs_no_torch(llama, tmp_path):

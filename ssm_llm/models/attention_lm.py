@@ -1,8 +1,9 @@
 """Decoder-only attention language models: Llama, Qwen2 (q/k/v bias), Mistral (sliding window), SmolLM2.
 
-Pure functions over a params dict whose per-layer weights are stacked on a leading layer axis and
-scanned with `lax.scan` (compile time does not grow with depth). Linear weights are stored
-`[in, out]` so a projection is `x @ w`.
+Pure functions over a params dict. Per-layer weights are either stacked on a leading layer axis and
+scanned with `lax.scan` (compile time does not grow with depth), or a list of per-layer dicts run as
+an unrolled loop (faster on CPU; see `ssm_llm.layer_layout`). Linear weights are stored `[in, out]`
+so a projection is `x @ w`.
 
 params = {
   "embed": [V, H], "final_norm": [H], "lm_head": [H, V] (untied models only),
@@ -65,10 +66,13 @@ def _linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def _layer(config: ModelConfig, impl: str, fresh: bool, carry, layer):
-    """One decoder block; `carry` threads the activations and the whole stacked cache."""
-    x, k_all, v_all, positions, kv_lengths, cos, sin, index = carry
-    p, window = layer
+def _layer(config: ModelConfig, impl: str, fresh: bool, step_inputs, carry, layer):
+    """One decoder block. `carry` threads the activations and the whole stacked cache (updated in
+    place by XLA); `layer` is this layer's params, sliding window and index; `step_inputs` holds the
+    layer-independent positions, cache lengths and rotary tables."""
+    positions, kv_lengths, cos, sin = step_inputs
+    x, k_all, v_all = carry
+    p, window, index = layer
     batch, steps, _ = x.shape
     hd = config.head_dim
 
@@ -97,7 +101,7 @@ def _layer(config: ModelConfig, impl: str, fresh: bool, carry, layer):
     gate = _linear(h, p["w_gate"], p.get("b_gate"))
     up = _linear(h, p["w_up"], p.get("b_up"))
     x = x + _linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
-    return (x, k_all, v_all, positions, kv_lengths, cos, sin, index + 1), None
+    return (x, k_all, v_all), None
 
 
 def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache,
@@ -114,11 +118,17 @@ def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: K
     kv_lengths = cache.lengths + token_counts
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
     x = params["embed"][tokens]
-    windows = jnp.asarray(config.layer_windows, jnp.int32)
-    carry = (x, cache.k, cache.v, positions, kv_lengths, cos, sin, jnp.int32(0))
-    carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, fresh, c, layer), carry,
-                            (params["layers"], windows))
-    x, k_all, v_all = carry[:3]
+    step_inputs = (positions, kv_lengths, cos, sin)
+    carry = (x, cache.k, cache.v)
+    if isinstance(params["layers"], (list, tuple)):  # unstacked: unrolled (see ssm_llm.layer_layout)
+        for index, (layer, window) in enumerate(zip(params["layers"], config.layer_windows)):
+            carry, _ = _layer(config, impl, fresh, step_inputs, carry, (layer, window, index))
+    else:
+        layers = (params["layers"], jnp.asarray(config.layer_windows, jnp.int32),
+                  jnp.arange(config.num_layers, dtype=jnp.int32))
+        carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, fresh, step_inputs, c, layer),
+                                carry, layers)
+    x, k_all, v_all = carry
     h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     return h, KVCache(k=k_all, v=v_all, lengths=kv_lengths)
 

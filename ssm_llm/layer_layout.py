@@ -1,0 +1,39 @@
+"""Two layouts for the per-layer weights in `params["layers"]`, and conversion between them.
+
+- stacked (the default, what converters return and checkpoints store): one dict of arrays with a
+  leading layer axis `[L, ...]`; the layers run under `lax.scan`, so compile time does not grow with
+  depth.
+- unstacked: a list of L per-layer dicts; the layers run as an unrolled loop. XLA on CPU copies
+  every dynamically indexed weight slice inside a scan, so this layout decodes faster there
+  (measured on SmolLM2, 2-core CPU: ~15% at batch 1, ~30% at batch 16) at the price of a
+  compile time that grows with depth (~3 s instead of ~1 s for 30 layers).
+
+Both give the same results; pick per use (one-shot CLI runs: stacked; long runs on CPU: unstacked).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def is_stacked(params: dict) -> bool:
+    """True if `params["layers"]` is the stacked layout."""
+    return not isinstance(params["layers"], (list, tuple))
+
+
+def unstack_layers(params: dict) -> dict:
+    """A copy of `params` with `layers` as a list of per-layer dicts (no-op if already unstacked)."""
+    if not is_stacked(params):
+        return params
+    layers = params["layers"]
+    count = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    per_layer = [jax.tree_util.tree_map(lambda x, i=i: x[i], layers) for i in range(count)]
+    return {**params, "layers": per_layer}
+
+
+def stack_layers(params: dict) -> dict:
+    """A copy of `params` with `layers` stacked on a leading axis (no-op if already stacked)."""
+    if is_stacked(params):
+        return params
+    return {**params, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params["layers"])}
