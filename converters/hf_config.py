@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from converters.hf_ssm_config import SSM_MODEL_TYPES, ssm_config_from_hf, ssm_model_type
 from ssm_llm.config import ModelConfig, RopeConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -20,7 +21,7 @@ def _model_type(d: dict[str, Any]) -> str:
             return _ARCHITECTURES[arch]
     raise ValueError(
         f"unknown architecture: model_type={model_type!r}, architectures={d.get('architectures')}; "
-        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES + SSM_MODEL_TYPES)}"
     )
 
 
@@ -74,8 +75,11 @@ def _eos(value) -> tuple[int, ...]:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
-def config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """Map a Hugging Face config dict (e.g. `json.load(config.json)` or `config.to_dict()`)."""
+def config_from_hf(d: dict[str, Any]):
+    """Map a Hugging Face config dict (e.g. `json.load(config.json)` or `config.to_dict()`) to a
+    `ModelConfig`, or to a `MambaConfig` / `Mamba2Config` for Mamba models (state-spaces layout too)."""
+    if ssm_model_type(d) is not None:
+        return ssm_config_from_hf(d)
     model_type = _model_type(d)
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):

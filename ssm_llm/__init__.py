@@ -13,9 +13,12 @@ from ssm_llm.generation import GenerationConfig, GenerationResult, generate
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.model import forward, init_cache, init_params
 from ssm_llm.sampling import filter_logits, sample
+from ssm_llm.ssm_cache import SSMCache
+from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = [
-    "GenerationConfig", "GenerationResult", "KVCache", "ModelConfig", "RopeConfig", "config_from_dict",
+    "GenerationConfig", "GenerationResult", "KVCache", "Mamba2Config", "MambaConfig", "ModelConfig", "RopeConfig",
+    "SSMCache", "config_from_dict",
     "default_model_path", "filter_logits", "forward", "generate", "init_cache", "init_params", "is_stacked",
     "sample", "stack_layers", "unstack_layers",
 ]

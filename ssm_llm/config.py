@@ -106,18 +106,27 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Rebuild a config written by `ModelConfig.to_dict` (unknown keys are an error)."""
+def config_from_dict(d: dict[str, Any]):
+    """Rebuild a config written by `to_dict` (attention `ModelConfig`, `MambaConfig` or `Mamba2Config`);
+    unknown keys are an error."""
+    from ssm_llm.ssm_config import SSM_CONFIGS
+
     d = dict(d)
-    family = d.get("family", ATTENTION_FAMILY)
-    if family != ATTENTION_FAMILY:
-        raise ValueError(f"unknown model family {family!r} in saved config")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    family = d.pop("family", ATTENTION_FAMILY)
+    if family == ATTENTION_FAMILY:
+        cls = ModelConfig
+    elif family in SSM_CONFIGS:
+        cls = SSM_CONFIGS[family]
+    else:
+        raise ValueError(f"unknown model family {family!r} in saved config; known: "
+                         f"{', '.join([ATTENTION_FAMILY, *SSM_CONFIGS])}")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"family"}
     unknown = sorted(set(d) - fields)
     if unknown:
-        raise ValueError(f"unknown keys in saved model config: {unknown}")
-    d["rope"] = RopeConfig(**d.get("rope", {}))
-    for key in ("layer_windows", "eos_token_ids"):
+        raise ValueError(f"unknown keys in saved {family} model config: {unknown}")
+    if cls is ModelConfig:
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+    for key in ("layer_windows", "eos_token_ids", "time_step_limit"):
         if key in d:
             d[key] = tuple(d[key])
-    return ModelConfig(**d)
+    return cls(**d)

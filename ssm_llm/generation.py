@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.cache import init_cache
-from ssm_llm.config import ModelConfig
-from ssm_llm.models import attention_lm
+from ssm_llm.model import init_cache
+from ssm_llm.models import family_module
+from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.sampling import sample
 
 # Padded sizes are rounded up so that nearby prompt lengths share one compiled program.
@@ -100,9 +100,9 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
 def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
-    h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
+    h, cache = family_module(config).hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
-    return attention_lm.logits_from_hidden(params, config, last), cache
+    return logits_from_hidden(params, config, last), cache
 
 
 @functools.partial(
@@ -139,10 +139,10 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, ma
 
     def body(state):
         step, tok, cache, done, out, key = state
-        h, cache = attention_lm.hidden_states(params, config, tok[:, None], cache,
-                                              jnp.ones((batch,), jnp.int32), impl)
+        h, cache = family_module(config).hidden_states(params, config, tok[:, None], cache,
+                                                       jnp.ones((batch,), jnp.int32), impl)
         key, sub = jax.random.split(key)
-        new = draw(attention_lm.logits_from_hidden(params, config, h[:, 0]), sub)
+        new = draw(logits_from_hidden(params, config, h[:, 0]), sub)
         new = jnp.where(done, -1, new)  # finished sequences emit nothing
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
         emit(step, new)
@@ -152,7 +152,7 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, ma
     return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
 
 
-def generate(params: dict, config: ModelConfig, prompts: Sequence[Sequence[int]],
+def generate(params: dict, config, prompts: Sequence[Sequence[int]],
              gen_config: GenerationConfig = GenerationConfig(), *,
              on_token: Callable[[int, np.ndarray], None] | None = None,
              impl: str = "auto") -> GenerationResult:
@@ -170,12 +170,15 @@ def generate(params: dict, config: ModelConfig, prompts: Sequence[Sequence[int]]
             f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
             f"= {needed} exceeds max_len {gen_config.max_len}"
         )
-    if needed > config.max_position_embeddings:
+    context = config.max_position_embeddings  # None: no limit (state-space models)
+    if context is not None and needed > context:
         raise ValueError(
             f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
-            f"= {needed} exceeds the model's context of {config.max_position_embeddings} positions"
+            f"= {needed} exceeds the model's context of {context} positions"
         )
-    max_len = gen_config.max_len or min(_round_up(needed, _CACHE_BUCKET), config.max_position_embeddings)
+    max_len = gen_config.max_len or _round_up(needed, _CACHE_BUCKET)
+    if context is not None and gen_config.max_len is None:
+        max_len = min(max_len, context)
     steps = min(_round_up(max(lengths), _PROMPT_BUCKET), max_len)
     tokens = np.zeros((len(prompts), steps), np.int32)
     for row, prompt in enumerate(prompts):

@@ -37,3 +37,20 @@ def stack_layers(params: dict) -> dict:
     if is_stacked(params):
         return params
     return {**params, "layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def run_layers(layer_fn, carry, layers, per_layer: tuple = ()):
+    """Apply `layer_fn(carry, (layer_params, index, *values)) -> carry` for every layer, in order.
+
+    Stacked `layers` run under `lax.scan` (index and the `per_layer` values arrive as traced scalars);
+    a list of per-layer dicts runs as an unrolled loop (index and values are Python numbers).
+    `per_layer`: tuples holding one value per layer (e.g. sliding-window sizes).
+    """
+    if isinstance(layers, (list, tuple)):
+        for index, layer in enumerate(layers):
+            carry = layer_fn(carry, (layer, index, *(values[index] for values in per_layer)))
+        return carry
+    count = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    xs = (layers, jnp.arange(count, dtype=jnp.int32), *(jnp.asarray(values) for values in per_layer))
+    carry, _ = jax.lax.scan(lambda c, x: (layer_fn(c, x), None), carry, xs)
+    return carry

@@ -11,17 +11,30 @@ import numpy as np
 from ssm_llm.cache import KVCache
 from ssm_llm.cache import init_cache as _init_kv_cache
 from ssm_llm.config import ModelConfig
-from ssm_llm.models import attention_lm
+from ssm_llm.models import family_module
+from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.ssm_cache import SSMCache, init_ssm_cache
+
+Cache = KVCache | SSMCache
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:
     """Random parameters for `config` (tests, benchmarks, training from scratch)."""
-    return attention_lm.init_params(config, key, dtype)
+    return family_module(config).init_params(config, key, dtype)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
-    return _init_kv_cache(config, batch, max_len, dtype)
+def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens.
+
+    Attention models get a `KVCache` of `max_len` positions; state-space models an `SSMCache`
+    whose size does not depend on the length (`max_len` is validated, then unused).
+    """
+    if isinstance(config, ModelConfig):
+        return _init_kv_cache(config, batch, max_len, dtype)
+    family_module(config)  # a clear TypeError for anything that is not a model config
+    if not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    return init_ssm_cache(config, batch, dtype)
 
 
 def _is_concrete(x) -> bool:
@@ -38,7 +51,7 @@ def check_token_ids(tokens, vocab_size: int) -> None:
         raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
 
 
-def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_counts) -> None:
+def _check_forward_inputs(config, tokens, cache: Cache, token_counts) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, steps], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -46,9 +59,14 @@ def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_cou
     batch, steps = tokens.shape
     if steps == 0:
         raise ValueError("tokens has no steps (shape [B, 0]); pass at least one token per sequence")
+    expected_cache = KVCache if isinstance(config, ModelConfig) else SSMCache
+    if not isinstance(cache, expected_cache):
+        raise TypeError(f"a {type(config).__name__} needs a {expected_cache.__name__}, got {type(cache).__name__}; "
+                        f"create it with ssm_llm.init_cache(config, ...)")
     if batch != cache.batch:
         raise ValueError(f"tokens batch {batch} != cache batch {cache.batch}")
-    if steps > cache.max_len:
+    bounded = isinstance(cache, KVCache)
+    if bounded and steps > cache.max_len:
         raise ValueError(f"{steps} tokens do not fit a cache of max_len {cache.max_len}")
     if token_counts is not None and token_counts.shape != (batch,):
         raise ValueError(f"token_counts must have shape ({batch},), got {token_counts.shape}")
@@ -58,7 +76,7 @@ def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_cou
         if counts.min() < 0 or counts.max() > steps:
             raise ValueError(f"token_counts must lie in [0, {steps}], got {counts.tolist()}")
         needed = np.asarray(cache.lengths) + counts
-        if needed.max() > cache.max_len:
+        if bounded and needed.max() > cache.max_len:
             row = int(needed.argmax())
             raise ValueError(
                 f"cache overflow: sequence {row} would hold {int(needed[row])} tokens but the cache "
@@ -68,15 +86,16 @@ def _check_forward_inputs(config: ModelConfig, tokens, cache: KVCache, token_cou
 
 @functools.partial(jax.jit, static_argnames=("config", "impl", "fresh"))
 def _forward(params, config, tokens, cache, token_counts, impl, fresh):
-    h, cache = attention_lm.hidden_states(params, config, tokens, cache, token_counts, impl, fresh)
-    return attention_lm.logits_from_hidden(params, config, h), cache
+    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl, fresh)
+    return logits_from_hidden(params, config, h), cache
 
 
-def forward(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache, *,
-            token_counts: jax.Array | None = None, impl: str = "auto") -> tuple[jax.Array, KVCache]:
+def forward(params: dict, config, tokens: jax.Array, cache: Cache, *,
+            token_counts: jax.Array | None = None, impl: str = "auto") -> tuple[jax.Array, Cache]:
     """Append `tokens: [B, T]` to `cache` and return `(logits [B, T, V], new_cache)`.
 
-    Works for prefill (T > 1) and decode (T = 1); each sequence continues at its own cached length.
+    Works for prefill (T > 1) and decode (T = 1) of every model family (attention: `KVCache`;
+    Mamba / Mamba-2: `SSMCache`); each sequence continues at its own cached length.
     `token_counts: [B]` marks how many of each row's tokens are real when rows are right-padded
     (default: all T); the cache advances by that many. Never mutates its inputs.
     """

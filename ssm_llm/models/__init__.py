@@ -1,0 +1,18 @@
+"""Model families. Each module exposes `param_shapes`, `init_params` and `hidden_states` with one contract."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+
+def family_module(config) -> ModuleType:
+    """The module implementing `config`'s model family (attention_lm or mamba_lm)."""
+    from ssm_llm.config import ModelConfig
+    from ssm_llm.models import attention_lm, mamba_lm
+    from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+    if isinstance(config, ModelConfig):
+        return attention_lm
+    if isinstance(config, (MambaConfig, Mamba2Config)):
+        return mamba_lm
+    raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig or Mamba2Config)")

@@ -22,6 +22,8 @@ from pallas_kernels.cache_attention import cache_attention
 from pallas_kernels.flash_attention import flash_attention
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
+from ssm_llm.layer_layout import run_layers
+from ssm_llm.models.lm_head import linear, logits_from_hidden
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -61,25 +63,20 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _linear(x, w, b=None):
-    y = x @ w
-    return y if b is None else y + b
-
-
 def _layer(config: ModelConfig, impl: str, fresh: bool, step_inputs, carry, layer):
     """One decoder block. `carry` threads the activations and the whole stacked cache (updated in
-    place by XLA); `layer` is this layer's params, sliding window and index; `step_inputs` holds the
+    place by XLA); `layer` is this layer's params, index and sliding window; `step_inputs` holds the
     layer-independent positions, cache lengths and rotary tables."""
     positions, kv_lengths, cos, sin = step_inputs
     x, k_all, v_all = carry
-    p, window, index = layer
+    p, index, window = layer
     batch, steps, _ = x.shape
     hd = config.head_dim
 
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = _linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, hd)
-    k = _linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, hd)
-    v = _linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, hd)
+    q = linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, hd)
+    k = linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, hd)
+    v = linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if fresh:
@@ -95,13 +92,13 @@ def _layer(config: ModelConfig, impl: str, fresh: bool, step_inputs, carry, laye
         k_all = k_all.at[index, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
         v_all = v_all.at[index, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
         attn = cache_attention(q, k_all[index], v_all[index], positions, kv_lengths, window, impl=impl)
-    x = x + _linear(attn.reshape(batch, steps, config.q_size), p["wo"], p.get("bo"))
+    x = x + linear(attn.reshape(batch, steps, config.q_size), p["wo"], p.get("bo"))
 
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate = _linear(h, p["w_gate"], p.get("b_gate"))
-    up = _linear(h, p["w_up"], p.get("b_up"))
-    x = x + _linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
-    return (x, k_all, v_all), None
+    gate = linear(h, p["w_gate"], p.get("b_gate"))
+    up = linear(h, p["w_up"], p.get("b_up"))
+    x = x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
+    return x, k_all, v_all
 
 
 def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache,
@@ -119,22 +116,8 @@ def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: K
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
     x = params["embed"][tokens]
     step_inputs = (positions, kv_lengths, cos, sin)
-    carry = (x, cache.k, cache.v)
-    if isinstance(params["layers"], (list, tuple)):  # unstacked: unrolled (see ssm_llm.layer_layout)
-        for index, (layer, window) in enumerate(zip(params["layers"], config.layer_windows)):
-            carry, _ = _layer(config, impl, fresh, step_inputs, carry, (layer, window, index))
-    else:
-        layers = (params["layers"], jnp.asarray(config.layer_windows, jnp.int32),
-                  jnp.arange(config.num_layers, dtype=jnp.int32))
-        carry, _ = jax.lax.scan(lambda c, layer: _layer(config, impl, fresh, step_inputs, c, layer),
-                                carry, layers)
+    carry = run_layers(lambda c, layer: _layer(config, impl, fresh, step_inputs, c, layer),
+                       (x, cache.k, cache.v), params["layers"], (config.layer_windows,))
     x, k_all, v_all = carry
     h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     return h, KVCache(k=k_all, v=v_all, lengths=kv_lengths)
-
-
-def logits_from_hidden(params: dict, config: ModelConfig, h: jax.Array) -> jax.Array:
-    """Project hidden states `[..., H]` to vocabulary logits `[..., V]`."""
-    if config.tie_word_embeddings:
-        return h @ params["embed"].T
-    return h @ params["lm_head"]

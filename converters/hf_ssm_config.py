@@ -1,0 +1,117 @@
+"""Hugging Face `MambaConfig` / `Mamba2Config` dicts, and original `state-spaces` (mamba_ssm) config.json
+files -> `ssm_llm.MambaConfig` / `Mamba2Config`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+SSM_MODEL_TYPES = ("mamba", "mamba2")
+_ARCHITECTURES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2"}
+
+
+def ssm_model_type(d: dict[str, Any]) -> str | None:
+    """"mamba" / "mamba2" for Hugging Face configs, "state-spaces" for mamba_ssm's, else None."""
+    if d.get("model_type") in SSM_MODEL_TYPES:
+        return d["model_type"]
+    for arch in d.get("architectures") or ():
+        if arch in _ARCHITECTURES:
+            return _ARCHITECTURES[arch]
+    if "d_model" in d and "n_layer" in d and "model_type" not in d:
+        return "state-spaces"
+    return None
+
+
+def _float(value, key: str) -> float:
+    """A float from JSON, where infinity may be written as a string or `{"__float__": "Infinity"}`."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    try:
+        return float(value)  # float() accepts "inf", "Infinity", "-inf"
+    except (TypeError, ValueError):
+        raise ValueError(f"config {key} holds {value!r}, not a number") from None
+
+
+def _time_step_limit(value) -> tuple[float, float]:
+    if value is None:
+        return (0.0, math.inf)
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"time_step_limit must be a pair (lo, hi), got {value!r}")
+    return (_float(value[0], "time_step_limit"), _float(value[1], "time_step_limit"))
+
+
+def _eos(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _require(d: dict[str, Any], *keys: str) -> list:
+    missing = [k for k in keys if d.get(k) is None]
+    if missing:
+        raise ValueError(f"config is missing required key(s) {missing}")
+    return [d[k] for k in keys]
+
+
+def _from_hf(d: dict[str, Any], model_type: str) -> MambaConfig | Mamba2Config:
+    vocab, hidden, layers = _require(d, "vocab_size", "hidden_size", "num_hidden_layers")
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+        intermediate_size=int(d.get("expand", 2) * hidden),
+        conv_kernel=d.get("conv_kernel", 4), layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+        use_bias=bool(d.get("use_bias", False)), use_conv_bias=bool(d.get("use_conv_bias", True)),
+        hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_eos(d.get("eos_token_id")),
+    )
+    if model_type == "mamba":
+        rank = d.get("time_step_rank", "auto")
+        return MambaConfig(**common, state_size=d.get("state_size", 16),
+                           tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+                           time_step_rank=0 if rank == "auto" else int(rank))
+    return Mamba2Config(**common, state_size=d.get("state_size", 128), num_heads=d.get("num_heads", 128),
+                        head_dim=d.get("head_dim", 64), n_groups=d.get("n_groups", 8),
+                        chunk_size=d.get("chunk_size", 256), time_step_limit=_time_step_limit(d.get("time_step_limit")),
+                        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+
+
+def _from_state_spaces(d: dict[str, Any]) -> MambaConfig | Mamba2Config:
+    """mamba_ssm's `MambaConfig` JSON (d_model, n_layer, ssm_cfg, ...), with its defaults."""
+    hidden, layers, vocab = _require(d, "d_model", "n_layer", "vocab_size")
+    if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
+        raise ValueError("state-spaces configs with MLP (d_intermediate > 0) or attention layers are not supported")
+    if not d.get("rms_norm", True):
+        raise ValueError("state-spaces configs with LayerNorm (rms_norm=false) are not supported")
+    multiple = d.get("pad_vocab_size_multiple", 8)
+    vocab = -(-vocab // multiple) * multiple  # mamba_ssm pads the embedding rows
+    ssm = dict(d.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"unknown state-spaces ssm_cfg layer {layer!r}; supported: Mamba1, Mamba2")
+    inner = int(ssm.get("expand", 2) * hidden)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, intermediate_size=inner,
+                  conv_kernel=ssm.get("d_conv", 4), layer_norm_epsilon=float(d.get("norm_epsilon", 1e-5)),
+                  use_bias=bool(ssm.get("bias", False)), use_conv_bias=bool(ssm.get("conv_bias", True)),
+                  tie_word_embeddings=bool(d.get("tie_embeddings", True)))
+    if layer == "Mamba1":
+        rank = ssm.get("dt_rank", "auto")
+        return MambaConfig(**common, state_size=ssm.get("d_state", 16), time_step_rank=0 if rank == "auto" else int(rank))
+    if ssm.get("d_ssm") not in (None, inner) or ssm.get("D_has_hdim") or not ssm.get("rmsnorm", True) \
+            or ssm.get("norm_before_gate", False):
+        raise ValueError(f"unsupported Mamba2 ssm_cfg options (d_ssm, D_has_hdim, rmsnorm=False or "
+                         f"norm_before_gate=True): {ssm}")
+    head_dim = ssm.get("headdim", 64)
+    if inner % head_dim:
+        raise ValueError(f"Mamba2 inner size {inner} is not a multiple of headdim {head_dim}")
+    return Mamba2Config(**common, state_size=ssm.get("d_state", 128), num_heads=inner // head_dim, head_dim=head_dim,
+                        n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
+                        time_step_limit=_time_step_limit(ssm.get("dt_limit")))
+
+
+def ssm_config_from_hf(d: dict[str, Any]) -> MambaConfig | Mamba2Config:
+    """Map a Mamba / Mamba-2 config dict (Hugging Face or state-spaces layout) to our config."""
+    kind = ssm_model_type(d)
+    if kind is None:
+        raise ValueError(f"not a Mamba config: model_type={d.get('model_type')!r}")
+    return _from_state_spaces(d) if kind == "state-spaces" else _from_hf(d, kind)

@@ -1,0 +1,130 @@
+"""Mamba-2 state-space duality (SSD): the chunked scan (prefill) and its single-step update (decode).
+
+Per head h (scalar A[h] < 0), head channel p and state index n, with dt_t[h] already softplus'ed:
+    S_t[h] = exp(dt_t[h] * A[h]) * S_{t-1}[h] + dt_t[h] * x_t[h] (outer) B_t[g(h)]
+    y_t[h] = S_t[h] @ C_t[g(h)] + D[h] * x_t[h]
+where the G groups of B/C are shared by H / G consecutive heads. A step with dt = 0 leaves the
+state unchanged (how right-padded steps are masked).
+
+The chunked reference is the SSD "segsum" formulation: inside each chunk of L steps the output is an
+attention-like product (C B^T masked by the decays exp(segsum(dt A))), chunk states are contracted
+from B, x and the decays to the chunk's end, and a `lax.scan` over chunks passes states between them,
+so time and memory grow linearly with T. B and C are never repeated per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dispatch import resolve_impl
+
+PALLAS_BACKENDS: tuple[str, ...] = ()
+
+
+def _check(x, dt, A, B, C, D, state):
+    batch, steps, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    if groups == 0 or heads % groups:
+        raise ValueError(f"ssd: heads ({heads}) must be a multiple of the B/C groups ({groups})")
+    expected = {"dt": (dt.shape, (batch, steps, heads)), "A": (A.shape, (heads,)),
+                "B": (B.shape, (batch, steps, groups, n)), "C": (C.shape, (batch, steps, groups, n))}
+    if D is not None:
+        expected["D"] = (D.shape, (heads,))
+    if state is not None:
+        expected["state"] = (state.shape, (batch, heads, head_dim, n))
+    for name, (got, want) in expected.items():
+        if tuple(got) != tuple(want):
+            raise ValueError(f"ssd: {name} must have shape {want}, got {tuple(got)}")
+
+
+def segsum(a):
+    """`a: [..., L]` -> `[..., L, L]` with out[l, s] = sum(a[s+1..l]) for s <= l, -inf above the diagonal.
+
+    Summed directly (masked cumulative sum), not as a difference of prefix sums, for precision.
+    """
+    length = a.shape[-1]
+    idx = jnp.arange(length)
+    terms = jnp.where(idx[:, None] > idx[None, :], a[..., :, None], 0.0)  # [..., k, s]: a[k] for k > s
+    sums = jnp.cumsum(terms, axis=-2)  # [..., l, s]
+    return jnp.where(idx[:, None] >= idx[None, :], sums, -jnp.inf)
+
+
+def ssd_chunked_ref(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256):
+    """x: [Bt, T, H, P]; dt: [Bt, T, H]; A: [H]; B, C: [Bt, T, G, N]; D: [H] or None;
+    state: [Bt, H, P, N] before x (None: zeros). Returns `(y [Bt, T, H, P] in x's dtype, final state
+    [Bt, H, P, N] float32)`. Computed in float32.
+    """
+    _check(x, dt, A, B, C, D, state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    batch, steps, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    rep = heads // groups
+    pad = -steps % chunk_size
+
+    def chunked(a):  # [Bt, T, ...] float32, zero-padded, -> [Bt, c, L, ...]
+        a = jnp.pad(a.astype(jnp.float32), ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape(batch, -1, chunk_size, *a.shape[2:])
+
+    xs = chunked(x).reshape(batch, -1, chunk_size, groups, rep, head_dim)  # [b, c, l, g, r, p]
+    dts = chunked(dt).reshape(batch, -1, chunk_size, groups, rep)  # [b, c, l, g, r]
+    Bs, Cs = chunked(B), chunked(C)  # [b, c, l, g, n]
+    a = dts * A.astype(jnp.float32).reshape(groups, rep)  # dt * A  [b, c, l, g, r]
+    a_cum = jnp.cumsum(a, axis=2)
+    x_dt = xs * dts[..., None]
+
+    # 1. Within each chunk: y[l] = sum_{s <= l} (C[l] . B[s]) exp(a[s+1..l]) dt[s] x[s].
+    decay = jnp.exp(segsum(jnp.moveaxis(a, 2, -1)))  # [b, c, g, r, l, s]
+    scores = jnp.einsum("bclgn,bcsgn->bcgls", Cs, Bs)
+    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, x_dt)
+
+    # 2. Each chunk's own contribution to the state at its end.
+    to_end = jnp.exp(a_cum[:, :, -1:] - a_cum)  # [b, c, l, g, r]
+    chunk_states = jnp.einsum("bclgn,bclgrp->bcgrpn", Bs, x_dt * to_end[..., None])
+
+    # 3. Pass states between chunks (linear in the number of chunks).
+    h0 = (jnp.zeros((batch, heads, head_dim, n), jnp.float32) if state is None
+          else state.astype(jnp.float32)).reshape(batch, groups, rep, head_dim, n)
+
+    def carry_state(h, inputs):
+        chunk_decay, own = inputs  # [b, g, r], [b, g, r, p, n]
+        return h * chunk_decay[..., None, None] + own, h
+
+    final, starts = jax.lax.scan(carry_state, h0, (jnp.exp(a_cum[:, :, -1]).swapaxes(0, 1),
+                                                   chunk_states.swapaxes(0, 1)))
+    starts = starts.swapaxes(0, 1)  # [b, c, g, r, p, n]: the state entering each chunk
+
+    # 4. The entering state's contribution to every step of the chunk.
+    y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", Cs, starts) * jnp.exp(a_cum)[..., None]
+    y = (y_diag + y_off).reshape(batch, -1, heads, head_dim)[:, :steps]
+    if D is not None:
+        y = y + x.astype(jnp.float32) * D.astype(jnp.float32)[:, None]
+    return y.astype(x.dtype), final.reshape(batch, heads, head_dim, n)
+
+
+def ssd_step_ref(state, x, dt, A, B, C, D=None):
+    """One decode step. state: [Bt, H, P, N]; x: [Bt, H, P]; dt: [Bt, H]; A: [H]; B, C: [Bt, G, N].
+    Returns `(y [Bt, H, P] in x's dtype, new state [Bt, H, P, N] in state's dtype)`."""
+    _check(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, state)
+    rep = x.shape[1] // B.shape[1]
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    B_h, C_h = jnp.repeat(f32(B), rep, axis=1), jnp.repeat(f32(C), rep, axis=1)  # [Bt, H, N]
+    decay = jnp.exp(f32(dt) * f32(A))  # [Bt, H]
+    h = f32(state) * decay[..., None, None] + (f32(dt)[..., None] * f32(x))[..., None] * B_h[:, :, None, :]
+    y = jnp.einsum("bhpn,bhn->bhp", h, C_h)
+    if D is not None:
+        y = y + f32(x) * f32(D)[:, None]
+    return y.astype(x.dtype), h.astype(state.dtype)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, impl="auto"):
+    """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
+    resolve_impl(impl, "ssd_chunked", PALLAS_BACKENDS)
+    return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
+    """Dispatcher for `ssd_step_ref`'s contract (see there)."""
+    resolve_impl(impl, "ssd_step", PALLAS_BACKENDS)
+    return ssd_step_ref(state, x, dt, A, B, C, D)

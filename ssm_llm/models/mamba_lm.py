@@ -1,0 +1,107 @@
+"""State-space language models: Mamba-1 and Mamba-2 stacks of residual RMSNorm -> mixer blocks.
+
+Pure functions over a params dict, with the same two layer layouts as the attention family
+(`ssm_llm.layer_layout`). Linear weights are stored `[in, out]`.
+
+params = {
+  "embed": [V, H], "final_norm": [H], "lm_head": [H, V] (untied models only),
+  "layers": {
+    "norm": [L, H], "in_proj": [L, H, P_in], "in_proj_b" (use_bias), "conv_w": [L, C, K],
+    "conv_b": [L, C] (use_conv_bias), "out_proj": [L, I, H], "out_proj_b" (use_bias), "D", "A_log",
+    Mamba-1: "x_proj": [L, I, R + 2N], "dt_proj": [L, R, I], "dt_proj_b": [L, I], A_log/D: [L, I, N]/[L, I]
+    Mamba-2: "dt_bias": [L, Hh], "gated_norm": [L, I], A_log/D: [L, Hh]
+  },
+}
+with P_in = 2I (Mamba-1) or I + C + Hh (Mamba-2, C = I + 2 G N the conv channels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.layer_layout import run_layers
+from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
+from ssm_llm.norm import rms_norm
+from ssm_llm.ssm_cache import SSMCache
+from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+
+def param_shapes(config: MambaConfig | Mamba2Config) -> dict:
+    """The shape of every parameter, as a pytree matching `params`."""
+    L, H, I, N, K = (config.num_layers, config.hidden_size, config.intermediate_size, config.state_size,
+                     config.conv_kernel)
+    if isinstance(config, Mamba2Config):
+        C, heads = config.conv_dim, config.num_heads
+        layers = {"in_proj": (L, H, I + C + heads), "dt_bias": (L, heads), "A_log": (L, heads), "D": (L, heads),
+                  "gated_norm": (L, I)}
+    else:
+        C, R = I, config.time_step_rank
+        layers = {"in_proj": (L, H, 2 * I), "x_proj": (L, I, R + 2 * N), "dt_proj": (L, R, I),
+                  "dt_proj_b": (L, I), "A_log": (L, I, N), "D": (L, I)}
+    layers.update(norm=(L, H), conv_w=(L, C, K), out_proj=(L, I, H))
+    if config.use_conv_bias:
+        layers["conv_b"] = (L, C)
+    if config.use_bias:
+        layers.update(in_proj_b=(L, layers["in_proj"][2]), out_proj_b=(L, H))
+    shapes = {"embed": (config.vocab_size, H), "final_norm": (H,), "layers": layers}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (H, config.vocab_size)
+    return shapes
+
+
+def init_params(config: MambaConfig | Mamba2Config, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters with Mamba's structured SSM initialisation: A = -[1..N] (Mamba-1, per channel)
+    or -[1..H] (Mamba-2, per head), D = 1, dt biases giving dt log-uniform in [1e-3, 0.1]; other
+    weights normal (std 0.02), norms near 1."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, shape), k in zip(leaves, keys):
+        name = path[-1].key
+        if name == "A_log":
+            ramp = np.arange(1, shape[-1] + 1, dtype=np.float32)
+            out.append(jnp.broadcast_to(jnp.log(ramp), shape).astype(dtype))
+        elif name == "D":
+            out.append(jnp.ones(shape, dtype))
+        elif name in ("dt_bias", "dt_proj_b"):
+            dt = jnp.exp(jax.random.uniform(k, shape) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            out.append((dt + jnp.log(-jnp.expm1(-dt))).astype(dtype))  # inverse softplus
+        elif "norm" in name:
+            out.append(jnp.ones(shape, dtype) + 0.1 * jax.random.normal(k, shape, dtype))
+        else:
+            out.append(0.02 * jax.random.normal(k, shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+_MIXERS = {MambaConfig: mamba1_mixer, Mamba2Config: mamba2_mixer}
+
+
+def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Array, cache: SSMCache,
+                  token_counts: jax.Array, impl: str = "auto", fresh: bool = False) -> tuple[jax.Array, SSMCache]:
+    """Run the block stack on `tokens: [B, T]` continuing from `cache`'s states.
+
+    token_counts: [B] real tokens per row (the rest is right padding). `fresh` is accepted for the
+    protocol (an empty SSM cache needs no special path). Returns the final-normed hidden states
+    `[B, T, H]` and the cache advanced by `token_counts`.
+    """
+    del fresh
+    mixer = _MIXERS[type(config)]
+
+    def layer(carry, layer_inputs):
+        x, conv_all, ssm_all = carry
+        p, index = layer_inputs
+        out, conv, ssm = mixer(config, impl, p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
+                               conv_all[index], ssm_all[index], token_counts)
+        conv_all = jax.lax.dynamic_update_index_in_dim(conv_all, conv.astype(conv_all.dtype), index, 0)
+        ssm_all = jax.lax.dynamic_update_index_in_dim(ssm_all, ssm.astype(ssm_all.dtype), index, 0)
+        return x + out, conv_all, ssm_all
+
+    x, conv_all, ssm_all = run_layers(layer, (params["embed"][tokens], cache.conv_state, cache.ssm_state),
+                                      params["layers"])
+    h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
+    return h, SSMCache(conv_state=conv_all, ssm_state=ssm_all, lengths=cache.lengths + token_counts)

@@ -1,0 +1,87 @@
+"""The token mixers of Mamba-1 and Mamba-2 blocks, for prefill (T > 1) and decode (T = 1).
+
+Each takes the normed block input `h: [B, T, H]`, this layer's conv / SSM states and the number of
+real tokens per row, and returns `(output [B, T, H], new conv state, new SSM state)`. Right-padded
+steps (t >= counts[b]) get dt = 0, which leaves the SSM state untouched, and the conv state is taken
+at each row's own last real step, so ragged batches give every row its own exact states.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from pallas_kernels.selective_scan import selective_scan, selective_state_update
+from pallas_kernels.ssd import ssd_chunked, ssd_step
+from ssm_llm.models.lm_head import linear
+from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+
+def _conv(p, x, conv_state, counts, impl):
+    """Short causal conv + SiLU over `x: [B, T, C]`; a row with no real token keeps its state."""
+    if x.shape[1] == 1:
+        y, new_state = causal_conv1d_update(x[:, 0], p["conv_w"], p.get("conv_b"), conv_state, impl=impl)
+        return y[:, None], jnp.where((counts > 0)[:, None, None], new_state, conv_state)
+    return causal_conv1d(x, p["conv_w"], p.get("conv_b"), conv_state, counts, impl=impl)
+
+
+def _mask_dt(dt, counts):
+    """Zero dt (so the state does not move) at right-padded steps. dt: [B, T, ...]."""
+    valid = jnp.arange(dt.shape[1])[None, :] < counts[:, None]
+    return jnp.where(valid.reshape(valid.shape + (1,) * (dt.ndim - 2)), dt, 0.0)
+
+
+def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_state, counts):
+    """Mamba-1: in_proj -> conv -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan (D skip,
+    SiLU(z) gate) -> out_proj. conv_state: [B, I, K-1]; ssm_state: [B, I, N]."""
+    inner, n, rank = config.intermediate_size, config.state_size, config.time_step_rank
+    xz = linear(h, p["in_proj"], p.get("in_proj_b"))
+    x, z = xz[..., :inner], xz[..., inner:]
+    x, conv_state = _conv(p, x, conv_state, counts, impl)
+    dbc = x @ p["x_proj"]
+    dt = jax.nn.softplus(linear(dbc[..., :rank], p["dt_proj"], p["dt_proj_b"]).astype(jnp.float32))
+    dt = _mask_dt(dt, counts)
+    B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
+    A = -jnp.exp(p["A_log"].astype(jnp.float32))
+    if x.shape[1] == 1:
+        y, ssm_state = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], p["D"],
+                                              z[:, 0], impl=impl)
+        y = y[:, None]
+    else:
+        y, ssm_state = selective_scan(x, dt, A, B, C, p["D"], z, ssm_state, impl=impl)
+    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_state, ssm_state
+
+
+def gated_rms_norm(y, z, weight, eps: float, groups: int):
+    """Hugging Face's `MambaRMSNormGated`: `y * silu(z)`, RMS-normalised within each of `groups`
+    equal slices of the last axis, times `weight`. Computed in float32."""
+    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    parts = g.reshape(*g.shape[:-1], groups, g.shape[-1] // groups)
+    parts = parts * jax.lax.rsqrt(jnp.mean(parts * parts, axis=-1, keepdims=True) + eps)
+    return weight * parts.reshape(g.shape).astype(y.dtype)
+
+
+def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts):
+    """Mamba-2: in_proj -> [z, xBC, dt] -> conv over xBC -> SSD (dt_bias, softplus, time_step_limit,
+    D skip) -> gated RMSNorm with z -> out_proj. conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
+    batch, steps, _ = h.shape
+    inner, heads, hd = config.intermediate_size, config.num_heads, config.head_dim
+    groups, n = config.n_groups, config.state_size
+    zxbcdt = linear(h, p["in_proj"], p.get("in_proj_b"))
+    z, xbc, dt = zxbcdt[..., :inner], zxbcdt[..., inner : inner + config.conv_dim], zxbcdt[..., -heads:]
+    xbc, conv_state = _conv(p, xbc, conv_state, counts, impl)
+    x, B, C = xbc[..., :inner], xbc[..., inner : inner + groups * n], xbc[..., inner + groups * n :]
+    dt = jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32))
+    dt = _mask_dt(jnp.clip(dt, *config.time_step_limit), counts)
+    A = -jnp.exp(p["A_log"].astype(jnp.float32))
+    if steps == 1:
+        y, ssm_state = ssd_step(ssm_state, x[:, 0].reshape(batch, heads, hd), dt[:, 0], A,
+                                B[:, 0].reshape(batch, groups, n), C[:, 0].reshape(batch, groups, n), p["D"],
+                                impl=impl)
+    else:
+        y, ssm_state = ssd_chunked(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
+                                   C.reshape(batch, steps, groups, n), p["D"], ssm_state, config.chunk_size,
+                                   impl=impl)
+    y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
+    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_state, ssm_state
