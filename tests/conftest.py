@@ -39,6 +39,39 @@ def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+TINY_SSM = dict(vocab_size=101, hidden_size=48, state_size=8, num_hidden_layers=3, expand=2)
+
+
+def tiny_hf_ssm_model(kind: str = "mamba", seed: int = 0, **overrides):
+    """A tiny random `transformers` Mamba (kind "mamba") or Mamba-2 ("mamba2") causal LM, float32, eval.
+
+    Mamba-2 defaults: 6 heads of 16 channels, 2 groups, chunk size 8.
+    """
+    import torch
+    import transformers
+
+    if kind == "mamba":
+        config = transformers.MambaConfig(**{**TINY_SSM, **overrides})
+        model_cls = transformers.MambaForCausalLM
+    else:
+        config = transformers.Mamba2Config(**{**TINY_SSM, "num_heads": 6, "head_dim": 16, "n_groups": 2,
+                                              "chunk_size": 8, **overrides})
+        model_cls = transformers.Mamba2ForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # widen the default init (keeping the structured SSM parameters) so argmax is robust
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", ".D", "dt_bias", "dt_proj.bias")):
+                continue
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+            else:
+                p.normal_(0.0, 0.05)
+    return model
+
+
 def hf_logits(model, ids) -> np.ndarray:
     """Full-sequence logits `[T, V]` of one prompt from a transformers model."""
     import torch
