@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm.config import ModelConfig
 from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
@@ -187,8 +188,10 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
     cache_dtype = jnp.dtype(params["embed"].dtype)
 
     start = time.perf_counter()
+    # A state-space cache does not grow with the length: one compiled prefill serves every max_len.
+    cache_len = max_len if isinstance(config, ModelConfig) else 1
     logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
-                             max_len, impl, cache_dtype)
+                             cache_len, impl, cache_dtype)
     logits.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     out, _ = _decode(

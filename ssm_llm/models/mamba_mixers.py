@@ -62,6 +62,15 @@ def gated_rms_norm(y, z, weight, eps: float, groups: int):
     return weight * parts.reshape(g.shape).astype(y.dtype)
 
 
+def _effective_chunk(chunk_size: int, steps: int) -> int:
+    """The config's chunk size, shrunk (to a multiple of 16) for prompts shorter than one chunk.
+
+    The SSD result does not depend on the chunk size (up to float rounding); this only avoids padding
+    a short prompt to a full chunk, whose intra-chunk work is quadratic in the chunk length.
+    """
+    return min(chunk_size, -(-steps // 16) * 16)
+
+
 def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts):
     """Mamba-2: in_proj -> [z, xBC, dt] -> conv over xBC -> SSD (dt_bias, softplus, time_step_limit,
     D skip) -> gated RMSNorm with z -> out_proj. conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
@@ -81,7 +90,7 @@ def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_st
                                 impl=impl)
     else:
         y, ssm_state = ssd_chunked(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
-                                   C.reshape(batch, steps, groups, n), p["D"], ssm_state, config.chunk_size,
-                                   impl=impl)
+                                   C.reshape(batch, steps, groups, n), p["D"], ssm_state,
+                                   _effective_chunk(config.chunk_size, steps), impl=impl)
     y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
     return linear(y, p["out_proj"], p.get("out_proj_b")), conv_state, ssm_state
