@@ -54,3 +54,27 @@ def run_layers(layer_fn, carry, layers, per_layer: tuple = ()):
     xs = (layers, jnp.arange(count, dtype=jnp.int32), *(jnp.asarray(values) for values in per_layer))
     carry, _ = jax.lax.scan(lambda c, x: (layer_fn(c, x), None), carry, xs)
     return carry
+
+
+def run_layers_with_states(layer_fn, carry, states, layers):
+    """Like `run_layers`, threading a per-layer state pytree `states` (leading axis L) through the layers.
+
+    `layer_fn(carry, (layer_params, index), state) -> (carry, new_state)`. Returns `(carry, new_states)`
+    with `new_states` stacked again. Layer i's state is read as input and written as output (scan
+    `xs`/`ys`, or slices then one `stack` when unrolled) rather than updated inside a carried `[L, ...]`
+    buffer: XLA copies the whole buffer for such a read-then-overwrite of a slice, which for state-space
+    models (whose per-layer state is replaced wholesale each step) costs more than the weights' traffic.
+    """
+    if isinstance(layers, (list, tuple)):
+        outputs = []
+        for index, layer in enumerate(layers):
+            carry, new = layer_fn(carry, (layer, index), jax.tree_util.tree_map(lambda s, i=index: s[i], states))
+            outputs.append(new)
+        return carry, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
+    count = jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+    def step(c, x):
+        layer, index, state = x
+        return layer_fn(c, (layer, index), state)
+
+    return jax.lax.scan(step, carry, (layers, jnp.arange(count, dtype=jnp.int32), states))

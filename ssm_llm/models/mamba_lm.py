@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.layer_layout import run_layers
+from ssm_llm.layer_layout import run_layers_with_states
 from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
 from ssm_llm.norm import rms_norm
 from ssm_llm.ssm_cache import SSMCache
@@ -92,16 +92,14 @@ def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.
     del fresh
     mixer = _MIXERS[type(config)]
 
-    def layer(carry, layer_inputs):
-        x, conv_all, ssm_all = carry
-        p, index = layer_inputs
-        out, conv, ssm = mixer(config, impl, p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
-                               conv_all[index], ssm_all[index], token_counts)
-        conv_all = jax.lax.dynamic_update_index_in_dim(conv_all, conv.astype(conv_all.dtype), index, 0)
-        ssm_all = jax.lax.dynamic_update_index_in_dim(ssm_all, ssm.astype(ssm_all.dtype), index, 0)
-        return x + out, conv_all, ssm_all
+    def layer(x, layer_inputs, state):
+        p, _ = layer_inputs
+        conv, ssm = state
+        out, new_conv, new_ssm = mixer(config, impl, p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
+                                       conv, ssm, token_counts)
+        return x + out, (new_conv.astype(conv.dtype), new_ssm.astype(ssm.dtype))
 
-    x, conv_all, ssm_all = run_layers(layer, (params["embed"][tokens], cache.conv_state, cache.ssm_state),
-                                      params["layers"])
+    x, (conv_all, ssm_all) = run_layers_with_states(layer, params["embed"][tokens],
+                                                    (cache.conv_state, cache.ssm_state), params["layers"])
     h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return h, SSMCache(conv_state=conv_all, ssm_state=ssm_all, lengths=cache.lengths + token_counts)
