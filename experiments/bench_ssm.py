@@ -17,8 +17,8 @@ EOS stop, random prompt token ids (fixed numpy seed):
 ssm_llm runs every shape once untimed first (it compiles per shape); transformers compiles nothing
 and gets that warm-up only in the cheap cases (1024-token prefill, batch-1 decode). The expensive
 cases get fewer repeats: transformers' 4096-token prefill takes tens of seconds on 2 cores
-(`--long-repeats`), and the batch-16 decode case is dominated by its prefill, since both libraries
-pad each 64-token prompt to a whole 256-step SSD chunk (`--batch-repeats`).
+(`--long-repeats`), and the batch-16 decode case is dominated by transformers' prefill, which pads
+each 64-token prompt to a whole 256-step SSD chunk (`--batch-repeats`).
 Writes experiments/results/bench_ssm.json (+ .png) and prints a table of ratios last.
 
     python experiments/bench_ssm.py            # full run (~10-15 min on 2 cores)

@@ -7,9 +7,10 @@ where the G groups of B/C are shared by H / G consecutive heads. A step with dt 
 state unchanged (how right-padded steps are masked).
 
 The chunked reference is the SSD "segsum" formulation: inside each chunk of L steps the output is an
-attention-like product (C B^T masked by the decays exp(segsum(dt A))), chunk states are contracted
-from B, x and the decays to the chunk's end, and a `lax.scan` over chunks passes states between them,
-so time and memory grow linearly with T. B and C are never repeated per head.
+attention-like product (C B^T masked by the decays exp(segsum(dt A))) plus the entering state read out
+by C, and the chunk's end state is contracted from B, x and the decays to the chunk's end; a
+`lax.scan` over chunks passes states between them, so time grows linearly with T and intermediates
+stay chunk-sized. B and C are never repeated per head.
 """
 
 from __future__ import annotations
@@ -63,41 +64,35 @@ def ssd_chunked_ref(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256):
     rep = heads // groups
     pad = -steps % chunk_size
 
-    def chunked(a):  # [Bt, T, ...] float32, zero-padded, -> [Bt, c, L, ...]
+    def chunked(a):  # [Bt, T, ...] -> float32, zero-padded, [c, Bt, L, ...] (chunks leading, for the scan)
         a = jnp.pad(a.astype(jnp.float32), ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
-        return a.reshape(batch, -1, chunk_size, *a.shape[2:])
+        return jnp.moveaxis(a.reshape(batch, -1, chunk_size, *a.shape[2:]), 1, 0)
 
-    xs = chunked(x).reshape(batch, -1, chunk_size, groups, rep, head_dim)  # [b, c, l, g, r, p]
-    dts = chunked(dt).reshape(batch, -1, chunk_size, groups, rep)  # [b, c, l, g, r]
-    Bs, Cs = chunked(B), chunked(C)  # [b, c, l, g, n]
-    a = dts * A.astype(jnp.float32).reshape(groups, rep)  # dt * A  [b, c, l, g, r]
-    a_cum = jnp.cumsum(a, axis=2)
-    x_dt = xs * dts[..., None]
-
-    # 1. Within each chunk: y[l] = sum_{s <= l} (C[l] . B[s]) exp(a[s+1..l]) dt[s] x[s].
-    decay = jnp.exp(segsum(jnp.moveaxis(a, 2, -1)))  # [b, c, g, r, l, s]
-    scores = jnp.einsum("bclgn,bcsgn->bcgls", Cs, Bs)
-    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, x_dt)
-
-    # 2. Each chunk's own contribution to the state at its end.
-    to_end = jnp.exp(a_cum[:, :, -1:] - a_cum)  # [b, c, l, g, r]
-    chunk_states = jnp.einsum("bclgn,bclgrp->bcgrpn", Bs, x_dt * to_end[..., None])
-
-    # 3. Pass states between chunks (linear in the number of chunks).
+    xs = chunked(x).reshape(-1, batch, chunk_size, groups, rep, head_dim)  # [c, b, l, g, r, p]
+    dts = chunked(dt).reshape(-1, batch, chunk_size, groups, rep)  # [c, b, l, g, r]
+    A_gr = A.astype(jnp.float32).reshape(groups, rep)
     h0 = (jnp.zeros((batch, heads, head_dim, n), jnp.float32) if state is None
           else state.astype(jnp.float32)).reshape(batch, groups, rep, head_dim, n)
 
-    def carry_state(h, inputs):
-        chunk_decay, own = inputs  # [b, g, r], [b, g, r, p, n]
-        return h * chunk_decay[..., None, None] + own, h
+    def one_chunk(h, inputs):  # h: the state entering the chunk [b, g, r, p, n]
+        x_c, dt_c, B_c, C_c = inputs  # [b, l, g, r, p], [b, l, g, r], [b, l, g, n] x2
+        a = dt_c * A_gr  # dt * A
+        a_cum = jnp.cumsum(a, axis=1)
+        x_dt = x_c * dt_c[..., None]
+        # 1. Within the chunk: y[l] = sum_{s <= l} (C[l] . B[s]) exp(a[s+1..l]) dt[s] x[s].
+        decay = jnp.exp(segsum(jnp.moveaxis(a, 1, -1)))  # [b, g, r, l, s]
+        scores = jnp.einsum("blgn,bsgn->bgls", C_c, B_c)
+        y = jnp.einsum("bgrls,bsgrp->blgrp", scores[:, :, None] * decay, x_dt)
+        # 2. The entering state's contribution to every step of the chunk.
+        y = y + jnp.einsum("blgn,bgrpn->blgrp", C_c, h) * jnp.exp(a_cum)[..., None]
+        # 3. The state at the chunk's end: the entering state decayed, plus the chunk's own inputs.
+        to_end = jnp.exp(a_cum[:, -1:] - a_cum)  # [b, l, g, r]
+        h = h * jnp.exp(a_cum[:, -1])[..., None, None] + jnp.einsum("blgn,blgrp->bgrpn", B_c, x_dt * to_end[..., None])
+        return h, y
 
-    final, starts = jax.lax.scan(carry_state, h0, (jnp.exp(a_cum[:, :, -1]).swapaxes(0, 1),
-                                                   chunk_states.swapaxes(0, 1)))
-    starts = starts.swapaxes(0, 1)  # [b, c, g, r, p, n]: the state entering each chunk
-
-    # 4. The entering state's contribution to every step of the chunk.
-    y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", Cs, starts) * jnp.exp(a_cum)[..., None]
-    y = (y_diag + y_off).reshape(batch, -1, heads, head_dim)[:, :steps]
+    # A scan over chunks: time grows linearly with T and intermediates stay chunk-sized.
+    final, ys = jax.lax.scan(one_chunk, h0, (xs, dts, chunked(B), chunked(C)))
+    y = jnp.moveaxis(ys, 0, 1).reshape(batch, -1, heads, head_dim)[:, :steps]
     if D is not None:
         y = y + x.astype(jnp.float32) * D.astype(jnp.float32)[:, None]
     return y.astype(x.dtype), final.reshape(batch, heads, head_dim, n)
