@@ -12,12 +12,17 @@ O(T * D * N), and the sequential depth is T / chunk.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.gpu_params import SELECTIVE_STATE_UPDATE_BLOCK, compiler_params, is_power_of_two
 
-PALLAS_BACKENDS: tuple[str, ...] = ()
+SCAN_PALLAS_BACKENDS: tuple[str, ...] = ()
+UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 DEFAULT_CHUNK = 32
 
 
@@ -91,13 +96,68 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None):
     return _gate(y, x32, D, z).astype(x.dtype), h.astype(state.dtype)
 
 
+def _state_update_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, z_ref, y_ref, new_state_ref,
+                         *, gate: bool):
+    """One (sequence, channel block) program: state [BD, N], x/dt/D/z [BD], A [BD, N], B/C [N]."""
+    f32 = jnp.float32
+    dt, x = dt_ref[...].astype(f32), x_ref[...].astype(f32)
+    h = state_ref[...].astype(f32) * jnp.exp(dt[:, None] * A_ref[...].astype(f32)) \
+        + (dt * x)[:, None] * B_ref[...].astype(f32)[None, :]
+    y = jnp.sum(h * C_ref[...].astype(f32)[None, :], axis=1) + D_ref[...].astype(f32) * x
+    if gate:
+        z = z_ref[...].astype(f32)
+        y = y * z * jax.nn.sigmoid(z)
+    y_ref[...] = y.astype(y_ref.dtype)
+    new_state_ref[...] = h.astype(new_state_ref.dtype)
+
+
+def _channel_block(channels: int) -> int:
+    """The largest power of two <= SELECTIVE_STATE_UPDATE_BLOCK dividing `channels`."""
+    block = SELECTIVE_STATE_UPDATE_BLOCK
+    while channels % block:
+        block //= 2
+    return block
+
+
+def selective_state_update_pallas(state, x, dt, A, B, C, D=None, z=None, *, interpret: bool = False):
+    """Pallas version of `selective_state_update_ref` (same contract): one program per (sequence,
+    block of channels) with its [block, N] state on chip, updated in place (aliased buffer)."""
+    _check(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None], state)
+    batch, channels, n = state.shape
+    block = _channel_block(channels)
+    D = jnp.zeros((channels,), jnp.float32) if D is None else D
+    rows = pl.BlockSpec((None, block), lambda b, c: (b, c))
+    rows_state = pl.BlockSpec((None, block, n), lambda b, c: (b, c, 0))
+    per_sequence = pl.BlockSpec((None, n), lambda b, c: (b, 0))
+    return pl.pallas_call(
+        functools.partial(_state_update_kernel, gate=z is not None),
+        grid=(batch, channels // block),
+        in_specs=[rows_state, rows, rows, pl.BlockSpec((block, n), lambda b, c: (c, 0)), per_sequence,
+                  per_sequence, pl.BlockSpec((block,), lambda b, c: (c,)), rows],
+        out_specs=[rows, rows_state],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={0: 1},
+        compiler_params=compiler_params("selective_state_update", interpret),
+        interpret=interpret,
+        name="selective_state_update",
+    )(state, x, dt, A, B, C, D, x if z is None else z)
+
+
 def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *, impl="auto"):
     """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    resolve_impl(impl, "selective_scan", PALLAS_BACKENDS)
+    resolve_impl(impl, "selective_scan", SCAN_PALLAS_BACKENDS)
     return selective_scan_ref(x, dt, A, B, C, D, z, state)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, *, impl="auto"):
-    """Dispatcher for `selective_state_update_ref`'s contract (see there)."""
-    resolve_impl(impl, "selective_state_update", PALLAS_BACKENDS)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z)
+    """Dispatcher for `selective_state_update_ref`'s contract (see there). The compiled (Triton) kernel
+    needs a power-of-two state_size: otherwise "auto" falls back to the reference and "pallas" raises."""
+    kind = resolve_impl(impl, "selective_state_update", UPDATE_PALLAS_BACKENDS)
+    if kind == "pallas" and not is_power_of_two(state.shape[2]):
+        if impl != "auto":
+            raise ValueError(f"selective_state_update: the Pallas GPU kernel needs a power-of-two state_size, "
+                             f"got {state.shape[2]}; use impl='xla'")
+        kind = "xla"
+    if kind == "xla":
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z)
+    return selective_state_update_pallas(state, x, dt, A, B, C, D, z, interpret=kind == "interpret")

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.gpu_params import compiler_params, is_power_of_two
 
-PALLAS_BACKENDS: tuple[str, ...] = ()
+CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ()
+STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 
 
 def _check(x, dt, A, B, C, D, state):
@@ -113,13 +116,56 @@ def ssd_step_ref(state, x, dt, A, B, C, D=None):
     return y.astype(x.dtype), h.astype(state.dtype)
 
 
+def _ssd_step_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, new_state_ref):
+    """One (sequence, head) program: state [P, N], x [P], dt/A/D [1], B/C [N] of the head's group."""
+    f32 = jnp.float32
+    dt, x = dt_ref[...].astype(f32), x_ref[...].astype(f32)
+    decay = jnp.exp(dt * A_ref[...].astype(f32))  # [1]
+    h = state_ref[...].astype(f32) * decay[:, None] + (dt * x)[:, None] * B_ref[...].astype(f32)[None, :]
+    y = jnp.sum(h * C_ref[...].astype(f32)[None, :], axis=1) + D_ref[...].astype(f32) * x
+    y_ref[...] = y.astype(y_ref.dtype)
+    new_state_ref[...] = h.astype(new_state_ref.dtype)
+
+
+def ssd_step_pallas(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
+    """Pallas version of `ssd_step_ref` (same contract): one program per (sequence, head) keeps that
+    head's [P, N] state on chip; the state is updated in place (its buffer is aliased to the output)."""
+    _check(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, state)
+    batch, heads, head_dim, n = state.shape
+    rep = heads // B.shape[1]
+    D = jnp.zeros((heads,), jnp.float32) if D is None else D
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h: (b, h) + (0,) * len(block))  # noqa: E731
+    per_group = pl.BlockSpec((None, None, n), lambda b, h: (b, h // rep, 0))
+    head_scalar = pl.BlockSpec((None, 1), lambda b, h: (h, 0))
+    return pl.pallas_call(
+        _ssd_step_kernel,
+        grid=(batch, heads),
+        in_specs=[per_head(head_dim, n), per_head(head_dim), per_head(1), head_scalar, per_group, per_group,
+                  head_scalar],
+        out_specs=[per_head(head_dim), per_head(head_dim, n)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={0: 1},
+        compiler_params=compiler_params("ssd_step", interpret),
+        interpret=interpret,
+        name="ssd_step",
+    )(state, x, dt[..., None], A[:, None], B, C, D[:, None])
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, impl="auto"):
     """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    resolve_impl(impl, "ssd_chunked", PALLAS_BACKENDS)
+    resolve_impl(impl, "ssd_chunked", CHUNKED_PALLAS_BACKENDS)
     return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
-    """Dispatcher for `ssd_step_ref`'s contract (see there)."""
-    resolve_impl(impl, "ssd_step", PALLAS_BACKENDS)
-    return ssd_step_ref(state, x, dt, A, B, C, D)
+    """Dispatcher for `ssd_step_ref`'s contract (see there). The compiled (Triton) kernel needs head_dim
+    and state_size to be powers of two: otherwise "auto" falls back to the reference and "pallas" raises."""
+    kind = resolve_impl(impl, "ssd_step", STEP_PALLAS_BACKENDS)
+    if kind == "pallas" and not (is_power_of_two(state.shape[2]) and is_power_of_two(state.shape[3])):
+        if impl != "auto":
+            raise ValueError(f"ssd_step: the Pallas GPU kernel needs power-of-two head_dim and state_size, got "
+                             f"{state.shape[2]} and {state.shape[3]}; use impl='xla'")
+        kind = "xla"
+    if kind == "xla":
+        return ssd_step_ref(state, x, dt, A, B, C, D)
+    return ssd_step_pallas(state, x, dt, A, B, C, D, interpret=kind == "interpret")
