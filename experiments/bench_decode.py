@@ -17,36 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from bench_runners import Ours, Peer, machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
@@ -56,35 +40,6 @@ def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
     text = " ".join(pydoc_data.topics.topics.values())
     ids = tokenizer(text[: 40 * length * (batch + 1)]).input_ids
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
-
-
-class Ours:
-    def __init__(self, params, config, name):
-        self.params, self.config, self.name = params, config, name
-
-    def generate(self, prompts, n):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=n, eos_token_ids=())
-        start = time.perf_counter()
-        out = ssm_llm.generate(self.params, self.config, prompts, gen)
-        elapsed = time.perf_counter() - start
-        assert all(len(t) == n for t in out.tokens)
-        return elapsed, out.tokens
-
-
-class Peer:
-    name = "transformers"
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts, n):
-        ids = torch.tensor(prompts)  # equal lengths: no padding needed
-        start = time.perf_counter()
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        elapsed = time.perf_counter() - start
-        return elapsed, out[:, ids.shape[1]:].tolist()
 
 
 def measure(runner, prompts, n, repeats):

@@ -30,22 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from bench_runners import Ours, Peer, machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 0
@@ -58,55 +56,8 @@ QUICK_CONFIG = dict(vocab_size=1024, hidden_size=128, num_hidden_layers=2, state
                     num_heads=4, head_dim=64, n_groups=1, chunk_size=64, conv_kernel=4, tie_word_embeddings=True)
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__}
-
-
 def random_prompts(rng: np.random.Generator, vocab: int, length: int, batch: int) -> list[list[int]]:
     return rng.integers(0, vocab, size=(batch, length)).tolist()
-
-
-class Ours:
-    def __init__(self, params, config, name):
-        self.params, self.config, self.name = params, config, name
-
-    def generate(self, prompts, n):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=n, eos_token_ids=())
-        start = time.perf_counter()
-        out = ssm_llm.generate(self.params, self.config, prompts, gen)
-        elapsed = time.perf_counter() - start
-        assert all(len(t) == n for t in out.tokens)
-        self.last_split = {"prefill_s": out.prefill_seconds, "decode_s": out.decode_seconds}
-        return elapsed, out.tokens
-
-
-class Peer:
-    name = "transformers"
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts, n):
-        ids = torch.tensor(prompts)  # equal lengths: no padding needed
-        start = time.perf_counter()
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        elapsed = time.perf_counter() - start
-        tokens = out[:, ids.shape[1]:].tolist()
-        assert all(len(t) == n for t in tokens)
-        return elapsed, tokens
 
 
 def measure(runners, prompts, counts, repeats, warm=None, desc=""):
