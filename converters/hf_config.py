@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from converters.hf_fields import eos_token_ids
 from converters.hf_ssm_config import SSM_MODEL_TYPES, ssm_config_from_hf, ssm_model_type
 from ssm_llm.config import ModelConfig, RopeConfig
 
@@ -69,12 +70,6 @@ def _layer_windows(d: dict[str, Any], model_type: str, num_layers: int) -> tuple
     return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
 
 
-def _eos(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
-
-
 def config_from_hf(d: dict[str, Any]):
     """Map a Hugging Face config dict (e.g. `json.load(config.json)` or `config.to_dict()`) to a
     `ModelConfig`, or to a `MambaConfig` / `Mamba2Config` for Mamba models (state-spaces layout too)."""
@@ -107,6 +102,6 @@ def config_from_hf(d: dict[str, Any]):
         mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
         layer_windows=_layer_windows(d, model_type, layers),
         bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_eos(d.get("eos_token_id")),
+        eos_token_ids=eos_token_ids(d.get("eos_token_id")),
         model_type=model_type,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from converters.hf_fields import eos_token_ids
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 SSM_MODEL_TYPES = ("mamba", "mamba2")
@@ -42,12 +43,6 @@ def _time_step_limit(value) -> tuple[float, float]:
     return (_float(value[0], "time_step_limit"), _float(value[1], "time_step_limit"))
 
 
-def _eos(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
-
-
 def _require(d: dict[str, Any], *keys: str) -> list:
     missing = [k for k in keys if d.get(k) is None]
     if missing:
@@ -63,7 +58,7 @@ def _from_hf(d: dict[str, Any], model_type: str) -> MambaConfig | Mamba2Config:
         conv_kernel=d.get("conv_kernel", 4), layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
         use_bias=bool(d.get("use_bias", False)), use_conv_bias=bool(d.get("use_conv_bias", True)),
         hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=_eos(d.get("eos_token_id")),
+        eos_token_ids=eos_token_ids(d.get("eos_token_id")),
     )
     if model_type == "mamba":
         rank = d.get("time_step_rank", "auto")
