@@ -21,9 +21,10 @@ SELECTIVE_STATE_UPDATE_BLOCK = 64
 
 
 def compiler_params(kernel: str, interpret: bool):
-    """The `compiler_params` for `pallas_call` of `kernel`: Triton's on GPU, none when interpreting
-    or on other backends."""
-    if interpret or jax.default_backend() != "gpu":
+    """The `compiler_params` for `pallas_call` of `kernel`: Triton's when compiling (which also selects
+    the Triton lowering over Mosaic GPU, even when lowering for CUDA from a CPU-only machine), none
+    when interpreting."""
+    if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
