@@ -1,47 +1,257 @@
 """Attention of T new query tokens against a KV cache (decode: T = 1; continued prefill: T > 1).
 
-GQA without repeating K/V in memory, ragged per-sequence lengths, optional sliding window.
-The reference is plain jnp; Pallas kernels (split-K decode) go beside it.
+GQA without repeating K/V in memory, ragged per-sequence lengths, optional sliding window, optional
+int8 K/V with per-token scales. The Pallas kernel is a split-K ("flash decoding") attention: one
+program per (sequence, kv head, block of query rows, split of the cache) reads each K/V block of its
+split once for all the query heads sharing that kv head (rows = T x group), keeps an online softmax
+in float32, and writes partial (output, max, sum); a second pass (`merge_partials`) combines the
+splits. Every key is visible to a query row inside a per-row range [lo, hi), optionally plus the
+draft-tree keys that `tree_attention` allows, so the same kernel serves both.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.gpu_params import SPLIT_K_ATTENTION, compiler_params, is_power_of_two
 
-PALLAS_BACKENDS: tuple[str, ...] = ()
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+_NEG = -1e30  # finite "minus infinity": a split that sees no key keeps m = _NEG and l = 0, never NaN
 
 
-def cache_attention_ref(q, k, v, q_positions, kv_lengths, window=0, scale=None):
-    """Reference attention over the cache.
+def check_cache_inputs(name, q, k, v, k_scale, v_scale):
+    """Shared shape checks of attention over a cache (also used by `tree_attention`)."""
+    batch, _, heads, dim = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"{name}: k {k.shape} and v {v.shape} must be [B, H_kv, S, D] matching q {q.shape}")
+    if heads % k.shape[1]:
+        raise ValueError(f"{name}: query heads ({heads}) must be a multiple of kv heads ({k.shape[1]})")
+    quantized = jnp.issubdtype(k.dtype, jnp.integer)
+    if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{name}: int8 k/v need k_scale and v_scale (and float k/v none); got k {k.dtype}, "
+                         f"k_scale {'given' if k_scale is not None else 'None'}, "
+                         f"v_scale {'given' if v_scale is not None else 'None'}")
+    for label, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is not None and s.shape != k.shape[:3]:
+            raise ValueError(f"{name}: {label} must be [B, H_kv, S] = {k.shape[:3]}, got {s.shape}")
 
-    q: [B, T, H, D]; k, v: [B, H_kv, S, D] (the cache, new tokens already written);
-    q_positions: [B, T] absolute positions of the queries; kv_lengths: [B] valid cache entries;
-    window: scalar, 0 for full causal attention, else the sliding-window size.
-    Key s is visible from query position p when s <= p, s < kv_length and (window == 0 or s > p - window).
-    Returns [B, T, H, D] in q's dtype; scores and softmax are float32.
-    """
+
+def dequantize_cache(k, v, k_scale, v_scale, dtype):
+    """int8 K/V with per-token scales [B, H_kv, S] -> `dtype`; float K/V pass through."""
+    if k_scale is None:
+        return k, v
+    return ((k.astype(jnp.float32) * k_scale[..., None]).astype(dtype),
+            (v.astype(jnp.float32) * v_scale[..., None]).astype(dtype))
+
+
+def masked_attention(q, k, v, visible, scale=None):
+    """q: [B, T, H, D]; k, v: [B, H_kv, S, D]; visible: [B, T, S] bool -> [B, T, H, D] in q's dtype.
+    Float32 softmax; a row that sees no key is zero."""
     batch, steps, heads, dim = q.shape
-    kv_heads, seq = k.shape[1], k.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    kv_heads = k.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     qg = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.arange(seq)[None, None, :]
-    p = q_positions[:, :, None]
-    visible = (s <= p) & (s < kv_lengths[:, None, None]) & ((window <= 0) | (s > p - window))
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     # Contracting into [b, k, g, t, d] first lets XLA use one batched matmul (measured ~3x faster on
     # CPU than producing [b, t, k, g, d] directly); the transpose is cheap.
     out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], out, 0.0)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, heads, dim).astype(q.dtype)
 
 
-def cache_attention(q, k, v, q_positions, kv_lengths, window=0, scale=None, *, impl="auto"):
+def _key_ranges(q_positions, kv_lengths, window):
+    """Per query [B, T]: keys s with lo <= s < hi are visible (causal, cache length, window)."""
+    hi = jnp.minimum(q_positions + 1, kv_lengths[:, None])
+    lo = jnp.where(window > 0, jnp.maximum(q_positions - window + 1, 0), 0)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def cache_attention_ref(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None):
+    """Reference attention over the cache.
+
+    q: [B, T, H, D]; k, v: [B, H_kv, S, D] (the cache, new tokens already written), float or int8
+    with k_scale, v_scale: [B, H_kv, S] per-token scales (k = k_int8 * k_scale); q_positions: [B, T]
+    absolute positions of the queries; kv_lengths: [B] valid cache entries; window: scalar, 0 for full
+    causal attention, else the sliding-window size. Key s is visible from query position p when
+    s <= p, s < kv_length and (window == 0 or s > p - window); a query that sees no key gives zeros.
+    Returns [B, T, H, D] in q's dtype; scores and softmax are float32.
+    """
+    check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
+    lo, hi = _key_ranges(q_positions, kv_lengths, window)
+    s = jnp.arange(k.shape[2])[None, None, :]
+    visible = (s >= lo[..., None]) & (s < hi[..., None])
+    k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
+    return masked_attention(q, k, v, visible, scale)
+
+
+def _split_k_kernel(*refs, scale, rows, row_block, block_k, split_len, seq, quantized, tree):
+    """One (sequence, kv head x row block, split) program; refs (after the optional ones):
+    lo/hi [R] key range per query row, q [R, D], k/v [S, D] (+ scales [S]), tree prefix [1] and tree
+    mask [R, T_tree]; outputs o [R, D] (unnormalised), m [R], l [R] of this split."""
+    lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs = refs
+    ks_ref, vs_ref, *refs = refs if quantized else (None, None, *refs)
+    prefix_ref, tree_ref, *refs = refs if tree else (None, None, *refs)
+    o_ref, m_ref, l_ref = refs
+    dim = q_ref.shape[-1]
+    row_blocks = pl.cdiv(rows, row_block)
+    first = (pl.program_id(1) % row_blocks) * row_block
+    r = first + jnp.arange(row_block)
+    row_ok = r < rows
+    q = plgpu.load(q_ref.at[pl.ds(first, row_block), :], mask=row_ok[:, None], other=0.0)
+    q = (q.astype(jnp.float32) * scale).astype(q_ref.dtype)
+    lo = plgpu.load(lo_ref.at[pl.ds(first, row_block)], mask=row_ok, other=seq)
+    hi = plgpu.load(hi_ref.at[pl.ds(first, row_block)], mask=row_ok, other=0)
+    start = pl.program_id(2) * split_len
+    stop = jnp.minimum(start + split_len, seq)
+    first_key, last_key = jnp.min(lo), jnp.max(hi)
+    if tree:
+        prefix = jnp.sum(prefix_ref[...])
+        tree_len = tree_ref.shape[-1]
+        last_key = jnp.maximum(last_key, prefix + tree_len)
+        first_key = jnp.minimum(first_key, prefix)
+    begin = jnp.maximum(start, first_key) // block_k
+    end = pl.cdiv(jnp.minimum(stop, last_key), block_k)
+
+    def body(j, carry):
+        acc, m, l = carry
+        cols = j * block_k + jnp.arange(block_k)
+        col_ok = cols < stop
+        keys = pl.ds(j * block_k, block_k)
+        k = plgpu.load(k_ref.at[keys, :], mask=col_ok[:, None], other=0)
+        v = plgpu.load(v_ref.at[keys, :], mask=col_ok[:, None], other=0)
+        if quantized:  # dequantize in the kernel: only int8 crosses the memory bus
+            k = (k.astype(jnp.float32) * plgpu.load(ks_ref.at[keys], mask=col_ok, other=0.0)[:, None]).astype(q.dtype)
+            v = (v.astype(jnp.float32) * plgpu.load(vs_ref.at[keys], mask=col_ok, other=0.0)[:, None]).astype(q.dtype)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & col_ok[None, :]
+        if tree:  # draft-tree keys prefix..prefix+T_tree-1: visible where the ancestor mask says so
+            c = cols - prefix
+            in_tree = (c >= 0) & (c < tree_len) & col_ok
+            allowed = plgpu.load(tree_ref.at[r[:, None], jnp.where(in_tree, c, 0)[None, :]],
+                                 mask=row_ok[:, None] & in_tree[None, :], other=0)
+            visible = visible | (allowed != 0)
+        s = jnp.where(visible, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((row_block, dim), jnp.float32), jnp.full((row_block,), _NEG, jnp.float32),
+            jnp.zeros((row_block,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(begin, end, body, init)
+    plgpu.store(o_ref.at[pl.ds(first, row_block), :], acc, mask=row_ok[:, None])
+    plgpu.store(m_ref.at[pl.ds(first, row_block)], m, mask=row_ok)
+    plgpu.store(l_ref.at[pl.ds(first, row_block)], l, mask=row_ok)
+
+
+def _num_splits(programs: int, seq: int, block_k: int) -> tuple[int, int]:
+    """(splits, keys per split): enough programs to fill the GPU, each split a multiple of block_k."""
+    target = SPLIT_K_ATTENTION["target_programs"]
+    splits = max(1, min(pl.cdiv(seq, block_k), pl.cdiv(target, programs)))
+    split_len = pl.cdiv(pl.cdiv(seq, splits), block_k) * block_k
+    return pl.cdiv(seq, split_len), split_len
+
+
+def attention_partials_pallas(q, k, v, lo, hi, scale=None, k_scale=None, v_scale=None, tree_prefix=None,
+                              tree_mask=None, *, interpret: bool = False):
+    """Split-K partial attention. q: [B, T, H, D]; k, v: [B, H_kv, S, D] (int8 with scales [B, H_kv, S]);
+    lo, hi: [B, T] visible key range per query; optionally tree_prefix: [B] and tree_mask: [B, T, T_tree]
+    bool (query t also sees key tree_prefix + j where tree_mask[b, t, j]).
+
+    Returns per split (o [B, H_kv, splits, T*G, D] unnormalised float32, m and l [B, H_kv, splits, T*G]),
+    rows ordered (t, g) with H = H_kv * G; combine them with `merge_partials`.
+    """
+    batch, steps, heads, dim = q.shape
+    kv_heads, seq = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if not (is_power_of_two(dim) and dim >= 16):
+        raise ValueError(f"cache_attention: the Pallas kernel needs a power-of-two head_dim >= 16, got {dim}")
+    rows = steps * group
+    row_block = min(SPLIT_K_ATTENTION["max_rows"], max(16, pl.next_power_of_2(rows)))
+    row_blocks = pl.cdiv(rows, row_block)
+    block_k = SPLIT_K_ATTENTION["block_k"]
+    splits, split_len = _num_splits(batch * kv_heads * row_blocks, seq, block_k)
+    scale = dim ** -0.5 if scale is None else scale
+    qr = q.reshape(batch, steps, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, dim)
+    per_row = lambda a: jnp.repeat(a.astype(jnp.int32), group, axis=1)  # noqa: E731  [B, T] -> [B, R]
+    quantized, tree = k_scale is not None, tree_mask is not None
+    head = lambda i: i // row_blocks  # noqa: E731  grid axis 1 enumerates (kv head, row block)
+    rows_spec = pl.BlockSpec((None, rows), lambda b, i, s: (b, 0))
+    cache_spec = pl.BlockSpec((None, None, seq, dim), lambda b, i, s: (b, head(i), 0, 0))
+    scale_spec = pl.BlockSpec((None, None, seq), lambda b, i, s: (b, head(i), 0))
+    in_specs = [rows_spec, rows_spec, pl.BlockSpec((None, None, rows, dim), lambda b, i, s: (b, head(i), 0, 0)),
+                cache_spec, cache_spec]
+    args = [per_row(lo), per_row(hi), qr, k, v]
+    if quantized:
+        in_specs += [scale_spec, scale_spec]
+        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    if tree:
+        tree_len = tree_mask.shape[-1]
+        in_specs += [pl.BlockSpec((None, 1), lambda b, i, s: (b, 0)),
+                     pl.BlockSpec((None, rows, tree_len), lambda b, i, s: (b, 0, 0))]
+        args += [tree_prefix.astype(jnp.int32)[:, None], jnp.repeat(tree_mask.astype(jnp.int32), group, axis=1)]
+    out_rows = lambda *block: pl.BlockSpec((None, None, None, rows, *block),  # noqa: E731
+                                           lambda b, i, s: (b, head(i), s, 0) + (0,) * len(block))
+    part = (batch, kv_heads, splits, rows)
+    kernel = functools.partial(_split_k_kernel, scale=scale, rows=rows, row_block=row_block, block_k=block_k,
+                               split_len=split_len, seq=seq, quantized=quantized, tree=tree)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads * row_blocks, splits),
+        in_specs=in_specs,
+        out_specs=[out_rows(dim), out_rows(), out_rows()],
+        out_shape=[jax.ShapeDtypeStruct((*part, dim), jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32)],
+        compiler_params=compiler_params("cache_attention", interpret),
+        interpret=interpret,
+        name="split_k_attention",
+    )(*args)
+
+
+def merge_partials(o, m, l, steps: int, dtype):
+    """The second pass: combine split partials (see `attention_partials_pallas`) -> [B, T, H, D] in
+    `dtype`; rows that saw no key are zero."""
+    batch, kv_heads, _, rows, dim = o.shape
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    alpha = jnp.exp(m - m_all)
+    total = jnp.sum(l * alpha, axis=2)
+    out = jnp.sum(o * alpha[..., None], axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
+    out = out.reshape(batch, kv_heads, steps, rows // steps, dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, steps, kv_heads * (rows // steps), dim).astype(dtype)
+
+
+def cache_attention_pallas(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None,
+                           *, interpret: bool = False):
+    """Pallas version of `cache_attention_ref` (same contract): split-K partials, then `merge_partials`."""
+    check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
+    lo, hi = _key_ranges(q_positions, kv_lengths, window)
+    o, m, l = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, interpret=interpret)
+    return merge_partials(o, m, l, q.shape[1], q.dtype)
+
+
+def use_pallas(impl: str, kernel: str, dim: int) -> str:
+    """The dispatch decision shared with `tree_attention`: "xla", "pallas" or "interpret". The kernel
+    needs a power-of-two head_dim >= 16; "auto" falls back to the reference otherwise."""
+    kind = resolve_impl(impl, kernel, PALLAS_BACKENDS)
+    if kind == "pallas" and impl == "auto" and not (is_power_of_two(dim) and dim >= 16):
+        return "xla"
+    return kind
+
+
+def cache_attention(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None, *,
+                    impl="auto"):
     """Dispatcher for `cache_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    resolve_impl(impl, "cache_attention", PALLAS_BACKENDS)
-    return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale)
+    kind = use_pallas(impl, "cache_attention", q.shape[-1])
+    if kind == "xla":
+        return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
+    return cache_attention_pallas(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale,
+                                  interpret=kind == "interpret")

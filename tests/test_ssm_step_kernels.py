@@ -93,3 +93,16 @@ def test_step_kernels_give_clear_errors():
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         selective_state_update(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4)), jnp.zeros((1, 4)), jnp.zeros((4, 2)),
                                jnp.zeros((1, 2)), jnp.zeros((1, 2)), impl="cuda")
+
+
+def test_step_kernels_lower_to_triton_for_gpu():
+    from kernel_checks import assert_lowers_to_triton
+
+    from pallas_kernels.selective_scan import selective_state_update_pallas
+    from pallas_kernels.ssd import ssd_step_pallas
+
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    assert_lowers_to_triton(ssd_step_pallas, f32(2, 4, 64, 128), f32(2, 4, 64), f32(2, 4), f32(4), f32(2, 2, 128),
+                            f32(2, 2, 128), f32(4))
+    assert_lowers_to_triton(selective_state_update_pallas, f32(2, 96, 16), f32(2, 96), f32(2, 96), f32(96, 16),
+                            f32(2, 16), f32(2, 16), f32(96), f32(2, 96))

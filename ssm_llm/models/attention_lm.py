@@ -66,8 +66,8 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
 def _layer(config: ModelConfig, impl: str, fresh: bool, step_inputs, carry, layer):
     """One decoder block. `carry` threads the activations and the whole stacked cache (updated in
     place by XLA); `layer` is this layer's params, index and sliding window; `step_inputs` holds the
-    layer-independent positions, cache lengths and rotary tables."""
-    positions, kv_lengths, cos, sin = step_inputs
+    layer-independent positions, cache lengths, token counts and rotary tables."""
+    positions, kv_lengths, token_counts, cos, sin = step_inputs
     x, k_all, v_all = carry
     p, index, window = layer
     batch, steps, _ = x.shape
@@ -81,7 +81,7 @@ def _layer(config: ModelConfig, impl: str, fresh: bool, step_inputs, carry, laye
 
     if fresh:
         # Empty cache: attend among the new tokens only, then store them at positions 0..T-1.
-        attn = flash_attention(q, k, v, window, impl=impl)
+        attn = flash_attention(q, k, v, window, lengths=token_counts, impl=impl)
         start = (index, 0, 0, 0, 0)
         k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], start)
         v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype).transpose(0, 2, 1, 3)[None], start)
@@ -115,7 +115,7 @@ def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: K
     kv_lengths = cache.lengths + token_counts
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
     x = params["embed"][tokens]
-    step_inputs = (positions, kv_lengths, cos, sin)
+    step_inputs = (positions, kv_lengths, token_counts, cos, sin)
     carry = run_layers(lambda c, layer: _layer(config, impl, fresh, step_inputs, c, layer),
                        (x, cache.k, cache.v), params["layers"], (config.layer_windows,))
     x, k_all, v_all = carry

@@ -1,0 +1,61 @@
+"""Attention for verifying a draft tree: T_q draft tokens against the cached prefix and each other.
+
+The T_q draft tokens of sequence b sit in the cache at slots prefix[b] .. prefix[b] + T_q - 1 (their
+keys/values already written); draft token t sees the whole prefix and the draft tokens j with
+`tree_mask[b, t, j]` (its ancestors and itself). A chain of drafts is the lower-triangular mask.
+The Pallas path is the split-K kernel of `cache_attention` with the ancestor mask applied inside it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.cache_attention import (attention_partials_pallas, check_cache_inputs, dequantize_cache,
+                                            masked_attention, merge_partials, use_pallas)
+
+
+def _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale):
+    check_cache_inputs("tree_attention", q, k, v, k_scale, v_scale)
+    batch, steps = q.shape[:2]
+    if prefix_lengths.shape != (batch,):
+        raise ValueError(f"tree_attention: prefix_lengths must be [{batch}], got {prefix_lengths.shape}")
+    if tree_mask.shape != (batch, steps, steps):
+        raise ValueError(f"tree_attention: tree_mask must be [B, T_q, T_q] = {(batch, steps, steps)}, "
+                         f"got {tree_mask.shape}")
+
+
+def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None):
+    """q: [B, T_q, H, D]; k, v: [B, H_kv, S, D] (float, or int8 with k_scale/v_scale [B, H_kv, S]);
+    prefix_lengths: [B]; tree_mask: [B, T_q, T_q] bool. Returns [B, T_q, H, D] in q's dtype (float32
+    softmax). Key s is visible from draft t when s < prefix or tree_mask[t, s - prefix]."""
+    _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
+    steps, seq = q.shape[1], k.shape[2]
+    s = jnp.arange(seq)[None, None, :]
+    rel = s - prefix_lengths[:, None, None]  # [B, 1, S]: index among the drafts
+    in_tree = (rel >= 0) & (rel < steps)
+    allowed = jnp.take_along_axis(tree_mask, jnp.broadcast_to(jnp.clip(rel, 0, steps - 1), (q.shape[0], steps, seq)),
+                                  axis=2)
+    visible = (rel < 0) | (in_tree & allowed)
+    k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
+    return masked_attention(q, k, v, visible, scale)
+
+
+def tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
+                          interpret: bool = False):
+    """Pallas version of `tree_attention_ref` (same contract)."""
+    _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
+    batch, steps = q.shape[:2]
+    lo = jnp.zeros((batch, steps), jnp.int32)
+    hi = jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps))
+    o, m, l = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
+                                        interpret=interpret)
+    return merge_partials(o, m, l, steps, q.dtype)
+
+
+def tree_attention(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *, impl="auto"):
+    """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
+    kind = use_pallas(impl, "tree_attention", q.shape[-1])
+    if kind == "xla":
+        return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
+    return tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
+                                 interpret=kind == "interpret")
