@@ -7,6 +7,9 @@ models call only the dispatchers.
 from pallas_kernels.cache_attention import cache_attention, cache_attention_ref
 from pallas_kernels.dispatch import IMPLS, resolve_impl
 from pallas_kernels.flash_attention import flash_attention, flash_attention_ref
+from pallas_kernels.quantized_matmul import (QuantizedWeight, dequantize_weights, quantize_weights,
+                                             quantized_matmul, quantized_matmul_ref)
 
-__all__ = ["IMPLS", "cache_attention", "cache_attention_ref", "flash_attention", "flash_attention_ref",
+__all__ = ["IMPLS", "QuantizedWeight", "cache_attention", "cache_attention_ref", "dequantize_weights",
+           "flash_attention", "flash_attention_ref", "quantize_weights", "quantized_matmul", "quantized_matmul_ref",
            "resolve_impl"]

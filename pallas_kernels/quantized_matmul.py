@@ -1,0 +1,223 @@
+"""Weight-only quantized matmul for decode: x (float) times a weight stored as int8 or packed int4.
+
+The weight w [K, N] is quantized symmetrically per group of `group_size` rows along K:
+    scale[g, n] = absmax(w[g * group_size : (g + 1) * group_size, n]) / q_max,
+    q[k, n] = clip(round(w[k, n] / scale[k // group_size, n]), q_min, q_max),
+with (q_min, q_max) = (-127, 127) for 8 bits and (-8, 7) for 4 bits. 8-bit values are stored as int8
+[K, N]; 4-bit values two per byte along K as uint8 [K / 2, N]: the low nibble holds even row k, the
+high nibble odd row k + 1, each a two's-complement 4-bit number.
+
+Decode reads every weight once per token, so the kernel is memory bound: it streams the quantized
+bytes (2x / 4x fewer than bfloat16) and dequantizes on chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.gpu_params import (QUANTIZED_MATMUL_BLOCK_N, QUANTIZED_MATMUL_MAX_BLOCK_M, compiler_params,
+                                       is_power_of_two)
+
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+_Q_RANGE = {8: (-127, 127), 4: (-8, 7)}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+                   meta_fields=["bits", "group_size"])
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized weight w [K, N]; `bits` and `group_size` are static pytree metadata (not leaves).
+
+    values: int8 [K, N] (8 bits) or uint8 [K / 2, N] (4 bits, two values per byte along K);
+    scales: [K / group_size, N], float32 or bfloat16.
+    """
+
+    values: jax.Array
+    scales: jax.Array
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N) of the unquantized weight."""
+        rows, n = self.values.shape
+        return (rows * 2 if self.bits == 4 else rows), n
+
+
+def _check_layout(bits, group_size, k: int, where: str):
+    if bits not in _Q_RANGE:
+        raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{where}: group_size must be a positive int, got {group_size!r}")
+    if bits == 4 and k % 2:
+        raise ValueError(f"{where}: 4-bit weights pack two rows per byte, so K must be even, got K={k}")
+    if k % group_size:
+        raise ValueError(f"{where}: K ({k}) must be a multiple of group_size ({group_size})")
+
+
+def _check(x, qw: QuantizedWeight):
+    k, n = qw.shape
+    _check_layout(qw.bits, qw.group_size, k, "quantized_matmul")
+    values_dtype = jnp.int8 if qw.bits == 8 else jnp.uint8
+    if qw.values.dtype != values_dtype:
+        raise ValueError(f"quantized_matmul: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, "
+                         f"got {qw.values.dtype}")
+    if tuple(qw.scales.shape) != (k // qw.group_size, n):
+        raise ValueError(f"quantized_matmul: scales must have shape {(k // qw.group_size, n)}, "
+                         f"got {tuple(qw.scales.shape)}")
+    if x.shape[-1:] != (k,):
+        raise ValueError(f"quantized_matmul: x must have shape [..., {k}] (the weight's K), got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantized_matmul: x must be floating point, got {x.dtype}")
+
+
+def pack_int4(q):
+    """q: int [K, N] with values in [-8, 7], K even -> uint8 [K / 2, N] (low nibble: even rows)."""
+    q = q.astype(jnp.int32)
+    return ((q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)).astype(jnp.uint8)
+
+
+def _sign_extend_nibble(nibble):
+    """Two's-complement 4-bit values 0..15 (int32) -> -8..7."""
+    return (nibble ^ 8) - 8
+
+
+def unpack_int4(values):
+    """uint8 [K / 2, N] -> int32 [K, N]: the inverse of `pack_int4`."""
+    v = values.astype(jnp.int32)
+    pairs = jnp.stack([_sign_extend_nibble(v & 0xF), _sign_extend_nibble(v >> 4)], axis=1)
+    return pairs.reshape(2 * values.shape[0], values.shape[1])
+
+
+def quantize_weights(w, bits: int = 8, group_size: int = 128, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """w: [K, N] float -> `QuantizedWeight` with symmetric per-group absmax scales in `scale_dtype`.
+
+    q is rounded against the stored (possibly bfloat16-rounded) scale, so |w - dequantized| <= scale / 2.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"quantize_weights: w must be 2-D [K, N], got shape {tuple(w.shape)}")
+    k, n = w.shape
+    _check_layout(bits, group_size, k, "quantize_weights")
+    q_min, q_max = _Q_RANGE[bits]
+    groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
+    scales = (jnp.max(jnp.abs(groups), axis=1) / q_max).astype(scale_dtype)
+    s32 = scales.astype(jnp.float32)[:, None, :]
+    # An all-zero group has scale 0: divide by 1 instead, its q are 0 either way.
+    q = jnp.clip(jnp.round(groups / jnp.where(s32 > 0, s32, 1.0)), q_min, q_max).reshape(k, n)
+    values = q.astype(jnp.int8) if bits == 8 else pack_int4(q)
+    return QuantizedWeight(values, scales, bits, group_size)
+
+
+def dequantize_weights(qw: QuantizedWeight):
+    """QuantizedWeight -> float32 [K, N]."""
+    k, n = qw.shape
+    q = qw.values.astype(jnp.int32) if qw.bits == 8 else unpack_int4(qw.values)
+    groups = q.astype(jnp.float32).reshape(-1, qw.group_size, n) * qw.scales.astype(jnp.float32)[:, None, :]
+    return groups.reshape(k, n)
+
+
+def quantized_matmul_ref(x, qw: QuantizedWeight):
+    """x: [..., K] -> x @ dequantize_weights(qw): [..., N] in x's dtype, float32 accumulation."""
+    _check(x, qw)
+    out = jnp.matmul(x.astype(jnp.float32), dequantize_weights(qw), precision=jax.lax.Precision.HIGHEST)
+    return out.astype(x.dtype)
+
+
+def _group_rows(qw: QuantizedWeight) -> int:
+    """Stored rows of `values` per group: the K extent of the kernel's dots."""
+    return qw.group_size if qw.bits == 8 else qw.group_size // 2
+
+
+def _qmm_kernel(x_ref, values_ref, scales_ref, out_ref, *, bits: int, group_rows: int, block_m: int,
+                block_n: int):
+    """One (row block, column block) program: out[BM, BN] = sum over groups of (x_g @ q_g) * scale_g.
+
+    x_ref: [M, K] (8 bits) or [M, K / 2, 2] (4 bits: [..., 0] meets the low nibbles, [..., 1] the high);
+    values_ref: [K or K / 2, N]; scales_ref: [K / group_size, N]. All refs are whole arrays; rows past M
+    and columns past N are masked. The scale is constant over a group, so it multiplies the group's
+    [BM, BN] partial product instead of every [group, BN] weight element.
+    """
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows, cols = pl.ds(i * block_m, block_m), pl.ds(j * block_n, block_n)
+    row_ok = (i * block_m + jnp.arange(block_m) < out_ref.shape[0])[:, None]
+    col_ok = j * block_n + jnp.arange(block_n) < out_ref.shape[1]
+    dtype = x_ref.dtype
+    # HIGHEST: float32 x gets an IEEE float32 dot (not TF32); bfloat16 dots are exact products anyway.
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+    def load_x(g, *parity):
+        return plgpu.load(x_ref.at[(rows, pl.ds(g * group_rows, group_rows), *parity)], mask=row_ok, other=0)
+
+    def body(g, acc):
+        q = plgpu.load(values_ref.at[pl.ds(g * group_rows, group_rows), cols], mask=col_ok[None, :], other=0)
+        if bits == 8:
+            part = dot(load_x(g), q.astype(dtype))
+        else:
+            q = q.astype(jnp.int32)
+            part = (dot(load_x(g, jnp.int32(0)), _sign_extend_nibble(q & 0xF).astype(dtype))
+                    + dot(load_x(g, jnp.int32(1)), _sign_extend_nibble(q >> 4).astype(dtype)))
+        scale = plgpu.load(scales_ref.at[g, cols], mask=col_ok, other=0).astype(jnp.float32)
+        return acc + part * scale[None, :]
+
+    acc = jax.lax.fori_loop(0, scales_ref.shape[0], body, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype), mask=row_ok & col_ok[None, :])
+
+
+def _kernel_supports(qw: QuantizedWeight) -> bool:
+    """Triton dots need power-of-two dims >= 16, and a group's stored rows are the dots' K extent."""
+    return is_power_of_two(_group_rows(qw)) and _group_rows(qw) >= 16
+
+
+def quantized_matmul_pallas(x, qw: QuantizedWeight, *, interpret: bool = False):
+    """Pallas version of `quantized_matmul_ref` (same contract).
+
+    x is flattened to [M, K]; grid (M / BM, N / BN) with BM = next power of two >= M, in
+    [16, QUANTIZED_MATMUL_MAX_BLOCK_M] (Triton dots need >= 16 rows: the padding rows are masked
+    loads of zeros) and BN = QUANTIZED_MATMUL_BLOCK_N. Each program loops over the K groups, loading
+    one group's int8 (or packed int4) tile and scales for its BN columns, unpacking and converting it
+    on chip, and keeps its float32 [BM, BN] accumulator on chip. Needs a power-of-two number of stored
+    rows per group (group_size for 8 bits, group_size / 2 for 4 bits) >= 16.
+    """
+    _check(x, qw)
+    if not _kernel_supports(qw):
+        raise ValueError(f"quantized_matmul: the Pallas kernel needs a power-of-two group_size >= "
+                         f"{16 if qw.bits == 8 else 32} for {qw.bits} bits, got {qw.group_size}; use impl='xla'")
+    k, n = qw.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    block_m = min(max(16, pl.next_power_of_2(m)), QUANTIZED_MATMUL_MAX_BLOCK_M)
+    block_n = QUANTIZED_MATMUL_BLOCK_N
+    if qw.bits == 4:
+        x2 = x2.reshape(m, k // 2, 2)  # a free view: even and odd columns meet the low and high nibbles
+    out = pl.pallas_call(
+        functools.partial(_qmm_kernel, bits=qw.bits, group_rows=_group_rows(qw), block_m=block_m,
+                          block_n=block_n),
+        grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        compiler_params=compiler_params("quantized_matmul", interpret),
+        interpret=interpret,
+        name="quantized_matmul",
+    )(x2, qw.values, qw.scales)
+    return out.reshape(*lead, n)
+
+
+def quantized_matmul(x, qw: QuantizedWeight, *, impl="auto"):
+    """Dispatcher for `quantized_matmul_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
+
+    The Pallas kernel needs a power-of-two group_size >= 16 (8 bits) or >= 32 (4 bits): otherwise "auto"
+    falls back to the reference and "pallas" / "interpret" raise.
+    """
+    kind = resolve_impl(impl, "quantized_matmul", PALLAS_BACKENDS)
+    if kind == "pallas" and impl == "auto" and not _kernel_supports(qw):
+        kind = "xla"
+    if kind == "xla":
+        return quantized_matmul_ref(x, qw)
+    return quantized_matmul_pallas(x, qw, interpret=kind == "interpret")
