@@ -8,6 +8,9 @@ A step with dt = 0 leaves the state unchanged, which is how right-padded steps a
 The reference splits time into chunks: a `lax.scan` over chunks carries the state, and inside a
 chunk a `lax.associative_scan` computes all its states at once. Memory is O(chunk * D * N), not
 O(T * D * N), and the sequential depth is T / chunk.
+
+The Pallas scan walks time step by step instead (the Mamba CUDA kernel's idea), with each program's
+[channels, N] state on chip, loading its inputs a chunk of steps at a time.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
-from pallas_kernels.gpu_params import SELECTIVE_STATE_UPDATE_BLOCK, compiler_params, is_power_of_two
+from pallas_kernels.gpu_params import (SELECTIVE_SCAN_BLOCK, SELECTIVE_SCAN_CHUNK, SELECTIVE_STATE_UPDATE_BLOCK,
+                                       compiler_params, is_power_of_two)
 
-SCAN_PALLAS_BACKENDS: tuple[str, ...] = ()
+SCAN_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 DEFAULT_CHUNK = 32
 
@@ -85,6 +90,91 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, state=None, chunk: int = 
     return _gate(y, f32(x), D, z).astype(x.dtype), h
 
 
+def _scan_kernel(*refs, steps: int, channels: int, n: int, chunk: int, has_d: bool, has_z: bool,
+                 has_state: bool):
+    """One (sequence, channel block) program. Blocks: x, dt, z, y [T, BD]; B, C [T, N]; A, state, final
+    state [BD, N]; D [BD]. Values are padded to powers of two by masked loads ([BT, BD] time chunks,
+    [BT, Np] and [BD, Np] with Np >= N): padded steps load dt = 0, so the state does not move; padded
+    channels and state indices load zeros; stores are masked."""
+    x_ref, dt_ref, A_ref, B_ref, C_ref, *optional, y_ref, final_ref = refs
+    optional = iter(optional)
+    D_ref, z_ref, state_ref = (next(optional) if present else None for present in (has_d, has_z, has_state))
+    f32 = jnp.float32
+    block, n_pad = x_ref.shape[1], pl.next_power_of_2(n)
+    states = pl.ds(0, n_pad)
+    channel_ok = pl.program_id(1) * block + jnp.arange(block) < channels  # [BD]
+    n_ok = jnp.arange(n_pad) < n  # [Np]
+    state_ok = channel_ok[:, None] & n_ok[None, :]
+    A = plgpu.load(A_ref.at[:, states], mask=state_ok, other=0.0).astype(f32)
+    h = (plgpu.load(state_ref.at[:, states], mask=state_ok, other=0.0).astype(f32) if has_state
+         else jnp.zeros((block, n_pad), f32))
+    D = plgpu.load(D_ref, mask=channel_ok, other=0.0).astype(f32) if has_d else None
+    rows = jnp.arange(chunk)
+
+    def one_chunk(k, h):
+        t0 = pl.multiple_of(k * chunk, chunk)
+        times = pl.ds(t0, chunk)
+        time_ok = (t0 + rows < steps)[:, None]  # [BT, 1]
+
+        def tile(ref, cols=slice(None), cols_ok=channel_ok):  # [BT, BD], or [BT, Np] for B and C
+            return plgpu.load(ref.at[times, cols], mask=time_ok & cols_ok[None, :], other=0.0).astype(f32)
+
+        x, dt, B, C = tile(x_ref), tile(dt_ref), tile(B_ref, states, n_ok), tile(C_ref, states, n_ok)
+        dtx = dt * x
+
+        def one_step(i, carry):
+            h, y = carry
+            # Triton cannot index a register tensor dynamically: pick step i's row with a one-hot sum.
+            here = rows[:, None] == i  # [BT, 1]
+            row = lambda a: jnp.sum(jnp.where(here, a, 0.0), axis=0)  # noqa: E731
+            h = h * jnp.exp(row(dt)[:, None] * A) + row(dtx)[:, None] * row(B)[None, :]
+            y_i = jnp.sum(h * row(C)[None, :], axis=1)  # [BD]
+            return h, jnp.where(here, y_i[None, :], y)
+
+        h, y = jax.lax.fori_loop(0, chunk, one_step, (h, jnp.zeros((chunk, block), f32)))
+        if has_d:
+            y = y + x * D[None, :]
+        if has_z:
+            z = tile(z_ref)
+            y = y * z * jax.nn.sigmoid(z)
+        plgpu.store(y_ref.at[times, :], y.astype(y_ref.dtype), mask=time_ok & channel_ok[None, :])
+        return h
+
+    h = jax.lax.fori_loop(0, pl.cdiv(steps, chunk), one_chunk, h)
+    plgpu.store(final_ref.at[:, states], h, mask=state_ok)
+
+
+def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, state=None, *, interpret: bool = False):
+    """Pallas version of `selective_scan_ref` (same contract; any sizes). Grid (sequence, block of
+    SELECTIVE_SCAN_BLOCK channels): each program keeps its [block, N] state on chip and walks time,
+    loading x/dt/z and B/C SELECTIVE_SCAN_CHUNK steps at a time and storing y a chunk at a time."""
+    _check(x, dt, A, B, C, D, z, state)
+    batch, steps, channels = x.shape
+    n = A.shape[-1]
+    if steps == 0:  # nothing to launch
+        return selective_scan_ref(x, dt, A, B, C, D, z, state)
+    block = min(SELECTIVE_SCAN_BLOCK, pl.next_power_of_2(channels))
+    chunk = min(SELECTIVE_SCAN_CHUNK, pl.next_power_of_2(steps))
+    per_time = pl.BlockSpec((None, steps, block), lambda b, c: (b, 0, c))
+    per_step = pl.BlockSpec((None, steps, n), lambda b, c: (b, 0, 0))
+    per_state = pl.BlockSpec((None, block, n), lambda b, c: (b, c, 0))
+    optional = [(D, pl.BlockSpec((block,), lambda b, c: (c,))), (z, per_time), (state, per_state)]
+    optional = [(a, spec) for a, spec in optional if a is not None]
+    kernel = functools.partial(_scan_kernel, steps=steps, channels=channels, n=n, chunk=chunk,
+                               has_d=D is not None, has_z=z is not None, has_state=state is not None)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, pl.cdiv(channels, block)),
+        in_specs=[per_time, per_time, pl.BlockSpec((block, n), lambda b, c: (c, 0)), per_step, per_step,
+                  *(spec for _, spec in optional)],
+        out_specs=[per_time, per_state],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, channels, n), jnp.float32)],
+        compiler_params=compiler_params("selective_scan", interpret),
+        interpret=interpret,
+        name="selective_scan",
+    )(x, dt, A, B, C, *(a for a, _ in optional))
+
+
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None):
     """One decode step. state: [Bt, Dm, N]; x, dt, z: [Bt, Dm]; B, C: [Bt, N].
     Returns `(y [Bt, Dm] in x's dtype, new state [Bt, Dm, N] in state's dtype)`."""
@@ -144,9 +234,12 @@ def selective_state_update_pallas(state, x, dt, A, B, C, D=None, z=None, *, inte
 
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *, impl="auto"):
-    """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    resolve_impl(impl, "selective_scan", SCAN_PALLAS_BACKENDS)
-    return selective_scan_ref(x, dt, A, B, C, D, z, state)
+    """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
+    The Pallas kernel masks every size, so there is no fallback by shape."""
+    kind = resolve_impl(impl, "selective_scan", SCAN_PALLAS_BACKENDS)
+    if kind == "xla":
+        return selective_scan_ref(x, dt, A, B, C, D, z, state)
+    return selective_scan_pallas(x, dt, A, B, C, D, z, state, interpret=kind == "interpret")
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, *, impl="auto"):
