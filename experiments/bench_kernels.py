@@ -1,0 +1,318 @@
+"""Pallas kernels vs their XLA references (and cuDNN attention) on a GPU, with achieved bandwidth / FLOP/s.
+
+Every kernel of `pallas_kernels` is timed on realistic shapes (SmolLM2-135M, Llama-3-8B-like GQA,
+Mamba-1.4B / Mamba-2-2.7B-like SSM layers) twice: compiled Pallas (`impl="pallas"`) and the pure-jnp
+reference compiled by XLA (`impl="xla"`); attention also against `jax.nn.dot_product_attention(...,
+implementation="cudnn")`. Each case reports its minimum bytes (every input read once, every output
+written once) and FLOPs, so a time gives achieved GB/s and TFLOP/s; these are compared with ceilings
+measured at the start on the same device (a large device-to-device copy; a large bf16 matmul), as
+`fraction of peak`. Both implementations' outputs are checked against each other before timing.
+
+Timing: each jitted call is warmed up, then run in batches of back-to-back calls (asynchronous
+dispatch keeps the GPU busy) cycling over several input sets so small cases are not served from L2;
+the median batch time per call is reported. Targets (issue 4, H100): decode attention >= 80% of HBM
+bandwidth, prefill flash >= 0.9x cuDNN, SSD chunked scan >= 3x faster than XLA.
+
+    python experiments/bench_kernels.py             # on a GPU: all cases -> results/bench_kernels.json (+ .png)
+    python experiments/bench_kernels.py --quick     # anywhere: tiny shapes, interpret mode on CPU (a smoke
+                                                    # run of this harness; its times mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from pallas_kernels.cache_attention import cache_attention
+from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.quantized_matmul import quantize_weights, quantized_matmul
+from pallas_kernels.selective_scan import selective_scan, selective_state_update
+from pallas_kernels.ssd import ssd_chunked, ssd_step
+from pallas_kernels.tree_attention import tree_attention
+
+RESULTS = Path(__file__).parent / "results"
+SEED = 0
+
+
+@dataclass
+class Case:
+    """One kernel on one shape: `make(key)` builds an input tuple; `run(impl)` returns the function
+    of those inputs for `impl`; bytes/flops are the minimum traffic and arithmetic."""
+
+    name: str
+    kernel: str
+    make: Callable
+    run: Callable[[str], Callable]
+    bytes: float
+    flops: float
+    cudnn: Callable | None = None
+    tol: float = 2e-2
+    results: dict = field(default_factory=dict)
+
+
+def _n(key, shape, dtype=jnp.bfloat16, scale=1.0):
+    return (scale * jax.random.normal(key, shape)).astype(dtype)
+
+
+def _size(*arrays) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+
+def attention_cases(quick: bool) -> list[Case]:
+    cases = []
+    # Prefill flash attention: Llama-3-8B-like GQA (32 q / 8 kv heads of 128) and SmolLM2 (9 / 3 of 64).
+    shapes = [("llama3-8b", 1, 64, 4, 2, 16)] if quick else [("llama3-8b", 4, 2048, 32, 8, 128),
+                                                              ("smollm2", 8, 1024, 9, 3, 64)]
+    for label, b, t, h, hk, d in shapes:
+        def make(key, b=b, t=t, h=h, hk=hk, d=d):
+            k = jax.random.split(key, 3)
+            return _n(k[0], (b, t, h, d)), _n(k[1], (b, t, hk, d)), _n(k[2], (b, t, hk, d))
+        cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+        cases.append(Case(f"flash prefill {label} b{b} t{t}", "flash_attention", make,
+                          lambda impl: (lambda q, k, v: flash_attention(q, k, v, impl=impl)),
+                          bytes=2 * (2 * b * t * h * d + 2 * b * t * hk * d), flops=2 * b * h * t * t * d,
+                          cudnn=cudnn))
+    # Decode (one token) against a 4k cache, bf16 and int8 K/V; batch 16.
+    b, s, h, hk, d = (2, 100, 4, 2, 16) if quick else (16, 4096, 32, 8, 128)
+    for int8 in (False, True):
+        def make(key, int8=int8):
+            k = jax.random.split(key, 5)
+            q = _n(k[0], (b, 1, h, d))
+            lengths = jnp.full((b,), s, jnp.int32)
+            if int8:
+                kk, v = (jax.random.randint(key, (b, hk, s, d), -127, 128).astype(jnp.int8) for key in k[1:3])
+                ks, vs = (0.01 * jnp.abs(jax.random.normal(key, (b, hk, s))) for key in k[3:])
+                return q, kk, v, lengths, ks, vs
+            return q, _n(k[1], (b, hk, s, d)), _n(k[2], (b, hk, s, d)), lengths, None, None
+
+        def run(impl):
+            return lambda q, k, v, n, ks, vs: cache_attention(q, k, v, n[:, None] - 1, n, 0, None, ks, vs, impl=impl)
+        itemsize = 1 if int8 else 2
+        cache_bytes = 2 * b * hk * s * d * itemsize + (2 * b * hk * s * 4 if int8 else 0)
+        cudnn = None if int8 else (lambda q, k, v, n, ks, vs: jax.nn.dot_product_attention(
+            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), key_value_seq_lengths=n, implementation="cudnn"))
+        cases.append(Case(f"decode attention {'int8' if int8 else 'bf16'} b{b} s{s}", "cache_attention", make,
+                          run, bytes=cache_bytes + 2 * 2 * b * h * d, flops=4 * b * h * s * d, cudnn=cudnn))
+    # Draft-tree verification: 16 draft tokens against a 4k prefix.
+    tq = 4 if quick else 16
+
+    def make_tree(key):
+        k = jax.random.split(key, 4)
+        mask = jax.random.bernoulli(k[3], 0.3, (b, tq, tq)) | jnp.eye(tq, dtype=bool)
+        return (_n(k[0], (b, tq, h, d)), _n(k[1], (b, hk, s, d)), _n(k[2], (b, hk, s, d)),
+                jnp.full((b,), s - tq, jnp.int32), mask)
+    cases.append(Case(f"tree attention t{tq} b{b} s{s}", "tree_attention", make_tree,
+                      lambda impl: (lambda q, k, v, p, m: tree_attention(q, k, v, p, m, impl=impl)),
+                      bytes=2 * b * hk * s * d * 2, flops=4 * b * h * tq * s * d))
+    return cases
+
+
+def ssm_cases(quick: bool) -> list[Case]:
+    cases = []
+    f32 = jnp.float32
+    # Mamba-1.4B-like layer: d_inner 4096, N 16.
+    b, t, dm, n = (1, 40, 48, 16) if quick else (2, 2048, 4096, 16)
+
+    def make_scan(key):
+        k = jax.random.split(key, 6)
+        return (_n(k[0], (b, t, dm)), jax.nn.softplus(_n(k[1], (b, t, dm), f32) - 2).astype(jnp.bfloat16),
+                -jnp.exp(_n(k[2], (dm, n), f32)), _n(k[3], (b, t, n)), _n(k[4], (b, t, n)),
+                _n(k[5], (dm,), f32), _n(k[0], (b, t, dm)))
+    cases.append(Case(f"selective scan b{b} t{t} d{dm}", "selective_scan", make_scan,
+                      lambda impl: (lambda *a: selective_scan(*a, impl=impl)),
+                      bytes=2 * b * t * (4 * dm + 2 * n) + 4 * b * dm * n, flops=9 * b * t * dm * n))
+    bs = 2 if quick else 16
+
+    def make_update(key):
+        k = jax.random.split(key, 6)
+        return (_n(k[0], (bs, dm, n), f32), _n(k[1], (bs, dm)), jax.nn.softplus(_n(k[2], (bs, dm), f32)),
+                -jnp.exp(_n(k[3], (dm, n), f32)), _n(k[4], (bs, n)), _n(k[5], (bs, n)), _n(k[0], (dm,), f32),
+                _n(k[1], (bs, dm)))
+    cases.append(Case(f"selective state update b{bs} d{dm}", "selective_state_update", make_update,
+                      lambda impl: (lambda *a: selective_state_update(*a, impl=impl)),
+                      bytes=2 * 4 * bs * dm * n + 4 * dm * n, flops=7 * bs * dm * n))
+    # Mamba-2-2.7B-like layer: 80 heads of 64, N 128, one group.
+    b, t, h, p, n = (1, 70, 2, 16, 16) if quick else (2, 4096, 80, 64, 128)
+
+    def make_ssd(key):
+        k = jax.random.split(key, 6)
+        return (_n(k[0], (b, t, h, p)), jax.nn.softplus(_n(k[1], (b, t, h), f32) - 2),
+                -jnp.exp(_n(k[2], (h,), f32)), _n(k[3], (b, t, 1, n)), _n(k[4], (b, t, 1, n)), _n(k[5], (h,), f32))
+    chunk = 256
+    cases.append(Case(f"ssd chunked b{b} t{t} h{h}", "ssd_chunked", make_ssd,
+                      lambda impl: (lambda *a: ssd_chunked(*a, chunk_size=chunk, impl=impl)),
+                      bytes=2 * 2 * b * t * h * p + 2 * 2 * b * t * n + 4 * b * h * p * n,
+                      flops=2 * b * t * h * (chunk * (n + p) + 2 * p * n)))
+
+    def make_step(key):
+        k = jax.random.split(key, 6)
+        return (_n(k[0], (bs, h, p, n), f32), _n(k[1], (bs, h, p)), jax.nn.softplus(_n(k[2], (bs, h), f32)),
+                -jnp.exp(_n(k[3], (h,), f32)), _n(k[4], (bs, 1, n)), _n(k[5], (bs, 1, n)), _n(k[0], (h,), f32))
+    cases.append(Case(f"ssd step b{bs} h{h}", "ssd_step", make_step, lambda impl: (lambda *a: ssd_step(*a, impl=impl)),
+                      bytes=2 * 4 * bs * h * p * n, flops=6 * bs * h * p * n))
+    # The short conv of that Mamba-2 layer: conv_dim = 2 * 2560 + 2 * 128 = 5376 channels, 4 taps.
+    c = 24 if quick else 5376
+
+    def make_conv(key):
+        k = jax.random.split(key, 3)
+        return _n(k[0], (b, t, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32)
+    cases.append(Case(f"causal conv1d b{b} t{t} c{c}", "causal_conv1d", make_conv,
+                      lambda impl: (lambda x, w, bias: causal_conv1d(x, w, bias, impl=impl)),
+                      bytes=2 * 2 * b * t * c, flops=2 * 4 * b * t * c))
+
+    def make_conv_update(key):
+        k = jax.random.split(key, 4)
+        return _n(k[0], (bs, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32), _n(k[3], (bs, c, 3))
+    cases.append(Case(f"causal conv1d update b{bs} c{c}", "causal_conv1d_update", make_conv_update,
+                      lambda impl: (lambda x, w, bias, s: causal_conv1d_update(x, w, bias, s, impl=impl)),
+                      bytes=2 * bs * c * (2 + 2 * 3), flops=2 * 4 * bs * c))
+    return cases
+
+
+def matmul_cases(quick: bool) -> list[Case]:
+    cases = []
+    k_dim, n_dim = (128, 96) if quick else (4096, 11008)  # Llama-7B's MLP up-projection
+    for bits in (8, 4):
+        for m in ((1,) if quick else (1, 16)):
+            def make(key, m=m, bits=bits):
+                k = jax.random.split(key)
+                return _n(k[0], (m, k_dim)), quantize_weights(_n(k[1], (k_dim, n_dim), scale=0.02), bits, 128)
+            weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // 128) * n_dim * 4
+            cases.append(Case(f"int{bits} matmul m{m} {k_dim}x{n_dim}", "quantized_matmul", make,
+                              lambda impl: (lambda x, w: quantized_matmul(x, w, impl=impl)),
+                              bytes=weight_bytes + 2 * m * (k_dim + n_dim), flops=2 * m * k_dim * n_dim))
+    return cases
+
+
+def time_call(fn, input_sets, batches: int, per_batch: int) -> float:
+    """Median seconds per call of jitted `fn`, cycling over `input_sets` (warm-up first)."""
+    jax.block_until_ready(fn(*input_sets[0]))
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        outs = [fn(*input_sets[i % len(input_sets)]) for i in range(per_batch)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - start) / per_batch)
+    return statistics.median(times)
+
+
+def ceilings(quick: bool) -> dict:
+    """Measured device ceilings: copy bandwidth (bytes read + written) and bf16 matmul FLOP/s."""
+    n = 1 << (20 if quick else 28)
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)
+    t_copy = time_call(copy, [(x,)], 5, 5)
+    size = 256 if quick else 8192
+    a = _n(jax.random.PRNGKey(1), (size, size))
+    matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    t_mm = time_call(matmul, [(a,)], 5, 5)
+    return {"copy_GBps": 2 * 4 * n / t_copy / 1e9, "bf16_matmul_TFLOPs": 2 * size**3 / t_mm / 1e12}
+
+
+def check_outputs(got, want, tol: float) -> float:
+    """Relative L2 error of `got` vs `want` (pytrees); raises if over `tol` or not finite."""
+    errs = []
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if not np.isfinite(g).all():
+            raise AssertionError("non-finite kernel output")
+        errs.append(float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)))
+    err = max(errs)
+    if err > tol:
+        raise AssertionError(f"kernel differs from reference: relative error {err:.2e} > {tol}")
+    return err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (interpret mode on CPU): a smoke run")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--per-batch", type=int, default=20)
+    parser.add_argument("--input-sets", type=int, default=4, help="input sets cycled through (defeats L2 reuse)")
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not args.quick:
+        parser.error("the compiled Pallas kernels need a GPU (this is a CPU); use --quick for a smoke run")
+    kernel_impl = "pallas" if on_gpu else "interpret"
+    batches, per_batch = (2, 2) if args.quick else (args.batches, args.per_batch)
+    device = jax.devices()[0]
+    peak = ceilings(args.quick)
+    cases = [c for c in attention_cases(args.quick) + ssm_cases(args.quick) + matmul_cases(args.quick)
+             if args.only in c.name]
+    for case in tqdm(cases, desc="kernels"):
+        keys = jax.random.split(jax.random.PRNGKey(SEED), args.input_sets)
+        inputs = [case.make(k) for k in keys]
+        fns = {"pallas": jax.jit(case.run(kernel_impl)), "xla": jax.jit(case.run("xla"))}
+        if case.cudnn is not None and on_gpu:
+            fns["cudnn"] = jax.jit(case.cudnn)
+        want = fns["xla"](*inputs[0])
+        case.results["rel_err_vs_xla"] = check_outputs(fns["pallas"](*inputs[0]), want, case.tol)
+        for label, fn in fns.items():
+            try:
+                seconds = time_call(fn, inputs, batches, per_batch)
+            except Exception as err:  # cuDNN may not support a shape: record why, keep going
+                case.results[label] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+                continue
+            case.results[label] = {"us": seconds * 1e6, "GBps": case.bytes / seconds / 1e9,
+                                   "TFLOPs": case.flops / seconds / 1e12}
+        ours = case.results["pallas"]
+        ours["bandwidth_fraction"] = ours["GBps"] / peak["copy_GBps"]
+        ours["flops_fraction"] = ours["TFLOPs"] / peak["bf16_matmul_TFLOPs"]
+        for peer in ("xla", "cudnn"):
+            if "us" in case.results.get(peer, {}):
+                ours[f"speedup_vs_{peer}"] = case.results[peer]["us"] / ours["us"]
+
+    RESULTS.mkdir(exist_ok=True)
+    stem = "bench_kernels_quick" if args.quick else "bench_kernels"
+    report = {"device": device.device_kind, "backend": jax.default_backend(), "kernel_impl": kernel_impl,
+              "jax": jax.__version__, "python": platform.python_version(), "measured_ceilings": peak,
+              "cases": [{"name": c.name, "kernel": c.kernel, "bytes": c.bytes, "flops": c.flops, **c.results}
+                        for c in cases]}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(report, RESULTS / f"{stem}.png")
+    print(f"\n{device.device_kind}: copy {peak['copy_GBps']:.0f} GB/s, bf16 matmul {peak['bf16_matmul_TFLOPs']:.0f} TFLOP/s"
+          f" (measured); Pallas impl = {kernel_impl}")
+    print(f"{'case':44} {'pallas us':>10} {'xla x':>7} {'cudnn x':>8} {'GB/s':>8} {'%bw':>5} {'TFLOP/s':>8} {'%mm':>5}")
+    for c in report["cases"]:
+        ours = c["pallas"]
+        print(f"{c['name']:44} {ours['us']:10.1f} {ours.get('speedup_vs_xla', float('nan')):7.2f} "
+              f"{ours.get('speedup_vs_cudnn', float('nan')):8.2f} {ours['GBps']:8.0f} "
+              f"{100 * ours['bandwidth_fraction']:5.0f} {ours['TFLOPs']:8.1f} {100 * ours['flops_fraction']:5.0f}")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar chart: speed-up of each Pallas kernel over its XLA reference (and cuDNN where timed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c["name"] for c in report["cases"]]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, [c["pallas"].get("speedup_vs_xla", 0) for c in report["cases"]], 0.4, label="vs XLA reference")
+    ax.barh(y + 0.2, [c["pallas"].get("speedup_vs_cudnn", 0) for c in report["cases"]], 0.4, label="vs cuDNN")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.set_xlabel("speed-up of the Pallas kernel (x)")
+    ax.set_title(f"pallas_kernels on {report['device']} ({report['kernel_impl']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
