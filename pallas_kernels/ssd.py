@@ -11,18 +11,25 @@ attention-like product (C B^T masked by the decays exp(segsum(dt A))) plus the e
 by C, and the chunk's end state is contracted from B, x and the decays to the chunk's end; a
 `lax.scan` over chunks passes states between them, so time grows linearly with T and intermediates
 stay chunk-sized. B and C are never repeated per head.
+
+The Pallas kernel fuses the four Mamba-2 GPU passes (chunk cumsum, chunk state, state passing, chunk
+scan) into one: each program owns one (sequence, head, block of head channels) and walks the chunks
+in order with its state on chip, so the state never goes through memory between chunks.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
-from pallas_kernels.gpu_params import compiler_params, is_power_of_two
+from pallas_kernels.gpu_params import SSD_CHUNKED_BLOCKS, compiler_params, is_power_of_two
 
-CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ()
+CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
 
 
@@ -40,6 +47,11 @@ def _check(x, dt, A, B, C, D, state):
     for name, (got, want) in expected.items():
         if tuple(got) != tuple(want):
             raise ValueError(f"ssd: {name} must have shape {want}, got {tuple(got)}")
+
+
+def _check_chunk_size(chunk_size):
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def segsum(a):
@@ -60,8 +72,7 @@ def ssd_chunked_ref(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256):
     [Bt, H, P, N] float32)`. Computed in float32.
     """
     _check(x, dt, A, B, C, D, state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     batch, steps, heads, head_dim = x.shape
     groups, n = B.shape[2], B.shape[3]
     rep = heads // groups
@@ -151,10 +162,102 @@ def ssd_step_pallas(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
     )(state, x, dt[..., None], A[:, None], B, C, D[:, None])
 
 
+def _ssd_chunked_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps: int, head_dim: int, n: int,
+                        chunk: int, has_state: bool):
+    """One (sequence, head, channel block) program. Refs: x/y [T, BP], dt [T], A/D [1], B/C [T, BN] of the
+    head's group, state/final [BP, BN], with BP, BN powers of two >= 16 (masked beyond P, N and T)."""
+    state_ref, y_ref, final_ref = refs if has_state else (None, *refs)
+    f32 = jnp.float32
+    block_p, block_n = final_ref.shape
+    p_ok = pl.program_id(2) * block_p + jnp.arange(block_p) < head_dim
+    n_ok = jnp.arange(block_n) < n
+    state_mask = p_ok[:, None] & n_ok[None, :]
+    step = jnp.arange(chunk)
+    causal = step[:, None] >= step[None, :]
+    A, D = A_ref[...].astype(f32), D_ref[...].astype(f32)
+    # Default precision, as the reference's einsums: TF32 for float32 on recent GPUs unless
+    # `jax_default_matmul_precision` asks for more.
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32)
+    state = (plgpu.load(state_ref, mask=state_mask, other=0.0).astype(f32) if has_state
+             else jnp.zeros((block_p, block_n), f32))
+
+    def one_chunk(c, state):  # state: [BP, BN] entering chunk c
+        rows = pl.ds(c * chunk, chunk)
+        t_ok = c * chunk + step < steps
+        # Steps beyond T load dt = 0 and x = B = C = 0, so they leave the state unchanged.
+        x = plgpu.load(x_ref.at[rows, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0).astype(f32)
+        dt = plgpu.load(dt_ref.at[rows], mask=t_ok, other=0.0).astype(f32)
+        B = plgpu.load(B_ref.at[rows, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        C = plgpu.load(C_ref.at[rows, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        a = dt * A
+        cum = jnp.cumsum(a)  # [L], inclusive
+        total = jnp.sum(a)
+        # Within the chunk: y[l] = sum_{s <= l} (C[l] . B[s]) exp(cum[l] - cum[s]) dt[s] x[s]; the -inf above
+        # the diagonal keeps exp from overflowing there. Differences of prefix sums (as Mamba's GPU kernels),
+        # not the reference's direct segment sums: an [L, L, L] sum would not fit on chip.
+        # C B^T in the input dtype: its products are exact.
+        decay = jnp.exp(jnp.where(causal, cum[:, None] - cum[None, :], -jnp.inf))
+        scores = dot(C, B, (((1,), (1,)), ((), ())))  # [L, L]
+        y = dot(scores * decay * dt[None, :], x, (((1,), (0,)), ((), ())))
+        # The entering state read out by C, decayed to each step; plus the skip connection.
+        y += dot(C.astype(f32), state, (((1,), (1,)), ((), ()))) * jnp.exp(cum)[:, None] + D * x
+        plgpu.store(y_ref.at[rows, :], y.astype(y_ref.dtype), mask=t_ok[:, None] & p_ok[None, :])
+        # The state at the chunk's end: decayed entering state plus each step's input decayed to the end.
+        to_end = dt * jnp.exp(total - cum)  # [L]
+        return state * jnp.exp(total) + dot(x, B.astype(f32) * to_end[:, None], (((0,), (0,)), ((), ())))
+
+    state = jax.lax.fori_loop(0, pl.cdiv(steps, chunk), one_chunk, state)
+    plgpu.store(final_ref, state, mask=state_mask)
+
+
+def ssd_chunked_pallas(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, interpret: bool = False):
+    """Pallas version of `ssd_chunked_ref` (same contract, any sizes). Grid (sequence, head, blocks of BP
+    head channels); each program loops over chunks of L steps keeping its [BP, N] state on chip, reading
+    its head group's B/C rows. `chunk_size` is validated but, as the result does not depend on it, the
+    kernel uses its own L: the next power of two >= T, between 16 and SSD_CHUNKED_BLOCKS[0]. P and N are
+    padded on chip to powers of two >= 16 (Triton's dot minimum) by masked loads and stores."""
+    _check(x, dt, A, B, C, D, state)
+    _check_chunk_size(chunk_size)
+    batch, steps, heads, head_dim = x.shape
+    n = B.shape[3]
+    rep = heads // B.shape[2]
+    max_chunk, max_block_p = SSD_CHUNKED_BLOCKS
+    chunk = min(max_chunk, max(16, pl.next_power_of_2(steps)))
+    block_p = min(max_block_p, max(16, pl.next_power_of_2(head_dim)))
+    block_n = max(16, pl.next_power_of_2(n))
+    D = jnp.zeros((heads,), jnp.float32) if D is None else D
+    head_scalar = pl.BlockSpec((None, 1), lambda b, h, p: (h, 0))
+    group_rows = pl.BlockSpec((None, steps, None, block_n), lambda b, h, p: (b, 0, h // rep, 0))
+    head_rows = pl.BlockSpec((None, steps, None, block_p), lambda b, h, p: (b, 0, h, p))
+    state_block = pl.BlockSpec((None, None, block_p, block_n), lambda b, h, p: (b, h, p, 0))
+    in_specs = [head_rows, pl.BlockSpec((None, steps, None), lambda b, h, p: (b, 0, h)), head_scalar, group_rows,
+                group_rows, head_scalar]
+    args = [x, dt, A[:, None], B, C, D[:, None]]
+    if state is not None:  # no zero state is read from memory when there is none
+        in_specs.append(state_block)
+        args.append(state)
+    kernel = functools.partial(_ssd_chunked_kernel, steps=steps, head_dim=head_dim, n=n, chunk=chunk,
+                               has_state=state is not None)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, pl.cdiv(head_dim, block_p)),
+        in_specs=in_specs,
+        out_specs=[head_rows, state_block],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32)],
+        compiler_params=compiler_params("ssd_chunked", interpret),
+        interpret=interpret,
+        name="ssd_chunked",
+    )(*args)
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, impl="auto"):
-    """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    resolve_impl(impl, "ssd_chunked", CHUNKED_PALLAS_BACKENDS)
-    return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
+    """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
+    The Pallas kernel takes any sizes and ignores `chunk_size` beyond validating it (see `ssd_chunked_pallas`)."""
+    kind = resolve_impl(impl, "ssd_chunked", CHUNKED_PALLAS_BACKENDS)
+    if kind == "xla":
+        return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
+    return ssd_chunked_pallas(x, dt, A, B, C, D, state, chunk_size, interpret=kind == "interpret")
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
