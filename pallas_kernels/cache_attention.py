@@ -7,6 +7,10 @@ split once for all the query heads sharing that kv head (rows = T x group), keep
 in float32, and writes partial (output, max, sum); a second pass (`merge_partials`) combines the
 splits. Every key is visible to a query row inside a per-row range [lo, hi), optionally plus the
 draft-tree keys that `tree_attention` allows, so the same kernel serves both.
+
+The TPU variant (`cache_attention_pallas_tpu`, Mosaic) walks the cache in key blocks along an
+"arbitrary" grid axis with the online softmax in VMEM scratch; it serves `cache_attention` only
+(`tree_attention` keeps the GPU kernel).
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import SPLIT_K_ATTENTION, compiler_params, is_power_of_two
+from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU, tpu_compiler_params, tpu_interpret
 
-PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
+SPLIT_K_BACKENDS: tuple[str, ...] = ("gpu",)  # the split-K kernel alone (what `tree_attention` uses)
 _NEG = -1e30  # finite "minus infinity": a split that sees no key keeps m = _NEG and l = 0, never NaN
 
 
@@ -238,11 +245,131 @@ def cache_attention_pallas(q, k, v, q_positions, kv_lengths, window=0, scale=Non
     return merge_partials(o, m, l, q.shape[1], q.dtype)
 
 
-def use_pallas(impl: str, kernel: str, dim: int) -> str:
-    """The dispatch decision shared with `tree_attention`: "xla", "pallas" or "interpret". The kernel
-    needs a power-of-two head_dim >= 16; "auto" falls back to the reference otherwise."""
-    kind = resolve_impl(impl, kernel, PALLAS_BACKENDS)
-    if kind == "pallas" and impl == "auto" and not (is_power_of_two(dim) and dim >= 16):
+def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale,
+                                block_k, seq, quantized):
+    """One (sequence, kv head, row block, key block) step; scalar prefetch blk_lo/blk_hi [B*row_blocks]
+    (key blocks this row block needs), lo/hi [rb, 1] key range per row, q [rb, D], k/v [bk, D] (+ scales
+    [1, bk]); output o [rb, D]; scratch m, l [rb, 1] and acc [rb, D] float32."""
+    ks_ref, vs_ref, *refs = refs if quantized else (None, None, *refs)
+    o_ref, m_ref, l_ref, acc_ref = refs
+    b, r, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    slot = b * pl.num_programs(2) + r
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((j >= blk_lo_ref[slot]) & (j < blk_hi_ref[slot]))
+    def _step():
+        q = q_ref[...]
+        k, v = k_ref[...], v_ref[...]
+        if quantized:  # int8 crosses HBM; the per-key scales apply to score and probability columns
+            k, v = k.astype(jnp.float32).astype(q.dtype), v.astype(jnp.float32).astype(q.dtype)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = s * (scale * ks_ref[...] if quantized else scale)
+        cols = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+        visible = (cols >= lo_ref[...]) & (cols < hi_ref[...])
+        s = jnp.where(visible, s, _NEG)
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+        m_ref[...] = m_new
+        if quantized:  # where, not a product: scales past S in a partial last block are garbage
+            p = jnp.where(visible, p * vs_ref[...], 0.0)
+        elif seq % block_k:  # a partial last block reads garbage past S: 0 * NaN would poison acc
+            keys = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            v = jnp.where(keys < seq, v, jnp.zeros_like(v))
+        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finalize():
+        l = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None,
+                               v_scale=None, *, interpret: bool = False):
+    """TPU (Mosaic) version of `cache_attention_ref` (same contract).
+
+    Grid (B, H_kv, row blocks, key blocks), key axis "arbitrary": each program holds the T*G query rows
+    of one kv head (padded to the sublane tile) in VMEM with the online softmax (m, l, acc) in VMEM
+    scratch, and streams K/V (int8 dequantized in the kernel) in blocks of `block_k` keys. Per row block,
+    the range of key blocks its rows can see (cache length, causality, window) is scalar-prefetched:
+    blocks outside it are skipped and their index_map repeats a needed block, so they are never DMAed.
+    S need not be a multiple of the block: the partial last block is masked, K/V are never copied.
+    """
+    check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
+    batch, steps, heads, dim = q.shape
+    kv_heads, seq = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    rows = steps * group
+    sublanes = 32 // jnp.dtype(q.dtype).itemsize  # a (sublanes, 128) tile: 8 rows for f32, 16 for bf16
+    row_block = min(CACHE_ATTENTION_TPU["max_rows"], pl.cdiv(rows, sublanes) * sublanes)
+    row_blocks = pl.cdiv(rows, row_block)
+    padded = row_blocks * row_block
+    block_k = min(CACHE_ATTENTION_TPU["block_k"], seq)  # a multiple of 128, or all of S
+    key_blocks = pl.cdiv(seq, block_k)
+    scale = dim ** -0.5 if scale is None else scale
+
+    lo, hi = _key_ranges(q_positions, kv_lengths, window)
+    hi = jnp.minimum(hi, seq)  # keys past S do not exist (and a partial last block holds garbage there)
+    pad_rows = lambda a, fill: jnp.pad(  # noqa: E731  [B, T] -> [B, padded] in (t, g) row order
+        jnp.repeat(a, group, axis=1), ((0, 0), (0, padded - rows)), constant_values=fill)
+    lo_rows, hi_rows = pad_rows(lo, 0), pad_rows(hi, 0)  # padding rows see nothing
+    nonempty = (lo_rows < hi_rows).reshape(batch * row_blocks, row_block)
+    first_key = jnp.min(jnp.where(nonempty, lo_rows.reshape(nonempty.shape), seq), axis=1)
+    last_key = jnp.max(jnp.where(nonempty, hi_rows.reshape(nonempty.shape), 0), axis=1)
+    blk_lo = jnp.where(last_key > 0, first_key // block_k, 0).astype(jnp.int32)
+    blk_hi = pl.cdiv(last_key, block_k).astype(jnp.int32)
+    qr = q.reshape(batch, steps, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, dim)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
+
+    def key_block(b, r, j, blk_lo_ref, blk_hi_ref):
+        """Clamp j into the needed blocks: a skipped step re-uses the resident block (no DMA)."""
+        slot = b * row_blocks + r
+        return jnp.clip(j, blk_lo_ref[slot], jnp.maximum(blk_hi_ref[slot] - 1, blk_lo_ref[slot]))
+
+    rows_spec = pl.BlockSpec((None, row_block, 1), lambda b, h, r, j, *_: (b, r, 0))
+    q_spec = pl.BlockSpec((None, None, row_block, dim), lambda b, h, r, j, *_: (b, h, r, 0))
+    cache_spec = pl.BlockSpec((None, None, block_k, dim), lambda b, h, r, j, *p: (b, h, key_block(b, r, j, *p), 0))
+    # scales as [B, H_kv, 1, S] (a free reshape): (1, block_k) blocks are row vectors over the keys
+    scale_spec = pl.BlockSpec((None, None, 1, block_k), lambda b, h, r, j, *p: (b, h, 0, key_block(b, r, j, *p)))
+    in_specs = [rows_spec, rows_spec, q_spec, cache_spec, cache_spec]
+    args = [lo_rows[..., None], hi_rows[..., None], qr, k, v]
+    quantized = k_scale is not None
+    if quantized:
+        in_specs += [scale_spec, scale_spec]
+        args += [s.astype(jnp.float32).reshape(batch, kv_heads, 1, seq) for s in (k_scale, v_scale)]
+    kernel = functools.partial(_cache_attention_tpu_kernel, scale=scale, block_k=block_k, seq=seq,
+                               quantized=quantized)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(batch, kv_heads, row_blocks, key_blocks),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((row_block, 1), jnp.float32), pltpu.VMEM((row_block, 1), jnp.float32),
+                            pltpu.VMEM((row_block, dim), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
+        compiler_params=tpu_compiler_params("cache_attention", interpret),
+        interpret=tpu_interpret(interpret),
+        name="cache_attention_tpu",
+    )(blk_lo, blk_hi, *args)
+    out = out[:, :, :rows].reshape(batch, kv_heads, steps, group, dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, steps, heads, dim)
+
+
+def use_pallas(impl: str, kernel: str, dim: int, backends: tuple[str, ...] = SPLIT_K_BACKENDS) -> str:
+    """The dispatch decision shared with `tree_attention`: "xla", "pallas" or "interpret". The split-K
+    kernel needs a power-of-two head_dim >= 16; "auto" falls back to the reference otherwise on GPU."""
+    kind = resolve_impl(impl, kernel, backends)
+    if (kind == "pallas" and impl == "auto" and jax.default_backend() == "gpu"
+            and not (is_power_of_two(dim) and dim >= 16)):
         return "xla"
     return kind
 
@@ -250,8 +377,10 @@ def use_pallas(impl: str, kernel: str, dim: int) -> str:
 def cache_attention(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None, *,
                     impl="auto"):
     """Dispatcher for `cache_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    kind = use_pallas(impl, "cache_attention", q.shape[-1])
+    kind = use_pallas(impl, "cache_attention", q.shape[-1], PALLAS_BACKENDS)
     if kind == "xla":
         return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
     return cache_attention_pallas(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale,
                                   interpret=kind == "interpret")

@@ -26,8 +26,10 @@ from pallas_kernels.gpu_params import (
     CAUSAL_CONV1D_UPDATE_BLOCK,
     compiler_params,
 )
+from pallas_kernels.tpu_params import CAUSAL_CONV1D_UPDATE_TPU_BLOCK, tpu_compiler_params, tpu_interpret, tpu_row_block
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 ACTIVATIONS = (None, "silu")
 
 
@@ -238,6 +240,63 @@ def causal_conv1d_update_pallas(x, weight, bias=None, state=None, activation="si
     )(x, weight, state, *([bias] if bias is not None else []))
 
 
+def _update_tpu_kernel(x_ref, w_ref, state_ref, *refs, taps, has_bias, silu):
+    """One (sequence, channel block) program: x, y, bias [BC, 1] columns; weight [BC, K]; state and
+    new_state [BC, K-1]. The taps lie along lanes: single columns are picked out by masked lane sums and
+    put back by selects, which Mosaic lowers for any K (no unaligned lane slices or concatenation)."""
+    bias_ref, y_ref, new_state_ref = refs if has_bias else (None, *refs)
+    f32 = jnp.float32
+    state, w = state_ref[...].astype(f32), w_ref[...].astype(f32)
+    lane = lambda a: jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)  # noqa: E731
+    column = lambda a, j: jnp.sum(jnp.where(lane(a) == j, a, 0.0), axis=1, keepdims=True)  # noqa: E731
+    window = [column(state, j) for j in range(taps - 1)] + [x_ref[...].astype(f32)]  # oldest first
+    y = sum(column(w, k) * window[k] for k in range(taps))
+    if has_bias:
+        y = y + bias_ref[...].astype(f32)
+    if silu:
+        y = y * jax.nn.sigmoid(y)
+    y_ref[...] = y.astype(y_ref.dtype)
+    state_lane = lane(state)
+    new_state = sum(jnp.where(state_lane == j, window[j + 1], 0.0) for j in range(taps - 1))
+    new_state_ref[...] = new_state.astype(new_state_ref.dtype)
+
+
+def causal_conv1d_update_pallas_tpu(x, weight, bias=None, state=None, activation="silu", *,
+                                    interpret: bool = False):
+    """Mosaic TPU version of `causal_conv1d_update_ref` (same contract, any C, K >= 2): grid (sequence,
+    block of BC channels), BC from `tpu_row_block` (all channels up to CAUSAL_CONV1D_UPDATE_TPU_BLOCK, else
+    a sublane-tile multiple dividing C). Blocks span the full K-1 / K; x and bias are viewed as [.., C, 1]
+    columns (free reshapes), so nothing is padded. The state is updated in place (aliased buffer)."""
+    if state is None:
+        raise ValueError("causal_conv1d_update: a decode step needs the conv state [B, C, K-1], got None")
+    _check(x[:, None], weight, bias, state, activation)
+    batch, channels = x.shape
+    taps = weight.shape[1]
+    if taps < 2:
+        raise ValueError(f"causal_conv1d_update: the Pallas kernel needs K >= 2 taps, got K={taps}; use impl='xla'")
+    dtypes = [a.dtype for a in (x, weight, bias, state) if a is not None]
+    block = tpu_row_block(channels, CAUSAL_CONV1D_UPDATE_TPU_BLOCK, *dtypes)
+    per_sequence = lambda cols: pl.BlockSpec((None, block, cols), lambda b, c: (b, c, 0))  # noqa: E731
+    per_channel = lambda cols: pl.BlockSpec((block, cols), lambda b, c: (c, 0))  # noqa: E731
+    in_specs = [per_sequence(1), per_channel(taps), per_sequence(taps - 1)]
+    args = [x[..., None], weight, state]
+    if bias is not None:
+        in_specs.append(per_channel(1))
+        args.append(bias[:, None])
+    y, new_state = pl.pallas_call(
+        functools.partial(_update_tpu_kernel, taps=taps, has_bias=bias is not None, silu=activation == "silu"),
+        grid=(batch, channels // block),
+        in_specs=in_specs,
+        out_specs=[per_sequence(1), per_sequence(taps - 1)],
+        out_shape=[jax.ShapeDtypeStruct((*x.shape, 1), x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={2: 1},
+        compiler_params=tpu_compiler_params("causal_conv1d_update", interpret),
+        interpret=tpu_interpret(interpret),
+        name="causal_conv1d_update",
+    )(*args)
+    return y[..., 0], new_state
+
+
 def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="silu", *, impl="auto"):
     """Dispatcher for `causal_conv1d_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The Pallas kernel needs K >= 2 and T >= 1: otherwise "auto" uses the reference and the others raise."""
@@ -248,8 +307,11 @@ def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="sil
 
 
 def causal_conv1d_update(x, weight, bias=None, state=None, activation="silu", *, impl="auto"):
-    """Dispatcher for `causal_conv1d_update_ref`'s contract (see there); K = 1 as in `causal_conv1d`."""
-    kind = resolve_impl(impl, "causal_conv1d_update", PALLAS_BACKENDS)
+    """Dispatcher for `causal_conv1d_update_ref`'s contract (see there); K = 1 as in `causal_conv1d`. On TPU
+    "pallas" runs `causal_conv1d_update_pallas_tpu`."""
+    kind = resolve_impl(impl, "causal_conv1d_update", UPDATE_PALLAS_BACKENDS)
     if kind == "xla" or (impl == "auto" and weight.shape[1] < 2):
         return causal_conv1d_update_ref(x, weight, bias, state, activation)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return causal_conv1d_update_pallas_tpu(x, weight, bias, state, activation)
     return causal_conv1d_update_pallas(x, weight, bias, state, activation, interpret=kind == "interpret")

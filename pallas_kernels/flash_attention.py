@@ -15,12 +15,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import FLASH_ATTENTION_BLOCKS, compiler_params, is_power_of_two
+from pallas_kernels.tpu_params import FLASH_ATTENTION_TPU_BLOCK, tpu_compiler_params, tpu_interpret
 
-PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 DEFAULT_BLOCK = 128
 _NEG = -1e30  # finite "minus infinity": rows that see no key give exp(_NEG - _NEG) masked to 0, not NaN
 
@@ -133,10 +135,104 @@ def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *, inter
     )(lengths[:, None], window, q, k, v)
 
 
+def _visible_key_blocks(first, length, window, block):
+    """[lo, hi): the key blocks that some query of the block starting at `first` can see."""
+    # lax.div truncates (= floor on these non-negative values), sparing `//`'s sign fix-up in Mosaic.
+    lo = jax.lax.div(jnp.where(window > 0, jnp.maximum(first - window + 1, 0), 0), block)
+    return lo, pl.cdiv(jnp.minimum(first + block, length), block)
+
+
+def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale):
+    """One (sequence, head, query block, key block) step. q_ref/o_ref: [block, D]; k_ref/v_ref:
+    [block, D] of the kv head; lengths_ref: [B], window_ref: [1] (SMEM); scratch m_ref/l_ref:
+    [block, 128] running max / sum (replicated over lanes), acc_ref: [block, D] running output."""
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    block = q_ref.shape[0]
+    length, window = lengths_ref[b], window_ref[0]
+    lo, hi = _visible_key_blocks(i * block, length, window, block)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when((j >= lo) & (j < hi))
+    def _step():
+        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale
+        rows = i * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        cols = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        visible = (cols <= rows) & (cols < length) & ((window <= 0) | (cols > rows - window))
+        s = jnp.where(visible, s, _NEG)
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(s - m_next[:, :1]), 0.0)
+        alpha = jnp.exp(m_prev - m_next)
+        m_ref[...] = m_next
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        acc_ref[...] = acc_ref[...] * alpha[:, :1] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                              preferred_element_type=jnp.float32)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        l = l_ref[...][:, :1]
+        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
+                               block: int = FLASH_ATTENTION_TPU_BLOCK, interpret: bool = False):
+    """Mosaic TPU version of `flash_attention_ref` (same contract; any head_dim).
+
+    Heads move before time (q: [B, H, T, D], k/v: [B, H_kv, T, D]) and T is zero-padded to a multiple
+    of `block` (a multiple of 16, capped at T rounded up to 16), so every block is a [block, D] tile.
+    Grid (B, H, query blocks, key blocks), the key axis sequential with the online softmax in VMEM
+    scratch; K/V blocks come from kv head h // (H / H_kv), never repeated. Key blocks no query of the
+    block can see are skipped, and their index map repeats a visible block so they are not fetched.
+    """
+    _check(q, k, v, lengths)
+    if block <= 0 or block % 16:
+        raise ValueError(f"flash_attention: the TPU block must be a positive multiple of 16, got {block}")
+    batch, steps, heads, dim = q.shape
+    rep = heads // k.shape[2]
+    block = min(block, pl.cdiv(steps, 16) * 16)
+    padded = pl.cdiv(steps, block) * block
+    scale = dim ** -0.5 if scale is None else scale
+    lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    window = jnp.asarray(window, jnp.int32).reshape(1)
+    q, k, v = (jnp.pad(x, ((0, 0), (0, padded - steps), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q, k, v))
+
+    def kv_index(b, h, i, j, lengths_ref, window_ref):
+        lo, hi = _visible_key_blocks(i * block, lengths_ref[b], window_ref[0], block)
+        return b, jax.lax.div(h, rep), jnp.maximum(lo, jnp.minimum(j, hi - 1)), 0
+
+    per_head = pl.BlockSpec((None, None, block, dim), lambda b, h, i, j, *_: (b, h, i, 0))
+    per_kv_head = pl.BlockSpec((None, None, block, dim), kv_index)
+    out = pl.pallas_call(
+        functools.partial(_flash_kernel_tpu, scale=scale),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(batch, heads, padded // block, padded // block),
+            in_specs=[per_head, per_kv_head, per_kv_head],
+            out_specs=per_head,
+            scratch_shapes=[pltpu.VMEM((block, 128), jnp.float32), pltpu.VMEM((block, 128), jnp.float32),
+                            pltpu.VMEM((block, dim), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dim), q.dtype),
+        compiler_params=tpu_compiler_params("flash_attention", interpret),
+        interpret=tpu_interpret(interpret),
+        name="flash_attention_tpu",
+    )(lengths, window, q, k, v)
+    return out[:, :, :steps].transpose(0, 2, 1, 3)
+
+
 def flash_attention(q, k, v, window=0, scale=None, lengths=None, *, impl="auto"):
     """Dispatcher for `flash_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    The Pallas kernel needs a power-of-two head_dim >= 16: otherwise "auto" uses the reference."""
+    The GPU kernel needs a power-of-two head_dim >= 16: otherwise "auto" uses the reference there
+    (the TPU kernel takes any head_dim)."""
     kind = resolve_impl(impl, "flash_attention", PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return flash_attention_pallas_tpu(q, k, v, window, scale, lengths)
     dim = q.shape[-1]
     if kind == "pallas" and impl == "auto" and not (is_power_of_two(dim) and dim >= 16):
         kind = "xla"

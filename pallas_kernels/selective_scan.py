@@ -25,9 +25,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import (SELECTIVE_SCAN_BLOCK, SELECTIVE_SCAN_CHUNK, SELECTIVE_STATE_UPDATE_BLOCK,
                                        compiler_params, is_power_of_two)
+from pallas_kernels.tpu_params import (SELECTIVE_STATE_UPDATE_TPU_BLOCK, tpu_compiler_params, tpu_interpret,
+                                       tpu_row_block)
 
 SCAN_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
-UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 DEFAULT_CHUNK = 32
 
 
@@ -233,6 +235,59 @@ def selective_state_update_pallas(state, x, dt, A, B, C, D=None, z=None, *, inte
     )(state, x, dt, A, B, C, D, x if z is None else z)
 
 
+def _state_update_tpu_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, has_d: bool, has_z: bool):
+    """One (sequence, channel block) program: state, A [BD, N]; x, dt, D, z, y [BD, 1] columns; B, C [1, N]."""
+    refs = list(refs)
+    D_ref = refs.pop(0) if has_d else None
+    z_ref = refs.pop(0) if has_z else None
+    y_ref, new_state_ref = refs
+    f32 = jnp.float32
+    dt, x = dt_ref[...].astype(f32), x_ref[...].astype(f32)
+    h = state_ref[...].astype(f32) * jnp.exp(dt * A_ref[...].astype(f32)) + (dt * x) * B_ref[...].astype(f32)
+    y = jnp.sum(h * C_ref[...].astype(f32), axis=1, keepdims=True)
+    if has_d:
+        y = y + D_ref[...].astype(f32) * x
+    if has_z:
+        z = z_ref[...].astype(f32)
+        y = y * z * jax.nn.sigmoid(z)
+    y_ref[...] = y.astype(y_ref.dtype)
+    new_state_ref[...] = h.astype(new_state_ref.dtype)
+
+
+def selective_state_update_pallas_tpu(state, x, dt, A, B, C, D=None, z=None, *, interpret: bool = False):
+    """Mosaic TPU version of `selective_state_update_ref` (same contract, any sizes): grid (sequence, block
+    of BD channels), BD from `tpu_row_block` (all channels up to SELECTIVE_STATE_UPDATE_TPU_BLOCK, else a
+    sublane-tile multiple dividing Dm). Blocks span the full N; the per-channel vectors are viewed as
+    [.., Dm, 1] columns (free reshapes), so nothing is padded. The state is updated in place."""
+    _check(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None], state)
+    batch, channels, n = state.shape
+    dtypes = [a.dtype for a in (state, x, dt, A, D, z) if a is not None]  # all blocked along channels
+    block = tpu_row_block(channels, SELECTIVE_STATE_UPDATE_TPU_BLOCK, *dtypes)
+    column = pl.BlockSpec((None, block, 1), lambda b, c: (b, c, 0))
+    rows_state = pl.BlockSpec((None, block, n), lambda b, c: (b, c, 0))
+    per_sequence = pl.BlockSpec((None, 1, n), lambda b, c: (b, 0, 0))
+    in_specs = [rows_state, column, column, pl.BlockSpec((block, n), lambda b, c: (c, 0)), per_sequence, per_sequence]
+    args = [state, x[..., None], dt[..., None], A, B[:, None], C[:, None]]
+    if D is not None:
+        in_specs.append(pl.BlockSpec((block, 1), lambda b, c: (c, 0)))
+        args.append(D[:, None])
+    if z is not None:
+        in_specs.append(column)
+        args.append(z[..., None])
+    y, new_state = pl.pallas_call(
+        functools.partial(_state_update_tpu_kernel, has_d=D is not None, has_z=z is not None),
+        grid=(batch, channels // block),
+        in_specs=in_specs,
+        out_specs=[column, rows_state],
+        out_shape=[jax.ShapeDtypeStruct((*x.shape, 1), x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={0: 1},
+        compiler_params=tpu_compiler_params("selective_state_update", interpret),
+        interpret=tpu_interpret(interpret),
+        name="selective_state_update",
+    )(*args)
+    return y[..., 0], new_state
+
+
 def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *, impl="auto"):
     """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The Pallas kernel masks every size, so there is no fallback by shape."""
@@ -243,9 +298,12 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *, impl="auto"):
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, *, impl="auto"):
-    """Dispatcher for `selective_state_update_ref`'s contract (see there). The compiled (Triton) kernel
-    needs a power-of-two state_size: otherwise "auto" falls back to the reference and "pallas" raises."""
+    """Dispatcher for `selective_state_update_ref`'s contract (see there). On TPU "pallas" runs
+    `selective_state_update_pallas_tpu` (any sizes). The compiled GPU (Triton) kernel needs a power-of-two
+    state_size: otherwise "auto" falls back to the reference and "pallas" raises."""
     kind = resolve_impl(impl, "selective_state_update", UPDATE_PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return selective_state_update_pallas_tpu(state, x, dt, A, B, C, D, z)
     if kind == "pallas" and not is_power_of_two(state.shape[2]):
         if impl != "auto":
             raise ValueError(f"selective_state_update: the Pallas GPU kernel needs a power-of-two state_size, "

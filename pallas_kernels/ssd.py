@@ -28,9 +28,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import SSD_CHUNKED_BLOCKS, compiler_params, is_power_of_two
+from pallas_kernels.tpu_params import tpu_compiler_params, tpu_interpret
 
 CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
-STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 
 def _check(x, dt, A, B, C, D, state):
@@ -162,6 +163,50 @@ def ssd_step_pallas(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
     )(state, x, dt[..., None], A[:, None], B, C, D[:, None])
 
 
+def _ssd_step_tpu_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, has_d: bool):
+    """One (sequence, head) program: state [P, N]; x and y [P, 1] columns (broadcast against the state
+    with no transpose); dt, A, D [1, 1]; B, C [1, N] of the head's group."""
+    D_ref, y_ref, new_state_ref = refs if has_d else (None, *refs)
+    f32 = jnp.float32
+    dt, x = dt_ref[...].astype(f32), x_ref[...].astype(f32)
+    h = state_ref[...].astype(f32) * jnp.exp(dt * A_ref[...].astype(f32)) + (dt * x) * B_ref[...].astype(f32)
+    y = jnp.sum(h * C_ref[...].astype(f32), axis=1, keepdims=True)
+    if has_d:
+        y = y + D_ref[...].astype(f32) * x
+    y_ref[...] = y.astype(y_ref.dtype)
+    new_state_ref[...] = h.astype(new_state_ref.dtype)
+
+
+def ssd_step_pallas_tpu(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
+    """Mosaic TPU version of `ssd_step_ref` (same contract, any sizes): grid (sequence, head), each
+    program's blocks span full trailing array dims (the [P, N] state; x, dt, A, B, C, D viewed with
+    trailing unit dims, free reshapes), so no padding is needed. The state is updated in place."""
+    _check(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, state)
+    batch, heads, head_dim, n = state.shape
+    rep = heads // B.shape[1]
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda b, h: (b, h, 0, 0))  # noqa: E731
+    # lax.div, not //: floor division's sign fix-up needs the TPU generation to lower (h >= 0 anyway).
+    per_group = pl.BlockSpec((None, None, 1, n), lambda b, h: (b, jax.lax.div(h, rep), 0, 0))
+    head_scalar = pl.BlockSpec((None, 1, 1), lambda b, h: (h, 0, 0))
+    in_specs = [per_head(head_dim, n), per_head(head_dim, 1), per_head(1, 1), head_scalar, per_group, per_group]
+    args = [state, x[..., None], dt[..., None, None], A[:, None, None], B[:, :, None], C[:, :, None]]
+    if D is not None:
+        in_specs.append(head_scalar)
+        args.append(D[:, None, None])
+    y, new_state = pl.pallas_call(
+        functools.partial(_ssd_step_tpu_kernel, has_d=D is not None),
+        grid=(batch, heads),
+        in_specs=in_specs,
+        out_specs=[per_head(head_dim, 1), per_head(head_dim, n)],
+        out_shape=[jax.ShapeDtypeStruct((*x.shape, 1), x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
+        input_output_aliases={0: 1},
+        compiler_params=tpu_compiler_params("ssd_step", interpret),
+        interpret=tpu_interpret(interpret),
+        name="ssd_step",
+    )(*args)
+    return y[..., 0], new_state
+
+
 def _ssd_chunked_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps: int, head_dim: int, n: int,
                         chunk: int, has_state: bool):
     """One (sequence, head, channel block) program. Refs: x/y [T, BP], dt [T], A/D [1], B/C [T, BN] of the
@@ -261,9 +306,12 @@ def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, im
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
-    """Dispatcher for `ssd_step_ref`'s contract (see there). The compiled (Triton) kernel needs head_dim
-    and state_size to be powers of two: otherwise "auto" falls back to the reference and "pallas" raises."""
+    """Dispatcher for `ssd_step_ref`'s contract (see there). On TPU "pallas" runs `ssd_step_pallas_tpu` (any
+    sizes). The compiled GPU (Triton) kernel needs head_dim and state_size to be powers of two: otherwise
+    "auto" falls back to the reference and "pallas" raises."""
     kind = resolve_impl(impl, "ssd_step", STEP_PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return ssd_step_pallas_tpu(state, x, dt, A, B, C, D)
     if kind == "pallas" and not (is_power_of_two(state.shape[2]) and is_power_of_two(state.shape[3])):
         if impl != "auto":
             raise ValueError(f"ssd_step: the Pallas GPU kernel needs power-of-two head_dim and state_size, got "

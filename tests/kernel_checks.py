@@ -37,3 +37,12 @@ def assert_lowers_to_triton(fn, *args, calls: int = 1):
     """`fn` lowers for CUDA into `calls` Triton kernels (and no fallback lowering)."""
     text = triton_module_text(fn, *args)
     assert text.count("__gpu$xla.gpu.triton") == calls, text[:2000]
+
+
+def assert_lowers_to_mosaic_tpu(fn, *args, calls: int = 1):
+    """`fn` lowers for TPU (on this CPU machine) into `calls` Mosaic kernels: block shapes and
+    primitives that Mosaic TPU rejects fail here."""
+    import jax.experimental.pallas.tpu  # noqa: F401  (registers the Mosaic lowering)
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == calls, text[:2000]

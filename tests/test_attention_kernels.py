@@ -35,7 +35,7 @@ shapes = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(shapes=shapes, steps=st.integers(1, 40), block=st.sampled_from([4, 7, 16, 128]))
 def test_flash_attention_ref_matches_naive(shapes, steps, block):
     rng = np.random.default_rng(shapes["seed"])
