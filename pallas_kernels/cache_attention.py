@@ -25,11 +25,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import SPLIT_K_ATTENTION, compiler_params, is_power_of_two
+from pallas_kernels.online_softmax import NEG, initial_state, online_softmax_step
 from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU, tpu_compiler_params, tpu_interpret
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 SPLIT_K_BACKENDS: tuple[str, ...] = ("gpu",)  # the split-K kernel alone (what `tree_attention` uses)
-_NEG = -1e30  # finite "minus infinity": a split that sees no key keeps m = _NEG and l = 0, never NaN
 
 
 def check_cache_inputs(name, q, k, v, k_scale, v_scale):
@@ -128,7 +128,6 @@ def _split_k_kernel(*refs, scale, rows, row_block, block_k, split_len, seq, quan
     end = pl.cdiv(jnp.minimum(stop, last_key), block_k)
 
     def body(j, carry):
-        acc, m, l = carry
         cols = j * block_k + jnp.arange(block_k)
         col_ok = cols < stop
         keys = pl.ds(j * block_k, block_k)
@@ -145,16 +144,9 @@ def _split_k_kernel(*refs, scale, rows, row_block, block_k, split_len, seq, quan
             allowed = plgpu.load(tree_ref.at[r[:, None], jnp.where(in_tree, c, 0)[None, :]],
                                  mask=row_ok[:, None] & in_tree[None, :], other=0)
             visible = visible | (allowed != 0)
-        s = jnp.where(visible, s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return online_softmax_step(*carry, s, visible, v)
 
-    init = (jnp.zeros((row_block, dim), jnp.float32), jnp.full((row_block,), _NEG, jnp.float32),
-            jnp.zeros((row_block,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(begin, end, body, init)
+    acc, m, l = jax.lax.fori_loop(begin, end, body, initial_state(row_block, dim))
     plgpu.store(o_ref.at[pl.ds(first, row_block), :], acc, mask=row_ok[:, None])
     plgpu.store(m_ref.at[pl.ds(first, row_block)], m, mask=row_ok)
     plgpu.store(l_ref.at[pl.ds(first, row_block)], l, mask=row_ok)
@@ -257,7 +249,7 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -271,7 +263,7 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k
         s = s * (scale * ks_ref[...] if quantized else scale)
         cols = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         visible = (cols >= lo_ref[...]) & (cols < hi_ref[...])
-        s = jnp.where(visible, s, _NEG)
+        s = jnp.where(visible, s, NEG)
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(visible, jnp.exp(s - m_new), 0.0)

@@ -20,11 +20,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import FLASH_ATTENTION_BLOCKS, compiler_params, is_power_of_two
+from pallas_kernels.online_softmax import NEG, initial_state, online_softmax_step
 from pallas_kernels.tpu_params import FLASH_ATTENTION_TPU_BLOCK, tpu_compiler_params, tpu_interpret
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 DEFAULT_BLOCK = 128
-_NEG = -1e30  # finite "minus infinity": rows that see no key give exp(_NEG - _NEG) masked to 0, not NaN
 
 
 def _check(q, k, v, lengths):
@@ -87,7 +87,6 @@ def _flash_kernel(length_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *, scale, 
     hi = pl.cdiv(jnp.minimum(jnp.minimum(first + block_q, steps), length), block_k)
 
     def body(j, carry):
-        acc, m, l = carry
         cols = j * block_k + jnp.arange(block_k)
         col_ok = cols < steps
         k = plgpu.load(k_ref.at[pl.ds(j * block_k, block_k), :], mask=col_ok[:, None], other=0.0)
@@ -95,16 +94,9 @@ def _flash_kernel(length_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *, scale, 
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length) \
             & ((window <= 0) | (cols[None, :] > rows[:, None] - window))
-        s = jnp.where(visible, s, _NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        return online_softmax_step(*carry, s, visible, v)
 
-    init = (jnp.zeros((block_q, dim), jnp.float32), jnp.full((block_q,), _NEG, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, _, l = jax.lax.fori_loop(lo, hi, body, init)
+    acc, _, l = jax.lax.fori_loop(lo, hi, body, initial_state(block_q, dim))
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     plgpu.store(o_ref.at[pl.ds(first, block_q), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
 
@@ -153,7 +145,7 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -164,7 +156,7 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
         rows = i * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         visible = (cols <= rows) & (cols < length) & ((window <= 0) | (cols > rows - window))
-        s = jnp.where(visible, s, _NEG)
+        s = jnp.where(visible, s, NEG)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(visible, jnp.exp(s - m_next[:, :1]), 0.0)

@@ -8,8 +8,6 @@ Block-size choices that are only about speed on a GPU live here too.
 
 from __future__ import annotations
 
-import jax
-
 # Triton launch parameters per kernel name (as passed to `resolve_impl`).
 TRITON_PARAMS: dict[str, dict[str, int]] = {
     "ssd_step": dict(num_warps=4, num_stages=1),

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update_ref
+from pallas_kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from pallas_kernels.selective_scan import selective_scan_ref, selective_state_update_ref
 from pallas_kernels.ssd import segsum, ssd_chunked_ref, ssd_step_ref
 
