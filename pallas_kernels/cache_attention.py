@@ -8,9 +8,9 @@ in float32, and writes partial (output, max, sum); a second pass (`merge_partial
 splits. Every key is visible to a query row inside a per-row range [lo, hi), optionally plus the
 draft-tree keys that `tree_attention` allows, so the same kernel serves both.
 
-The TPU variant (`cache_attention_pallas_tpu`, Mosaic) walks the cache in key blocks along an
-"arbitrary" grid axis with the online softmax in VMEM scratch; it serves `cache_attention` only
-(`tree_attention` keeps the GPU kernel).
+The TPU variant (`attention_pallas_tpu`, Mosaic) walks the cache in key blocks along an "arbitrary"
+grid axis with the online softmax in VMEM scratch; it too takes the optional draft-tree mask and serves
+both (`cache_attention_pallas_tpu`, `tree_attention_pallas_tpu`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pallas_kernels.gpu_params import SPLIT_K_ATTENTION, compiler_params, is_pow
 from pallas_kernels.online_softmax import NEG, initial_state, online_softmax_step
 from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU, tpu_compiler_params, tpu_interpret
 
-PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
-SPLIT_K_BACKENDS: tuple[str, ...] = ("gpu",)  # the split-K kernel alone (what `tree_attention` uses)
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")  # of both cache_attention and tree_attention
 
 
 def check_cache_inputs(name, q, k, v, k_scale, v_scale):
@@ -237,12 +236,15 @@ def cache_attention_pallas(q, k, v, q_positions, kv_lengths, window=0, scale=Non
     return merge_partials(o, m, l, q.shape[1], q.dtype)
 
 
-def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale,
-                                block_k, seq, quantized):
+def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, *refs, scale, block_k, seq, quantized, tree):
     """One (sequence, kv head, row block, key block) step; scalar prefetch blk_lo/blk_hi [B*row_blocks]
-    (key blocks this row block needs), lo/hi [rb, 1] key range per row, q [rb, D], k/v [bk, D] (+ scales
-    [1, bk]); output o [rb, D]; scratch m, l [rb, 1] and acc [rb, D] float32."""
+    (key blocks this row block needs) and with a tree its prefix [B]; lo/hi [rb, 1] key range per row,
+    q [rb, D], k/v [bk, D] (+ scales [1, bk]), with a tree its mask [rb, T_pad]; output o [rb, D];
+    scratch m, l [rb, 1] and acc [rb, D] float32."""
+    prefix_ref, *refs = refs if tree else (None, *refs)
+    lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs = refs
     ks_ref, vs_ref, *refs = refs if quantized else (None, None, *refs)
+    tree_ref, *refs = refs if tree else (None, *refs)
     o_ref, m_ref, l_ref, acc_ref = refs
     b, r, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     slot = b * pl.num_programs(2) + r
@@ -253,8 +255,7 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when((j >= blk_lo_ref[slot]) & (j < blk_hi_ref[slot]))
-    def _step():
+    def step(tree_block):
         q = q_ref[...]
         k, v = k_ref[...], v_ref[...]
         if quantized:  # int8 crosses HBM; the per-key scales apply to score and probability columns
@@ -263,6 +264,10 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k
         s = s * (scale * ks_ref[...] if quantized else scale)
         cols = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         visible = (cols >= lo_ref[...]) & (cols < hi_ref[...])
+        if tree_block:  # keys prefix + t: a one-hot matmul gathers mask column t for each key (no lane gather)
+            hit = jax.lax.broadcasted_iota(jnp.int32, (tree_ref.shape[1], block_k), 0) == cols - prefix_ref[b]
+            allowed = jnp.dot(tree_ref[...], hit.astype(tree_ref.dtype), preferred_element_type=jnp.float32)
+            visible = visible | ((allowed > 0) & (cols < seq))
         s = jnp.where(visible, s, NEG)
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -277,24 +282,36 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, lo_ref, hi_ref, q_ref, k
             v = jnp.where(keys < seq, v, jnp.zeros_like(v))
         acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
+    needed = (j >= blk_lo_ref[slot]) & (j < blk_hi_ref[slot])
+    if tree:  # only the key blocks overlapping the draft keys pay for the mask matmul
+        start = j * block_k - prefix_ref[b]
+        tree_block = (start < tree_ref.shape[1]) & (start + block_k > 0)
+        pl.when(needed & tree_block)(functools.partial(step, True))
+        pl.when(needed & jnp.logical_not(tree_block))(functools.partial(step, False))
+    else:
+        pl.when(needed)(functools.partial(step, False))
+
     @pl.when(j == pl.num_programs(3) - 1)
     def _finalize():
         l = l_ref[...]
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None,
-                               v_scale=None, *, interpret: bool = False):
-    """TPU (Mosaic) version of `cache_attention_ref` (same contract).
+def attention_pallas_tpu(q, k, v, lo, hi, scale=None, k_scale=None, v_scale=None, tree_prefix=None,
+                         tree_mask=None, *, interpret: bool = False):
+    """TPU (Mosaic) attention over the cache. q: [B, T, H, D]; k, v: [B, H_kv, S, D] (int8 with scales
+    [B, H_kv, S]); lo, hi: [B, T] visible key range per query; optionally tree_prefix: [B] and tree_mask:
+    [B, T, T_tree] bool (query t also sees key tree_prefix + j where tree_mask[b, t, j]). Returns
+    [B, T, H, D] in q's dtype; a query that sees no key gives zeros.
 
     Grid (B, H_kv, row blocks, key blocks), key axis "arbitrary": each program holds the T*G query rows
     of one kv head (padded to the sublane tile) in VMEM with the online softmax (m, l, acc) in VMEM
     scratch, and streams K/V (int8 dequantized in the kernel) in blocks of `block_k` keys. Per row block,
-    the range of key blocks its rows can see (cache length, causality, window) is scalar-prefetched:
-    blocks outside it are skipped and their index_map repeats a needed block, so they are never DMAed.
-    S need not be a multiple of the block: the partial last block is masked, K/V are never copied.
+    the range of key blocks its rows can see (key ranges and draft keys) is scalar-prefetched: blocks
+    outside it are skipped and their index_map repeats a needed block, so they are never DMAed. S need
+    not be a multiple of the block: the partial last block is masked, K/V are never copied. The tree
+    mask (rows padded like q, T_tree padded to 128 lanes) stays in VMEM for the whole key walk.
     """
-    check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
     batch, steps, heads, dim = q.shape
     kv_heads, seq = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -306,8 +323,8 @@ def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale
     block_k = min(CACHE_ATTENTION_TPU["block_k"], seq)  # a multiple of 128, or all of S
     key_blocks = pl.cdiv(seq, block_k)
     scale = dim ** -0.5 if scale is None else scale
+    tree = tree_mask is not None
 
-    lo, hi = _key_ranges(q_positions, kv_lengths, window)
     hi = jnp.minimum(hi, seq)  # keys past S do not exist (and a partial last block holds garbage there)
     pad_rows = lambda a, fill: jnp.pad(  # noqa: E731  [B, T] -> [B, padded] in (t, g) row order
         jnp.repeat(a, group, axis=1), ((0, 0), (0, padded - rows)), constant_values=fill)
@@ -315,12 +332,18 @@ def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale
     nonempty = (lo_rows < hi_rows).reshape(batch * row_blocks, row_block)
     first_key = jnp.min(jnp.where(nonempty, lo_rows.reshape(nonempty.shape), seq), axis=1)
     last_key = jnp.max(jnp.where(nonempty, hi_rows.reshape(nonempty.shape), 0), axis=1)
+    if tree:  # every row block may see the draft keys that exist: prefix .. prefix + T_tree - 1 (< S)
+        prefix = tree_prefix.astype(jnp.int32)
+        tree_lo, tree_hi = jnp.clip(prefix, 0, seq), jnp.clip(prefix + tree_mask.shape[-1], 0, seq)
+        has_tree = jnp.repeat(tree_lo < tree_hi, row_blocks)
+        first_key = jnp.where(has_tree, jnp.minimum(first_key, jnp.repeat(tree_lo, row_blocks)), first_key)
+        last_key = jnp.where(has_tree, jnp.maximum(last_key, jnp.repeat(tree_hi, row_blocks)), last_key)
     blk_lo = jnp.where(last_key > 0, first_key // block_k, 0).astype(jnp.int32)
     blk_hi = pl.cdiv(last_key, block_k).astype(jnp.int32)
     qr = q.reshape(batch, steps, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, dim)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
 
-    def key_block(b, r, j, blk_lo_ref, blk_hi_ref):
+    def key_block(b, r, j, blk_lo_ref, blk_hi_ref, *_):
         """Clamp j into the needed blocks: a skipped step re-uses the resident block (no DMA)."""
         slot = b * row_blocks + r
         return jnp.clip(j, blk_lo_ref[slot], jnp.maximum(blk_hi_ref[slot] - 1, blk_lo_ref[slot]))
@@ -336,30 +359,46 @@ def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale
     if quantized:
         in_specs += [scale_spec, scale_spec]
         args += [s.astype(jnp.float32).reshape(batch, kv_heads, 1, seq) for s in (k_scale, v_scale)]
+    prefetch = [blk_lo, blk_hi]
+    if tree:  # 0/1 in q's dtype (the matmul operand), rows as q's, T_tree padded to whole lanes
+        tree_pad = pl.cdiv(tree_mask.shape[-1], 128) * 128
+        mask_rows = jnp.repeat(tree_mask.astype(q.dtype), group, axis=1)
+        in_specs.append(pl.BlockSpec((None, row_block, tree_pad), lambda b, h, r, j, *_: (b, r, 0)))
+        args.append(jnp.pad(mask_rows, ((0, 0), (0, padded - rows), (0, tree_pad - tree_mask.shape[-1]))))
+        prefetch.append(prefix)
     kernel = functools.partial(_cache_attention_tpu_kernel, scale=scale, block_k=block_k, seq=seq,
-                               quantized=quantized)
+                               quantized=quantized, tree=tree)
+    name = "tree_attention" if tree else "cache_attention"
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=len(prefetch),
             grid=(batch, kv_heads, row_blocks, key_blocks),
             in_specs=in_specs,
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((row_block, 1), jnp.float32), pltpu.VMEM((row_block, 1), jnp.float32),
                             pltpu.VMEM((row_block, dim), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
-        compiler_params=tpu_compiler_params("cache_attention", interpret),
+        compiler_params=tpu_compiler_params(name, interpret),
         interpret=tpu_interpret(interpret),
-        name="cache_attention_tpu",
-    )(blk_lo, blk_hi, *args)
+        name=f"{name}_tpu",
+    )(*prefetch, *args)
     out = out[:, :, :rows].reshape(batch, kv_heads, steps, group, dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, steps, heads, dim)
 
 
-def use_pallas(impl: str, kernel: str, dim: int, backends: tuple[str, ...] = SPLIT_K_BACKENDS) -> str:
+def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None,
+                               v_scale=None, *, interpret: bool = False):
+    """TPU (Mosaic) version of `cache_attention_ref` (same contract); see `attention_pallas_tpu`."""
+    check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
+    lo, hi = _key_ranges(q_positions, kv_lengths, window)
+    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, interpret=interpret)
+
+
+def use_pallas(impl: str, kernel: str, dim: int) -> str:
     """The dispatch decision shared with `tree_attention`: "xla", "pallas" or "interpret". The split-K
     kernel needs a power-of-two head_dim >= 16; "auto" falls back to the reference otherwise on GPU."""
-    kind = resolve_impl(impl, kernel, backends)
+    kind = resolve_impl(impl, kernel, PALLAS_BACKENDS)
     if (kind == "pallas" and impl == "auto" and jax.default_backend() == "gpu"
             and not (is_power_of_two(dim) and dim >= 16)):
         return "xla"
@@ -369,7 +408,7 @@ def use_pallas(impl: str, kernel: str, dim: int, backends: tuple[str, ...] = SPL
 def cache_attention(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None, *,
                     impl="auto"):
     """Dispatcher for `cache_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
-    kind = use_pallas(impl, "cache_attention", q.shape[-1], PALLAS_BACKENDS)
+    kind = use_pallas(impl, "cache_attention", q.shape[-1])
     if kind == "xla":
         return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
     if kind == "pallas" and jax.default_backend() == "tpu":

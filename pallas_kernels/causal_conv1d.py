@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
@@ -26,9 +27,15 @@ from pallas_kernels.gpu_params import (
     CAUSAL_CONV1D_UPDATE_BLOCK,
     compiler_params,
 )
-from pallas_kernels.tpu_params import CAUSAL_CONV1D_UPDATE_TPU_BLOCK, tpu_compiler_params, tpu_interpret, tpu_row_block
+from pallas_kernels.tpu_params import (
+    CAUSAL_CONV1D_TPU,
+    CAUSAL_CONV1D_UPDATE_TPU_BLOCK,
+    tpu_compiler_params,
+    tpu_interpret,
+    tpu_row_block,
+)
 
-PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 ACTIVATIONS = (None, "silu")
 
@@ -187,6 +194,76 @@ def causal_conv1d_pallas(x, weight, bias=None, state=None, counts=None, activati
     )(*args)
 
 
+def _conv_tpu_kernel(x_ref, halo_ref, w_ref, *refs, taps, has_bias, silu):
+    """One (sequence, channel block, time block) program: y [BT, BC] from the BT padded-input rows of the
+    block and the H rows after it (halo); w [K, BC], bias [1, BC]. Tap k reads the window shifted up by
+    k rows: a sublane roll of the float32 window and an aligned slice (no unaligned sublane slices)."""
+    bias_ref, y_ref = refs if has_bias else (None, *refs)
+    f32 = jnp.float32
+    block_t = x_ref.shape[0]
+    window = jnp.concatenate([x_ref[...].astype(f32), halo_ref[...].astype(f32)], axis=0)  # [BT + H, BC]
+    rows, w = window.shape[0], w_ref[...].astype(f32)
+    y = window[:block_t] * w[0:1]
+    for k in range(1, taps):
+        y = y + pltpu.roll(window, rows - k, 0)[:block_t] * w[k : k + 1]  # row t <- window row t + k
+    if has_bias:
+        y = y + bias_ref[...].astype(f32)
+    if silu:
+        y = y * jax.nn.sigmoid(y)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
+def causal_conv1d_pallas_tpu(x, weight, bias=None, state=None, counts=None, activation="silu", *,
+                             interpret: bool = False):
+    """Mosaic TPU version of `causal_conv1d_ref` (same contract), for K >= 2 and T >= 1; channels on lanes.
+
+    The wrapper builds the padded input [B, K-1 + T + pad, C] (state prepended, zeros appended so every
+    block and halo lies inside it; one copy, which the reference makes too). Grid (sequence, block of BC
+    channels, block of BT steps), all independent: each program reads its BT padded rows plus the H
+    rows after them (H = K-1 rounded up to the sublane tile, BT a multiple of H) through a second
+    BlockSpec, and writes y with bias + SiLU fused; ragged edge blocks of y are clipped by Pallas. The new
+    state is a per-sequence dynamic slice of the padded input, as in the reference. BC and BT: at most
+    CAUSAL_CONV1D_TPU's (BC: all of C or a multiple of 128)."""
+    _check(x, weight, bias, state, activation)
+    batch, steps, channels = x.shape
+    taps = weight.shape[1]
+    if taps < 2 or steps < 1:
+        raise ValueError(f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
+                         f"T={steps}; use impl='xla'")
+    tile = 32 // jnp.dtype(x.dtype).itemsize  # sublane tile of the padded input and y
+    halo = pl.cdiv(taps - 1, tile) * tile
+    block_t = pl.cdiv(min(steps, CAUSAL_CONV1D_TPU["block_t"]), halo) * halo
+    block_c = channels if channels <= CAUSAL_CONV1D_TPU["block_c"] else CAUSAL_CONV1D_TPU["block_c"]
+    time_blocks = pl.cdiv(steps, block_t)
+    if state is None:
+        state = jnp.zeros((batch, channels, taps - 1), x.dtype)
+    tail = time_blocks * block_t + halo - (taps - 1 + steps)
+    padded = jnp.concatenate([state.transpose(0, 2, 1).astype(x.dtype), x,
+                              jnp.zeros((batch, tail, channels), x.dtype)], axis=1)
+    per_halo = block_t // halo
+    in_specs = [pl.BlockSpec((None, block_t, block_c), lambda b, c, t: (b, t, c)),
+                pl.BlockSpec((None, halo, block_c), lambda b, c, t: (b, (t + 1) * per_halo, c)),
+                pl.BlockSpec((taps, block_c), lambda b, c, t: (0, c))]
+    args = [padded, padded, weight.T]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((1, block_c), lambda b, c, t: (0, c)))
+        args.append(bias[None, :])
+    y = pl.pallas_call(
+        functools.partial(_conv_tpu_kernel, taps=taps, has_bias=bias is not None, silu=activation == "silu"),
+        grid=(batch, pl.cdiv(channels, block_c), time_blocks),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, block_t, block_c), lambda b, c, t: (b, t, c)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=tpu_compiler_params("causal_conv1d", interpret),
+        interpret=tpu_interpret(interpret),
+        name="causal_conv1d",
+    )(*args)
+    # As in the reference: x[t] sits at padded[t + K - 1], the window start is clamped into [0, T].
+    counts = jnp.full((batch,), steps, jnp.int32) if counts is None else jnp.clip(counts.astype(jnp.int32), 0, steps)
+    window = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, taps - 1, axis=0))(padded, counts)
+    return y, window.transpose(0, 2, 1).astype(state.dtype)
+
+
 def _update_kernel(*refs, channels, taps, block_c, has_bias, silu):
     """One (sequence, channel block) program. Refs: x/y [C], state/new_state [C, K-1] (aliased), weight
     [C, K], bias [C]. The window is kept as K column vectors of the same layout, so every thread reads a
@@ -299,10 +376,13 @@ def causal_conv1d_update_pallas_tpu(x, weight, bias=None, state=None, activation
 
 def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="silu", *, impl="auto"):
     """Dispatcher for `causal_conv1d_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    The Pallas kernel needs K >= 2 and T >= 1: otherwise "auto" uses the reference and the others raise."""
+    The Pallas kernel needs K >= 2 and T >= 1: otherwise "auto" uses the reference and the others raise. On TPU
+    "pallas" runs `causal_conv1d_pallas_tpu`."""
     kind = resolve_impl(impl, "causal_conv1d", PALLAS_BACKENDS)
     if kind == "xla" or (impl == "auto" and (weight.shape[1] < 2 or x.shape[1] < 1)):
         return causal_conv1d_ref(x, weight, bias, state, counts, activation)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return causal_conv1d_pallas_tpu(x, weight, bias, state, counts, activation)
     return causal_conv1d_pallas(x, weight, bias, state, counts, activation, interpret=kind == "interpret")
 
 

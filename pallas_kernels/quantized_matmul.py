@@ -8,7 +8,8 @@ with (q_min, q_max) = (-127, 127) for 8 bits and (-8, 7) for 4 bits. 8-bit value
 high nibble odd row k + 1, each a two's-complement 4-bit number.
 
 Decode reads every weight once per token, so the kernel is memory bound: it streams the quantized
-bytes (2x / 4x fewer than bfloat16) and dequantizes on chip.
+bytes (2x / 4x fewer than bfloat16) and dequantizes on chip. `quantized_matmul_pallas` is the GPU (Triton)
+kernel, `quantized_matmul_pallas_tpu` the TPU (Mosaic) one.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import (QUANTIZED_MATMUL_BLOCK_N, QUANTIZED_MATMUL_MAX_BLOCK_M, compiler_params,
                                        is_power_of_two)
+from pallas_kernels.tpu_params import QUANTIZED_MATMUL_TPU, tpu_compiler_params, tpu_interpret
 
-PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 _Q_RANGE = {8: (-127, 127), 4: (-8, 7)}
 
 
@@ -209,13 +212,106 @@ def quantized_matmul_pallas(x, qw: QuantizedWeight, *, interpret: bool = False):
     return out.reshape(*lead, n)
 
 
+def _qmm_tpu_kernel(x_ref, values_ref, scales_ref, out_ref, acc_ref, *, bits: int):
+    """One (row block, column block, K block) step. x: [gpb, bm, gr] (8 bits) or [2, gpb, bm, gr] (4 bits:
+    [0] meets the low nibbles, [1] the high); values: int8 [gpb, gr, bn]; scales: [gpb, 1, bn]; output
+    [bm, bn]; scratch acc [bm, bn] float32. gpb groups of gr stored rows each; the scale is constant over
+    a group, so it multiplies the group's [bm, bn] partial product, not every weight element."""
+    k = pl.program_id(2)
+    dtype = x_ref.dtype
+    # HIGHEST: float32 x gets a float32 dot (not bfloat16 passes); bfloat16 products are exact anyway.
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    as_x = lambda q: q.astype(jnp.float32).astype(dtype)  # noqa: E731  (integers convert via float32)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def group(g, carry):
+        q = values_ref[g]
+        if bits == 8:
+            part = dot(x_ref[g], as_x(q))
+        else:  # int8 bytes sign-extend to int32: arithmetic shifts give the signed high and low nibbles
+            q = q.astype(jnp.int32)
+            part = dot(x_ref[0, g], as_x((q << 28) >> 28)) + dot(x_ref[1, g], as_x(q >> 4))
+        acc_ref[...] += part * scales_ref[g].astype(jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(0, values_ref.shape[0], group, None)
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _finalize():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _tpu_block(size: int, cap: int, tile: int) -> int:
+    """All of `size` when it is at most `cap` (a full-dimension block), else `cap` rounded down to `tile`
+    (at least one tile)."""
+    return size if size <= cap else max(tile, cap - cap % tile)
+
+
+def quantized_matmul_pallas_tpu(x, qw: QuantizedWeight, *, interpret: bool = False):
+    """TPU (Mosaic) version of `quantized_matmul_ref` (same contract); any group_size.
+
+    x is flattened to [M, K] and regrouped (a copy of x only, small in decode) to [G, M, gr] with G
+    = K / group_size groups of gr stored rows (group_size, or group_size / 2 for 4 bits, whose even
+    and odd columns split into [2, G, M, gr] to meet the low and high nibbles); the weight is viewed
+    as [G, gr, N] and the scales as [G, 1, N] (free reshapes), so every block's last two dims are full
+    (gr, 1) or tiled (M, N). Grid (M / bm, N / bn, G / gpb), K axis "arbitrary": each step DMAs gpb
+    whole groups of int8 (or packed int4) bytes and their scales for bn columns, dequantizes them in
+    VMEM, and adds the scaled group products to a float32 [bm, bn] VMEM accumulator. bm and bn are
+    M and N when at most QUANTIZED_MATMUL_TPU's caps, else the caps: the last M / N block may be
+    partial (its rows / columns past M / N read garbage that only reaches output elements that are
+    not written back), so neither x nor the weight is padded. gpb is the largest divisor of G with
+    at most block_k rows of K per step and an x block of at most x_block_bytes in VMEM.
+    """
+    _check(x, qw)
+    k, n = qw.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    groups, rows = k // qw.group_size, _group_rows(qw)
+    sublanes = 32 // jnp.dtype(x.dtype).itemsize  # 8 rows for float32, 16 for bfloat16
+    block_m = _tpu_block(m, QUANTIZED_MATMUL_TPU["block_m"], sublanes)
+    block_n = _tpu_block(n, QUANTIZED_MATMUL_TPU["block_n"], 128)
+    # x's VMEM bytes per group: its gr lanes pad to whole 128-lane tiles, which short groups make costly.
+    x_group_bytes = ((2 if qw.bits == 4 else 1) * pl.cdiv(rows, 128) * 128 * pl.cdiv(block_m, sublanes) * sublanes
+                     * jnp.dtype(x.dtype).itemsize)
+    per_block = max(1, min(QUANTIZED_MATMUL_TPU["block_k"] // qw.group_size,
+                           QUANTIZED_MATMUL_TPU["x_block_bytes"] // x_group_bytes))
+    gpb = next(d for d in range(min(per_block, groups), 0, -1) if groups % d == 0)
+    if qw.bits == 8:
+        xg = x2.reshape(m, groups, rows).transpose(1, 0, 2)
+        x_spec = pl.BlockSpec((gpb, block_m, rows), lambda i, j, g: (g, i, 0))
+        values = qw.values
+    else:
+        xg = x2.reshape(m, groups, rows, 2).transpose(3, 1, 0, 2)
+        x_spec = pl.BlockSpec((2, gpb, block_m, rows), lambda i, j, g: (0, g, i, 0))
+        values = jax.lax.bitcast_convert_type(qw.values, jnp.int8)  # signed bytes: shifts sign-extend
+    out = pl.pallas_call(
+        functools.partial(_qmm_tpu_kernel, bits=qw.bits),
+        grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n), groups // gpb),
+        in_specs=[x_spec, pl.BlockSpec((gpb, rows, block_n), lambda i, j, g: (g, 0, j)),
+                  pl.BlockSpec((gpb, 1, block_n), lambda i, j, g: (g, 0, j))],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, g: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.float32)],
+        compiler_params=tpu_compiler_params("quantized_matmul", interpret),
+        interpret=tpu_interpret(interpret),
+        name="quantized_matmul_tpu",
+    )(xg, values.reshape(groups, rows, n), qw.scales.reshape(groups, 1, n))
+    return out.reshape(*lead, n)
+
+
 def quantized_matmul(x, qw: QuantizedWeight, *, impl="auto"):
     """Dispatcher for `quantized_matmul_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
 
-    The Pallas kernel needs a power-of-two group_size >= 16 (8 bits) or >= 32 (4 bits): otherwise "auto"
-    falls back to the reference and "pallas" / "interpret" raise.
+    The GPU kernel needs a power-of-two group_size >= 16 (8 bits) or >= 32 (4 bits): otherwise "auto"
+    falls back to the reference and "pallas" / "interpret" raise. The TPU kernel takes any group_size.
     """
     kind = resolve_impl(impl, "quantized_matmul", PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return quantized_matmul_pallas_tpu(x, qw)
     if kind == "pallas" and impl == "auto" and not _kernel_supports(qw):
         kind = "xla"
     if kind == "xla":

@@ -20,15 +20,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import (SELECTIVE_SCAN_BLOCK, SELECTIVE_SCAN_CHUNK, SELECTIVE_STATE_UPDATE_BLOCK,
                                        compiler_params, is_power_of_two)
-from pallas_kernels.tpu_params import (SELECTIVE_STATE_UPDATE_TPU_BLOCK, tpu_compiler_params, tpu_interpret,
+from pallas_kernels.tpu_params import (SELECTIVE_SCAN_TPU_BLOCK, SELECTIVE_SCAN_TPU_CHUNK,
+                                       SELECTIVE_STATE_UPDATE_TPU_BLOCK, tpu_compiler_params, tpu_interpret,
                                        tpu_row_block)
 
-SCAN_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+SCAN_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 DEFAULT_CHUNK = 32
 
@@ -177,6 +179,93 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, state=None, *, interpr
     )(x, dt, A, B, C, *(a for a, _ in optional))
 
 
+def _scan_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_d: bool, has_z: bool,
+                     has_state: bool):
+    """One (sequence, channel block, time chunk) step. Blocks: x, dt, z, y [TC, BD]; B, C [N, TC]
+    (transposed); A, state, final state [N, BD] (transposed); D [1, BD]. Scratch: h [N, BD], the running
+    state, and dt, dt * x, y [TC, BD] in float32 (read and written a row per step)."""
+    refs = list(refs)
+    D_ref = refs.pop(0) if has_d else None
+    z_ref = refs.pop(0) if has_z else None
+    state_ref = refs.pop(0) if has_state else None
+    y_ref, final_ref, h_ref, dt_s, dtx_s, y_s = refs
+    f32 = jnp.float32
+    k = pl.program_id(2)
+    chunk = x_ref.shape[0]
+
+    @pl.when(k == 0)
+    def _init():
+        h_ref[...] = state_ref[...] if has_state else jnp.zeros(h_ref.shape, f32)
+
+    x, dt = x_ref[...].astype(f32), dt_ref[...].astype(f32)
+    dt_s[...] = dt
+    dtx_s[...] = dt * x
+    A, B, C = A_ref[...].astype(f32), B_ref[...].astype(f32), C_ref[...].astype(f32)
+    lanes = jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+
+    def one_step(i, h):
+        # Step i's B and C as [N, 1] columns: a one-hot lane sum (no dynamic lane indexing on TPU).
+        here = lanes == i
+        b = jnp.sum(jnp.where(here, B, 0.0), axis=1, keepdims=True)
+        c = jnp.sum(jnp.where(here, C, 0.0), axis=1, keepdims=True)
+        h = h * jnp.exp(dt_s[pl.ds(i, 1), :] * A) + b * dtx_s[pl.ds(i, 1), :]
+        y_s[pl.ds(i, 1), :] = jnp.sum(h * c, axis=0, keepdims=True)
+        return h
+
+    # A partial last chunk stops at T: its rows past T (garbage) never touch the state, and their y is dropped.
+    h_ref[...] = jax.lax.fori_loop(0, jnp.minimum(chunk, steps - k * chunk), one_step, h_ref[...])
+    y = y_s[...]
+    if has_d:
+        y = y + x * D_ref[...].astype(f32)
+    if has_z:
+        z = z_ref[...].astype(f32)
+        y = y * z * jax.nn.sigmoid(z)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _finish():
+        final_ref[...] = h_ref[...]
+
+
+def selective_scan_pallas_tpu(x, dt, A, B, C, D=None, z=None, state=None, *, interpret: bool = False):
+    """Mosaic TPU version of `selective_scan_ref` (same contract, any sizes). Grid (sequence, block of BD
+    channels, chunk of TC steps), the time axis sequential with the [N, BD] float32 state in VMEM scratch;
+    each chunk walks its steps one at a time. Channels sit on lanes: BD is all of Dm up to
+    SELECTIVE_SCAN_TPU_BLOCK, else that many (a multiple of 128; a partial last block is harmless, channels
+    being independent); TC is all of T up to SELECTIVE_SCAN_TPU_CHUNK (a multiple of 128), else that many
+    with a partial last chunk that stops at T, so x, dt, z and y are never padded or copied. Only the small
+    arrays are transposed to put channels (A, state) or time (B, C) on lanes."""
+    _check(x, dt, A, B, C, D, z, state)
+    batch, steps, channels = x.shape
+    n = A.shape[-1]
+    if steps == 0:  # nothing to launch
+        return selective_scan_ref(x, dt, A, B, C, D, z, state)
+    block, chunk = min(channels, SELECTIVE_SCAN_TPU_BLOCK), min(steps, SELECTIVE_SCAN_TPU_CHUNK)
+    per_time = pl.BlockSpec((None, chunk, block), lambda b, c, k: (b, k, c))
+    per_step = pl.BlockSpec((None, n, chunk), lambda b, c, k: (b, 0, k))
+    per_state = pl.BlockSpec((None, n, block), lambda b, c, k: (b, 0, c))
+    in_specs = [per_time, per_time, pl.BlockSpec((n, block), lambda b, c, k: (0, c)), per_step, per_step]
+    args = [x, dt, A.T, B.swapaxes(1, 2), C.swapaxes(1, 2)]
+    for arg, spec in ((None if D is None else D[None, :], pl.BlockSpec((1, block), lambda b, c, k: (0, c))),
+                      (z, per_time), (None if state is None else state.astype(jnp.float32).swapaxes(1, 2), per_state)):
+        if arg is not None:
+            in_specs.append(spec)
+            args.append(arg)
+    y, final = pl.pallas_call(
+        functools.partial(_scan_tpu_kernel, steps=steps, has_d=D is not None, has_z=z is not None,
+                          has_state=state is not None),
+        grid=(batch, pl.cdiv(channels, block), pl.cdiv(steps, chunk)),
+        in_specs=in_specs,
+        out_specs=[per_time, per_state],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, n, channels), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((n, block), jnp.float32)] + [pltpu.VMEM((chunk, block), jnp.float32)] * 3,
+        compiler_params=tpu_compiler_params("selective_scan", interpret),
+        interpret=tpu_interpret(interpret),
+        name="selective_scan_tpu",
+    )(*args)
+    return y, final.swapaxes(1, 2)
+
+
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None):
     """One decode step. state: [Bt, Dm, N]; x, dt, z: [Bt, Dm]; B, C: [Bt, N].
     Returns `(y [Bt, Dm] in x's dtype, new state [Bt, Dm, N] in state's dtype)`."""
@@ -290,8 +379,11 @@ def selective_state_update_pallas_tpu(state, x, dt, A, B, C, D=None, z=None, *, 
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *, impl="auto"):
     """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    The Pallas kernel masks every size, so there is no fallback by shape."""
+    On TPU "pallas" runs `selective_scan_pallas_tpu`. Both Pallas kernels take every size, so there is no
+    fallback by shape."""
     kind = resolve_impl(impl, "selective_scan", SCAN_PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return selective_scan_pallas_tpu(x, dt, A, B, C, D, z, state)
     if kind == "xla":
         return selective_scan_ref(x, dt, A, B, C, D, z, state)
     return selective_scan_pallas(x, dt, A, B, C, D, z, state, interpret=kind == "interpret")

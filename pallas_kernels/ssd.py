@@ -24,13 +24,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.gpu_params import SSD_CHUNKED_BLOCKS, compiler_params, is_power_of_two
-from pallas_kernels.tpu_params import tpu_compiler_params, tpu_interpret
+from pallas_kernels.tpu_params import SSD_CHUNKED_TPU_CHUNK, tpu_compiler_params, tpu_interpret
 
-CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ("gpu",)
+CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 
@@ -296,10 +297,119 @@ def ssd_chunked_pallas(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256
     )(*args)
 
 
+def _ssd_chunked_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_d: bool, has_state: bool):
+    """One (sequence, head, chunk) program, chunks in order. Refs: x/y [L, P]; dt [L, 1]; A/D [1, 1]; B/C [L, N]
+    of the head's group; state/final [P, N]; scratch: the [P, N] float32 state entering the chunk."""
+    refs = list(refs)
+    D_ref = refs.pop(0) if has_d else None
+    state_ref = refs.pop(0) if has_state else None
+    y_ref, final_ref, h_ref = refs
+    f32 = jnp.float32
+    c = pl.program_id(2)
+    chunk = x_ref.shape[0]
+
+    @pl.when(c == 0)
+    def _():
+        h_ref[...] = state_ref[...].astype(f32) if has_state else jnp.zeros(h_ref.shape, f32)
+
+    # The last chunk may overhang T: its rows beyond T hold garbage (maybe NaN, which 0 * would keep), so
+    # dt, x and B are zeroed there (those steps then leave the state unchanged); C's rows only reach
+    # output rows beyond T, which are not written back.
+    t_ok = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) < steps
+    dt = jnp.where(t_ok, dt_ref[...], 0.0)  # [L, 1]
+    x = jnp.where(t_ok, x_ref[...].astype(f32), 0.0)
+    B = jnp.where(t_ok, B_ref[...], jnp.zeros((), B_ref.dtype))
+    C = C_ref[...]
+    a = dt * A_ref[...].astype(f32)  # [L, 1]
+    row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    causal = row >= col
+    # Column [L, 1] -> row [1, L] orientations by masked reductions (no vector transposes); the inclusive
+    # cumsum of dt * A in both orientations likewise (a[k] summed over k <= l).
+    to_row = lambda v: jnp.sum(jnp.where(row == col, v, 0.0), axis=0, keepdims=True)  # noqa: E731
+    cum = jnp.sum(jnp.where(causal, to_row(a), 0.0), axis=1, keepdims=True)  # [L, 1]
+    cum_row = jnp.sum(jnp.where(row <= col, a, 0.0), axis=0, keepdims=True)  # [1, L]
+    total = jnp.sum(a, axis=0, keepdims=True)  # [1, 1]
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32)
+    # Within the chunk: y[l] = sum_{s <= l} (C[l] . B[s]) exp(cum[l] - cum[s]) dt[s] x[s], masked before exp
+    # so nothing overflows above the diagonal. C B^T in the input dtype: its products are exact in float32.
+    decay = jnp.exp(jnp.where(causal, cum - cum_row, -jnp.inf))
+    scores = dot(C, B, (((1,), (1,)), ((), ())))  # [L, L]
+    y = jnp.dot(scores * decay * to_row(dt), x, preferred_element_type=f32)
+    # The entering state read out by C, decayed to each step; plus the skip connection.
+    h = h_ref[...]
+    y += dot(C.astype(f32), h, (((1,), (1,)), ((), ()))) * jnp.exp(cum)
+    if has_d:
+        y += D_ref[...].astype(f32) * x
+    y_ref[...] = y.astype(y_ref.dtype)
+    # The state at the chunk's end: decayed entering state plus each step's input decayed to the end.
+    h_ref[...] = h * jnp.exp(total) + jnp.dot(x.T, B.astype(f32) * (dt * jnp.exp(total - cum)),
+                                               preferred_element_type=f32)
+
+    @pl.when(c == pl.num_programs(2) - 1)
+    def _():
+        final_ref[...] = h_ref[...]
+
+
+def ssd_chunked_pallas_tpu(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *,
+                           chunk: int = SSD_CHUNKED_TPU_CHUNK, interpret: bool = False):
+    """Mosaic TPU version of `ssd_chunked_ref` (same contract, any sizes; `chunk_size` is validated but, as
+    the result does not depend on it, the kernel's chunk is `chunk`, a multiple of 16, or T when shorter).
+
+    Grid (sequence, head, chunk), the chunk axis sequential with the head's [P, N] float32 state in VMEM
+    scratch (loaded from `state` or zeroed at the first chunk, written to the final state at the last).
+    Heads move before time (x, y: [Bt, H, T, P]; dt: [Bt, H, T, 1]), so blocks are [L, P] tiles; B/C are
+    read in place as [Bt, T, G * N] when N is a multiple of 128 or G = 1 (else also moved to [Bt, G, T, N]),
+    never repeated per head. T is not padded: the last chunk is masked in the kernel.
+    """
+    _check(x, dt, A, B, C, D, state)
+    _check_chunk_size(chunk_size)
+    if not isinstance(chunk, int) or chunk <= 0 or chunk % 16:
+        raise ValueError(f"ssd: the TPU chunk must be a positive multiple of 16, got {chunk!r}")
+    batch, steps, heads, head_dim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    rep = heads // groups
+    chunk = min(chunk, steps)
+    per_head = lambda width: pl.BlockSpec((None, None, chunk, width), lambda b, h, c: (b, h, c, 0))  # noqa: E731
+    head_scalar = pl.BlockSpec((None, 1, 1), lambda b, h, c: (h, 0, 0))
+    # lax.div, not //: floor division's sign fix-up needs the TPU generation to lower (h >= 0 anyway).
+    if groups == 1 or n % 128 == 0:  # a lane-aligned [L, N] block of the [Bt, T, G * N] view: no copy
+        B, C = B.reshape(batch, steps, groups * n), C.reshape(batch, steps, groups * n)
+        group_rows = pl.BlockSpec((None, chunk, n), lambda b, h, c: (b, c, jax.lax.div(h, rep)))
+    else:
+        B, C = B.transpose(0, 2, 1, 3), C.transpose(0, 2, 1, 3)
+        group_rows = pl.BlockSpec((None, None, chunk, n), lambda b, h, c: (b, jax.lax.div(h, rep), c, 0))
+    state_block = pl.BlockSpec((None, None, head_dim, n), lambda b, h, c: (b, h, 0, 0))
+    in_specs = [per_head(head_dim), per_head(1), head_scalar, group_rows, group_rows]
+    args = [x.transpose(0, 2, 1, 3), dt.astype(jnp.float32).transpose(0, 2, 1)[..., None], A[:, None, None], B, C]
+    if D is not None:
+        in_specs.append(head_scalar)
+        args.append(D[:, None, None])
+    if state is not None:  # no zero state is read from memory when there is none
+        in_specs.append(state_block)
+        args.append(state)
+    y, final = pl.pallas_call(
+        functools.partial(_ssd_chunked_tpu_kernel, steps=steps, has_d=D is not None, has_state=state is not None),
+        grid=(batch, heads, pl.cdiv(steps, chunk)),
+        in_specs=in_specs,
+        out_specs=[per_head(head_dim), state_block],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, steps, head_dim), x.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((head_dim, n), jnp.float32)],
+        compiler_params=tpu_compiler_params("ssd_chunked", interpret),
+        interpret=tpu_interpret(interpret),
+        name="ssd_chunked",
+    )(*args)
+    return y.transpose(0, 2, 1, 3), final
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *, impl="auto"):
     """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    The Pallas kernel takes any sizes and ignores `chunk_size` beyond validating it (see `ssd_chunked_pallas`)."""
+    The Pallas kernels take any sizes and ignore `chunk_size` beyond validating it (see `ssd_chunked_pallas`);
+    on TPU "pallas" runs `ssd_chunked_pallas_tpu`."""
     kind = resolve_impl(impl, "ssd_chunked", CHUNKED_PALLAS_BACKENDS)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return ssd_chunked_pallas_tpu(x, dt, A, B, C, D, state, chunk_size)
     if kind == "xla":
         return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
     return ssd_chunked_pallas(x, dt, A, B, C, D, state, chunk_size, interpret=kind == "interpret")

@@ -3,15 +3,17 @@
 The T_q draft tokens of sequence b sit in the cache at slots prefix[b] .. prefix[b] + T_q - 1 (their
 keys/values already written); draft token t sees the whole prefix and the draft tokens j with
 `tree_mask[b, t, j]` (its ancestors and itself). A chain of drafts is the lower-triangular mask.
-The Pallas path is the split-K kernel of `cache_attention` with the ancestor mask applied inside it.
+The Pallas paths are the kernels of `cache_attention` (GPU split-K, TPU key-block walk) with the
+ancestor mask applied inside them.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cache_attention import (attention_partials_pallas, check_cache_inputs, dequantize_cache,
-                                            masked_attention, merge_partials, use_pallas)
+from pallas_kernels.cache_attention import (attention_pallas_tpu, attention_partials_pallas, check_cache_inputs,
+                                            dequantize_cache, masked_attention, merge_partials, use_pallas)
 
 
 def _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale):
@@ -52,10 +54,24 @@ def tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale=None, k_scal
     return merge_partials(o, m, l, steps, q.dtype)
 
 
+def tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
+                              interpret: bool = False):
+    """TPU (Mosaic) version of `tree_attention_ref` (same contract): `attention_pallas_tpu` with the
+    prefix as every query's key range and the ancestor mask over the draft keys."""
+    _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
+    batch, steps = q.shape[:2]
+    lo = jnp.zeros((batch, steps), jnp.int32)
+    hi = jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps))
+    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
+                                interpret=interpret)
+
+
 def tree_attention(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *, impl="auto"):
     """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
     kind = use_pallas(impl, "tree_attention", q.shape[-1])
     if kind == "xla":
         return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
+    if kind == "pallas" and jax.default_backend() == "tpu":
+        return tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
     return tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
                                  interpret=kind == "interpret")

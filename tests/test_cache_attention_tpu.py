@@ -20,7 +20,6 @@ from kernel_checks import assert_close, assert_lowers_to_mosaic_tpu
 
 from pallas_kernels.cache_attention import cache_attention, cache_attention_pallas_tpu, cache_attention_ref
 from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU
-from pallas_kernels.tree_attention import tree_attention, tree_attention_ref
 
 module = importlib.import_module("pallas_kernels.cache_attention")  # the package re-exports the function
 # Small blocks so tiny shapes still take several key blocks (a partial last one) and row blocks.
@@ -101,15 +100,10 @@ def test_tpu_kernel_lowers_to_mosaic(batch, steps, heads, kv_heads, seq, dim, dt
     assert_lowers_to_mosaic_tpu(fn, *args)
 
 
-def test_dispatcher_uses_tpu_variant_on_tpu_and_tree_attention_keeps_the_reference(monkeypatch):
+def test_dispatcher_uses_tpu_variant_on_tpu(monkeypatch):
     q, k, v, q_positions, kv_lengths, _, _ = _inputs(0, 1, 2, 4, 2, 9, 16, jnp.float32, False, [9])
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     calls = []
     monkeypatch.setattr(module, "cache_attention_pallas_tpu", lambda *a: calls.append(a) or "tpu variant")
     assert cache_attention(q, k, v, q_positions, kv_lengths, impl="pallas") == "tpu variant"
     assert cache_attention(q, k, v, q_positions, kv_lengths) == "tpu variant" and len(calls) == 2
-    # tree_attention has no TPU variant: "auto" takes its reference there
-    tree_mask = jnp.tril(jnp.ones((1, 2, 2), bool))
-    prefix = jnp.array([7])
-    np.testing.assert_array_equal(tree_attention(q, k, v, prefix, tree_mask),
-                                  tree_attention_ref(q, k, v, prefix, tree_mask))
