@@ -88,6 +88,28 @@ def causal_conv1d_update_ref(x, weight, bias=None, state=None, activation="silu"
     return _activate(y, bias, activation).astype(x.dtype), window[:, :, 1:].astype(state.dtype)
 
 
+def _kernel_takes(taps: int, steps: int) -> bool:
+    """The Pallas kernels (GPU and TPU) need K >= 2 taps and T >= 1 steps."""
+    return taps >= 2 and steps >= 1
+
+
+def _check_kernel_inputs(x, weight, bias, state, activation):
+    _check(x, weight, bias, state, activation)
+    taps, steps = weight.shape[1], x.shape[1]
+    if not _kernel_takes(taps, steps):
+        raise ValueError(f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
+                         f"T={steps}; use impl='xla'")
+
+
+def _check_update_kernel_inputs(x, weight, bias, state, activation):
+    if state is None:
+        raise ValueError("causal_conv1d_update: a decode step needs the conv state [B, C, K-1], got None")
+    _check(x[:, None], weight, bias, state, activation)
+    taps = weight.shape[1]
+    if not _kernel_takes(taps, 1):
+        raise ValueError(f"causal_conv1d_update: the Pallas kernel needs K >= 2 taps, got K={taps}; use impl='xla'")
+
+
 def _column(j: int):
     """A static column index as an array: interpret mode's load/store cannot take a bare Python int."""
     return jnp.int32(j)
@@ -161,12 +183,9 @@ def causal_conv1d_pallas(x, weight, bias=None, state=None, counts=None, activati
     block of CAUSAL_CONV1D_CHANNEL_BLOCK channels, chunk of CAUSAL_CONV1D_BLOCKS_PER_PROGRAM time blocks
     of CAUSAL_CONV1D_TIME_BLOCK steps); nothing is carried between time blocks, so every chunk runs in
     parallel."""
-    _check(x, weight, bias, state, activation)
+    _check_kernel_inputs(x, weight, bias, state, activation)
     batch, steps, channels = x.shape
     taps = weight.shape[1]
-    if taps < 2 or steps < 1:
-        raise ValueError(f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
-                         f"T={steps}; use impl='xla'")
     block_c = min(CAUSAL_CONV1D_CHANNEL_BLOCK, pl.next_power_of_2(channels))
     block_t = min(CAUSAL_CONV1D_TIME_BLOCK, pl.next_power_of_2(steps))
     blocks = min(CAUSAL_CONV1D_BLOCKS_PER_PROGRAM, pl.cdiv(steps, block_t))
@@ -224,12 +243,9 @@ def causal_conv1d_pallas_tpu(x, weight, bias=None, state=None, counts=None, acti
     BlockSpec, and writes y with bias + SiLU fused; ragged edge blocks of y are clipped by Pallas. The new
     state is a per-sequence dynamic slice of the padded input, as in the reference. BC and BT: at most
     CAUSAL_CONV1D_TPU's (BC: all of C or a multiple of 128)."""
-    _check(x, weight, bias, state, activation)
+    _check_kernel_inputs(x, weight, bias, state, activation)
     batch, steps, channels = x.shape
     taps = weight.shape[1]
-    if taps < 2 or steps < 1:
-        raise ValueError(f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
-                         f"T={steps}; use impl='xla'")
     tile = 32 // jnp.dtype(x.dtype).itemsize  # sublane tile of the padded input and y
     halo = pl.cdiv(taps - 1, tile) * tile
     block_t = pl.cdiv(min(steps, CAUSAL_CONV1D_TPU["block_t"]), halo) * halo
@@ -292,13 +308,9 @@ def _update_kernel(*refs, channels, taps, block_c, has_bias, silu):
 def causal_conv1d_update_pallas(x, weight, bias=None, state=None, activation="silu", *, interpret: bool = False):
     """Pallas version of `causal_conv1d_update_ref` (same contract), for K >= 2: one program per (sequence,
     block of CAUSAL_CONV1D_UPDATE_BLOCK channels); the state is updated in place (aliased buffer)."""
-    if state is None:
-        raise ValueError("causal_conv1d_update: a decode step needs the conv state [B, C, K-1], got None")
-    _check(x[:, None], weight, bias, state, activation)
+    _check_update_kernel_inputs(x, weight, bias, state, activation)
     batch, channels = x.shape
     taps = weight.shape[1]
-    if taps < 2:
-        raise ValueError(f"causal_conv1d_update: the Pallas kernel needs K >= 2 taps, got K={taps}; use impl='xla'")
     block_c = min(CAUSAL_CONV1D_UPDATE_BLOCK, pl.next_power_of_2(channels))
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, c: (b,) + (0,) * len(shape))  # noqa: E731
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, c: (0,) * a.ndim)  # noqa: E731
@@ -344,13 +356,9 @@ def causal_conv1d_update_pallas_tpu(x, weight, bias=None, state=None, activation
     block of BC channels), BC from `tpu_row_block` (all channels up to CAUSAL_CONV1D_UPDATE_TPU_BLOCK, else
     a sublane-tile multiple dividing C). Blocks span the full K-1 / K; x and bias are viewed as [.., C, 1]
     columns (free reshapes), so nothing is padded. The state is updated in place (aliased buffer)."""
-    if state is None:
-        raise ValueError("causal_conv1d_update: a decode step needs the conv state [B, C, K-1], got None")
-    _check(x[:, None], weight, bias, state, activation)
+    _check_update_kernel_inputs(x, weight, bias, state, activation)
     batch, channels = x.shape
     taps = weight.shape[1]
-    if taps < 2:
-        raise ValueError(f"causal_conv1d_update: the Pallas kernel needs K >= 2 taps, got K={taps}; use impl='xla'")
     dtypes = [a.dtype for a in (x, weight, bias, state) if a is not None]
     block = tpu_row_block(channels, CAUSAL_CONV1D_UPDATE_TPU_BLOCK, *dtypes)
     per_sequence = lambda cols: pl.BlockSpec((None, block, cols), lambda b, c: (b, c, 0))  # noqa: E731
@@ -379,7 +387,7 @@ def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="sil
     The Pallas kernel needs K >= 2 and T >= 1: otherwise "auto" uses the reference and the others raise. On TPU
     "pallas" runs `causal_conv1d_pallas_tpu`."""
     kind = resolve_impl(impl, "causal_conv1d", PALLAS_BACKENDS)
-    if kind == "xla" or (impl == "auto" and (weight.shape[1] < 2 or x.shape[1] < 1)):
+    if kind == "xla" or (impl == "auto" and not _kernel_takes(weight.shape[1], x.shape[1])):
         return causal_conv1d_ref(x, weight, bias, state, counts, activation)
     if kind == "pallas" and jax.default_backend() == "tpu":
         return causal_conv1d_pallas_tpu(x, weight, bias, state, counts, activation)
@@ -390,7 +398,7 @@ def causal_conv1d_update(x, weight, bias=None, state=None, activation="silu", *,
     """Dispatcher for `causal_conv1d_update_ref`'s contract (see there); K = 1 as in `causal_conv1d`. On TPU
     "pallas" runs `causal_conv1d_update_pallas_tpu`."""
     kind = resolve_impl(impl, "causal_conv1d_update", UPDATE_PALLAS_BACKENDS)
-    if kind == "xla" or (impl == "auto" and weight.shape[1] < 2):
+    if kind == "xla" or (impl == "auto" and not _kernel_takes(weight.shape[1], 1)):
         return causal_conv1d_update_ref(x, weight, bias, state, activation)
     if kind == "pallas" and jax.default_backend() == "tpu":
         return causal_conv1d_update_pallas_tpu(x, weight, bias, state, activation)

@@ -46,3 +46,17 @@ def assert_lowers_to_mosaic_tpu(fn, *args, calls: int = 1):
 
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == calls, text[:2000]
+
+
+def random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype, quantized):
+    """q [B, T, H, D] and a cache k/v [B, H_kv, S, D] from numpy `rng` (jax.random would compile for
+    every drawn shape): `dtype` floats, or int8 with per-token scales [B, H_kv, S] when `quantized`.
+    Returns (q, k, v, k_scale, v_scale), the scales None for a float cache."""
+    q = jnp.asarray(rng.standard_normal((batch, steps, heads, dim)), dtype)
+    shape = (batch, kv_heads, seq, dim)
+    if not quantized:
+        k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+        return q, k, v, None, None
+    k, v = (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2))
+    k_scale, v_scale = (jnp.asarray(rng.uniform(0.002, 0.03, shape[:3]), jnp.float32) for _ in range(2))
+    return q, k, v, k_scale, v_scale

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_mosaic_tpu
+from kernel_checks import assert_close, assert_lowers_to_mosaic_tpu, random_attention_inputs
 
 from pallas_kernels.cache_attention import cache_attention, cache_attention_pallas_tpu, cache_attention_ref
 from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU
@@ -28,15 +28,8 @@ SMALL_BLOCKS = dict(block_k=128, max_rows=16)
 
 def _inputs(seed, batch, steps, heads, kv_heads, seq, dim, dtype, quantized, lengths):
     """q [B, T, H, D], cache k/v [B, H_kv, S, D] (+ scales), queries at the last `steps` positions."""
-    rng = np.random.default_rng(seed)  # numpy: jax.random would compile for every drawn shape
-    q = jnp.asarray(rng.standard_normal((batch, steps, heads, dim)), dtype)
-    shape = (batch, kv_heads, seq, dim)
-    if quantized:
-        k, v = (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2))
-        k_scale, v_scale = (jnp.asarray(rng.uniform(0.002, 0.03, shape[:3]), jnp.float32) for _ in range(2))
-    else:
-        k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
-        k_scale = v_scale = None
+    q, k, v, k_scale, v_scale = random_attention_inputs(np.random.default_rng(seed), batch, steps, heads, kv_heads,
+                                                        seq, dim, dtype, quantized)
     kv_lengths = jnp.asarray(lengths, jnp.int32)
     q_positions = kv_lengths[:, None] - steps + jnp.arange(steps)[None]  # negative: sees no key
     return q, k, v, q_positions, kv_lengths, k_scale, v_scale

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_mosaic_tpu
+from kernel_checks import assert_close, assert_lowers_to_mosaic_tpu, random_attention_inputs
 
 from pallas_kernels.cache_attention import cache_attention_ref
 from pallas_kernels.tpu_params import CACHE_ATTENTION_TPU
@@ -30,15 +30,9 @@ SMALL_BLOCKS = dict(block_k=128, max_rows=16)
 def _inputs(seed, batch, steps, heads, kv_heads, seq, dim, dtype, quantized, prefixes):
     """q [B, T_q, H, D], cache k/v [B, H_kv, S, D] (+ scales), prefix_lengths [B] and a random tree mask
     [B, T_q, T_q] (each draft sees itself)."""
-    rng = np.random.default_rng(seed)  # numpy: jax.random would compile for every drawn shape
-    q = jnp.asarray(rng.standard_normal((batch, steps, heads, dim)), dtype)
-    shape = (batch, kv_heads, seq, dim)
-    if quantized:
-        k, v = (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2))
-        k_scale, v_scale = (jnp.asarray(rng.uniform(0.002, 0.03, shape[:3]), jnp.float32) for _ in range(2))
-    else:
-        k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
-        k_scale = v_scale = None
+    rng = np.random.default_rng(seed)
+    q, k, v, k_scale, v_scale = random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype,
+                                                        quantized)
     mask = jnp.asarray((rng.random((batch, steps, steps)) < 0.4) | np.eye(steps, dtype=bool))
     return q, k, v, jnp.asarray(prefixes, jnp.int32), mask, k_scale, v_scale
 
