@@ -28,7 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_runners import Ours, Peer, machine_info  # noqa: E402
+from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,18 +129,8 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     labels = [k for k in summary if k.startswith(("decode", "prefill"))]
-    names = [k[: -len("_speedup")] for k in summary[labels[0]] if k.endswith("_speedup")]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    height = 0.8 / len(names)
-    for j, name in enumerate(names):
-        ratios = [summary[k][f"{name}_speedup"] for k in labels]
-        ys = [i + j * height for i in range(len(labels))]
-        ax.barh(ys, ratios, height=height, label=name)
-        for y, r in zip(ys, ratios):
-            ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
-    ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(labels))], labels)
-    ax.axvline(1.0, color="gray", linestyle="--")
-    ax.set_xlabel("speed-up over transformers (x)")
+    speedup_bars(ax, summary, labels)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

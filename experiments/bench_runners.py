@@ -66,3 +66,18 @@ class Peer:
         tokens = out[:, ids.shape[1]:].tolist()
         assert all(len(t) == n for t in tokens)
         return elapsed, tokens
+
+
+def speedup_bars(ax, summary: dict, labels: list[str]) -> None:
+    """Horizontal bars on `ax`: for each case label, every runner's `<name>_speedup` over transformers."""
+    names = [k[: -len("_speedup")] for k in summary[labels[0]] if k.endswith("_speedup")]
+    height = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ratios = [summary[k][f"{name}_speedup"] for k in labels]
+        ys = [i + j * height for i in range(len(labels))]
+        ax.barh(ys, ratios, height=height, label=name)
+        for y, r in zip(ys, ratios):
+            ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
+    ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(labels))], labels)
+    ax.axvline(1.0, color="gray", linestyle="--")
+    ax.set_xlabel("speed-up over transformers (x)")

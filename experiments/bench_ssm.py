@@ -43,7 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_runners import Ours, Peer, machine_info  # noqa: E402
+from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 0
@@ -268,19 +268,9 @@ def plot(summary, scaling, path, prefill_labels, decode_labels):
     import matplotlib.pyplot as plt
 
     labels = decode_labels + prefill_labels
-    names = [k[: -len("_speedup")] for k in summary[labels[0]] if k.endswith("_speedup")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    height = 0.8 / len(names)
-    for j, name in enumerate(names):
-        ratios = [summary[k][f"{name}_speedup"] for k in labels]
-        ys = [i + j * height for i in range(len(labels))]
-        ax.barh(ys, ratios, height=height, label=name)
-        for y, r in zip(ys, ratios):
-            ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
-    ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(labels))], labels)
-    ax.axvline(1.0, color="gray", linestyle="--")
+    speedup_bars(ax, summary, labels)
     ax.axvline(2.0, color="tab:red", linestyle=":", linewidth=1, label="decode target 2x")
-    ax.set_xlabel("speed-up over transformers (x)")
     ax.legend(loc="best", fontsize=8)
 
     runners = [k for k in scaling if k != "length_ratio"]
