@@ -22,6 +22,7 @@ from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.sampling import sample
+from ssm_llm.speculative.protocol import Drafter
 
 # Padded sizes are rounded up so that nearby prompt lengths share one compiled program.
 _PROMPT_BUCKET = 16
@@ -38,6 +39,9 @@ class GenerationConfig:
     `kv_compression`: a KV-cache compression policy from `ssm_llm.kv` (attention models only), e.g.
     `StreamingLLM(budget=256)` or `SnapKV(budget=0.25)`; the prompt is prefilled with full attention,
     compressed, and every decode step attends to the compressed cache.
+    `speculative`: a drafter from `ssm_llm.speculative` (e.g. `PromptLookup()`, `TokenRecycling()`,
+    `DraftModel(draft_params, draft_config)`); the target verifies each draft tree in one forward and
+    the output is exactly that of plain decoding (greedy: the same tokens; sampling: the same law).
     """
 
     max_new_tokens: int = 64
@@ -49,6 +53,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None
     max_len: int | None = None
     kv_compression: KVPolicy | None = None
+    speculative: Drafter | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -66,8 +71,29 @@ class GenerationConfig:
         if self.kv_compression is not None and not isinstance(self.kv_compression, KVPolicy):
             raise ValueError(f"kv_compression must be None or a policy from ssm_llm.kv (e.g. StreamingLLM(budget=256)), "
                              f"got {self.kv_compression!r}")
+        if self.speculative is not None and not isinstance(self.speculative, Drafter):
+            raise ValueError(f"speculative must be None or a drafter from ssm_llm.speculative (e.g. PromptLookup()), "
+                             f"got {self.speculative!r}")
+        if self.speculative is not None and self.kv_compression is not None:
+            raise ValueError("speculative decoding verifies draft trees on a dense cache; it does not combine with "
+                             "kv_compression yet")
         if self.eos_token_ids is not None:
             object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeStats:
+    """Per prompt: rounds[i] target forwards of the speculative loop (the prefill not counted) and
+    accepted[i] draft tokens accepted in them."""
+
+    rounds: list[int]
+    accepted: list[int]
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens emitted per target forward over the batch (accepted drafts + one bonus each round)."""
+        rounds = sum(self.rounds)
+        return (sum(self.accepted) + rounds) / rounds if rounds else float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +101,14 @@ class GenerationResult:
     """tokens[i]: the new tokens of prompt i (EOS excluded); finish_reasons[i]: "eos" or "length".
 
     prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
-    on a first call with new shapes).
+    on a first call with new shapes). speculative: acceptance statistics when a drafter was used.
     """
 
     tokens: list[list[int]]
     finish_reasons: list[str]
     prefill_seconds: float
     decode_seconds: float
+    speculative: SpeculativeStats | None = None
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -188,9 +215,15 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
             f"= {needed} exceeds the model's context of {context} positions "
             f"(kv_compression=StreamingLLM(...) can generate past it)"
         )
+    drafter = gen_config.speculative
+    if drafter is not None and on_token is not None:
+        raise ValueError("on_token streaming is not supported with speculative decoding (a round emits several "
+                         "tokens per row); pass on_token=None")
     max_len = gen_config.max_len or round_up(needed, _CACHE_BUCKET)
     if context is not None and gen_config.max_len is None and policy is None:
         max_len = min(max_len, context)
+    if drafter is not None:  # a draft tree is scored in the slots after each row's committed tokens
+        max_len = round_up(max_len + drafter.tree_size, _CACHE_BUCKET)
     steps = min(round_up(max(lengths), _PROMPT_BUCKET), max_len)
     if policy is not None:  # compressed caches count decoded tokens from the padded prompt on
         max_len = max(max_len, steps + gen_config.max_new_tokens)
@@ -210,13 +243,18 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
         logits, cache = kv_prefill(params, config, tokens, policy, max_len, token_counts=lengths, impl=impl)
     logits.block_until_ready()
     prefill_seconds = time.perf_counter() - start
-    out, _ = _decode(
-        params, config, cache, logits, jax.random.PRNGKey(gen_config.seed),
-        jnp.float32(gen_config.temperature or 1.0), jnp.float32(gen_config.top_p),
-        jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos),
-        greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
-        use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, on_token=on_token, impl=impl,
-    )
+    if drafter is not None:
+        out, stats = _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_config, eos,
+                                  max_len - drafter.tree_size, impl)
+    else:
+        stats = None
+        out, _ = _decode(
+            params, config, cache, logits, jax.random.PRNGKey(gen_config.seed),
+            jnp.float32(gen_config.temperature or 1.0), jnp.float32(gen_config.top_p),
+            jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos),
+            greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
+            use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, on_token=on_token, impl=impl,
+        )
     out = np.asarray(out)
     if on_token is not None:
         jax.effects_barrier()  # every streamed token has been delivered before we return
@@ -235,4 +273,24 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
             seq.append(t)
         new_tokens.append(seq)
         reasons.append(reason)
-    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds)
+    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds, stats)
+
+
+def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_config, eos, capacity, impl):
+    """The speculative decode loop after the prefill (see `ssm_llm.speculative.decode`). capacity: the
+    committed tokens a row may hold, a bucketed size (not the exact need) so that nearby prompt lengths,
+    or a fixed `max_len`, share one compiled loop."""
+    from ssm_llm.speculative.decode import speculative_decode
+
+    prompts, counts = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+    state = drafter.init(params, config, prompts, counts, capacity, impl)
+    history = np.zeros((len(lengths), capacity + drafter.tree_size), np.int32)
+    history[:, : tokens.shape[1]] = tokens
+    out, _, rounds, accepted = speculative_decode(
+        params, config, drafter, state, cache, logits, jnp.asarray(history), counts,
+        jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
+        jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens,
+        eos=tuple(eos), greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
+        use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, impl=impl,
+    )
+    return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist())

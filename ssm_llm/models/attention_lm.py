@@ -64,6 +64,27 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def project_qkv(config: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention inputs of one block (before RoPE): `x: [B, T, H]` and this layer's params `p` ->
+    q: [B, T, Hq, D], k, v: [B, T, Hkv, D]."""
+    batch, steps, _ = x.shape
+    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+    q = linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, config.head_dim)
+    k = linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    v = linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    return q, k, v
+
+
+def finish_block(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """The rest of one block after attention: output projection, residual, MLP. `x: [B, T, H]` (the
+    block's input), `attn: [B, T, Hq, D]` -> `[B, T, H]`."""
+    x = x + linear(attn.reshape(*x.shape[:2], config.q_size), p["wo"], p.get("bo"))
+    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    gate = linear(h, p["w_gate"], p.get("b_gate"))
+    up = linear(h, p["w_up"], p.get("b_up"))
+    return x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
+
+
 def _layer(config: ModelConfig, impl: str, fresh: bool, policy, step_inputs, carry, layer):
     """One decoder block. `carry` threads the activations, the whole stacked cache (updated in place by
     XLA; a compressed cache's data when `policy` is set) and the observed prompt queries (or None);
@@ -72,13 +93,8 @@ def _layer(config: ModelConfig, impl: str, fresh: bool, policy, step_inputs, car
     positions, kv_lengths, token_counts, used, cos, sin = step_inputs
     x, kv, observed = carry
     p, index, window = layer
-    batch, steps, _ = x.shape
-    hd = config.head_dim
-
-    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, hd)
-    k = linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, hd)
-    v = linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, hd)
+    batch = x.shape[0]
+    q, k, v = project_qkv(config, p, x)
 
     if policy is not None:
         # A compressed cache: the policy rotates, stores and attends in its own way.
@@ -105,13 +121,7 @@ def _layer(config: ModelConfig, impl: str, fresh: bool, policy, step_inputs, car
             last = token_counts[:, None] - observed.shape[2] + jnp.arange(observed.shape[2])[None, :]
             rows_q = jnp.take_along_axis(q, jnp.maximum(last, 0)[:, :, None, None], axis=1)
             observed = observed.at[index].set(rows_q.astype(observed.dtype))
-    x = x + linear(attn.reshape(batch, steps, config.q_size), p["wo"], p.get("bo"))
-
-    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate = linear(h, p["w_gate"], p.get("b_gate"))
-    up = linear(h, p["w_up"], p.get("b_up"))
-    x = x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
-    return x, kv, observed
+    return finish_block(config, p, x, attn), kv, observed
 
 
 def _run(params, config, tokens, cache, token_counts, impl, fresh, observe):

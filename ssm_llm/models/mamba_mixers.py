@@ -4,6 +4,9 @@ Each takes the normed block input `h: [B, T, H]`, this layer's conv / SSM states
 real tokens per row, and returns `(output [B, T, H], new conv state, new SSM state)`. Right-padded
 steps (t >= counts[b]) get dt = 0, which leaves the SSM state untouched, and the conv state is taken
 at each row's own last real step, so ragged batches give every row its own exact states.
+
+`mamba1_block` / `mamba2_block` hold the projections and gating, with the conv and the scan passed
+in, so other ways of walking the tokens (a draft tree's per-node states) reuse them.
 """
 
 from __future__ import annotations
@@ -32,25 +35,39 @@ def _mask_dt(dt, counts):
     return jnp.where(valid.reshape(valid.shape + (1,) * (dt.ndim - 2)), dt, 0.0)
 
 
-def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_state, counts):
-    """Mamba-1: in_proj -> conv -> x_proj (dt, B, C) -> dt_proj + softplus -> selective scan (D skip,
-    SiLU(z) gate) -> out_proj. conv_state: [B, I, K-1]; ssm_state: [B, I, N]."""
+def mamba1_block(config: MambaConfig, p: dict, h, conv, scan):
+    """Mamba-1's mixer with the parts that walk the sequence supplied by the caller: in_proj -> conv ->
+    x_proj (dt, B, C) -> dt_proj + softplus -> scan (D skip, SiLU(z) gate) -> out_proj.
+
+    h: [B, T, H]. `conv(x [B, T, I]) -> (conv + SiLU output [B, T, I], conv_aux)`;
+    `scan(x, dt [B, T, I], A [I, N], B, C [B, T, N], D [I], z [B, T, I]) -> (y [B, T, I], ssm_aux)`.
+    Returns `(output [B, T, H], conv_aux, ssm_aux)`, the aux values being whatever state the parts keep.
+    """
     inner, n, rank = config.intermediate_size, config.state_size, config.time_step_rank
     xz = linear(h, p["in_proj"], p.get("in_proj_b"))
     x, z = xz[..., :inner], xz[..., inner:]
-    x, conv_state = _conv(p, x, conv_state, counts, impl)
+    x, conv_aux = conv(x)
     dbc = x @ p["x_proj"]
     dt = jax.nn.softplus(linear(dbc[..., :rank], p["dt_proj"], p["dt_proj_b"]).astype(jnp.float32))
-    dt = _mask_dt(dt, counts)
     B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    if x.shape[1] == 1:
-        y, ssm_state = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], p["D"],
-                                              z[:, 0], impl=impl)
-        y = y[:, None]
-    else:
-        y, ssm_state = selective_scan(x, dt, A, B, C, p["D"], z, ssm_state, impl=impl)
-    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_state, ssm_state
+    y, ssm_aux = scan(x, dt, A, B, C, p["D"], z)
+    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_aux, ssm_aux
+
+
+def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_state, counts):
+    """Mamba-1 over a block of steps (`mamba1_block` with the causal conv and the selective scan, or
+    their single-step updates when T = 1). conv_state: [B, I, K-1]; ssm_state: [B, I, N]."""
+
+    def scan(x, dt, A, B, C, D, z):
+        dt = _mask_dt(dt, counts)
+        if x.shape[1] == 1:
+            y, state = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0],
+                                              impl=impl)
+            return y[:, None], state
+        return selective_scan(x, dt, A, B, C, D, z, ssm_state, impl=impl)
+
+    return mamba1_block(config, p, h, lambda x: _conv(p, x, conv_state, counts, impl), scan)
 
 
 def gated_rms_norm(y, z, weight, eps: float, groups: int):
@@ -75,26 +92,40 @@ def _effective_chunk(chunk_size: int, steps: int) -> int:
     return min(chunk_size, _JNP_MAX_CHUNK, -(-steps // 16) * 16)
 
 
-def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts):
-    """Mamba-2: in_proj -> [z, xBC, dt] -> conv over xBC -> SSD (dt_bias, softplus, time_step_limit,
-    D skip) -> gated RMSNorm with z -> out_proj. conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
+def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan):
+    """Mamba-2's mixer with the parts that walk the sequence supplied by the caller: in_proj ->
+    [z, xBC, dt] -> conv over xBC -> scan (dt_bias, softplus, time_step_limit applied before it; D skip
+    inside it) -> gated RMSNorm with z -> out_proj.
+
+    h: [B, T, H]. `conv(xBC [B, T, conv_dim]) -> (conv + SiLU output, conv_aux)`;
+    `scan(x [B, T, Hh, P], dt [B, T, Hh], A [Hh], B, C [B, T, G, N], D [Hh]) -> (y [B, T, Hh, P], ssm_aux)`.
+    Returns `(output [B, T, H], conv_aux, ssm_aux)`.
+    """
     batch, steps, _ = h.shape
     inner, heads, hd = config.intermediate_size, config.num_heads, config.head_dim
     groups, n = config.n_groups, config.state_size
     zxbcdt = linear(h, p["in_proj"], p.get("in_proj_b"))
     z, xbc, dt = zxbcdt[..., :inner], zxbcdt[..., inner : inner + config.conv_dim], zxbcdt[..., -heads:]
-    xbc, conv_state = _conv(p, xbc, conv_state, counts, impl)
+    xbc, conv_aux = conv(xbc)
     x, B, C = xbc[..., :inner], xbc[..., inner : inner + groups * n], xbc[..., inner + groups * n :]
-    dt = jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32))
-    dt = _mask_dt(jnp.clip(dt, *config.time_step_limit), counts)
+    dt = jnp.clip(jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32)), *config.time_step_limit)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    if steps == 1:
-        y, ssm_state = ssd_step(ssm_state, x[:, 0].reshape(batch, heads, hd), dt[:, 0], A,
-                                B[:, 0].reshape(batch, groups, n), C[:, 0].reshape(batch, groups, n), p["D"],
-                                impl=impl)
-    else:
-        y, ssm_state = ssd_chunked(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
-                                   C.reshape(batch, steps, groups, n), p["D"], ssm_state,
-                                   _effective_chunk(config.chunk_size, steps), impl=impl)
+    y, ssm_aux = scan(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
+                      C.reshape(batch, steps, groups, n), p["D"])
     y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
-    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_state, ssm_state
+    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_aux, ssm_aux
+
+
+def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts):
+    """Mamba-2 over a block of steps (`mamba2_block` with the causal conv and the chunked SSD, or their
+    single-step updates when T = 1). conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
+
+    def scan(x, dt, A, B, C, D):
+        dt = _mask_dt(dt, counts)
+        steps = x.shape[1]
+        if steps == 1:
+            y, state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, impl=impl)
+            return y[:, None], state
+        return ssd_chunked(x, dt, A, B, C, D, ssm_state, _effective_chunk(config.chunk_size, steps), impl=impl)
+
+    return mamba2_block(config, p, h, lambda xbc: _conv(p, xbc, conv_state, counts, impl), scan)

@@ -1,0 +1,32 @@
+"""The target side of a round, for every model family: score a draft tree in one forward, then keep
+the accepted path. Attention models write the tree's K/V into the cache's free slots and attend with
+the ancestor mask (`attention_tree`); state-space models keep one recurrent state per tree node
+(`ssm_tree`). Draft models use the same two functions to grow and roll forward their own caches."""
+
+from __future__ import annotations
+
+from ssm_llm.config import ModelConfig
+
+
+def _family(config):
+    if isinstance(config, ModelConfig):
+        from ssm_llm.speculative import attention_tree
+        return attention_tree
+    from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+    if isinstance(config, (MambaConfig, Mamba2Config)):
+        from ssm_llm.speculative import ssm_tree
+        return ssm_tree
+    raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig or Mamba2Config)")
+
+
+def tree_logits(params, config, cache, tree, scratch=None, nodes=None, impl: str = "auto"):
+    """Logits `[B, M, V]` of the tree nodes `nodes: [B, M]` (default all N) continuing each row of
+    `cache`, and the scratch holding every node computed so far (pass it back to compute more nodes,
+    then to `commit`). See `attention_tree.tree_logits` / `ssm_tree.tree_logits`."""
+    return _family(config).tree_logits(params, config, cache, tree, scratch, nodes, impl)
+
+
+def commit(config, cache, scratch, path, accepted, active=None):
+    """`cache` advanced by each row's root and accepted path (`path: [B, N]`, `accepted: [B]`); rows with
+    `active[b]` False are left unchanged."""
+    return _family(config).commit(cache, scratch, path, accepted, active)
