@@ -274,8 +274,9 @@ def observed_prefill(params, config, policies: dict, tokens: np.ndarray):
     return out, time.perf_counter() - start
 
 
-def run_passkey(params, config, tokenizer, configs, args, rng):
-    """(a) + (c) + (d): one prefill per length (a batch of all depths), every config decoding from it."""
+def run_passkey(params, config, tokenizer, configs, args, rng, checkpoint=lambda rows: None):
+    """(a) + (c) + (d): one prefill per length (a batch of all depths), every config decoding from it;
+    `checkpoint(rows)` is called after each length so a long run's finished lengths are never lost."""
     hay = text_ids(tokenizer, max(args.lengths), start=0.0)
     hay_text = tokenizer.batch_decode([[t] for t in hay])
     max_steps = max(args.answer_tokens - 1, args.speed_steps)
@@ -303,6 +304,7 @@ def run_passkey(params, config, tokenizer, configs, args, rng):
         if length == args.speed_length:
             speed = measure_speed(params, config, policies, max_len, dense, observation, first, max_steps, args)
         rows[length] = row
+        checkpoint(rows)
         del dense, observation
     return rows, speed
 
@@ -431,7 +433,14 @@ def main(argv=None):
     print(f"{len(configs)} configs ({', '.join(['full'] + args.methods)}){estimate}")
 
     rng = np.random.default_rng(SEED)
-    passkey, speed = run_passkey(params, config, tokenizer, configs, args, rng)
+    partial = args.out.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(rows):
+        partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                       "passkey": {str(k): v for k, v in rows.items()}}, indent=2))
+
+    passkey, speed = run_passkey(params, config, tokenizer, configs, args, rng, checkpoint)
     perplexity = run_perplexity(params, config, tokenizer, configs, args)
     summary = summarize(configs, passkey, perplexity, speed)
 
@@ -444,6 +453,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(configs, summary, args.out.with_suffix(".png"), model_name)
+    partial.unlink(missing_ok=True)
 
     print(f"\n{model_name}, {result['dtype']}, {machine['cpu']} ({machine['cores']} cores, "
           f"jax {machine['jax_backend']}); results: {args.out}")

@@ -84,10 +84,12 @@ class GenerationConfig:
 @dataclasses.dataclass(frozen=True)
 class SpeculativeStats:
     """Per prompt: rounds[i] target forwards of the speculative loop (the prefill not counted) and
-    accepted[i] draft tokens accepted in them."""
+    accepted[i] draft tokens accepted in them. drafter_state: the drafter's state at the end, e.g.
+    Token Recycling's adjacency matrix, to start the next call from (`TokenRecycling(adjacency=...)`)."""
 
     rounds: list[int]
     accepted: list[int]
+    drafter_state: object = None
 
     @property
     def tokens_per_round(self) -> float:
@@ -286,11 +288,11 @@ def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_co
     state = drafter.init(params, config, prompts, counts, capacity, impl)
     history = np.zeros((len(lengths), capacity + drafter.tree_size), np.int32)
     history[:, : tokens.shape[1]] = tokens
-    out, _, rounds, accepted = speculative_decode(
+    out, _, rounds, accepted, state = speculative_decode(
         params, config, drafter, state, cache, logits, jnp.asarray(history), counts,
         jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
         jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens,
         eos=tuple(eos), greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
         use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, impl=impl,
     )
-    return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist())
+    return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)

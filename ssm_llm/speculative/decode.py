@@ -56,7 +56,7 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
     cache: the target's cache holding each row's prompt; logits: [B, V] at each prompt's last token;
     history: [B, S] the prompts right-padded, S >= prompt + max_new_tokens + N; lengths: [B] prompt lengths;
     state: `drafter.init(...)`'s. Returns (tokens [B, max_new_tokens] with -1 after a row's end, the final
-    cache, rounds [B] target forwards per row, accepted [B] accepted drafts per row).
+    cache, rounds [B] target forwards per row, accepted [B] accepted drafts per row, the drafter's final state).
     """
     batch, n = logits.shape[0], drafter.tree_size
     rows = jnp.arange(batch)[:, None]
@@ -105,4 +105,4 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
                      s.rounds + active, s.accepted + jnp.where(active, acceptance.accepted, 0))
 
     loop = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
-    return loop.out[:, :max_new_tokens], loop.cache, loop.rounds, loop.accepted
+    return loop.out[:, :max_new_tokens], loop.cache, loop.rounds, loop.accepted, loop.state
