@@ -107,3 +107,13 @@ def test_sampling_preserves_the_target_law(draw, filters):
     law = exact_law(params, SMALL_VOCAB, prompt, gen_config)
     assert chi_square_p(counts, law) > 1e-3
     assert out.speculative.tokens_per_round > 1.0  # drafts were really accepted along the way
+
+
+def test_prompt_lookup_rounds_without_drafts(target):
+    """Prompt lookup finds no match in most rounds of random prompts: those rounds score the root alone
+    (`verify.root_logits`), and the output is still plain greedy's, for every target family."""
+    from ssm_llm.speculative import PromptLookup
+
+    config, params = target
+    prompts = ragged_prompts(np.random.default_rng(5), config.vocab_size) + [[3, 4, 5, 3, 4]]
+    assert_same_greedy(params, config, prompts, PromptLookup(num_tokens=3), max_new_tokens=10)

@@ -80,7 +80,12 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
         key, k_draft, k_accept = jax.random.split(s.key, 3)
         active = ~s.done
         tree, state = drafter.propose(s.state, DraftContext(s.history, s.lengths, active), sampling, k_draft)
-        tree_logits, scratch = verify.tree_logits(params, config, s.cache, tree, impl=impl)
+        # A round where no active row has a draft (prompt lookup without a match, Token Recycling's
+        # unknown tokens) scores the root alone: on a CPU the forward's cost grows with the tree size.
+        tree_logits, scratch = jax.lax.cond(
+            jnp.any(tree.used[:, 1:] & active[:, None]),
+            lambda c, t: verify.tree_logits(params, config, c, t, impl=impl),
+            lambda c, t: verify.root_logits(params, config, c, t, impl=impl), s.cache, tree)
         if greedy:
             acceptance = accept_greedy(tree, tree_logits)
         else:
