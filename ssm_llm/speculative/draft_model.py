@@ -150,8 +150,26 @@ def ranked_children(logits: jax.Array, sampling: Sampling, key: jax.Array, count
     return jax.lax.top_k(scores, count)[1].astype(jnp.int32)
 
 
+class ModelDrafter:
+    """What the drafters that run a draft model (`self.params`, `self.config`) share: `init` prefills its
+    cache with the prompts; `update` rolls it forward by each active row's root and accepted drafts.
+    A subclass gives `tree_size`, `propose` and `computed_nodes` (its proposals compute nodes
+    0..computed_nodes-1; later ones are leaves the draft never expands)."""
+
+    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
+             impl: str = "auto") -> DraftModelState:
+        """Prefill the draft model with the prompts (`params`, `config`: the target's, for the vocabulary check)."""
+        return prefill_draft(self.params, self.config, config, prompts, lengths, max_len, self.tree_size, impl)
+
+    def update(self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array,
+               acceptance: Acceptance) -> DraftModelState:
+        """Roll the draft cache forward by each active row's root and accepted drafts."""
+        del logits
+        return commit_draft(self.params, self.config, state, tree, acceptance, context.active, self.computed_nodes)
+
+
 @flax.struct.dataclass
-class DraftModel:
+class DraftModel(ModelDrafter):
     """A chain of `num_tokens` drafts from a draft model (`params`, `config`: any family, the target's
     vocabulary): draft d+1 is drawn from the draft's distribution after draft d (greedy: its argmax, draw
     "deterministic"; sampling: a draw at the target's temperature, draw "independent", the law recorded
@@ -175,10 +193,9 @@ class DraftModel:
     def tree_size(self) -> int:
         return self.num_tokens + 1
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> DraftModelState:
-        """Prefill the draft model with the prompts (`params`, `config`: the target's, for the vocabulary check)."""
-        return prefill_draft(self.params, self.config, config, prompts, lengths, max_len, self.tree_size, impl)
+    @property
+    def computed_nodes(self) -> int:
+        return self.num_tokens  # the last draft is a leaf
 
     def propose(self, state: DraftModelState, context: DraftContext, sampling: Sampling,
                 key: jax.Array) -> tuple[DraftTree, DraftModelState]:
@@ -205,9 +222,3 @@ class DraftModel:
         tokens, parents, probs, scratch = jax.lax.fori_loop(1, self.num_tokens, lambda d, c: level(d, *c), carry)
         tree = DraftTree(tokens, parents, probs, "deterministic" if sampling.greedy else "independent")
         return tree, state.with_scratch(self.config, scratch)
-
-    def update(self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array,
-               acceptance: Acceptance) -> DraftModelState:
-        """Roll the draft cache forward by each active row's root and accepted drafts."""
-        del logits
-        return commit_draft(self.params, self.config, state, tree, acceptance, context.active, self.num_tokens)

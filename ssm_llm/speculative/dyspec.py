@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.speculative import verify
-from ssm_llm.speculative.draft_model import (DraftModelState, commit_draft, draft_probs, prefill_draft,
-                                             ranked_children, roots)
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
+from ssm_llm.speculative.draft_model import DraftModelState, ModelDrafter, draft_probs, ranked_children, roots
+from ssm_llm.speculative.protocol import DraftContext, Sampling
 from ssm_llm.speculative.tree import ROOT_PARENT, UNUSED, DraftTree
 
 
@@ -53,7 +52,7 @@ def step_sizes(tree_size: int, per_step: int) -> list[int]:
 
 
 @flax.struct.dataclass
-class DySpec:
+class DySpec(ModelDrafter):
     """DySpec drafting with a draft model (`params`, `config`: any family, the target's vocabulary): a tree
     of `tree_size` nodes (root included) and depth at most `max_depth`, grown `per_step` nodes per draft
     model call."""
@@ -74,10 +73,9 @@ class DySpec:
             raise ValueError(f"tree_size {self.tree_size} needs at least {self.tree_size - 1} vocabulary tokens, "
                              f"the draft model has {self.config.vocab_size}")
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> DraftModelState:
-        """Prefill the draft model with the prompts (`params`, `config`: the target's, for the vocabulary check)."""
-        return prefill_draft(self.params, self.config, config, prompts, lengths, max_len, self.tree_size, impl)
+    @property
+    def computed_nodes(self) -> int:
+        return self.tree_size - step_sizes(self.tree_size, self.per_step)[-1]  # the last step's nodes are leaves
 
     def _compute(self, state: DraftModelState, grown: _Growth, scratch, start, count: int, sampling: Sampling,
                  key: jax.Array):
@@ -156,10 +154,3 @@ class DySpec:
         tree = DraftTree(grown.tokens, grown.parents, grown.probs,
                          "deterministic" if sampling.greedy else "without_replacement")
         return tree, state.with_scratch(self.config, scratch)
-
-    def update(self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array,
-               acceptance: Acceptance) -> DraftModelState:
-        """Roll the draft cache forward by each active row's root and accepted drafts."""
-        del logits
-        computed = self.tree_size - step_sizes(self.tree_size, self.per_step)[-1]  # the last step's nodes are leaves
-        return commit_draft(self.params, self.config, state, tree, acceptance, context.active, computed)

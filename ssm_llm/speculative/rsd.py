@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.speculative import verify
-from ssm_llm.speculative.draft_model import (DraftModelState, commit_draft, draft_probs, prefill_draft,
-                                             ranked_children, roots)
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
+from ssm_llm.speculative.draft_model import DraftModelState, ModelDrafter, draft_probs, ranked_children, roots
+from ssm_llm.speculative.protocol import DraftContext, Sampling
 from ssm_llm.speculative.tree import ROOT_PARENT, UNUSED, DraftTree
 
 
@@ -39,7 +38,7 @@ def tree_parents(branching: tuple[int, ...]) -> np.ndarray:
 
 
 @flax.struct.dataclass
-class RSD:
+class RSD(ModelDrafter):
     """RSD-C drafting with a draft model (`params`, `config`: any family, the target's vocabulary):
     a tree of `1 + b0 + b0*b1 + ...` nodes for `branching = (b0, b1, ...)`."""
 
@@ -60,10 +59,9 @@ class RSD:
     def tree_size(self) -> int:
         return int(level_offsets(self.branching)[-1])
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> DraftModelState:
-        """Prefill the draft model with the prompts (`params`, `config`: the target's, for the vocabulary check)."""
-        return prefill_draft(self.params, self.config, config, prompts, lengths, max_len, self.tree_size, impl)
+    @property
+    def computed_nodes(self) -> int:
+        return int(level_offsets(self.branching)[-2])  # every level but the last
 
     def propose(self, state: DraftModelState, context: DraftContext, sampling: Sampling,
                 key: jax.Array) -> tuple[DraftTree, DraftModelState]:
@@ -89,10 +87,3 @@ class RSD:
         parents = jnp.broadcast_to(jnp.asarray(all_parents), (batch, size))
         tree = DraftTree(tokens, parents, probs, "deterministic" if sampling.greedy else "without_replacement")
         return tree, state.with_scratch(self.config, scratch)
-
-    def update(self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array,
-               acceptance: Acceptance) -> DraftModelState:
-        """Roll the draft cache forward by each active row's root and accepted drafts."""
-        del logits
-        computed = int(level_offsets(self.branching)[-2])  # every level but the last
-        return commit_draft(self.params, self.config, state, tree, acceptance, context.active, computed)
