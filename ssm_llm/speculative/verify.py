@@ -5,7 +5,6 @@ the ancestor mask (`attention_tree`); state-space models keep one recurrent stat
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ssm_llm.config import ModelConfig
@@ -30,18 +29,11 @@ def tree_logits(params, config, cache, tree, scratch=None, nodes=None, impl: str
 
 
 def root_logits(params, config, cache, tree, impl: str = "auto"):
-    """`tree_logits` of a round in which no active row has a draft: only the root is scored (one
-    token's cost instead of N), and the logits `[B, N, V]` / scratch are padded to the tree's N nodes
-    so the result has the full call's shapes (the padded nodes are unused, never read)."""
-    n = tree.size
-    root = tree.replace(tokens=tree.tokens[:, :1], parents=tree.parents[:, :1],
-                        child_probs=None if tree.child_probs is None else tree.child_probs[:, :1])
-    logits, scratch = tree_logits(params, config, cache, root, impl=impl)
-    logits = jnp.pad(logits, ((0, 0), (0, n - 1), (0, 0)))
-    if not isinstance(config, ModelConfig):  # per-node states [L, B, N, ...]; a KV scratch is the cache itself
-        scratch = jax.tree_util.tree_map(lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, n - 1)] + [(0, 0)] * (x.ndim - 3)),
-                                         scratch)
-    return logits, scratch
+    """`tree_logits` of a round in which no active row has a draft: only the root is computed (one
+    token's cost instead of N, through the same partial-call path draft models grow trees with), its
+    logits padded to `[B, N, V]` so the result has the full call's shapes (the padding is never read)."""
+    logits, scratch = tree_logits(params, config, cache, tree, nodes=jnp.zeros((tree.batch, 1), jnp.int32), impl=impl)
+    return jnp.pad(logits, ((0, 0), (0, tree.size - 1), (0, 0))), scratch
 
 
 def commit(config, cache, scratch, path, accepted, active=None):
