@@ -187,6 +187,16 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, ma
     return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
 
 
+def _sampling_args(gen_config: GenerationConfig, eos) -> tuple[tuple, dict]:
+    """The decode loops' shared sampling arguments: traced (PRNG key, temperature, top_p, min_p) and
+    static (max_new_tokens, eos, greedy, top_k, which filters are on)."""
+    values = (jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
+              jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p))
+    static = dict(max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos), greedy=gen_config.temperature == 0,
+                  top_k=gen_config.top_k or None, use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0)
+    return values, static
+
+
 def generate(params: dict, config, prompts: Sequence[Sequence[int]],
              gen_config: GenerationConfig = GenerationConfig(), *,
              on_token: Callable[[int, np.ndarray], None] | None = None,
@@ -250,13 +260,8 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
                                   max_len - drafter.tree_size, impl)
     else:
         stats = None
-        out, _ = _decode(
-            params, config, cache, logits, jax.random.PRNGKey(gen_config.seed),
-            jnp.float32(gen_config.temperature or 1.0), jnp.float32(gen_config.top_p),
-            jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos),
-            greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
-            use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, on_token=on_token, impl=impl,
-        )
+        values, static = _sampling_args(gen_config, eos)
+        out, _ = _decode(params, config, cache, logits, *values, **static, on_token=on_token, impl=impl)
     out = np.asarray(out)
     if on_token is not None:
         jax.effects_barrier()  # every streamed token has been delivered before we return
@@ -288,11 +293,7 @@ def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_co
     state = drafter.init(params, config, prompts, counts, capacity, impl)
     history = np.zeros((len(lengths), capacity + drafter.tree_size), np.int32)
     history[:, : tokens.shape[1]] = tokens
-    out, _, rounds, accepted, state = speculative_decode(
-        params, config, drafter, state, cache, logits, jnp.asarray(history), counts,
-        jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
-        jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p), max_new_tokens=gen_config.max_new_tokens,
-        eos=tuple(eos), greedy=gen_config.temperature == 0, top_k=gen_config.top_k or None,
-        use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0, impl=impl,
-    )
+    values, static = _sampling_args(gen_config, eos)
+    out, _, rounds, accepted, state = speculative_decode(params, config, drafter, state, cache, logits,
+                                                         jnp.asarray(history), counts, *values, **static, impl=impl)
     return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
