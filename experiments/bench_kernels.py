@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from pallas_kernels.cache_attention import cache_attention
 from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.quantized_matmul import quantize_weights, quantized_matmul
+from pallas_kernels.quantized_matmul import quantize_weights, quantized_matmul, quantized_matmul_int8
 from pallas_kernels.selective_scan import selective_scan, selective_state_update
 from pallas_kernels.ssd import ssd_chunked, ssd_step
 from pallas_kernels.tree_attention import tree_attention
@@ -193,6 +193,20 @@ def matmul_cases(quick: bool) -> list[Case]:
             cases.append(Case(f"int{bits} matmul m{m} {k_dim}x{n_dim}", "quantized_matmul", make,
                               lambda impl: (lambda x, w: quantized_matmul(x, w, impl=impl)),
                               bytes=weight_bytes + 2 * m * (k_dim + n_dim), flops=2 * m * k_dim * n_dim))
+    # Quamba2's W8A8 / W4A8: int8 activation codes with a per-tensor scale, integer accumulation; groups of
+    # 128 and per-channel weights (one group of all K rows), float32 output.
+    for bits in (8, 4):
+        for group in sorted({128, k_dim}):
+            for m in ((1,) if quick else (1, 16)):
+                def make(key, m=m, bits=bits, group=group):
+                    k = jax.random.split(key)
+                    xq = jax.random.randint(k[0], (m, k_dim), -127, 128, dtype=jnp.int8)
+                    return xq, jnp.float32(0.01), quantize_weights(_n(k[1], (k_dim, n_dim), scale=0.02), bits, group)
+                weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // group) * n_dim * 4
+                label = "per-channel" if group == k_dim else f"g{group}"
+                cases.append(Case(f"w{bits}a8 matmul m{m} {label} {k_dim}x{n_dim}", "quantized_matmul_int8", make,
+                                  lambda impl: (lambda xq, s, w: quantized_matmul_int8(xq, s, w, impl=impl)),
+                                  bytes=weight_bytes + m * k_dim + 4 * m * n_dim, flops=2 * m * k_dim * n_dim))
     return cases
 
 
