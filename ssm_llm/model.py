@@ -32,10 +32,10 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     """
     if isinstance(config, ModelConfig):
         return _init_kv_cache(config, batch, max_len, dtype)
-    family_module(config)  # a clear TypeError for anything that is not a model config
+    module = family_module(config)  # a clear TypeError for anything that is not a model config
     if not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    return init_ssm_cache(config, batch, dtype)
+    return module.init_cache(config, batch, dtype) if hasattr(module, "init_cache") else init_ssm_cache(config, batch, dtype)
 
 
 def _is_concrete(x) -> bool:

@@ -1,4 +1,5 @@
-"""Model families. Each module exposes `param_shapes`, `init_params` and `hidden_states` with one contract."""
+"""Model families. Each module exposes `init_params` and `hidden_states` with one contract (and `init_cache`
+when its cache differs from its base family's)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,11 @@ def family_module(config) -> ModuleType:
         return attention_lm
     if isinstance(config, (MambaConfig, Mamba2Config)):
         return mamba_lm
-    raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig or Mamba2Config)")
+    from ssm_llm.quant.scheme import QuantizedSSMConfig
+
+    if isinstance(config, QuantizedSSMConfig):
+        from ssm_llm.quant import quantized_lm
+
+        return quantized_lm
+    raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig, Mamba2Config "
+                    f"or QuantizedSSMConfig)")

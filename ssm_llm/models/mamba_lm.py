@@ -91,12 +91,20 @@ def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.
     """
     del fresh
     mixer = _MIXERS[type(config)]
+    return run_blocks(params, config, tokens, cache, token_counts,
+                      lambda p, h, conv, ssm: mixer(config, impl, p, h, conv, ssm, token_counts))
+
+
+def run_blocks(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Array, cache: SSMCache,
+               token_counts: jax.Array, layer_mixer) -> tuple[jax.Array, SSMCache]:
+    """The residual stack of `hidden_states` with the mixer supplied:
+    `layer_mixer(layer_params, normed h [B, T, H], conv_state, ssm_state) -> (out, new conv, new ssm)`
+    (states as the cache stores them). Returns final-normed hidden states and the advanced cache."""
 
     def layer(x, layer_inputs, state):
         p, _ = layer_inputs
         conv, ssm = state
-        out, new_conv, new_ssm = mixer(config, impl, p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
-                                       conv, ssm, token_counts)
+        out, new_conv, new_ssm = layer_mixer(p, rms_norm(x, p["norm"], config.layer_norm_epsilon), conv, ssm)
         return x + out, (new_conv.astype(conv.dtype), new_ssm.astype(ssm.dtype))
 
     x, (conv_all, ssm_all) = run_layers_with_states(layer, params["embed"][tokens],

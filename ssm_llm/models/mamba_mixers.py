@@ -6,7 +6,9 @@ steps (t >= counts[b]) get dt = 0, which leaves the SSM state untouched, and the
 at each row's own last real step, so ragged batches give every row its own exact states.
 
 `mamba1_block` / `mamba2_block` hold the projections and gating, with the conv and the scan passed
-in, so other ways of walking the tokens (a draft tree's per-node states) reuse them.
+in, so other ways of walking the tokens (a draft tree's per-node states) reuse them. Their `ops`
+argument supplies the linears and marks the activations a quantized model rounds (`ssm_llm.quant`);
+the default `FLOAT_OPS` is the plain float block.
 """
 
 from __future__ import annotations
@@ -19,6 +21,23 @@ from pallas_kernels.selective_scan import selective_scan, selective_state_update
 from pallas_kernels.ssd import ssd_chunked, ssd_step
 from ssm_llm.models.lm_head import linear
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+
+class FloatOps:
+    """The unquantized block's linears and activations: `linear(name, x, p)` applies `p[name]` (and the
+    bias `p[name + "_b"]` if present); `act(name, x, p)` marks a named activation and returns it as is."""
+
+    @staticmethod
+    def linear(name: str, x, p: dict):
+        return linear(x, p[name], p.get(f"{name}_b"))
+
+    @staticmethod
+    def act(name: str, x, p: dict):
+        del name, p
+        return x
+
+
+FLOAT_OPS = FloatOps()
 
 
 def _conv(p, x, conv_state, counts, impl):
@@ -35,27 +54,30 @@ def _mask_dt(dt, counts):
     return jnp.where(valid.reshape(valid.shape + (1,) * (dt.ndim - 2)), dt, 0.0)
 
 
-def mamba1_block(config: MambaConfig, p: dict, h, conv, scan):
+def mamba1_block(config: MambaConfig, p: dict, h, conv, scan, ops=FLOAT_OPS):
     """Mamba-1's mixer with the parts that walk the sequence supplied by the caller: in_proj -> conv ->
     x_proj (dt, B, C) -> dt_proj + softplus -> scan (D skip, SiLU(z) gate) -> out_proj.
 
     h: [B, T, H]. `conv(x [B, T, I]) -> (conv + SiLU output [B, T, I], conv_aux)`;
     `scan(x, dt [B, T, I], A [I, N], B, C [B, T, N], D [I], z [B, T, I]) -> (y [B, T, I], ssm_aux)`.
     Returns `(output [B, T, H], conv_aux, ssm_aux)`, the aux values being whatever state the parts keep.
+    Named activations (`ops.act`): conv_in, x (conv output), dt_low (dt_proj input), B, C, z.
     """
     inner, n, rank = config.intermediate_size, config.state_size, config.time_step_rank
-    xz = linear(h, p["in_proj"], p.get("in_proj_b"))
-    x, z = xz[..., :inner], xz[..., inner:]
+    xz = ops.linear("in_proj", h, p)
+    x, z = ops.act("conv_in", xz[..., :inner], p), ops.act("z", xz[..., inner:], p)
     x, conv_aux = conv(x)
-    dbc = x @ p["x_proj"]
-    dt = jax.nn.softplus(linear(dbc[..., :rank], p["dt_proj"], p["dt_proj_b"]).astype(jnp.float32))
-    B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
+    x = ops.act("x", x, p)
+    dbc = ops.linear("x_proj", x, p)
+    dt_low = ops.act("dt_low", dbc[..., :rank], p)
+    dt = jax.nn.softplus(ops.linear("dt_proj", dt_low, p).astype(jnp.float32))
+    B, C = ops.act("B", dbc[..., rank : rank + n], p), ops.act("C", dbc[..., rank + n :], p)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     y, ssm_aux = scan(x, dt, A, B, C, p["D"], z)
-    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_aux, ssm_aux
+    return ops.linear("out_proj", y, p), conv_aux, ssm_aux
 
 
-def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_state, counts):
+def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_state, counts, ops=FLOAT_OPS):
     """Mamba-1 over a block of steps (`mamba1_block` with the causal conv and the selective scan, or
     their single-step updates when T = 1). conv_state: [B, I, K-1]; ssm_state: [B, I, N]."""
 
@@ -67,7 +89,7 @@ def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_sta
             return y[:, None], state
         return selective_scan(x, dt, A, B, C, D, z, ssm_state, impl=impl)
 
-    return mamba1_block(config, p, h, lambda x: _conv(p, x, conv_state, counts, impl), scan)
+    return mamba1_block(config, p, h, lambda x: _conv(p, x, conv_state, counts, impl), scan, ops)
 
 
 def gated_rms_norm(y, z, weight, eps: float, groups: int):
@@ -92,7 +114,7 @@ def _effective_chunk(chunk_size: int, steps: int) -> int:
     return min(chunk_size, _JNP_MAX_CHUNK, -(-steps // 16) * 16)
 
 
-def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan):
+def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     """Mamba-2's mixer with the parts that walk the sequence supplied by the caller: in_proj ->
     [z, xBC, dt] -> conv over xBC -> scan (dt_bias, softplus, time_step_limit applied before it; D skip
     inside it) -> gated RMSNorm with z -> out_proj.
@@ -100,23 +122,26 @@ def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan):
     h: [B, T, H]. `conv(xBC [B, T, conv_dim]) -> (conv + SiLU output, conv_aux)`;
     `scan(x [B, T, Hh, P], dt [B, T, Hh], A [Hh], B, C [B, T, G, N], D [Hh]) -> (y [B, T, Hh, P], ssm_aux)`.
     Returns `(output [B, T, H], conv_aux, ssm_aux)`.
+    Named activations (`ops.act`): z, conv_in (xBC), dt (before dt_bias), x, B, C (conv outputs).
     """
     batch, steps, _ = h.shape
     inner, heads, hd = config.intermediate_size, config.num_heads, config.head_dim
     groups, n = config.n_groups, config.state_size
-    zxbcdt = linear(h, p["in_proj"], p.get("in_proj_b"))
+    zxbcdt = ops.linear("in_proj", h, p)
     z, xbc, dt = zxbcdt[..., :inner], zxbcdt[..., inner : inner + config.conv_dim], zxbcdt[..., -heads:]
-    xbc, conv_aux = conv(xbc)
+    z, dt = ops.act("z", z, p), ops.act("dt", dt, p)
+    xbc, conv_aux = conv(ops.act("conv_in", xbc, p))
     x, B, C = xbc[..., :inner], xbc[..., inner : inner + groups * n], xbc[..., inner + groups * n :]
+    x, B, C = ops.act("x", x, p), ops.act("B", B, p), ops.act("C", C, p)
     dt = jnp.clip(jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32)), *config.time_step_limit)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     y, ssm_aux = scan(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
                       C.reshape(batch, steps, groups, n), p["D"])
     y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
-    return linear(y, p["out_proj"], p.get("out_proj_b")), conv_aux, ssm_aux
+    return ops.linear("out_proj", y, p), conv_aux, ssm_aux
 
 
-def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts):
+def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts, ops=FLOAT_OPS):
     """Mamba-2 over a block of steps (`mamba2_block` with the causal conv and the chunked SSD, or their
     single-step updates when T = 1). conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
 
@@ -128,4 +153,4 @@ def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_st
             return y[:, None], state
         return ssd_chunked(x, dt, A, B, C, D, ssm_state, _effective_chunk(config.chunk_size, steps), impl=impl)
 
-    return mamba2_block(config, p, h, lambda xbc: _conv(p, xbc, conv_state, counts, impl), scan)
+    return mamba2_block(config, p, h, lambda xbc: _conv(p, xbc, conv_state, counts, impl), scan, ops)

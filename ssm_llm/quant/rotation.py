@@ -1,0 +1,64 @@
+"""Hadamard rotations for quantization, applied offline to a Mamba / Mamba-2 model's weights.
+
+The residual stream x [.., H] is replaced by x' = x Q with Q an orthogonal (normalised) Hadamard matrix.
+RMSNorm commutes with Q (it preserves the norm), so once each norm's weight is folded into the linear
+that reads it, the model computes exactly the same logits:
+  embed' = embed Q;  in_proj' = Q diag(norm) in_proj;  out_proj' = out_proj Q (bias b Q);
+  lm_head' = Q diag(final_norm) lm_head (tied models are untied: the embedding is rotated too).
+The out_proj input y [.., I] is rotated online (y Q_I, one fast Walsh-Hadamard transform per step) with
+out_proj' = Q_I out_proj, so its outliers are spread before it is rounded (QuaRot / Quamba).
+
+Sizes: n = 2^m uses the full Sylvester Hadamard H_n / sqrt(n). Any other n = 2^m * q (q odd) uses the
+block-diagonal matrix of q Hadamard blocks of size 2^m — still orthogonal and symmetric (so the model
+stays exact) but it only mixes channels within each block; an odd n gets the identity (no rotation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssm_llm.kv.hadamard import fwht
+
+
+def hadamard_block(n: int) -> int:
+    """The Hadamard block size used for an axis of n channels: the largest power of two dividing n."""
+    if n < 1:
+        raise ValueError(f"hadamard_block: n must be positive, got {n}")
+    return n & -n
+
+
+def hadamard(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x Q along `axis` (Q symmetric and orthogonal, see the module docstring); float32 result."""
+    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+    n = x.shape[-1]
+    block = hadamard_block(n)
+    y = x.astype(jnp.float32) if block == 1 else fwht(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
+    return jnp.moveaxis(y, -1, axis)
+
+
+def rotate_model(params: dict, config) -> dict:
+    """Fold every RMSNorm weight into the linear after it and rotate the residual stream and the out_proj
+    input (see the module docstring). `params` in the stacked layout; returns new params whose norms are
+    ones and whose lm_head is explicit. Run the result with online Hadamard before out_proj."""
+    layers = dict(params["layers"])
+    norm = layers["norm"].astype(jnp.float32)  # [L, H]
+    layers["in_proj"] = hadamard(norm[:, :, None] * layers["in_proj"], axis=1)
+    layers["norm"] = jnp.ones_like(params["layers"]["norm"])
+    layers["out_proj"] = hadamard(hadamard(layers["out_proj"], axis=2), axis=1)  # Q_I out_proj Q
+    if "out_proj_b" in layers:
+        layers["out_proj_b"] = hadamard(layers["out_proj_b"], axis=1)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    lm_head = hadamard(params["final_norm"].astype(jnp.float32)[:, None] * head, axis=0)
+    return {"embed": hadamard(params["embed"], axis=1), "final_norm": jnp.ones_like(params["final_norm"]),
+            "lm_head": lm_head, "layers": layers}
+
+
+def fold_norms(params: dict, config) -> dict:
+    """Only the norm folding of `rotate_model` (no rotation): norms become ones, lm_head explicit."""
+    layers = dict(params["layers"])
+    layers["in_proj"] = layers["norm"].astype(jnp.float32)[:, :, None] * layers["in_proj"]
+    layers["norm"] = jnp.ones_like(params["layers"]["norm"])
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return {**params, "final_norm": jnp.ones_like(params["final_norm"]),
+            "lm_head": params["final_norm"].astype(jnp.float32)[:, None] * head, "layers": layers}
