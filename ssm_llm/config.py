@@ -113,6 +113,10 @@ def config_from_dict(d: dict[str, Any]):
 
     d = dict(d)
     family = d.pop("family", ATTENTION_FAMILY)
+    if family == "quamba":
+        from ssm_llm.quant.scheme import QuantizedSSMConfig
+
+        return QuantizedSSMConfig.from_dict(d)
     if family == ATTENTION_FAMILY:
         cls = ModelConfig
     elif family in SSM_CONFIGS:

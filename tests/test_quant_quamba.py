@@ -101,3 +101,15 @@ def test_bad_inputs():
         from ssm_llm.quant.scheme import QuantizedSSMConfig
         from ssm_llm import init_params as model_init_params
         model_init_params(QuantizedSSMConfig(MAMBA2, QuantScheme.quamba2("W8A8")), jax.random.PRNGKey(0))
+
+
+def test_save_and_load_with_orbax(quantized, tmp_path):
+    from converters.checkpoint import load_checkpoint, save
+
+    _, _, qparams, qconfig = quantized
+    save(qparams, qconfig, tmp_path / "q")
+    config, params = load_checkpoint(tmp_path / "q")
+    assert config == qconfig
+    assert isinstance(params["layers"]["in_proj"], QuantizedWeight)
+    assert params["layers"]["in_proj"].bits == qconfig.scheme.weight_bits
+    np.testing.assert_array_equal(_logits(params, config, TOKENS)[0], _logits(qparams, qconfig, TOKENS)[0])
