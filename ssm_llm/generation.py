@@ -228,6 +228,9 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
             f"(kv_compression=StreamingLLM(...) can generate past it)"
         )
     drafter = gen_config.speculative
+    if drafter is not None and getattr(config, "family", None) == "quamba":
+        raise ValueError("speculative decoding does not support quantized (Quamba) targets yet: its per-node "
+                         "SSM states are float; generate without speculative=")
     if drafter is not None and on_token is not None:
         raise ValueError("on_token streaming is not supported with speculative decoding (a round emits several "
                          "tokens per row); pass on_token=None")

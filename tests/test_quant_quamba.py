@@ -113,3 +113,11 @@ def test_save_and_load_with_orbax(quantized, tmp_path):
     assert isinstance(params["layers"]["in_proj"], QuantizedWeight)
     assert params["layers"]["in_proj"].bits == qconfig.scheme.weight_bits
     np.testing.assert_array_equal(_logits(params, config, TOKENS)[0], _logits(qparams, qconfig, TOKENS)[0])
+
+
+def test_speculative_decoding_is_refused_for_quantized_targets(quantized):
+    from ssm_llm.speculative import PromptLookup
+
+    _, _, qparams, qconfig = quantized
+    with pytest.raises(ValueError, match="does not support quantized"):
+        generate(qparams, qconfig, [[1, 2, 3]], GenerationConfig(max_new_tokens=4, speculative=PromptLookup()))
