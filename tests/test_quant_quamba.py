@@ -85,11 +85,19 @@ def test_int8_state_cache_decode_stays_close():
     assert [len(t) for t in result.tokens] == [4, 4]
 
 
+def test_round_to_nearest_weight_only_quantizes_weights():
+    params = init_params(MAMBA2, jax.random.PRNGKey(0))
+    qparams, qconfig = quantize_model(params, MAMBA2, CALIBRATION, QuantScheme.naive("W4A16"), progress=False)
+    assert all(isinstance(qparams["layers"][name], QuantizedWeight) and qparams["layers"][name].bits == 4
+               for name in ("in_proj", "out_proj"))
+    assert "scales" not in qparams["layers"]
+
+
 def test_bad_inputs():
     params = init_params(MAMBA2, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="no calibration data"):
         quantize_model(params, MAMBA2, np.zeros((0, 8), np.int32), QuantScheme.quamba2("W8A8"), progress=False)
-    with pytest.raises(ValueError, match="must lie in"):
+    with pytest.raises(ValueError, match=r"lie in \[0, 96\)"):
         quantize_model(params, MAMBA2, np.full((1, 8), 500), QuantScheme.quamba2("W8A8"), progress=False)
     with pytest.raises(ValueError, match="not a multiple of the 4-bit group_size 48"):
         quantize_model(params, MAMBA2, CALIBRATION, QuantScheme.quamba2("W4A16", group_size=48), progress=False)

@@ -66,6 +66,17 @@ class _RecordingOps:
         return linear(x, p[name], p.get(f"{name}_b"))
 
 
+def check_calibration_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """tokens as a numpy [N, T] array; ValueError if empty or outside the vocabulary."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"no calibration data: tokens must be a non-empty [N, T] array, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"calibration tokens must be integer ids that lie in [0, {vocab_size}), got dtype "
+                         f"{tokens.dtype}, range [{tokens.min()}, {tokens.max()}]")
+    return tokens
+
+
 @functools.partial(jax.jit, static_argnames=("config", "online_hadamard"))
 def _layer(p, x, config, online_hadamard):
     """One block from zero states on full rows: (next residual, {name: activation}, final SSM state)."""
@@ -86,11 +97,7 @@ def calibrate(params: dict, config, tokens, *, online_hadamard: bool = False, al
     online_hadamard: the model's out_proj expects a Hadamard-rotated input (`rotate_model`).
     alpha: also record the alpha-percentile of |x| and |state| (None: skip).
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"no calibration data: tokens must be a non-empty [N, T] array, got shape {tokens.shape}")
-    if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-        raise ValueError(f"calibration tokens must lie in [0, {config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    tokens = check_calibration_tokens(tokens, config.vocab_size)
     num_layers = config.num_layers
     layer_params = [jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]) for i in range(num_layers)]
     minmax, pct, hess, abs_sum = {}, {}, {}, [0.0] * num_layers

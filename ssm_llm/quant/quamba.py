@@ -26,7 +26,7 @@ import numpy as np
 
 from pallas_kernels.quantized_matmul import quantize_weights
 from ssm_llm.layer_layout import stack_layers
-from ssm_llm.quant.calibration import Calibration, calibrate
+from ssm_llm.quant.calibration import Calibration, calibrate, check_calibration_tokens
 from ssm_llm.quant.gptq import gptq_quantize
 from ssm_llm.quant.quantizers import scale_from_absmax
 from ssm_llm.quant.reorder import XClusters, permute_mamba2, sort_and_cluster
@@ -49,6 +49,7 @@ def quantize_model(params: dict, config, tokens, scheme: QuantScheme, *, batch_s
     Returns `(params, QuantizedSSMConfig)` for `ssm_llm.forward` / `generate`. See the module docstring.
     """
     qconfig = QuantizedSSMConfig(config, scheme)  # validates the scheme against the model
+    tokens = check_calibration_tokens(tokens, config.vocab_size)  # also when round-to-nearest needs none
     params = stack_layers(params)
     calibrate_kw = dict(batch_size=batch_size, progress=progress)
     clusters = None
@@ -57,14 +58,15 @@ def quantize_model(params: dict, config, tokens, scheme: QuantScheme, *, batch_s
         clusters = sort_and_cluster(np.stack(first.mean_abs_x), config, scheme.head_groups, scheme.dim_groups)
         params = permute_mamba2(params, config, clusters)
     params = rotate_model(params, config) if scheme.hadamard else fold_norms(params, config)
-    if not (scheme.quantizes_acts or (scheme.quantizes_weights and scheme.gptq)):
-        return params, qconfig
-    alpha = scheme.percentile_alpha if scheme.observer == "percentile" and scheme.quantizes_acts else None
-    calib = calibrate(params, config, tokens, online_hadamard=scheme.hadamard, alpha=alpha, **calibrate_kw)
+    calib = None
+    if scheme.quantizes_acts or (scheme.quantizes_weights and scheme.gptq):  # round-to-nearest needs no data
+        alpha = scheme.percentile_alpha if scheme.observer == "percentile" and scheme.quantizes_acts else None
+        calib = calibrate(params, config, tokens, online_hadamard=scheme.hadamard, alpha=alpha, **calibrate_kw)
     layers = dict(params["layers"])
     if scheme.quantizes_weights:
         for name in linear_names(config):
-            per_layer = [quantize_linear(layers[name][i], calib.hessian[f"{name}_in"][i], scheme, name)
+            per_layer = [quantize_linear(layers[name][i], calib.hessian[f"{name}_in"][i] if scheme.gptq else None,
+                                         scheme, name)
                          for i in range(config.num_layers)]
             layers[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
     if scheme.quantizes_acts:
@@ -88,7 +90,8 @@ def weight_group(k: int, scheme: QuantScheme, name: str) -> int:
 
 
 def quantize_linear(w, h, scheme: QuantScheme, name: str = "linear"):
-    """One weight w: [K, N] -> QuantizedWeight by GPTQ (with Hessian h: [K, K]) or round-to-nearest."""
+    """One weight w: [K, N] -> QuantizedWeight by GPTQ (with Hessian h: [K, K]) or round-to-nearest
+    (h unused, may be None)."""
     group = weight_group(w.shape[0], scheme, name)
     if scheme.gptq:
         return gptq_quantize(np.asarray(w), h, bits=scheme.weight_bits, group_size=group, damp=scheme.gptq_damp)
