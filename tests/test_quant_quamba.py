@@ -54,35 +54,30 @@ def test_integer_path_equals_fake_quant_reference(quantized):
         assert cache.nbytes() < fp_cache.nbytes() / 3
 
 
+def _prefill_then_decode(params, config, prefix: int = 10):
+    """Logits of TOKENS from a prefill of `prefix` tokens, then one cached decode step per token."""
+    logits, cache = forward(params, config, TOKENS[:, :prefix], init_cache(config, 2, TOKENS.shape[1]))
+    steps = [logits]
+    for t in range(prefix, TOKENS.shape[1]):
+        logits, cache = forward(params, config, TOKENS[:, t:t + 1], cache)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)
+
+
 def test_cached_decode_equals_full_forward(quantized):
     _, _, qparams, qconfig = quantized
-    if qconfig.scheme.quantize_state and qconfig.scheme.quantizes_acts:
-        # int8 states round the state each time it is stored: exact equality needs float states.
+    int8_states = qconfig.scheme.quantize_state and qconfig.scheme.quantizes_acts
+    if int8_states:
+        # int8 states are rounded each time the cache stores them: close to the full forward, not equal...
+        full, _ = _logits(qparams, qconfig, TOKENS)
+        error = float(jnp.max(jnp.abs(_prefill_then_decode(qparams, qconfig) - full)))
+        assert error < 0.05 * float(jnp.max(jnp.abs(full)))
+        result = generate(qparams, qconfig, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=4))
+        assert [len(t) for t in result.tokens] == [4, 4]
+        # ... and with float states, exactly equal.
         qconfig = dataclasses.replace(qconfig, scheme=dataclasses.replace(qconfig.scheme, quantize_state=False))
     full, _ = _logits(qparams, qconfig, TOKENS)
-    cache = init_cache(qconfig, 2, 16)
-    logits, cache = forward(qparams, qconfig, TOKENS[:, :10], cache)
-    steps = [logits]
-    for t in range(10, 16):
-        logits, cache = forward(qparams, qconfig, TOKENS[:, t:t + 1], cache)
-        steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-4)
-
-
-def test_int8_state_cache_decode_stays_close():
-    config, scheme = CASES["mamba2-W8A8"]
-    qparams, qconfig = quantize_model(init_params(config, jax.random.PRNGKey(0)), config, CALIBRATION, scheme,
-                                      progress=False)
-    full, _ = _logits(qparams, qconfig, TOKENS)
-    cache = init_cache(qconfig, 2, 16)
-    logits, cache = forward(qparams, qconfig, TOKENS[:, :10], cache)
-    steps = [logits]
-    for t in range(10, 16):
-        logits, cache = forward(qparams, qconfig, TOKENS[:, t:t + 1], cache)
-        steps.append(logits)
-    assert float(jnp.max(jnp.abs(jnp.concatenate(steps, axis=1) - full))) < 0.05 * float(jnp.max(jnp.abs(full)))
-    result = generate(qparams, qconfig, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=4))
-    assert [len(t) for t in result.tokens] == [4, 4]
+    np.testing.assert_allclose(_prefill_then_decode(qparams, qconfig), full, atol=1e-5, rtol=1e-4)
 
 
 def test_round_to_nearest_weight_only_quantizes_weights():
