@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ssm_llm.models.lm_head import linear
-from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
+from ssm_llm.models.mamba_mixers import FLOAT_OPS, mamba1_mixer, mamba2_mixer
 from ssm_llm.norm import rms_norm
 from ssm_llm.quant import observers
 from ssm_llm.quant.gptq import hessian
@@ -63,7 +62,7 @@ class _RecordingOps:
         if name == "out_proj" and self.online_hadamard:
             x = hadamard(x)
         self.records[f"{name}_in"] = x
-        return linear(x, p[name], p.get(f"{name}_b"))
+        return FLOAT_OPS.linear(name, x, p)
 
 
 def check_calibration_tokens(tokens, vocab_size: int) -> np.ndarray:

@@ -37,28 +37,25 @@ def hadamard(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.moveaxis(y, -1, axis)
 
 
-def rotate_model(params: dict, config) -> dict:
-    """Fold every RMSNorm weight into the linear after it and rotate the residual stream and the out_proj
-    input (see the module docstring). `params` in the stacked layout; returns new params whose norms are
-    ones and whose lm_head is explicit. Run the result with online Hadamard before out_proj."""
-    layers = dict(params["layers"])
-    norm = layers["norm"].astype(jnp.float32)  # [L, H]
-    layers["in_proj"] = hadamard(norm[:, :, None] * layers["in_proj"], axis=1)
-    layers["norm"] = jnp.ones_like(params["layers"]["norm"])
-    layers["out_proj"] = hadamard(hadamard(layers["out_proj"], axis=2), axis=1)  # Q_I out_proj Q
-    if "out_proj_b" in layers:
-        layers["out_proj_b"] = hadamard(layers["out_proj_b"], axis=1)
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    lm_head = hadamard(params["final_norm"].astype(jnp.float32)[:, None] * head, axis=0)
-    return {"embed": hadamard(params["embed"], axis=1), "final_norm": jnp.ones_like(params["final_norm"]),
-            "lm_head": lm_head, "layers": layers}
-
-
 def fold_norms(params: dict, config) -> dict:
-    """Only the norm folding of `rotate_model` (no rotation): norms become ones, lm_head explicit."""
+    """Fold every RMSNorm weight into the linear after it (no rotation): norms become ones, lm_head
+    explicit (`params` in the stacked layout)."""
     layers = dict(params["layers"])
     layers["in_proj"] = layers["norm"].astype(jnp.float32)[:, :, None] * layers["in_proj"]
     layers["norm"] = jnp.ones_like(params["layers"]["norm"])
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     return {**params, "final_norm": jnp.ones_like(params["final_norm"]),
             "lm_head": params["final_norm"].astype(jnp.float32)[:, None] * head, "layers": layers}
+
+
+def rotate_model(params: dict, config) -> dict:
+    """`fold_norms`, then rotate the residual stream and the out_proj input (see the module docstring).
+    Run the result with online Hadamard before out_proj."""
+    folded = fold_norms(params, config)
+    layers = dict(folded["layers"])
+    layers["in_proj"] = hadamard(layers["in_proj"], axis=1)
+    layers["out_proj"] = hadamard(hadamard(layers["out_proj"], axis=2), axis=1)  # Q_I out_proj Q
+    if "out_proj_b" in layers:
+        layers["out_proj_b"] = hadamard(layers["out_proj_b"], axis=1)
+    return {**folded, "embed": hadamard(folded["embed"], axis=1), "lm_head": hadamard(folded["lm_head"], axis=0),
+            "layers": layers}
