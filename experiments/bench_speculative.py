@@ -11,6 +11,10 @@ For each (drafter, prompt) the decode time is the median of --repeats calls afte
 compiles; drafters are interleaved within each repeat so machine noise hits all alike. The peer,
 Hugging Face transformers (PyTorch, f32, same weights), is timed in the same run: plain greedy and its
 prompt-lookup decoding (`prompt_lookup_num_tokens`).
+Runners: every drafter at its default tree, the sweep's smaller trees (prompt lookup with 3 drafts, Token
+Recycling with 5), and Token Recycling hot-started: its matrix first filled by generating on other,
+untimed prompts (the paper keeps one matrix across queries). The target forward's cost per tree size
+(`tree_logits` of an N-node chain) is timed too: it is what a drafter's tokens per forward must beat.
 Writes experiments/results/bench_speculative.json (+ .png) and prints a table last.
 
     python experiments/bench_speculative.py            # full run (~30 min on 2 cores)
@@ -20,6 +24,7 @@ Writes experiments/results/bench_speculative.json (+ .png) and prints a table la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,6 +54,17 @@ EXTRACTION = ["Quote the first two sentences of the text above exactly.",
               "List every keyword that the text above mentions, one per line, with the sentence it appears in.",
               "Copy the part of the text above that explains the syntax, word for word."]
 TOPICS = ["for", "with", "assert"]  # pydoc_data topics used as the extraction passages
+# Token Recycling's hot start: the adjacency matrix is first filled by generating on these prompts (none
+# of them is timed), as the paper keeps one matrix across queries. Different questions and passages.
+WARM = ["How do I make a good cup of tea?", "Why is the sky blue?",
+        "Write a Python function that reverses a list without using slicing.",
+        "Write a Python function that counts the vowels in a string."]
+WARM_TOPICS = [("while", "Quote the first sentence of the text above exactly."),
+               ("if", "List the keywords that the text above mentions.")]
+# The smaller trees of the sweep: a 3-token prompt-lookup chain, and a 5-draft Token Recycling template
+# (two root children, one child under each, one more under the rank-0 chain: depth 3).
+SMALL_LOOKUP = 3
+SMALL_TEMPLATE = speculative.bfs_template(((2,), (1, 1), (1,)))
 # The self-speculative draft: SmolLM2 without layers 12-17. Measured top-1 agreement with the full model on a
 # chat answer: 0.48 (24 layers kept); dropping 10 layers anywhere gives <= 0.06, so a cheaper draft is useless.
 SKIP_KEEP = tuple(range(12)) + tuple(range(18, 30))
@@ -63,14 +79,24 @@ def prompt_texts(quick: bool) -> dict[str, list[str]]:
     return {k: v[:1] if quick else v for k, v in kinds.items()}
 
 
+def warm_texts() -> list[str]:
+    """The user messages that fill Token Recycling's matrix before the hot-start runs."""
+    import pydoc_data.topics
+
+    return WARM + [f"{pydoc_data.topics.topics[t][:1200]}\n\n{q}" for t, q in WARM_TOPICS]
+
+
 def drafters(params, config, quick: bool) -> dict[str, object]:
-    """The drafters compared (name -> drafter). The draft model of the model-based ones is SmolLM2 itself
-    with every other layer skipped (self-speculative), the only draft model we have."""
+    """The drafters compared (name -> drafter), default trees first, then the sweep's smaller trees. The
+    draft model of the model-based ones is SmolLM2 without layers 12-17 (self-speculative), the only
+    draft model we have. The hot-start Token Recycling runners get their matrix in `main`."""
     draft_params, draft_config = speculative.self_speculative(params, config, SKIP_KEEP)
     out = {"prompt_lookup": speculative.PromptLookup(),
            "token_recycling": speculative.TokenRecycling()}
     if not quick:
-        out.update({"layer_skip": speculative.DraftModel(draft_params, draft_config),
+        out.update({"prompt_lookup_3": speculative.PromptLookup(num_tokens=SMALL_LOOKUP),
+                    "token_recycling_6": speculative.TokenRecycling(template=SMALL_TEMPLATE),
+                    "layer_skip": speculative.DraftModel(draft_params, draft_config),
                     "rsd": speculative.RSD(draft_params, draft_config),
                     "dyspec": speculative.DySpec(draft_params, draft_config)})
     return out
@@ -85,9 +111,20 @@ class Runner:
         self.params, self.config = params, config
 
     def __call__(self, ids):
-        out = ssm_llm.generate(self.params, self.config, [ids], self.gen)
+        out = self.generate(ids)
         rounds = out.speculative.rounds[0] if out.speculative else len(out.tokens[0])
         return out.decode_seconds, out.tokens[0], rounds
+
+    def generate(self, ids):
+        return ssm_llm.generate(self.params, self.config, [ids], self.gen)
+
+    def hot(self, warm_prompts):
+        """A Token Recycling runner whose drafter starts from the matrix that generating on
+        `warm_prompts` (one after another, the matrix carried along) ends with."""
+        for ids in warm_prompts:
+            self.gen = dataclasses.replace(self.gen, speculative=dataclasses.replace(
+                self.gen.speculative, adjacency=self.generate(ids).speculative.drafter_state))
+        return self
 
 
 class HFRunner:
@@ -110,6 +147,31 @@ class HFRunner:
         while tokens and tokens[-1] in self.eos:
             tokens.pop()
         return elapsed, tokens, None
+
+
+def forward_costs(params, config, prefix, max_len, sizes=(1, 2, 4, 6, 9, 21), repeats=10) -> dict[int, float]:
+    """Median seconds of one jitted `verify.tree_logits` call scoring a chain of N nodes after the token
+    ids `prefix` (the verification cost per round, N = tree size), for N in `sizes`."""
+    import jax
+    import jax.numpy as jnp
+
+    from ssm_llm.speculative import verify
+
+    cache = ssm_llm.init_cache(config, batch=1, max_len=max_len)
+    _, cache = ssm_llm.forward(params, config, jnp.asarray([prefix]), cache)
+    score = jax.jit(lambda p, c, tree: verify.tree_logits(p, config, c, tree)[0])
+    out = {}
+    for n in sizes:
+        tokens = jnp.asarray([prefix[-n:]], dtype=jnp.int32)
+        tree = speculative.chain(tokens[:, 0], tokens[:, 1:])
+        jax.block_until_ready(score(params, cache, tree))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(score(params, cache, tree))
+            times.append(time.perf_counter() - start)
+        out[n] = statistics.median(times)
+    return out
 
 
 def load_hf(path):
@@ -139,16 +201,22 @@ def main(argv=None):
     config, params = converters.load(path)
     params = ssm_llm.unstack_layers(params)  # the faster layout for CPU decode (ssm_llm.layer_layout)
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
-    prompts = {}
-    for kind, messages in prompt_texts(args.quick).items():
-        for i, m in enumerate(messages):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                                 add_generation_prompt=True)
-            prompts[f"{kind}/{i}"] = tokenizer(text, add_special_tokens=False).input_ids
-    max_len = max(len(p) for p in prompts.values()) + args.new_tokens
+
+    def encode(message):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    prompts = {f"{kind}/{i}": encode(m) for kind, messages in prompt_texts(args.quick).items()
+               for i, m in enumerate(messages)}
+    warm = [] if args.quick else [encode(m) for m in warm_texts()]
+    max_len = max(len(p) for p in [*prompts.values(), *warm]) + args.new_tokens
     runners = {"plain": Runner(params, config, None, eos, args.new_tokens, max_len)}
     for name, drafter in drafters(params, config, args.quick).items():
         runners[name] = Runner(params, config, drafter, eos, args.new_tokens, max_len)
+        if name.startswith("token_recycling") and warm:
+            runners[f"{name}_hot"] = Runner(params, config, drafter, eos, args.new_tokens, max_len).hot(
+                tqdm(warm, desc=f"{name}: filling the matrix (hot start)", leave=False))
     if not args.no_peer:
         model = load_hf(path)
         runners["hf_plain"] = HFRunner(model, eos, args.new_tokens, None)
@@ -163,6 +231,7 @@ def main(argv=None):
         for p, ids in prompts.items():
             for name, run in runners.items():
                 results[name][p]["times"].append(run(ids)[0])
+    costs = forward_costs(params, config, prompts[next(iter(prompts))], max_len)
     mismatches = [f"{name} on {p}" for name in runners if not name.startswith("hf_") for p in prompts
                   if results[name][p]["tokens"] != results["plain"][p]["tokens"]]
     if mismatches:
@@ -197,7 +266,7 @@ def main(argv=None):
               "machine": machine_info(), "model": path.name, "max_len": max_len,
               "prompt_tokens": {p: len(ids) for p, ids in prompts.items()},
               "drafters": {name: repr(getattr(r, "gen", None) and r.gen.speculative)[:300] for name, r in runners.items()},
-              "summary": summary, "raw": results, "total_wall_s": time.perf_counter() - wall}
+              "forward_seconds_by_tree_size": costs, "summary": summary, "raw": results, "total_wall_s": time.perf_counter() - wall}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=str))
     plot(summary, out_path.with_suffix(".png"))
@@ -215,6 +284,8 @@ def main(argv=None):
     if "hf_plain" in runners:
         print("ssm_llm plain vs transformers plain: " + ", ".join(
             f"{k} {v['vs_hf_plain']:.2f}x" for k, v in summary["plain"]["by_kind"].items()))
+    print("target forward (tree_logits) of N chain nodes, ms: " + ", ".join(
+        f"N={n} {t * 1e3:.1f} ({t / costs[1]:.2f}x)" for n, t in costs.items()))
     print(f"total {(time.perf_counter() - wall) / 60:.1f} min")
 
 
