@@ -39,6 +39,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from bench_kernels import time_call  # noqa: E402
 from bench_runners import machine_info  # noqa: E402
 from ssm_llm import speculative  # noqa: E402
 
@@ -164,13 +165,7 @@ def forward_costs(params, config, prefix, max_len, sizes=(1, 2, 4, 6, 9, 21), re
     for n in sizes:
         tokens = jnp.asarray([prefix[-n:]], dtype=jnp.int32)
         tree = speculative.chain(tokens[:, 0], tokens[:, 1:])
-        jax.block_until_ready(score(params, cache, tree))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(score(params, cache, tree))
-            times.append(time.perf_counter() - start)
-        out[n] = statistics.median(times)
+        out[n] = time_call(score, [(params, cache, tree)], batches=repeats, per_batch=1)
     return out
 
 
