@@ -11,8 +11,9 @@ For each (drafter, prompt) the decode time is the median of --repeats calls afte
 compiles; drafters are interleaved within each repeat so machine noise hits all alike. The peer,
 Hugging Face transformers (PyTorch, f32, same weights), is timed in the same run: plain greedy and its
 prompt-lookup decoding (`prompt_lookup_num_tokens`).
-Runners: every drafter at its default tree, the sweep's smaller trees (prompt lookup with 3 drafts, Token
-Recycling with 5), and Token Recycling hot-started: its matrix first filled by generating on other,
+Runners: prompt lookup with 8 drafts and Token Recycling with `WIDE_TEMPLATE` (20 drafts), the sweep's
+smaller trees (3 drafts; a 5-draft template: both are the library's defaults, chosen from this sweep),
+the model-based drafters at their defaults, and Token Recycling hot-started: its matrix first filled by generating on other,
 untimed prompts (the paper keeps one matrix across queries). The target forward's cost per tree size
 (`tree_logits` of an N-node chain) is timed too: it is what a drafter's tokens per forward must beat.
 Writes experiments/results/bench_speculative.json (+ .png) and prints a table last.
@@ -62,9 +63,10 @@ WARM = ["How do I make a good cup of tea?", "Why is the sky blue?",
         "Write a Python function that counts the vowels in a string."]
 WARM_TOPICS = [("while", "Quote the first sentence of the text above exactly."),
                ("if", "List the keywords that the text above mentions.")]
-# The smaller trees of the sweep: a 3-token prompt-lookup chain, and a 5-draft Token Recycling template
-# (two root children, one child under each, one more under the rank-0 chain: depth 3).
-SMALL_LOOKUP = 3
+# The sweep: 8 vs 3 prompt-lookup drafts, and Token Recycling's 20-draft WIDE_TEMPLATE vs a 5-draft template
+# (two root children, one child under each, one more under the rank-0 chain: depth 3). The smaller ones
+# were faster here and are the library's defaults; they are spelled out so the runners stay fixed.
+LARGE_LOOKUP, SMALL_LOOKUP = 8, 3
 SMALL_TEMPLATE = speculative.bfs_template(((2,), (1, 1), (1,)))
 # The self-speculative draft: SmolLM2 without layers 12-17. Measured top-1 agreement with the full model on a
 # chat answer: 0.48 (24 layers kept); dropping 10 layers anywhere gives <= 0.06, so a cheaper draft is useless.
@@ -88,12 +90,12 @@ def warm_texts() -> list[str]:
 
 
 def drafters(params, config, quick: bool) -> dict[str, object]:
-    """The drafters compared (name -> drafter), default trees first, then the sweep's smaller trees. The
+    """The drafters compared (name -> drafter), the sweep's larger trees first, then its smaller ones. The
     draft model of the model-based ones is SmolLM2 without layers 12-17 (self-speculative), the only
     draft model we have. The hot-start Token Recycling runners get their matrix in `main`."""
     draft_params, draft_config = speculative.self_speculative(params, config, SKIP_KEEP)
-    out = {"prompt_lookup": speculative.PromptLookup(),
-           "token_recycling": speculative.TokenRecycling()}
+    out = {"prompt_lookup": speculative.PromptLookup(num_tokens=LARGE_LOOKUP),
+           "token_recycling": speculative.TokenRecycling(template=speculative.WIDE_TEMPLATE)}
     if not quick:
         out.update({"prompt_lookup_3": speculative.PromptLookup(num_tokens=SMALL_LOOKUP),
                     "token_recycling_6": speculative.TokenRecycling(template=SMALL_TEMPLATE),
@@ -185,10 +187,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 prompt per kind, 2 drafters, 1 repeat, no peer")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON at --out")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.no_peer = 1, True
     out_path = args.out or RESULTS / ("bench_speculative_quick.json" if args.quick else "bench_speculative.json")
+    if args.replot:
+        plot(json.loads(out_path.read_text())["summary"], out_path.with_suffix(".png"))
+        return
     wall = time.perf_counter()
 
     path = ssm_llm.default_model_path()
@@ -291,17 +297,19 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     kinds = ["chat", "code", "extraction"]
-    names = [n for n in summary if n != "plain"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [n for n in summary if n not in ("plain", "hf_plain")]  # the baselines are 1 by definition
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         vals = [summary[name]["by_kind"].get(k, {}).get("speedup", np.nan) for k in kinds]
-        ax.bar(np.arange(len(kinds)) + j * width, vals, width, label=name)
+        ax.bar(np.arange(len(kinds)) + j * width, vals, width, label=name, color=colors[j % len(colors)],
+               hatch="//" if name.startswith("hf_") else None)
     ax.axhline(1.0, color="gray", linestyle="--")
     ax.set_xticks(np.arange(len(kinds)) + width * (len(names) - 1) / 2, kinds)
     ax.set_ylabel("speed-up over plain greedy (x)")
-    ax.set_title("Speculative decoding, SmolLM2-135M, CPU")
-    ax.legend(fontsize=8)
+    ax.set_title("Speculative decoding, SmolLM2-135M, CPU (hf_*: transformers vs its own plain greedy)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
