@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
-from ssm_llm.speculative.token_recycling import DEFAULT_TEMPLATE, TokenRecycling, bfs_template
+from ssm_llm.speculative.token_recycling import DEFAULT_TEMPLATE, WIDE_TEMPLATE, TokenRecycling, bfs_template
 from ssm_llm.speculative.tree import UNUSED, DraftTree, check_tree, depths
 
 V, K = 32, 4
@@ -42,17 +42,18 @@ def test_bfs_template_example_and_default():
     assert bfs_template(((2,), (1,))) == ((0, 0), (0, 1), (1, 0))
     assert TEMPLATE == ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (4, 0), (6, 0), (7, 0))
     drafter = TokenRecycling()
-    assert drafter.template == DEFAULT_TEMPLATE and 17 <= drafter.tree_size <= 25
-    parents = jnp.asarray([[-1] + [p for p, _ in DEFAULT_TEMPLATE]], jnp.int32)
+    assert drafter.template == DEFAULT_TEMPLATE == ((0, 0), (0, 1), (1, 0), (2, 0), (3, 0))
+    assert drafter.tree_size == 6 and 17 <= TokenRecycling(template=WIDE_TEMPLATE).tree_size <= 25
+    parents = jnp.asarray([[-1] + [p for p, _ in WIDE_TEMPLATE]], jnp.int32)
     d = np.asarray(depths(parents))[0]
     deepest = int(np.argmax(d))
     assert 4 <= d.max() <= 6
     node = deepest  # the deepest node is on the rank-0 chain from the root
     while node:
-        parent, rank = DEFAULT_TEMPLATE[node - 1]
+        parent, rank = WIDE_TEMPLATE[node - 1]
         assert rank == 0
         node = parent
-    assert [rank for parent, rank in DEFAULT_TEMPLATE if parent == 0] == [0, 1, 2, 3]
+    assert [rank for parent, rank in WIDE_TEMPLATE if parent == 0] == [0, 1, 2, 3]
 
 
 def test_tree_follows_the_template():

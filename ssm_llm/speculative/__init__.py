@@ -15,8 +15,8 @@ from ssm_llm.speculative.dyspec import DySpec
 from ssm_llm.speculative.prompt_lookup import PromptLookup
 from ssm_llm.speculative.protocol import Acceptance, DraftContext, Drafter, Sampling
 from ssm_llm.speculative.rsd import RSD
-from ssm_llm.speculative.token_recycling import TokenRecycling, bfs_template
+from ssm_llm.speculative.token_recycling import WIDE_TEMPLATE, TokenRecycling, bfs_template
 from ssm_llm.speculative.tree import DraftTree, chain
 
 __all__ = ["Acceptance", "DraftContext", "DraftModel", "DraftTree", "Drafter", "DySpec", "PromptLookup", "RSD",
-           "Sampling", "TokenRecycling", "bfs_template", "chain", "self_speculative"]
+           "Sampling", "TokenRecycling", "WIDE_TEMPLATE", "bfs_template", "chain", "self_speculative"]
