@@ -48,11 +48,13 @@ def _generate(args) -> int:
     from ssm_llm.generation import GenerationConfig, generate
 
     from ssm_llm.kv.spec import parse_policy
+    from ssm_llm.speculative.spec import parse_drafter
 
     gen_config = GenerationConfig(  # validate the options before the slow model load
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression else None,
+        speculative=parse_drafter(args.speculative) if args.speculative else None,
     )
     path, config, params = _load(args.model)
     tokenizer = converters.load_tokenizer(path)
@@ -67,7 +69,8 @@ def _generate(args) -> int:
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
-    stream = None if args.no_stream else _TextStream(tokenizer, eos)
+    # A speculative round emits several tokens at once, so its text is printed when generation ends.
+    stream = None if args.no_stream or args.speculative else _TextStream(tokenizer, eos)
     result = generate(params, config, [ids], gen_config, on_token=stream)
     if stream is None:
         sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True))
@@ -79,6 +82,9 @@ def _generate(args) -> int:
     rate = n / result.decode_seconds if result.decode_seconds > 0 else float("nan")
     print(f"[{len(ids)} prompt tokens, {n} new ({result.finish_reasons[0]}); prefill "
           f"{result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s incl. compilation]", file=sys.stderr)
+    if result.speculative is not None:
+        print(f"[speculative: {result.speculative.rounds[0]} target forwards, "
+              f"{result.speculative.tokens_per_round:.2f} tokens per forward]", file=sys.stderr)
     return 0
 
 
@@ -120,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-compression", metavar="SPEC",
                      help="compress the KV cache, e.g. 'streamingllm:budget=256,sinks=4' or 'snapkv:budget=0.25' "
                           "(a method of ssm_llm.kv and its parameters)")
+    gen.add_argument("--speculative", metavar="SPEC",
+                     help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
+                          "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end)")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an orbax ssm-llm checkpoint")

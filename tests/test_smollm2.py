@@ -85,6 +85,11 @@ def test_cli_generate_with_the_default_model():
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "prompt tokens" in result.stderr and "tok/s" in result.stderr
+    # Speculative decoding is lossless: the same greedy text, printed at the end.
+    spec = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
+                   "--speculative", "prompt_lookup:num_tokens=4")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == result.stdout and "tokens per forward" in spec.stderr
 
 
 def test_cli_convert_then_generate_from_checkpoint(tmp_path):
@@ -106,3 +111,5 @@ def test_cli_reports_errors_clearly(tmp_path):
     assert "ssm-llm: error: no checkpoint at" in result.stderr
     result = run_cli("generate", "--prompt", "hi", "--max-new-tokens", "0")
     assert result.returncode == 2 and "max_new_tokens must be an int >= 1" in result.stderr
+    result = run_cli("generate", "--prompt", "hi", "--speculative", "token_recyling")
+    assert result.returncode == 2 and "unknown speculative drafter" in result.stderr and "token_recycling" in result.stderr

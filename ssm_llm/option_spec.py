@@ -1,0 +1,47 @@
+"""Options from short text specs, for the command line and experiment scripts:
+`parse_spec("snapkv:budget=256,window=32", classes, what)` -> `SnapKV(budget=256, window=32)`."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as positions=original
+
+
+def _items(args: str) -> list[str]:
+    """Split `key=value,key=value` at the commas outside brackets, so values may be tuples or lists."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(args):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(args[start:i])
+            start = i + 1
+    items.append(args[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_spec(spec: str, classes: dict[str, type], what: str):
+    """`"name"` or `"name:key=value,key=value"` (values are Python literals or bare words) -> an instance
+    of `classes[name]` (names are matched in lower case; `what` names the kind in errors).
+    Raises ValueError naming an unknown name or parameter."""
+    name, _, args = spec.partition(":")
+    cls = classes.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(classes)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in _items(args):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in fields:
+            raise ValueError(f"{cls.__name__}: bad parameter {item!r}; parameters are {sorted(fields)} (as key=value)")
+        kwargs[key.strip()] = _value(value.strip())
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required parameter is missing
+        raise ValueError(f"{cls.__name__}: {err}") from None
