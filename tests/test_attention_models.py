@@ -83,3 +83,20 @@ def test_unstacked_layer_layout_gives_the_same_logits_and_tokens(pair):
     restacked = ssm_llm.stack_layers(unstacked)
     for name, value in params["layers"].items():
         np.testing.assert_array_equal(np.asarray(restacked["layers"][name]), np.asarray(value))
+
+
+@pytest.mark.parametrize("shape", [(576,), (0, 576), (1, 1, 576), (4, 576), (2, 3, 4, 576), (32, 576), (33, 576)])
+def test_tied_logits_small_row_path_matches_matmul(shape):
+    """`logits_from_hidden` computes tied logits for <= SMALL_ROWS rows as `embed @ h.T` (faster on
+    CPU): the same values and shape as `h @ embed.T` on every side of the threshold."""
+    from types import SimpleNamespace
+
+    from ssm_llm.models.lm_head import SMALL_ROWS, logits_from_hidden
+
+    assert SMALL_ROWS == 32
+    rng = np.random.default_rng(0)
+    embed = jnp.asarray(rng.standard_normal((1000, 576)), jnp.float32)
+    h = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    logits = logits_from_hidden({"embed": embed}, SimpleNamespace(tie_word_embeddings=True), h)
+    assert logits.shape == shape[:-1] + (1000,) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(h) @ np.asarray(embed).T, rtol=1e-4, atol=1e-4)

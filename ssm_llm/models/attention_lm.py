@@ -24,7 +24,7 @@ from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
 from ssm_llm.kv.policy import CompressedCache, PrefillObservation
 from ssm_llm.layer_layout import run_layers
-from ssm_llm.models.lm_head import linear, logits_from_hidden
+from ssm_llm.models.lm_head import linear
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
