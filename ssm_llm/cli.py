@@ -53,8 +53,8 @@ def _generate(args) -> int:
     gen_config = GenerationConfig(  # validate the options before the slow model load
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        kv_compression=parse_policy(args.kv_compression) if args.kv_compression else None,
-        speculative=parse_drafter(args.speculative) if args.speculative else None,
+        kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
+        speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
     path, config, params = _load(args.model)
     tokenizer = converters.load_tokenizer(path)
@@ -70,7 +70,7 @@ def _generate(args) -> int:
         eos.add(tokenizer.eos_token_id)
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
     # A speculative round emits several tokens at once, so its text is printed when generation ends.
-    stream = None if args.no_stream or args.speculative else _TextStream(tokenizer, eos)
+    stream = None if args.no_stream or gen_config.speculative is not None else _TextStream(tokenizer, eos)
     result = generate(params, config, [ids], gen_config, on_token=stream)
     if stream is None:
         sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True))
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a method of ssm_llm.kv and its parameters)")
     gen.add_argument("--speculative", metavar="SPEC",
                      help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
-                          "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end)")
+                          "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
+                          "CPU it pays off mainly when the answer copies the prompt)")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an orbax ssm-llm checkpoint")

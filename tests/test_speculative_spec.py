@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from ssm_llm.option_spec import parse_spec
+from ssm_llm.option_spec import _items, parse_spec
 from ssm_llm.speculative import PromptLookup, TokenRecycling
 from ssm_llm.speculative.spec import parse_drafter
 
@@ -24,7 +24,10 @@ def test_parse_drafter_builds_the_drafters():
     ("prompt_lookup:num_tokens", "PromptLookup: bad parameter 'num_tokens'"),
     ("prompt_lookup:num_tokens=0", "num_tokens must be an int >= 1"),
     ("token_recycling:template=((0, 0), (3, 0))", "template node 2 has parent 3"),
-    ("token_recycling:adjacency=3", "cannot be given in a text spec"),
+    ("token_recycling:adjacency=3", "TokenRecycling: bad parameter 'adjacency=3'; parameters are ['candidates', 'template']"),
+    ("prompt_lookup:num_tokens=4),max_ngram=2", "unbalanced brackets in 'num_tokens=4),max_ngram=2'"),
+    ("token_recycling:template=((0, 0), (0, 1)", "1 bracket(s) left open"),
+    ("prompt_lookup:num_tokens=4,num_tokens=5", "parameter 'num_tokens' given twice"),
 ])
 def test_parse_drafter_names_the_problem(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -32,6 +35,7 @@ def test_parse_drafter_names_the_problem(spec, message):
 
 
 def test_parse_spec_splits_only_at_top_level_commas():
+    assert _items("a=((0,0),(1,0)), b=[1,2],,c={1:2}, ") == ["a=((0,0),(1,0))", "b=[1,2]", "c={1:2}"]
     class_map = {"prompt_lookup": PromptLookup}
     assert parse_spec("prompt_lookup:", class_map, "drafter") == PromptLookup()
     with pytest.raises(ValueError, match="unknown widget 'x'"):

@@ -14,8 +14,5 @@ DRAFTERS = {"prompt_lookup": PromptLookup, "token_recycling": TokenRecycling}
 def parse_drafter(spec: str) -> PromptLookup | TokenRecycling:
     """`"prompt_lookup"`, `"token_recycling"`, or either with `:key=value,...` parameters -> the drafter.
     Raises ValueError naming an unknown drafter or parameter."""
-    drafter = parse_spec(spec, DRAFTERS, "speculative drafter")
-    if getattr(drafter, "adjacency", None) is not None:
-        raise ValueError("TokenRecycling: a starting adjacency matrix cannot be given in a text spec; "
-                         "pass TokenRecycling(adjacency=...) from Python")
-    return drafter
+    # A starting adjacency matrix cannot be written as text: pass TokenRecycling(adjacency=...) from Python.
+    return parse_spec(spec, DRAFTERS, "speculative drafter", hidden=("adjacency",))
