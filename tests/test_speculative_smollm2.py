@@ -5,6 +5,7 @@ import pytest
 from spec_checks import assert_same_greedy
 
 from ssm_llm import speculative
+from ssm_llm.speculative.token_recycling import DEFAULT_TEMPLATE
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -26,13 +27,16 @@ def drafters(params, config):
     }
 
 
-def test_token_recycling_hot_start(smollm2):
+@pytest.mark.parametrize("template", [DEFAULT_TEMPLATE, speculative.WIDE_TEMPLATE], ids=["default", "wide"])
+def test_token_recycling_hot_start(smollm2, template):
     """Token Recycling learns its matrix while decoding; started from the matrix a first call ended with
-    (the paper's hot start), a second call over the same prompts accepts more drafts and stays exact."""
+    (the paper's hot start), a second call over the same prompts accepts more drafts and stays exact.
+    Both templates: the default 5 drafts (depth 3) and the 20-draft WIDE_TEMPLATE (depth 6)."""
     config, params, tokenizer, _ = smollm2
     ids = [tokenizer(p).input_ids for p in PROMPTS]
-    cold = assert_same_greedy(params, config, ids, speculative.TokenRecycling(), max_new_tokens=24, eos_token_ids=())
-    hot_drafter = speculative.TokenRecycling(adjacency=cold.speculative.drafter_state)
+    cold = assert_same_greedy(params, config, ids, speculative.TokenRecycling(template=template), max_new_tokens=24,
+                              eos_token_ids=())
+    hot_drafter = speculative.TokenRecycling(template=template, adjacency=cold.speculative.drafter_state)
     hot = assert_same_greedy(params, config, ids, hot_drafter, max_new_tokens=24, eos_token_ids=())
     assert hot.speculative.tokens_per_round > max(1.5, cold.speculative.tokens_per_round), (cold.speculative, hot.speculative)
 

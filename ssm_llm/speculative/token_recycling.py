@@ -66,7 +66,7 @@ WIDE_TEMPLATE = bfs_template((
 
 # The default: 5 drafts, depth 3 (two root children, one child under each, one more under the rank-0
 # chain), the faster template in experiments/bench_speculative.py on a 2-core CPU, where a forward of N
-# nodes costs 1.9x (N = 6) to 3.3x (N = 21) a one-token forward: 0.82x / 0.75x / 0.89x plain greedy's
+# nodes costs 1.95x (N = 6) to 3.3x (N = 21) a one-token forward: 0.82x / 0.75x / 0.89x plain greedy's
 # speed on chat / code / extraction prompts, against 0.66x / 0.61x / 0.67x for WIDE_TEMPLATE.
 DEFAULT_TEMPLATE = bfs_template(((2,), (1, 1), (1,)))
 
@@ -78,7 +78,8 @@ class TokenRecycling:
     candidates: k, the tokens kept per row of the adjacency matrix (static); template: (parent, rank)
     of nodes 1..N-1, parents before children, ranks < k (static; `bfs_template` builds one; the
     default, `DEFAULT_TEMPLATE`, is the faster of experiments/bench_speculative.py's two on a CPU;
-    `WIDE_TEMPLATE` is meant for accelerators); adjacency: an optional starting matrix
+    `WIDE_TEMPLATE` is meant for accelerators; the default template reads ranks 0-1 only, k = 8 keeps
+    the matrix useful for wider templates and later calls); adjacency: an optional starting matrix
     [V, k] int (-1 for unknown), e.g. the state a previous generate call ended with.
     State: the adjacency matrix `[V, k]` int32.
     """
