@@ -15,8 +15,8 @@ the decode alone), so its speed-up is diluted by its prefill; ssm_llm's speed-up
 the ssm_llm vs transformers ratio compares whole calls (prefill + decode) on both sides.
 Runners: prompt lookup with 8 drafts and Token Recycling with `WIDE_TEMPLATE` (20 drafts), the sweep's
 smaller trees (3 drafts; a 5-draft template: both are the library's defaults, chosen from this sweep),
-the model-based drafters at their defaults, and Token Recycling hot-started: its matrix first filled by generating on other,
-untimed prompts (the paper keeps one matrix across queries). The target forward's cost per tree size
+the model-based drafters at their defaults, and Token Recycling hot-started: its matrix first filled by
+generating on other, untimed prompts (the paper keeps one matrix across queries). The target forward's cost per tree size
 (`tree_logits` of an N-node chain) is timed too: it is what a drafter's tokens per forward must beat.
 Writes experiments/results/bench_speculative.json (+ .png) and prints a table last.
 

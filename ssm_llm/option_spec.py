@@ -43,11 +43,12 @@ def parse_spec(spec: str, classes: dict[str, type], what: str, hidden: tuple[str
     kwargs = {}
     for item in _items(args):
         key, eq, value = item.partition("=")
-        if not eq or key.strip() not in fields:
+        key = key.strip()
+        if not eq or key not in fields:
             raise ValueError(f"{cls.__name__}: bad parameter {item!r}; parameters are {sorted(fields)} (as key=value)")
-        if key.strip() in kwargs:
-            raise ValueError(f"{cls.__name__}: parameter {key.strip()!r} given twice")
-        kwargs[key.strip()] = _value(value.strip())
+        if key in kwargs:
+            raise ValueError(f"{cls.__name__}: parameter {key!r} given twice")
+        kwargs[key] = _value(value.strip())
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required parameter is missing
