@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.config import ModelConfig, config_from_dict
+from ssm_llm.param_check import check_params
 
 CONFIG_FILE = "ssm_llm_config.json"
 PARAMS_DIR = "params"
@@ -22,17 +25,71 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_FILE).is_file()
 
 
+def _unexpected_entries(directory: Path) -> list[str]:
+    """Names in `directory` that `save` does not write (all of them if it is not a checkpoint)."""
+    names = sorted(p.name for p in directory.iterdir())
+    if not is_checkpoint(directory):
+        return names
+    return [n for n in names if n not in (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR)]
+
+
+def check_destination(directory: str | Path, *, overwrite: bool = False, source: str | Path | None = None,
+                      flag: str = "overwrite=True") -> Path:
+    """Where `save` may write, as an absolute path; cheap, so callers run it before a slow load.
+
+    A new or empty directory is fine; an existing one is replaced only with `overwrite`, and only if it
+    holds an ssm_llm checkpoint and nothing else, so a mistyped path cannot delete unrelated files.
+    `source` (the checkpoint being converted) may not be the destination, inside it, or contain it.
+    `flag` names the overwrite option in the error (the CLI's is --overwrite).
+    """
+    directory = Path(directory).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if src == directory or directory in src.parents or src in directory.parents:
+            raise ValueError(f"destination {directory} overlaps the source {src}; choose a directory outside it")
+    if not directory.exists():
+        return directory
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; give a directory path for the checkpoint")
+    if not any(directory.iterdir()):
+        return directory
+    unexpected = _unexpected_entries(directory)
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise FileExistsError(f"{directory} holds {shown}, not (only) an ssm_llm checkpoint; refusing to "
+                              f"replace it: choose a new or empty directory")
+    if not overwrite:
+        raise FileExistsError(f"{directory} already holds a checkpoint; pass {flag} to replace it")
+    return directory
+
+
 def save(params: dict, config: ModelConfig, directory: str | Path, *, tokenizer=None,
          overwrite: bool = False) -> Path:
-    """Write `params` (orbax), `config` (JSON) and optionally a `transformers` tokenizer to `directory`."""
+    """Write `params` (orbax), `config` (JSON) and optionally a `transformers` tokenizer to `directory`.
+
+    `overwrite` replaces an existing ssm_llm checkpoint (never any other non-empty directory; see
+    `check_destination`). The checkpoint is written to a temporary sibling first and swapped in at the
+    end, so an error or interrupt midway leaves the old checkpoint as it was and no temporary files.
+    """
+    directory = check_destination(directory, overwrite=overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final renames stay on one file system and are atomic; mkdir (not mkdtemp) so
+    # the checkpoint gets the usual permissions rather than mkdtemp's 0700.
+    token = secrets.token_hex(4)
+    staging = directory.parent / f".{directory.name}.tmp-{token}"
+    staging.mkdir()
+    try:
+        _write(params, config, staging, tokenizer)
+        _swap_in(staging, directory, directory.parent / f".{directory.name}.old-{token}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write(params: dict, config: ModelConfig, directory: Path, tokenizer) -> None:
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     params, quantized = _split_quantized(params)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params)
@@ -42,7 +99,21 @@ def save(params: dict, config: ModelConfig, directory: str | Path, *, tokenizer=
     if quantized:
         meta["quantized_weights"] = quantized
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return directory
+
+
+def _swap_in(staging: Path, directory: Path, backup: Path) -> None:
+    """Move `staging` to `directory`; an existing `directory` goes to a backup that is deleted only once
+    the new one is in place (and is moved back if that fails)."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    os.replace(directory, backup)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(backup, directory)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)  # the new checkpoint is in place: a leftover is no failure
 
 
 def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dict]:
@@ -65,8 +136,12 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
     if dtype is not None:  # integer codes of quantized weights keep their dtype
         params = jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                         params)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return config, _join_quantized(params, meta.get("quantized_weights", {}), directory)
+    params = _join_quantized(jax.tree_util.tree_map(jnp.asarray, params), meta.get("quantized_weights", {}), directory)
+    try:  # an edited or mismatched config file would otherwise run to garbage
+        check_params(params, config)
+    except ValueError as e:
+        raise ValueError(f"{directory}: the params do not match {CONFIG_FILE}: {e}") from None
+    return config, params
 
 
 def _split_quantized(params: dict) -> tuple[dict, dict]:

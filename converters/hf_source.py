@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
+from converters.hf_fields import config_dict
 from converters.safetensors_file import SafetensorsFile
 
 
@@ -59,7 +60,32 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
     return {name: _torch_to_numpy(t) for name, t in state.items()}
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON in {what} ({e})") from None
+
+
+def _shard_name(index_path: Path, name) -> str:
+    """A shard file name from an index, which must stay inside the model directory.
+
+    Checked lexically, without resolving symlinks: the Hugging Face hub cache stores every file as a
+    symlink into ../../blobs, and that must keep working; what a shard *name* may not do is climb out.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index_path}: weight_map value {name!r} is not a shard file name")
+    path = PurePosixPath(name.replace("\\", "/"))  # a backslash separates directories on Windows
+    if "\0" in name or path.is_absolute() or PureWindowsPath(name).drive or ".." in path.parts:
+        raise ValueError(f"{index_path}: shard {name!r} is outside the model directory; expected a file name "
+                         f"relative to {index_path.parent}")
+    return name
 
 
 def _shard_files(directory: Path, single: str, index: str) -> list[Path] | None:
@@ -68,11 +94,12 @@ def _shard_files(directory: Path, single: str, index: str) -> list[Path] | None:
     index_path = directory / index
     if not index_path.is_file():
         return None
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: corrupt shard index ({e})") from None
-    files = sorted(set(weight_map.values()))
+    content = _read_json(index_path, "the shard index")
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path}: corrupt shard index; expected an object with a 'weight_map' object "
+                         f"mapping tensor names to shard files")
+    files = sorted({_shard_name(index_path, f) for f in weight_map.values()})
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise ValueError(f"{index_path} lists shard(s) not in the directory: {missing}")
@@ -85,10 +112,7 @@ def read_hf_directory(directory: str | Path) -> tuple[dict[str, Any], Mapping]:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON ({e})") from None
+    config = config_dict(_read_json(config_path, "the model config"), str(config_path))
     files = _shard_files(directory, "model.safetensors", "model.safetensors.index.json")
     if files is not None:
         return config, ShardedTensors([SafetensorsFile(f) for f in files])
@@ -100,11 +124,21 @@ def read_hf_directory(directory: str | Path) -> tuple[dict[str, Any], Mapping]:
 
 def read_state_dict(state_dict: Mapping, config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A `transformers` / PyTorch state dict (tensors or arrays) and its config (object or dict)."""
-    config_dict = config if isinstance(config, dict) else config.to_dict()
+    if isinstance(config, Mapping):
+        config = dict(config)
+    elif hasattr(config, "to_dict"):
+        config = config.to_dict()
+    else:
+        raise TypeError(f"config must be a transformers config or a dict, got {type(config).__name__}")
     tensors = {}
     for name, value in state_dict.items():
-        tensors[name] = value if isinstance(value, np.ndarray) else _torch_to_numpy(value)
-    return config_dict, tensors
+        if isinstance(value, np.ndarray):
+            tensors[name] = value
+        elif hasattr(value, "detach"):
+            tensors[name] = _torch_to_numpy(value)
+        else:
+            raise TypeError(f"state dict entry {name!r} is a {type(value).__name__}, expected a tensor or array")
+    return config, tensors
 
 
 def read_transformers_model(model) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

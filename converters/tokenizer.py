@@ -14,6 +14,10 @@ from pathlib import Path
 
 from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
 
+# Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
 
 def cache_root() -> Path:
     """Where converted artefacts are cached."""
@@ -43,6 +47,14 @@ def _from_gguf(path: Path):
     return tokenizer
 
 
+def _check_has_tokenizer_files(directory: Path) -> None:
+    """Fail clearly when `directory` has none of the files a tokenizer is built from: transformers would
+    otherwise guess a tokenizer class from config.json and ask to install sentencepiece or tiktoken."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
+        raise FileNotFoundError(f"{directory} holds no tokenizer: found none of {', '.join(TOKENIZER_FILES)} "
+                                f"or *.tiktoken")
+
+
 def load_tokenizer(source):
     """The tokenizer of a GGUF file, a Hugging Face model directory or a directory written by `save`."""
     from transformers import AutoTokenizer
@@ -55,5 +67,7 @@ def load_tokenizer(source):
             if not (path / TOKENIZER_DIR).is_dir():
                 raise ValueError(f"{path} holds no tokenizer; it was saved without one")
             path = path / TOKENIZER_DIR
+        _check_has_tokenizer_files(path)
+        # Never trust_remote_code: a checkpoint directory is untrusted input (its auto_map is not run).
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     raise FileNotFoundError(f"no tokenizer source at {source}: expected a .gguf file or a model directory")

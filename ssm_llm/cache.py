@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ssm_llm.config import ModelConfig
+from ssm_llm.memory import check_fits
+from ssm_llm.validation import as_int
 
 
 @flax.struct.dataclass
@@ -36,11 +40,9 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens each."""
-    if not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    if not isinstance(max_len, int) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
     shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    check_fits(f"a KV cache of batch={batch}, max_len={max_len}", 2 * math.prod(shape) * jnp.dtype(dtype).itemsize)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
     )

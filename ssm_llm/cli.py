@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,6 @@ def _generate(args) -> int:
 
     import converters
     from ssm_llm.generation import GenerationConfig, generate
-
     from ssm_llm.kv.spec import parse_policy
     from ssm_llm.speculative.spec import parse_drafter
 
@@ -92,10 +92,10 @@ def _convert(args) -> int:
     import jax.numpy as jnp
 
     import converters
+    from converters.checkpoint import check_destination
 
-    dest = Path(args.dest)
-    if dest.exists() and any(dest.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace it")
+    # Before the slow load: refuse a destination that holds anything but a checkpoint, or the source.
+    dest = check_destination(args.dest, overwrite=args.overwrite, source=args.source, flag="--overwrite")
     config, params = converters.load(args.source, dtype=jnp.dtype(args.dtype), progress=True)
     try:
         tokenizer = converters.load_tokenizer(args.source)
@@ -141,14 +141,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user's input can cause (bad values, missing or unreadable files, a missing extra, memory):
+# reported as one line, exit status 2. Anything else is a bug: one line naming it, exit status 1.
+_EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError, MemoryError)
+_DEBUG_ENV = "SSM_LLM_DEBUG"
+
+
+def _debug() -> bool:
+    return os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return (text + " ...") if len(lines) > 1 else text
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `ssm-llm` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `ssm-llm` console script: 0 on success, 2 for a bad input (one line on stderr,
+    argparse's usage errors included), 1 for an unexpected error, 130 when interrupted. Set
+    SSM_LLM_DEBUG=1 to see the traceback of any error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "system", None) is not None and not args.chat:
+        parser.error("--system needs --chat (the system message goes into the chat template)")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"ssm-llm: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("ssm-llm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _debug():
+            raise
+        if isinstance(e, _EXPECTED_ERRORS):
+            message = _one_line(e) or type(e).__name__
+            print(f"ssm-llm: error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{message}",
+                  file=sys.stderr)
+            return 2
+        print(f"ssm-llm: error: unexpected {type(e).__name__}: {_one_line(e)} "
+              f"(set {_DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

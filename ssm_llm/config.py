@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ssm_llm.validation import as_float, as_int, as_token_ids
+
 ATTENTION_FAMILY = "attention"
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -39,6 +41,15 @@ class RopeConfig:
             )
 
 
+def check_token_fields(config) -> None:
+    """Validate a config's `bos_token_id` and `eos_token_ids` against its vocabulary (in place)."""
+    top = config.vocab_size - 1
+    if config.bos_token_id is not None:
+        object.__setattr__(config, "bos_token_id", as_int("config.bos_token_id", config.bos_token_id, 0, top))
+    object.__setattr__(config, "eos_token_ids", as_token_ids("config.eos_token_ids", config.eos_token_ids,
+                                                             config.vocab_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only attention model (Llama, Qwen2, Mistral, SmolLM2 share this shape).
@@ -70,26 +81,21 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, as_int(f"config.{name}", getattr(self, name), 1))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.layer_windows:
-            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
-        if len(self.layer_windows) != self.num_layers or any(w < 0 for w in self.layer_windows):
-            raise ValueError(
-                f"layer_windows must hold {self.num_layers} sizes >= 0 (0 = full attention), "
-                f"got {self.layer_windows}"
-            )
-        object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(self, "rms_norm_eps", as_float("config.rms_norm_eps", self.rms_norm_eps, 0.0, open_min=True))
+        windows = tuple(self.layer_windows) or (0,) * self.num_layers
+        if len(windows) != self.num_layers:
+            raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0 (0 = full attention), "
+                             f"got {self.layer_windows}")
+        object.__setattr__(self, "layer_windows", tuple(as_int(f"config.layer_windows[{i}]", w, 0)
+                                                         for i, w in enumerate(windows)))
+        check_token_fields(self)
         if self.family != ATTENTION_FAMILY:
             raise ValueError(f"ModelConfig.family must be {ATTENTION_FAMILY!r}, got {self.family!r}")
 

@@ -6,8 +6,10 @@ length, stops at its own EOS, and is returned without padding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import numbers
 import time
 from collections.abc import Callable, Sequence
 
@@ -15,18 +17,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm import token_stream
 from ssm_llm.config import ModelConfig
 from ssm_llm.kv.policy import KVPolicy, round_up
+from ssm_llm.kv.policy import describe as describe_policy
 from ssm_llm.kv.prefill import prefill as kv_prefill
+from ssm_llm.memory import check_fits
 from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.param_check import check_params
 from ssm_llm.sampling import sample
 from ssm_llm.speculative.protocol import Drafter
+from ssm_llm.validation import as_float, as_int, as_token_ids
 
 # Padded sizes are rounded up so that nearby prompt lengths share one compiled program.
 _PROMPT_BUCKET = 16
 _CACHE_BUCKET = 64
+# A stated ceiling on new tokens per call. State-space models have no context to bound max_new_tokens, and
+# a mistaken 10**9 would allocate a [B, 10**9] output buffer and decode for days; 2**20 tokens is already
+# about three hours at 100 tokens/s.
+MAX_NEW_TOKENS = 2 ** 20
+# Without jax_enable_x64 a PRNG key keeps 32 bits of its seed: larger or negative seeds would silently
+# collide with smaller ones (seed 2**32 draws exactly what seed 0 draws).
+MAX_SEED = 2 ** 32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +70,20 @@ class GenerationConfig:
     speculative: Drafter | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must lie in [0, 1), got {self.min_p}")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
-            raise ValueError(f"max_len must be None or an int >= 1, got {self.max_len!r}")
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("max_new_tokens", as_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS))
+        put("temperature", as_float("temperature", self.temperature, 0.0))
+        if self.top_k is not None:
+            put("top_k", as_int("top_k", self.top_k, 0))
+        put("top_p", as_float("top_p", self.top_p, 0.0, 1.0, open_min=True))
+        put("min_p", as_float("min_p", self.min_p, 0.0, 1.0, open_max=True))
+        put("seed", as_int("seed", self.seed, 0, MAX_SEED))
+        if self.eos_token_ids is not None:
+            put("eos_token_ids", as_token_ids("eos_token_ids", self.eos_token_ids))
+        if self.max_len is not None:
+            put("max_len", as_int("max_len", self.max_len, 1))
         if self.kv_compression is not None and not isinstance(self.kv_compression, KVPolicy):
             raise ValueError(f"kv_compression must be None or a policy from ssm_llm.kv (e.g. StreamingLLM(budget=256)), "
                              f"got {self.kv_compression!r}")
@@ -77,8 +93,6 @@ class GenerationConfig:
         if self.speculative is not None and self.kv_compression is not None:
             raise ValueError("speculative decoding verifies draft trees on a dense cache; it does not combine with "
                              "kv_compression yet")
-        if self.eos_token_ids is not None:
-            object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +128,21 @@ class GenerationResult:
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first, e.g. "
+                         "tokenizer(text).input_ids)")
     out = []
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, (int, np.integer)):
+        if isinstance(prompt, numbers.Integral):
             raise ValueError("prompts must be a list of token-id lists; wrap a single prompt as [ids]")
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"prompt {i} must be a flat list of int token ids")
+        if isinstance(prompt, (str, bytes)):
+            raise ValueError(f"prompt {i} is text ({prompt[:20]!r}); pass token ids, e.g. tokenizer(text).input_ids")
+        try:
+            ids = np.asarray(prompt)
+        except (ValueError, TypeError):
+            ids = np.asarray(prompt, dtype=object)
+        if ids.ndim != 1 or (ids.size and (ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer))):
+            raise ValueError(f"prompt {i} must be a flat list of int token ids, got {_preview(prompt)}")
         if ids.size == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         bad = ids[(ids < 0) | (ids >= vocab_size)]
@@ -130,6 +150,11 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompt {i} holds token id {int(bad[0])}, outside the vocabulary [0, {vocab_size})")
         out.append(ids.astype(np.int32).tolist())
     return out
+
+
+def _preview(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
@@ -143,11 +168,11 @@ def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "eos", "greedy", "top_k", "use_top_p", "use_min_p",
-                     "on_token", "impl"),
+                     "stream", "impl"),
     donate_argnames=("cache",),
 )
-def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, max_new_tokens, eos,
-            greedy, top_k, use_top_p, use_min_p, on_token, impl):
+def _decode(params, config, cache, logits, key, temperature, top_p, min_p, stream_id, *, max_new_tokens, eos,
+            greedy, top_k, use_top_p, use_min_p, stream, impl):
     batch = logits.shape[0]
     eos_ids = jnp.asarray(eos, jnp.int32) if eos else None
 
@@ -159,8 +184,8 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, ma
         return jnp.zeros(tok.shape, bool) if eos_ids is None else (tok[:, None] == eos_ids).any(-1)
 
     def emit(step, tok):
-        if on_token is not None:
-            jax.debug.callback(on_token, step, tok, ordered=True)
+        if stream:
+            token_stream.emit(stream_id, step, tok)
 
     key, sub = jax.random.split(key)
     tok = draw(logits, sub)
@@ -187,13 +212,15 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, *, ma
     return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
 
 
-def _sampling_args(gen_config: GenerationConfig, eos) -> tuple[tuple, dict]:
+def _sampling_args(gen_config: GenerationConfig, eos, vocab_size: int) -> tuple[tuple, dict]:
     """The decode loops' shared sampling arguments: traced (PRNG key, temperature, top_p, min_p) and
-    static (max_new_tokens, eos, greedy, top_k, which filters are on)."""
+    static (max_new_tokens, eos, greedy, top_k, which filters are on). A top_k of at least the vocabulary
+    keeps every token, so it is off."""
     values = (jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
               jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p))
+    top_k = gen_config.top_k if gen_config.top_k and gen_config.top_k < vocab_size else None
     static = dict(max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos), greedy=gen_config.temperature == 0,
-                  top_k=gen_config.top_k or None, use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0)
+                  top_k=top_k, use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0)
     return values, static
 
 
@@ -204,48 +231,30 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
     """Generate continuations of a ragged batch of token-id prompts.
 
     `on_token(step, tokens)` (optional) is called from inside the compiled loop as each step's tokens
-    `[B]` are drawn (-1 for finished sequences), e.g. to stream text; pass the same function each time
-    to reuse the compiled loop.
+    `[B]` are drawn (-1 for finished sequences), e.g. to stream text. If it raises, the remaining tokens
+    are not delivered and `generate` re-raises its exception when the loop ends.
+
+    Everything is checked before anything is compiled: params against `config`, prompts, EOS ids and
+    sizes against the vocabulary and the model's context, and the memory of the cache, the output buffer
+    and draft trees against the device's free memory (a MemoryError names the option responsible).
     """
+    if not isinstance(gen_config, GenerationConfig):
+        raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
+    family_module(config)  # a TypeError naming what config should be
+    check_params(params, config)
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be callable(step, tokens), got {on_token!r}")
     prompts = _check_prompts(prompts, config.vocab_size)
     lengths = [len(p) for p in prompts]
-    needed = max(lengths) + gen_config.max_new_tokens
-    if gen_config.max_len is not None and needed > gen_config.max_len:
-        raise ValueError(
-            f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
-            f"= {needed} exceeds max_len {gen_config.max_len}"
-        )
-    policy = gen_config.kv_compression
-    if policy is not None and not isinstance(config, ModelConfig):
-        raise ValueError(f"kv_compression compresses attention caches; {type(config).__name__} models have none")
-    context = config.max_position_embeddings  # None: no limit (state-space models)
-    if context is not None and max(lengths) > context:
-        raise ValueError(f"the longest prompt ({max(lengths)} tokens) exceeds the model's context of {context} positions")
-    if context is not None and needed > context and not (policy is not None and policy.unbounded):
-        raise ValueError(
-            f"the longest prompt ({max(lengths)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
-            f"= {needed} exceeds the model's context of {context} positions "
-            f"(kv_compression=StreamingLLM(...) can generate past it)"
-        )
-    drafter = gen_config.speculative
-    if drafter is not None and getattr(config, "family", None) == "quamba":
-        raise ValueError("speculative decoding does not support quantized (Quamba) targets yet: its per-node "
-                         "SSM states are float; generate without speculative=")
-    if drafter is not None and on_token is not None:
-        raise ValueError("on_token streaming is not supported with speculative decoding (a round emits several "
-                         "tokens per row); pass on_token=None")
-    max_len = gen_config.max_len or round_up(needed, _CACHE_BUCKET)
-    if context is not None and gen_config.max_len is None and policy is None:
-        max_len = min(max_len, context)
-    if drafter is not None:  # a draft tree is scored in the slots after each row's committed tokens
-        max_len = round_up(max_len + drafter.tree_size, _CACHE_BUCKET)
-    steps = min(round_up(max(lengths), _PROMPT_BUCKET), max_len)
-    if policy is not None:  # compressed caches count decoded tokens from the padded prompt on
-        max_len = max(max_len, steps + gen_config.max_new_tokens)
+    eos = as_token_ids("eos_token_ids", gen_config.eos_token_ids if gen_config.eos_token_ids is not None
+                       else config.eos_token_ids, config.vocab_size)
+    policy, drafter = gen_config.kv_compression, gen_config.speculative
+    _check_request(config, gen_config, max(lengths), on_token)
+    max_len, steps = _cache_sizes(config, gen_config, max(lengths))
+    _check_memory(config, gen_config, len(prompts), steps, max_len, jnp.dtype(params["embed"].dtype))
     tokens = np.zeros((len(prompts), steps), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    eos = gen_config.eos_token_ids if gen_config.eos_token_ids is not None else config.eos_token_ids
     cache_dtype = jnp.dtype(params["embed"].dtype)
 
     start = time.perf_counter()
@@ -263,14 +272,85 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
                                   max_len - drafter.tree_size, impl)
     else:
         stats = None
-        values, static = _sampling_args(gen_config, eos)
-        out, _ = _decode(params, config, cache, logits, *values, **static, on_token=on_token, impl=impl)
-    out = np.asarray(out)
-    if on_token is not None:
-        jax.effects_barrier()  # every streamed token has been delivered before we return
+        values, static = _sampling_args(gen_config, eos, config.vocab_size)
+        stream = token_stream.TokenStream(on_token) if on_token is not None else None
+        with stream or contextlib.nullcontext():
+            out, _ = _decode(params, config, cache, logits, *values, jnp.int32(stream.id if stream else 0),
+                             **static, stream=stream is not None, impl=impl)
+            out = np.asarray(out)
     decode_seconds = time.perf_counter() - start - prefill_seconds
+    new_tokens, reasons = _split_at_eos(np.asarray(out), set(eos))
+    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds, stats)
 
-    eos_set = set(eos)
+
+def _check_request(config, gen_config: GenerationConfig, longest: int, on_token) -> None:
+    """The options that depend on the model: context, KV compression, speculative decoding."""
+    needed = longest + gen_config.max_new_tokens
+    if gen_config.max_len is not None and needed > gen_config.max_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+                         f"= {needed} exceeds max_len {gen_config.max_len}")
+    policy, drafter = gen_config.kv_compression, gen_config.speculative
+    if policy is not None and not isinstance(config, ModelConfig):
+        raise ValueError(f"kv_compression compresses attention caches; {type(config).__name__} models have none")
+    context = config.max_position_embeddings  # None: no limit (state-space models)
+    if context is not None and longest > context:
+        raise ValueError(f"the longest prompt ({longest} tokens) exceeds the model's context of {context} positions")
+    if context is not None and needed > context and not (policy is not None and policy.unbounded):
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+                         f"= {needed} exceeds the model's context of {context} positions "
+                         f"(kv_compression=StreamingLLM(...) can generate past it)")
+    if drafter is not None and getattr(config, "family", None) == "quamba":
+        raise ValueError("speculative decoding does not support quantized (Quamba) targets yet: its per-node "
+                         "SSM states are float; generate without speculative=")
+    if drafter is not None and on_token is not None:
+        raise ValueError("on_token streaming is not supported with speculative decoding (a round emits several "
+                         "tokens per row); pass on_token=None")
+
+
+def _cache_sizes(config, gen_config: GenerationConfig, longest: int) -> tuple[int, int]:
+    """(max_len, steps): the cache positions per row (bucketed, so nearby requests share compiled
+    programs; a draft tree's slots included) and the padded prompt length."""
+    policy, drafter = gen_config.kv_compression, gen_config.speculative
+    context = config.max_position_embeddings
+    max_len = gen_config.max_len or round_up(longest + gen_config.max_new_tokens, _CACHE_BUCKET)
+    if context is not None and gen_config.max_len is None and policy is None:
+        max_len = min(max_len, context)
+    if drafter is not None:  # a draft tree is scored in the slots after each row's committed tokens
+        max_len = round_up(max_len + drafter.tree_size, _CACHE_BUCKET)
+    steps = min(round_up(longest, _PROMPT_BUCKET), max_len)
+    if policy is not None:  # compressed caches count decoded tokens from the padded prompt on
+        max_len = max(max_len, steps + gen_config.max_new_tokens)
+    return max_len, steps
+
+
+def _check_memory(config, gen_config: GenerationConfig, batch: int, steps: int, max_len: int, dtype) -> None:
+    """Refuse a request whose cache, output buffer or draft trees cannot fit in free memory, naming the
+    option that sized them. Estimates (upper bounds for compressed caches: the dense prefill cache plus
+    `capacity` dense slots; quantized storage is smaller)."""
+    policy, drafter = gen_config.kv_compression, gen_config.speculative
+    out_bytes = 4 * batch * gen_config.max_new_tokens
+    if isinstance(config, ModelConfig):
+        per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * dtype.itemsize
+        if policy is not None:
+            what = f"kv_compression={describe_policy(policy)}"
+            cache_bytes = per_slot * (steps + policy.capacity(steps, max_len))
+        else:
+            what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + \
+                   (f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")")
+            cache_bytes = per_slot * max_len
+    else:
+        cache = jax.eval_shape(lambda: init_cache(config, batch, 1, dtype))
+        cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+        what = f"the state-space cache of {batch} prompts"
+        if drafter is not None:  # one recurrent state per tree node
+            cache_bytes *= 1 + drafter.tree_size
+            what = f"speculative={type(drafter).__name__} (one state per node of a {drafter.tree_size}-node tree)"
+    check_fits(f"max_new_tokens={gen_config.max_new_tokens} (the output buffer)", out_bytes)
+    check_fits(what, cache_bytes + out_bytes)
+
+
+def _split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[str]]:
+    """Each row's tokens up to (excluding) its first EOS or -1 padding, and why it stopped."""
     new_tokens, reasons = [], []
     for row in out:
         seq, reason = [], "length"
@@ -283,7 +363,7 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
             seq.append(t)
         new_tokens.append(seq)
         reasons.append(reason)
-    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds, stats)
+    return new_tokens, reasons
 
 
 def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_config, eos, capacity, impl):
@@ -296,7 +376,7 @@ def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_co
     state = drafter.init(params, config, prompts, counts, capacity, impl)
     history = np.zeros((len(lengths), capacity + drafter.tree_size), np.int32)
     history[:, : tokens.shape[1]] = tokens
-    values, static = _sampling_args(gen_config, eos)
+    values, static = _sampling_args(gen_config, eos, config.vocab_size)
     out, _, rounds, accepted, state = speculative_decode(params, config, drafter, state, cache, logits,
                                                          jnp.asarray(history), counts, *values, **static, impl=impl)
     return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)

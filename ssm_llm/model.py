@@ -14,7 +14,9 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.kv.policy import CompressedCache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.param_check import check_params
 from ssm_llm.ssm_cache import SSMCache, init_ssm_cache
+from ssm_llm.validation import as_int
 
 Cache = KVCache | SSMCache
 
@@ -33,8 +35,7 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     if isinstance(config, ModelConfig):
         return _init_kv_cache(config, batch, max_len, dtype)
     module = family_module(config)  # a clear TypeError for anything that is not a model config
-    if not isinstance(max_len, int) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
     return module.init_cache(config, batch, dtype) if hasattr(module, "init_cache") else init_ssm_cache(config, batch, dtype)
 
 
@@ -109,27 +110,92 @@ def _check_forward_inputs(config, tokens, cache: Cache, token_counts) -> None:
             )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "fresh"))
-def _forward(params, config, tokens, cache, token_counts, impl, fresh):
+def runtime_invalid_rows(config, tokens, cache: Cache, token_counts) -> tuple[jax.Array, jax.Array]:
+    """([B] bool, [B] bool): rows with a token id outside the vocabulary among their real tokens, and rows
+    that overflow their cache (or the model's context, for a compressed cache). Traceable: these are the
+    checks `forward` cannot run in Python when its inputs are traced under `jax.jit`."""
+    steps = tokens.shape[1]
+    real = jnp.arange(steps)[None, :] < token_counts[:, None]
+    bad_ids = (((tokens < 0) | (tokens >= config.vocab_size)) & real).any(axis=1)
+    bad_ids |= (token_counts < 0) | (token_counts > steps)
+    if isinstance(cache, CompressedCache):
+        overflow = cache.policy.advance(cache.used, token_counts, cache.capacity) > cache.capacity
+        context = config.max_position_embeddings
+        if not cache.policy.unbounded and context is not None:
+            overflow |= cache.lengths + token_counts > context
+    elif isinstance(cache, KVCache):
+        overflow = cache.lengths + token_counts > cache.max_len
+    else:
+        overflow = jnp.zeros_like(bad_ids)
+    return bad_ids, overflow
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "fresh", "checkify_errors"))
+def _forward(params, config, tokens, cache, token_counts, impl, fresh, checkify_errors):
+    bad_ids, overflow = runtime_invalid_rows(config, tokens, cache, token_counts)
+    if checkify_errors:
+        from jax.experimental import checkify
+
+        checkify.check(~bad_ids.any(), f"forward: a token id is outside the vocabulary [0, {config.vocab_size}) (or "
+                       "token_counts lies outside [0, steps]) in row {row}", row=jnp.argmax(bad_ids))
+        checkify.check(~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache",
+                       row=jnp.argmax(overflow))
     h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl, fresh)
-    return logits_from_hidden(params, config, h), cache
+    logits = logits_from_hidden(params, config, h)
+    # Traced inputs skip the Python checks: a row that failed them gets NaN logits instead of a silent,
+    # plausible wrong answer (gathers clamp bad ids; cache writes clamp past the end).
+    return jnp.where((bad_ids | overflow)[:, None, None], jnp.nan, logits), cache
+
+
+def _as_tokens(tokens):
+    if not _is_concrete(tokens):
+        return tokens
+    try:
+        arr = np.asarray(tokens)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"tokens must be a [batch, steps] array of int token ids ({e})") from None
+    if arr.dtype == object:
+        raise ValueError("tokens must be a [batch, steps] array of int token ids, got objects")
+    return jnp.asarray(arr)
+
+
+def _as_token_counts(token_counts):
+    if token_counts is None:
+        return None
+    if not _is_concrete(token_counts):
+        return token_counts
+    arr = np.asarray(token_counts)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token_counts must be [batch] ints, got {token_counts!r}")
+    return arr
 
 
 def forward(params: dict, config, tokens: jax.Array, cache: Cache, *,
-            token_counts: jax.Array | None = None, impl: str = "auto") -> tuple[jax.Array, Cache]:
+            token_counts: jax.Array | None = None, impl: str = "auto",
+            checkify_errors: bool = False) -> tuple[jax.Array, Cache]:
     """Append `tokens: [B, T]` to `cache` and return `(logits [B, T, V], new_cache)`.
 
     Works for prefill (T > 1) and decode (T = 1) of every model family (attention: `KVCache`;
     Mamba / Mamba-2: `SSMCache`); each sequence continues at its own cached length.
     `token_counts: [B]` marks how many of each row's tokens are real when rows are right-padded
     (default: all T); the cache advances by that many. Never mutates its inputs.
+
+    Bad inputs raise ValueError naming them: params that do not match `config` (always, also under
+    `jax.jit`), and, when the values are concrete, token ids outside the vocabulary and cache overflow.
+    Under `jax.jit` the last two cannot be checked in Python: such a row gets NaN logits (and its cache
+    row is invalid). `checkify_errors=True` turns them into `jax.experimental.checkify` errors instead:
+    `err, out = checkify.checkify(jax.jit(f))(...); err.throw()` with `f` calling forward with it.
     """
-    tokens = jnp.asarray(tokens)
+    family_module(config)  # a TypeError naming what config should be
+    check_params(params, config)
+    tokens = _as_tokens(tokens)
+    token_counts = _as_token_counts(token_counts)
     _check_forward_inputs(config, tokens, cache, token_counts)
     if token_counts is None:
         token_counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     # A cache known to be empty takes the cheaper prefill attention (same result).
     fresh = (not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths)
              and not np.asarray(cache.lengths).any())
-    return _forward(params, config, tokens.astype(jnp.int32), cache,
-                    jnp.asarray(token_counts, jnp.int32), impl, fresh)
+    traced = not all(_is_concrete(x) for x in (tokens, token_counts, cache.lengths))
+    return _forward(params, config, tokens.astype(jnp.int32), cache, jnp.asarray(token_counts, jnp.int32), impl,
+                    fresh, checkify_errors and traced)

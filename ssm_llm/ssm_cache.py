@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.memory import check_fits
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+from ssm_llm.validation import as_int
 
 
 @flax.struct.dataclass
@@ -34,8 +38,7 @@ class SSMCache:
 def init_ssm_cache(config: MambaConfig | Mamba2Config, batch: int, dtype=jnp.float32) -> SSMCache:
     """Zero states for `batch` sequences. The SSM state is always float32 (it accumulates over the
     whole sequence); `dtype` applies to the convolution state."""
-    if not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    batch = as_int("batch", batch, 1)
     L, K = config.num_layers, config.conv_kernel
     if isinstance(config, Mamba2Config):
         conv = (L, batch, config.conv_dim, K - 1)
@@ -43,5 +46,6 @@ def init_ssm_cache(config: MambaConfig | Mamba2Config, batch: int, dtype=jnp.flo
     else:
         conv = (L, batch, config.intermediate_size, K - 1)
         ssm = (L, batch, config.intermediate_size, config.state_size)
+    check_fits(f"an SSM cache of batch={batch}", math.prod(conv) * jnp.dtype(dtype).itemsize + math.prod(ssm) * 4)
     return SSMCache(conv_state=jnp.zeros(conv, dtype), ssm_state=jnp.zeros(ssm, jnp.float32),
                     lengths=jnp.zeros((batch,), jnp.int32))

@@ -9,6 +9,9 @@ import dataclasses
 import math
 from typing import Any
 
+from ssm_llm.config import check_token_fields
+from ssm_llm.validation import as_float, as_int
+
 MAMBA1_FAMILY = "mamba"
 MAMBA2_FAMILY = "mamba2"
 _ACTIVATIONS = ("silu", "swish")
@@ -16,9 +19,7 @@ _ACTIVATIONS = ("silu", "swish")
 
 def _positive_ints(config, names):
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+        object.__setattr__(config, name, as_int(f"config.{name}", getattr(config, name), 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +44,13 @@ class _SSMBase:
     def _validate_common(self, extra_ints=()):
         _positive_ints(self, ("vocab_size", "hidden_size", "num_layers", "state_size", "intermediate_size",
                               "conv_kernel", *extra_ints))
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        object.__setattr__(self, "layer_norm_epsilon",
+                           as_float("config.layer_norm_epsilon", self.layer_norm_epsilon, 0.0, open_min=True))
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported by Mamba blocks (only silu)")
         if self.max_position_embeddings is not None:
             _positive_ints(self, ("max_position_embeddings",))
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        check_token_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `ssm_llm.config_from_dict` inverts it."""

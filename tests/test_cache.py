@@ -87,9 +87,9 @@ def test_forward_rejects_bad_tokens(params, tokens, message):
 
 
 def test_init_cache_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="max_len must be a positive int"):
+    with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         ssm_llm.init_cache(CONFIG, 1, 0)
-    with pytest.raises(ValueError, match="batch must be a positive int"):
+    with pytest.raises(ValueError, match="batch must be a positive int, got -2"):
         ssm_llm.init_cache(CONFIG, -2, 8)
 
 

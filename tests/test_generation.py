@@ -90,13 +90,13 @@ def test_past_the_model_context(params):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
-    (dict(min_p=1.0), r"min_p must lie in \[0, 1\)"),
-    (dict(top_k=-2), "top_k must be None or an int >= 0"),
-    (dict(max_len=0), "max_len must be None or an int >= 1"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be an int in \[1, 1048576\], got 0"),
+    (dict(temperature=-1.0), r"temperature must be a finite number in \[0.0, inf\), got -1.0"),
+    (dict(top_p=0.0), r"top_p must be a finite number in \(0.0, 1.0\]"),
+    (dict(top_p=1.5), r"top_p must be a finite number in \(0.0, 1.0\]"),
+    (dict(min_p=1.0), r"min_p must be a finite number in \[0.0, 1.0\)"),
+    (dict(top_k=-2), r"top_k must be an int >= 0, got -2"),
+    (dict(max_len=0), r"max_len must be a positive int, got 0"),
 ])
 def test_bad_generation_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

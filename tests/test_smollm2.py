@@ -110,6 +110,6 @@ def test_cli_reports_errors_clearly(tmp_path):
     assert result.returncode == 2
     assert "ssm-llm: error: no checkpoint at" in result.stderr
     result = run_cli("generate", "--prompt", "hi", "--max-new-tokens", "0")
-    assert result.returncode == 2 and "max_new_tokens must be an int >= 1" in result.stderr
+    assert result.returncode == 2 and "max_new_tokens must be an int in [1, 1048576], got 0" in result.stderr
     result = run_cli("generate", "--prompt", "hi", "--speculative", "token_recyling")
     assert result.returncode == 2 and "unknown speculative drafter" in result.stderr and "token_recycling" in result.stderr

@@ -22,5 +22,7 @@ def family_module(config) -> ModuleType:
         from ssm_llm.quant import quantized_lm
 
         return quantized_lm
+    hint = ("; build one from a dict with ssm_llm.config_from_dict (a saved config) or converters.config_from_hf "
+            "(a Hugging Face config.json)") if isinstance(config, dict) else ""
     raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig, Mamba2Config "
-                    f"or QuantizedSSMConfig)")
+                    f"or QuantizedSSMConfig){hint}")

@@ -21,10 +21,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quantized_matmul import (QuantizedWeight, dequantize_weights, quantized_matmul,
-                                             quantized_matmul_int8)
+from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights, quantized_matmul, quantized_matmul_int8
+from ssm_llm.models.mamba_lm import param_shapes as float_param_shapes
 from ssm_llm.models.mamba_lm import run_blocks
 from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
+from ssm_llm.param_check import ANY
 from ssm_llm.quant.quantizers import dequantize, fake_quant, quantize
 from ssm_llm.quant.rotation import hadamard
 from ssm_llm.quant.scheme import QuantizedSSMConfig
@@ -66,6 +67,15 @@ class QuantOps:
 
 def _state_codes(config: QuantizedSSMConfig) -> bool:
     return config.scheme.quantizes_acts and config.scheme.quantize_state
+
+
+def param_shapes(config: QuantizedSSMConfig) -> dict:
+    """The float model's shapes with an explicit lm_head (quantized linears keep their logical [L, K, N]
+    shape) plus, with 8-bit activations, `layers["scales"]`."""
+    shapes = float_param_shapes(dataclasses.replace(config.base, tie_word_embeddings=False))
+    if config.scheme.quantizes_acts:
+        shapes["layers"]["scales"] = ANY
+    return shapes
 
 
 def init_params(config, key, dtype=jnp.float32):
