@@ -19,7 +19,7 @@ import numpy as np
 
 from ssm_llm import token_stream
 from ssm_llm.config import ModelConfig
-from ssm_llm.kv.policy import KVPolicy, round_up
+from ssm_llm.kv.policy import KVPolicy, memory_bound, round_up
 from ssm_llm.kv.policy import describe as describe_policy
 from ssm_llm.kv.prefill import prefill as kv_prefill
 from ssm_llm.memory import check_fits
@@ -85,8 +85,8 @@ class GenerationConfig:
         if self.max_len is not None:
             put("max_len", as_int("max_len", self.max_len, 1))
         if self.kv_compression is not None and not isinstance(self.kv_compression, KVPolicy):
-            raise ValueError(f"kv_compression must be None or a policy from ssm_llm.kv (e.g. StreamingLLM(budget=256)), "
-                             f"got {self.kv_compression!r}")
+            raise ValueError(f"kv_compression must be None or a policy from ssm_llm.kv (e.g. "
+                             f"StreamingLLM(budget=256)), got {self.kv_compression!r}")
         if self.speculative is not None and not isinstance(self.speculative, Drafter):
             raise ValueError(f"speculative must be None or a drafter from ssm_llm.speculative (e.g. PromptLookup()), "
                              f"got {self.speculative!r}")
@@ -250,6 +250,8 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
                        else config.eos_token_ids, config.vocab_size)
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     _check_request(config, gen_config, max(lengths), on_token)
+    if policy is not None:  # the policy's own limits first: clearer than a memory estimate built on them
+        policy.check(config, tuple(sorted(set(lengths))))
     max_len, steps = _cache_sizes(config, gen_config, max(lengths))
     _check_memory(config, gen_config, len(prompts), steps, max_len, jnp.dtype(params["embed"].dtype))
     tokens = np.zeros((len(prompts), steps), np.int32)
@@ -329,15 +331,13 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, steps: int, 
     `capacity` dense slots; quantized storage is smaller)."""
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     out_bytes = 4 * batch * gen_config.max_new_tokens
-    if isinstance(config, ModelConfig):
-        per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * dtype.itemsize
-        if policy is not None:
-            what = f"kv_compression={describe_policy(policy)}"
-            cache_bytes = per_slot * (steps + policy.capacity(steps, max_len))
-        else:
-            what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + \
-                   (f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")")
-            cache_bytes = per_slot * max_len
+    if isinstance(config, ModelConfig) and policy is not None:
+        what = f"kv_compression={describe_policy(policy)}"
+        cache_bytes = memory_bound(config, policy, batch, steps, max_len, dtype)
+    elif isinstance(config, ModelConfig):
+        what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + \
+               (f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")")
+        cache_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * dtype.itemsize * max_len
     else:
         cache = jax.eval_shape(lambda: init_cache(config, batch, 1, dtype))
         cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))

@@ -240,12 +240,20 @@ def test_state_space_models_have_a_stated_ceiling_on_new_tokens(mamba_params):
 def test_memory_is_estimated_before_allocating(params, mamba_params, monkeypatch):
     from ssm_llm import kv, memory
 
+    with pytest.raises(ValueError, match=r"StreamingLLM: budget \(1000000000\) exceeds the model's context of 128"):
+        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4,
+                                                                  kv_compression=kv.StreamingLLM(budget=10 ** 9)))
     monkeypatch.setattr(memory, "_host_available", lambda: 2 ** 30)  # pretend 1 GiB is free
-    policy = kv.StreamingLLM(budget=10 ** 9)
-    with pytest.raises(MemoryError, match=r"kv_compression=StreamingLLM\(budget=1000000000.*would need 119.2 GiB, "
+    with pytest.raises(MemoryError, match=r"max_new_tokens=1048576 \(the output buffer\) would need 1.6 GiB, "
                                           r"more than the 1.0 GiB free"):
-        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4, kv_compression=policy))
-    with pytest.raises(MemoryError, match=r"max_new_tokens=1048576 \(the output buffer\) would need 1.6 GiB"):
         ssm_llm.generate(mamba_params, MAMBA, [[1, 2]] * 400, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
     with pytest.raises(MemoryError, match=r"a KV cache of batch=1000, max_len=1000000 would need 119.2 GiB"):
         ssm_llm.init_cache(CONFIG, 1000, 10 ** 6)
+    monkeypatch.setattr(memory, "_host_available", lambda: 2 ** 10)  # 1 KiB
+    policy = kv.StreamingLLM(budget=100)
+    with pytest.raises(MemoryError, match=r"kv_compression=StreamingLLM\(budget=100, .*would need 14.5 KiB"):
+        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4, kv_compression=policy))
+    with pytest.raises(MemoryError, match=r"kv_compression=StreamingLLM\(budget=100, .*with max_len=64 would need"):
+        kv.prefill(params, CONFIG, [[1, 2]], policy, max_len=64)
+    with pytest.raises(MemoryError, match=r"a KV cache of 64 positions for 1 prompts .*would need 8.0 KiB"):
+        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4))

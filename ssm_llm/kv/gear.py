@@ -32,9 +32,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.policy import KVPolicy, check_positive_int
-from ssm_llm.kv.quantization import QuantizedTensor, check_policy_bits, dequantize, quantize
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context
+from ssm_llm.kv.quantization import QuantizedTensor, check_channel_groups, check_policy_bits, dequantize, quantize
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
+from ssm_llm.option_spec import is_real, shown
 
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 factors, not TF32, on GPUs
 
@@ -138,9 +139,14 @@ class GEAR(KVPolicy):
         check_policy_bits("GEAR", "bits", self.bits)
         check_positive_int("GEAR", "rank", self.rank, minimum=0)
         f = self.outlier_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
-            raise ValueError(f"GEAR: outlier_fraction must be a number in [0, 1), got {f!r}")
+        if not is_real(f) or not 0 <= f < 1:
+            raise ValueError(f"GEAR: outlier_fraction must be a number in [0, 1), got {shown(f)}")
         check_positive_int("GEAR", "group_size", self.group_size)
+
+    def check(self, config, prompt_lengths):
+        check_channel_groups("GEAR", self.bits, self.group_size, config.head_dim)
+        check_within_context("GEAR", "group_size", self.group_size, config,
+                             "keys are quantized in groups of that many tokens")
 
     def outlier_count(self, tokens: int, head_dim: int) -> int:
         """Sparse entries kept per [tokens, head_dim] matrix (at least 1 for any fraction > 0)."""
@@ -153,7 +159,7 @@ class GEAR(KVPolicy):
         L, B, H, S, D = cache.k.shape
         lengths = cache.lengths[None, :, None]
         n = self.outlier_count(S, D)
-        common = dict(bits=self.bits, rank=self.rank, outliers=n, lengths=lengths)
+        common = {"bits": self.bits, "rank": self.rank, "outliers": n, "lengths": lengths}
         k = compress_tensor(cache.k, "tokens", group_size=self.group_size, **common)
         v = compress_tensor(cache.v, "channels", group_size=min(self.group_size, D), **common)
         tail = empty_slots(L, B, H, capacity - S, D, cache.k.dtype)
@@ -161,7 +167,7 @@ class GEAR(KVPolicy):
         return GEARCache(k, v, tail, cache.lengths.astype(jnp.int32)), jnp.full_like(cache.lengths, S)
 
     def attend(self, config, data: GEARCache, index, q, k, v, positions, used, lengths, window, impl):
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)  # noqa: E731
+        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
         dtype = data.tail.k.dtype
         out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions,
                                               reconstruct(layer(data.k), dtype), reconstruct(layer(data.v), dtype),

@@ -24,9 +24,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies, round_up
-from ssm_llm.kv.quantization import (QuantizedTensor, check_policy_bits, dequantize, quantize_keys,
-                                     quantize_or_keep)
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, rope_frequencies, round_up
+from ssm_llm.kv.quantization import (
+    QuantizedTensor,
+    check_channel_groups,
+    check_policy_bits,
+    dequantize,
+    quantize_keys,
+    quantize_or_keep,
+)
 from ssm_llm.kv.slots import slot_attention
 from ssm_llm.rope import rotate
 
@@ -58,6 +64,12 @@ class KIVI(KVPolicy):
         check_positive_int("KIVI", "residual", self.residual)
         if self.residual % self.group_size:
             raise ValueError(f"KIVI: residual ({self.residual}) must be a multiple of group_size ({self.group_size})")
+
+    def check(self, config, prompt_lengths):
+        check_channel_groups("KIVI", self.bits, self.group_size, config.head_dim)
+        check_within_context("KIVI", "group_size", self.group_size, config, "a key group that long never fills")
+        check_within_context("KIVI", "residual", self.residual, config,
+                             "a residual that long never quantizes a token (bits=16 keeps the full cache)")
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return round_up(max_len, self.group_size)
@@ -105,7 +117,7 @@ class KIVI(KVPolicy):
         pos = jnp.where(pos < lengths[:, None], pos, -1)
         keys, values = data.residual_k[index], data.residual_v[index]
         if data.keys is not None:
-            layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)  # noqa: E731
+            layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
             kq, vq = dequantize(layer(data.keys), dtype), dequantize(layer(data.values), dtype)
             j = jnp.arange(kq.shape[2])[None, :]
             pos = jnp.concatenate([jnp.where(j < self.quantized_tokens(lengths)[:, None], j, -1), pos], axis=1)
@@ -128,7 +140,7 @@ class KIVI(KVPolicy):
         at = jnp.where(flush[:, None], tokens, capacity)  # [B, G]; out of range: dropped
         group = jnp.where(flush, (q - g) // g, capacity // g)
         # Indexing [index, rows [B, 1], :, at [B, G]] puts (B, G) first: new [B, H, G, ...] -> [B, G, H, ...].
-        per_token = lambda old, new: old.at[index, rows[:, None], :, at].set(  # noqa: E731
+        per_token = lambda old, new: old.at[index, rows[:, None], :, at].set(
             jnp.moveaxis(new, 2, 1), mode="drop")
         keys = dataclasses.replace(data.keys, codes=per_token(data.keys.codes, qk.codes),
                                    scale=data.keys.scale.at[index, rows, :, group].set(qk.scale[:, :, 0], mode="drop"),
@@ -144,7 +156,7 @@ class KIVI(KVPolicy):
         inv_freq = rope_frequencies(config)
         p, rows = positions[:, 0], jnp.arange(q.shape[0])
         slot = p % data.residual_k.shape[3]
-        write = lambda old, new: old.at[index, rows, :, slot].set(new.astype(old.dtype))  # noqa: E731
+        write = lambda old, new: old.at[index, rows, :, slot].set(new.astype(old.dtype))
         data = data.replace(residual_k=write(data.residual_k, rotate(k[:, 0], p[:, None], inv_freq)),
                             residual_v=write(data.residual_v, v[:, 0]))
         if data.keys is not None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from ssm_llm.kv.policy import KVPolicy, check_positive_int
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
+from ssm_llm.option_spec import is_real, shown
 
 
 @flax.struct.dataclass
@@ -86,8 +87,8 @@ def slerp_merge(a: jax.Array, b: jax.Array, t: float):
 
 
 def _check_fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"MiniCache: {name} must be a number in [0, 1], got {value!r}")
+    if not is_real(value) or not 0 <= value <= 1:
+        raise ValueError(f"MiniCache: {name} must be a number in [0, 1], got {shown(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,9 @@ class MiniCache(KVPolicy):
             _check_fraction("max_retained", self.max_retained)
         else:
             check_positive_int("MiniCache", "max_retained", self.max_retained, minimum=0)
+
+    def check(self, config, prompt_lengths):
+        self.layout(config.num_layers)  # start_layer must lie in [0, num_layers]
 
     def layout(self, num_layers: int):
         """(unmerged layers, merged pairs (l, l + 1)) for a stack of `num_layers` layers."""

@@ -26,9 +26,23 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.policy import (KVPolicy, check_positive_int, observed_attention, resolve_budget, rope_frequencies,
-                               round_up)
-from ssm_llm.kv.quantization import QuantizedTensor, check_policy_bits, dequantize_or_keep, quantize_or_keep
+from ssm_llm.kv.policy import (
+    KVPolicy,
+    check_budget,
+    check_positive_int,
+    check_within_context,
+    observed_attention,
+    resolve_budget,
+    rope_frequencies,
+    round_up,
+)
+from ssm_llm.kv.quantization import (
+    QuantizedTensor,
+    check_channel_groups,
+    check_policy_bits,
+    dequantize_or_keep,
+    quantize_or_keep,
+)
 from ssm_llm.kv.slots import SlotKV, empty_slots, slot_attention, write_slot
 from ssm_llm.rope import rotate
 
@@ -57,7 +71,7 @@ def attention_importance(queries, q_positions, keys, lengths):
     -inf for keys past a sequence's length.
     """
     L, B = keys.shape[:2]
-    flat = lambda x: x.reshape(L * B, *x.shape[2:])  # noqa: E731  (layers as extra batch rows)
+    flat = lambda x: x.reshape(L * B, *x.shape[2:])
     attn = observed_attention(flat(keys), flat(queries), jnp.tile(q_positions, (L, 1)))
     scores = attn.sum(axis=2).reshape(L, B, keys.shape[2], keys.shape[3])
     s = jnp.arange(keys.shape[3])
@@ -80,17 +94,19 @@ class MixedPrecisionKV(KVPolicy):
         if self.low_bits > self.high_bits:
             raise ValueError(f"MixedPrecisionKV: low_bits ({self.low_bits}) must not exceed high_bits "
                              f"({self.high_bits})")
-        if isinstance(self.important, float):
-            if not 0 < self.important <= 1:
-                raise ValueError(f"MixedPrecisionKV: a fractional important must lie in (0, 1], got {self.important}")
-        else:
-            check_positive_int("MixedPrecisionKV", "important", self.important)
+        check_budget("MixedPrecisionKV", self.important, "important")
         check_positive_int("MixedPrecisionKV", "window", self.window)
         check_positive_int("MixedPrecisionKV", "group_size", self.group_size)
 
     @property
     def observation_window(self) -> int:
         return self.window
+
+    def check(self, config, prompt_lengths):
+        for bits in (self.high_bits, self.low_bits):
+            check_channel_groups("MixedPrecisionKV", bits, self.group_size, config.head_dim)
+        check_within_context("MixedPrecisionKV", "group_size", self.group_size, config,
+                             "low-bit keys are quantized in groups of that many tokens")
 
     def prompt_slots(self, prompt_len: int) -> int:
         """Low-bit slots for a (padded) prompt of `prompt_len` tokens: whole key groups."""
@@ -102,15 +118,15 @@ class MixedPrecisionKV(KVPolicy):
     def compress(self, config, cache, observation, capacity):
         n, S = cache.lengths, cache.max_len
         P = self.prompt_slots(S)
-        count = min(resolve_budget("MixedPrecisionKV", self.important, S), S)
+        count = min(resolve_budget("MixedPrecisionKV", self.important, S, "important"), S)
         scores = attention_importance(observation.queries, observation.positions, cache.k, n)
         top, idx = jax.lax.top_k(scores, count)  # [L, B, H_kv, K]
-        take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)  # noqa: E731
-        high = lambda x: quantize_or_keep(take(x), self.high_bits, self.group_size, "channels", x.dtype)  # noqa: E731
+        take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
+        high = lambda x: quantize_or_keep(take(x), self.high_bits, self.group_size, "channels", x.dtype)
         # Pad the prompt to whole groups with each row's last real token, so padding never widens a range.
         pos = jnp.arange(P)[None, :]
         fill = jnp.where(pos < n[:, None], pos, n[:, None] - 1)[None, :, None, :, None]
-        low = lambda x, axis: quantize_or_keep(  # noqa: E731
+        low = lambda x, axis: quantize_or_keep(
             jnp.take_along_axis(x, jnp.broadcast_to(jnp.minimum(fill, S - 1), x.shape[:3] + (P, x.shape[4])), axis=3),
             self.low_bits, self.group_size, axis, x.dtype)
         L, B, H, _, D = cache.k.shape
@@ -125,7 +141,7 @@ class MixedPrecisionKV(KVPolicy):
         [B, H_kv, S] (-1: empty slot), the prompt's important tokens read from their high-bit copy
         (`lengths` is unused: every stored token is visible)."""
         dtype = data.tail.k.dtype
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)  # noqa: E731
+        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
         k, v = dequantize_or_keep(layer(data.low_k), dtype), dequantize_or_keep(layer(data.low_v), dtype)
         B, H, P, _ = k.shape
         at = data.high_pos[index]

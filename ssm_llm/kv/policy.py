@@ -17,6 +17,7 @@ original position unless a method says otherwise, and `cache_bytes(cache)` measu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -26,6 +27,7 @@ import numpy as np
 
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
+from ssm_llm.option_spec import check_int
 from ssm_llm.rope import inverse_frequencies
 
 
@@ -75,6 +77,11 @@ class KVPolicy:
     def unbounded(self) -> bool:
         """True if generation may run past the model's context (it re-uses cache positions)."""
         return False
+
+    def check(self, config: ModelConfig, prompt_lengths: Sequence[int]) -> None:
+        """Raise a ValueError naming the option if this policy cannot serve `config` with prompts of
+        `prompt_lengths` tokens (each row's length where known, else the padded length). `compress_cache`
+        and `ssm_llm.kv.prefill` call it before any array is built; the default accepts everything."""
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         """Token slots per sequence after a prefill into a dense cache of `prompt_len` positions, for
@@ -133,19 +140,55 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def check_positive_int(method: str, name: str, value, minimum: int = 1) -> None:
-    """A clear ValueError unless `value` is an int >= minimum (bools are not ints here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{method}: {name} must be an int >= {minimum}, got {value!r}")
+    """A clear ValueError unless `value` is an int >= minimum (numpy ints too; bools are not ints here)."""
+    check_int(method, name, value, minimum)
 
 
-def resolve_budget(method: str, budget, prompt_len: int) -> int:
-    """A budget given as a token count (int >= 1) or a kept fraction (float in (0, 1]) -> tokens."""
+def check_within_context(method: str, name: str, value: int, config: ModelConfig, reason: str) -> None:
+    """A clear ValueError if the size `value` exceeds the model's context (`reason`: why that is wrong)."""
+    if value > config.max_position_embeddings:
+        raise ValueError(f"{method}: {name} ({value}) exceeds the model's context of "
+                         f"{config.max_position_embeddings} positions: {reason}")
+
+
+def check_budget(method: str, budget, name: str = "budget") -> None:
+    """A clear ValueError unless `budget` is a token count (an int >= 1) or a kept fraction (a float in
+    (0, 1]; NaN and infinity are not)."""
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"{method}: a fractional budget must lie in (0, 1], got {budget}")
-        return max(1, int(round(budget * prompt_len)))
-    check_positive_int(method, "budget", budget)
-    return int(budget)
+            raise ValueError(f"{method}: a fractional {name} must lie in (0, 1], got {budget!r}")
+    else:
+        check_int(method, name, budget)
+
+
+def resolve_budget(method: str, budget, prompt_len: int, name: str = "budget") -> int:
+    """A budget (`check_budget`) -> tokens of a prompt of `prompt_len` tokens: an int is taken as it is,
+    a fraction keeps round(budget * prompt_len) tokens (round half to even). A fraction that keeps no
+    token (round(budget * prompt_len) < 1) is an error naming the budget, the prompt length and the
+    count, never rounded up to one silently."""
+    check_budget(method, budget, name)
+    if not isinstance(budget, float):
+        return int(budget)
+    count = round(budget * prompt_len)
+    if count < 1:
+        raise ValueError(f"{method}: {name}={budget!r} keeps round({budget!r} * {prompt_len}) = {count} tokens of a "
+                         f"{prompt_len}-token prompt; give a larger fraction or a token count (an int >= 1)")
+    return count
+
+
+def prompt_lengths(lengths, padded: int) -> tuple[int, ...]:
+    """What `KVPolicy.check` sees: the distinct lengths of concrete `lengths: [B]`, or `(padded,)` (the
+    padded prompt length) when they are traced, under jit."""
+    if isinstance(lengths, jax.core.Tracer):
+        return (padded,)
+    return tuple(sorted({int(n) for n in np.asarray(lengths) if n > 0})) or (padded,)
+
+
+def memory_bound(config: ModelConfig, policy: KVPolicy, batch: int, prompt_len: int, max_len: int, dtype) -> int:
+    """An upper bound of the bytes a compressed cache needs while it is built: the dense prefill cache of
+    `prompt_len` positions plus `policy.capacity` dense slots (quantized and low-rank storage is smaller)."""
+    per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
+    return per_slot * (prompt_len + policy.capacity(prompt_len, max_len))
 
 
 def compress_cache(config: ModelConfig, cache: KVCache, policy: KVPolicy, max_len: int,
@@ -168,6 +211,7 @@ def compress_cache(config: ModelConfig, cache: KVCache, policy: KVPolicy, max_le
     prompt_len = cache.max_len
     if max_len < prompt_len:
         raise ValueError(f"compress_cache: max_len ({max_len}) is smaller than the prefill cache ({prompt_len} positions)")
+    policy.check(config, prompt_lengths(cache.lengths, prompt_len))
     capacity = policy.capacity(prompt_len, max_len)
     data, used = policy.compress(config, cache, observation, capacity)
     return CompressedCache(data=data, lengths=cache.lengths, used=used, policy=policy, capacity=capacity)

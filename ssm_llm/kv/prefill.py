@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.cache import init_cache
-from ssm_llm.kv.policy import CompressedCache, KVPolicy, compress_cache
+from ssm_llm.kv.policy import CompressedCache, KVPolicy, compress_cache, describe, memory_bound, prompt_lengths
+from ssm_llm.memory import check_fits
 from ssm_llm.models import attention_lm
 from ssm_llm.models.lm_head import logits_from_hidden
 
@@ -17,8 +18,9 @@ from ssm_llm.models.lm_head import logits_from_hidden
 def _prefill(params, config, tokens, counts, policy, max_len, impl, cache_dtype):
     cache = init_cache(config, tokens.shape[0], tokens.shape[1], cache_dtype)
     if policy.observation_window:
-        h, cache, observation = attention_lm.prefill_observed(params, config, tokens, cache, counts,
-                                                              policy.observation_window, impl)
+        # A window past the prompt observes every query: the same observation, in T rows rather than W.
+        window = min(policy.observation_window, tokens.shape[1])
+        h, cache, observation = attention_lm.prefill_observed(params, config, tokens, cache, counts, window, impl)
     else:
         h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
         observation = None
@@ -41,4 +43,8 @@ def prefill(params: dict, config, tokens, policy: KVPolicy, max_len: int, *, tok
         jnp.asarray(token_counts, jnp.int32)
     if not isinstance(policy, KVPolicy):
         raise TypeError(f"policy must be a KV policy from ssm_llm.kv, got {policy!r}")
+    policy.check(config, prompt_lengths(counts, tokens.shape[1]))  # each row's length is known here, not in the jit
+    dtype = jnp.dtype(params["embed"].dtype)
+    check_fits(f"kv_compression={describe(policy)} with max_len={max_len}",
+               memory_bound(config, policy, tokens.shape[0], tokens.shape[1], max_len, dtype))
     return _prefill(params, config, tokens, counts, policy, max_len, impl, jnp.dtype(params["embed"].dtype))

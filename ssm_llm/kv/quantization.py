@@ -130,6 +130,22 @@ def check_policy_bits(method: str, name: str, bits) -> None:
         raise ValueError(f"{method}: {name} must be one of {POLICY_BITS} (16: no quantization), got {bits!r}")
 
 
+def check_channel_groups(method: str, bits: int, group_size: int, width: int, what: str = "head_dim") -> None:
+    """A clear ValueError unless vectors of `width` channels (`what` names it) quantize at `bits` in groups
+    of `group_size` channels, capped at `width` as `quantize_or_keep` caps them: the group must divide
+    the width and the codes must fill whole bytes. Bits 16 (no quantization) fits any width."""
+    if bits == 16:
+        return
+    group = min(group_size, width)
+    if width % group:
+        raise ValueError(f"{method}: group_size ({group_size}) does not fit {what} ({width}): the channels axis "
+                         f"({width}) must be a multiple of group_size ({group}), or group_size at least {width}")
+    per_byte = 8 // bits
+    if width % per_byte:
+        raise ValueError(f"{method}: {bits}-bit codes pack {per_byte} per byte, so {what} ({width}) must be a "
+                         f"multiple of {per_byte}")
+
+
 def quantize_or_keep(x, bits: int, group_size: int, axis: str, dtype=jnp.float32):
     """`quantize(x, bits, group_size, axis)` for bits in BITS; bits 16 keeps x as a plain `dtype` array.
     Channel groups are capped at D (a group_size of 32 quantizes a 16-wide head as one group)."""

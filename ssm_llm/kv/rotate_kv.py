@@ -29,7 +29,13 @@ import jax.numpy as jnp
 
 from ssm_llm.kv.hadamard import fwht
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
-from ssm_llm.kv.quantization import QuantizedTensor, check_policy_bits, dequantize_or_keep, quantize_or_keep
+from ssm_llm.kv.quantization import (
+    QuantizedTensor,
+    check_channel_groups,
+    check_policy_bits,
+    dequantize_or_keep,
+    quantize_or_keep,
+)
 from ssm_llm.kv.slots import slot_attention
 from ssm_llm.rope import rotate
 
@@ -85,7 +91,7 @@ class RotateKV(KVPolicy):
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return max_len
 
-    def _check_model(self, config):
+    def check(self, config, prompt_lengths):
         width = self.head_group * config.head_dim
         if config.num_kv_heads % self.head_group:
             raise ValueError(f"RotateKV: head_group ({self.head_group}) must divide the model's "
@@ -93,6 +99,8 @@ class RotateKV(KVPolicy):
         if width & (width - 1):
             raise ValueError(f"RotateKV: head_group * head_dim ({self.head_group} * {config.head_dim}) must be a "
                              f"power of two for the Walsh-Hadamard transform")
+        check_channel_groups("RotateKV", self.bits, self.group_size, width, "head_group * head_dim")
+        check_channel_groups("RotateKV", self.bits, self.group_size, config.head_dim)
 
     def _store(self, k, v, dtype):
         """Pre-RoPE keys and values [..., H_kv, S, D] -> their rotated, quantized (or kept) forms."""
@@ -100,7 +108,6 @@ class RotateKV(KVPolicy):
                 quantize_or_keep(fwht(v), self.bits, self.group_size, "channels", dtype))
 
     def compress(self, config, cache, observation, capacity):
-        self._check_model(config)
         sinks = min(self.sinks, capacity)
         k, v = (_fit(x[:, :, :, sinks:], capacity - sinks) for x in (cache.k, cache.v))
         positions = sinks + jnp.arange(capacity - sinks)
@@ -112,7 +119,7 @@ class RotateKV(KVPolicy):
         """Layer `index` as attention sees it after `lengths: [B]` tokens: keys (after RoPE), values
         [B, H_kv, S, D] and positions [B, H_kv, S] (-1: empty slot); slot = position."""
         dtype = data.sink_k.dtype
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)  # noqa: E731
+        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
         sinks = data.sink_k.shape[3]
         k = unrotate_heads(dequantize_or_keep(layer(data.keys)), self.head_group)
         k = rotate(k, sinks + jnp.arange(k.shape[2]), rope_frequencies(config))
@@ -131,7 +138,7 @@ class RotateKV(KVPolicy):
         body = jax.tree_util.tree_leaves(data.keys)[0].shape[3]
         # A token goes to the sinks or to the rotated store; the other write is out of range (dropped).
         at_sink, at_body = jnp.where(p < sinks, p, sinks), jnp.where(p >= sinks, p - sinks, body)
-        write = lambda old, new, at: old.at[index, rows, :, at].set(new.astype(old.dtype), mode="drop")  # noqa: E731
+        write = lambda old, new, at: old.at[index, rows, :, at].set(new.astype(old.dtype), mode="drop")
         new_k, new_v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H_kv, 1, D]
         keys, values = self._store(new_k, new_v, data.sink_k.dtype)
         data = RotateKVCache(

@@ -28,7 +28,10 @@ the window.)
 Parameters:
   budget: tokens kept per sequence, the window included (an int), or the kept fraction of each
     prompt (a float in (0, 1], rounded to the nearest count; kvpress's compression_ratio r keeps
-    int(n * (1 - r)) tokens); a prompt no longer than its budget keeps everything;
+    int(n * (1 - r)) tokens); a prompt no longer than its budget keeps everything; a fraction that
+    keeps no token of a prompt of n tokens (round(budget * n) < 1) is an error wherever the prompt
+    lengths are known (`ssm_llm.kv.prefill`, `generate`; under jit the padded length is checked and
+    a shorter row keeps at least one token);
   window: observation window (the last prompt tokens, always kept); must not exceed an int budget
     (a fractional budget below the window keeps the most recent tokens);
   kernel_size: pooling width, odd; pooling: "max" or "avg";
@@ -44,8 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, observed_attention, resolve_budget, rope_frequencies
+from ssm_llm.kv.policy import (
+    KVPolicy,
+    check_budget,
+    check_positive_int,
+    observed_attention,
+    resolve_budget,
+    rope_frequencies,
+)
 from ssm_llm.kv.slots import SlotKV, gather_slots, slot_attention, write_slot
+from ssm_llm.option_spec import check_bool, is_real, shown
 from ssm_llm.rope import rotate
 
 POOLING = ("max", "avg")
@@ -63,8 +74,11 @@ def window_scores(keys, queries, q_positions, lengths, window: int, kernel_size:
     prefix = jnp.arange(keys.shape[2])[None, :] < (lengths - window)[:, None]
     attn = jnp.where(prefix[:, None, None], attn, 0.0)
     init, op = (-jnp.inf, jax.lax.max) if pooling == "max" else (0.0, jax.lax.add)
-    pad = kernel_size // 2
-    pooled = jax.lax.reduce_window(attn, init, op, (1, 1, 1, kernel_size), (1, 1, 1, 1),
+    # A kernel of 2 S - 1 already spans every key from every position: wider ones pool the same values
+    # (the divisor below stays kernel_size), without padding the scores by a huge width.
+    width = min(kernel_size, 2 * keys.shape[2] - 1)
+    pad = width // 2
+    pooled = jax.lax.reduce_window(attn, init, op, (1, 1, 1, width), (1, 1, 1, 1),
                                    ((0, 0), (0, 0), (0, 0), (pad, pad)))
     if pooling == "avg":
         pooled = pooled / kernel_size
@@ -101,7 +115,7 @@ class SnapKV(KVPolicy):
     beta: float = 20.0
 
     def __post_init__(self):
-        resolve_budget("SnapKV", self.budget, 1)  # validates an int count or a fraction in (0, 1]
+        check_budget("SnapKV", self.budget)
         check_positive_int("SnapKV", "window", self.window)
         if not isinstance(self.budget, float) and self.window > self.budget:
             raise ValueError(f"SnapKV: window ({self.window}) must not exceed budget ({self.budget}): "
@@ -111,10 +125,13 @@ class SnapKV(KVPolicy):
             raise ValueError(f"SnapKV: kernel_size must be odd (same-length pooling), got {self.kernel_size}")
         if self.pooling not in POOLING:
             raise ValueError(f"SnapKV: pooling must be one of {POOLING}, got {self.pooling!r}")
-        if not isinstance(self.pyramid, bool):
-            raise ValueError(f"SnapKV: pyramid must be True or False, got {self.pyramid!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
-            raise ValueError(f"SnapKV: beta must be a number >= 1, got {self.beta!r}")
+        check_bool("SnapKV", "pyramid", self.pyramid)
+        if not is_real(self.beta) or self.beta < 1:
+            raise ValueError(f"SnapKV: beta must be a number >= 1 (and finite), got {shown(self.beta)}")
+
+    def check(self, config, prompt_lengths):
+        for n in prompt_lengths:  # a fraction must keep a token of every prompt
+            resolve_budget("SnapKV", self.budget, n)
 
     @property
     def observation_window(self) -> int:
@@ -148,7 +165,7 @@ class SnapKV(KVPolicy):
 
     def row_budgets(self, lengths):
         """[B] tokens kept per sequence: the int budget, or the fraction of each prompt's own length."""
-        if isinstance(self.budget, float):
+        if isinstance(self.budget, float):  # >= 1: `check` refuses a fraction that keeps no token of a known prompt
             return jnp.maximum(1, jnp.round(self.budget * lengths.astype(jnp.float32))).astype(jnp.int32)
         return jnp.full(lengths.shape, self.budget, jnp.int32)
 

@@ -11,6 +11,10 @@ a model generate far past its cache size. Parameters:
     Extreme Length Generalization for Large Language Models"): relative distances are capped at this
     value, so sinks and far keys look at most `distance_ceiling` tokens away.
 With positions="cache" or a ceiling, keys are stored before RoPE and rotated at attention time.
+Bounds checked against the model (`check`): budget <= the context (a larger ring never fills within
+it, and with positions="cache" its ranks would pass the trained positions) and distance_ceiling < the
+context (a larger cap would let distances pass the trained ones before it binds). The cache holds
+`budget` slots per sequence and layer, whatever the prompt length and max_len.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, rope_frequencies
 from ssm_llm.kv.slots import SlotKV, gather_slots, slot_attention, write_slot
 from ssm_llm.rope import rotate
 
@@ -58,6 +62,16 @@ class StreamingLLM(KVPolicy):
     def pre_rope(self) -> bool:
         """Keys are stored un-rotated (rotated per step at their cache / capped positions)."""
         return self.unbounded
+
+    def check(self, config, prompt_lengths):
+        check_within_context("StreamingLLM", "budget", self.budget, config,
+                             "a ring that large never fills within it, and its keys would sit at positions the "
+                             "model was not trained on")
+        context = config.max_position_embeddings
+        if self.distance_ceiling is not None and self.distance_ceiling >= context:
+            raise ValueError(f"StreamingLLM: distance_ceiling ({self.distance_ceiling}) must be below the model's "
+                             f"context of {context} positions: a larger cap lets attention distances pass the "
+                             f"trained ones before it binds")
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return self.budget

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import masked_attention
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
+from ssm_llm.option_spec import is_real, shown
 from ssm_llm.rope import rotate
 
 
@@ -77,9 +78,8 @@ class TokenSelect(KVPolicy):
         check_positive_int("TokenSelect", "sinks", self.sinks, minimum=0)
         check_positive_int("TokenSelect", "local", self.local, minimum=0)
         t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1):
-            raise ValueError(f"TokenSelect: threshold must be None or a cosine similarity in [-1, 1], "
-                             f"got {self.threshold!r}")
+        if t is not None and (not is_real(t) or not -1 <= t <= 1):
+            raise ValueError(f"TokenSelect: threshold must be None or a cosine similarity in [-1, 1], got {shown(t)}")
 
     @property
     def attended(self) -> int:
@@ -94,7 +94,8 @@ class TokenSelect(KVPolicy):
         pad = [(0, 0)] * 3 + [(0, capacity - prompt_len), (0, 0)]
         data = TokenSelectCache(
             k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
-            selected=jnp.full((L, B, self.k), -1, jnp.int32),
+            # A k past the capacity never votes (every token is attended): keep the state small.
+            selected=jnp.full((L, B, min(self.k, capacity)), -1, jnp.int32),
             query=jnp.zeros((L, B, config.num_heads * config.head_dim), jnp.float32),
             cached=jnp.zeros((L, B), bool), selections=jnp.zeros((L, B), jnp.int32))
         return data, cache.lengths

@@ -91,6 +91,11 @@ class XKV(KVPolicy):
         """(key rank, value rank) before capping at the matrix size."""
         return self.rank, self.value_rank or math.ceil(1.5 * self.rank)
 
+    def check(self, config, prompt_lengths):
+        if self.group_size > config.num_layers:
+            raise ValueError(f"XKV: group_size ({self.group_size}) must not exceed the model's {config.num_layers} "
+                             f"layers: a group is padded with zero layers up to group_size")
+
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return max_len
 

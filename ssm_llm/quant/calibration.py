@@ -66,13 +66,19 @@ class _RecordingOps:
 
 
 def check_calibration_tokens(tokens, vocab_size: int) -> np.ndarray:
-    """tokens as a numpy [N, T] array; ValueError if empty or outside the vocabulary."""
-    tokens = np.asarray(tokens)
+    """tokens as a numpy [N, T] array; ValueError if ragged, empty, not integers or outside the vocabulary."""
+    try:
+        tokens = np.asarray(tokens)
+    except ValueError:  # rows of different lengths
+        raise ValueError("calibration tokens must be a rectangular [N, T] array of int ids (rows of one "
+                         "length), got ragged rows") from None
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"no calibration data: tokens must be a non-empty [N, T] array, got shape {tokens.shape}")
-    if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise ValueError(f"calibration tokens must be integer ids that lie in [0, {vocab_size}), got dtype "
-                         f"{tokens.dtype}, range [{tokens.min()}, {tokens.max()}]")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"calibration tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"calibration tokens must be integer ids that lie in [0, {vocab_size}), got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
     return tokens
 
 

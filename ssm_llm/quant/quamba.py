@@ -26,6 +26,7 @@ import numpy as np
 
 from pallas_kernels.quantized_matmul import quantize_weights
 from ssm_llm.layer_layout import stack_layers
+from ssm_llm.option_spec import check_int, shown
 from ssm_llm.quant.calibration import Calibration, calibrate, check_calibration_tokens
 from ssm_llm.quant.gptq import gptq_quantize
 from ssm_llm.quant.quantizers import scale_from_absmax
@@ -42,16 +43,30 @@ def linear_names(config) -> tuple[str, ...]:
     return ("in_proj", "out_proj") if isinstance(config, Mamba2Config) else ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
+def _check_scheme(scheme) -> None:
+    """A TypeError unless `scheme` is a QuantScheme (a bit string such as "W8A8" is not: say how to build one)."""
+    if isinstance(scheme, QuantScheme):
+        return
+    bits = scheme if isinstance(scheme, str) and len(scheme) <= 8 else "W8A8"
+    raise TypeError(f"quantize_model: scheme must be a QuantScheme, got {type(scheme).__name__} {shown(scheme)}; "
+                    f"build one with QuantScheme.quamba2({bits!r}) (Mamba-2), QuantScheme.quamba({bits!r}) "
+                    f"(Mamba-1) or QuantScheme.naive({bits!r}) (the round-to-nearest baseline)")
+
+
 def quantize_model(params: dict, config, tokens, scheme: QuantScheme, *, batch_size: int = 8,
                    progress: bool = True) -> tuple[dict, QuantizedSSMConfig]:
     """Quantize a float Mamba / Mamba-2 model with `scheme`, calibrating on `tokens: [N, T]` (int ids).
 
     Returns `(params, QuantizedSSMConfig)` for `ssm_llm.forward` / `generate`. See the module docstring.
+    Raises TypeError for a scheme that is not a QuantScheme or a model that is not a float Mamba / Mamba-2,
+    ValueError for a scheme that does not fit the model or bad calibration tokens.
     """
+    _check_scheme(scheme)
+    check_int("quantize_model", "batch_size", batch_size)
     qconfig = QuantizedSSMConfig(config, scheme)  # validates the scheme against the model
     tokens = check_calibration_tokens(tokens, config.vocab_size)  # also when round-to-nearest needs none
     params = stack_layers(params)
-    calibrate_kw = dict(batch_size=batch_size, progress=progress)
+    calibrate_kw = {"batch_size": batch_size, "progress": progress}
     clusters = None
     if isinstance(config, Mamba2Config) and scheme.cluster and scheme.quantizes_acts:
         first = calibrate(params, config, tokens, **calibrate_kw)
@@ -112,7 +127,7 @@ def activation_scales(calib: Calibration, config, scheme: QuantScheme, clusters:
     for layer in range(config.num_layers):
         absmax = {name: np.asarray(v[layer], np.float64) for name, v in calib.absmax.items()}
 
-        def tensor(name):
+        def tensor(name, layer=layer, absmax=absmax):
             if name in calib.percentile:
                 return np.float64(calib.percentile[name][layer])
             return absmax[name].max()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ssm_llm.option_spec import check_bool, check_int, is_int, is_real, shown
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 SUPPORTED_BITS = ((8, 8), (4, 8), (4, 16), (16, 16))
@@ -48,19 +49,22 @@ class QuantScheme:
     quantize_state: bool = True
 
     def __post_init__(self):
+        names = ", ".join(f"W{w}A{a}" for w, a in SUPPORTED_BITS)
+        if not (is_int(self.weight_bits) and is_int(self.act_bits)):
+            raise ValueError(f"QuantScheme: weight_bits and act_bits must be ints (supported: {names}), got "
+                             f"{shown(self.weight_bits)} and {shown(self.act_bits)}")
         if (self.weight_bits, self.act_bits) not in SUPPORTED_BITS:
-            names = ", ".join(f"W{w}A{a}" for w, a in SUPPORTED_BITS)
             raise ValueError(f"unsupported bit pair W{self.weight_bits}A{self.act_bits}; supported: {names}")
         for name in ("group_size", "head_groups", "dim_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"QuantScheme.{name} must be a positive int, got {value!r}")
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"unknown observer {self.observer!r}; expected one of {OBSERVERS}")
-        if not 0.0 < self.percentile_alpha <= 1.0:
-            raise ValueError(f"percentile_alpha must lie in (0, 1], got {self.percentile_alpha}")
-        if not self.gptq_damp >= 0.0:
-            raise ValueError(f"gptq_damp must be >= 0, got {self.gptq_damp}")
+            check_int("QuantScheme", name, getattr(self, name))
+        for name in ("hadamard", "cluster", "bc_groups", "gptq", "quantize_state"):
+            check_bool("QuantScheme", name, getattr(self, name))
+        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
+            raise ValueError(f"QuantScheme: unknown observer {shown(self.observer)}; expected one of {OBSERVERS}")
+        if not is_real(self.percentile_alpha) or not 0.0 < self.percentile_alpha <= 1.0:
+            raise ValueError(f"QuantScheme: percentile_alpha must lie in (0, 1], got {shown(self.percentile_alpha)}")
+        if not is_real(self.gptq_damp) or self.gptq_damp < 0.0:
+            raise ValueError(f"QuantScheme: gptq_damp must be a finite number >= 0, got {shown(self.gptq_damp)}")
 
     @property
     def name(self) -> str:
@@ -77,7 +81,9 @@ class QuantScheme:
     def check_model(self, config: MambaConfig | Mamba2Config) -> None:
         """Raise ValueError if this scheme cannot apply to `config`."""
         if not isinstance(config, (MambaConfig, Mamba2Config)):
-            raise TypeError(f"Quamba quantization applies to Mamba / Mamba-2 configs, not {type(config).__name__}")
+            already = " (the model is already quantized)" if isinstance(config, QuantizedSSMConfig) else ""
+            raise TypeError(f"Quamba quantization applies to float Mamba / Mamba-2 configs (MambaConfig, "
+                            f"Mamba2Config), not {type(config).__name__}{already}")
         if isinstance(config, MambaConfig) and (self.cluster or self.bc_groups):
             raise ValueError("Mamba-1 has no heads or state groups: use cluster=False, bc_groups=False "
                              "(QuantScheme.quamba(...) gives Quamba's per-tensor recipe)")
@@ -89,21 +95,21 @@ class QuantScheme:
                                  f"head_dim {config.head_dim} (lower head_groups / dim_groups)")
 
     @classmethod
-    def quamba2(cls, bits: str = "W8A8", **overrides) -> "QuantScheme":
+    def quamba2(cls, bits: str = "W8A8", **overrides) -> QuantScheme:
         """Quamba2's full recipe for Mamba-2 at `bits` ("W8A8", "W4A8" or "W4A16")."""
         return cls(**_parse_bits(bits), **overrides)
 
     @classmethod
-    def quamba(cls, bits: str = "W8A8", **overrides) -> "QuantScheme":
+    def quamba(cls, bits: str = "W8A8", **overrides) -> QuantScheme:
         """Quamba's recipe for Mamba-1: per-tensor scales, percentile observer for x and the state,
         Hadamard rotations; no heads to cluster, no state groups."""
-        options = dict(cluster=False, bc_groups=False, observer="percentile")
+        options = {"cluster": False, "bc_groups": False, "observer": "percentile"}
         return cls(**_parse_bits(bits), **{**options, **overrides})
 
     @classmethod
-    def naive(cls, bits: str = "W8A8", **overrides) -> "QuantScheme":
+    def naive(cls, bits: str = "W8A8", **overrides) -> QuantScheme:
         """The baseline: per-tensor min-max activation scales, round-to-nearest weights, no rotation."""
-        options = dict(hadamard=False, cluster=False, bc_groups=False, gptq=False)
+        options = {"hadamard": False, "cluster": False, "bc_groups": False, "gptq": False}
         return cls(**_parse_bits(bits), **{**options, **overrides})
 
 
@@ -149,7 +155,7 @@ class QuantizedSSMConfig:
                 "simulated": self.simulated}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantizedSSMConfig":
+    def from_dict(cls, d: dict) -> QuantizedSSMConfig:
         """Inverse of `to_dict` (without its "family" key)."""
         from ssm_llm.config import config_from_dict
 

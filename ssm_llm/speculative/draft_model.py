@@ -21,9 +21,11 @@ import numpy as np
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import is_stacked
 from ssm_llm.model import forward, init_cache
+from ssm_llm.option_spec import check_int
 from ssm_llm.speculative import verify
 from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
-from ssm_llm.speculative.tree import ROOT_PARENT, UNUSED, DraftTree
+from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
+from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 
 @flax.struct.dataclass
@@ -54,12 +56,24 @@ def _tree_in_cache(config) -> bool:
     return isinstance(config, ModelConfig)
 
 
+def check_draft_config(owner: str, config) -> None:
+    """A clear error unless `config` is a float model's config that draft trees can grow on."""
+    if getattr(config, "family", None) == "quamba":
+        raise ValueError(f"{owner}: a quantized (Quamba) draft model is not supported: draft trees keep one float "
+                         f"recurrent state per node, which the quantized blocks do not run on; draft with the "
+                         f"float model (its params and config from before quantize_model)")
+    if not isinstance(config, (ModelConfig, MambaConfig, Mamba2Config)):
+        raise TypeError(f"{owner}: config must be a ModelConfig, MambaConfig or Mamba2Config, got "
+                        f"{type(config).__name__}")
+
+
 def self_speculative(params: dict, config, layers: Sequence[int]):
     """The target restricted to the layers `layers` (sorted, unique, in range), as `(params, config)` of a
     draft model: SkipDecode-style self-speculative decoding, no second set of weights.
 
     Works for every family and both layer layouts (stacked `[L, ...]` arrays or a list of layer dicts);
     per-layer config fields (attention `layer_windows`) are sliced with the layers."""
+    check_draft_config("self_speculative", config)
     keep = list(layers)
     count = config.num_layers
     if not keep:
@@ -180,8 +194,8 @@ class DraftModel(ModelDrafter):
     num_tokens: int = flax.struct.field(pytree_node=False, default=4)
 
     def __post_init__(self):
-        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be an int >= 1, got {self.num_tokens!r}")
+        check_draft_config("DraftModel", self.config)
+        check_int("DraftModel", "num_tokens", self.num_tokens, 1, MAX_TREE_NODES - 1, TREE_BOUND)
 
     @classmethod
     def skip_layers(cls, params: dict, config, keep: Sequence[int], num_tokens: int = 4) -> DraftModel:

@@ -22,10 +22,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.option_spec import check_int
 from ssm_llm.speculative import verify
-from ssm_llm.speculative.draft_model import DraftModelState, ModelDrafter, draft_probs, ranked_children, roots
+from ssm_llm.speculative.draft_model import (
+    DraftModelState,
+    ModelDrafter,
+    check_draft_config,
+    draft_probs,
+    ranked_children,
+    roots,
+)
 from ssm_llm.speculative.protocol import DraftContext, Sampling
-from ssm_llm.speculative.tree import ROOT_PARENT, UNUSED, DraftTree
+from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 
 
 @flax.struct.dataclass
@@ -64,14 +72,15 @@ class DySpec(ModelDrafter):
     per_step: int = flax.struct.field(pytree_node=False, default=4)
 
     def __post_init__(self):
-        for name, low in (("tree_size", 2), ("max_depth", 1), ("per_step", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_draft_config("DySpec", self.config)
+        check_int("DySpec", "tree_size", self.tree_size, 2, MAX_TREE_NODES, TREE_BOUND)
+        # A tree of tree_size nodes has at most tree_size - 1 levels below the root and as many drafts.
+        for name in ("max_depth", "per_step"):
+            check_int("DySpec", name, getattr(self, name), 1, MAX_TREE_NODES - 1, TREE_BOUND)
         # The root alone must be able to supply every draft, so a step always finds enough candidates.
         if self.tree_size - 1 > self.config.vocab_size:
-            raise ValueError(f"tree_size {self.tree_size} needs at least {self.tree_size - 1} vocabulary tokens, "
-                             f"the draft model has {self.config.vocab_size}")
+            raise ValueError(f"DySpec: tree_size {self.tree_size} needs at least {self.tree_size - 1} vocabulary "
+                             f"tokens, the draft model has {self.config.vocab_size}")
 
     @property
     def computed_nodes(self) -> int:

@@ -15,9 +15,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.policy import check_positive_int
+from ssm_llm.option_spec import check_int
 from ssm_llm.speculative.protocol import DraftContext, Sampling
-from ssm_llm.speculative.tree import DraftTree, chain
+from ssm_llm.speculative.tree import MAX_TREE_NODES, TREE_BOUND, DraftTree, chain
+
+# The longest n-gram matched: each length unrolls one [B, S] comparison at trace time, and published
+# settings match far shorter ones (3 to 5 tokens).
+MAX_NGRAM = 64
 
 
 def match_lengths(history: jax.Array, lengths: jax.Array, max_ngram: int) -> jax.Array:
@@ -56,9 +60,9 @@ class PromptLookup:
     min_ngram: int = flax.struct.field(pytree_node=False, default=1)
 
     def __post_init__(self):
-        check_positive_int("PromptLookup", "num_tokens", self.num_tokens)
-        check_positive_int("PromptLookup", "min_ngram", self.min_ngram)
-        check_positive_int("PromptLookup", "max_ngram", self.max_ngram)
+        check_int("PromptLookup", "num_tokens", self.num_tokens, 1, MAX_TREE_NODES - 1, TREE_BOUND)
+        for name in ("min_ngram", "max_ngram"):
+            check_int("PromptLookup", name, getattr(self, name), 1, MAX_NGRAM, f"MAX_NGRAM = {MAX_NGRAM}")
         if self.max_ngram < self.min_ngram:
             raise ValueError(f"PromptLookup: max_ngram ({self.max_ngram}) must be >= min_ngram ({self.min_ngram})")
 

@@ -14,10 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm.option_spec import is_int, shown
 from ssm_llm.speculative import verify
-from ssm_llm.speculative.draft_model import DraftModelState, ModelDrafter, draft_probs, ranked_children, roots
+from ssm_llm.speculative.draft_model import (
+    DraftModelState,
+    ModelDrafter,
+    check_draft_config,
+    draft_probs,
+    ranked_children,
+    roots,
+)
 from ssm_llm.speculative.protocol import DraftContext, Sampling
-from ssm_llm.speculative.tree import ROOT_PARENT, UNUSED, DraftTree
+from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 
 
 def level_offsets(branching: tuple[int, ...]) -> np.ndarray:
@@ -47,13 +55,21 @@ class RSD(ModelDrafter):
     branching: tuple[int, ...] = flax.struct.field(pytree_node=False, default=(3, 2, 2, 1))
 
     def __post_init__(self):
+        check_draft_config("RSD", self.config)
         b = self.branching
-        if (not isinstance(b, tuple) or not b
-                or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in b)):
-            raise ValueError(f"branching must be a non-empty tuple of ints >= 1, got {b!r}")
+        if not isinstance(b, (tuple, list)) or not b or not all(is_int(x) and x >= 1 for x in b):
+            raise ValueError(f"RSD: branching must be a non-empty tuple of ints >= 1, got {shown(b)}")
+        size = level = 1  # Python ints, stopping early: a product of huge factors must not overflow
+        for x in b:
+            level *= int(x)
+            size += level
+            if size > MAX_TREE_NODES:
+                raise ValueError(f"RSD: branching {shown(b)} makes a tree of more than {MAX_TREE_NODES} nodes "
+                                 f"({TREE_BOUND})")
         if max(b) > self.config.vocab_size:
-            raise ValueError(f"branching {b} asks for more children than the vocabulary has tokens "
+            raise ValueError(f"RSD: branching {b} asks for more children than the vocabulary has tokens "
                              f"({self.config.vocab_size})")
+        object.__setattr__(self, "branching", tuple(int(x) for x in b))  # hashable, as a static field must be
 
     @property
     def tree_size(self) -> int:

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.kv.policy import check_positive_int
+from ssm_llm.option_spec import check_int, is_int, shown
 from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
-from ssm_llm.speculative.tree import UNUSED, DraftTree
+from ssm_llm.speculative.tree import MAX_TREE_NODES, TREE_BOUND, UNUSED, DraftTree
 
 UNKNOWN = -1
 
@@ -38,13 +38,16 @@ def bfs_template(branching: Sequence[Sequence[int]]) -> tuple[tuple[int, int], .
     template: list[tuple[int, int]] = []
     level = [0]  # node indices of the current depth
     for depth, counts in enumerate(branching):
+        if isinstance(counts, (str, bytes)) or not hasattr(counts, "__iter__"):
+            raise ValueError(f"bfs_template: level {depth} must be a sequence of child counts, got {shown(counts)}")
         counts = tuple(counts)
         if len(counts) > len(level):
             raise ValueError(f"bfs_template: level {depth} lists {len(counts)} child counts, but has only "
                              f"{len(level)} nodes")
         next_level = []
         for parent, count in zip(level, counts):
-            check_positive_int("bfs_template", f"child count of node {parent}", count, minimum=0)
+            room = MAX_TREE_NODES - 1 - len(template)  # checked before the loop: a huge count cannot hang it
+            check_int("bfs_template", f"child count of node {parent}", count, 0, room, TREE_BOUND)
             for rank in range(count):
                 template.append((parent, rank))
                 next_level.append(len(template))
@@ -90,14 +93,20 @@ class TokenRecycling:
 
     def __post_init__(self):
         # Runs again whenever JAX rebuilds the drafter from its leaves: check only the static fields.
-        check_positive_int("TokenRecycling", "candidates", self.candidates)
+        check_int("TokenRecycling", "candidates", self.candidates)
         try:
-            template = tuple((int(parent), int(rank)) for parent, rank in self.template)
+            template = tuple((parent, rank) for parent, rank in self.template)
         except (TypeError, ValueError):
+            template = ((None, None),)  # not pairs: refused just below
+        if not all(is_int(parent) and is_int(rank) for parent, rank in template):
             raise ValueError(f"TokenRecycling: template must be a sequence of (parent, rank) int pairs, "
-                             f"got {self.template!r}") from None
+                             f"got {shown(self.template)}")
+        template = tuple((int(parent), int(rank)) for parent, rank in template)
         if not template:
             raise ValueError("TokenRecycling: template must have at least one node")
+        if len(template) > MAX_TREE_NODES - 1:
+            raise ValueError(f"TokenRecycling: template has {len(template)} nodes, at most {MAX_TREE_NODES - 1} "
+                             f"fit ({TREE_BOUND})")
         for node, (parent, rank) in enumerate(template, start=1):
             if not 0 <= parent < node:
                 raise ValueError(f"TokenRecycling: template node {node} has parent {parent}; expected a parent in "

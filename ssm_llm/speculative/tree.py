@@ -27,6 +27,12 @@ import numpy as np
 ROOT_PARENT = -1
 UNUSED = -2
 DRAWS = ("deterministic", "independent", "without_replacement")
+# The most nodes (root included) a drafter may propose. Verification builds an N x (S + N) attention
+# mask and state-space targets keep one recurrent state per node, so memory grows with N (N^2 for the
+# mask) and so does every round's forward; published trees are far smaller (Medusa / EAGLE about 60
+# nodes, Token Recycling about 80, Sequoia's largest 768).
+MAX_TREE_NODES = 1024
+TREE_BOUND = f"a draft tree holds at most MAX_TREE_NODES = {MAX_TREE_NODES} nodes, the root included"
 
 
 @flax.struct.dataclass
@@ -65,27 +71,27 @@ def chain(root: jax.Array, drafts: jax.Array, used: jax.Array | None = None, chi
     return DraftTree(tokens, parents, child_probs, draw)
 
 
-def depths(parents: jax.Array) -> jax.Array:
-    """[B, N] int32 depth of each node (root 0, its children 1, ...); unused nodes get 0."""
-    n = parents.shape[1]
-    out = jnp.zeros(parents.shape, jnp.int32)
-    for i in range(1, n):  # N is small and static; parents[:, i] < i, so one pass in index order
-        parent = parents[:, i]
-        d = jnp.take_along_axis(out, jnp.maximum(parent, 0)[:, None], axis=1)[:, 0] + 1
-        out = out.at[:, i].set(jnp.where(parent >= 0, d, 0))
-    return out
-
-
 def ancestor_mask(parents: jax.Array) -> jax.Array:
     """[B, N, N] bool: mask[b, i, j] is True when node j is node i or one of its ancestors (what node
-    i attends to inside the tree). An unused node sees only itself."""
+    i attends to inside the tree). An unused node sees only itself.
+
+    Pointer jumping: after step k each node holds itself and its first 2^k - 1 ancestors, and `jump` its
+    2^k-th ancestor (-1: none), so ceil(log2 N) steps cover any depth. Tracing costs O(log N) ops,
+    not O(N): a large tree compiles as fast as a small one."""
     batch, n = parents.shape
     mask = jnp.broadcast_to(jnp.eye(n, dtype=bool), (batch, n, n))
-    for i in range(1, n):
-        parent = parents[:, i]
-        inherited = jnp.take_along_axis(mask, jnp.maximum(parent, 0)[:, None, None], axis=1)[:, 0]
-        mask = mask.at[:, i].set(mask[:, i] | (inherited & (parent >= 0)[:, None]))
+    jump = jnp.where(parents >= 0, parents, -1).astype(jnp.int32)
+    for _ in range(max(n - 1, 0).bit_length()):  # 2^steps > N - 1 >= any depth
+        has = jump >= 0
+        at = jnp.maximum(jump, 0)
+        mask = mask | (jnp.take_along_axis(mask, at[:, :, None], axis=1) & has[:, :, None])
+        jump = jnp.where(has, jnp.take_along_axis(jump, at, axis=1), -1)
     return mask
+
+
+def depths(parents: jax.Array) -> jax.Array:
+    """[B, N] int32 depth of each node (root 0, its children 1, ...); unused nodes get 0."""
+    return ancestor_mask(parents).sum(axis=2, dtype=jnp.int32) - 1
 
 
 def check_tree(tree: DraftTree, vocab_size: int | None = None) -> None:
