@@ -72,6 +72,9 @@ class GGUFTensors(Mapping):
         array = np.asarray(array, np.float32).reshape(tuple(int(s) for s in reversed(tensor.shape)))
         for suffix, heads in self._rotary_heads.items():
             if name.endswith(suffix):
+                if array.ndim not in (1, 2) or array.shape[0] % (2 * heads):
+                    raise ValueError(f"GGUF tensor {tensor.name!r} has shape {array.shape}; a rotary projection "
+                                     f"needs [rows(, columns)] with rows a multiple of 2 x {heads} heads")
                 array = unpermute_rotary_rows(array, heads)
         return array
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from converters.hf_fields import config_dict, eos_token_ids, get_bool, get_dict, get_float, get_int, token_id
 from converters.hf_ssm_config import SSM_MODEL_TYPES, ssm_config_from_hf, ssm_model_type
-from ssm_llm.config import ModelConfig, RopeConfig
+from ssm_llm.config import MAX_LAYERS, ModelConfig, RopeConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -90,11 +90,13 @@ def config_from_hf(d: dict[str, Any]):
     if ssm_model_type(d) is not None:
         return ssm_config_from_hf(d)
     model_type = _model_type(d)
-    act = d.get("hidden_act", "silu")
+    act = "silu" if d.get("hidden_act") is None else d["hidden_act"]  # null: the default, as for every field
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act {act!r} is not supported (the attention family uses SwiGLU / silu)")
     hidden, heads, layers, vocab, inter = (_required_int(d, k) for k in (
         "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"))
+    if layers > MAX_LAYERS:  # before _layer_windows builds one entry per layer
+        raise ValueError(f"config.num_hidden_layers must be at most {MAX_LAYERS}, got {layers}")
     attention_bias = get_bool(d, "attention_bias", False)
     return ModelConfig(
         vocab_size=vocab,

@@ -76,8 +76,8 @@ def _from_hf(d: dict[str, Any], model_type: str) -> MambaConfig | Mamba2Config:
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, intermediate_size=_inner_size(d, hidden),
         conv_kernel=get_int(d, "conv_kernel", 4), layer_norm_epsilon=get_float(d, "layer_norm_epsilon", 1e-5),
         use_bias=get_bool(d, "use_bias", False), use_conv_bias=get_bool(d, "use_conv_bias", True),
-        hidden_act=d.get("hidden_act", "silu"), bos_token_id=token_id(d, "bos_token_id"),
-        eos_token_ids=eos_token_ids(d),
+        hidden_act="silu" if d.get("hidden_act") is None else d["hidden_act"],
+        bos_token_id=token_id(d, "bos_token_id"), eos_token_ids=eos_token_ids(d),
     )
     if model_type == "mamba":
         return MambaConfig(**common, state_size=get_int(d, "state_size", 16),

@@ -17,6 +17,8 @@ from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
 # Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+# GGUF metadata transformers needs to build a tokenizer (the vocabulary and its kind).
+GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
 
 def cache_root() -> Path:
@@ -36,6 +38,7 @@ def _from_gguf(path: Path):
     cached = _gguf_cache_dir(path)
     if cached.is_dir():
         return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+    _check_gguf_has_tokenizer(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cached.parent))
@@ -45,6 +48,17 @@ def _from_gguf(path: Path):
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+def _check_gguf_has_tokenizer(path: Path) -> None:
+    """Fail clearly when a GGUF file lacks the vocabulary transformers builds its tokenizer from (it would
+    raise a bare KeyError)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields  # memory-mapped: reads the metadata, not the tensors
+    missing = [key for key in GGUF_TOKENIZER_KEYS if key not in fields]
+    if missing:
+        raise ValueError(f"{path} holds no tokenizer: its metadata lacks {', '.join(missing)}")
 
 
 def _check_has_tokenizer_files(directory: Path) -> None:

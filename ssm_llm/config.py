@@ -9,6 +9,9 @@ from ssm_llm.validation import as_float, as_int, as_token_ids
 
 ATTENTION_FAMILY = "attention"
 ROPE_TYPES = ("default", "linear", "llama3")
+# Over 30x the deepest published decoders (Llama 3.1 405B: 126 layers; Mamba-2 2.7B: 64): a larger count is a
+# corrupt config, refused before anything allocates one entry per layer.
+MAX_LAYERS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +82,10 @@ class ModelConfig:
     family: str = ATTENTION_FAMILY
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position_embeddings"):
             object.__setattr__(self, name, as_int(f"config.{name}", getattr(self, name), 1))
+        object.__setattr__(self, "num_layers", as_int("config.num_layers", self.num_layers, 1, MAX_LAYERS))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -96,6 +100,8 @@ class ModelConfig:
         object.__setattr__(self, "layer_windows", tuple(as_int(f"config.layer_windows[{i}]", w, 0)
                                                          for i, w in enumerate(windows)))
         check_token_fields(self)
+        if not isinstance(self.model_type, str) or not self.model_type:
+            raise ValueError(f"config.model_type must be a non-empty string (a label), got {self.model_type!r}")
         if self.family != ATTENTION_FAMILY:
             raise ValueError(f"ModelConfig.family must be {ATTENTION_FAMILY!r}, got {self.family!r}")
 
@@ -117,6 +123,8 @@ def config_from_dict(d: dict[str, Any]):
     unknown keys are an error."""
     from ssm_llm.ssm_config import SSM_CONFIGS
 
+    if not isinstance(d, dict):
+        raise ValueError(f"a saved model config must be a JSON object (dict), got {type(d).__name__}")
     d = dict(d)
     family = d.pop("family", ATTENTION_FAMILY)
     if family == "quamba":
@@ -135,8 +143,20 @@ def config_from_dict(d: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown keys in saved {family} model config: {unknown}")
     if cls is ModelConfig:
-        d["rope"] = RopeConfig(**d.get("rope", {}))
+        rope = d.get("rope", {})
+        if not isinstance(rope, dict):
+            raise ValueError(f"saved config 'rope' must be a JSON object, got {rope!r}")
+        unknown = sorted(set(rope) - {f.name for f in dataclasses.fields(RopeConfig)})
+        if unknown:
+            raise ValueError(f"unknown keys in saved rope config: {unknown}")
+        d["rope"] = RopeConfig(**rope)
     for key in ("layer_windows", "eos_token_ids", "time_step_limit"):
         if key in d:
+            if not isinstance(d[key], (list, tuple)):
+                raise ValueError(f"saved config {key!r} must be a list, got {d[key]!r}")
             d[key] = tuple(d[key])
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name != "family" and f.name not in d
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"saved {family} model config lacks required keys {missing}")
     return cls(**d)

@@ -154,8 +154,8 @@ def _as_tokens(tokens):
         arr = np.asarray(tokens)
     except (ValueError, TypeError) as e:
         raise ValueError(f"tokens must be a [batch, steps] array of int token ids ({e})") from None
-    if arr.dtype == object:
-        raise ValueError("tokens must be a [batch, steps] array of int token ids, got objects")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"tokens must be a [batch, steps] array of int token ids, got dtype {arr.dtype}")
     return jnp.asarray(arr)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ssm_llm.config import check_token_fields
+from ssm_llm.config import MAX_LAYERS, check_token_fields
 from ssm_llm.validation import as_float, as_int
 
 MAMBA1_FAMILY = "mamba"
@@ -42,8 +42,9 @@ class _SSMBase:
     max_position_embeddings: int | None = None
 
     def _validate_common(self, extra_ints=()):
-        _positive_ints(self, ("vocab_size", "hidden_size", "num_layers", "state_size", "intermediate_size",
-                              "conv_kernel", *extra_ints))
+        _positive_ints(self, ("vocab_size", "hidden_size", "state_size", "intermediate_size", "conv_kernel",
+                              *extra_ints))
+        object.__setattr__(self, "num_layers", as_int("config.num_layers", self.num_layers, 1, MAX_LAYERS))
         object.__setattr__(self, "layer_norm_epsilon",
                            as_float("config.layer_norm_epsilon", self.layer_norm_epsilon, 0.0, open_min=True))
         if self.hidden_act not in _ACTIVATIONS:

@@ -291,6 +291,18 @@ def test_bad_llama_configs(llama, change, message):
         config_from_hf({**llama[1], **change})
 
 
+def test_layer_count_is_bounded_before_anything_per_layer_is_built(llama):
+    for layers in (ssm_llm.config.MAX_LAYERS + 1, 2 ** 70):
+        with pytest.raises(ValueError, match=rf"config.num_hidden_layers must be at most 4096, got {layers}"):
+            config_from_hf({**llama[1], "num_hidden_layers": layers, "sliding_window": 4})
+    with pytest.raises(ValueError, match=r"config.num_layers must be an int in \[1, 4096\], got 5000"):
+        config_from_hf({**tiny_hf_ssm_model("mamba").config.to_dict(), "num_hidden_layers": 5000})
+
+
+def test_null_fields_mean_their_defaults(llama):
+    assert config_from_hf({**llama[1], "hidden_act": None}) == llama[2][0]
+
+
 def test_model_type_missing_falls_back_to_architectures(llama):
     d = {k: v for k, v in llama[1].items() if k != "model_type"}
     assert config_from_hf({**d, "architectures": ["LlamaForCausalLM"]}) == llama[2][0]
@@ -386,6 +398,36 @@ def test_model_dir_without_tokenizer_files(llama, hf_dir, tmp_path):
     (ckpt / checkpoint.TOKENIZER_DIR).mkdir()
     with pytest.raises(FileNotFoundError, match=r"ckpt/tokenizer holds no tokenizer"):
         converters.load_tokenizer(ckpt)
+
+
+def test_gguf_rotary_tensor_of_the_wrong_rank():
+    from types import SimpleNamespace
+
+    import gguf
+
+    from converters.gguf_file import GGUFTensors
+
+    bad = SimpleNamespace(name="blk.0.attn_q.weight", data=np.ones((1, 8, 8), np.float32), shape=(8, 8, 1),
+                          tensor_type=gguf.GGMLQuantizationType.F32)
+    tensors = GGUFTensors(SimpleNamespace(tensors=[bad]), {"self_attn.q_proj.weight": 4})
+    with pytest.raises(ValueError, match=r"GGUF tensor 'blk.0.attn_q.weight' has shape \(1, 8, 8\); a rotary "
+                                         r"projection needs \[rows\(, columns\)\]"):
+        tensors["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_gguf_without_tokenizer_metadata(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(1)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    with pytest.raises(ValueError, match=r"bare.gguf holds no tokenizer: its metadata lacks tokenizer.ggml.model, "
+                                         r"tokenizer.ggml.tokens"):
+        converters.load_tokenizer(path)
 
 
 class _Payload:

@@ -3,6 +3,7 @@ offending value, or a documented, visible result (NaN logits under jit) instead 
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,63 @@ def test_checkpoint_with_an_edited_config_is_refused(params, tmp_path):
         converters.load(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.update(config=[meta["config"]]), "a saved model config must be a JSON object .dict., got list"),
+    (lambda meta: meta["config"].update(rope=[1]), "saved config 'rope' must be a JSON object, got \\[1\\]"),
+    (lambda meta: meta["config"].update(rope={"theta": 1e4, "spin": 1}),
+     r"unknown keys in saved rope config: \['spin'\]"),
+    (lambda meta: meta["config"].update(eos_token_ids=2), "saved config 'eos_token_ids' must be a list, got 2"),
+    (lambda meta: meta["config"].update(model_type={"a": 1}), r"config.model_type must be a non-empty string"),
+    (lambda meta: meta["config"].pop("vocab_size"),
+     r"saved attention model config lacks required keys \['vocab_size'\]"),
+])
+def test_checkpoint_with_a_malformed_config_is_refused(params, tmp_path, edit, message):
+    import converters
+
+    converters.save(params, CONFIG, tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "ssm_llm_config.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"ckpt/ssm_llm_config.json: corrupt ssm_llm config \(" + message):
+        converters.load(tmp_path / "ckpt")
+
+
+def test_damaged_checkpoint_bytes_are_detected(params, tmp_path):
+    """orbax keeps no checksum: a flipped byte in params/ must not load as a silently different weight."""
+    import converters
+
+    ckpt = converters.save(params, CONFIG, tmp_path / "ckpt")
+    meta_path = ckpt / "ssm_llm_config.json"
+    original = meta_path.read_text()
+    assert converters.load(ckpt)[0] == CONFIG  # the recorded digests match what was saved
+    meta = json.loads(original)
+    meta["sha256"]["['final_norm']"] = "0" * 64  # as if the stored bytes had changed since
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"1 param\(s\) differ from what was saved \(checksum mismatch in "
+                                         r"\['final_norm'\]\); the checkpoint is damaged"):
+        converters.load(ckpt)
+    meta_path.write_text(original)
+    # A flipped byte in the stored arrays is refused (by the checksum or by orbax itself) or, if it lies in
+    # bytes orbax never reads back, loads the very params that were saved: never different ones.
+    data = max((p for p in (ckpt / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = data.read_bytes()
+    refused = 0
+    for pos in range(len(blob) // 4, len(blob), len(blob) // 8):
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x10
+        data.write_bytes(bytes(damaged))
+        try:
+            _, loaded = converters.load(ckpt)
+        except ValueError as e:
+            assert re.search(r"ckpt: (cannot restore params|.* differ from what was saved)", str(e)), e
+            refused += 1
+        else:
+            for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert refused >= 3
+
+
 # --- configs and generation options --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -194,6 +252,9 @@ def test_forward_token_inputs(params):
     cache = ssm_llm.init_cache(CONFIG, 1, 8)
     with pytest.raises(ValueError, match="tokens must be a \\[batch, steps\\] array of int token ids"):
         ssm_llm.forward(params, CONFIG, [[1, [2]]], cache)
+    for strange in ([["1", "2"]], [[1.0, 2.0]], [[True, False]]):
+        with pytest.raises(ValueError, match="tokens must be a \\[batch, steps\\] array of int token ids, got dtype"):
+            ssm_llm.forward(params, CONFIG, np.asarray(strange), cache)
     with pytest.raises(ValueError, match="token_counts must be \\[batch\\] ints"):
         ssm_llm.forward(params, CONFIG, [[1, 2]], cache, token_counts=[1.5])
     listed, _ = ssm_llm.forward(params, CONFIG, [[1, 2]], cache, token_counts=[np.int64(1)])  # lists are fine

@@ -78,7 +78,7 @@ def test_cache_overflow_is_an_error(params):
     ([[-1]], "token id -1 is outside"),
     ([1, 2, 3], r"tokens must be \[batch, steps\]"),
     (np.zeros((1, 0), np.int32), "no steps"),
-    ([[0.5, 1.0]], "integer ids"),
+    ([[0.5, 1.0]], "array of int token ids, got dtype float"),
     ([[1], [2]], "tokens batch 2 != cache batch 1"),
 ])
 def test_forward_rejects_bad_tokens(params, tokens, message):

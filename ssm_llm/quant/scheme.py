@@ -162,4 +162,8 @@ class QuantizedSSMConfig:
         unknown = sorted(set(d) - {"base", "scheme", "simulated"})
         if unknown or "base" not in d or "scheme" not in d:
             raise ValueError(f"saved quantized config must hold 'base' and 'scheme' (unknown keys: {unknown})")
-        return cls(config_from_dict(d["base"]), QuantScheme(**d["scheme"]), bool(d.get("simulated", False)))
+        simulated = d.get("simulated", False)
+        if not isinstance(d["scheme"], dict) or not isinstance(simulated, bool):
+            raise ValueError(f"saved quantized config needs a 'scheme' object and a boolean 'simulated', got "
+                             f"{d['scheme']!r} and {simulated!r}")
+        return cls(config_from_dict(d["base"]), QuantScheme(**d["scheme"]), simulated)
