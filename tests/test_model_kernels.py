@@ -38,7 +38,7 @@ def _assert_same(params, config, prompts, atol):
 def test_smollm2_interpret_matches_xla(smollm2):
     config, params, tokenizer, _ = smollm2
     prompts = [tokenizer("The capital of France is").input_ids, tokenizer("Hi").input_ids]
-    _assert_same(params, config, prompts, atol=2e-4)
+    _assert_same(params, config, prompts, atol=1e-4)  # measured 4.6e-5 (README quotes both)
 
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
@@ -47,4 +47,4 @@ def test_tiny_ssm_interpret_matches_xla(kind):
     config, params = converters.load(tiny_hf_ssm_model(kind, state_size=16))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (19, 6)]
-    _assert_same(params, config, prompts, atol=1e-4)
+    _assert_same(params, config, prompts, atol=1e-5)  # measured 1.2e-6

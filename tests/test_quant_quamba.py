@@ -68,10 +68,11 @@ def test_cached_decode_equals_full_forward(quantized):
     _, _, qparams, qconfig = quantized
     int8_states = qconfig.scheme.quantize_state and qconfig.scheme.quantizes_acts
     if int8_states:
-        # int8 states are rounded each time the cache stores them: close to the full forward, not equal...
+        # int8 states are rounded each time the cache stores them: close to the full forward, not equal
+        # (measured: 1.0% of the largest logit for Mamba-2 W8A8, 0 for Mamba-1 W4A8; README quotes the bound)...
         full, _ = _logits(qparams, qconfig, TOKENS)
         error = float(jnp.max(jnp.abs(_prefill_then_decode(qparams, qconfig) - full)))
-        assert error < 0.05 * float(jnp.max(jnp.abs(full)))
+        assert error < 0.02 * float(jnp.max(jnp.abs(full)))
         result = generate(qparams, qconfig, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=4))
         assert [len(t) for t in result.tokens] == [4, 4]
         # ... and with float states, exactly equal.

@@ -51,3 +51,14 @@ def test_greedy_output_is_plain_greedy(smollm2, name):
     batch = assert_same_greedy(params, config, ids, drafter, max_new_tokens=24, eos_token_ids=())
     assert batch.speculative.tokens_per_round > 1.2, batch.speculative
     assert_same_greedy(params, config, ids[:1], drafter, max_new_tokens=24, eos_token_ids=())
+
+
+@pytest.mark.parametrize("name", ["rsd", "dyspec"])
+def test_tree_drafters_briefly(smollm2, name):
+    """RSD and DySpec in the default suite: 8 tokens of the ragged batch (the test above, `-m slow` for these
+    two, writes 24 and adds single prompts)."""
+    config, params, tokenizer, _ = smollm2
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    batch = assert_same_greedy(params, config, ids, drafters(params, config)[name], max_new_tokens=8,
+                               eos_token_ids=())
+    assert batch.speculative.tokens_per_round > 1.2, batch.speculative

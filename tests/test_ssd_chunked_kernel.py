@@ -39,9 +39,12 @@ def test_ssd_chunked_kernel_matches_reference(batch, steps, heads_per_group, gro
     y, final = ssd_chunked(x, dt, A, B, C, D, state, chunk_size, impl="interpret")
     y_ref, final_ref = ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
     assert y.dtype == x.dtype and final.dtype == jnp.float32 and final.shape == final_ref.shape
-    # Outputs are sums of many O(1) terms (|y| up to ~50): tolerances scaled to that size.
-    assert_close(y, y_ref, dtype, scale=5.0)
-    assert_close(final, final_ref, jnp.float32, scale=5.0)
+    # Outputs sum up to 150 steps of O(1) terms (|y| up to ~85): float32 errors grow with that, to 2.4e-5 in y
+    # and 2.1e-5 in the final state over 150 draws, so float32 is checked at 3x TOL (6e-5); bfloat16 y at TOL
+    # (2e-2; worst 5.9e-3, a rounding of the output).
+    scale = 3.0 if dtype == jnp.float32 else 1.0
+    assert_close(y, y_ref, dtype, scale=scale)
+    assert_close(final, final_ref, jnp.float32, scale=3.0)
 
 
 def test_ssd_chunked_kernel_zero_dt_steps_freeze_the_state_under_jit():

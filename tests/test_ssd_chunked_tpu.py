@@ -31,9 +31,9 @@ def _inputs(seed, batch, steps, heads, groups, head_dim, n, dtype):
 def _check(got, want, dtype):
     (y, final), (y_ref, final_ref) = got, want
     assert y.dtype == y_ref.dtype and final.dtype == jnp.float32 and final.shape == final_ref.shape
-    # Outputs are sums of many O(1) terms: tolerances scaled to that size (as the GPU kernel's test).
-    assert_close(y, y_ref, dtype, scale=5.0)
-    assert_close(final, final_ref, jnp.float32, scale=5.0)
+    # At most 40 steps here: within TOL (worst over 40 draws: float32 y 5.4e-6, final 2.5e-6, bfloat16 y 5.9e-3).
+    assert_close(y, y_ref, dtype)
+    assert_close(final, final_ref, jnp.float32)
 
 
 # Chunks of 16 or 32 steps so tiny T spans several, the last one overhanging T; n = 128 with 2 groups reads

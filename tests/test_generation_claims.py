@@ -1,0 +1,117 @@
+"""Claims of the README that no other test checks end to end: the CLI's `--kv-compression`,
+`generate(impl=...)`, and StreamingLLM generating past the model's context with original positions and a
+distance ceiling, against a numpy model."""
+
+import jax
+import numpy as np
+import pytest
+from spec_checks import wide_params
+
+import ssm_llm
+from ssm_llm.kv import StreamingLLM
+from ssm_llm.kv.policy import rope_frequencies
+
+pytestmark = pytest.mark.usefixtures("cheap_compiles_module")  # a few tiny steps per compiled program
+
+
+def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
+    """`ssm-llm generate --kv-compression SPEC` in-process on SmolLM2: the spec is parsed, the policy reaches
+    `generate`, text comes out. The load is the session's (the CLI's own load is covered in test_smollm2.py)."""
+    from ssm_llm import cli, generation
+
+    config, params, _, path = smollm2
+    monkeypatch.setattr(cli, "_load", lambda model: (path, config, params))
+    policies = []
+
+    def spy(params, config, prompts, gen_config, **kw):
+        policies.append(gen_config.kv_compression)
+        return real(params, config, prompts, gen_config, **kw)
+
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", spy)
+    code = cli.main(["generate", "--prompt", "The history of the printing press", "--max-new-tokens", "4",
+                     "--kv-compression", "streamingllm:budget=32", "--no-stream"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() and "4 new (length)" in err
+    assert policies == [StreamingLLM(budget=32)]
+
+
+TINY = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, max_position_embeddings=32)
+
+
+def test_generate_impl_interpret_equals_xla():
+    """The Pallas kernels (interpreted) and the XLA references give the same greedy tokens through
+    `generate`: ragged prefill (flash attention) and decode steps (cache attention)."""
+    params = wide_params(TINY, seed=1)
+    prompts = [[3, 14, 15, 9, 26, 5], [35, 8]]
+    gen = ssm_llm.GenerationConfig(max_new_tokens=3)
+    xla = ssm_llm.generate(params, TINY, prompts, gen, impl="xla")
+    interpret = ssm_llm.generate(params, TINY, prompts, gen, impl="interpret")
+    assert interpret.tokens == xla.tokens and [len(t) for t in xla.tokens] == [3, 3]
+
+
+def numpy_logits(params, config, tokens, visible, key_position):
+    """float64 logits [T, V] of a Llama model over one sequence, token t attending to the earlier tokens
+    `visible(t)` (an index array, itself included), each key rotated at `key_position(t, s)`."""
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    inv_freq = rope_frequencies(config).astype(np.float64)
+    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def norm(x, w):
+        return w * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.rms_norm_eps)
+
+    def rope(x, pos):  # x: [..., D] at integer position(s) pos
+        angles = np.asarray(pos, np.float64)[..., None] * inv_freq
+        x1, x2 = x[..., :dim // 2], x[..., dim // 2:]
+        cos, sin = np.cos(angles), np.sin(angles)
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    h = p["embed"][np.asarray(tokens)]
+    for i in range(config.num_layers):
+        w = {k: v[i] for k, v in p["layers"].items()}
+        x = norm(h, w["attn_norm"])
+        q = (x @ w["wq"]).reshape(len(tokens), heads, dim)
+        k = (x @ w["wk"]).reshape(len(tokens), kv_heads, dim)
+        v = (x @ w["wv"]).reshape(len(tokens), kv_heads, dim)
+        out = np.zeros_like(q)
+        for t in range(len(tokens)):
+            seen = visible(t)
+            keys = rope(k[seen].transpose(1, 0, 2), [key_position(t, s) for s in seen])  # [Hkv, S, D]
+            for head in range(heads):
+                scores = keys[head * kv_heads // heads] @ rope(q[t, head], t) / np.sqrt(dim)
+                weights = np.exp(scores - scores.max())
+                out[t, head] = weights / weights.sum() @ v[seen, head * kv_heads // heads]
+        h = h + out.reshape(len(tokens), -1) @ w["wo"]
+        x = norm(h, w["mlp_norm"])
+        gate = x @ w["w_gate"]
+        h = h + (gate / (1 + np.exp(-gate)) * (x @ w["w_up"])) @ w["w_down"]
+    return norm(h, p["final_norm"]) @ p["lm_head"]
+
+
+def test_streaming_original_positions_with_a_distance_ceiling_past_the_context():
+    """A 32-position model writes 48 tokens per row (to position 57) with StreamingLLM(positions="original",
+    distance_ceiling=8): every token equals a numpy model's greedy choice, where the prompt attends fully
+    and each decoded token to the sinks and the latest window, keys at most 8 positions away."""
+    budget, sinks, ceiling = 12, 2, 8
+    params = wide_params(TINY, seed=0)
+    prompts = [[7, 1, 40, 22, 9, 13, 60, 2, 31, 5], [44, 12, 3, 18, 50]]
+    policy = StreamingLLM(budget=budget, sinks=sinks, positions="original", distance_ceiling=ceiling)
+    out = ssm_llm.generate(params, TINY, prompts, ssm_llm.GenerationConfig(max_new_tokens=48, kv_compression=policy))
+    for prompt, new in zip(prompts, out.tokens, strict=True):
+        assert len(new) == 48
+        n = len(prompt)
+
+        def visible(t, n=n):  # the prompt: causal; decoded tokens: the sinks and the latest budget - sinks tokens
+            return np.arange(t + 1) if t < n else np.r_[0:sinks, max(sinks, t - (budget - sinks) + 1):t + 1]
+
+        def capped(t, s, n=n):
+            return t - min(t - s, ceiling) if t >= n else s
+
+        # Greedy choices are >= 2.8e-3 apart in logits (float32 errors are ~1e-5).
+        want = numpy_logits(params, TINY, prompt + new, visible, capped)[n - 1:-1].argmax(-1)
+        np.testing.assert_array_equal(new, want)
+        # The ceiling matters: uncapped distances would choose other tokens.
+        uncapped = numpy_logits(params, TINY, prompt + new, visible, lambda t, s: s)[n - 1:-1].argmax(-1)
+        assert (uncapped != new).any()
