@@ -35,7 +35,7 @@ shapes = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(shapes=shapes, steps=st.integers(1, 40), block=st.sampled_from([4, 7, 16, 128]))
 def test_flash_attention_ref_matches_naive(shapes, steps, block):
     rng = np.random.default_rng(shapes["seed"])
@@ -49,7 +49,7 @@ def test_flash_attention_ref_matches_naive(shapes, steps, block):
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(shapes=shapes, steps=st.integers(1, 5), cache=st.integers(6, 30), data=st.data())
 def test_cache_attention_ref_matches_naive_on_ragged_lengths(shapes, steps, cache, data):
     rng = np.random.default_rng(shapes["seed"])

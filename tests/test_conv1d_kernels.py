@@ -44,7 +44,7 @@ def _blocks(blocks):
 
 
 # Interpret mode spends its time compiling (a few seconds per drawn shape), hence the small example counts.
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(batch=st.integers(1, 3), steps=st.sampled_from([1, 2, 3, 7, 16, 21]), channels=st.sampled_from([1, 3, 8, 21]),
        taps=st.integers(2, 4), dtype=DTYPES, state_dtype=st.sampled_from([None, "x", jnp.float32]),
        use_bias=st.booleans(), activation=st.sampled_from([None, "silu"]), blocks=BLOCKS, data=st.data())

@@ -28,6 +28,7 @@ ROW_KEYS = {"kind", "bits", "ingredient", "scheme", "mean_nll", "perplexity", "p
             "decode", "greedy_tokens", "greedy_prefix_match_fp32"}
 
 
+@pytest.mark.slow  # the whole script end to end, 36 s (CI time); its parts are tested in tests/test_quant_*.py
 def test_script_runs_and_measures(tmp_path):
     out = tmp_path / "quamba.json"
     qe.main(["--tiny-random", "--families", "mamba2", "mamba1", "--rows", *ROWS, *SIZES, "--out", str(out)])

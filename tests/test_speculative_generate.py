@@ -19,7 +19,7 @@ def target(request):
     return config, wide_params(config, seed=3)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # batch 1: -m slow (CI time)
 def test_random_trees_give_plain_greedy_output(target, batch):
     config, params = target
     prompts = ragged_prompts(np.random.default_rng(batch), config.vocab_size)[:batch]

@@ -53,6 +53,7 @@ def test_greedy_output_is_plain_greedy(smollm2, name):
     assert_same_greedy(params, config, ids[:1], drafter, max_new_tokens=24, eos_token_ids=())
 
 
+@pytest.mark.slow  # CI runs RSD / DySpec on the tiny targets (test_speculative_generate.py); this adds SmolLM2
 @pytest.mark.parametrize("name", ["rsd", "dyspec"])
 def test_tree_drafters_briefly(smollm2, name):
     """RSD and DySpec in the default suite: 8 tokens of the ragged batch (the test above, `-m slow` for these

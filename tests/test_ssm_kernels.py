@@ -57,7 +57,7 @@ def rand(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batch=st.integers(1, 3), steps=st.integers(1, 20), channels=st.integers(1, 9), taps=st.integers(2, 5),
        seed=st.integers(0, 2**31), data=st.data())
 def test_causal_conv1d_matches_naive_with_state_and_ragged_counts(batch, steps, channels, taps, seed, data):
@@ -87,7 +87,7 @@ def mamba1_inputs(rng, batch, steps, channels, n):
                 C=rand(rng, batch, steps, n), D=rand(rng, channels), z=rand(rng, batch, steps, channels))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(batch=st.integers(1, 2), steps=st.integers(1, 40), channels=st.integers(1, 6), n=st.integers(1, 5),
        chunk=st.sampled_from([1, 3, 8, 32]), seed=st.integers(0, 2**31))
 def test_selective_scan_matches_naive_recurrence(batch, steps, channels, n, chunk, seed):

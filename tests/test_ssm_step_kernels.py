@@ -31,7 +31,7 @@ def _normal(key, shape, dtype, scale=1.0):
     return (scale * jax.random.normal(key, shape)).astype(dtype)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(batch=st.integers(1, 3), heads_per_group=st.integers(1, 3), groups=st.integers(1, 3),
        head_dim=st.sampled_from([1, 3, 8, 16]), n=st.sampled_from([1, 5, 8, 16]), dtype=DTYPES,
        use_d=st.booleans(), seed=st.integers(0, 2**16))
@@ -52,7 +52,7 @@ def test_ssd_step_kernel_matches_reference(batch, heads_per_group, groups, head_
     assert not np.allclose(np.asarray(new), np.asarray(state))  # the aliased state really was rewritten
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(batch=st.integers(1, 3), channels=st.sampled_from([1, 6, 24, 96, 130]), n=st.sampled_from([1, 4, 16]),
        dtype=DTYPES, use_d=st.booleans(), use_z=st.booleans(), seed=st.integers(0, 2**16))
 def test_selective_state_update_kernel_matches_reference(batch, channels, n, dtype, use_d, use_z, seed):
