@@ -2656,25 +2656,17 @@ def convert_problem(values, paths):
 def generate_cli_problem(values, paths, tokenize):
     if "--prompt" not in values:
         return "--prompt missing"
-    ints = {"--max-new-tokens": 128, "--top-k": None, "--seed": 0}
-    floats = {"--temperature": 0.0, "--top-p": 1.0, "--min-p": 0.0}
+    numbers = {"--max-new-tokens": (int, 128), "--top-k": (int, None), "--seed": (int, 0),
+               "--temperature": (float, 0.0), "--top-p": (float, 1.0), "--min-p": (float, 0.0)}
     parsed = {}
-    for flag, default in ints.items():
-        if flag in values:
-            try:
-                parsed[flag] = int(values[flag])
-            except ValueError:
-                return f"{flag} {values[flag]!r} not an int"
-        else:
+    for flag, (kind, default) in numbers.items():
+        if flag not in values:
             parsed[flag] = default
-    for flag, default in floats.items():
-        if flag in values:
-            try:
-                parsed[flag] = float(values[flag])
-            except ValueError:
-                return f"{flag} {values[flag]!r} not a float"
-        else:
-            parsed[flag] = default
+            continue
+        try:
+            parsed[flag] = kind(values[flag])
+        except ValueError:
+            return f"{flag} {values[flag]!r} not {'an int' if kind is int else 'a float'}"
     if "--system" in values and "--chat" not in values:
         return "--system without --chat"
     policy = drafter = None
