@@ -21,6 +21,7 @@ bandwidth, prefill flash >= 0.9x cuDNN, SSD chunked scan >= 3x faster than XLA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -34,27 +35,67 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pallas_kernels.cache_attention import cache_attention
-from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.quantized_matmul import quantize_weights, quantized_matmul, quantized_matmul_int8
-from pallas_kernels.selective_scan import selective_scan, selective_state_update
-from pallas_kernels.ssd import ssd_chunked, ssd_step
+from pallas_kernels.cache_attention import CacheAttentionBlockSizes, cache_attention
+from pallas_kernels.causal_conv1d import (
+    CausalConv1dBlockSizes,
+    CausalConv1dUpdateBlockSizes,
+    causal_conv1d,
+    causal_conv1d_update,
+)
+from pallas_kernels.flash_attention import FlashAttentionBlockSizes, flash_attention
+from pallas_kernels.quantized_matmul import (
+    QuantizedMatmulBlockSizes,
+    quantize_weights,
+    quantized_matmul,
+    quantized_matmul_int8,
+)
+from pallas_kernels.selective_scan import (
+    SelectiveScanBlockSizes,
+    SelectiveStateUpdateBlockSizes,
+    selective_scan,
+    selective_state_update,
+)
+from pallas_kernels.ssd import SSDChunkedBlockSizes, ssd_chunked, ssd_step
 from pallas_kernels.tree_attention import tree_attention
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 0
 
 
+# The GPU (Triton) kernels' block sizes by kernel name (ssd_step has none), for `--block-sizes`.
+BLOCK_SIZES = {"flash_attention": FlashAttentionBlockSizes, "cache_attention": CacheAttentionBlockSizes,
+               "tree_attention": CacheAttentionBlockSizes, "selective_scan": SelectiveScanBlockSizes,
+               "selective_state_update": SelectiveStateUpdateBlockSizes, "ssd_chunked": SSDChunkedBlockSizes,
+               "causal_conv1d": CausalConv1dBlockSizes, "causal_conv1d_update": CausalConv1dUpdateBlockSizes,
+               "quantized_matmul": QuantizedMatmulBlockSizes, "quantized_matmul_int8": QuantizedMatmulBlockSizes}
+
+
+def parse_block_sizes(specs: list[str]) -> dict:
+    """`KERNEL:FIELD=INT,FIELD=INT` strings -> {kernel: its block sizes, defaults for the fields not named}."""
+    chosen = {}
+    for spec in specs:
+        kernel, _, fields = spec.partition(":")
+        if kernel not in BLOCK_SIZES:
+            raise ValueError(f"--block-sizes {spec!r}: unknown kernel {kernel!r}; "
+                             f"expected one of {sorted(BLOCK_SIZES)}")
+        try:
+            values = {name: int(value) for name, value in (item.split("=") for item in fields.split(",") if item)}
+            chosen[kernel] = BLOCK_SIZES[kernel](**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--block-sizes {spec!r}: {err}") from None
+    return chosen
+
+
 @dataclass
 class Case:
-    """One kernel on one shape: `make(key)` builds an input tuple; `run(impl)` returns the function
-    of those inputs for `impl`; bytes/flops are the minimum traffic and arithmetic."""
+    """One kernel on one shape: `make(key)` builds an input tuple; `run(kw)` returns the function of those
+    inputs for the dispatcher keyword arguments `kw` (impl, block_sizes); bytes/flops are the minimum
+    traffic and arithmetic."""
 
     name: str
     kernel: str
     make: Callable
-    run: Callable[[str], Callable]
+    run: Callable[[dict], Callable]
     bytes: float
     flops: float
     cudnn: Callable | None = None
@@ -81,7 +122,7 @@ def attention_cases(quick: bool) -> list[Case]:
             return _n(k[0], (b, t, h, d)), _n(k[1], (b, t, hk, d)), _n(k[2], (b, t, hk, d))
         cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
         cases.append(Case(f"flash prefill {label} b{b} t{t}", "flash_attention", make,
-                          lambda impl: (lambda q, k, v: flash_attention(q, k, v, impl=impl)),
+                          lambda kw: (lambda q, k, v: flash_attention(q, k, v, **kw)),
                           bytes=2 * (2 * b * t * h * d + 2 * b * t * hk * d), flops=2 * b * h * t * t * d,
                           cudnn=cudnn))
     # Decode (one token) against a 4k cache, bf16 and int8 K/V; batch 16.
@@ -97,8 +138,8 @@ def attention_cases(quick: bool) -> list[Case]:
                 return q, kk, v, lengths, ks, vs
             return q, _n(k[1], (b, hk, s, d)), _n(k[2], (b, hk, s, d)), lengths, None, None
 
-        def run(impl):
-            return lambda q, k, v, n, ks, vs: cache_attention(q, k, v, n[:, None] - 1, n, 0, None, ks, vs, impl=impl)
+        def run(kw):
+            return lambda q, k, v, n, ks, vs: cache_attention(q, k, v, n[:, None] - 1, n, 0, None, ks, vs, **kw)
         itemsize = 1 if int8 else 2
         cache_bytes = 2 * b * hk * s * d * itemsize + (2 * b * hk * s * 4 if int8 else 0)
         cudnn = None if int8 else (lambda q, k, v, n, ks, vs: jax.nn.dot_product_attention(
@@ -114,7 +155,7 @@ def attention_cases(quick: bool) -> list[Case]:
         return (_n(k[0], (b, tq, h, d)), _n(k[1], (b, hk, s, d)), _n(k[2], (b, hk, s, d)),
                 jnp.full((b,), s - tq, jnp.int32), mask)
     cases.append(Case(f"tree attention t{tq} b{b} s{s}", "tree_attention", make_tree,
-                      lambda impl: (lambda q, k, v, p, m: tree_attention(q, k, v, p, m, impl=impl)),
+                      lambda kw: (lambda q, k, v, p, m: tree_attention(q, k, v, p, m, **kw)),
                       bytes=2 * b * hk * s * d * 2, flops=4 * b * h * tq * s * d))
     return cases
 
@@ -131,7 +172,7 @@ def ssm_cases(quick: bool) -> list[Case]:
                 -jnp.exp(_n(k[2], (dm, n), f32)), _n(k[3], (b, t, n)), _n(k[4], (b, t, n)),
                 _n(k[5], (dm,), f32), _n(k[0], (b, t, dm)))
     cases.append(Case(f"selective scan b{b} t{t} d{dm}", "selective_scan", make_scan,
-                      lambda impl: (lambda *a: selective_scan(*a, impl=impl)),
+                      lambda kw: (lambda *a: selective_scan(*a, **kw)),
                       bytes=2 * b * t * (4 * dm + 2 * n) + 4 * b * dm * n, flops=9 * b * t * dm * n))
     bs = 2 if quick else 16
 
@@ -141,7 +182,7 @@ def ssm_cases(quick: bool) -> list[Case]:
                 -jnp.exp(_n(k[3], (dm, n), f32)), _n(k[4], (bs, n)), _n(k[5], (bs, n)), _n(k[0], (dm,), f32),
                 _n(k[1], (bs, dm)))
     cases.append(Case(f"selective state update b{bs} d{dm}", "selective_state_update", make_update,
-                      lambda impl: (lambda *a: selective_state_update(*a, impl=impl)),
+                      lambda kw: (lambda *a: selective_state_update(*a, **kw)),
                       bytes=2 * 4 * bs * dm * n + 4 * dm * n, flops=7 * bs * dm * n))
     # Mamba-2-2.7B-like layer: 80 heads of 64, N 128, one group.
     b, t, h, p, n = (1, 70, 2, 16, 16) if quick else (2, 4096, 80, 64, 128)
@@ -152,7 +193,7 @@ def ssm_cases(quick: bool) -> list[Case]:
                 -jnp.exp(_n(k[2], (h,), f32)), _n(k[3], (b, t, 1, n)), _n(k[4], (b, t, 1, n)), _n(k[5], (h,), f32))
     chunk = 256
     cases.append(Case(f"ssd chunked b{b} t{t} h{h}", "ssd_chunked", make_ssd,
-                      lambda impl: (lambda *a: ssd_chunked(*a, chunk_size=chunk, impl=impl)),
+                      lambda kw: (lambda *a: ssd_chunked(*a, chunk_size=chunk, **kw)),
                       bytes=2 * 2 * b * t * h * p + 2 * 2 * b * t * n + 4 * b * h * p * n,
                       flops=2 * b * t * h * (chunk * (n + p) + 2 * p * n)))
 
@@ -160,7 +201,7 @@ def ssm_cases(quick: bool) -> list[Case]:
         k = jax.random.split(key, 6)
         return (_n(k[0], (bs, h, p, n), f32), _n(k[1], (bs, h, p)), jax.nn.softplus(_n(k[2], (bs, h), f32)),
                 -jnp.exp(_n(k[3], (h,), f32)), _n(k[4], (bs, 1, n)), _n(k[5], (bs, 1, n)), _n(k[0], (h,), f32))
-    cases.append(Case(f"ssd step b{bs} h{h}", "ssd_step", make_step, lambda impl: (lambda *a: ssd_step(*a, impl=impl)),
+    cases.append(Case(f"ssd step b{bs} h{h}", "ssd_step", make_step, lambda kw: (lambda *a: ssd_step(*a, **kw)),
                       bytes=2 * 4 * bs * h * p * n, flops=6 * bs * h * p * n))
     # The short conv of that Mamba-2 layer: conv_dim = 2 * 2560 + 2 * 128 = 5376 channels, 4 taps.
     c = 24 if quick else 5376
@@ -169,14 +210,14 @@ def ssm_cases(quick: bool) -> list[Case]:
         k = jax.random.split(key, 3)
         return _n(k[0], (b, t, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32)
     cases.append(Case(f"causal conv1d b{b} t{t} c{c}", "causal_conv1d", make_conv,
-                      lambda impl: (lambda x, w, bias: causal_conv1d(x, w, bias, impl=impl)),
+                      lambda kw: (lambda x, w, bias: causal_conv1d(x, w, bias, **kw)),
                       bytes=2 * 2 * b * t * c, flops=2 * 4 * b * t * c))
 
     def make_conv_update(key):
         k = jax.random.split(key, 4)
         return _n(k[0], (bs, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32), _n(k[3], (bs, c, 3))
     cases.append(Case(f"causal conv1d update b{bs} c{c}", "causal_conv1d_update", make_conv_update,
-                      lambda impl: (lambda x, w, bias, s: causal_conv1d_update(x, w, bias, s, impl=impl)),
+                      lambda kw: (lambda x, w, bias, s: causal_conv1d_update(x, w, bias, s, **kw)),
                       bytes=2 * bs * c * (2 + 2 * 3), flops=2 * 4 * bs * c))
     return cases
 
@@ -191,7 +232,7 @@ def matmul_cases(quick: bool) -> list[Case]:
                 return _n(k[0], (m, k_dim)), quantize_weights(_n(k[1], (k_dim, n_dim), scale=0.02), bits, 128)
             weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // 128) * n_dim * 4
             cases.append(Case(f"int{bits} matmul m{m} {k_dim}x{n_dim}", "quantized_matmul", make,
-                              lambda impl: (lambda x, w: quantized_matmul(x, w, impl=impl)),
+                              lambda kw: (lambda x, w: quantized_matmul(x, w, **kw)),
                               bytes=weight_bytes + 2 * m * (k_dim + n_dim), flops=2 * m * k_dim * n_dim))
     # Quamba2's W8A8 / W4A8: int8 activation codes with a per-tensor scale, integer accumulation; groups of
     # 128 and per-channel weights (one group of all K rows), float32 output.
@@ -205,7 +246,7 @@ def matmul_cases(quick: bool) -> list[Case]:
                 weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // group) * n_dim * 4
                 label = "per-channel" if group == k_dim else f"g{group}"
                 cases.append(Case(f"w{bits}a8 matmul m{m} {label} {k_dim}x{n_dim}", "quantized_matmul_int8", make,
-                                  lambda impl: (lambda xq, s, w: quantized_matmul_int8(xq, s, w, impl=impl)),
+                                  lambda kw: (lambda xq, s, w: quantized_matmul_int8(xq, s, w, **kw)),
                                   bytes=weight_bytes + m * k_dim + 4 * m * n_dim, flops=2 * m * k_dim * n_dim))
     return cases
 
@@ -238,7 +279,7 @@ def ceilings(quick: bool) -> dict:
 def check_outputs(got, want, tol: float) -> float:
     """Relative L2 error of `got` vs `want` (pytrees); raises if over `tol` or not finite."""
     errs = []
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         if not np.isfinite(g).all():
             raise AssertionError("non-finite kernel output")
@@ -256,7 +297,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--per-batch", type=int, default=20)
     parser.add_argument("--input-sets", type=int, default=4, help="input sets cycled through (defeats L2 reuse)")
+    parser.add_argument("--block-sizes", action="append", default=[], metavar="KERNEL:FIELD=INT,...",
+                        help="the Pallas kernel's block sizes instead of its defaults, e.g. "
+                             "'ssd_chunked:chunk=128,block_p=64' (repeatable; fields of the kernel's ...BlockSizes)")
     args = parser.parse_args()
+    try:
+        chosen_blocks = parse_block_sizes(args.block_sizes)
+    except ValueError as err:
+        parser.error(str(err))
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.quick:
         parser.error("the compiled Pallas kernels need a GPU (this is a CPU); use --quick for a smoke run")
@@ -269,7 +317,10 @@ def main() -> None:
     for case in tqdm(cases, desc="kernels"):
         keys = jax.random.split(jax.random.PRNGKey(SEED), args.input_sets)
         inputs = [case.make(k) for k in keys]
-        fns = {"pallas": jax.jit(case.run(kernel_impl)), "xla": jax.jit(case.run("xla"))}
+        blocks = chosen_blocks.get(case.kernel) or (BLOCK_SIZES[case.kernel]() if case.kernel in BLOCK_SIZES else None)
+        kernel_kw = {"impl": kernel_impl} if blocks is None else {"impl": kernel_impl, "block_sizes": blocks}
+        case.results["block_sizes"] = None if blocks is None else dataclasses.asdict(blocks)
+        fns = {"pallas": jax.jit(case.run(kernel_kw)), "xla": jax.jit(case.run({"impl": "xla"}))}
         if case.cudnn is not None and on_gpu:
             fns["cudnn"] = jax.jit(case.cudnn)
         want = fns["xla"](*inputs[0])
@@ -297,8 +348,8 @@ def main() -> None:
                         for c in cases]}
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / f"{stem}.png")
-    print(f"\n{device.device_kind}: copy {peak['copy_GBps']:.0f} GB/s, bf16 matmul {peak['bf16_matmul_TFLOPs']:.0f} TFLOP/s"
-          f" (measured); Pallas impl = {kernel_impl}")
+    print(f"\n{device.device_kind}: copy {peak['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {peak['bf16_matmul_TFLOPs']:.0f} TFLOP/s (measured); Pallas impl = {kernel_impl}")
     print(f"{'case':44} {'pallas us':>10} {'xla x':>7} {'cudnn x':>8} {'GB/s':>8} {'%bw':>5} {'TFLOP/s':>8} {'%mm':>5}")
     for c in report["cases"]:
         ours = c["pallas"]

@@ -10,6 +10,7 @@ chip; K/V blocks are read straight from the kv head `h // (H / H_kv)`, never rep
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,13 +19,39 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.dispatch import resolve_impl
-from pallas_kernels.gpu_params import FLASH_ATTENTION_BLOCKS, compiler_params, is_power_of_two
-from pallas_kernels.online_softmax import NEG, initial_state, online_softmax_step
-from pallas_kernels.tpu_params import FLASH_ATTENTION_TPU_BLOCK, tpu_compiler_params, tpu_interpret
+from pallas_kernels.lowering import is_power_of_two, tpu_interpret, tpu_params, triton_params
+from pallas_kernels.online_softmax import initial_state, online_softmax_step, scratch_init, scratch_output, scratch_step
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 DEFAULT_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashAttentionBlockSizes(BlockSizes):
+    """(queries, keys) per block of `flash_attention_pallas` (powers of two, >= 16 for Triton's dot), and
+    its Triton launch parameters."""
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._powers_of_two("block_q", "block_k", least=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashAttentionTPUBlockSizes(BlockSizes):
+    """Query and key block (rows of T) of `flash_attention_pallas_tpu`: a multiple of 16 (bf16 sublane tile)."""
+
+    block: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._multiples(16, "block")
 
 
 def _check(q, k, v, lengths):
@@ -96,19 +123,22 @@ def _flash_kernel(length_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *, scale, 
             & ((window <= 0) | (cols[None, :] > rows[:, None] - window))
         return online_softmax_step(*carry, s, visible, v)
 
-    acc, _, l = jax.lax.fori_loop(lo, hi, body, initial_state(block_q, dim))
-    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+    acc, _, denom = jax.lax.fori_loop(lo, hi, body, initial_state(block_q, dim))
+    out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
     plgpu.store(o_ref.at[pl.ds(first, block_q), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
 
 
-def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
+def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *,
+                           block_sizes: FlashAttentionBlockSizes | None = None, interpret: bool = False):
     """Pallas version of `flash_attention_ref` (same contract). head_dim must be a power of two >= 16."""
     _check(q, k, v, lengths)
+    blocks = FlashAttentionBlockSizes.resolve(block_sizes, "flash_attention")
     batch, steps, heads, dim = q.shape
     rep = heads // k.shape[2]
     if not (is_power_of_two(dim) and dim >= 16):
         raise ValueError(f"flash_attention: the Pallas kernel needs a power-of-two head_dim >= 16, got {dim}")
-    block_q, block_k = FLASH_ATTENTION_BLOCKS
+    block_q, block_k = blocks.block_q, blocks.block_k
     scale = dim ** -0.5 if scale is None else scale
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     window = jnp.asarray(window, jnp.int32).reshape(1)
@@ -121,7 +151,7 @@ def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *, inter
                   per_head, per_kv_head, per_kv_head],
         out_specs=per_head,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=compiler_params("flash_attention", interpret),
+        compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="flash_attention",
     )(lengths[:, None], window, q, k, v)
@@ -134,9 +164,9 @@ def _visible_key_blocks(first, length, window, block):
     return lo, pl.cdiv(jnp.minimum(first + block, length), block)
 
 
-def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale):
+def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref, denom_ref, acc_ref, *, scale):
     """One (sequence, head, query block, key block) step. q_ref/o_ref: [block, D]; k_ref/v_ref:
-    [block, D] of the kv head; lengths_ref: [B], window_ref: [1] (SMEM); scratch m_ref/l_ref:
+    [block, D] of the kv head; lengths_ref: [B], window_ref: [1] (SMEM); scratch m_ref/denom_ref:
     [block, 128] running max / sum (replicated over lanes), acc_ref: [block, D] running output."""
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block = q_ref.shape[0]
@@ -145,9 +175,7 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        scratch_init(m_ref, denom_ref, acc_ref)
 
     @pl.when((j >= lo) & (j < hi))
     def _step():
@@ -156,38 +184,31 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
         rows = i * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         visible = (cols <= rows) & (cols < length) & ((window <= 0) | (cols > rows - window))
-        s = jnp.where(visible, s, NEG)
-        m_prev = m_ref[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_next[:, :1]), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        m_ref[...] = m_next
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * alpha[:, :1] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                              preferred_element_type=jnp.float32)
+        p, alpha = scratch_step(m_ref, denom_ref, s, visible)
+        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                      preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = l_ref[...][:, :1]
-        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        o_ref[...] = scratch_output(denom_ref, acc_ref).astype(o_ref.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
-                               block: int = FLASH_ATTENTION_TPU_BLOCK, interpret: bool = False):
+                               block_sizes: FlashAttentionTPUBlockSizes | None = None, interpret: bool = False):
     """Mosaic TPU version of `flash_attention_ref` (same contract; any head_dim).
 
     Heads move before time (q: [B, H, T, D], k/v: [B, H_kv, T, D]) and T is zero-padded to a multiple
-    of `block` (a multiple of 16, capped at T rounded up to 16), so every block is a [block, D] tile.
+    of the block (`block_sizes.block`, capped at T rounded up to 16), so every block is a [block, D] tile.
     Grid (B, H, query blocks, key blocks), the key axis sequential with the online softmax in VMEM
     scratch; K/V blocks come from kv head h // (H / H_kv), never repeated. Key blocks no query of the
     block can see are skipped, and their index map repeats a visible block so they are not fetched.
     """
     _check(q, k, v, lengths)
-    if block <= 0 or block % 16:
-        raise ValueError(f"flash_attention: the TPU block must be a positive multiple of 16, got {block}")
+    blocks = FlashAttentionTPUBlockSizes.resolve(block_sizes, "flash_attention")
     batch, steps, heads, dim = q.shape
     rep = heads // k.shape[2]
-    block = min(block, pl.cdiv(steps, 16) * 16)
+    block = min(blocks.block, pl.cdiv(steps, 16) * 16)
     padded = pl.cdiv(steps, block) * block
     scale = dim ** -0.5 if scale is None else scale
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
@@ -211,23 +232,27 @@ def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
                             pltpu.VMEM((block, dim), jnp.float32)],
         ),
         out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dim), q.dtype),
-        compiler_params=tpu_compiler_params("flash_attention", interpret),
+        # (batch, head, query block, key block): the key axis carries the online softmax in scratch.
+        compiler_params=tpu_params(("parallel", "parallel", "parallel", "arbitrary"), interpret),
         interpret=tpu_interpret(interpret),
         name="flash_attention_tpu",
     )(lengths, window, q, k, v)
     return out[:, :, :steps].transpose(0, 2, 1, 3)
 
 
-def flash_attention(q, k, v, window=0, scale=None, lengths=None, *, impl="auto"):
+def flash_attention(q, k, v, window=0, scale=None, lengths=None, *,
+                    block_sizes: FlashAttentionBlockSizes | FlashAttentionTPUBlockSizes | None = None, impl="auto"):
     """Dispatcher for `flash_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The GPU kernel needs a power-of-two head_dim >= 16: otherwise "auto" uses the reference there
-    (the TPU kernel takes any head_dim)."""
+    (the TPU kernel takes any head_dim). `block_sizes` are those of the kernel that runs (None: its
+    defaults)."""
     kind = resolve_impl(impl, "flash_attention", PALLAS_BACKENDS)
     if kind == "pallas" and jax.default_backend() == "tpu":
-        return flash_attention_pallas_tpu(q, k, v, window, scale, lengths)
+        return flash_attention_pallas_tpu(q, k, v, window, scale, lengths, block_sizes=block_sizes)
     dim = q.shape[-1]
     if kind == "pallas" and impl == "auto" and not (is_power_of_two(dim) and dim >= 16):
         kind = "xla"
     if kind == "xla":
         return flash_attention_ref(q, k, v, window, scale, lengths)
-    return flash_attention_pallas(q, k, v, window, scale, lengths, interpret=kind == "interpret")
+    return flash_attention_pallas(q, k, v, window, scale, lengths, block_sizes=block_sizes,
+                                  interpret=kind == "interpret")

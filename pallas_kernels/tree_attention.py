@@ -4,16 +4,20 @@ The T_q draft tokens of sequence b sit in the cache at slots prefix[b] .. prefix
 keys/values already written); draft token t sees the whole prefix and the draft tokens j with
 `tree_mask[b, t, j]` (its ancestors and itself). A chain of drafts is the lower-triangular mask.
 The Pallas paths are the kernels of `cache_attention` (GPU split-K, TPU key-block walk) with the
-ancestor mask applied inside them.
+ancestor mask applied inside them, and take its block sizes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cache_attention import (attention_pallas_tpu, attention_partials_pallas, check_cache_inputs,
-                                            dequantize_cache, masked_attention, merge_partials, use_pallas)
+from pallas_kernels.cache_attention import use_pallas
+from pallas_kernels.cache_attention.reference import check_cache_inputs, dequantize_cache, masked_attention
+from pallas_kernels.cache_attention.tpu import CacheAttentionTPUBlockSizes, attention_pallas_tpu
+from pallas_kernels.cache_attention.triton import CacheAttentionBlockSizes, attention_partials_pallas, merge_partials
 
 
 def _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale):
@@ -24,6 +28,13 @@ def _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale):
     if tree_mask.shape != (batch, steps, steps):
         raise ValueError(f"tree_attention: tree_mask must be [B, T_q, T_q] = {(batch, steps, steps)}, "
                          f"got {tree_mask.shape}")
+
+
+def _prefix_ranges(q, prefix_lengths):
+    """Every draft's key range [0, prefix) as lo, hi [B, T_q]; the draft keys come from the tree mask."""
+    batch, steps = q.shape[:2]
+    return (jnp.zeros((batch, steps), jnp.int32),
+            jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps)))
 
 
 def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None):
@@ -42,36 +53,39 @@ def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=N
     return masked_attention(q, k, v, visible, scale)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
-                          interpret: bool = False):
-    """Pallas version of `tree_attention_ref` (same contract)."""
+                          block_sizes: CacheAttentionBlockSizes | None = None, interpret: bool = False):
+    """Pallas version of `tree_attention_ref` (same contract): `cache_attention`'s split-K kernel."""
     _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
-    batch, steps = q.shape[:2]
-    lo = jnp.zeros((batch, steps), jnp.int32)
-    hi = jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps))
-    o, m, l = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
-                                        interpret=interpret)
-    return merge_partials(o, m, l, steps, q.dtype)
+    blocks = CacheAttentionBlockSizes.resolve(block_sizes, "tree_attention")
+    lo, hi = _prefix_ranges(q, prefix_lengths)
+    o, m, denom = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
+                                            blocks=blocks, interpret=interpret)
+    return merge_partials(o, m, denom, q.shape[1], q.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
 def tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
-                              interpret: bool = False):
+                              block_sizes: CacheAttentionTPUBlockSizes | None = None, interpret: bool = False):
     """TPU (Mosaic) version of `tree_attention_ref` (same contract): `attention_pallas_tpu` with the
     prefix as every query's key range and the ancestor mask over the draft keys."""
     _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
-    batch, steps = q.shape[:2]
-    lo = jnp.zeros((batch, steps), jnp.int32)
-    hi = jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps))
-    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
+    blocks = CacheAttentionTPUBlockSizes.resolve(block_sizes, "tree_attention")
+    lo, hi = _prefix_ranges(q, prefix_lengths)
+    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask, blocks=blocks,
                                 interpret=interpret)
 
 
-def tree_attention(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *, impl="auto"):
-    """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`."""
+def tree_attention(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
+                   block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None, impl="auto"):
+    """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
+    `block_sizes` are those of the kernel that runs (None: its defaults)."""
     kind = use_pallas(impl, "tree_attention", q.shape[-1])
     if kind == "xla":
         return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
     if kind == "pallas" and jax.default_backend() == "tpu":
-        return tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
+        return tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
+                                         block_sizes=block_sizes)
     return tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
-                                 interpret=kind == "interpret")
+                                 block_sizes=block_sizes, interpret=kind == "interpret")

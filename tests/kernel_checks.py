@@ -1,4 +1,5 @@
-"""Shared checks for the Pallas kernel tests: per-dtype tolerances and the GPU (Triton) lowering check.
+"""Shared checks for the Pallas kernel tests (`tests/kernels/`): per-dtype tolerances, the GPU (Triton) and
+TPU (Mosaic) lowering checks, the dispatchers' route to the TPU variants, and a naive attention oracle.
 
 Interpret mode fills every output a kernel does not alias with NaN before the call
 (`jax._src.pallas.primitives.uninitialized_value`), so `assert_close` failing on non-finite values is
@@ -8,6 +9,9 @@ what catches unwritten elements.
 (as an `__gpu$xla.gpu.triton` custom call) without a GPU, so block shapes and primitives that the
 Triton lowering rejects fail here, in CI. Only the final PTX compilation needs a real GPU.
 """
+
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +52,15 @@ def assert_lowers_to_mosaic_tpu(fn, *args, calls: int = 1):
     assert text.count("tpu_custom_call") == calls, text[:2000]
 
 
+def random_prefill_inputs(seed, batch, steps, kv_heads, group, dim, dtype):
+    """Prefill attention inputs q [B, T, H_kv * group, D] and k, v [B, T, H_kv, D] in `dtype`, drawn with
+    numpy (jax.random would compile for every drawn shape)."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, steps, kv_heads * group, dim), np.float32), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((batch, steps, kv_heads, dim), np.float32), dtype) for _ in range(2))
+    return q, k, v
+
+
 def random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype, quantized):
     """q [B, T, H, D] and a cache k/v [B, H_kv, S, D] from numpy `rng` (jax.random would compile for
     every drawn shape): `dtype` floats, or int8 with per-token scales [B, H_kv, S] when `quantized`.
@@ -60,3 +73,78 @@ def random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype,
     k, v = (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2))
     k_scale, v_scale = (jnp.asarray(rng.uniform(0.002, 0.03, shape[:3]), jnp.float32) for _ in range(2))
     return q, k, v, k_scale, v_scale
+
+
+def dispatch_on_tpu(dispatcher, variant: str, *args, impls=("pallas", "auto"), execute: bool = True, **kwargs):
+    """With the backend reported as TPU, the jitted `dispatcher(*args, impl=impl, **kwargs)` of each impl
+    calls its TPU variant (the function named `variant` in the dispatcher's module, run here in TPU
+    interpret mode) exactly once, passing `kwargs["block_sizes"]` (None: absent) through. Returns the
+    first impl's output, computed when `execute`, else only traced (a ShapeDtypeStruct tree); the other
+    impls are only traced. Static arguments go in `kwargs`, arrays in `args`."""
+    module = sys.modules[dispatcher.__module__]
+    tpu_kernel = getattr(module, variant)
+    passed = []
+
+    def interpreted(*a, **kw):
+        passed.append(kw.get("block_sizes"))
+        return tpu_kernel(*a, **kw, interpret=True)
+
+    outputs = []
+    with mock.patch.object(jax, "default_backend", lambda: "tpu"), mock.patch.object(module, variant, interpreted):
+        for impl in impls:
+            run = lambda *a, impl=impl: dispatcher(*a, impl=impl, **kwargs)  # noqa: E731
+            outputs.append(jax.jit(run)(*args) if execute and not outputs else jax.eval_shape(run, *args))
+    assert passed == [kwargs.get("block_sizes")] * len(impls), passed
+    return outputs[0]
+
+
+def naive_attention(q, k, v, q_positions, kv_lengths, window):
+    """q: [B, T, H, D]; k, v: [B, H_kv, S, D]; loops over everything in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    batch, steps, heads, dim = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for t in range(steps):
+            p = q_positions[b][t]
+            keys = [s for s in range(k.shape[2])
+                    if s <= p and s < kv_lengths[b] and (window == 0 or s > p - window)]
+            for h in range(heads):
+                kh, vh = k[b, h // group], v[b, h // group]
+                scores = np.array([q[b, t, h] @ kh[s] for s in keys]) / np.sqrt(dim)
+                w = np.exp(scores - scores.max())
+                out[b, t, h] = (w / w.sum()) @ vh[keys]
+    return out
+
+
+def assert_step_close(got, want, state, dtype):
+    """A decode step's `(y, new state)` equals the reference's `want`: y within TOL[dtype], the new state
+    (in the old state's dtype and shape) within TOL of the state's dtype when bfloat16, and rewritten: not
+    equal to the old `state` (an aliased state the kernel failed to write would still hold it)."""
+    (y, new), (y_ref, new_ref) = got, want
+    assert y.dtype == y_ref.dtype and new.dtype == state.dtype and new.shape == state.shape
+    assert_close(y, y_ref, dtype)
+    assert_close(new, new_ref, dtype if state.dtype == jnp.float32 else jnp.bfloat16)
+    assert not np.array_equal(np.asarray(new, np.float32), np.asarray(state, np.float32))
+
+
+def random_quantized_weight(rng, k, n, bits, group, scale_dtype=jnp.float32, codes=None):
+    """A QuantizedWeight [K, N] of `codes` (default: random over the full range, extremes included) and
+    per-group scales ~ 1 / 127, from numpy `rng`."""
+    from pallas_kernels.quantized_matmul import CODE_RANGE, QuantizedWeight, pack_int4
+
+    if codes is None:
+        low, high = CODE_RANGE[bits]
+        codes = rng.integers(low, high + 1, (k, n))
+    values = jnp.asarray(codes, jnp.int8) if bits == 8 else pack_int4(jnp.asarray(codes))
+    scales = jnp.asarray(rng.uniform(0.5, 1.5, (k // group, n)) / 127, scale_dtype)
+    return QuantizedWeight(values, scales, bits, group)
+
+
+def random_int8_inputs(seed, lead, k, n, bits, group, scale_dtype=jnp.float32):
+    """Integer-activation matmul inputs: xq int8 [*lead, K] over the full range, x_scale (float32) so
+    outputs are O(1), and a `random_quantized_weight`."""
+    rng = np.random.default_rng(seed)
+    xq = jnp.asarray(rng.integers(-127, 128, (*lead, k)), jnp.int8)
+    x_scale = np.float32(rng.uniform(0.5, 1.5) / (127 * np.sqrt(k)))
+    return xq, x_scale, random_quantized_weight(rng, k, n, bits, group, scale_dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.quantized_matmul import _Q_RANGE  # one source of truth for the codes the kernel decodes
+from pallas_kernels.quantized_matmul import CODE_RANGE as _Q_RANGE  # the codes the kernel decodes
 
 
 def qrange(bits: int) -> tuple[int, int]:
