@@ -9,14 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.cache import KVCache
-from ssm_llm.cache import init_cache as _init_kv_cache
+from ssm_llm.compressed_cache import CompressedCache
 from ssm_llm.config import ModelConfig
-from ssm_llm.kv.policy import CompressedCache
-from ssm_llm.models import family_module
+from ssm_llm.models import family_module, family_of
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.param_check import check_params
-from ssm_llm.ssm_cache import SSMCache, init_ssm_cache
-from ssm_llm.validation import as_int
+from ssm_llm.ssm_cache import SSMCache
 
 Cache = KVCache | SSMCache
 
@@ -32,11 +30,7 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     Attention models get a `KVCache` of `max_len` positions; state-space models an `SSMCache`
     whose size does not depend on the length (`max_len` is validated, then unused).
     """
-    if isinstance(config, ModelConfig):
-        return _init_kv_cache(config, batch, max_len, dtype)
-    module = family_module(config)  # a clear TypeError for anything that is not a model config
-    batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
-    return module.init_cache(config, batch, dtype) if hasattr(module, "init_cache") else init_ssm_cache(config, batch, dtype)
+    return family_module(config).init_cache(config, batch, max_len, dtype)
 
 
 def _is_concrete(x) -> bool:
@@ -85,7 +79,7 @@ def _check_forward_inputs(config, tokens, cache: Cache, token_counts) -> None:
     if isinstance(cache, CompressedCache):
         _check_compressed_step(config, tokens, cache, token_counts)
         return
-    expected_cache = KVCache if isinstance(config, ModelConfig) else SSMCache
+    expected_cache = family_of(config).cache_type
     if not isinstance(cache, expected_cache):
         raise TypeError(f"a {type(config).__name__} needs a {expected_cache.__name__}, got {type(cache).__name__}; "
                         f"create it with ssm_llm.init_cache(config, ...)")
@@ -130,8 +124,8 @@ def runtime_invalid_rows(config, tokens, cache: Cache, token_counts) -> tuple[ja
     return bad_ids, overflow
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "fresh", "checkify_errors"))
-def _forward(params, config, tokens, cache, token_counts, impl, fresh, checkify_errors):
+@functools.partial(jax.jit, static_argnames=("config", "impl", "cache_is_empty", "checkify_errors"))
+def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, checkify_errors):
     bad_ids, overflow = runtime_invalid_rows(config, tokens, cache, token_counts)
     if checkify_errors:
         from jax.experimental import checkify
@@ -140,7 +134,8 @@ def _forward(params, config, tokens, cache, token_counts, impl, fresh, checkify_
                        "token_counts lies outside [0, steps]) in row {row}", row=jnp.argmax(bad_ids))
         checkify.check(~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache",
                        row=jnp.argmax(overflow))
-    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl, fresh)
+    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl,
+                                                   cache_is_empty)
     logits = logits_from_hidden(params, config, h)
     # Traced inputs skip the Python checks: a row that failed them gets NaN logits instead of a silent,
     # plausible wrong answer (gathers clamp bad ids; cache writes clamp past the end).
@@ -194,8 +189,8 @@ def forward(params: dict, config, tokens: jax.Array, cache: Cache, *,
     if token_counts is None:
         token_counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     # A cache known to be empty takes the cheaper prefill attention (same result).
-    fresh = (not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths)
+    cache_is_empty = (not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths)
              and not np.asarray(cache.lengths).any())
     traced = not all(_is_concrete(x) for x in (tokens, token_counts, cache.lengths))
     return _forward(params, config, tokens.astype(jnp.int32), cache, jnp.asarray(token_counts, jnp.int32), impl,
-                    fresh, checkify_errors and traced)
+                    cache_is_empty, checkify_errors and traced)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul import QuantizedWeight
+from ssm_llm.models import family_module
 
 # Marks a subtree of `param_shapes` whose layout its family validates itself (quantization scales).
 ANY = "any"
@@ -21,8 +22,6 @@ ANY = "any"
 def check_params(params, config) -> None:
     """Raise ValueError naming the first parameter whose presence, shape or dtype does not match
     `family.param_shapes(config)`, in either layer layout (stacked or a list of per-layer dicts)."""
-    from ssm_llm.models import family_module
-
     expected = family_module(config).param_shapes(config)
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of arrays (as converters.load returns), got {type(params).__name__}")

@@ -13,8 +13,9 @@ import scipy.linalg
 
 import ssm_llm
 from ssm_llm.cache import KVCache
+from ssm_llm.compressed_cache import AttentionStep
+from ssm_llm.hadamard import fwht
 from ssm_llm.kv import cache_bytes, compress_cache, dequantize
-from ssm_llm.kv.hadamard import fwht
 from ssm_llm.kv.kivi import KIVI
 from ssm_llm.kv.mixed_precision import MixedPrecisionKV, attention_importance
 from ssm_llm.kv.policy import PrefillObservation, rope_frequencies
@@ -182,7 +183,8 @@ def step_inputs(batch, seed=1):
 def attend(policy, data, q, k, v, lengths_before):
     """One decode step of layer 0 at positions `lengths_before: [B]` (as many slots in use)."""
     n = jnp.asarray(lengths_before, jnp.int32)
-    return policy.attend(CONFIG, data, 0, q, k, v, n[:, None], n, n + 1, 0, "xla")
+    step = AttentionStep(positions=n[:, None], lengths=n + 1, token_counts=jnp.ones_like(n), used=n, cos=None, sin=None)
+    return policy.attend(CONFIG, data, step, q, k, v, "xla")
 
 
 def test_kivi_matches_numpy_and_flushes_a_group():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ssm_llm
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv import CompressedCache, StreamingLLM, cache_bytes, compress_cache
 from ssm_llm.kv.policy import rope_frequencies
 from ssm_llm.kv.slots import SlotKV
@@ -79,9 +80,10 @@ def test_one_step_matches_numpy(positions, ceiling):
     data = SlotKV(jnp.asarray(k_store, jnp.float32), jnp.asarray(v_store, jnp.float32), jnp.asarray(pos, jnp.int32))
     q, k, v = rng.normal(size=(B, 1, H, D)), rng.normal(size=(B, 1, Hkv, D)), rng.normal(size=(B, 1, Hkv, D))
     p = 20
-    out, data = policy.attend(CONFIG, data, 0, jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                              jnp.asarray(v, jnp.float32), jnp.asarray([[p]]), jnp.asarray([9]), jnp.asarray([21]), 0,
-                              "xla")
+    step = AttentionStep(positions=jnp.asarray([[p]]), lengths=jnp.asarray([21]), token_counts=jnp.asarray([1]),
+                         used=jnp.asarray([9]), cos=None, sin=None)
+    out, data = policy.attend(CONFIG, data, step, jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                              jnp.asarray(v, jnp.float32), "xla")
 
     visible = np.array([0, 1] + list(range(14, 21)))  # token 13 was overwritten by 20
     all_k = np.concatenate([keys, k[0]])[np.isin(np.append(kept, p), visible)]

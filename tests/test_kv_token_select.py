@@ -10,6 +10,7 @@ import pytest
 
 import ssm_llm
 from ssm_llm.cache import KVCache
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv import StreamingLLM, cache_bytes, compress_cache
 from ssm_llm.kv.policy import rope_frequencies
 from ssm_llm.kv.token_select import TokenSelect
@@ -39,7 +40,9 @@ def attend_step(policy, data, q, k, v, lengths, window=0):
     """One layer-0 decode step of `policy.attend` for rows holding `lengths: [B]` tokens (q, k, v: the
     new token's, pre-RoPE)."""
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
-    return policy.attend(CONFIG, data, 0, q, k, v, lengths[:, None], lengths, lengths + 1, window, "xla")
+    step = AttentionStep(positions=lengths[:, None], lengths=lengths + 1, token_counts=jnp.ones_like(lengths),
+                         used=lengths, cos=None, sin=None, window=window)
+    return policy.attend(CONFIG, data, step, q, k, v, "xla")
 
 
 @pytest.mark.parametrize("policy", [

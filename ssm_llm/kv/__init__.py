@@ -1,8 +1,9 @@
-"""KV-cache compression (issue 5): policies that transform the attention cache, composable with
-`generate` through `GenerationConfig(kv_compression=...)` (see `ssm_llm.kv.policy` for the protocol),
-plus the group-wise quantizers the storage methods build on and `cache_bytes`, which measures what a
+"""KV-cache compression: policies that transform the attention cache, composable with `generate` through
+`GenerationConfig(kv_compression=...)` (a policy implements `ssm_llm.compressed_cache.KVPolicy`), plus
+the group-wise quantizers the storage methods build on and `cache_bytes`, which measures what a
 (compressed) cache really holds."""
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.gear import GEAR
 from ssm_llm.kv.kivi import KIVI
 from ssm_llm.kv.minicache import MiniCache
@@ -17,7 +18,7 @@ from ssm_llm.kv.streaming_llm import StreamingLLM
 from ssm_llm.kv.token_select import TokenSelect, TokenSelectCache
 from ssm_llm.kv.xkv import XKV
 
-__all__ = ["BITS", "GEAR", "KIVI", "XKV", "CompressedCache", "KVPolicy", "MiniCache", "MixedPrecisionKV",
+__all__ = ["BITS", "GEAR", "KIVI", "XKV", "AttentionStep", "CompressedCache", "KVPolicy", "MiniCache", "MixedPrecisionKV",
            "PrefillObservation", "QuantizedTensor", "RotateKV", "SnapKV", "StreamingLLM", "TokenSelect",
            "TokenSelectCache", "cache_bytes", "compress_cache", "dequantize", "describe", "pack_codes", "prefill",
            "quantize", "quantize_keys", "quantize_values", "unpack_codes"]

@@ -32,6 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context
 from ssm_llm.kv.quantization import QuantizedTensor, check_channel_groups, check_policy_bits, dequantize, quantize
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
@@ -166,7 +167,8 @@ class GEAR(KVPolicy):
         # The prompt occupies all S slots of every row (padding included), so `used` counts the tail's room.
         return GEARCache(k, v, tail, cache.lengths.astype(jnp.int32)), jnp.full_like(cache.lengths, S)
 
-    def attend(self, config, data: GEARCache, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: GEARCache, step: AttentionStep, q, k, v, impl):
+        index, positions, window = step.layer, step.positions, step.window
         layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
         dtype = data.tail.k.dtype
         out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions,

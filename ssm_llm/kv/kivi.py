@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, rope_frequencies, round_up
 from ssm_llm.kv.quantization import (
     QuantizedTensor,
@@ -150,7 +151,8 @@ class KIVI(KVPolicy):
                                      zero=per_token(data.values.zero, qv.zero))
         return data.replace(keys=keys, values=values)
 
-    def attend(self, config, data: KIVICache, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: KIVICache, step: AttentionStep, q, k, v, impl):
+        index, positions, lengths, window = step.layer, step.positions, step.lengths, step.window
         if q.shape[1] != 1:
             raise ValueError(f"KIVI decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
 from ssm_llm.option_spec import is_real, shown
@@ -193,7 +194,8 @@ class MiniCache(KVPolicy):
             return full() if is_full[index] else merged()
         return jax.lax.cond(jnp.asarray(is_full)[index], full, merged)
 
-    def attend(self, config, data: MiniCacheData, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: MiniCacheData, step: AttentionStep, q, k, v, impl):
+        index, positions, window = step.layer, step.positions, step.window
         prompt_k, prompt_v = self.reconstruct(config, data, index)
         out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions, prompt_k, prompt_v,
                                               data.prompt_lengths, window)

@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import (
     KVPolicy,
     check_budget,
@@ -154,7 +155,8 @@ class MixedPrecisionKV(KVPolicy):
         return (jnp.concatenate([k, data.tail.k[index]], axis=2), jnp.concatenate([v, data.tail.v[index]], axis=2),
                 jnp.concatenate([pos, data.tail.pos[index]], axis=2))
 
-    def attend(self, config, data: MixedPrecisionCache, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: MixedPrecisionCache, step: AttentionStep, q, k, v, impl):
+        index, positions, used, lengths, window = step.layer, step.positions, step.used, step.lengths, step.window
         if q.shape[1] != 1:
             raise ValueError(f"MixedPrecisionKV decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

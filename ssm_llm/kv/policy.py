@@ -1,15 +1,10 @@
-"""The KV-compression protocol: a policy turns the dense prefill cache into a compressed one and runs
-every decode step's attention against it.
+"""What every KV-compression policy shares: compressing a dense prefill cache, budgets, checks and the
+attention of observed prompt queries. The interface itself (`KVPolicy`, `CompressedCache`,
+`AttentionStep`) lives with the caches, in `ssm_llm.compressed_cache`.
 
-A policy is a frozen dataclass (hashable, static under `jit`) holding the method's parameters. The
-generation flow is always the same:
-
-    dense prefill (full attention over the prompt, `KVCache`)
-      -> policy.compress(...)    the method's own arrays (`CompressedCache.data`), sized `capacity`
-      -> per decode step and layer: policy.attend(...)  writes the new token, attends, returns the data
-
-so eviction (StreamingLLM, SnapKV), dynamic selection (TokenSelect), quantized storage (KIVI,
-RotateKV, mixed precision, GEAR) and cross-layer sharing (MiniCache, xKV) are all the same option:
+A policy is a frozen dataclass (hashable, static under `jit`) holding the method's parameters, so
+eviction (StreamingLLM, SnapKV), dynamic selection (TokenSelect), quantized storage (KIVI, RotateKV,
+mixed precision, GEAR) and cross-layer sharing (MiniCache, xKV) are all the same option:
 `GenerationConfig(kv_compression=SnapKV(budget=256))`. Keys are rotated (RoPE) at each kept token's
 original position unless a method says otherwise, and `cache_bytes(cache)` measures what is stored.
 """
@@ -18,98 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.cache import KVCache
+from ssm_llm.compressed_cache import CompressedCache, KVPolicy, PrefillObservation
 from ssm_llm.config import ModelConfig
 from ssm_llm.option_spec import check_int
 from ssm_llm.rope import inverse_frequencies
-
-
-@flax.struct.dataclass
-class PrefillObservation:
-    """What query-aware methods (SnapKV, PyramidKV, mixed precision) see of the prompt.
-
-    queries: [L, B, W, H_q, D] the rotated queries of each sequence's last W prompt tokens;
-    positions: [B, W] their positions (-1 where a prompt has fewer than W tokens).
-    """
-
-    queries: jax.Array
-    positions: jax.Array
-
-
-@flax.struct.dataclass
-class CompressedCache:
-    """A compressed attention cache: the method's arrays plus per-sequence counters.
-
-    data: the policy's pytree (per-layer arrays carry a leading layer axis);
-    lengths: [B] tokens seen so far (the next token's original position);
-    used: [B] slots holding a token (tokens seen, minus those evicted);
-    policy, capacity (static): the method and the number of token slots per sequence.
-    """
-
-    data: Any
-    lengths: jax.Array
-    used: jax.Array
-    policy: Any = flax.struct.field(pytree_node=False)
-    capacity: int = flax.struct.field(pytree_node=False)
-
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
-
-
-class KVPolicy:
-    """Base of every compression method (subclasses are frozen dataclasses).
-
-    Subclasses implement `capacity`, `compress` and `attend`; the defaults below say "no query
-    observation needed" and "bounded by the model's context".
-    """
-
-    observation_window: int = 0  # how many last prompt queries `compress` needs (0: none)
-
-    @property
-    def unbounded(self) -> bool:
-        """True if generation may run past the model's context (it re-uses cache positions)."""
-        return False
-
-    def check(self, config: ModelConfig, prompt_lengths: Sequence[int]) -> None:
-        """Raise a ValueError naming the option if this policy cannot serve `config` with prompts of
-        `prompt_lengths` tokens (each row's length where known, else the padded length). `compress_cache`
-        and `ssm_llm.kv.prefill` call it before any array is built; the default accepts everything."""
-
-    def capacity(self, prompt_len: int, max_len: int) -> int:
-        """Token slots per sequence after a prefill into a dense cache of `prompt_len` positions, for
-        sequences reaching `max_len` positions (so a row may decode `max_len - prompt_len` tokens even
-        when its prompt is shorter than `prompt_len`: `used` must count slots so that
-        `advance(used) <= capacity` guarantees room)."""
-        raise NotImplementedError
-
-    def compress(self, config: ModelConfig, cache: KVCache, observation: PrefillObservation | None,
-                 capacity: int) -> tuple[Any, jax.Array]:
-        """(data, used [B]): the compressed form of a dense prefill cache (`cache.lengths` tokens per
-        sequence, keys rotated at their positions) and the slots it fills."""
-        raise NotImplementedError
-
-    def attend(self, config: ModelConfig, data: Any, index, q, k, v, positions, used, lengths, window,
-               impl: str) -> tuple[jax.Array, Any]:
-        """One layer's attention of new tokens, with the new keys/values written into `data`.
-
-        index: the layer (traced under scan); q: [B, T, H_q, D], k, v: [B, T, H_kv, D] *before* RoPE;
-        positions: [B, T] their original positions; used: [B] slots in use before this step;
-        lengths: [B] tokens seen after it; window: the layer's sliding window (0: none).
-        Returns (attention output [B, T, H_q, D], new data).
-        """
-        raise NotImplementedError
-
-    def advance(self, used: jax.Array, counts: jax.Array, capacity: int) -> jax.Array:
-        """Slots in use after `counts: [B]` new tokens (a ring buffer caps this at `capacity`)."""
-        return used + counts
 
 
 def observed_attention(keys, queries, q_positions):

@@ -22,7 +22,7 @@ def _prefill(params, config, tokens, counts, policy, max_len, impl, cache_dtype)
         window = min(policy.observation_window, tokens.shape[1])
         h, cache, observation = attention_lm.prefill_observed(params, config, tokens, cache, counts, window, impl)
     else:
-        h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
+        h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, cache_is_empty=True)
         observation = None
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), compress_cache(config, cache, policy, max_len, observation)

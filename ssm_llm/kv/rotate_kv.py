@@ -2,7 +2,7 @@
 
 Su et al., 2025, "RotateKV: Accurate and Robust 2-Bit KV Cache Quantization for LLMs via Outlier-Aware
 Adaptive Rotations". A few key channels carry outliers that blow up a per-token quantization range;
-an orthogonal Walsh-Hadamard transform (`ssm_llm.kv.hadamard.fwht`) spreads them over all channels, so
+an orthogonal Walsh-Hadamard transform (`ssm_llm.hadamard.fwht`) spreads them over all channels, so
 every token can be quantized on its own (per token, over groups of channels: no residual buffer is
 needed, each decoded token is quantized at once). What this implementation keeps of the paper:
   - pre-RoPE grouped-head rotation: keys are un-rotated from RoPE, and `head_group` kv heads are
@@ -27,7 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.hadamard import fwht
+from ssm_llm.compressed_cache import AttentionStep
+from ssm_llm.hadamard import fwht
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
 from ssm_llm.kv.quantization import (
     QuantizedTensor,
@@ -129,7 +130,8 @@ class RotateKV(KVPolicy):
         j = jnp.arange(keys.shape[2])[None, :]
         return keys, values, jnp.broadcast_to(jnp.where(j < lengths[:, None], j, -1)[:, None, :], keys.shape[:3])
 
-    def attend(self, config, data: RotateKVCache, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: RotateKVCache, step: AttentionStep, q, k, v, impl):
+        index, positions, lengths, window = step.layer, step.positions, step.lengths, step.window
         if q.shape[1] != 1:
             raise ValueError(f"RotateKV decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

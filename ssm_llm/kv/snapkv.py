@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import (
     KVPolicy,
     check_budget,
@@ -184,7 +185,8 @@ class SnapKV(KVPolicy):
         used = jnp.max(jnp.sum(keep[:, :, 0] >= 0, axis=-1), axis=0)  # the most any layer keeps
         return gather_slots(cache, keep, capacity), used
 
-    def attend(self, config, data: SlotKV, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: SlotKV, step: AttentionStep, q, k, v, impl):
+        index, positions, used, window = step.layer, step.positions, step.used, step.window
         if q.shape[1] != 1:
             raise ValueError(f"SnapKV decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

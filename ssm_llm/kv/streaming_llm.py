@@ -23,6 +23,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, rope_frequencies
 from ssm_llm.kv.slots import SlotKV, gather_slots, slot_attention, write_slot
 from ssm_llm.rope import rotate
@@ -108,7 +109,8 @@ class StreamingLLM(KVPolicy):
             pos = q_pos[:, None, None] - jnp.minimum(q_pos[:, None, None] - pos, self.distance_ceiling)
         return pos, q_pos
 
-    def attend(self, config, data: SlotKV, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: SlotKV, step: AttentionStep, q, k, v, impl):
+        index, positions, window = step.layer, step.positions, step.window
         if q.shape[1] != 1:
             raise ValueError(f"StreamingLLM decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

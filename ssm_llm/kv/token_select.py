@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import masked_attention
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
 from ssm_llm.option_spec import is_real, shown
 from ssm_llm.rope import rotate
@@ -129,7 +130,8 @@ class TokenSelect(KVPolicy):
         cos = (query * old).sum(-1) / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
         return data.cached[index] & ~full & (jnp.clip(cos, -1, 1) > self.threshold)
 
-    def attend(self, config, data: TokenSelectCache, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: TokenSelectCache, step: AttentionStep, q, k, v, impl):
+        index, positions, window = step.layer, step.positions, step.window
         if q.shape[1] != 1:
             raise ValueError(f"TokenSelect decodes one token per step, got {q.shape[1]}")
         inv_freq = rope_frequencies(config)

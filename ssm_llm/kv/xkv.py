@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
 from ssm_llm.rope import rotate
@@ -124,7 +125,8 @@ class XKV(KVPolicy):
         k = rotate(k, jnp.arange(k.shape[2]), rope_frequencies(config))
         return k, rebuild(data.value_basis[group], data.value_maps[index], heads)
 
-    def attend(self, config, data: XKVData, index, q, k, v, positions, used, lengths, window, impl):
+    def attend(self, config, data: XKVData, step: AttentionStep, q, k, v, impl):
+        index, positions, window = step.layer, step.positions, step.window
         prompt_k, prompt_v = self.reconstruct(config, data, index)
         out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions, prompt_k, prompt_v,
                                               data.prompt_lengths, window)

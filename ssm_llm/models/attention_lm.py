@@ -15,16 +15,20 @@ params = {
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import cache_attention
 from pallas_kernels.flash_attention import flash_attention
 from ssm_llm.cache import KVCache
+from ssm_llm.cache import init_cache as init_kv_cache
+from ssm_llm.compressed_cache import AttentionStep, CompressedCache, PrefillObservation
 from ssm_llm.config import ModelConfig
-from ssm_llm.kv.policy import CompressedCache, PrefillObservation
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.lm_head import linear
+from ssm_llm.models.registry import Family, register
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -64,6 +68,11 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty dense cache of `max_len` positions for `batch` sequences."""
+    return init_kv_cache(config, batch, max_len, dtype)
+
+
 def project_qkv(config: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The attention inputs of one block (before RoPE): `x: [B, T, H]` and this layer's params `p` ->
     q: [B, T, Hq, D], k, v: [B, T, Hkv, D]."""
@@ -85,80 +94,88 @@ def finish_block(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array) ->
     return x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
 
 
-def _layer(config: ModelConfig, impl: str, fresh: bool, policy, step_inputs, carry, layer):
-    """One decoder block. `carry` threads the activations, the whole stacked cache (updated in place by
-    XLA; a compressed cache's data when `policy` is set) and the observed prompt queries (or None);
-    `layer` is this layer's params, index and sliding window; `step_inputs` holds the
-    layer-independent positions, cache lengths, token counts, slots in use and rotary tables."""
-    positions, kv_lengths, token_counts, used, cos, sin = step_inputs
+def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str):
+    """Attention into an empty dense cache: among the new tokens only, which are then stored at
+    positions 0..T-1. q, k, v rotated; kv = (k, v) `[L, B, H_kv, S, D]` of every layer."""
+    attn = flash_attention(q, k, v, step.window, lengths=step.token_counts, impl=impl)
+    start = (step.layer, 0, 0, 0, 0)
+    k_all, v_all = (jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3)[None], start)
+                    for cached, new in zip(kv, (k, v)))
+    return attn, (k_all, v_all)
+
+
+def _dense_cache_attention(q, k, v, kv, step: AttentionStep, impl: str):
+    """Attention over a dense cache holding earlier tokens: the new keys/values are scattered at each
+    row's own positions (padding past the cache's end is dropped; it is never attended to)."""
+    rows = jnp.arange(q.shape[0])[:, None]
+    k_all, v_all = (cached.at[step.layer, rows, :, step.positions].set(new.astype(cached.dtype), mode="drop")
+                    for cached, new in zip(kv, (k, v)))
+    attn = cache_attention(q, k_all[step.layer], v_all[step.layer], step.positions, step.lengths, step.window,
+                           impl=impl)
+    return attn, (k_all, v_all)
+
+
+def _observe_queries(observed: jax.Array, q: jax.Array, step: AttentionStep) -> jax.Array:
+    """`observed: [L, B, W, H_q, D]` with this layer's slot holding each row's last W real rotated queries."""
+    window = observed.shape[2]
+    last = step.token_counts[:, None] - window + jnp.arange(window)[None, :]
+    rows_q = jnp.take_along_axis(q, jnp.maximum(last, 0)[:, :, None, None], axis=1)
+    return observed.at[step.layer].set(rows_q.astype(observed.dtype))
+
+
+def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, step: AttentionStep, carry, layer):
+    """One decoder block, scanned over the layers. `carry` = (activations [B, T, H], the whole stacked
+    cache — (k, v) of a dense cache, updated in place by XLA, or a compressed cache's data — and the
+    observed prompt queries or None); `layer` = this layer's (params, index, sliding window)."""
     x, kv, observed = carry
     p, index, window = layer
-    batch = x.shape[0]
+    step = step.replace(layer=index, window=window)
     q, k, v = project_qkv(config, p, x)
-
-    if policy is not None:
-        # A compressed cache: the policy rotates, stores and attends in its own way.
-        attn, kv = policy.attend(config, kv, index, q, k, v, positions, used, kv_lengths, window, impl)
+    if policy is not None:  # a compressed cache: the policy rotates, stores and attends in its own way
+        attn, kv = policy.attend(config, kv, step, q, k, v, impl)
     else:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = kv
-        if fresh:
-            # Empty cache: attend among the new tokens only, then store them at positions 0..T-1.
-            attn = flash_attention(q, k, v, window, lengths=token_counts, impl=impl)
-            start = (index, 0, 0, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype).transpose(0, 2, 1, 3)[None], start)
-        else:
-            # Scatter the new keys/values at each sequence's own positions (padded tokens past the
-            # cache's end are dropped; they are never attended to), then attend over the cache.
-            rows = jnp.arange(batch)[:, None]
-            k_all = k_all.at[index, rows, :, positions].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[index, rows, :, positions].set(v.astype(v_all.dtype), mode="drop")
-            attn = cache_attention(q, k_all[index], v_all[index], positions, kv_lengths, window, impl=impl)
-        kv = (k_all, v_all)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        dense_attention = _dense_prefill_attention if cache_is_empty else _dense_cache_attention
+        attn, kv = dense_attention(q, k, v, kv, step, impl)
         if observed is not None:
-            # Keep each row's last W real (rotated) queries for query-aware compression.
-            last = token_counts[:, None] - observed.shape[2] + jnp.arange(observed.shape[2])[None, :]
-            rows_q = jnp.take_along_axis(q, jnp.maximum(last, 0)[:, :, None, None], axis=1)
-            observed = observed.at[index].set(rows_q.astype(observed.dtype))
+            observed = _observe_queries(observed, q, step)
     return finish_block(config, p, x, attn), kv, observed
 
 
-def _run(params, config, tokens, cache, token_counts, impl, fresh, observe):
-    steps = tokens.shape[1]
-    positions = cache.lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
-    kv_lengths = cache.lengths + token_counts
+def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, observe):
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    lengths = cache.lengths + token_counts
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
-    x = params["embed"][tokens]
     compressed = isinstance(cache, CompressedCache)
     policy = cache.policy if compressed else None
-    used = cache.used if compressed else kv_lengths
-    step_inputs = (positions, kv_lengths, token_counts, used, cos, sin)
+    step = AttentionStep(positions=positions, lengths=lengths, token_counts=token_counts,
+                         used=cache.used if compressed else lengths, cos=cos, sin=sin)
+    x = params["embed"][tokens]
     kv = cache.data if compressed else (cache.k, cache.v)
     observed = None
     if observe:
-        shape = (config.num_layers, tokens.shape[0], observe, config.num_heads, config.head_dim)
-        observed = jnp.zeros(shape, x.dtype)
-    x, kv, observed = run_layers(lambda c, layer: _layer(config, impl, fresh, policy, step_inputs, c, layer),
+        observed = jnp.zeros((config.num_layers, tokens.shape[0], observe, config.num_heads, config.head_dim), x.dtype)
+    x, kv, observed = run_layers(lambda c, layer: _block(config, impl, cache_is_empty, policy, step, c, layer),
                                  (x, kv, observed), params["layers"], (config.layer_windows,))
     h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if compressed:
-        cache = cache.replace(data=kv, lengths=kv_lengths, used=policy.advance(cache.used, token_counts, cache.capacity))
+        cache = cache.replace(data=kv, lengths=lengths, used=policy.advance(cache.used, token_counts, cache.capacity))
     else:
-        cache = KVCache(k=kv[0], v=kv[1], lengths=kv_lengths)
+        cache = KVCache(k=kv[0], v=kv[1], lengths=lengths)
     return h, cache, observed
 
 
 def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache | CompressedCache,
-                  token_counts: jax.Array, impl: str = "auto", fresh: bool = False) -> tuple[jax.Array, KVCache]:
+                  token_counts: jax.Array, impl: str = "auto",
+                  cache_is_empty: bool = False) -> tuple[jax.Array, KVCache]:
     """Run the decoder stack on `tokens: [B, T]` appended to `cache` (dense, or compressed by a KV policy).
 
     token_counts: [B], how many of each row's T tokens are real (the rest is right padding).
-    fresh (static): the cache is known to be empty (all lengths 0), so prefill attention runs among
-    the new tokens only, skipping the unused cache and most of the causal mask.
+    cache_is_empty (static): the cache is known to hold no token (all lengths 0), so prefill attention runs
+    among the new tokens only, skipping the unused cache and most of the causal mask.
     Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
     """
-    h, cache, _ = _run(params, config, tokens, cache, token_counts, impl, fresh, 0)
+    h, cache, _ = _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, 0)
     return h, cache
 
 
@@ -169,3 +186,6 @@ def prefill_observed(params: dict, config: ModelConfig, tokens: jax.Array, cache
     h, cache, observed = _run(params, config, tokens, cache, token_counts, impl, True, window)
     last = token_counts[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
     return h, cache, PrefillObservation(queries=observed, positions=jnp.where(last >= 0, last, -1))
+
+
+register(ModelConfig, Family("attention", sys.modules[__name__], KVCache, tree_verifier="attention"))

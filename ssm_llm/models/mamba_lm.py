@@ -18,6 +18,7 @@ with P_in = 2I (Mamba-1) or I + C + Hh (Mamba-2, C = I + 2 G N the conv channels
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,11 @@ import numpy as np
 
 from ssm_llm.layer_layout import run_layers_with_states
 from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
+from ssm_llm.models.registry import Family, register
 from ssm_llm.norm import rms_norm
-from ssm_llm.ssm_cache import SSMCache
+from ssm_llm.ssm_cache import SSMCache, init_ssm_cache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+from ssm_llm.validation import as_int
 
 
 def param_shapes(config: MambaConfig | Mamba2Config) -> dict:
@@ -78,18 +81,26 @@ def init_params(config: MambaConfig | Mamba2Config, key: jax.Array, dtype=jnp.fl
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def init_cache(config: MambaConfig | Mamba2Config, batch: int, max_len: int, dtype=jnp.float32) -> SSMCache:
+    """Zero states for `batch` sequences; their size does not depend on the length (`max_len` is
+    validated, then unused)."""
+    as_int("max_len", max_len, 1)
+    return init_ssm_cache(config, batch, dtype)
+
+
 _MIXERS = {MambaConfig: mamba1_mixer, Mamba2Config: mamba2_mixer}
 
 
 def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Array, cache: SSMCache,
-                  token_counts: jax.Array, impl: str = "auto", fresh: bool = False) -> tuple[jax.Array, SSMCache]:
+                  token_counts: jax.Array, impl: str = "auto",
+                  cache_is_empty: bool = False) -> tuple[jax.Array, SSMCache]:
     """Run the block stack on `tokens: [B, T]` continuing from `cache`'s states.
 
-    token_counts: [B] real tokens per row (the rest is right padding). `fresh` is accepted for the
-    protocol (an empty SSM cache needs no special path). Returns the final-normed hidden states
+    token_counts: [B] real tokens per row (the rest is right padding). `cache_is_empty` is accepted
+    for the protocol (an empty SSM cache needs no special path). Returns the final-normed hidden states
     `[B, T, H]` and the cache advanced by `token_counts`.
     """
-    del fresh
+    del cache_is_empty
     mixer = _MIXERS[type(config)]
     return run_blocks(params, config, tokens, cache, token_counts,
                       lambda p, h, conv, ssm: mixer(config, impl, p, h, conv, ssm, token_counts))
@@ -111,3 +122,7 @@ def run_blocks(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Arr
                                                     (cache.conv_state, cache.ssm_state), params["layers"])
     h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return h, SSMCache(conv_state=conv_all, ssm_state=ssm_all, lengths=cache.lengths + token_counts)
+
+
+for _config_type in (MambaConfig, Mamba2Config):
+    register(_config_type, Family("mamba", sys.modules[__name__], SSMCache, tree_verifier="ssm"))

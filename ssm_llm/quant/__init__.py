@@ -1,6 +1,7 @@
 """Post-training quantization: Quamba / Quamba2 for Mamba-1 / Mamba-2 (`quantize_model`), and the generic
 pieces it is built from (quantizers, calibration observers, GPTQ)."""
 
+from ssm_llm.quant import quantized_lm  # noqa: F401  (registers the quantized Mamba family)
 from ssm_llm.quant.gptq import gptq_quantize, hessian
 from ssm_llm.quant.observers import MinMaxObserver, PercentileObserver, clip_value, scale, update
 from ssm_llm.quant.quamba import quantize_model

@@ -17,19 +17,22 @@ as in Quamba2's kernels; with `quantize_state` the cache keeps conv and SSM stat
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights, quantized_matmul, quantized_matmul_int8
+from ssm_llm.models import mamba_lm
 from ssm_llm.models.mamba_lm import param_shapes as float_param_shapes
 from ssm_llm.models.mamba_lm import run_blocks
 from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
+from ssm_llm.models.registry import Family, register
 from ssm_llm.param_check import ANY
 from ssm_llm.quant.quantizers import dequantize, fake_quant, quantize
 from ssm_llm.quant.rotation import hadamard
 from ssm_llm.quant.scheme import QuantizedSSMConfig
-from ssm_llm.ssm_cache import SSMCache, init_ssm_cache
+from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config
 
 ACT_BITS = 8
@@ -84,18 +87,19 @@ def init_params(config, key, dtype=jnp.float32):
                     "ssm_llm.quant.quantize_model(params, config, calibration_tokens, scheme)")
 
 
-def init_cache(config: QuantizedSSMConfig, batch: int, dtype=jnp.float32) -> SSMCache:
+def init_cache(config: QuantizedSSMConfig, batch: int, max_len: int, dtype=jnp.float32) -> SSMCache:
     """The base model's cache; with int8 states (`quantize_state`) both states are int8 codes."""
-    cache = init_ssm_cache(config.base, batch, dtype)
+    cache = mamba_lm.init_cache(config.base, batch, max_len, dtype)
     if not _state_codes(config):
         return cache
     return cache.replace(conv_state=cache.conv_state.astype(jnp.int8), ssm_state=cache.ssm_state.astype(jnp.int8))
 
 
 def hidden_states(params: dict, config: QuantizedSSMConfig, tokens: jax.Array, cache: SSMCache,
-                  token_counts: jax.Array, impl: str = "auto", fresh: bool = False) -> tuple[jax.Array, SSMCache]:
+                  token_counts: jax.Array, impl: str = "auto",
+                  cache_is_empty: bool = False) -> tuple[jax.Array, SSMCache]:
     """`mamba_lm.hidden_states` for a quantized model (same contract)."""
-    del fresh
+    del cache_is_empty
     base, scheme = config.base, config.scheme
     ops = QuantOps(scheme.quantizes_acts, scheme.hadamard, config.simulated, impl)
     mixer = mamba2_mixer if isinstance(base, Mamba2Config) else mamba1_mixer
@@ -111,3 +115,7 @@ def hidden_states(params: dict, config: QuantizedSSMConfig, tokens: jax.Array, c
         return out, conv, ssm
 
     return run_blocks(params, base, tokens, cache, token_counts, layer_mixer)
+
+
+# Speculative decoding keeps one float state per tree node: quantized targets are not supported yet.
+register(QuantizedSSMConfig, Family("quamba", sys.modules[__name__], SSMCache, tree_verifier=None))

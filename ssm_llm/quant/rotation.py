@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.kv.hadamard import fwht
+from ssm_llm.hadamard import fwht
 
 
 def hadamard_block(n: int) -> int:

@@ -150,20 +150,6 @@ class QuantizedSSMConfig:
         return getattr(self.base, name)
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (`ssm_llm.config_from_dict` inverts it)."""
+        """A JSON-serialisable dict (`ssm_llm.config_io.config_from_dict` inverts it)."""
         return {"family": self.family, "base": self.base.to_dict(), "scheme": dataclasses.asdict(self.scheme),
                 "simulated": self.simulated}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantizedSSMConfig:
-        """Inverse of `to_dict` (without its "family" key)."""
-        from ssm_llm.config import config_from_dict
-
-        unknown = sorted(set(d) - {"base", "scheme", "simulated"})
-        if unknown or "base" not in d or "scheme" not in d:
-            raise ValueError(f"saved quantized config must hold 'base' and 'scheme' (unknown keys: {unknown})")
-        simulated = d.get("simulated", False)
-        if not isinstance(d["scheme"], dict) or not isinstance(simulated, bool):
-            raise ValueError(f"saved quantized config needs a 'scheme' object and a boolean 'simulated', got "
-                             f"{d['scheme']!r} and {simulated!r}")
-        return cls(config_from_dict(d["base"]), QuantScheme(**d["scheme"]), simulated)

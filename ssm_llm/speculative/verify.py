@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ssm_llm.config import ModelConfig
+from ssm_llm.models import family_of
+from ssm_llm.speculative import attention_tree, ssm_tree
+
+_VERIFIERS = {"attention": attention_tree, "ssm": ssm_tree}
 
 
 def _family(config):
-    if isinstance(config, ModelConfig):
-        from ssm_llm.speculative import attention_tree
-        return attention_tree
-    from ssm_llm.ssm_config import Mamba2Config, MambaConfig
-    if isinstance(config, (MambaConfig, Mamba2Config)):
-        from ssm_llm.speculative import ssm_tree
-        return ssm_tree
-    raise TypeError(f"not a model config: {type(config).__name__} (expected ModelConfig, MambaConfig or Mamba2Config)")
+    """The tree verifier the model family registered for `config`."""
+    family = family_of(config)
+    if family.tree_verifier is None:
+        raise ValueError(f"speculative decoding does not support {family.name} models ({type(config).__name__})")
+    return _VERIFIERS[family.tree_verifier]
 
 
 def tree_logits(params, config, cache, tree, scratch=None, nodes=None, impl: str = "auto"):

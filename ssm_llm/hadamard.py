@@ -5,7 +5,8 @@ construction, H_2n = [[H_n, H_n], [H_n, -H_n]]) mixes every channel into every o
 weight, so one large channel no longer sets the quantization range of a whole group. The matrix is
 symmetric and orthogonal, so the transform is its own inverse; the butterfly below costs
 O(n log n) instead of a matmul's O(n^2). RotateKV (Su et al., 2025) and QuaRot (Ashkboos et al., 2024)
-rotate K/V this way before low-bit quantization.
+rotate K/V this way before low-bit quantization. A core module: `ssm_llm.kv` (RotateKV) and
+`ssm_llm.quant` (Quamba's rotations) both use it.
 """
 
 from __future__ import annotations
