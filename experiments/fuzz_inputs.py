@@ -2074,7 +2074,7 @@ class Worker:
 
     # ============================================================================================ CLI
     def run_cli(self, payload):
-        from ssm_llm import cli
+        import ssm_llm_cli as cli
 
         argv_desc = payload["argv"]
         work = self.scratch()

@@ -7,7 +7,8 @@
 """
 
 from ssm_llm.cache import KVCache
-from ssm_llm.config import ModelConfig, RopeConfig, config_from_dict
+from ssm_llm.config import ModelConfig, RopeConfig
+from ssm_llm.config_io import config_from_dict
 from ssm_llm.default_model import default_model_path
 from ssm_llm.generation import GenerationConfig, GenerationResult, generate
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers

@@ -114,49 +114,5 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `config_from_dict` inverts it."""
+        """A JSON-serialisable dict; `ssm_llm.config_io.config_from_dict` inverts it."""
         return dataclasses.asdict(self)
-
-
-def config_from_dict(d: dict[str, Any]):
-    """Rebuild a config written by `to_dict` (attention `ModelConfig`, `MambaConfig` or `Mamba2Config`);
-    unknown keys are an error."""
-    from ssm_llm.ssm_config import SSM_CONFIGS
-
-    if not isinstance(d, dict):
-        raise ValueError(f"a saved model config must be a JSON object (dict), got {type(d).__name__}")
-    d = dict(d)
-    family = d.pop("family", ATTENTION_FAMILY)
-    if family == "quamba":
-        from ssm_llm.quant.scheme import QuantizedSSMConfig
-
-        return QuantizedSSMConfig.from_dict(d)
-    if family == ATTENTION_FAMILY:
-        cls = ModelConfig
-    elif family in SSM_CONFIGS:
-        cls = SSM_CONFIGS[family]
-    else:
-        raise ValueError(f"unknown model family {family!r} in saved config; known: "
-                         f"{', '.join([ATTENTION_FAMILY, *SSM_CONFIGS])}")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"family"}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ValueError(f"unknown keys in saved {family} model config: {unknown}")
-    if cls is ModelConfig:
-        rope = d.get("rope", {})
-        if not isinstance(rope, dict):
-            raise ValueError(f"saved config 'rope' must be a JSON object, got {rope!r}")
-        unknown = sorted(set(rope) - {f.name for f in dataclasses.fields(RopeConfig)})
-        if unknown:
-            raise ValueError(f"unknown keys in saved rope config: {unknown}")
-        d["rope"] = RopeConfig(**rope)
-    for key in ("layer_windows", "eos_token_ids", "time_step_limit"):
-        if key in d:
-            if not isinstance(d[key], (list, tuple)):
-                raise ValueError(f"saved config {key!r} must be a list, got {d[key]!r}")
-            d[key] = tuple(d[key])
-    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name != "family" and f.name not in d
-                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    if missing:
-        raise ValueError(f"saved {family} model config lacks required keys {missing}")
-    return cls(**d)

@@ -54,7 +54,7 @@ class _SSMBase:
         check_token_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `ssm_llm.config_from_dict` inverts it."""
+        """A JSON-serialisable dict; `ssm_llm.config_io.config_from_dict` inverts it."""
         d = dataclasses.asdict(self)
         d["family"] = self.family
         return d

@@ -22,7 +22,7 @@ import ssm_llm
 from converters import checkpoint
 from converters.hf_config import config_from_hf
 from converters.safetensors_file import SafetensorsFile
-from ssm_llm.cli import main
+from ssm_llm_cli import main
 
 
 def snapshot(root) -> dict:

@@ -76,7 +76,7 @@ def test_default_model_missing_names_the_install_command(monkeypatch):
 
 def run_cli(*args, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ssm_llm", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ssm_llm_cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

@@ -187,7 +187,7 @@ def test_cli_generate_from_a_mamba_directory(kind, tmp_path):
     expected = ssm_llm.generate(params, config, [ids],
                                 ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=())).tokens[0]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "ssm_llm", "generate", "--model", str(tmp_path), "--prompt",
+    result = subprocess.run([sys.executable, "-m", "ssm_llm_cli", "generate", "--model", str(tmp_path), "--prompt",
                              "w3 w1 w4 w1 w5", "--max-new-tokens", "12", "--no-stream"],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,8 @@
 """The `ssm-llm` command line: `generate` text (streamed as it is produced) and `convert` checkpoints."""
 
+# The top layer: it imports converters and ssm_llm, and nothing below imports it (`python -m ssm_llm_cli`
+# runs it too).
+
 from __future__ import annotations
 
 import argparse
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt (default model: SmolLM2-135M-Instruct)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--model", help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: embedded SmolLM2)")
+    gen.add_argument("--model",
+                     help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: embedded SmolLM2)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
@@ -182,6 +186,3 @@ def main(argv: list[str] | None = None) -> int:
               f"(set {_DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from ssm_llm.cli import main
+from ssm_llm_cli import main
 
 sys.exit(main())
