@@ -18,22 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm import token_stream
+from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
-from ssm_llm.kv.policy import KVPolicy, memory_bound, round_up
 from ssm_llm.kv.policy import describe as describe_policy
+from ssm_llm.kv.policy import memory_bound
 from ssm_llm.kv.prefill import prefill as kv_prefill
+from ssm_llm.length_plan import LengthPlan, plan_lengths
 from ssm_llm.memory import check_fits
 from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.param_check import check_params
-from ssm_llm.sampling import sample
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative.decode import speculative_decode
 from ssm_llm.speculative.protocol import Drafter
 from ssm_llm.validation import as_float, as_int, as_token_ids
 
-# Padded sizes are rounded up so that nearby prompt lengths share one compiled program.
-_PROMPT_BUCKET = 16
-_CACHE_BUCKET = 64
 # A stated ceiling on new tokens per call. State-space models have no context to bound max_new_tokens, and
 # a mistaken 10**9 would allocate a [B, 10**9] output buffer and decode for days; 2**20 tokens is already
 # about three hours at 100 tokens/s.
@@ -160,35 +160,32 @@ def _preview(value, limit: int = 60) -> str:
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
 def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
-    h, cache = family_module(config).hidden_states(params, config, tokens, cache, counts, impl, fresh=True)
+    h, cache = family_module(config).hidden_states(params, config, tokens, cache, counts, impl, cache_is_empty=True)
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), cache
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_tokens", "eos", "greedy", "top_k", "use_top_p", "use_min_p",
-                     "stream", "impl"),
-    donate_argnames=("cache",),
-)
-def _decode(params, config, cache, logits, key, temperature, top_p, min_p, stream_id, *, max_new_tokens, eos,
-            greedy, top_k, use_top_p, use_min_p, stream, impl):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
+def _decode(params, config, cache, logits, key, sampling: Sampling, stream_id, *, max_new_tokens: int,
+            eos: tuple[int, ...], impl: str):
+    """Decode up to `max_new_tokens` tokens per row after a prefill, stopping a row at any of the `eos` ids.
+
+    logits: [B, V] at each prompt's last token; key: PRNG key; stream_id: int32 scalar, the
+    `token_stream.TokenStream` that receives each step's tokens, or None (no streaming: a program of its
+    own). Returns (tokens [B, max_new_tokens] with -1 after a row's end, the final cache).
+    """
     batch = logits.shape[0]
     eos_ids = jnp.asarray(eos, jnp.int32) if eos else None
-
-    def draw(logits, key):
-        return sample(logits, key, temperature=0.0 if greedy else temperature, top_k=top_k,
-                      top_p=top_p if use_top_p else None, min_p=min_p if use_min_p else None)
 
     def is_eos(tok):
         return jnp.zeros(tok.shape, bool) if eos_ids is None else (tok[:, None] == eos_ids).any(-1)
 
     def emit(step, tok):
-        if stream:
+        if stream_id is not None:
             token_stream.emit(stream_id, step, tok)
 
     key, sub = jax.random.split(key)
-    tok = draw(logits, sub)
+    tok = sampling.draw(logits, sub)
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(tok)
     done = is_eos(tok)
     emit(0, tok)
@@ -202,7 +199,7 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, strea
         h, cache = family_module(config).hidden_states(params, config, tok[:, None], cache,
                                                        jnp.ones((batch,), jnp.int32), impl)
         key, sub = jax.random.split(key)
-        new = draw(logits_from_hidden(params, config, h[:, 0]), sub)
+        new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
         new = jnp.where(done, -1, new)  # finished sequences emit nothing
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
         emit(step, new)
@@ -212,16 +209,23 @@ def _decode(params, config, cache, logits, key, temperature, top_p, min_p, strea
     return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
 
 
-def _sampling_args(gen_config: GenerationConfig, eos, vocab_size: int) -> tuple[tuple, dict]:
-    """The decode loops' shared sampling arguments: traced (PRNG key, temperature, top_p, min_p) and
-    static (max_new_tokens, eos, greedy, top_k, which filters are on). A top_k of at least the vocabulary
-    keeps every token, so it is off."""
-    values = (jax.random.PRNGKey(gen_config.seed), jnp.float32(gen_config.temperature or 1.0),
-              jnp.float32(gen_config.top_p), jnp.float32(gen_config.min_p))
-    top_k = gen_config.top_k if gen_config.top_k and gen_config.top_k < vocab_size else None
-    static = dict(max_new_tokens=gen_config.max_new_tokens, eos=tuple(eos), greedy=gen_config.temperature == 0,
-                  top_k=top_k, use_top_p=gen_config.top_p < 1.0, use_min_p=gen_config.min_p > 0)
-    return values, static
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A checked request: the prompts as token-id lists and the EOS ids that end a row."""
+
+    prompts: list[list[int]]
+    eos: tuple[int, ...]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    def padded(self, width: int) -> np.ndarray:
+        """The prompts right-padded with 0: int32 [B, width]."""
+        tokens = np.zeros((len(self.prompts), width), np.int32)
+        for row, prompt in enumerate(self.prompts):
+            tokens[row, : len(prompt)] = prompt
+        return tokens
 
 
 def generate(params: dict, config, prompts: Sequence[Sequence[int]],
@@ -238,6 +242,18 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
     sizes against the vocabulary and the model's context, and the memory of the cache, the output buffer
     and draft trees against the device's free memory (a MemoryError names the option responsible).
     """
+    request = _validate(params, config, prompts, gen_config, on_token)
+    plan = _plan(params, config, gen_config, request)
+    start = time.perf_counter()
+    logits, cache = _prefill_request(params, config, gen_config.kv_compression, request, plan, impl)
+    prefill_seconds = time.perf_counter() - start
+    out, stats = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
+    decode_seconds = time.perf_counter() - start - prefill_seconds
+    return GenerationResult(*_split_at_eos(out, set(request.eos)), prefill_seconds, decode_seconds, stats)
+
+
+def _validate(params, config, prompts, gen_config, on_token) -> _Request:
+    """Check the arguments, the prompts and the options against the model (not yet the memory)."""
     if not isinstance(gen_config, GenerationConfig):
         raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
     family_module(config)  # a TypeError naming what config should be
@@ -248,44 +264,13 @@ def generate(params: dict, config, prompts: Sequence[Sequence[int]],
     lengths = [len(p) for p in prompts]
     eos = as_token_ids("eos_token_ids", gen_config.eos_token_ids if gen_config.eos_token_ids is not None
                        else config.eos_token_ids, config.vocab_size)
-    policy, drafter = gen_config.kv_compression, gen_config.speculative
-    _check_request(config, gen_config, max(lengths), on_token)
-    if policy is not None:  # the policy's own limits first: clearer than a memory estimate built on them
-        policy.check(config, tuple(sorted(set(lengths))))
-    max_len, steps = _cache_sizes(config, gen_config, max(lengths))
-    _check_memory(config, gen_config, len(prompts), steps, max_len, jnp.dtype(params["embed"].dtype))
-    tokens = np.zeros((len(prompts), steps), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    cache_dtype = jnp.dtype(params["embed"].dtype)
-
-    start = time.perf_counter()
-    # A state-space cache does not grow with the length: one compiled prefill serves every max_len.
-    cache_len = max_len if isinstance(config, ModelConfig) else 1
-    if policy is None:
-        logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
-                                 cache_len, impl, cache_dtype)
-    else:
-        logits, cache = kv_prefill(params, config, tokens, policy, max_len, token_counts=lengths, impl=impl)
-    logits.block_until_ready()
-    prefill_seconds = time.perf_counter() - start
-    if drafter is not None:
-        out, stats = _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_config, eos,
-                                  max_len - drafter.tree_size, impl)
-    else:
-        stats = None
-        values, static = _sampling_args(gen_config, eos, config.vocab_size)
-        stream = token_stream.TokenStream(on_token) if on_token is not None else None
-        with stream or contextlib.nullcontext():
-            out, _ = _decode(params, config, cache, logits, *values, jnp.int32(stream.id if stream else 0),
-                             **static, stream=stream is not None, impl=impl)
-            out = np.asarray(out)
-    decode_seconds = time.perf_counter() - start - prefill_seconds
-    new_tokens, reasons = _split_at_eos(np.asarray(out), set(eos))
-    return GenerationResult(new_tokens, reasons, prefill_seconds, decode_seconds, stats)
+    _check_options(config, gen_config, max(lengths), on_token)
+    if gen_config.kv_compression is not None:  # the policy's own limits first: clearer than a memory estimate
+        gen_config.kv_compression.check(config, tuple(sorted(set(lengths))))
+    return _Request(prompts, eos)
 
 
-def _check_request(config, gen_config: GenerationConfig, longest: int, on_token) -> None:
+def _check_options(config, gen_config: GenerationConfig, longest: int, on_token) -> None:
     """The options that depend on the model: context, KV compression, speculative decoding."""
     needed = longest + gen_config.max_new_tokens
     if gen_config.max_len is not None and needed > gen_config.max_len:
@@ -309,31 +294,27 @@ def _check_request(config, gen_config: GenerationConfig, longest: int, on_token)
                          "tokens per row); pass on_token=None")
 
 
-def _cache_sizes(config, gen_config: GenerationConfig, longest: int) -> tuple[int, int]:
-    """(max_len, steps): the cache positions per row (bucketed, so nearby requests share compiled
-    programs; a draft tree's slots included) and the padded prompt length."""
-    policy, drafter = gen_config.kv_compression, gen_config.speculative
-    context = config.max_position_embeddings
-    max_len = gen_config.max_len or round_up(longest + gen_config.max_new_tokens, _CACHE_BUCKET)
-    if context is not None and gen_config.max_len is None and policy is None:
-        max_len = min(max_len, context)
-    if drafter is not None:  # a draft tree is scored in the slots after each row's committed tokens
-        max_len = round_up(max_len + drafter.tree_size, _CACHE_BUCKET)
-    steps = min(round_up(longest, _PROMPT_BUCKET), max_len)
-    if policy is not None:  # compressed caches count decoded tokens from the padded prompt on
-        max_len = max(max_len, steps + gen_config.max_new_tokens)
-    return max_len, steps
+def _plan(params, config, gen_config: GenerationConfig, request: _Request) -> LengthPlan:
+    """This request's sizes (`plan_lengths`), refused with a MemoryError when its buffers cannot fit."""
+    drafter = gen_config.speculative
+    plan = plan_lengths(max(request.lengths), gen_config.max_new_tokens, max_len=gen_config.max_len,
+                        context=config.max_position_embeddings, state_space=not isinstance(config, ModelConfig),
+                        compressed=gen_config.kv_compression is not None,
+                        tree_size=None if drafter is None else drafter.tree_size)
+    _check_memory(config, gen_config, len(request.prompts), plan, jnp.dtype(params["embed"].dtype))
+    return plan
 
 
-def _check_memory(config, gen_config: GenerationConfig, batch: int, steps: int, max_len: int, dtype) -> None:
+def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: LengthPlan, dtype) -> None:
     """Refuse a request whose cache, output buffer or draft trees cannot fit in free memory, naming the
     option that sized them. Estimates (upper bounds for compressed caches: the dense prefill cache plus
     `capacity` dense slots; quantized storage is smaller)."""
     policy, drafter = gen_config.kv_compression, gen_config.speculative
+    max_len = plan.max_len
     out_bytes = 4 * batch * gen_config.max_new_tokens
     if isinstance(config, ModelConfig) and policy is not None:
         what = f"kv_compression={describe_policy(policy)}"
-        cache_bytes = memory_bound(config, policy, batch, steps, max_len, dtype)
+        cache_bytes = memory_bound(config, policy, batch, plan.prompt_len, max_len, dtype)
     elif isinstance(config, ModelConfig):
         what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + \
                (f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")")
@@ -347,6 +328,44 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, steps: int, 
             what = f"speculative={type(drafter).__name__} (one state per node of a {drafter.tree_size}-node tree)"
     check_fits(f"max_new_tokens={gen_config.max_new_tokens} (the output buffer)", out_bytes)
     check_fits(what, cache_bytes + out_bytes)
+
+
+def _prefill_request(params, config, policy: KVPolicy | None, request: _Request, plan: LengthPlan, impl):
+    """The prompts' prefill, dense or compressed by `policy`, finished (not only dispatched): (logits [B, V]
+    at each prompt's last token, the cache)."""
+    tokens, lengths = request.padded(plan.prompt_len), request.lengths
+    if policy is None:
+        logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
+                                 plan.cache_len, impl, jnp.dtype(params["embed"].dtype))
+    else:
+        logits, cache = kv_prefill(params, config, tokens, policy, plan.max_len, token_counts=lengths, impl=impl)
+    logits.block_until_ready()
+    return logits, cache
+
+
+def _decode_request(params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, cache,
+                    logits, on_token, impl) -> tuple[np.ndarray, SpeculativeStats | None]:
+    """The decode loop after the prefill, plain or speculative: (tokens [B, max_new_tokens], -1 after a
+    row's end; the speculative statistics or None)."""
+    key = jax.random.PRNGKey(gen_config.seed)
+    sampling = Sampling.create(vocab_size=config.vocab_size, temperature=gen_config.temperature,
+                               top_k=gen_config.top_k, top_p=gen_config.top_p, min_p=gen_config.min_p)
+    stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
+    drafter = gen_config.speculative
+    if drafter is None:
+        stream = token_stream.TokenStream(on_token) if on_token is not None else None
+        with stream or contextlib.nullcontext():
+            out, _ = _decode(params, config, cache, logits, key, sampling, jnp.int32(stream.id) if stream else None,
+                             **stop, impl=impl)
+            return np.asarray(out), None
+    # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
+    # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
+    prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
+    state = drafter.init(params, config, prompts, counts, plan.capacity, impl)
+    history = jnp.asarray(request.padded(plan.max_len))
+    out, _, rounds, accepted, state = speculative_decode(params, config, drafter, state, cache, logits, history,
+                                                         counts, key, sampling, **stop, impl=impl)
+    return np.asarray(out), SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
 
 
 def _split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[str]]:
@@ -364,19 +383,3 @@ def _split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[
         new_tokens.append(seq)
         reasons.append(reason)
     return new_tokens, reasons
-
-
-def _speculative(params, config, drafter, tokens, lengths, logits, cache, gen_config, eos, capacity, impl):
-    """The speculative decode loop after the prefill (see `ssm_llm.speculative.decode`). capacity: the
-    committed tokens a row may hold, a bucketed size (not the exact need) so that nearby prompt lengths,
-    or a fixed `max_len`, share one compiled loop."""
-    from ssm_llm.speculative.decode import speculative_decode
-
-    prompts, counts = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    state = drafter.init(params, config, prompts, counts, capacity, impl)
-    history = np.zeros((len(lengths), capacity + drafter.tree_size), np.int32)
-    history[:, : tokens.shape[1]] = tokens
-    values, static = _sampling_args(gen_config, eos, config.vocab_size)
-    out, _, rounds, accepted, state = speculative_decode(params, config, drafter, state, cache, logits,
-                                                         jnp.asarray(history), counts, *values, **static, impl=impl)
-    return out, SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)

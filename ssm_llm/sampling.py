@@ -1,11 +1,13 @@
 """Token sampling as a pure function of logits and a PRNG key.
 
 Filters follow Hugging Face's warpers, in its order: temperature, top-k, top-p (nucleus), min-p.
-Each later filter sees the distribution left by the earlier ones.
+Each later filter sees the distribution left by the earlier ones. `Sampling` holds one request's
+rule as a pytree that the compiled decode loops, the acceptance of draft trees and the drafters share.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -77,3 +79,54 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature=0.0, top_k: int | N
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class Sampling:
+    """How tokens are drawn, as one pytree passed through `jax.jit`: the numbers are traced (one compiled
+    loop serves every temperature, top-p and min-p) and which rules apply is static.
+
+    Traced float32 scalars: temperature (unused when greedy; `create` stores 1.0 then), top_p, min_p.
+    Static: greedy (argmax), top_k (None: off, else 1..V-1), use_top_p, use_min_p (whether those filters
+    run). Build it from the user's numbers with `Sampling.create`. Drafters read `temperature` and `greedy`:
+    sampled drafters draw their children at this temperature from their own distribution, unfiltered
+    (any draft law is exact, as long as the tree records it in `child_probs`).
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array = 1.0
+    min_p: jax.Array = 0.0
+    greedy: bool = flax.struct.field(pytree_node=False, default=True)
+    top_k: int | None = flax.struct.field(pytree_node=False, default=None)
+    use_top_p: bool = flax.struct.field(pytree_node=False, default=False)
+    use_min_p: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def create(cls, *, vocab_size: int, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+               min_p: float = 0.0) -> Sampling:
+        """From `GenerationConfig`'s numbers: temperature 0 is greedy; a top_k of 0, None or at least
+        `vocab_size` keeps every token, so it is off; top_p 1.0 and min_p 0.0 are off."""
+        return cls(temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p), min_p=jnp.float32(min_p),
+                   greedy=temperature == 0, top_k=top_k if top_k and top_k < vocab_size else None,
+                   use_top_p=top_p < 1.0, use_min_p=min_p > 0)
+
+    def filter(self, logits: jax.Array) -> jax.Array:
+        """`filter_logits` with this rule's temperature and filters: [B, V] -> [B, V] float32."""
+        return filter_logits(logits, temperature=self.temperature, top_k=self.top_k, **self._thresholds())
+
+    def draw(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """One token per row of `logits: [B, V]` (argmax when greedy): int32 [B]."""
+        return sample(logits, key, temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k,
+                      **self._thresholds())
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        """The sampled distribution, softmax of `filter`: logits [..., V] -> [..., V] float32.
+        A greedy rule has none (ValueError): greedy acceptance compares argmaxes."""
+        if self.greedy:
+            raise ValueError("temperature must be positive for a sampled distribution; greedy sampling "
+                             "(temperature 0) has none")
+        filtered = self.filter(logits.reshape(-1, logits.shape[-1]))
+        return jax.nn.softmax(filtered, axis=-1).reshape(logits.shape)
+
+    def _thresholds(self) -> dict:
+        return dict(top_p=self.top_p if self.use_top_p else None, min_p=self.min_p if self.use_min_p else None)

@@ -9,7 +9,8 @@ import numpy as np
 from spec_checks import LLAMA, MAMBA2, wide_params
 
 import ssm_llm
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative.protocol import DraftContext
 
 __all__ = ["LLAMA", "MAMBA2", "PROMPTS", "ROOTS", "MAX_LEN", "peaked_params", "prompt_batch", "context",
            "propose", "update", "path_logits", "draft_law", "GREEDY", "sampled"]

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("cheap_compiles_module")  # a few tiny step
 def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
     """`ssm-llm generate --kv-compression SPEC` in-process on SmolLM2: the spec is parsed, the policy reaches
     `generate`, text comes out. The load is the session's (the CLI's own load is covered in test_smollm2.py)."""
-    from ssm_llm import cli, generation
+    import ssm_llm_cli as cli
+    from ssm_llm import generation
 
     config, params, _, path = smollm2
     monkeypatch.setattr(cli, "_load", lambda model: (path, config, params))

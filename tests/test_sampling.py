@@ -97,3 +97,56 @@ def test_top_p_nucleus_larger_than_the_candidate_prefix_is_exact():
     ours = ours_kept(logits, 1.0, None, 0.9, 0.0)
     assert ours.sum(-1).min() > _TOP_P_CANDIDATES  # really exercises the full-sort path
     np.testing.assert_array_equal(ours, hf_kept(logits, 1.0, None, 0.9, 0.0))
+
+
+def test_sampling_create_keeps_generation_config_semantics():
+    """temperature 0 is greedy (temperature stored as 1.0); top_k 0 / None / >= vocab, top_p 1 and min_p 0 are off."""
+    from ssm_llm.sampling import Sampling
+
+    greedy = Sampling.create(vocab_size=50)
+    assert greedy.greedy and float(greedy.temperature) == 1.0
+    assert (greedy.top_k, greedy.use_top_p, greedy.use_min_p) == (None, False, False)
+    for top_k in (None, 0, 50, 51):
+        assert Sampling.create(vocab_size=50, temperature=0.7, top_k=top_k).top_k is None
+    on = Sampling.create(vocab_size=50, temperature=0.7, top_k=49, top_p=0.9, min_p=0.05)
+    assert not on.greedy and (on.top_k, on.use_top_p, on.use_min_p) == (49, True, True)
+    np.testing.assert_allclose([on.temperature, on.top_p, on.min_p], [0.7, 0.9, 0.05], rtol=1e-6)
+    # Sampling(temperature=t), the drafters' old two-field form, still builds the greedy rule
+    assert Sampling(temperature=jnp.float32(1.0)).greedy
+    assert ssm_llm.speculative.Sampling is Sampling
+
+
+def test_sampling_numbers_are_traced_and_rules_static():
+    """One compiled program serves every temperature / top-p / min-p; switching a filter on recompiles."""
+    from ssm_llm.sampling import Sampling
+
+    traces = []
+
+    @jax.jit
+    def draw(sampling, logits, key):
+        traces.append(None)
+        return sampling.draw(logits, key)
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 30))
+    for t, p in [(0.5, 0.9), (1.3, 0.5)]:
+        draw(Sampling.create(vocab_size=30, temperature=t, top_p=p, top_k=5), logits, jax.random.PRNGKey(1))
+    assert len(traces) == 1
+    draw(Sampling.create(vocab_size=30, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1), logits, jax.random.PRNGKey(1))
+    assert len(traces) == 2
+
+
+def test_sampling_methods_match_the_functions():
+    """draw is `sample` and probs the softmax of `filter_logits`, with the rule's options; greedy has no probs."""
+    from ssm_llm.sampling import Sampling
+
+    logits = jax.random.normal(jax.random.PRNGKey(2), (64, 40)) * 2
+    key = jax.random.PRNGKey(3)
+    options = dict(temperature=0.8, top_k=12, top_p=0.85, min_p=0.02)
+    rule = Sampling.create(vocab_size=40, **options)
+    np.testing.assert_array_equal(rule.draw(logits, key), sample(logits, key, **options))
+    np.testing.assert_allclose(rule.probs(logits), jax.nn.softmax(filter_logits(logits, **options), axis=-1),
+                               rtol=1e-6, atol=1e-7)
+    greedy = Sampling.create(vocab_size=40)
+    np.testing.assert_array_equal(greedy.draw(logits, key), np.argmax(logits, -1))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        greedy.probs(logits)

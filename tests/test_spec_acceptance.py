@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from ssm_llm.sampling import filter_logits
+from ssm_llm.sampling import Sampling, filter_logits
 from ssm_llm.speculative.acceptance import accept_greedy, accept_sampling, target_probs
 from ssm_llm.speculative.tree import UNUSED, DraftTree, chain
 
@@ -99,7 +99,7 @@ def test_shape_errors():
         accept_sampling(DraftTree(tree.tokens, tree.parents, None, "independent"), jnp.ones((1, 3, 5)) / 5,
                         jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="temperature"):
-        target_probs(jnp.zeros((1, 3, 5)), temperature=0.0)
+        target_probs(jnp.zeros((1, 3, 5)), Sampling.create(vocab_size=5, temperature=0.0))
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -214,7 +214,8 @@ def test_sampling_emits_the_target_law(topology, draw):
 def test_sampling_exact_for_filtered_target(draw):
     """A top-k filtered target (zeros in p where the drafter has mass): still exact, excluded tokens never emitted."""
     target, drafter = tables(3)
-    target = np.asarray(target_probs(jnp.log(jnp.asarray(target)), temperature=0.8, top_k=3), np.float64)
+    top_3 = Sampling.create(vocab_size=VOCAB, temperature=0.8, top_k=3)
+    target = np.asarray(target_probs(jnp.log(jnp.asarray(target)), top_3), np.float64)
     assert (target == 0).any()
     assert law_pvalue(emitted_tokens(TREE, draw, target, drafter, seed=4), target) > P_MIN
 
@@ -264,8 +265,8 @@ def test_q_equal_p_accepts_all_without_nan():
 def test_target_probs_matches_filter_logits():
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 50)) * 3
     for kwargs in [dict(temperature=0.7), dict(temperature=0.9, top_k=10, top_p=0.9, min_p=0.05)]:
-        got, want = jax.jit(lambda x: (target_probs(x, **kwargs),
-                                       jax.vmap(lambda row: jax.nn.softmax(filter_logits(row, **kwargs)))(x)))(logits)
+        got = jax.jit(target_probs)(logits, Sampling.create(vocab_size=50, **kwargs))  # the numbers traced
+        want = jax.vmap(lambda row, kw=kwargs: jax.nn.softmax(filter_logits(row, **kw)))(logits)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
         assert (got == 0).any() == ("top_k" in kwargs)

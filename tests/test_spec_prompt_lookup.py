@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative.prompt_lookup import PromptLookup
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.speculative.protocol import DraftContext
 from ssm_llm.speculative.tree import check_tree
 
 SAMPLING = Sampling(temperature=jnp.float32(1.0))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative.protocol import Acceptance, DraftContext
 from ssm_llm.speculative.token_recycling import DEFAULT_TEMPLATE, WIDE_TEMPLATE, TokenRecycling, bfs_template
 from ssm_llm.speculative.tree import UNUSED, DraftTree, check_tree, depths
 

@@ -10,10 +10,11 @@ Drafters: `PromptLookup` (n-gram from the context), `TokenRecycling` (adjacency 
 greedy / rejection-sampling rules and `verify` for the target side (attention and state-space).
 """
 
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative.draft_model import DraftModel, self_speculative
 from ssm_llm.speculative.dyspec import DySpec
 from ssm_llm.speculative.prompt_lookup import PromptLookup
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Drafter, Sampling
+from ssm_llm.speculative.protocol import Acceptance, DraftContext, Drafter
 from ssm_llm.speculative.rsd import RSD
 from ssm_llm.speculative.token_recycling import WIDE_TEMPLATE, TokenRecycling, bfs_template
 from ssm_llm.speculative.tree import DraftTree, chain

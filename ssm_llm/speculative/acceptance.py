@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.sampling import filter_logits
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative.protocol import Acceptance
 from ssm_llm.speculative.tree import DraftTree, check_tree
 
@@ -127,13 +127,9 @@ def accept_sampling(tree: DraftTree, probs: jax.Array, key: jax.Array) -> Accept
     return Acceptance(path=path, accepted=depth, bonus=bonus)
 
 
-def target_probs(logits: jax.Array, *, temperature, top_k: int | None = None, top_p=None, min_p=None) -> jax.Array:
-    """The target's sampling distribution at every node: softmax of `ssm_llm.sampling.filter_logits`.
+def target_probs(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The target's sampling distribution at every node: `sampling.probs`, the softmax of its filtered logits.
 
-    logits: [B, N, V] -> [B, N, V] float32. `temperature` must be positive (greedy uses `accept_greedy`).
+    logits: [B, N, V] -> [B, N, V] float32. A greedy `sampling` raises ValueError (greedy uses `accept_greedy`).
     """
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"temperature must be positive for sampled acceptance, got {temperature}")
-    filtered = filter_logits(logits.reshape(-1, logits.shape[-1]), temperature=temperature, top_k=top_k,
-                             top_p=top_p, min_p=min_p)
-    return jax.nn.softmax(filtered, axis=-1).reshape(logits.shape)
+    return sampling.probs(logits)

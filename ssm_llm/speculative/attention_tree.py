@@ -22,7 +22,7 @@ from pallas_kernels.cache_attention import masked_attention
 from pallas_kernels.tree_attention import tree_attention
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
-from ssm_llm.kv.policy import CompressedCache
+from ssm_llm.compressed_cache import CompressedCache
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.attention_lm import finish_block, project_qkv
 from ssm_llm.models.lm_head import logits_from_hidden

@@ -13,10 +13,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.sampling import sample
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
 from ssm_llm.speculative.acceptance import accept_greedy, accept_sampling, target_probs
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.speculative.protocol import DraftContext
 
 
 @flax.struct.dataclass
@@ -44,32 +44,27 @@ def _emitted(tree, acceptance):
     return tokens, acceptance.accepted + 1
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_tokens", "eos", "greedy", "top_k", "use_top_p", "use_min_p", "impl"),
-    donate_argnames=("cache",),
-)
-def speculative_decode(params, config, drafter, state, cache, logits, history, lengths, key, temperature, top_p,
-                       min_p, *, max_new_tokens, eos, greedy, top_k, use_top_p, use_min_p, impl):
-    """Generate up to `max_new_tokens` per row after a prefill.
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
+def speculative_decode(params, config, drafter, state, cache, logits, history, lengths, key, sampling: Sampling, *,
+                       max_new_tokens: int, eos: tuple[int, ...], impl: str):
+    """Generate up to `max_new_tokens` per row after a prefill, stopping a row at any of the `eos` ids.
 
     cache: the target's cache holding each row's prompt; logits: [B, V] at each prompt's last token;
     history: [B, S] the prompts right-padded, S >= prompt + max_new_tokens + N; lengths: [B] prompt lengths;
-    state: `drafter.init(...)`'s. Returns (tokens [B, max_new_tokens] with -1 after a row's end, the final
-    cache, rounds [B] target forwards per row, accepted [B] accepted drafts per row, the drafter's final state).
+    state: `drafter.init(...)`'s; key: PRNG key; sampling: the target's rule. Returns (tokens
+    [B, max_new_tokens] with -1 after a row's end, the final cache, rounds [B] target forwards per row,
+    accepted [B] accepted drafts per row, the drafter's final state).
     """
     batch, n = logits.shape[0], drafter.tree_size
     rows = jnp.arange(batch)[:, None]
     eos_ids = jnp.asarray(eos, jnp.int32) if eos else None
-    sampling = Sampling(temperature=temperature, greedy=greedy)
-    filters = dict(top_k=top_k, top_p=top_p if use_top_p else None, min_p=min_p if use_min_p else None)
 
     def is_eos(tok):
         return jnp.zeros(tok.shape, bool) if eos_ids is None else (tok[..., None] == eos_ids).any(-1)
 
     # The first token comes from the prefill's logits exactly as in plain decoding.
     key, sub = jax.random.split(key)
-    first = sample(logits, sub, temperature=0.0 if greedy else temperature, **filters)
+    first = sampling.draw(logits, sub)
     out = jnp.full((batch, max_new_tokens + n), -1, jnp.int32).at[:, 0].set(first)
     history = history.at[jnp.arange(batch), lengths].set(first)
     done = is_eos(first) | (max_new_tokens <= 1)
@@ -86,11 +81,10 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
             jnp.any(tree.used[:, 1:] & active[:, None]),
             lambda c, t: verify.tree_logits(params, config, c, t, impl=impl),
             lambda c, t: verify.root_logits(params, config, c, t, impl=impl), s.cache, tree)
-        if greedy:
+        if sampling.greedy:
             acceptance = accept_greedy(tree, tree_logits)
         else:
-            probs = target_probs(tree_logits, temperature=temperature, **filters)
-            acceptance = accept_sampling(tree, probs, k_accept)
+            acceptance = accept_sampling(tree, target_probs(tree_logits, sampling), k_accept)
         cache = verify.commit(config, s.cache, scratch, acceptance.path, acceptance.accepted, active)
 
         tokens, count = _emitted(tree, acceptance)

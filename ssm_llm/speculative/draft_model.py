@@ -22,8 +22,9 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import is_stacked
 from ssm_llm.model import forward, init_cache
 from ssm_llm.option_spec import check_int
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
+from ssm_llm.speculative.protocol import Acceptance, DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.option_spec import check_int
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
 from ssm_llm.speculative.draft_model import (
     DraftModelState,
@@ -32,7 +33,7 @@ from ssm_llm.speculative.draft_model import (
     ranked_children,
     roots,
 )
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.speculative.protocol import DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.option_spec import check_int
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative.protocol import DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, TREE_BOUND, DraftTree, chain
 
 # The longest n-gram matched: each length unrolls one [B, S] comparison at trace time, and published

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import flax.struct
 import jax
 
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative.tree import DraftTree
 
 
@@ -39,16 +40,6 @@ class DraftContext:
     history: jax.Array
     lengths: jax.Array
     active: jax.Array
-
-
-@flax.struct.dataclass
-class Sampling:
-    """How the target samples: greedy (static) or at `temperature` (traced scalar). Sampled drafters draw
-    their children at this temperature from their own distribution (no top-k / top-p: any draft law is
-    exact, as long as the tree records it in `child_probs`)."""
-
-    temperature: jax.Array
-    greedy: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 @flax.struct.dataclass
@@ -79,7 +70,9 @@ class Drafter(Protocol):
         max_len: the most committed tokens a row will hold (prompt + new tokens)."""
 
     def propose(self, state, context: DraftContext, sampling: Sampling, key: jax.Array) -> tuple[DraftTree, object]:
-        """A draft tree rooted at each row's last committed token, and the new state."""
+        """A draft tree rooted at each row's last committed token, and the new state. `sampling` is the
+        target's rule (`ssm_llm.sampling.Sampling`): a sampled drafter draws at `sampling.temperature`
+        and records its law in the tree; greedy (`sampling.greedy`) drafters pick their best tokens."""
 
     def update(self, state, context: DraftContext, tree: DraftTree, logits: jax.Array, acceptance: Acceptance):
         """The state after verification; `context` already holds the accepted tokens and the bonus

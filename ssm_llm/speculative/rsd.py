@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.option_spec import is_int, shown
+from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
 from ssm_llm.speculative.draft_model import (
     DraftModelState,
@@ -24,7 +25,7 @@ from ssm_llm.speculative.draft_model import (
     ranked_children,
     roots,
 )
-from ssm_llm.speculative.protocol import DraftContext, Sampling
+from ssm_llm.speculative.protocol import DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 
 

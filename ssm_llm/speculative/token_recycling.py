@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.option_spec import check_int, is_int, shown
-from ssm_llm.speculative.protocol import Acceptance, DraftContext, Sampling
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative.protocol import Acceptance, DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, TREE_BOUND, UNUSED, DraftTree
 
 UNKNOWN = -1
