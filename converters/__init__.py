@@ -1,10 +1,10 @@
 """Checkpoints -> `(config, params)`: attention models (`ssm_llm.ModelConfig`) and Mamba / Mamba-2.
 
-    config, params = converters.load("model.gguf")          # GGUF (dequantized)
-    config, params = converters.load("hf_model_dir/")        # safetensors or pytorch_model.bin
-    config, params = converters.load(hf_model)               # in-memory transformers model
-    config, params = converters.load(state_dict, config=hf_config)
-    converters.save(params, config, "ckpt/"); converters.load("ckpt/")   # orbax, no torch needed
+config, params = converters.load("model.gguf")          # GGUF (dequantized)
+config, params = converters.load("hf_model_dir/")        # safetensors or pytorch_model.bin
+config, params = converters.load(hf_model)               # in-memory transformers model
+config, params = converters.load(state_dict, config=hf_config)
+converters.save(params, config, "ckpt/"); converters.load("ckpt/")   # orbax, no torch needed
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _read(source, config):
     raise TypeError(f"cannot load a checkpoint from {type(source).__name__}")
 
 
-def load(source, config=None, *, dtype=jnp.float32, progress: bool = False) -> tuple[ModelConfig | MambaConfig | Mamba2Config, dict]:
+def load(
+    source, config=None, *, dtype=jnp.float32, progress: bool = False
+) -> tuple[ModelConfig | MambaConfig | Mamba2Config, dict]:
     """Load a checkpoint as `(config, params)` with params in `dtype`.
 
     `source`: a GGUF file, a Hugging Face model directory, a directory written by `save`, an in-memory

@@ -38,8 +38,16 @@ LAYER_TENSORS = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.float32,
-                              progress: bool = False) -> dict:
+def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.float32, progress: bool = False) -> dict:
     """Build the params pytree for `config` from Hugging Face-named tensors in `source` (strict)."""
-    return convert_weights(param_shapes(config), GLOBAL_TENSORS, LAYER_TENSORS, config.num_layers, source,
-                           dtype, progress, tied=config.tie_word_embeddings, ignored_suffixes=_IGNORED_SUFFIXES)
+    return convert_weights(
+        param_shapes(config),
+        GLOBAL_TENSORS,
+        LAYER_TENSORS,
+        config.num_layers,
+        source,
+        dtype,
+        progress,
+        tied=config.tie_word_embeddings,
+        ignored_suffixes=_IGNORED_SUFFIXES,
+    )

@@ -36,8 +36,9 @@ def _unexpected_entries(directory: Path) -> list[str]:
     return [n for n in names if n not in (CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR)]
 
 
-def check_destination(directory: str | Path, *, overwrite: bool = False, source: str | Path | None = None,
-                      flag: str = "overwrite=True") -> Path:
+def check_destination(
+    directory: str | Path, *, overwrite: bool = False, source: str | Path | None = None, flag: str = "overwrite=True"
+) -> Path:
     """Where `save` may write, as an absolute path; cheap, so callers run it before a slow load.
 
     A new or empty directory is fine; an existing one is replaced only with `overwrite`, and only if it
@@ -59,15 +60,16 @@ def check_destination(directory: str | Path, *, overwrite: bool = False, source:
     unexpected = _unexpected_entries(directory)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise FileExistsError(f"{directory} holds {shown}, not (only) an ssm_llm checkpoint; refusing to "
-                              f"replace it: choose a new or empty directory")
+        raise FileExistsError(
+            f"{directory} holds {shown}, not (only) an ssm_llm checkpoint; refusing to "
+            f"replace it: choose a new or empty directory"
+        )
     if not overwrite:
         raise FileExistsError(f"{directory} already holds a checkpoint; pass {flag} to replace it")
     return directory
 
 
-def save(params: dict, config: ModelConfig, directory: str | Path, *, tokenizer=None,
-         overwrite: bool = False) -> Path:
+def save(params: dict, config: ModelConfig, directory: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `params` (orbax), `config` (JSON) and optionally a `transformers` tokenizer to `directory`.
 
     `overwrite` replaces an existing ssm_llm checkpoint (never any other non-empty directory; see
@@ -126,12 +128,16 @@ def _check_digests(params, saved, directory: Path) -> None:
     found = _digests(params)
     if set(found) != set(saved):
         changed = sorted(set(found) ^ set(saved))
-        raise ValueError(f"{directory}: the params hold other leaves than were saved ({', '.join(changed[:3])}); "
-                         f"the checkpoint is damaged")
+        raise ValueError(
+            f"{directory}: the params hold other leaves than were saved ({', '.join(changed[:3])}); "
+            f"the checkpoint is damaged"
+        )
     damaged = [k for k in found if found[k] != saved[k]]
     if damaged:
-        raise ValueError(f"{directory}: {len(damaged)} param(s) differ from what was saved (checksum mismatch in "
-                         f"{', '.join(damaged[:3])}); the checkpoint is damaged: convert it again")
+        raise ValueError(
+            f"{directory}: {len(damaged)} param(s) differ from what was saved (checksum mismatch in "
+            f"{', '.join(damaged[:3])}); the checkpoint is damaged: convert it again"
+        )
 
 
 def _swap_in(staging: Path, directory: Path, backup: Path) -> None:
@@ -168,8 +174,9 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
         raise ValueError(f"{directory}: cannot restore params ({type(e).__name__}: {e})") from None
     _check_digests(params, meta.get("sha256"), directory)
     if dtype is not None:  # integer codes of quantized weights keep their dtype
-        params = jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                        params)
+        params = jax.tree_util.tree_map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
     params = _join_quantized(jax.tree_util.tree_map(jnp.asarray, params), meta.get("quantized_weights", {}), directory)
     try:  # an edited or mismatched config file would otherwise run to garbage
         check_params(params, config)
@@ -209,8 +216,9 @@ def _join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
             for key in parents:
                 node = node[int(key)] if isinstance(node, list) else node[key]
             stored = node[leaf]
-            node[leaf] = QuantizedWeight(stored["values"], stored["scales"], int(layout["bits"]),
-                                         int(layout["group_size"]))
+            node[leaf] = QuantizedWeight(
+                stored["values"], stored["scales"], int(layout["bits"]), int(layout["group_size"])
+            )
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise ValueError(f"{directory}: quantized weight {path!r} is missing or malformed ({e})") from None
     return params

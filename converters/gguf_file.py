@@ -68,13 +68,17 @@ class GGUFTensors(Mapping):
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:
-            raise ValueError(f"cannot dequantize GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}): {e}") from None
+            raise ValueError(
+                f"cannot dequantize GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}): {e}"
+            ) from None
         array = np.asarray(array, np.float32).reshape(tuple(int(s) for s in reversed(tensor.shape)))
         for suffix, heads in self._rotary_heads.items():
             if name.endswith(suffix):
                 if array.ndim not in (1, 2) or array.shape[0] % (2 * heads):
-                    raise ValueError(f"GGUF tensor {tensor.name!r} has shape {array.shape}; a rotary projection "
-                                     f"needs [rows(, columns)] with rows a multiple of 2 x {heads} heads")
+                    raise ValueError(
+                        f"GGUF tensor {tensor.name!r} has shape {array.shape}; a rotary projection "
+                        f"needs [rows(, columns)] with rows a multiple of 2 x {heads} heads"
+                    )
                 array = unpermute_rotary_rows(array, heads)
         return array
 
@@ -101,7 +105,9 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
-        raise ValueError(f"{path}: unknown architecture {arch!r}; supported GGUF architectures: {', '.join(_ARCHITECTURES)}")
+        raise ValueError(
+            f"{path}: unknown architecture {arch!r}; supported GGUF architectures: {', '.join(_ARCHITECTURES)}"
+        )
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError(f"{path}: GGUF rope frequency factors (rope_freqs.weight) are not supported")
@@ -123,7 +129,8 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
         "num_hidden_layers": arch_field("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": arch_field("attention.key_length") or arch_field("rope.dimension_count")
+        "head_dim": arch_field("attention.key_length")
+        or arch_field("rope.dimension_count")
         or (hidden // heads if hidden and heads else None),
         "rms_norm_eps": arch_field("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": arch_field("rope.freq_base", 10000.0),

@@ -52,7 +52,8 @@ def _rope(d: dict[str, Any]) -> RopeConfig:
                 raise ValueError(f"rope_type 'llama3' needs {key!r} in rope_parameters")
             kwargs[key] = get_float(params, key)
         kwargs["original_max_position_embeddings"] = get_int(
-            params, "original_max_position_embeddings", get_int(d, "max_position_embeddings", 8192))
+            params, "original_max_position_embeddings", get_int(d, "max_position_embeddings", 8192)
+        )
     return RopeConfig(**kwargs)
 
 
@@ -72,8 +73,9 @@ def _layer_windows(d: dict[str, Any], model_type: str, num_layers: int) -> tuple
         raise ValueError(f"config.layer_types must list {num_layers} layer types, got {layer_types!r}")
     unknown = sorted({repr(t) for t in layer_types if t not in _LAYER_TYPES})
     if unknown:
-        raise ValueError(f"config.layer_types holds unsupported type(s) {', '.join(unknown)}; "
-                         f"supported: {', '.join(_LAYER_TYPES)}")
+        raise ValueError(
+            f"config.layer_types holds unsupported type(s) {', '.join(unknown)}; supported: {', '.join(_LAYER_TYPES)}"
+        )
     return tuple(window if t == "sliding_attention" else 0 for t in layer_types)
 
 
@@ -93,8 +95,10 @@ def config_from_hf(d: dict[str, Any]):
     act = "silu" if d.get("hidden_act") is None else d["hidden_act"]  # null: the default, as for every field
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act {act!r} is not supported (the attention family uses SwiGLU / silu)")
-    hidden, heads, layers, vocab, inter = (_required_int(d, k) for k in (
-        "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"))
+    hidden, heads, layers, vocab, inter = (
+        _required_int(d, k)
+        for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+    )
     if layers > MAX_LAYERS:  # before _layer_windows builds one entry per layer
         raise ValueError(f"config.num_hidden_layers must be at most {MAX_LAYERS}, got {layers}")
     attention_bias = get_bool(d, "attention_bias", False)

@@ -83,8 +83,10 @@ def _shard_name(index_path: Path, name) -> str:
         raise ValueError(f"{index_path}: weight_map value {name!r} is not a shard file name")
     path = PurePosixPath(name.replace("\\", "/"))  # a backslash separates directories on Windows
     if "\0" in name or path.is_absolute() or PureWindowsPath(name).drive or ".." in path.parts:
-        raise ValueError(f"{index_path}: shard {name!r} is outside the model directory; expected a file name "
-                         f"relative to {index_path.parent}")
+        raise ValueError(
+            f"{index_path}: shard {name!r} is outside the model directory; expected a file name "
+            f"relative to {index_path.parent}"
+        )
     return name
 
 
@@ -97,8 +99,10 @@ def _shard_files(directory: Path, single: str, index: str) -> list[Path] | None:
     content = _read_json(index_path, "the shard index")
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path}: corrupt shard index; expected an object with a 'weight_map' object "
-                         f"mapping tensor names to shard files")
+        raise ValueError(
+            f"{index_path}: corrupt shard index; expected an object with a 'weight_map' object "
+            f"mapping tensor names to shard files"
+        )
     files = sorted({_shard_name(index_path, f) for f in weight_map.values()})
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:

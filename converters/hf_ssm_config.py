@@ -14,7 +14,7 @@ _ARCHITECTURES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2"}
 
 
 def ssm_model_type(d: dict[str, Any]) -> str | None:
-    """"mamba" / "mamba2" for Hugging Face configs, "state-spaces" for mamba_ssm's, else None.
+    """ "mamba" / "mamba2" for Hugging Face configs, "state-spaces" for mamba_ssm's, else None.
 
     `architectures` is consulted only when `model_type` is absent: a present model_type decides."""
     if d.get("model_type") in SSM_MODEL_TYPES:
@@ -58,7 +58,7 @@ def _require(d: dict[str, Any], *keys: str) -> list[int]:
 
 
 def _time_step_rank(d: dict[str, Any], key: str) -> int:
-    """"auto" (or missing) -> 0, which the config resolves to ceil(hidden_size / 16); else an int >= 1."""
+    """ "auto" (or missing) -> 0, which the config resolves to ceil(hidden_size / 16); else an int >= 1."""
     return 0 if d.get(key) in (None, "auto") else get_int(d, key)
 
 
@@ -73,21 +73,35 @@ def _inner_size(d: dict[str, Any], hidden: int) -> int:
 def _from_hf(d: dict[str, Any], model_type: str) -> MambaConfig | Mamba2Config:
     vocab, hidden, layers = _require(d, "vocab_size", "hidden_size", "num_hidden_layers")
     common = dict(
-        vocab_size=vocab, hidden_size=hidden, num_layers=layers, intermediate_size=_inner_size(d, hidden),
-        conv_kernel=get_int(d, "conv_kernel", 4), layer_norm_epsilon=get_float(d, "layer_norm_epsilon", 1e-5),
-        use_bias=get_bool(d, "use_bias", False), use_conv_bias=get_bool(d, "use_conv_bias", True),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        intermediate_size=_inner_size(d, hidden),
+        conv_kernel=get_int(d, "conv_kernel", 4),
+        layer_norm_epsilon=get_float(d, "layer_norm_epsilon", 1e-5),
+        use_bias=get_bool(d, "use_bias", False),
+        use_conv_bias=get_bool(d, "use_conv_bias", True),
         hidden_act="silu" if d.get("hidden_act") is None else d["hidden_act"],
-        bos_token_id=token_id(d, "bos_token_id"), eos_token_ids=eos_token_ids(d),
+        bos_token_id=token_id(d, "bos_token_id"),
+        eos_token_ids=eos_token_ids(d),
     )
     if model_type == "mamba":
-        return MambaConfig(**common, state_size=get_int(d, "state_size", 16),
-                           tie_word_embeddings=get_bool(d, "tie_word_embeddings", True),
-                           time_step_rank=_time_step_rank(d, "time_step_rank"))
-    return Mamba2Config(**common, state_size=get_int(d, "state_size", 128), num_heads=get_int(d, "num_heads", 128),
-                        head_dim=get_int(d, "head_dim", 64), n_groups=get_int(d, "n_groups", 8),
-                        chunk_size=get_int(d, "chunk_size", 256),
-                        time_step_limit=_time_step_limit(d.get("time_step_limit")),
-                        tie_word_embeddings=get_bool(d, "tie_word_embeddings", False))
+        return MambaConfig(
+            **common,
+            state_size=get_int(d, "state_size", 16),
+            tie_word_embeddings=get_bool(d, "tie_word_embeddings", True),
+            time_step_rank=_time_step_rank(d, "time_step_rank"),
+        )
+    return Mamba2Config(
+        **common,
+        state_size=get_int(d, "state_size", 128),
+        num_heads=get_int(d, "num_heads", 128),
+        head_dim=get_int(d, "head_dim", 64),
+        n_groups=get_int(d, "n_groups", 8),
+        chunk_size=get_int(d, "chunk_size", 256),
+        time_step_limit=_time_step_limit(d.get("time_step_limit")),
+        tie_word_embeddings=get_bool(d, "tie_word_embeddings", False),
+    )
 
 
 def _from_state_spaces(d: dict[str, Any]) -> MambaConfig | Mamba2Config:
@@ -104,24 +118,42 @@ def _from_state_spaces(d: dict[str, Any]) -> MambaConfig | Mamba2Config:
     if layer not in ("Mamba1", "Mamba2"):
         raise ValueError(f"unknown state-spaces ssm_cfg layer {layer!r}; supported: Mamba1, Mamba2")
     inner = _inner_size(ssm, hidden)
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, intermediate_size=inner,
-                  conv_kernel=get_int(ssm, "d_conv", 4), layer_norm_epsilon=get_float(d, "norm_epsilon", 1e-5),
-                  use_bias=get_bool(ssm, "bias", False), use_conv_bias=get_bool(ssm, "conv_bias", True),
-                  tie_word_embeddings=get_bool(d, "tie_embeddings", True))
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        intermediate_size=inner,
+        conv_kernel=get_int(ssm, "d_conv", 4),
+        layer_norm_epsilon=get_float(d, "norm_epsilon", 1e-5),
+        use_bias=get_bool(ssm, "bias", False),
+        use_conv_bias=get_bool(ssm, "conv_bias", True),
+        tie_word_embeddings=get_bool(d, "tie_embeddings", True),
+    )
     if layer == "Mamba1":
-        return MambaConfig(**common, state_size=get_int(ssm, "d_state", 16),
-                           time_step_rank=_time_step_rank(ssm, "dt_rank"))
-    if ssm.get("d_ssm") not in (None, inner) or ssm.get("D_has_hdim") or not get_bool(ssm, "rmsnorm", True) \
-            or get_bool(ssm, "norm_before_gate", False):
-        raise ValueError(f"unsupported Mamba2 ssm_cfg options (d_ssm, D_has_hdim, rmsnorm=False or "
-                         f"norm_before_gate=True): {ssm}")
+        return MambaConfig(
+            **common, state_size=get_int(ssm, "d_state", 16), time_step_rank=_time_step_rank(ssm, "dt_rank")
+        )
+    if (
+        ssm.get("d_ssm") not in (None, inner)
+        or ssm.get("D_has_hdim")
+        or not get_bool(ssm, "rmsnorm", True)
+        or get_bool(ssm, "norm_before_gate", False)
+    ):
+        raise ValueError(
+            f"unsupported Mamba2 ssm_cfg options (d_ssm, D_has_hdim, rmsnorm=False or norm_before_gate=True): {ssm}"
+        )
     head_dim = get_int(ssm, "headdim", 64)
     if inner % head_dim:
         raise ValueError(f"Mamba2 inner size {inner} is not a multiple of headdim {head_dim}")
-    return Mamba2Config(**common, state_size=get_int(ssm, "d_state", 128), num_heads=inner // head_dim,
-                        head_dim=head_dim, n_groups=get_int(ssm, "ngroups", 1),
-                        chunk_size=get_int(ssm, "chunk_size", 256),
-                        time_step_limit=_time_step_limit(ssm.get("dt_limit")))
+    return Mamba2Config(
+        **common,
+        state_size=get_int(ssm, "d_state", 128),
+        num_heads=inner // head_dim,
+        head_dim=head_dim,
+        n_groups=get_int(ssm, "ngroups", 1),
+        chunk_size=get_int(ssm, "chunk_size", 256),
+        time_step_limit=_time_step_limit(ssm.get("dt_limit")),
+    )
 
 
 def ssm_config_from_hf(d: dict[str, Any]) -> MambaConfig | Mamba2Config:

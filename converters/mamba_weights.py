@@ -41,11 +41,19 @@ LAYER_TENSORS = {
 _ORIGINAL_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
 
-def convert_mamba_weights(config: MambaConfig | Mamba2Config, source: Mapping, dtype=jnp.float32,
-                          progress: bool = False) -> dict:
+def convert_mamba_weights(
+    config: MambaConfig | Mamba2Config, source: Mapping, dtype=jnp.float32, progress: bool = False
+) -> dict:
     """Build the params pytree for `config` from Hugging Face- or state-spaces-named tensors (strict)."""
     if all(name in source for name in (*_ORIGINAL_NAMES, *_ORIGINAL_NAMES.values())):
         raise ValueError("checkpoint holds both 'backbone.embedding.weight' and 'backbone.embeddings.weight'")
-    return convert_weights(param_shapes(config), GLOBAL_TENSORS, LAYER_TENSORS, config.num_layers,
-                           AliasedTensors(source, _ORIGINAL_NAMES), dtype, progress,
-                           tied=config.tie_word_embeddings)
+    return convert_weights(
+        param_shapes(config),
+        GLOBAL_TENSORS,
+        LAYER_TENSORS,
+        config.num_layers,
+        AliasedTensors(source, _ORIGINAL_NAMES),
+        dtype,
+        progress,
+        tied=config.tie_word_embeddings,
+    )

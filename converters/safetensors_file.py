@@ -19,9 +19,18 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -65,8 +74,9 @@ def _entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int
     if not isinstance(entry, dict):
         raise ValueError(f"{path}: bad header entry for tensor {name!r}: {entry!r}, expected an object")
     if entry.get("dtype") not in _DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}; "
-                         f"supported: {', '.join(_DTYPES)}")
+        raise ValueError(
+            f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}; supported: {', '.join(_DTYPES)}"
+        )
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of ints >= 0")
@@ -80,8 +90,10 @@ def _check_tiling(path: Path, entries: dict[str, tuple], data_size: int) -> None
     position = 0
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
         if begin != position or end < begin:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}], expected it to begin at "
-                             f"{position} where the previous tensor ends (tensors may not overlap or leave gaps)")
+            raise ValueError(
+                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}], expected it to begin at "
+                f"{position} where the previous tensor ends (tensors may not overlap or leave gaps)"
+            )
         if end - begin != dtype.itemsize * math.prod(shape):
             raise ValueError(f"{path}: tensor {name!r} offsets do not match its shape {shape}")
         if end > data_size:

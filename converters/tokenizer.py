@@ -15,8 +15,16 @@ from pathlib import Path
 from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
 
 # Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # GGUF metadata transformers needs to build a tokenizer (the vocabulary and its kind).
 GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
@@ -65,8 +73,9 @@ def _check_has_tokenizer_files(directory: Path) -> None:
     """Fail clearly when `directory` has none of the files a tokenizer is built from: transformers would
     otherwise guess a tokenizer class from config.json and ask to install sentencepiece or tiktoken."""
     if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
-        raise FileNotFoundError(f"{directory} holds no tokenizer: found none of {', '.join(TOKENIZER_FILES)} "
-                                f"or *.tiktoken")
+        raise FileNotFoundError(
+            f"{directory} holds no tokenizer: found none of {', '.join(TOKENIZER_FILES)} or *.tiktoken"
+        )
 
 
 def load_tokenizer(source):

@@ -62,9 +62,18 @@ class AliasedTensors(Mapping):
         return len(self._source)
 
 
-def convert_weights(shapes: dict, global_table: dict, layer_table: dict, num_layers: int, source: Mapping,
-                    dtype=jnp.float32, progress: bool = False, *, tied: bool = False,
-                    ignored_suffixes: tuple[str, ...] = ()) -> dict:
+def convert_weights(
+    shapes: dict,
+    global_table: dict,
+    layer_table: dict,
+    num_layers: int,
+    source: Mapping,
+    dtype=jnp.float32,
+    progress: bool = False,
+    *,
+    tied: bool = False,
+    ignored_suffixes: tuple[str, ...] = (),
+) -> dict:
     """Build params of `shapes` (with a stacked `layers` sub-dict) from `source` using the tables.
 
     tied: the output head is the embedding; a source tensor for the head (`global_table["lm_head"]`)

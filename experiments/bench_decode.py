@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,8 +52,14 @@ def measure(runner, prompts, n, repeats):
         t, tokens = runner.generate(prompts, n)
         full.append(t)
     t1, tn = statistics.median(one), statistics.median(full)
-    return {"t_1_token_s": t1, "t_n_tokens_s": tn, "n": n, "batch": len(prompts),
-            "decode_tok_s": (n - 1) * len(prompts) / (tn - t1), "tokens": tokens}
+    return {
+        "t_1_token_s": t1,
+        "t_n_tokens_s": tn,
+        "n": n,
+        "batch": len(prompts),
+        "decode_tok_s": (n - 1) * len(prompts) / (tn - t1),
+        "tokens": tokens,
+    }
 
 
 def main(argv=None):
@@ -76,8 +82,11 @@ def main(argv=None):
     ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
     runners = [*ours, Peer(hf)]
 
-    cases = [("decode b=1 ctx=128", 128, 1, args.new_tokens), ("decode b=1 ctx=512", 512, 1, args.new_tokens),
-             (f"decode b={args.batch} ctx=128", 128, args.batch, args.new_tokens)]
+    cases = [
+        ("decode b=1 ctx=128", 128, 1, args.new_tokens),
+        ("decode b=1 ctx=512", 512, 1, args.new_tokens),
+        (f"decode b={args.batch} ctx=128", 128, args.batch, args.new_tokens),
+    ]
     rows = {}
     for label, ctx, batch, n in tqdm(cases, desc="cases"):
         prompts = prompts_of(tokenizer, ctx, batch)
@@ -96,7 +105,9 @@ def main(argv=None):
     summary["prefill 512 tokens"] = {"transformers_s": pre["transformers"]["t_1_token_s"]}
     for r in ours:
         summary["prefill 512 tokens"][f"{r.name}_s"] = pre[r.name]["t_1_token_s"]
-        summary["prefill 512 tokens"][f"{r.name}_speedup"] = pre["transformers"]["t_1_token_s"] / pre[r.name]["t_1_token_s"]
+        summary["prefill 512 tokens"][f"{r.name}_speedup"] = (
+            pre["transformers"]["t_1_token_s"] / pre[r.name]["t_1_token_s"]
+        )
     batch_gain = {}
     for r in ours:
         b1 = rows["decode b=1 ctx=128"][r.name]["decode_tok_s"]
@@ -104,8 +115,14 @@ def main(argv=None):
         batch_gain[r.name] = bn / b1
     summary[f"batch-{args.batch} / batch-1 throughput"] = batch_gain
 
-    result = {"script": "experiments/bench_decode.py", "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": machine_info(), "model": str(path.name), "rows": rows, "summary": summary}
+    result = {
+        "script": "experiments/bench_decode.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "model": str(path.name),
+        "rows": rows,
+        "summary": summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, args.out.with_suffix(".png"))
@@ -121,6 +138,7 @@ def main(argv=None):
     cells = "".join(f"{s[n + '_s']:>12.3f} s ({s[n + '_speedup']:.2f}x)" for n in names)
     print(f"{'prefill 512 tokens':<22}{cells}{s['transformers_s']:>12.3f} s")
     print(f"batch-{args.batch} throughput / batch-1: " + ", ".join(f"{n} {g:.1f}x" for n, g in batch_gain.items()))
+
 
 def plot(summary, path):
     import matplotlib

@@ -63,11 +63,18 @@ SEED = 0
 
 
 # The GPU (Triton) kernels' block sizes by kernel name (ssd_step has none), for `--block-sizes`.
-BLOCK_SIZES = {"flash_attention": FlashAttentionBlockSizes, "cache_attention": CacheAttentionBlockSizes,
-               "tree_attention": CacheAttentionBlockSizes, "selective_scan": SelectiveScanBlockSizes,
-               "selective_state_update": SelectiveStateUpdateBlockSizes, "ssd_chunked": SSDChunkedBlockSizes,
-               "causal_conv1d": CausalConv1dBlockSizes, "causal_conv1d_update": CausalConv1dUpdateBlockSizes,
-               "quantized_matmul": QuantizedMatmulBlockSizes, "quantized_matmul_int8": QuantizedMatmulBlockSizes}
+BLOCK_SIZES = {
+    "flash_attention": FlashAttentionBlockSizes,
+    "cache_attention": CacheAttentionBlockSizes,
+    "tree_attention": CacheAttentionBlockSizes,
+    "selective_scan": SelectiveScanBlockSizes,
+    "selective_state_update": SelectiveStateUpdateBlockSizes,
+    "ssd_chunked": SSDChunkedBlockSizes,
+    "causal_conv1d": CausalConv1dBlockSizes,
+    "causal_conv1d_update": CausalConv1dUpdateBlockSizes,
+    "quantized_matmul": QuantizedMatmulBlockSizes,
+    "quantized_matmul_int8": QuantizedMatmulBlockSizes,
+}
 
 
 def parse_block_sizes(specs: list[str]) -> dict:
@@ -76,8 +83,9 @@ def parse_block_sizes(specs: list[str]) -> dict:
     for spec in specs:
         kernel, _, fields = spec.partition(":")
         if kernel not in BLOCK_SIZES:
-            raise ValueError(f"--block-sizes {spec!r}: unknown kernel {kernel!r}; "
-                             f"expected one of {sorted(BLOCK_SIZES)}")
+            raise ValueError(
+                f"--block-sizes {spec!r}: unknown kernel {kernel!r}; expected one of {sorted(BLOCK_SIZES)}"
+            )
         try:
             values = {name: int(value) for name, value in (item.split("=") for item in fields.split(",") if item)}
             chosen[kernel] = BLOCK_SIZES[kernel](**values)
@@ -114,20 +122,33 @@ def _size(*arrays) -> int:
 def attention_cases(quick: bool) -> list[Case]:
     cases = []
     # Prefill flash attention: Llama-3-8B-like GQA (32 q / 8 kv heads of 128) and SmolLM2 (9 / 3 of 64).
-    shapes = [("llama3-8b", 1, 64, 4, 2, 16)] if quick else [("llama3-8b", 4, 2048, 32, 8, 128),
-                                                              ("smollm2", 8, 1024, 9, 3, 64)]
+    shapes = (
+        [("llama3-8b", 1, 64, 4, 2, 16)]
+        if quick
+        else [("llama3-8b", 4, 2048, 32, 8, 128), ("smollm2", 8, 1024, 9, 3, 64)]
+    )
     for label, b, t, h, hk, d in shapes:
+
         def make(key, b=b, t=t, h=h, hk=hk, d=d):
             k = jax.random.split(key, 3)
             return _n(k[0], (b, t, h, d)), _n(k[1], (b, t, hk, d)), _n(k[2], (b, t, hk, d))
+
         cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
-        cases.append(Case(f"flash prefill {label} b{b} t{t}", "flash_attention", make,
-                          lambda kw: (lambda q, k, v: flash_attention(q, k, v, **kw)),
-                          bytes=2 * (2 * b * t * h * d + 2 * b * t * hk * d), flops=2 * b * h * t * t * d,
-                          cudnn=cudnn))
+        cases.append(
+            Case(
+                f"flash prefill {label} b{b} t{t}",
+                "flash_attention",
+                make,
+                lambda kw: lambda q, k, v: flash_attention(q, k, v, **kw),
+                bytes=2 * (2 * b * t * h * d + 2 * b * t * hk * d),
+                flops=2 * b * h * t * t * d,
+                cudnn=cudnn,
+            )
+        )
     # Decode (one token) against a 4k cache, bf16 and int8 K/V; batch 16.
     b, s, h, hk, d = (2, 100, 4, 2, 16) if quick else (16, 4096, 32, 8, 128)
     for int8 in (False, True):
+
         def make(key, int8=int8):
             k = jax.random.split(key, 5)
             q = _n(k[0], (b, 1, h, d))
@@ -140,23 +161,53 @@ def attention_cases(quick: bool) -> list[Case]:
 
         def run(kw):
             return lambda q, k, v, n, ks, vs: cache_attention(q, k, v, n[:, None] - 1, n, 0, None, ks, vs, **kw)
+
         itemsize = 1 if int8 else 2
         cache_bytes = 2 * b * hk * s * d * itemsize + (2 * b * hk * s * 4 if int8 else 0)
-        cudnn = None if int8 else (lambda q, k, v, n, ks, vs: jax.nn.dot_product_attention(
-            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), key_value_seq_lengths=n, implementation="cudnn"))
-        cases.append(Case(f"decode attention {'int8' if int8 else 'bf16'} b{b} s{s}", "cache_attention", make,
-                          run, bytes=cache_bytes + 2 * 2 * b * h * d, flops=4 * b * h * s * d, cudnn=cudnn))
+        cudnn = (
+            None
+            if int8
+            else (
+                lambda q, k, v, n, ks, vs: jax.nn.dot_product_attention(
+                    q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), key_value_seq_lengths=n, implementation="cudnn"
+                )
+            )
+        )
+        cases.append(
+            Case(
+                f"decode attention {'int8' if int8 else 'bf16'} b{b} s{s}",
+                "cache_attention",
+                make,
+                run,
+                bytes=cache_bytes + 2 * 2 * b * h * d,
+                flops=4 * b * h * s * d,
+                cudnn=cudnn,
+            )
+        )
     # Draft-tree verification: 16 draft tokens against a 4k prefix.
     tq = 4 if quick else 16
 
     def make_tree(key):
         k = jax.random.split(key, 4)
         mask = jax.random.bernoulli(k[3], 0.3, (b, tq, tq)) | jnp.eye(tq, dtype=bool)
-        return (_n(k[0], (b, tq, h, d)), _n(k[1], (b, hk, s, d)), _n(k[2], (b, hk, s, d)),
-                jnp.full((b,), s - tq, jnp.int32), mask)
-    cases.append(Case(f"tree attention t{tq} b{b} s{s}", "tree_attention", make_tree,
-                      lambda kw: (lambda q, k, v, p, m: tree_attention(q, k, v, p, m, **kw)),
-                      bytes=2 * b * hk * s * d * 2, flops=4 * b * h * tq * s * d))
+        return (
+            _n(k[0], (b, tq, h, d)),
+            _n(k[1], (b, hk, s, d)),
+            _n(k[2], (b, hk, s, d)),
+            jnp.full((b,), s - tq, jnp.int32),
+            mask,
+        )
+
+    cases.append(
+        Case(
+            f"tree attention t{tq} b{b} s{s}",
+            "tree_attention",
+            make_tree,
+            lambda kw: lambda q, k, v, p, m: tree_attention(q, k, v, p, m, **kw),
+            bytes=2 * b * hk * s * d * 2,
+            flops=4 * b * h * tq * s * d,
+        )
+    )
     return cases
 
 
@@ -168,57 +219,131 @@ def ssm_cases(quick: bool) -> list[Case]:
 
     def make_scan(key):
         k = jax.random.split(key, 6)
-        return (_n(k[0], (b, t, dm)), jax.nn.softplus(_n(k[1], (b, t, dm), f32) - 2).astype(jnp.bfloat16),
-                -jnp.exp(_n(k[2], (dm, n), f32)), _n(k[3], (b, t, n)), _n(k[4], (b, t, n)),
-                _n(k[5], (dm,), f32), _n(k[0], (b, t, dm)))
-    cases.append(Case(f"selective scan b{b} t{t} d{dm}", "selective_scan", make_scan,
-                      lambda kw: (lambda *a: selective_scan(*a, **kw)),
-                      bytes=2 * b * t * (4 * dm + 2 * n) + 4 * b * dm * n, flops=9 * b * t * dm * n))
+        return (
+            _n(k[0], (b, t, dm)),
+            jax.nn.softplus(_n(k[1], (b, t, dm), f32) - 2).astype(jnp.bfloat16),
+            -jnp.exp(_n(k[2], (dm, n), f32)),
+            _n(k[3], (b, t, n)),
+            _n(k[4], (b, t, n)),
+            _n(k[5], (dm,), f32),
+            _n(k[0], (b, t, dm)),
+        )
+
+    cases.append(
+        Case(
+            f"selective scan b{b} t{t} d{dm}",
+            "selective_scan",
+            make_scan,
+            lambda kw: lambda *a: selective_scan(*a, **kw),
+            bytes=2 * b * t * (4 * dm + 2 * n) + 4 * b * dm * n,
+            flops=9 * b * t * dm * n,
+        )
+    )
     bs = 2 if quick else 16
 
     def make_update(key):
         k = jax.random.split(key, 6)
-        return (_n(k[0], (bs, dm, n), f32), _n(k[1], (bs, dm)), jax.nn.softplus(_n(k[2], (bs, dm), f32)),
-                -jnp.exp(_n(k[3], (dm, n), f32)), _n(k[4], (bs, n)), _n(k[5], (bs, n)), _n(k[0], (dm,), f32),
-                _n(k[1], (bs, dm)))
-    cases.append(Case(f"selective state update b{bs} d{dm}", "selective_state_update", make_update,
-                      lambda kw: (lambda *a: selective_state_update(*a, **kw)),
-                      bytes=2 * 4 * bs * dm * n + 4 * dm * n, flops=7 * bs * dm * n))
+        return (
+            _n(k[0], (bs, dm, n), f32),
+            _n(k[1], (bs, dm)),
+            jax.nn.softplus(_n(k[2], (bs, dm), f32)),
+            -jnp.exp(_n(k[3], (dm, n), f32)),
+            _n(k[4], (bs, n)),
+            _n(k[5], (bs, n)),
+            _n(k[0], (dm,), f32),
+            _n(k[1], (bs, dm)),
+        )
+
+    cases.append(
+        Case(
+            f"selective state update b{bs} d{dm}",
+            "selective_state_update",
+            make_update,
+            lambda kw: lambda *a: selective_state_update(*a, **kw),
+            bytes=2 * 4 * bs * dm * n + 4 * dm * n,
+            flops=7 * bs * dm * n,
+        )
+    )
     # Mamba-2-2.7B-like layer: 80 heads of 64, N 128, one group.
     b, t, h, p, n = (1, 70, 2, 16, 16) if quick else (2, 4096, 80, 64, 128)
 
     def make_ssd(key):
         k = jax.random.split(key, 6)
-        return (_n(k[0], (b, t, h, p)), jax.nn.softplus(_n(k[1], (b, t, h), f32) - 2),
-                -jnp.exp(_n(k[2], (h,), f32)), _n(k[3], (b, t, 1, n)), _n(k[4], (b, t, 1, n)), _n(k[5], (h,), f32))
+        return (
+            _n(k[0], (b, t, h, p)),
+            jax.nn.softplus(_n(k[1], (b, t, h), f32) - 2),
+            -jnp.exp(_n(k[2], (h,), f32)),
+            _n(k[3], (b, t, 1, n)),
+            _n(k[4], (b, t, 1, n)),
+            _n(k[5], (h,), f32),
+        )
+
     chunk = 256
-    cases.append(Case(f"ssd chunked b{b} t{t} h{h}", "ssd_chunked", make_ssd,
-                      lambda kw: (lambda *a: ssd_chunked(*a, chunk_size=chunk, **kw)),
-                      bytes=2 * 2 * b * t * h * p + 2 * 2 * b * t * n + 4 * b * h * p * n,
-                      flops=2 * b * t * h * (chunk * (n + p) + 2 * p * n)))
+    cases.append(
+        Case(
+            f"ssd chunked b{b} t{t} h{h}",
+            "ssd_chunked",
+            make_ssd,
+            lambda kw: lambda *a: ssd_chunked(*a, chunk_size=chunk, **kw),
+            bytes=2 * 2 * b * t * h * p + 2 * 2 * b * t * n + 4 * b * h * p * n,
+            flops=2 * b * t * h * (chunk * (n + p) + 2 * p * n),
+        )
+    )
 
     def make_step(key):
         k = jax.random.split(key, 6)
-        return (_n(k[0], (bs, h, p, n), f32), _n(k[1], (bs, h, p)), jax.nn.softplus(_n(k[2], (bs, h), f32)),
-                -jnp.exp(_n(k[3], (h,), f32)), _n(k[4], (bs, 1, n)), _n(k[5], (bs, 1, n)), _n(k[0], (h,), f32))
-    cases.append(Case(f"ssd step b{bs} h{h}", "ssd_step", make_step, lambda kw: (lambda *a: ssd_step(*a, **kw)),
-                      bytes=2 * 4 * bs * h * p * n, flops=6 * bs * h * p * n))
+        return (
+            _n(k[0], (bs, h, p, n), f32),
+            _n(k[1], (bs, h, p)),
+            jax.nn.softplus(_n(k[2], (bs, h), f32)),
+            -jnp.exp(_n(k[3], (h,), f32)),
+            _n(k[4], (bs, 1, n)),
+            _n(k[5], (bs, 1, n)),
+            _n(k[0], (h,), f32),
+        )
+
+    cases.append(
+        Case(
+            f"ssd step b{bs} h{h}",
+            "ssd_step",
+            make_step,
+            lambda kw: lambda *a: ssd_step(*a, **kw),
+            bytes=2 * 4 * bs * h * p * n,
+            flops=6 * bs * h * p * n,
+        )
+    )
     # The short conv of that Mamba-2 layer: conv_dim = 2 * 2560 + 2 * 128 = 5376 channels, 4 taps.
     c = 24 if quick else 5376
 
     def make_conv(key):
         k = jax.random.split(key, 3)
         return _n(k[0], (b, t, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32)
-    cases.append(Case(f"causal conv1d b{b} t{t} c{c}", "causal_conv1d", make_conv,
-                      lambda kw: (lambda x, w, bias: causal_conv1d(x, w, bias, **kw)),
-                      bytes=2 * 2 * b * t * c, flops=2 * 4 * b * t * c))
+
+    cases.append(
+        Case(
+            f"causal conv1d b{b} t{t} c{c}",
+            "causal_conv1d",
+            make_conv,
+            lambda kw: lambda x, w, bias: causal_conv1d(x, w, bias, **kw),
+            bytes=2 * 2 * b * t * c,
+            flops=2 * 4 * b * t * c,
+        )
+    )
 
     def make_conv_update(key):
         k = jax.random.split(key, 4)
         return _n(k[0], (bs, c)), _n(k[1], (c, 4), f32), _n(k[2], (c,), f32), _n(k[3], (bs, c, 3))
-    cases.append(Case(f"causal conv1d update b{bs} c{c}", "causal_conv1d_update", make_conv_update,
-                      lambda kw: (lambda x, w, bias, s: causal_conv1d_update(x, w, bias, s, **kw)),
-                      bytes=2 * bs * c * (2 + 2 * 3), flops=2 * 4 * bs * c))
+
+    cases.append(
+        Case(
+            f"causal conv1d update b{bs} c{c}",
+            "causal_conv1d_update",
+            make_conv_update,
+            lambda kw: lambda x, w, bias, s: causal_conv1d_update(x, w, bias, s, **kw),
+            bytes=2 * bs * c * (2 + 2 * 3),
+            flops=2 * 4 * bs * c,
+        )
+    )
     return cases
 
 
@@ -226,28 +351,46 @@ def matmul_cases(quick: bool) -> list[Case]:
     cases = []
     k_dim, n_dim = (128, 96) if quick else (4096, 11008)  # Llama-7B's MLP up-projection
     for bits in (8, 4):
-        for m in ((1,) if quick else (1, 16)):
+        for m in (1,) if quick else (1, 16):
+
             def make(key, m=m, bits=bits):
                 k = jax.random.split(key)
                 return _n(k[0], (m, k_dim)), quantize_weights(_n(k[1], (k_dim, n_dim), scale=0.02), bits, 128)
+
             weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // 128) * n_dim * 4
-            cases.append(Case(f"int{bits} matmul m{m} {k_dim}x{n_dim}", "quantized_matmul", make,
-                              lambda kw: (lambda x, w: quantized_matmul(x, w, **kw)),
-                              bytes=weight_bytes + 2 * m * (k_dim + n_dim), flops=2 * m * k_dim * n_dim))
+            cases.append(
+                Case(
+                    f"int{bits} matmul m{m} {k_dim}x{n_dim}",
+                    "quantized_matmul",
+                    make,
+                    lambda kw: lambda x, w: quantized_matmul(x, w, **kw),
+                    bytes=weight_bytes + 2 * m * (k_dim + n_dim),
+                    flops=2 * m * k_dim * n_dim,
+                )
+            )
     # Quamba2's W8A8 / W4A8: int8 activation codes with a per-tensor scale, integer accumulation; groups of
     # 128 and per-channel weights (one group of all K rows), float32 output.
     for bits in (8, 4):
         for group in sorted({128, k_dim}):
-            for m in ((1,) if quick else (1, 16)):
+            for m in (1,) if quick else (1, 16):
+
                 def make(key, m=m, bits=bits, group=group):
                     k = jax.random.split(key)
                     xq = jax.random.randint(k[0], (m, k_dim), -127, 128, dtype=jnp.int8)
                     return xq, jnp.float32(0.01), quantize_weights(_n(k[1], (k_dim, n_dim), scale=0.02), bits, group)
+
                 weight_bytes = k_dim * n_dim * bits // 8 + (k_dim // group) * n_dim * 4
                 label = "per-channel" if group == k_dim else f"g{group}"
-                cases.append(Case(f"w{bits}a8 matmul m{m} {label} {k_dim}x{n_dim}", "quantized_matmul_int8", make,
-                                  lambda kw: (lambda xq, s, w: quantized_matmul_int8(xq, s, w, **kw)),
-                                  bytes=weight_bytes + m * k_dim + 4 * m * n_dim, flops=2 * m * k_dim * n_dim))
+                cases.append(
+                    Case(
+                        f"w{bits}a8 matmul m{m} {label} {k_dim}x{n_dim}",
+                        "quantized_matmul_int8",
+                        make,
+                        lambda kw: lambda xq, s, w: quantized_matmul_int8(xq, s, w, **kw),
+                        bytes=weight_bytes + m * k_dim + 4 * m * n_dim,
+                        flops=2 * m * k_dim * n_dim,
+                    )
+                )
     return cases
 
 
@@ -297,9 +440,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--per-batch", type=int, default=20)
     parser.add_argument("--input-sets", type=int, default=4, help="input sets cycled through (defeats L2 reuse)")
-    parser.add_argument("--block-sizes", action="append", default=[], metavar="KERNEL:FIELD=INT,...",
-                        help="the Pallas kernel's block sizes instead of its defaults, e.g. "
-                             "'ssd_chunked:chunk=128,block_p=64' (repeatable; fields of the kernel's ...BlockSizes)")
+    parser.add_argument(
+        "--block-sizes",
+        action="append",
+        default=[],
+        metavar="KERNEL:FIELD=INT,...",
+        help="the Pallas kernel's block sizes instead of its defaults, e.g. "
+        "'ssd_chunked:chunk=128,block_p=64' (repeatable; fields of the kernel's ...BlockSizes)",
+    )
     args = parser.parse_args()
     try:
         chosen_blocks = parse_block_sizes(args.block_sizes)
@@ -312,8 +460,9 @@ def main() -> None:
     batches, per_batch = (2, 2) if args.quick else (args.batches, args.per_batch)
     device = jax.devices()[0]
     peak = ceilings(args.quick)
-    cases = [c for c in attention_cases(args.quick) + ssm_cases(args.quick) + matmul_cases(args.quick)
-             if args.only in c.name]
+    cases = [
+        c for c in attention_cases(args.quick) + ssm_cases(args.quick) + matmul_cases(args.quick) if args.only in c.name
+    ]
     for case in tqdm(cases, desc="kernels"):
         keys = jax.random.split(jax.random.PRNGKey(SEED), args.input_sets)
         inputs = [case.make(k) for k in keys]
@@ -331,8 +480,11 @@ def main() -> None:
             except Exception as err:  # cuDNN may not support a shape: record why, keep going
                 case.results[label] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
                 continue
-            case.results[label] = {"us": seconds * 1e6, "GBps": case.bytes / seconds / 1e9,
-                                   "TFLOPs": case.flops / seconds / 1e12}
+            case.results[label] = {
+                "us": seconds * 1e6,
+                "GBps": case.bytes / seconds / 1e9,
+                "TFLOPs": case.flops / seconds / 1e12,
+            }
         ours = case.results["pallas"]
         ours["bandwidth_fraction"] = ours["GBps"] / peak["copy_GBps"]
         ours["flops_fraction"] = ours["TFLOPs"] / peak["bf16_matmul_TFLOPs"]
@@ -342,20 +494,29 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     stem = "bench_kernels_quick" if args.quick else "bench_kernels"
-    report = {"device": device.device_kind, "backend": jax.default_backend(), "kernel_impl": kernel_impl,
-              "jax": jax.__version__, "python": platform.python_version(), "measured_ceilings": peak,
-              "cases": [{"name": c.name, "kernel": c.kernel, "bytes": c.bytes, "flops": c.flops, **c.results}
-                        for c in cases]}
+    report = {
+        "device": device.device_kind,
+        "backend": jax.default_backend(),
+        "kernel_impl": kernel_impl,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "measured_ceilings": peak,
+        "cases": [{"name": c.name, "kernel": c.kernel, "bytes": c.bytes, "flops": c.flops, **c.results} for c in cases],
+    }
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / f"{stem}.png")
-    print(f"\n{device.device_kind}: copy {peak['copy_GBps']:.0f} GB/s, "
-          f"bf16 matmul {peak['bf16_matmul_TFLOPs']:.0f} TFLOP/s (measured); Pallas impl = {kernel_impl}")
+    print(
+        f"\n{device.device_kind}: copy {peak['copy_GBps']:.0f} GB/s, "
+        f"bf16 matmul {peak['bf16_matmul_TFLOPs']:.0f} TFLOP/s (measured); Pallas impl = {kernel_impl}"
+    )
     print(f"{'case':44} {'pallas us':>10} {'xla x':>7} {'cudnn x':>8} {'GB/s':>8} {'%bw':>5} {'TFLOP/s':>8} {'%mm':>5}")
     for c in report["cases"]:
         ours = c["pallas"]
-        print(f"{c['name']:44} {ours['us']:10.1f} {ours.get('speedup_vs_xla', float('nan')):7.2f} "
-              f"{ours.get('speedup_vs_cudnn', float('nan')):8.2f} {ours['GBps']:8.0f} "
-              f"{100 * ours['bandwidth_fraction']:5.0f} {ours['TFLOPs']:8.1f} {100 * ours['flops_fraction']:5.0f}")
+        print(
+            f"{c['name']:44} {ours['us']:10.1f} {ours.get('speedup_vs_xla', float('nan')):7.2f} "
+            f"{ours.get('speedup_vs_cudnn', float('nan')):8.2f} {ours['GBps']:8.0f} "
+            f"{100 * ours['bandwidth_fraction']:5.0f} {ours['TFLOPs']:8.1f} {100 * ours['flops_fraction']:5.0f}"
+        )
 
 
 def plot(report: dict, path: Path) -> None:

@@ -26,10 +26,17 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+    }
 
 
 class Ours:
@@ -60,10 +67,17 @@ class Peer:
     def generate(self, prompts, n):
         ids = torch.tensor(prompts)  # equal lengths: no padding needed
         start = time.perf_counter()
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         elapsed = time.perf_counter() - start
-        tokens = out[:, ids.shape[1]:].tolist()
+        tokens = out[:, ids.shape[1] :].tolist()
         assert all(len(t) == n for t in tokens)
         return elapsed, tokens
 
@@ -76,7 +90,7 @@ def speedup_bars(ax, summary: dict, labels: list[str]) -> None:
         ratios = [summary[k][f"{name}_speedup"] for k in labels]
         ys = [i + j * height for i in range(len(labels))]
         ax.barh(ys, ratios, height=height, label=name)
-        for y, r in zip(ys, ratios):
+        for y, r in zip(ys, ratios, strict=True):
             ax.text(r, y, f" {r:.2f}x", va="center", fontsize=8)
     ax.set_yticks([i + height * (len(names) - 1) / 2 for i in range(len(labels))], labels)
     ax.axvline(1.0, color="gray", linestyle="--")

@@ -16,8 +16,8 @@ the ssm_llm vs transformers ratio compares whole calls (prefill + decode) on bot
 Runners: prompt lookup with 8 drafts and Token Recycling with `WIDE_TEMPLATE` (20 drafts), the sweep's
 smaller trees (3 drafts; a 5-draft template: both are the library's defaults, chosen from this sweep),
 the model-based drafters at their defaults, and Token Recycling hot-started: its matrix first filled by
-generating on other, untimed prompts (the paper keeps one matrix across queries). The target forward's cost per tree size
-(`tree_logits` of an N-node chain) is timed too: it is what a drafter's tokens per forward must beat.
+generating on other, untimed prompts (the paper keeps one matrix across queries). The target forward's cost per
+tree size (`tree_logits` of an N-node chain) is timed too: it is what a drafter's tokens per forward must beat.
 Writes experiments/results/bench_speculative.json (+ .png) and prints a table last.
 
     python experiments/bench_speculative.py            # full run (~30 min on 2 cores)
@@ -38,33 +38,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
+from bench_kernels import time_call  # noqa: E402
+from bench_runners import machine_info  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_kernels import time_call  # noqa: E402
-from bench_runners import machine_info  # noqa: E402
 from ssm_llm import speculative  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
-CHAT = ["What is the capital of France, and what is it famous for?",
-        "Give me three tips for sleeping better.",
-        "Explain what a black hole is to a ten-year-old."]
-CODE = ["Write a Python function that checks whether a string is a palindrome.",
-        "Write a Python function that returns the n-th Fibonacci number using a loop.",
-        "Write a Python class for a stack with push, pop and peek methods."]
-EXTRACTION = ["Quote the first two sentences of the text above exactly.",
-              "List every keyword that the text above mentions, one per line, with the sentence it appears in.",
-              "Copy the part of the text above that explains the syntax, word for word."]
+CHAT = [
+    "What is the capital of France, and what is it famous for?",
+    "Give me three tips for sleeping better.",
+    "Explain what a black hole is to a ten-year-old.",
+]
+CODE = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a Python function that returns the n-th Fibonacci number using a loop.",
+    "Write a Python class for a stack with push, pop and peek methods.",
+]
+EXTRACTION = [
+    "Quote the first two sentences of the text above exactly.",
+    "List every keyword that the text above mentions, one per line, with the sentence it appears in.",
+    "Copy the part of the text above that explains the syntax, word for word.",
+]
 TOPICS = ["for", "with", "assert"]  # pydoc_data topics used as the extraction passages
 # Token Recycling's hot start: the adjacency matrix is first filled by generating on these prompts (none
 # of them is timed), as the paper keeps one matrix across queries. Different questions and passages.
-WARM = ["How do I make a good cup of tea?", "Why is the sky blue?",
-        "Write a Python function that reverses a list without using slicing.",
-        "Write a Python function that counts the vowels in a string."]
-WARM_TOPICS = [("while", "Quote the first sentence of the text above exactly."),
-               ("if", "List the keywords that the text above mentions.")]
+WARM = [
+    "How do I make a good cup of tea?",
+    "Why is the sky blue?",
+    "Write a Python function that reverses a list without using slicing.",
+    "Write a Python function that counts the vowels in a string.",
+]
+WARM_TOPICS = [
+    ("while", "Quote the first sentence of the text above exactly."),
+    ("if", "List the keywords that the text above mentions."),
+]
 # The sweep: 8 vs 3 prompt-lookup drafts, and Token Recycling's 20-draft WIDE_TEMPLATE vs a 5-draft template
 # (two root children, one child under each, one more under the rank-0 chain: depth 3). The smaller ones
 # were faster here and are the library's defaults; they are spelled out so the runners stay fixed.
@@ -80,7 +91,11 @@ def prompt_texts(quick: bool) -> dict[str, list[str]]:
     import pydoc_data.topics
 
     passages = [pydoc_data.topics.topics[t][:1200] for t in TOPICS]
-    kinds = {"chat": CHAT, "code": CODE, "extraction": [f"{p}\n\n{q}" for p, q in zip(passages, EXTRACTION)]}
+    kinds = {
+        "chat": CHAT,
+        "code": CODE,
+        "extraction": [f"{p}\n\n{q}" for p, q in zip(passages, EXTRACTION, strict=True)],
+    }
     return {k: v[:1] if quick else v for k, v in kinds.items()}
 
 
@@ -97,25 +112,30 @@ def drafters(params, config, quick: bool) -> dict[str, object]:
     ones are the larger trees, prompt_lookup_3 has 3 drafts, token_recycling_6 6 nodes (5 drafts). The
     draft model of the model-based ones is SmolLM2 without layers 12-17 (self-speculative), the only
     draft model we have. The hot-start Token Recycling runners get their matrix in `main`."""
-    small = {"prompt_lookup_3": speculative.PromptLookup(num_tokens=SMALL_LOOKUP),
-             "token_recycling_6": speculative.TokenRecycling(template=SMALL_TEMPLATE)}
+    small = {
+        "prompt_lookup_3": speculative.PromptLookup(num_tokens=SMALL_LOOKUP),
+        "token_recycling_6": speculative.TokenRecycling(template=SMALL_TEMPLATE),
+    }
     if quick:
         return small
     draft_params, draft_config = speculative.self_speculative(params, config, SKIP_KEEP)
-    return {"prompt_lookup": speculative.PromptLookup(num_tokens=LARGE_LOOKUP),
-            "token_recycling": speculative.TokenRecycling(template=speculative.WIDE_TEMPLATE),
-            **small,
-            "layer_skip": speculative.DraftModel(draft_params, draft_config),
-            "rsd": speculative.RSD(draft_params, draft_config),
-            "dyspec": speculative.DySpec(draft_params, draft_config)}
+    return {
+        "prompt_lookup": speculative.PromptLookup(num_tokens=LARGE_LOOKUP),
+        "token_recycling": speculative.TokenRecycling(template=speculative.WIDE_TEMPLATE),
+        **small,
+        "layer_skip": speculative.DraftModel(draft_params, draft_config),
+        "rsd": speculative.RSD(draft_params, draft_config),
+        "dyspec": speculative.DySpec(draft_params, draft_config),
+    }
 
 
 class Runner:
     """ssm_llm generate with one drafter (None: plain), fixed max_len so one program serves all prompts."""
 
     def __init__(self, params, config, drafter, eos, new_tokens, max_len):
-        self.gen = ssm_llm.GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=eos, max_len=max_len,
-                                            speculative=drafter)
+        self.gen = ssm_llm.GenerationConfig(
+            max_new_tokens=new_tokens, eos_token_ids=eos, max_len=max_len, speculative=drafter
+        )
         self.params, self.config = params, config
 
     def __call__(self, ids):
@@ -131,8 +151,12 @@ class Runner:
         """A Token Recycling runner whose drafter starts from the matrix that generating on
         `warm_prompts` (one after another, the matrix carried along) ends with."""
         for ids in warm_prompts:
-            self.gen = dataclasses.replace(self.gen, speculative=dataclasses.replace(
-                self.gen.speculative, adjacency=self.generate(ids).speculative.drafter_state))
+            self.gen = dataclasses.replace(
+                self.gen,
+                speculative=dataclasses.replace(
+                    self.gen.speculative, adjacency=self.generate(ids).speculative.drafter_state
+                ),
+            )
         return self
 
 
@@ -149,10 +173,17 @@ class HFRunner:
         extra = {"prompt_lookup_num_tokens": self.lookup} if self.lookup else {}
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=self.new_tokens,
-                                      do_sample=False, eos_token_id=self.eos, pad_token_id=self.eos[0], **extra)
+            out = self.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=self.new_tokens,
+                do_sample=False,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[0],
+                **extra,
+            )
         elapsed = time.perf_counter() - start
-        tokens = [t for t in out[0, x.shape[1]:].tolist()]
+        tokens = [t for t in out[0, x.shape[1] :].tolist()]
         while tokens and tokens[-1] in self.eos:
             tokens.pop()
         # transformers' generate cannot time its decode alone: both times are the whole call.
@@ -183,15 +214,18 @@ def load_hf(path):
     import transformers
 
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             torch_dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up call)")
-    parser.add_argument("--quick", action="store_true", help="1 prompt per kind, the 2 default drafters, 1 repeat, no peer")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 prompt per kind, the 2 default drafters, 1 repeat, no peer"
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON at --out")
@@ -211,12 +245,14 @@ def main(argv=None):
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
     def encode(message):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    prompts = {f"{kind}/{i}": encode(m) for kind, messages in prompt_texts(args.quick).items()
-               for i, m in enumerate(messages)}
+    prompts = {
+        f"{kind}/{i}": encode(m) for kind, messages in prompt_texts(args.quick).items() for i, m in enumerate(messages)
+    }
     warm = [] if args.quick else [encode(m) for m in warm_texts()]
     max_len = max(len(p) for p in [*prompts.values(), *warm]) + args.new_tokens
     runners = {"plain": Runner(params, config, None, eos, args.new_tokens, max_len)}
@@ -224,7 +260,8 @@ def main(argv=None):
         runners[name] = Runner(params, config, drafter, eos, args.new_tokens, max_len)
         if name.startswith("token_recycling") and warm:
             runners[f"{name}_hot"] = Runner(params, config, drafter, eos, args.new_tokens, max_len).hot(
-                tqdm(warm, desc=f"{name}: filling the matrix (hot start)", leave=False))
+                tqdm(warm, desc=f"{name}: filling the matrix (hot start)", leave=False)
+            )
     if not args.no_peer:
         model = load_hf(path)
         runners["hf_plain"] = HFRunner(model, eos, args.new_tokens, None)
@@ -244,8 +281,13 @@ def main(argv=None):
                 results[name][p]["times"].append(decode)
                 results[name][p]["call_times"].append(call)
     costs = forward_costs(params, config, prompts[next(iter(prompts))], max_len)
-    mismatches = [f"{name} on {p}" for name in runners if not name.startswith("hf_") for p in prompts
-                  if results[name][p]["tokens"] != results["plain"][p]["tokens"]]
+    mismatches = [
+        f"{name} on {p}"
+        for name in runners
+        if not name.startswith("hf_")
+        for p in prompts
+        if results[name][p]["tokens"] != results["plain"][p]["tokens"]
+    ]
     if mismatches:
         raise SystemExit(f"speculative output differs from plain greedy: {mismatches}")
 
@@ -257,28 +299,47 @@ def main(argv=None):
             r = results[name][p]
             t, t_base = statistics.median(r["times"]), statistics.median(results[base][p]["times"])
             n = len(r["tokens"])
-            rows[p] = {"tokens": n, "seconds": t, "tok_s": n / t, "speedup": t_base / t,
-                       "tokens_per_forward": n / r["rounds"] if r["rounds"] else None}
+            rows[p] = {
+                "tokens": n,
+                "seconds": t,
+                "tok_s": n / t,
+                "speedup": t_base / t,
+                "tokens_per_forward": n / r["rounds"] if r["rounds"] else None,
+            }
         by_kind = {}
         for kind in ("chat", "code", "extraction"):
             ks = [rows[p] for p in rows if p.startswith(kind)]
             if ks:
-                by_kind[kind] = {"speedup": float(np.exp(np.mean([np.log(k["speedup"]) for k in ks]))),
-                                 "tokens_per_forward": (float(np.mean([k["tokens_per_forward"] for k in ks]))
-                                                        if ks[0]["tokens_per_forward"] else None)}
+                by_kind[kind] = {
+                    "speedup": float(np.exp(np.mean([np.log(k["speedup"]) for k in ks]))),
+                    "tokens_per_forward": (
+                        float(np.mean([k["tokens_per_forward"] for k in ks])) if ks[0]["tokens_per_forward"] else None
+                    ),
+                }
         summary[name] = {"prompts": rows, "by_kind": by_kind}
     if "hf_plain" in runners:
         for kind in summary["plain"]["by_kind"]:
             ks = [p for p in prompts if p.startswith(kind)]
-            ratio = [statistics.median(results["hf_plain"][p]["call_times"])
-                     / statistics.median(results["plain"][p]["call_times"]) for p in ks]
+            ratio = [
+                statistics.median(results["hf_plain"][p]["call_times"])
+                / statistics.median(results["plain"][p]["call_times"])
+                for p in ks
+            ]
             summary["plain"]["by_kind"][kind]["vs_hf_plain"] = float(np.exp(np.mean(np.log(ratio))))
 
-    result = {"script": "experiments/bench_speculative.py", "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": machine_info(), "model": path.name, "max_len": max_len,
-              "prompt_tokens": {p: len(ids) for p, ids in prompts.items()},
-              "drafters": {name: repr(getattr(r, "gen", None) and r.gen.speculative)[:300] for name, r in runners.items()},
-              "forward_seconds_by_tree_size": costs, "summary": summary, "raw": results, "total_wall_s": time.perf_counter() - wall}
+    result = {
+        "script": "experiments/bench_speculative.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "model": path.name,
+        "max_len": max_len,
+        "prompt_tokens": {p: len(ids) for p, ids in prompts.items()},
+        "drafters": {name: repr(getattr(r, "gen", None) and r.gen.speculative)[:300] for name, r in runners.items()},
+        "forward_seconds_by_tree_size": costs,
+        "summary": summary,
+        "raw": results,
+        "total_wall_s": time.perf_counter() - wall,
+    }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=str))
     plot(summary, out_path.with_suffix(".png"))
@@ -294,10 +355,14 @@ def main(argv=None):
         print(f"{name:<18}{cells}")
     print("(x: wall-clock speed-up over plain greedy of the same library; tok/fwd: tokens per target forward)")
     if "hf_plain" in runners:
-        print("ssm_llm plain vs transformers plain, whole generate calls: " + ", ".join(
-            f"{k} {v['vs_hf_plain']:.2f}x" for k, v in summary["plain"]["by_kind"].items()))
-    print("target forward (tree_logits) of N chain nodes, ms: " + ", ".join(
-        f"N={n} {t * 1e3:.1f} ({t / costs[1]:.2f}x)" for n, t in costs.items()))
+        print(
+            "ssm_llm plain vs transformers plain, whole generate calls: "
+            + ", ".join(f"{k} {v['vs_hf_plain']:.2f}x" for k, v in summary["plain"]["by_kind"].items())
+        )
+    print(
+        "target forward (tree_logits) of N chain nodes, ms: "
+        + ", ".join(f"N={n} {t * 1e3:.1f} ({t / costs[1]:.2f}x)" for n, t in costs.items())
+    )
     print(f"total {(time.perf_counter() - wall) / 60:.1f} min")
 
 
@@ -314,8 +379,14 @@ def plot(summary, path):
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         vals = [summary[name]["by_kind"].get(k, {}).get("speedup", np.nan) for k in kinds]
-        ax.bar(np.arange(len(kinds)) + j * width, vals, width, label=name, color=colors[j % len(colors)],
-               hatch="//" if name.startswith("hf_") else None)
+        ax.bar(
+            np.arange(len(kinds)) + j * width,
+            vals,
+            width,
+            label=name,
+            color=colors[j % len(colors)],
+            hatch="//" if name.startswith("hf_") else None,
+        )
     ax.axhline(1.0, color="gray", linestyle="--")
     ax.set_xticks(np.arange(len(kinds)) + width * (len(names) - 1) / 2, kinds)
     ax.set_ylabel("speed-up over plain greedy (x)")

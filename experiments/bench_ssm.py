@@ -39,21 +39,43 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_runners import Ours, Peer, machine_info, speedup_bars  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 0
 
 # mamba2-130m's shape (state-spaces/mamba2-130m), random weights.
-FULL_CONFIG = dict(vocab_size=50288, hidden_size=768, num_hidden_layers=24, state_size=128, expand=2,
-                   num_heads=24, head_dim=64, n_groups=1, chunk_size=256, conv_kernel=4, tie_word_embeddings=True)
+FULL_CONFIG = dict(
+    vocab_size=50288,
+    hidden_size=768,
+    num_hidden_layers=24,
+    state_size=128,
+    expand=2,
+    num_heads=24,
+    head_dim=64,
+    n_groups=1,
+    chunk_size=256,
+    conv_kernel=4,
+    tie_word_embeddings=True,
+)
 # --quick: a tiny model with several chunks per prompt, so the same code paths run in seconds.
-QUICK_CONFIG = dict(vocab_size=1024, hidden_size=128, num_hidden_layers=2, state_size=16, expand=2,
-                    num_heads=4, head_dim=64, n_groups=1, chunk_size=64, conv_kernel=4, tie_word_embeddings=True)
+QUICK_CONFIG = dict(
+    vocab_size=1024,
+    hidden_size=128,
+    num_hidden_layers=2,
+    state_size=16,
+    expand=2,
+    num_heads=4,
+    head_dim=64,
+    n_groups=1,
+    chunk_size=64,
+    conv_kernel=4,
+    tie_word_embeddings=True,
+)
 
 
 def random_prompts(rng: np.random.Generator, vocab: int, length: int, batch: int) -> list[list[int]]:
@@ -94,10 +116,10 @@ def median_split(splits: list[dict]) -> dict:
 
 def agreement(ours, theirs) -> dict:
     """How often two runners' greedy tokens agree: whole sequences, and positions up to the first difference."""
-    same = [a == b for a, b in zip(ours, theirs)]
+    same = [a == b for a, b in zip(ours, theirs, strict=True)]
     prefix = []
-    for a, b in zip(ours, theirs):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    for a, b in zip(ours, theirs, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
         prefix.append(k / len(a))
     return {"sequences_identical": sum(same) / len(same), "mean_matching_prefix": sum(prefix) / len(prefix)}
 
@@ -110,13 +132,20 @@ def main(argv=None):
     parser.add_argument("--short-prompt", type=int, default=1024, help="prompt tokens of the shorter prefill case")
     parser.add_argument("--long-prompt", type=int, default=4096, help="prompt tokens of the longer prefill case")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the batch-1 decode case")
-    parser.add_argument("--batch-repeats", type=int, default=3,
-                        help="timed repeats of the batched decode case (its prompts fill whole SSD chunks: slow)")
+    parser.add_argument(
+        "--batch-repeats",
+        type=int,
+        default=3,
+        help="timed repeats of the batched decode case (its prompts fill whole SSD chunks: slow)",
+    )
     parser.add_argument("--prefill-repeats", type=int, default=3, help="timed repeats of the short prefill")
     parser.add_argument("--long-repeats", type=int, default=2, help="timed repeats of the long prefill")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and prompts (64/256 tokens), to check the script works; "
-                             "writes bench_ssm_quick.json so real results are never overwritten")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model and prompts (64/256 tokens), to check the script works; "
+        "writes bench_ssm_quick.json so real results are never overwritten",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_ssm[_quick].json)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -146,13 +175,14 @@ def main(argv=None):
     rows = {}
     progress = tqdm(total=4, desc="cases")
     # Prefill: t(1 new token), batch 1.
-    for length, repeats, warm in ((args.short_prompt, args.prefill_repeats, None),
-                                  (args.long_prompt, args.long_repeats, names)):
+    for length, repeats, warm in (
+        (args.short_prompt, args.prefill_repeats, None),
+        (args.long_prompt, args.long_repeats, names),
+    ):
         label = f"prefill {length} tokens"
         prompts = random_prompts(rng, vocab, length, 1)
         times, tokens, splits = measure(runners, prompts, [1], repeats, warm=warm, desc=label)
-        rows[label] = {"prompt_tokens": length, "batch": 1, "repeats": repeats,
-                       "transformers_warmed_up": warm is None}
+        rows[label] = {"prompt_tokens": length, "batch": 1, "repeats": repeats, "transformers_warmed_up": warm is None}
         for r in runners:
             rows[label][r.name] = {"t_1_token_s": statistics.median(times[r.name][1]), "times_s": times[r.name][1]}
             if r.name in splits:
@@ -165,18 +195,29 @@ def main(argv=None):
         prompts = random_prompts(rng, vocab, args.decode_prompt, batch)
         n = args.new_tokens
         times, tokens, splits = measure(runners, prompts, [1, n], repeats, warm=warm, desc=label)
-        rows[label] = {"prompt_tokens": args.decode_prompt, "batch": batch, "n": n, "repeats": repeats,
-                       "transformers_warmed_up": warm is None}
+        rows[label] = {
+            "prompt_tokens": args.decode_prompt,
+            "batch": batch,
+            "n": n,
+            "repeats": repeats,
+            "transformers_warmed_up": warm is None,
+        }
         for r in runners:
             t1, tn = statistics.median(times[r.name][1]), statistics.median(times[r.name][n])
-            rows[label][r.name] = {"t_1_token_s": t1, "t_n_tokens_s": tn, "decode_tok_s": (n - 1) * batch / (tn - t1),
-                                   "times_1_s": times[r.name][1], "times_n_s": times[r.name][n]}
+            rows[label][r.name] = {
+                "t_1_token_s": t1,
+                "t_n_tokens_s": tn,
+                "decode_tok_s": (n - 1) * batch / (tn - t1),
+                "times_1_s": times[r.name][1],
+                "times_n_s": times[r.name][n],
+            }
             if r.name in splits:  # cross-check from ssm_llm's own timers (no peer equivalent)
                 own = median_split(splits[r.name][n])
                 rows[label][r.name]["own_split_median_n"] = own
                 rows[label][r.name]["own_decode_tok_s"] = n * batch / own["decode_s"]
         rows[label]["greedy_agreement_with_transformers"] = {
-            name: agreement(tokens[name][n], tokens[peer.name][n]) for name in names}
+            name: agreement(tokens[name][n], tokens[peer.name][n]) for name in names
+        }
         rows[label]["layouts_identical"] = tokens[names[0]][n] == tokens[names[1]][n]
         progress.update()
     progress.close()
@@ -191,8 +232,9 @@ def main(argv=None):
         for name in names:
             summary[label][f"{name}_tok_s"] = rows[label][name]["decode_tok_s"]
             summary[label][f"{name}_speedup"] = rows[label][name]["decode_tok_s"] / peer_tok_s
-            summary[label][f"{name}_sequences_identical"] = (
-                rows[label]["greedy_agreement_with_transformers"][name]["sequences_identical"])
+            summary[label][f"{name}_sequences_identical"] = rows[label]["greedy_agreement_with_transformers"][name][
+                "sequences_identical"
+            ]
     for label in (short, long):
         peer_s = rows[label][peer.name]["t_1_token_s"]
         summary[label] = {"transformers_s": peer_s}
@@ -208,28 +250,40 @@ def main(argv=None):
     summary[f"batch-{args.batch} / batch-1 throughput"] = batch_gain
     targets = {
         "decode >= 2x transformers": {
-            label: {name: summary[label][f"{name}_speedup"] >= 2.0 for name in names}
-            for label in decode_labels},
+            label: {name: summary[label][f"{name}_speedup"] >= 2.0 for name in names} for label in decode_labels
+        },
         # "linear" = within 25% of the length ratio (a fixed per-call overhead pulls it below)
         f"prefill linear in length (t ratio <= {1.25 * length_ratio:g})": {
-            name: scaling[name] <= 1.25 * length_ratio for name in names},
+            name: scaling[name] <= 1.25 * length_ratio for name in names
+        },
     }
 
     machine = machine_info()
-    result = {"script": "experiments/bench_ssm.py", "args": {k: str(v) for k, v in vars(args).items()},
-              "seed": SEED, "machine": machine,
-              "model": {"transformers_config": QUICK_CONFIG if args.quick else FULL_CONFIG, "parameters": n_params,
-                        "weights": "random (transformers' default init, torch.manual_seed(seed))",
-                        "transformers_path": "pure torch (torch_forward; mamba_ssm not installed)",
-                        "dtype": "float32"},
-            "method": {"prefill": "median t(1 new token), batch 1; the long prompt has --long-repeats timed runs",
-                       "decode": "median (N-1)*batch/(t(N)-t(1)); own_decode_tok_s: N*batch/ssm_llm's own "
-                                 "decode_seconds (includes the first token's sampling, excludes prefill)",
-                       "warm_up": "one untimed call per shape for ssm_llm (compilation); transformers only in "
-                                  "the cheap cases (it compiles nothing), see rows[...].transformers_warmed_up",
-                       "order": "runners interleaved repeat by repeat, order rotating"},
-              "rows": rows, "summary": summary, "targets": targets,
-              "total_wall_s": time.perf_counter() - wall_start}
+    result = {
+        "script": "experiments/bench_ssm.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seed": SEED,
+        "machine": machine,
+        "model": {
+            "transformers_config": QUICK_CONFIG if args.quick else FULL_CONFIG,
+            "parameters": n_params,
+            "weights": "random (transformers' default init, torch.manual_seed(seed))",
+            "transformers_path": "pure torch (torch_forward; mamba_ssm not installed)",
+            "dtype": "float32",
+        },
+        "method": {
+            "prefill": "median t(1 new token), batch 1; the long prompt has --long-repeats timed runs",
+            "decode": "median (N-1)*batch/(t(N)-t(1)); own_decode_tok_s: N*batch/ssm_llm's own "
+            "decode_seconds (includes the first token's sampling, excludes prefill)",
+            "warm_up": "one untimed call per shape for ssm_llm (compilation); transformers only in "
+            "the cheap cases (it compiles nothing), see rows[...].transformers_warmed_up",
+            "order": "runners interleaved repeat by repeat, order rotating",
+        },
+        "rows": rows,
+        "summary": summary,
+        "targets": targets,
+        "total_wall_s": time.perf_counter() - wall_start,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, scaling, args.out.with_suffix(".png"), [short, long], decode_labels)
@@ -247,18 +301,26 @@ def main(argv=None):
         cells = "".join(f"{s[n + '_s']:>16.3f} s ({s[n + '_speedup']:>5.2f}x)" for n in names)
         print(f"{label:<22}{cells}{s['transformers_s']:>12.3f} s")
     cells = "".join(f"{scaling[n]:>26.2f}" for n in names)
-    print(f"{'prefill ' + f't({args.long_prompt})/t({args.short_prompt})':<22}{cells}{scaling[peer.name]:>14.2f}"
-          f"  (linear: {length_ratio:g})")
+    print(
+        f"{'prefill ' + f't({args.long_prompt})/t({args.short_prompt})':<22}{cells}{scaling[peer.name]:>14.2f}"
+        f"  (linear: {length_ratio:g})"
+    )
     print(f"batch-{args.batch} throughput / batch-1: " + ", ".join(f"{n} {g:.1f}x" for n, g in batch_gain.items()))
-    print("targets: ours >= 2x transformers on decode: "
-          + ", ".join(f"{label} {'/'.join('yes' if ok else 'NO' for ok in per.values())}"
-                      for label, per in targets["decode >= 2x transformers"].items())
-          + f"; prefill linear in length (ratio ~{length_ratio:g}): "
-          + "/".join("yes" if ok else "NO" for ok in list(targets.values())[1].values())
-          + f"   [ours: {' / '.join(names)}]")
+    print(
+        "targets: ours >= 2x transformers on decode: "
+        + ", ".join(
+            f"{label} {'/'.join('yes' if ok else 'NO' for ok in per.values())}"
+            for label, per in targets["decode >= 2x transformers"].items()
+        )
+        + f"; prefill linear in length (ratio ~{length_ratio:g}): "
+        + "/".join("yes" if ok else "NO" for ok in list(targets.values())[1].values())
+        + f"   [ours: {' / '.join(names)}]"
+    )
     if args.quick:
-        print("(--quick: millisecond calls on a tiny model, so the ratios are noise, even negative; "
-              "this only checks that the script runs)")
+        print(
+            "(--quick: millisecond calls on a tiny model, so the ratios are noise, even negative; "
+            "this only checks that the script runs)"
+        )
 
 
 def plot(summary, scaling, path, prefill_labels, decode_labels):

@@ -83,28 +83,66 @@ MIN_MESSAGE = 10
 
 # Target -> share of the budget (compile-bound targets get more time).
 TARGETS = {
-    "spec_policy": 0.5, "spec_drafter": 0.5,
-    "generate_options": 2.0, "generate_kv": 1.5, "generate_speculative": 1.5,
-    "forward": 1.0, "forward_jit": 1.0,
-    "load_safetensors": 1.0, "load_config_json": 1.0, "load_shard_index": 0.5, "load_pickle": 0.5,
-    "load_gguf": 1.0, "load_orbax": 1.0, "cli": 1.5,
+    "spec_policy": 0.5,
+    "spec_drafter": 0.5,
+    "generate_options": 2.0,
+    "generate_kv": 1.5,
+    "generate_speculative": 1.5,
+    "forward": 1.0,
+    "forward_jit": 1.0,
+    "load_safetensors": 1.0,
+    "load_config_json": 1.0,
+    "load_shard_index": 0.5,
+    "load_pickle": 0.5,
+    "load_gguf": 1.0,
+    "load_orbax": 1.0,
+    "cli": 1.5,
 }
 
 # The tiny models every API target runs (vocabulary 101 so that the CLI's word-level tokenizer fits).
 VOCAB = 101
 CONTEXT = 128
-LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-             head_dim=8, max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_ids=(2,))
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=CONTEXT,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+)
 MAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, state_size=8, intermediate_size=64, eos_token_ids=(2,))
-MAMBA2 = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, state_size=8, intermediate_size=64, num_heads=4,
-              head_dim=16, n_groups=2, chunk_size=8, eos_token_ids=(2,))
-HF_TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=CONTEXT, tie_word_embeddings=False,
-               bos_token_id=1, eos_token_id=2)
-MAX_NEW_TOKENS = 2 ** 20  # ssm_llm.generation.MAX_NEW_TOKENS, the stated ceiling (checked at worker start)
-MAX_TREE_NODES = 1024     # ssm_llm.speculative.tree.MAX_TREE_NODES
+MAMBA2 = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_layers=2,
+    state_size=8,
+    intermediate_size=64,
+    num_heads=4,
+    head_dim=16,
+    n_groups=2,
+    chunk_size=8,
+    eos_token_ids=(2,),
+)
+HF_TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=CONTEXT,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MAX_NEW_TOKENS = 2**20  # ssm_llm.generation.MAX_NEW_TOKENS, the stated ceiling (checked at worker start)
+MAX_TREE_NODES = 1024  # ssm_llm.speculative.tree.MAX_TREE_NODES
 MAX_NGRAM = 64
-MAX_LAYERS = 4096         # ssm_llm.config.MAX_LAYERS
+MAX_LAYERS = 4096  # ssm_llm.config.MAX_LAYERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +196,18 @@ def token_ids_problem(value, vocab: int | None):
     return None
 
 
-GEN_DEFAULTS = dict(max_new_tokens=64, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0, seed=0,
-                    eos_token_ids=None, max_len=None, kv_compression=None, speculative=None)
+GEN_DEFAULTS = dict(
+    max_new_tokens=64,
+    temperature=0.0,
+    top_k=None,
+    top_p=1.0,
+    min_p=0.0,
+    seed=0,
+    eos_token_ids=None,
+    max_len=None,
+    kv_compression=None,
+    speculative=None,
+)
 
 
 def gen_config_problem(kwargs: dict, policy_ok: bool, drafter_ok: bool):
@@ -178,7 +226,7 @@ def gen_config_problem(kwargs: dict, policy_ok: bool, drafter_ok: bool):
         return "top_p not in (0, 1]"
     if not (is_real(k["min_p"]) and 0 <= k["min_p"] < 1):
         return "min_p not in [0, 1)"
-    if not int_in(k["seed"], 0, 2 ** 32 - 1):
+    if not int_in(k["seed"], 0, 2**32 - 1):
         return "seed not an int in [0, 2**32)"
     if k["eos_token_ids"] is not None:
         problem = token_ids_problem(k["eos_token_ids"], None)
@@ -238,15 +286,16 @@ def _channel_groups_ok(bits, group, width) -> bool:
 
 
 POLICY_FIELDS = {
-    "SnapKV": dict(required=("budget",), defaults=dict(window=32, kernel_size=5, pooling="max", pyramid=False,
-                                                        beta=20.0)),
+    "SnapKV": dict(
+        required=("budget",), defaults=dict(window=32, kernel_size=5, pooling="max", pyramid=False, beta=20.0)
+    ),
     "StreamingLLM": dict(required=("budget",), defaults=dict(sinks=4, positions="cache", distance_ceiling=None)),
     "KIVI": dict(required=(), defaults=dict(bits=2, group_size=32, residual=128)),
     "GEAR": dict(required=(), defaults=dict(bits=4, rank=4, outlier_fraction=0.01, group_size=32)),
-    "MiniCache": dict(required=(), defaults=dict(start_layer=None, t=0.6, retention_threshold=0.05,
-                                                  max_retained=0.1)),
-    "MixedPrecisionKV": dict(required=(), defaults=dict(high_bits=8, low_bits=2, important=0.2, window=32,
-                                                         group_size=32)),
+    "MiniCache": dict(required=(), defaults=dict(start_layer=None, t=0.6, retention_threshold=0.05, max_retained=0.1)),
+    "MixedPrecisionKV": dict(
+        required=(), defaults=dict(high_bits=8, low_bits=2, important=0.2, window=32, group_size=32)
+    ),
     "RotateKV": dict(required=(), defaults=dict(bits=2, group_size=128, sinks=4, head_group=1)),
     "TokenSelect": dict(required=("k",), defaults=dict(sinks=128, local=512, threshold=0.9)),
     "XKV": dict(required=("rank",), defaults=dict(group_size=2, value_rank=None)),
@@ -262,7 +311,10 @@ def policy_ctor_problem(name: str, kwargs: dict):
     if missing:
         return f"{name}: missing {missing}"
     k = {**spec["defaults"], **kwargs}
-    bits = lambda v: is_int(v) and v in POLICY_BITS
+
+    def bits(v):
+        return is_int(v) and v in POLICY_BITS
+
     if name == "SnapKV":
         if not _budget_ok(k["budget"]) or not int_in(k["window"], 1):
             return "SnapKV budget/window"
@@ -307,8 +359,12 @@ def policy_ctor_problem(name: str, kwargs: dict):
         if not _budget_ok(k["important"]) or not int_in(k["window"], 1) or not int_in(k["group_size"], 1):
             return "MixedPrecisionKV important/window/group_size"
     elif name == "RotateKV":
-        if not bits(k["bits"]) or not int_in(k["group_size"], 1) or not int_in(k["sinks"], 0) \
-                or not int_in(k["head_group"], 1):
+        if (
+            not bits(k["bits"])
+            or not int_in(k["group_size"], 1)
+            or not int_in(k["sinks"], 0)
+            or not int_in(k["head_group"], 1)
+        ):
             return "RotateKV parameters"
     elif name == "TokenSelect":
         if not int_in(k["k"], 1) or not int_in(k["sinks"], 0) or not int_in(k["local"], 0):
@@ -343,8 +399,10 @@ def policy_model_problem(name: str, kwargs: dict, lengths: list[int], padded: in
         if name == "KIVI" and k["residual"] > CONTEXT:
             return "KIVI residual past the context"
     if name == "MixedPrecisionKV":
-        if not all(_channel_groups_ok(b, k["group_size"], hd) for b in (k["high_bits"], k["low_bits"])) \
-                or k["group_size"] > CONTEXT:
+        if (
+            not all(_channel_groups_ok(b, k["group_size"], hd) for b in (k["high_bits"], k["low_bits"]))
+            or k["group_size"] > CONTEXT
+        ):
             return "MixedPrecisionKV group_size does not fit"
         if isinstance(k["important"], float) and round(k["important"] * padded) < 1:
             return UNKNOWN  # a fraction of the padded prompt keeping no token: refusing it is fine too
@@ -352,7 +410,9 @@ def policy_model_problem(name: str, kwargs: dict, lengths: list[int], padded: in
         width = k["head_group"] * hd
         if kv_heads % k["head_group"] or width & (width - 1):
             return "RotateKV head_group does not fit"
-        if not _channel_groups_ok(k["bits"], k["group_size"], width) or not _channel_groups_ok(k["bits"], k["group_size"], hd):
+        if not _channel_groups_ok(k["bits"], k["group_size"], width) or not _channel_groups_ok(
+            k["bits"], k["group_size"], hd
+        ):
             return "RotateKV group_size does not fit"
     if name == "MiniCache":
         start = layers // 2 if k["start_layer"] is None else k["start_layer"]
@@ -424,8 +484,11 @@ def drafter_ctor_problem(name: str, kwargs: dict, draft_vocab: int | None, draft
     if name == "PromptLookup":
         if not int_in(k["num_tokens"], 1, MAX_TREE_NODES - 1):
             return "PromptLookup num_tokens"
-        if not int_in(k["max_ngram"], 1, MAX_NGRAM) or not int_in(k["min_ngram"], 1, MAX_NGRAM) \
-                or k["max_ngram"] < k["min_ngram"]:
+        if (
+            not int_in(k["max_ngram"], 1, MAX_NGRAM)
+            or not int_in(k["min_ngram"], 1, MAX_NGRAM)
+            or k["max_ngram"] < k["min_ngram"]
+        ):
             return "PromptLookup n-gram sizes"
     elif name == "TokenRecycling":
         if not int_in(k["candidates"], 1):
@@ -446,8 +509,11 @@ def drafter_ctor_problem(name: str, kwargs: dict, draft_vocab: int | None, draft
         if max(b) > draft_vocab:
             return "RSD branching wider than the vocabulary"
     elif name == "DySpec":
-        if not int_in(k["tree_size"], 2, MAX_TREE_NODES) or not int_in(k["max_depth"], 1, MAX_TREE_NODES - 1) \
-                or not int_in(k["per_step"], 1, MAX_TREE_NODES - 1):
+        if (
+            not int_in(k["tree_size"], 2, MAX_TREE_NODES)
+            or not int_in(k["max_depth"], 1, MAX_TREE_NODES - 1)
+            or not int_in(k["per_step"], 1, MAX_TREE_NODES - 1)
+        ):
             return "DySpec sizes"
         if k["tree_size"] - 1 > draft_vocab:
             return "DySpec tree_size past the vocabulary"
@@ -466,14 +532,60 @@ def drafter_model_problem(name: str, kwargs: dict, draft_vocab: int | None):
 # ================================================================================ hypothesis strategies
 # Run in the parent. Payloads are plain picklable data; the worker builds objects from them.
 
+
 def strategies():
     from hypothesis import strategies as st
 
     nan, inf = float("nan"), float("inf")
-    wild = [None, True, False, np.bool_(True), 0, 1, -1, 2, 7, 10 ** 9, 2 ** 31, 2 ** 32, 2 ** 63, 2 ** 70, -(2 ** 40),
-            np.int8(3), np.int64(5), np.uint64(2 ** 63), np.int32(-2), 0.0, 0.5, 1.0, -0.5, 1e-9, 1e300, nan, inf, -inf,
-            2.0, np.float32(0.5), np.float64(0.25), np.float16(1.0), Fraction(1, 3), "1", "abc", "", "0.5", "nan",
-            b"1", [1], [1, 2], (), [[1]], {}, {"a": 1}, 1j, Special("object")]
+    wild = [
+        None,
+        True,
+        False,
+        np.bool_(True),
+        0,
+        1,
+        -1,
+        2,
+        7,
+        10**9,
+        2**31,
+        2**32,
+        2**63,
+        2**70,
+        -(2**40),
+        np.int8(3),
+        np.int64(5),
+        np.uint64(2**63),
+        np.int32(-2),
+        0.0,
+        0.5,
+        1.0,
+        -0.5,
+        1e-9,
+        1e300,
+        nan,
+        inf,
+        -inf,
+        2.0,
+        np.float32(0.5),
+        np.float64(0.25),
+        np.float16(1.0),
+        Fraction(1, 3),
+        "1",
+        "abc",
+        "",
+        "0.5",
+        "nan",
+        b"1",
+        [1],
+        [1, 2],
+        (),
+        [[1]],
+        {},
+        {"a": 1},
+        1j,
+        Special("object"),
+    ]
 
     def pool(valid, invalid=(), wild_weight=True):
         options = [st.sampled_from(list(valid))]
@@ -486,15 +598,20 @@ def strategies():
     # --------------------------------------------------------------------------------- generate options
     # VALID values come from small sets so that the compiled shapes stay few.
     option_values = {
-        "max_new_tokens": ([1, 2, 5, 8, np.int64(5), np.int32(2)], [0, -1, True, 5.0, "5", MAX_NEW_TOKENS + 1, 10 ** 9]),
-        "temperature": ([0, 0.0, 0.0, 0.7, 1.0, 1.5, np.float32(0.5), 1, Fraction(1, 2)], [-0.1, nan, inf, "0.5", True]),
-        "top_k": ([None, 0, 1, 3, VOCAB, 10 ** 6, np.int64(3)], [-1, True, 2.5, "3", np.float64(3.0)]),
+        "max_new_tokens": ([1, 2, 5, 8, np.int64(5), np.int32(2)], [0, -1, True, 5.0, "5", MAX_NEW_TOKENS + 1, 10**9]),
+        "temperature": (
+            [0, 0.0, 0.0, 0.7, 1.0, 1.5, np.float32(0.5), 1, Fraction(1, 2)],
+            [-0.1, nan, inf, "0.5", True],
+        ),
+        "top_k": ([None, 0, 1, 3, VOCAB, 10**6, np.int64(3)], [-1, True, 2.5, "3", np.float64(3.0)]),
         "top_p": ([1.0, 0.9, 0.5, 1, 1e-3, np.float64(0.8)], [0, 0.0, -0.5, 1.01, nan, "0.9", False]),
         "min_p": ([0.0, 0.05, 0.5, 0, 0.999], [1, 1.0, -0.01, nan, "0", True]),
-        "seed": ([0, 1, 2 ** 32 - 1, np.uint32(7), 123456], [-1, 2 ** 32, 2 ** 70, "abc", 1.5, np.int64(-5)]),
-        "eos_token_ids": ([None, (), [], (2,), 2, [5, 7], np.array([5, 7]), (np.int64(3),), {4, 9}],
-                          ["2", b"2", -1, [1, -1], [VOCAB], VOCAB, [[2]], 2.0, [2.5], True, [True], 10 ** 30]),
-        "max_len": ([None, None, 64, 100], [0, -5, True, 1.5, "64", 10 ** 11]),
+        "seed": ([0, 1, 2**32 - 1, np.uint32(7), 123456], [-1, 2**32, 2**70, "abc", 1.5, np.int64(-5)]),
+        "eos_token_ids": (
+            [None, (), [], (2,), 2, [5, 7], np.array([5, 7]), (np.int64(3),), {4, 9}],
+            ["2", b"2", -1, [1, -1], [VOCAB], VOCAB, [[2]], 2.0, [2.5], True, [True], 10**30],
+        ),
+        "max_len": ([None, None, 64, 100], [0, -5, True, 1.5, "64", 10**11]),
     }
 
     @st.composite
@@ -531,48 +648,125 @@ def strategies():
             return rows
         if kind == 7 and long_ok:  # a long prompt: past the Llama's context, fine for state-space models
             return [[draw(st.integers(0, VOCAB - 1))] * draw(st.sampled_from([CONTEXT, CONTEXT + 1, 200]))]
-        bad = [[], (), np.zeros((0,), np.int64), "w3 w4", b"ab", 5, [5, 6], [[]], [[1, 2], []], [[1, [2, 3]]],
-               [[1.0, 2.0]], [[1, 2.5]], [["a"]], [[None]], [[True, False]], [[1, True]], [[-1]], [[VOCAB]],
-               [[10 ** 20]], [[2 ** 32 + 5]], [[2 ** 64 + 3]], np.asarray([[1, 2]], float), np.asarray([[1, 2]], bool),
-               {"a": [1]}, None, [np.asarray([[1, 2]])], [np.int64(3)], [[np.float32(1)]], [np.asarray([1, 2], np.uint64)],
-               [[1, 2], "w3"], [np.asarray([2 ** 32 + 5], np.int64)], [[Fraction(2, 1)]]]
+        bad = [
+            [],
+            (),
+            np.zeros((0,), np.int64),
+            "w3 w4",
+            b"ab",
+            5,
+            [5, 6],
+            [[]],
+            [[1, 2], []],
+            [[1, [2, 3]]],
+            [[1.0, 2.0]],
+            [[1, 2.5]],
+            [["a"]],
+            [[None]],
+            [[True, False]],
+            [[1, True]],
+            [[-1]],
+            [[VOCAB]],
+            [[10**20]],
+            [[2**32 + 5]],
+            [[2**64 + 3]],
+            np.asarray([[1, 2]], float),
+            np.asarray([[1, 2]], bool),
+            {"a": [1]},
+            None,
+            [np.asarray([[1, 2]])],
+            [np.int64(3)],
+            [[np.float32(1)]],
+            [np.asarray([1, 2], np.uint64)],
+            [[1, 2], "w3"],
+            [np.asarray([2**32 + 5], np.int64)],
+            [[Fraction(2, 1)]],
+        ]
         return draw(st.sampled_from(bad))
 
-    misuse = st.sampled_from([None] * 50 + ["config_dict", "other_family_params", "gen_config_dict", "params_none",
-                                            "params_wrong_shape", "params_int_dtype", "params_unstacked",
-                                            "config_str", "params_missing_key"])
+    misuse = st.sampled_from(
+        [None] * 50
+        + [
+            "config_dict",
+            "other_family_params",
+            "gen_config_dict",
+            "params_none",
+            "params_wrong_shape",
+            "params_int_dtype",
+            "params_unstacked",
+            "config_str",
+            "params_missing_key",
+        ]
+    )
     on_token = st.sampled_from([None] * 12 + ["record", "record", "raise_at_0", "raise_at_2", "not_callable"])
 
-    generate_options = st.fixed_dictionaries({
-        "model": st.sampled_from(["llama", "llama", "mamba", "mamba2"]), "gen": gen_kwargs(), "prompts": prompts(),
-        "misuse": misuse, "on_token": on_token})
+    generate_options = st.fixed_dictionaries(
+        {
+            "model": st.sampled_from(["llama", "llama", "mamba", "mamba2"]),
+            "gen": gen_kwargs(),
+            "prompts": prompts(),
+            "misuse": misuse,
+            "on_token": on_token,
+        }
+    )
 
     # --------------------------------------------------------------------------------------- KV policies
     policy_values = {
-        "SnapKV": {"budget": ([4, 8, 16, 0.5, 0.25, 1.0, np.int64(8), 10 ** 9], [0, -1, 0.0, 1.5, nan, "8", True, 1e-9]),
-                   "window": ([1, 2, 4, 32], [0, -1, 2.5, "4", True]), "kernel_size": ([1, 3, 5, 7], [0, 2, 4, 1.0]),
-                   "pooling": (["max", "avg"], ["mean", "", "MAX"]), "pyramid": ([True, False, np.bool_(True)], [1, "yes"]),
-                   "beta": ([20.0, 1, 100, np.float32(5)], [0.5, 0, nan, inf, "20"])},
-        "StreamingLLM": {"budget": ([8, 16, 32, 64, CONTEXT], [0, -1, 0.5, "16", True, 10 ** 9, CONTEXT + 1]),
-                         "sinks": ([0, 1, 4], [-1, 1.5, True, 100]), "positions": (["cache", "original"], ["abs", ""]),
-                         "distance_ceiling": ([None, 16, 64, CONTEXT - 1], [0, -1, 2.5, CONTEXT, 10 ** 6])},
-        "KIVI": {"bits": ([2, 4, 8, 16], [1, 3, 0, 32, 2.0]), "group_size": ([4, 8, 16, 32, 12], [0, 3, 6, 2.5]),
-                 "residual": ([8, 16, 32, 64, 128, 24], [0, 5, 256, 10 ** 9])},
-        "GEAR": {"bits": ([2, 4, 8, 16], [3, 2.0]), "rank": ([0, 1, 2, 4, 1000], [-1, 1.5]),
-                 "outlier_fraction": ([0, 0.0, 0.01, 0.5], [1, 1.0, -0.1, nan]),
-                 "group_size": ([4, 8, 16, 32], [0, 3, 6, 200])},
-        "MiniCache": {"start_layer": ([None, 0, 1, 2], [-1, 3, 1.5]), "t": ([0, 0.6, 1, 1.0], [-0.1, 1.5, nan]),
-                      "retention_threshold": ([0.0, 0.05, 1.0], [2, nan]),
-                      "max_retained": ([0.1, 0.0, 1.0, 0, 5, 100], [-1, 1.5, nan])},
-        "MixedPrecisionKV": {"high_bits": ([8, 4, 16, 2], [3, 1]), "low_bits": ([2, 4, 8, 16], [0, 5]),
-                             "important": ([0.2, 0.5, 1.0, 1, 4, 0.01], [0, 0.0, 1.5, -1]),
-                             "window": ([1, 4, 32], [0, -2]), "group_size": ([4, 8, 32], [0, 3, 200])},
-        "RotateKV": {"bits": ([2, 4, 8, 16], [3]), "group_size": ([4, 8, 16, 128], [0, 3, 6]),
-                     "sinks": ([0, 1, 4, 64], [-1, 2.0]), "head_group": ([1, 2], [0, 4, 3])},
-        "TokenSelect": {"k": ([1, 4, 16, 1000], [0, -1, 2.5]), "sinks": ([0, 2, 128], [-1]),
-                        "local": ([0, 4, 512], [-1]), "threshold": ([None, 0.9, -1, 1, 0], [1.5, nan, -2])},
-        "XKV": {"rank": ([1, 2, 4, 100], [0, -1, 1.5]), "group_size": ([1, 2], [0, 3, 100]),
-                "value_rank": ([None, 1, 3], [0, -1])},
+        "SnapKV": {
+            "budget": ([4, 8, 16, 0.5, 0.25, 1.0, np.int64(8), 10**9], [0, -1, 0.0, 1.5, nan, "8", True, 1e-9]),
+            "window": ([1, 2, 4, 32], [0, -1, 2.5, "4", True]),
+            "kernel_size": ([1, 3, 5, 7], [0, 2, 4, 1.0]),
+            "pooling": (["max", "avg"], ["mean", "", "MAX"]),
+            "pyramid": ([True, False, np.bool_(True)], [1, "yes"]),
+            "beta": ([20.0, 1, 100, np.float32(5)], [0.5, 0, nan, inf, "20"]),
+        },
+        "StreamingLLM": {
+            "budget": ([8, 16, 32, 64, CONTEXT], [0, -1, 0.5, "16", True, 10**9, CONTEXT + 1]),
+            "sinks": ([0, 1, 4], [-1, 1.5, True, 100]),
+            "positions": (["cache", "original"], ["abs", ""]),
+            "distance_ceiling": ([None, 16, 64, CONTEXT - 1], [0, -1, 2.5, CONTEXT, 10**6]),
+        },
+        "KIVI": {
+            "bits": ([2, 4, 8, 16], [1, 3, 0, 32, 2.0]),
+            "group_size": ([4, 8, 16, 32, 12], [0, 3, 6, 2.5]),
+            "residual": ([8, 16, 32, 64, 128, 24], [0, 5, 256, 10**9]),
+        },
+        "GEAR": {
+            "bits": ([2, 4, 8, 16], [3, 2.0]),
+            "rank": ([0, 1, 2, 4, 1000], [-1, 1.5]),
+            "outlier_fraction": ([0, 0.0, 0.01, 0.5], [1, 1.0, -0.1, nan]),
+            "group_size": ([4, 8, 16, 32], [0, 3, 6, 200]),
+        },
+        "MiniCache": {
+            "start_layer": ([None, 0, 1, 2], [-1, 3, 1.5]),
+            "t": ([0, 0.6, 1, 1.0], [-0.1, 1.5, nan]),
+            "retention_threshold": ([0.0, 0.05, 1.0], [2, nan]),
+            "max_retained": ([0.1, 0.0, 1.0, 0, 5, 100], [-1, 1.5, nan]),
+        },
+        "MixedPrecisionKV": {
+            "high_bits": ([8, 4, 16, 2], [3, 1]),
+            "low_bits": ([2, 4, 8, 16], [0, 5]),
+            "important": ([0.2, 0.5, 1.0, 1, 4, 0.01], [0, 0.0, 1.5, -1]),
+            "window": ([1, 4, 32], [0, -2]),
+            "group_size": ([4, 8, 32], [0, 3, 200]),
+        },
+        "RotateKV": {
+            "bits": ([2, 4, 8, 16], [3]),
+            "group_size": ([4, 8, 16, 128], [0, 3, 6]),
+            "sinks": ([0, 1, 4, 64], [-1, 2.0]),
+            "head_group": ([1, 2], [0, 4, 3]),
+        },
+        "TokenSelect": {
+            "k": ([1, 4, 16, 1000], [0, -1, 2.5]),
+            "sinks": ([0, 2, 128], [-1]),
+            "local": ([0, 4, 512], [-1]),
+            "threshold": ([None, 0.9, -1, 1, 0], [1.5, nan, -2]),
+        },
+        "XKV": {
+            "rank": ([1, 2, 4, 100], [0, -1, 1.5]),
+            "group_size": ([1, 2], [0, 3, 100]),
+            "value_rank": ([None, 1, 3], [0, -1]),
+        },
     }
 
     @st.composite
@@ -596,34 +790,69 @@ def strategies():
     def generate_kv(draw):
         plain = draw(st.booleans())  # half plausible (valid option values), half anything goes
         wrong = st.sampled_from([Special("drafter"), "snapkv", 5, True])
-        return {"model": draw(st.sampled_from(["llama"] * (12 if plain else 6) + ["mamba"])),
-                "gen": draw(gen_kwargs(fields=kv_fields, plain=plain)),
-                "prompts": draw(prompts(long_ok=False, plain=plain)), "misuse": None,
-                "on_token": draw(st.sampled_from([None] * 6 + ["record"])),
-                "policy": draw(policy(plain=True) if plain else st.one_of(policy(), policy(), policy(), wrong))}
+        return {
+            "model": draw(st.sampled_from(["llama"] * (12 if plain else 6) + ["mamba"])),
+            "gen": draw(gen_kwargs(fields=kv_fields, plain=plain)),
+            "prompts": draw(prompts(long_ok=False, plain=plain)),
+            "misuse": None,
+            "on_token": draw(st.sampled_from([None] * 6 + ["record"])),
+            "policy": draw(policy(plain=True) if plain else st.one_of(policy(), policy(), policy(), wrong)),
+        }
 
     # ------------------------------------------------------------------------------------------ drafters
-    templates = [None, ((0, 0),), ((0, 0), (1, 0)), ((0, 0), (0, 1), (1, 0)), [[0, 0], [1, 0], [2, 0]],
-                 Special("wide_template")]
-    bad_templates = [(), ((0, 1),), ((1, 0),), ((0, 0), (0, 0)), ((0,),), "ab", ((0.0, 0),), ((True, 0),),
-                     Special("huge_template"), ((0, -1),), 5, None]
+    templates = [
+        None,
+        ((0, 0),),
+        ((0, 0), (1, 0)),
+        ((0, 0), (0, 1), (1, 0)),
+        [[0, 0], [1, 0], [2, 0]],
+        Special("wide_template"),
+    ]
+    bad_templates = [
+        (),
+        ((0, 1),),
+        ((1, 0),),
+        ((0, 0), (0, 0)),
+        ((0,),),
+        "ab",
+        ((0.0, 0),),
+        ((True, 0),),
+        Special("huge_template"),
+        ((0, -1),),
+        5,
+        None,
+    ]
     drafter_values = {
-        "PromptLookup": {"num_tokens": ([1, 2, 3, 5, np.int64(2)], [0, -1, MAX_TREE_NODES, 10 ** 6, 2.5, True]),
-                         "max_ngram": ([1, 2, 3, MAX_NGRAM], [0, MAX_NGRAM + 1, True]),
-                         "min_ngram": ([1, 2], [0, -1, 2.0])},
-        "TokenRecycling": {"candidates": ([1, 2, 8, VOCAB], [0, -1, True, 2.5, VOCAB + 1, 10 ** 6]),
-                           "template": (templates, bad_templates)},
+        "PromptLookup": {
+            "num_tokens": ([1, 2, 3, 5, np.int64(2)], [0, -1, MAX_TREE_NODES, 10**6, 2.5, True]),
+            "max_ngram": ([1, 2, 3, MAX_NGRAM], [0, MAX_NGRAM + 1, True]),
+            "min_ngram": ([1, 2], [0, -1, 2.0]),
+        },
+        "TokenRecycling": {
+            "candidates": ([1, 2, 8, VOCAB], [0, -1, True, 2.5, VOCAB + 1, 10**6]),
+            "template": (templates, bad_templates),
+        },
         "DraftModel": {"num_tokens": ([1, 2, 4], [0, MAX_TREE_NODES, True, 2.5])},
-        "RSD": {"branching": ([(2,), (2, 1), (3, 2, 2, 1), [2, 2], (np.int64(2),)],
-                              [(), (0,), (-1,), (2.5,), "22", (True,), (1000,), (VOCAB + 1,), (32, 32), None, 3])},
-        "DySpec": {"tree_size": ([2, 4, 8], [1, 0, MAX_TREE_NODES + 1, True, 2.5, VOCAB + 2]),
-                   "max_depth": ([1, 2, 6], [0, MAX_TREE_NODES]), "per_step": ([1, 2, 4], [0, -3])},
+        "RSD": {
+            "branching": (
+                [(2,), (2, 1), (3, 2, 2, 1), [2, 2], (np.int64(2),)],
+                [(), (0,), (-1,), (2.5,), "22", (True,), (1000,), (VOCAB + 1,), (32, 32), None, 3],
+            )
+        },
+        "DySpec": {
+            "tree_size": ([2, 4, 8], [1, 0, MAX_TREE_NODES + 1, True, 2.5, VOCAB + 2]),
+            "max_depth": ([1, 2, 6], [0, MAX_TREE_NODES]),
+            "per_step": ([1, 2, 4], [0, -3]),
+        },
     }
 
     @st.composite
     def drafter(draw, plain=False):
-        name = draw(st.sampled_from(["PromptLookup", "PromptLookup", "TokenRecycling", "TokenRecycling", "DraftModel",
-                                     "RSD", "DySpec"]))
+        name = draw(
+            st.sampled_from(
+                ["PromptLookup", "PromptLookup", "TokenRecycling", "TokenRecycling", "DraftModel", "RSD", "DySpec"]
+            )
+        )
         kwargs = {}
         for field, (valid, invalid) in drafter_values[name].items():
             if draw(st.integers(0, 1)) == 0:
@@ -643,11 +872,14 @@ def strategies():
     def generate_speculative(draw):
         plain = draw(st.booleans())
         wrong = st.sampled_from([Special("policy"), "prompt_lookup", 3])
-        return {"model": draw(st.sampled_from(["llama", "llama", "mamba", "mamba2"])),
-                "gen": draw(gen_kwargs(fields=spec_fields, plain=plain)),
-                "prompts": draw(prompts(long_ok=False, plain=plain)), "misuse": None,
-                "on_token": draw(st.sampled_from([None] * (30 if plain else 10) + ["record"])),
-                "drafter": draw(drafter(plain=True) if plain else st.one_of(drafter(), drafter(), drafter(), wrong))}
+        return {
+            "model": draw(st.sampled_from(["llama", "llama", "mamba", "mamba2"])),
+            "gen": draw(gen_kwargs(fields=spec_fields, plain=plain)),
+            "prompts": draw(prompts(long_ok=False, plain=plain)),
+            "misuse": None,
+            "on_token": draw(st.sampled_from([None] * (30 if plain else 10) + ["record"])),
+            "drafter": draw(drafter(plain=True) if plain else st.one_of(drafter(), drafter(), drafter(), wrong)),
+        }
 
     # ------------------------------------------------------------------------------------------- forward
     @st.composite
@@ -656,50 +888,142 @@ def strategies():
         model = draw(st.sampled_from(["llama", "llama", "mamba", "mamba2"]))
         batch = draw(st.integers(1, 2))
         steps = draw(st.sampled_from([1, 2, 4]))
-        ids = [[draw(st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1),
-                               st.sampled_from([-1, VOCAB, VOCAB + 5, 2 ** 31 - 1, -(2 ** 31)])))
-                if not plain or draw(st.integers(0, 15)) == 7 else draw(st.integers(0, VOCAB - 1))
-                for _ in range(steps)] for _ in range(batch)]
+        ids = [
+            [
+                draw(
+                    st.one_of(
+                        st.integers(0, VOCAB - 1),
+                        st.integers(0, VOCAB - 1),
+                        st.integers(0, VOCAB - 1),
+                        st.sampled_from([-1, VOCAB, VOCAB + 5, 2**31 - 1, -(2**31)]),
+                    )
+                )
+                if not plain or draw(st.integers(0, 15)) == 7
+                else draw(st.integers(0, VOCAB - 1))
+                for _ in range(steps)
+            ]
+            for _ in range(batch)
+        ]
         if plain:
             token_form = draw(st.sampled_from(["int32", "int64", "list", "uint8"] if not jit else ["int32"]))
         elif jit:
             token_form = draw(st.sampled_from(["int32"] * 6 + ["float32", "bool", "1d", "3d", "empty_steps"]))
         else:
-            token_form = draw(st.sampled_from(["int32"] * 4 + ["int64", "list", "uint8", "float32", "bool", "1d", "3d",
-                                                "empty_steps", "ragged", "huge_int64", "object", "string"]))
-        counts_form = draw(st.sampled_from([None, None, "valid", "valid", "valid"] + (["list"] if not jit else []) + (
-            [] if plain else ["negative", "too_many", "wrong_shape", "float", "bool"] + ([] if jit else ["scalar", "string"]))))
+            token_form = draw(
+                st.sampled_from(
+                    ["int32"] * 4
+                    + [
+                        "int64",
+                        "list",
+                        "uint8",
+                        "float32",
+                        "bool",
+                        "1d",
+                        "3d",
+                        "empty_steps",
+                        "ragged",
+                        "huge_int64",
+                        "object",
+                        "string",
+                    ]
+                )
+            )
+        counts_form = draw(
+            st.sampled_from(
+                [None, None, "valid", "valid", "valid"]
+                + (["list"] if not jit else [])
+                + (
+                    []
+                    if plain
+                    else ["negative", "too_many", "wrong_shape", "float", "bool"]
+                    + ([] if jit else ["scalar", "string"])
+                )
+            )
+        )
         counts = [draw(st.integers(0, steps)) for _ in range(batch)]
-        cache = draw(st.sampled_from(["fresh"] * 3 + ["prefilled"] * 3 + ["small", "full"] + (
-            [] if plain else ["other_batch", "other_family", "none", "dict"])))
+        cache = draw(
+            st.sampled_from(
+                ["fresh"] * 3
+                + ["prefilled"] * 3
+                + ["small", "full"]
+                + ([] if plain else ["other_batch", "other_family", "none", "dict"])
+            )
+        )
         max_len = draw(st.sampled_from([4, 8, 16]))
         prefix = draw(st.sampled_from([1, 3]))
         mode = draw(st.sampled_from(["jit", "jit", "checkify"])) if jit else "eager"
-        return {"model": model, "ids": ids, "token_form": token_form, "counts_form": counts_form, "counts": counts,
-                "cache": cache, "max_len": max_len, "prefix": prefix, "mode": mode,
-                "misuse": None if plain else draw(st.sampled_from([None] * 10 + ["params_wrong_shape", "config_dict"]))}
+        return {
+            "model": model,
+            "ids": ids,
+            "token_form": token_form,
+            "counts_form": counts_form,
+            "counts": counts,
+            "cache": cache,
+            "max_len": max_len,
+            "prefix": prefix,
+            "mode": mode,
+            "misuse": None if plain else draw(st.sampled_from([None] * 10 + ["params_wrong_shape", "config_dict"])),
+        }
 
     # ------------------------------------------------------------------------------------------- loaders
-    st_offsets = st.sampled_from(["overlap", "reverse", "negative", "gap", "shift", "huge", "float", "string",
-                                  "three", "swap_two", "one_short"])
+    st_offsets = st.sampled_from(
+        ["overlap", "reverse", "negative", "gap", "shift", "huge", "float", "string", "three", "swap_two", "one_short"]
+    )
 
     @st.composite
     def safetensors_mutation(draw):
         ops = []
         for _ in range(draw(st.integers(1, 3))):
-            kind = draw(st.sampled_from(["offsets", "shape", "dtype", "header_size", "flip_header", "flip_data",
-                                         "truncate", "append", "duplicate_key", "metadata", "drop_tensor",
-                                         "rename_tensor", "header_not_object", "reorder", "pad_header", "noop"]))
-            op = {"kind": kind, "tensor": draw(st.integers(0, 1000)), "pos": draw(st.integers(0, 10 ** 6)),
-                  "byte": draw(st.integers(1, 255))}
+            kind = draw(
+                st.sampled_from(
+                    [
+                        "offsets",
+                        "shape",
+                        "dtype",
+                        "header_size",
+                        "flip_header",
+                        "flip_data",
+                        "truncate",
+                        "append",
+                        "duplicate_key",
+                        "metadata",
+                        "drop_tensor",
+                        "rename_tensor",
+                        "header_not_object",
+                        "reorder",
+                        "pad_header",
+                        "noop",
+                    ]
+                )
+            )
+            op = {
+                "kind": kind,
+                "tensor": draw(st.integers(0, 1000)),
+                "pos": draw(st.integers(0, 10**6)),
+                "byte": draw(st.integers(1, 255)),
+            }
             if kind == "offsets":
                 op["how"] = draw(st_offsets)
             elif kind == "shape":
-                op["shape"] = draw(st.sampled_from(["transpose", "drop_dim", "add_one", "zero", "negative", "float",
-                                                    "huge", "string", "double_first"]))
+                op["shape"] = draw(
+                    st.sampled_from(
+                        [
+                            "transpose",
+                            "drop_dim",
+                            "add_one",
+                            "zero",
+                            "negative",
+                            "float",
+                            "huge",
+                            "string",
+                            "double_first",
+                        ]
+                    )
+                )
             elif kind == "dtype":
-                op["dtype"] = draw(st.sampled_from(["F16", "BF16", "I32", "I64", "F64", "U8", "BOOL", "F8_E4M3", "X32",
-                                                    "", 32, None]))
+                op["dtype"] = draw(
+                    st.sampled_from(["F16", "BF16", "I32", "I64", "F64", "U8", "BOOL", "F8_E4M3", "X32", "", 32, None])
+                )
             elif kind == "header_size":
                 op["size"] = draw(st.sampled_from(["zero", "huge", "minus_one", "plus_one", "2**63", "file_size"]))
             elif kind == "metadata":
@@ -707,30 +1031,90 @@ def strategies():
             ops.append(op)
         return {"ops": ops}
 
-    json_values = [None, 0, -1, 1, 2, 3, 7, 8, 16, 64, 2 ** 31, 2 ** 70, 1.5, 32.0, 8.0, 0.0, -0.5, 1e-6, "32", "8",
-                   "llama", "silu", "", True, False, [32], [1, 2], {}, {"rope_theta": 10000.0}, "false", [2, -1]]
-    config_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
-                   "eos_token_id", "tie_word_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
-                   "hidden_act", "model_type", "architectures", "attention_bias", "mlp_bias", "sliding_window",
-                   "partial_rotary_factor"]
+    json_values = [
+        None,
+        0,
+        -1,
+        1,
+        2,
+        3,
+        7,
+        8,
+        16,
+        64,
+        2**31,
+        2**70,
+        1.5,
+        32.0,
+        8.0,
+        0.0,
+        -0.5,
+        1e-6,
+        "32",
+        "8",
+        "llama",
+        "silu",
+        "",
+        True,
+        False,
+        [32],
+        [1, 2],
+        {},
+        {"rope_theta": 10000.0},
+        "false",
+        [2, -1],
+    ]
+    config_keys = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+        "hidden_act",
+        "model_type",
+        "architectures",
+        "attention_bias",
+        "mlp_bias",
+        "sliding_window",
+        "partial_rotary_factor",
+    ]
 
     benign_config_ops = [
         {"kind": "set", "key": "max_position_embeddings", "value": 64},
         {"kind": "set", "key": "max_position_embeddings", "value": 4096},
         {"kind": "remove", "key": "max_position_embeddings", "value": None},
-        {"kind": "set", "key": "rms_norm_eps", "value": 1e-5}, {"kind": "set", "key": "rms_norm_eps", "value": 1},
-        {"kind": "set", "key": "eos_token_id", "value": [2, 5]}, {"kind": "set", "key": "eos_token_id", "value": 7},
-        {"kind": "set", "key": "eos_token_id", "value": None}, {"kind": "set", "key": "eos_token_id", "value": []},
-        {"kind": "set", "key": "bos_token_id", "value": 0}, {"kind": "remove", "key": "bos_token_id", "value": None},
-        {"kind": "remove", "key": "head_dim", "value": None}, {"kind": "remove", "key": "model_type", "value": None},
+        {"kind": "set", "key": "rms_norm_eps", "value": 1e-5},
+        {"kind": "set", "key": "rms_norm_eps", "value": 1},
+        {"kind": "set", "key": "eos_token_id", "value": [2, 5]},
+        {"kind": "set", "key": "eos_token_id", "value": 7},
+        {"kind": "set", "key": "eos_token_id", "value": None},
+        {"kind": "set", "key": "eos_token_id", "value": []},
+        {"kind": "set", "key": "bos_token_id", "value": 0},
+        {"kind": "remove", "key": "bos_token_id", "value": None},
+        {"kind": "remove", "key": "head_dim", "value": None},
+        {"kind": "remove", "key": "model_type", "value": None},
         {"kind": "set", "key": "rope_parameters", "value": {"rope_theta": 500000.0, "rope_type": "default"}},
         {"kind": "set", "key": "rope_parameters", "value": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}},
         {"kind": "remove", "key": "rope_parameters", "value": None},
-        {"kind": "set", "key": "rope_theta", "value": 20000.0}, {"kind": "set", "key": "tie_word_embeddings", "value": False},
-        {"kind": "set", "key": "hidden_act", "value": None}, {"kind": "set", "key": "num_key_value_heads", "value": 2},
-        {"kind": "set", "key": "transformers_version", "value": "99.0"}, {"kind": "set", "key": "use_cache", "value": "x"},
-        {"kind": "set", "key": "attention_bias", "value": 0}, {"kind": "set", "key": "mlp_bias", "value": None}]
+        {"kind": "set", "key": "rope_theta", "value": 20000.0},
+        {"kind": "set", "key": "tie_word_embeddings", "value": False},
+        {"kind": "set", "key": "hidden_act", "value": None},
+        {"kind": "set", "key": "num_key_value_heads", "value": 2},
+        {"kind": "set", "key": "transformers_version", "value": "99.0"},
+        {"kind": "set", "key": "use_cache", "value": "x"},
+        {"kind": "set", "key": "attention_bias", "value": 0},
+        {"kind": "set", "key": "mlp_bias", "value": None},
+    ]
 
     @st.composite
     def config_mutation(draw):
@@ -749,112 +1133,374 @@ def strategies():
                 elif key == "architectures":
                     value = draw(st.sampled_from([["GPTNeoXForCausalLM"], ["MambaForCausalLM"], [], "Llama", None]))
                 elif key == "rope_parameters":
-                    value = draw(st.sampled_from([{"rope_theta": 500000.0, "rope_type": "default"},
-                                                  {"rope_theta": -1.0}, {"rope_type": "yarn", "factor": 2.0},
-                                                  {"rope_type": "linear", "factor": 2.0}, {"rope_type": "linear"},
-                                                  {"rope_theta": "10000"}, [], "x", None]))
+                    value = draw(
+                        st.sampled_from(
+                            [
+                                {"rope_theta": 500000.0, "rope_type": "default"},
+                                {"rope_theta": -1.0},
+                                {"rope_type": "yarn", "factor": 2.0},
+                                {"rope_type": "linear", "factor": 2.0},
+                                {"rope_type": "linear"},
+                                {"rope_theta": "10000"},
+                                [],
+                                "x",
+                                None,
+                            ]
+                        )
+                    )
                 else:
                     value = draw(st.sampled_from(json_values))
             ops.append({"kind": kind, "key": key, "value": value})
         return {"whole": whole, "ops": ops}
 
-    shard_names = ["../outside/canary.safetensors", "/ABS/outside/canary.safetensors", "sub/../../outside/canary.safetensors",
-                   "..\\outside\\canary.safetensors", "model.safetensors", "shards/model.safetensors", "missing.safetensors",
-                   "", None, 5, "./model.safetensors", "model.safetensors\u0000x", "C:/outside/canary.safetensors",
-                   "shards/../model.safetensors"]
-    shard_index = st.fixed_dictionaries({
-        "entries": st.lists(st.sampled_from(shard_names), min_size=1, max_size=3),
-        "layout": st.sampled_from(["all_to_first", "split", "split", "not_object", "no_weight_map", "weight_map_list"]),
-        "inside_copy": st.sampled_from([None, "model.safetensors", "shards/model.safetensors"]),
-        "keep_single": st.sampled_from([False, False, False, True])})
+    shard_names = [
+        "../outside/canary.safetensors",
+        "/ABS/outside/canary.safetensors",
+        "sub/../../outside/canary.safetensors",
+        "..\\outside\\canary.safetensors",
+        "model.safetensors",
+        "shards/model.safetensors",
+        "missing.safetensors",
+        "",
+        None,
+        5,
+        "./model.safetensors",
+        "model.safetensors\u0000x",
+        "C:/outside/canary.safetensors",
+        "shards/../model.safetensors",
+    ]
+    shard_index = st.fixed_dictionaries(
+        {
+            "entries": st.lists(st.sampled_from(shard_names), min_size=1, max_size=3),
+            "layout": st.sampled_from(
+                ["all_to_first", "split", "split", "not_object", "no_weight_map", "weight_map_list"]
+            ),
+            "inside_copy": st.sampled_from([None, "model.safetensors", "shards/model.safetensors"]),
+            "keep_single": st.sampled_from([False, False, False, True]),
+        }
+    )
 
-    pickle_payload = st.fixed_dictionaries({
-        "form": st.sampled_from(["torch_top", "torch_nested", "torch_value", "raw_pickle", "legacy_torch", "valid",
-                                 "valid", "state_not_dict", "non_tensor_value", "truncated_valid", "garbage"]),
-        "callable": st.sampled_from(["open", "mkdir", "exec"])})
+    pickle_payload = st.fixed_dictionaries(
+        {
+            "form": st.sampled_from(
+                [
+                    "torch_top",
+                    "torch_nested",
+                    "torch_value",
+                    "raw_pickle",
+                    "legacy_torch",
+                    "valid",
+                    "valid",
+                    "state_not_dict",
+                    "non_tensor_value",
+                    "truncated_valid",
+                    "garbage",
+                ]
+            ),
+            "callable": st.sampled_from(["open", "mkdir", "exec"]),
+        }
+    )
 
-    gguf_keys = ["general.architecture", "llama.embedding_length", "llama.feed_forward_length", "llama.block_count",
-                 "llama.attention.head_count", "llama.attention.head_count_kv", "llama.context_length",
-                 "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base", "tokenizer.ggml.bos_token_id",
-                 "tokenizer.ggml.eos_token_id", "llama.attention.key_length", "llama.rope.dimension_count",
-                 "llama.rope.scaling.type", "llama.rope.scaling.factor"]
-    gguf_values = [("u32", 0), ("u32", 1), ("u32", 2), ("u32", 4), ("u32", 8), ("u32", 16), ("u32", 32), ("u32", 64),
-                   ("u32", 2 ** 31), ("i32", -1), ("i32", 2), ("u64", 2 ** 40), ("f32", 2.0), ("f32", 1e-6),
-                   ("f32", -1.0), ("f32", float("nan")), ("f64", 10000.0), ("bool", True), ("str", "32"),
-                   ("str", "llama"), ("str", "qwen2"), ("str", "gpt2"), ("str", "linear"), ("str", "yarn"),
-                   ("arr_u32", [2]), ("arr_u32", [2, 3]), ("arr_str", ["a"]), ("u8", 3), ("i64", -5)]
+    gguf_keys = [
+        "general.architecture",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.block_count",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.context_length",
+        "llama.attention.layer_norm_rms_epsilon",
+        "llama.rope.freq_base",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "llama.attention.key_length",
+        "llama.rope.dimension_count",
+        "llama.rope.scaling.type",
+        "llama.rope.scaling.factor",
+    ]
+    gguf_values = [
+        ("u32", 0),
+        ("u32", 1),
+        ("u32", 2),
+        ("u32", 4),
+        ("u32", 8),
+        ("u32", 16),
+        ("u32", 32),
+        ("u32", 64),
+        ("u32", 2**31),
+        ("i32", -1),
+        ("i32", 2),
+        ("u64", 2**40),
+        ("f32", 2.0),
+        ("f32", 1e-6),
+        ("f32", -1.0),
+        ("f32", float("nan")),
+        ("f64", 10000.0),
+        ("bool", True),
+        ("str", "32"),
+        ("str", "llama"),
+        ("str", "qwen2"),
+        ("str", "gpt2"),
+        ("str", "linear"),
+        ("str", "yarn"),
+        ("arr_u32", [2]),
+        ("arr_u32", [2, 3]),
+        ("arr_str", ["a"]),
+        ("u8", 3),
+        ("i64", -5),
+    ]
 
     @st.composite
     def gguf_mutation(draw):
         ops = []
         for _ in range(draw(st.integers(1, 3))):
-            kind = draw(st.sampled_from(["meta_set", "meta_set", "meta_remove", "tensor_drop", "tensor_shape",
-                                         "tensor_dtype", "tensor_extra", "tensor_rename", "flip", "truncate",
-                                         "noop", "drop_output"]))
-            op = {"kind": kind, "key": draw(st.sampled_from(gguf_keys)), "value": draw(st.sampled_from(gguf_values)),
-                  "tensor": draw(st.integers(0, 1000)), "pos": draw(st.integers(0, 10 ** 6)),
-                  "byte": draw(st.integers(1, 255)),
-                  "how": draw(st.sampled_from(["transpose", "rows_minus_one", "extra_dim", "F16", "Q8_0", "BF16",
-                                               "rope_freqs.weight", "blk.9.attn_q.weight", "unknown.weight"]))}
+            kind = draw(
+                st.sampled_from(
+                    [
+                        "meta_set",
+                        "meta_set",
+                        "meta_remove",
+                        "tensor_drop",
+                        "tensor_shape",
+                        "tensor_dtype",
+                        "tensor_extra",
+                        "tensor_rename",
+                        "flip",
+                        "truncate",
+                        "noop",
+                        "drop_output",
+                    ]
+                )
+            )
+            op = {
+                "kind": kind,
+                "key": draw(st.sampled_from(gguf_keys)),
+                "value": draw(st.sampled_from(gguf_values)),
+                "tensor": draw(st.integers(0, 1000)),
+                "pos": draw(st.integers(0, 10**6)),
+                "byte": draw(st.integers(1, 255)),
+                "how": draw(
+                    st.sampled_from(
+                        [
+                            "transpose",
+                            "rows_minus_one",
+                            "extra_dim",
+                            "F16",
+                            "Q8_0",
+                            "BF16",
+                            "rope_freqs.weight",
+                            "blk.9.attn_q.weight",
+                            "unknown.weight",
+                        ]
+                    )
+                ),
+            }
             ops.append(op)
         return {"ops": ops}
 
-    orbax_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "qkv_bias",
-                  "layer_windows", "bos_token_id", "eos_token_ids", "model_type", "family", "rope", "unknown_key",
-                  "state_size", "conv_kernel", "n_groups", "chunk_size", "time_step_limit"]
+    orbax_keys = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "qkv_bias",
+        "layer_windows",
+        "bos_token_id",
+        "eos_token_ids",
+        "model_type",
+        "family",
+        "rope",
+        "unknown_key",
+        "state_size",
+        "conv_kernel",
+        "n_groups",
+        "chunk_size",
+        "time_step_limit",
+    ]
 
     @st.composite
     def orbax_mutation(draw):
         ops = []
         for _ in range(draw(st.integers(1, 2))):
-            kind = draw(st.sampled_from(["config_set", "config_set", "config_remove", "meta", "file_delete",
-                                         "file_flip", "file_truncate", "file_garbage", "noop", "whole_config"]))
-            ops.append({"kind": kind, "key": draw(st.sampled_from(orbax_keys)),
-                        "value": draw(st.sampled_from(json_values + [[0, 0], [4, 4], [5], {"theta": 5.0},
-                                                                     {"theta": -1.0}, "mamba2", "mamba", "quamba"])),
-                        "file": draw(st.integers(0, 10 ** 4)), "pos": draw(st.integers(0, 10 ** 6)),
-                        "byte": draw(st.integers(1, 255)),
-                        "meta": draw(st.sampled_from(["version_2", "version_str", "no_config", "config_list",
-                                                      "quantized_bogus", "list"]))})
+            kind = draw(
+                st.sampled_from(
+                    [
+                        "config_set",
+                        "config_set",
+                        "config_remove",
+                        "meta",
+                        "file_delete",
+                        "file_flip",
+                        "file_truncate",
+                        "file_garbage",
+                        "noop",
+                        "whole_config",
+                    ]
+                )
+            )
+            ops.append(
+                {
+                    "kind": kind,
+                    "key": draw(st.sampled_from(orbax_keys)),
+                    "value": draw(
+                        st.sampled_from(
+                            json_values
+                            + [[0, 0], [4, 4], [5], {"theta": 5.0}, {"theta": -1.0}, "mamba2", "mamba", "quamba"]
+                        )
+                    ),
+                    "file": draw(st.integers(0, 10**4)),
+                    "pos": draw(st.integers(0, 10**6)),
+                    "byte": draw(st.integers(1, 255)),
+                    "meta": draw(
+                        st.sampled_from(
+                            ["version_2", "version_str", "no_config", "config_list", "quantized_bogus", "list"]
+                        )
+                    ),
+                }
+            )
         return {"model": draw(st.sampled_from(["llama", "llama", "mamba2"])), "ops": ops}
 
     # ----------------------------------------------------------------------------------------- text specs
-    literals = ["8", "0.5", "-1", "0", "1", "2", "4", "16", "1e9", "nan", "inf", "'max'", "max", "avg", "True", "None",
-                "false", "(1, 2)", "[(0, 0)]", "((0, 0), (1, 0))", "1_000", "0x10", "((", ")", "[1, 2", "'a,b'", '"',
-                "1e400", "10**9", "__import__('os').getcwd()", "9" * 5000, "(" * 300 + ")" * 300, "cache", "original",
-                "0.25", "1.0", "3", "(2, 1)", "[2, 2]", " 8 ", "8 8", "{}", "[]", "b'x'", "1j", "-0.0", "2.0"]
-    policy_names = ["snapkv", "SnapKV", " streamingllm ", "kivi", "GEAR", "minicache", "mixedprecisionkv", "rotatekv",
-                    "tokenselect", "xkv", "snap", "", "pyramidkv", "snapkv2", "prompt_lookup"]
-    drafter_names = ["prompt_lookup", "token_recycling", "Prompt_Lookup", " TOKEN_RECYCLING", "dyspec", "draftmodel",
-                     "rsd", "", "promptlookup", "snapkv"]
+    literals = [
+        "8",
+        "0.5",
+        "-1",
+        "0",
+        "1",
+        "2",
+        "4",
+        "16",
+        "1e9",
+        "nan",
+        "inf",
+        "'max'",
+        "max",
+        "avg",
+        "True",
+        "None",
+        "false",
+        "(1, 2)",
+        "[(0, 0)]",
+        "((0, 0), (1, 0))",
+        "1_000",
+        "0x10",
+        "((",
+        ")",
+        "[1, 2",
+        "'a,b'",
+        '"',
+        "1e400",
+        "10**9",
+        "__import__('os').getcwd()",
+        "9" * 5000,
+        "(" * 300 + ")" * 300,
+        "cache",
+        "original",
+        "0.25",
+        "1.0",
+        "3",
+        "(2, 1)",
+        "[2, 2]",
+        " 8 ",
+        "8 8",
+        "{}",
+        "[]",
+        "b'x'",
+        "1j",
+        "-0.0",
+        "2.0",
+    ]
+    policy_names = [
+        "snapkv",
+        "SnapKV",
+        " streamingllm ",
+        "kivi",
+        "GEAR",
+        "minicache",
+        "mixedprecisionkv",
+        "rotatekv",
+        "tokenselect",
+        "xkv",
+        "snap",
+        "",
+        "pyramidkv",
+        "snapkv2",
+        "prompt_lookup",
+    ]
+    drafter_names = [
+        "prompt_lookup",
+        "token_recycling",
+        "Prompt_Lookup",
+        " TOKEN_RECYCLING",
+        "dyspec",
+        "draftmodel",
+        "rsd",
+        "",
+        "promptlookup",
+        "snapkv",
+    ]
     policy_keys = sorted({k for spec in POLICY_FIELDS.values() for k in (*spec["required"], *spec["defaults"])})
     drafter_keys = ["num_tokens", "max_ngram", "min_ngram", "candidates", "template", "adjacency"]
 
-    clean_values = {"budget": ["8", "16", "0.5", "64"], "window": ["1", "4"], "kernel_size": ["3", "5"],
-                    "pooling": ["max", "'avg'"], "pyramid": ["True", "False"], "beta": ["20", "2.5"],
-                    "sinks": ["0", "4"], "positions": ["cache", "original"], "distance_ceiling": ["None", "64"],
-                    "bits": ["2", "4", "8", "16"], "group_size": ["4", "8", "32"], "residual": ["32", "64"],
-                    "rank": ["1", "4"], "outlier_fraction": ["0.01", "0"], "start_layer": ["None", "0", "1"],
-                    "t": ["0.6", "1"], "retention_threshold": ["0.05"], "max_retained": ["0.1", "4"],
-                    "high_bits": ["8", "16"], "low_bits": ["2", "4"], "important": ["0.2", "4"], "head_group": ["1", "2"],
-                    "k": ["4", "16"], "local": ["0", "8"], "threshold": ["0.9", "None"], "value_rank": ["None", "2"],
-                    "num_tokens": ["1", "3", "8"], "max_ngram": ["3", "4"], "min_ngram": ["1", "2"],
-                    "candidates": ["2", "8"], "template": ["((0, 0),)", "[(0, 0), (1, 0)]", "((0,0),(0,1))"]}
-    clean_names = {"snapkv": ["budget", "window", "kernel_size", "pooling", "pyramid", "beta"],
-                   "streamingllm": ["budget", "sinks", "positions", "distance_ceiling"],
-                   "kivi": ["bits", "group_size", "residual"], "gear": ["bits", "rank", "outlier_fraction", "group_size"],
-                   "minicache": ["start_layer", "t", "retention_threshold", "max_retained"],
-                   "mixedprecisionkv": ["high_bits", "low_bits", "important", "window", "group_size"],
-                   "rotatekv": ["bits", "group_size", "sinks", "head_group"],
-                   "tokenselect": ["k", "sinks", "local", "threshold"], "xkv": ["rank", "group_size", "value_rank"],
-                   "prompt_lookup": ["num_tokens", "max_ngram", "min_ngram"],
-                   "token_recycling": ["candidates", "template"]}
+    clean_values = {
+        "budget": ["8", "16", "0.5", "64"],
+        "window": ["1", "4"],
+        "kernel_size": ["3", "5"],
+        "pooling": ["max", "'avg'"],
+        "pyramid": ["True", "False"],
+        "beta": ["20", "2.5"],
+        "sinks": ["0", "4"],
+        "positions": ["cache", "original"],
+        "distance_ceiling": ["None", "64"],
+        "bits": ["2", "4", "8", "16"],
+        "group_size": ["4", "8", "32"],
+        "residual": ["32", "64"],
+        "rank": ["1", "4"],
+        "outlier_fraction": ["0.01", "0"],
+        "start_layer": ["None", "0", "1"],
+        "t": ["0.6", "1"],
+        "retention_threshold": ["0.05"],
+        "max_retained": ["0.1", "4"],
+        "high_bits": ["8", "16"],
+        "low_bits": ["2", "4"],
+        "important": ["0.2", "4"],
+        "head_group": ["1", "2"],
+        "k": ["4", "16"],
+        "local": ["0", "8"],
+        "threshold": ["0.9", "None"],
+        "value_rank": ["None", "2"],
+        "num_tokens": ["1", "3", "8"],
+        "max_ngram": ["3", "4"],
+        "min_ngram": ["1", "2"],
+        "candidates": ["2", "8"],
+        "template": ["((0, 0),)", "[(0, 0), (1, 0)]", "((0,0),(0,1))"],
+    }
+    clean_names = {
+        "snapkv": ["budget", "window", "kernel_size", "pooling", "pyramid", "beta"],
+        "streamingllm": ["budget", "sinks", "positions", "distance_ceiling"],
+        "kivi": ["bits", "group_size", "residual"],
+        "gear": ["bits", "rank", "outlier_fraction", "group_size"],
+        "minicache": ["start_layer", "t", "retention_threshold", "max_retained"],
+        "mixedprecisionkv": ["high_bits", "low_bits", "important", "window", "group_size"],
+        "rotatekv": ["bits", "group_size", "sinks", "head_group"],
+        "tokenselect": ["k", "sinks", "local", "threshold"],
+        "xkv": ["rank", "group_size", "value_rank"],
+        "prompt_lookup": ["num_tokens", "max_ngram", "min_ngram"],
+        "token_recycling": ["candidates", "template"],
+    }
 
     @st.composite
     def spec_text(draw, names, keys, clean_only=False):
         clean = [n for n in clean_names if n in [x.strip().lower() for x in names]]
-        if clean_only or draw(st.integers(0, 1)) == 0:  # plausible: a known name and a few of its own keys, right-typed values
+        if (
+            clean_only or draw(st.integers(0, 1)) == 0
+        ):  # plausible: a known name and a few of its own keys, right-typed values
             name = draw(st.sampled_from(clean))
             fields = draw(st.lists(st.sampled_from(clean_names[name]), unique=True, max_size=3))
             required = {"snapkv": "budget", "streamingllm": "budget", "tokenselect": "k", "xkv": "rank"}.get(name)
@@ -879,28 +1525,65 @@ def strategies():
 
     # ------------------------------------------------------------------------------------------------ CLI
     int_strings = ["1", "2", "4", "0", "-1", "1e3", "5.0", "", "abc", "0x10", " 3 ", "99999999999", "1000000", "\u0663"]
-    float_strings = ["0", "0.0", "0.7", "1", "1.5", "-0.5", "nan", "inf", "-inf", "1e400", "abc", "", "0.9", "1_0",
-                     "infinity", "1e-3", "2"]
+    float_strings = [
+        "0",
+        "0.0",
+        "0.7",
+        "1",
+        "1.5",
+        "-0.5",
+        "nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "abc",
+        "",
+        "0.9",
+        "1_0",
+        "infinity",
+        "1e-3",
+        "2",
+    ]
 
     @st.composite
     def cli_argv(draw):
         plain = draw(st.booleans())  # half the argv lists are plausible and mostly valid, half anything goes
-        commands = ["generate"] * 2 + ["convert"] if plain else ["generate"] * 6 + ["convert"] * 3 + ["", "bogus", "--help"]
+        commands = (
+            ["generate"] * 2 + ["convert"] if plain else ["generate"] * 6 + ["convert"] * 3 + ["", "bogus", "--help"]
+        )
         command = draw(st.sampled_from(commands))
         opts = []
-        pick = lambda good, bad: draw(st.sampled_from(good if plain else good + bad))
+
+        def pick(good, bad):
+            return draw(st.sampled_from(good if plain else good + bad))
+
         if command == "generate":
             if plain or draw(st.integers(0, 9)):
-                opts.append(("--prompt", pick(["w3 w4 w5", "w7", "hello world", "w3\nw4", "w5 " * 20],
-                                              ["", "w9 " * 150, "-w3", "\u00e9\u6f22"])))
-            opts.append(("--model", pick(["cli_ckpt"] * 4 + ["hf_dir"], ["missing", "not_gguf", "ckpt_no_tokenizer",
-                                                                         "gguf", "empty_dir"])))
-            for flag, good, bad in (("--max-new-tokens", ["1", "2", "4", " 3 "], int_strings),
-                                    ("--temperature", ["0", "0.7", "1", "1_0"], float_strings),
-                                    ("--top-k", ["0", "1", "4", "\u0663"], int_strings),
-                                    ("--top-p", ["0.9", "1", "1e-3"], float_strings),
-                                    ("--min-p", ["0", "0.05"], float_strings),
-                                    ("--seed", ["0", "7", "4294967295"], int_strings)):
+                opts.append(
+                    (
+                        "--prompt",
+                        pick(
+                            ["w3 w4 w5", "w7", "hello world", "w3\nw4", "w5 " * 20],
+                            ["", "w9 " * 150, "-w3", "\u00e9\u6f22"],
+                        ),
+                    )
+                )
+            opts.append(
+                (
+                    "--model",
+                    pick(
+                        ["cli_ckpt"] * 4 + ["hf_dir"], ["missing", "not_gguf", "ckpt_no_tokenizer", "gguf", "empty_dir"]
+                    ),
+                )
+            )
+            for flag, good, bad in (
+                ("--max-new-tokens", ["1", "2", "4", " 3 "], int_strings),
+                ("--temperature", ["0", "0.7", "1", "1_0"], float_strings),
+                ("--top-k", ["0", "1", "4", "\u0663"], int_strings),
+                ("--top-p", ["0.9", "1", "1e-3"], float_strings),
+                ("--min-p", ["0", "0.05"], float_strings),
+                ("--seed", ["0", "7", "4294967295"], int_strings),
+            ):
                 if draw(st.integers(0, 3)) == 0:
                     opts.append((flag, pick(good, bad)))
             if plain or draw(st.integers(0, 3)) == 0:
@@ -916,8 +1599,15 @@ def strategies():
                 opts.append(("--speculative", draw(spec_text(drafter_names, drafter_keys, clean_only=plain))))
         elif command == "convert":
             opts.append(("SOURCE", pick(["hf_dir", "hf_dir", "gguf", "ckpt"], ["missing", "not_gguf"])))
-            opts.append(("DEST", pick(["new", "new", "empty", "nested_new", "checkpoint"],
-                                      ["unrelated", "source", "inside_source", "contains_source", "file"])))
+            opts.append(
+                (
+                    "DEST",
+                    pick(
+                        ["new", "new", "empty", "nested_new", "checkpoint"],
+                        ["unrelated", "source", "inside_source", "contains_source", "file"],
+                    ),
+                )
+            )
             if draw(st.integers(0, 2)) == 0 or (plain and ("DEST", "checkpoint") in opts):
                 opts.append(("--overwrite", None))
             if draw(st.integers(0, 3)) == 0:
@@ -930,16 +1620,25 @@ def strategies():
     cli = st.fixed_dictionaries({"argv": cli_argv()})
 
     return {
-        "generate_options": generate_options, "generate_kv": generate_kv(),
+        "generate_options": generate_options,
+        "generate_kv": generate_kv(),
         "generate_speculative": generate_speculative(),
-        "forward": forward_payload(), "forward_jit": forward_payload(jit=True),
-        "load_safetensors": safetensors_mutation(), "load_config_json": config_mutation(),
-        "load_shard_index": shard_index, "load_pickle": pickle_payload, "load_gguf": gguf_mutation(),
-        "load_orbax": orbax_mutation(), "spec_policy": spec_policy, "spec_drafter": spec_drafter, "cli": cli,
+        "forward": forward_payload(),
+        "forward_jit": forward_payload(jit=True),
+        "load_safetensors": safetensors_mutation(),
+        "load_config_json": config_mutation(),
+        "load_shard_index": shard_index,
+        "load_pickle": pickle_payload,
+        "load_gguf": gguf_mutation(),
+        "load_orbax": orbax_mutation(),
+        "spec_policy": spec_policy,
+        "spec_drafter": spec_drafter,
+        "cli": cli,
     }
 
 
 # ============================================================================================== verdicts
+
 
 class Verdict(Exception):
     """The outcome of an example, raised from anywhere inside a runner."""
@@ -994,14 +1693,15 @@ _PYTHON_INTERNAL = re.compile(
     r"unhashable type|not supported between instances|has no attribute|can't multiply sequence|"
     r"unsupported operand type|argument after \*\* must be|object cannot be interpreted as an integer|"
     r"invalid literal for int\(\)|could not convert string to float|too many values to unpack|"
-    r"not enough values to unpack|cannot reshape array|operands could not be broadcast")
+    r"not enough values to unpack|cannot reshape array|operands could not be broadcast"
+)
 
 
 def _short(filename: str) -> str:
     parts = Path(filename).parts
     for anchor in ("site-packages", "work"):
         if anchor in parts:
-            return "/".join(parts[parts.index(anchor) + 1:])
+            return "/".join(parts[parts.index(anchor) + 1 :])
     return filename
 
 
@@ -1031,6 +1731,7 @@ def expect(problem, call, check=None):
 
 # =============================================================================================== worker
 
+
 class Worker:
     """Everything that runs in the worker process: fixtures, models and one runner per target."""
 
@@ -1050,9 +1751,11 @@ class Worker:
         import ssm_llm.generation
         import ssm_llm.speculative.tree
 
-        for name, mine, theirs in (("MAX_NEW_TOKENS", MAX_NEW_TOKENS, ssm_llm.generation.MAX_NEW_TOKENS),
-                                   ("MAX_TREE_NODES", MAX_TREE_NODES, ssm_llm.speculative.tree.MAX_TREE_NODES),
-                                   ("MAX_LAYERS", MAX_LAYERS, ssm_llm.config.MAX_LAYERS)):
+        for name, mine, theirs in (
+            ("MAX_NEW_TOKENS", MAX_NEW_TOKENS, ssm_llm.generation.MAX_NEW_TOKENS),
+            ("MAX_TREE_NODES", MAX_TREE_NODES, ssm_llm.speculative.tree.MAX_TREE_NODES),
+            ("MAX_LAYERS", MAX_LAYERS, ssm_llm.config.MAX_LAYERS),
+        ):
             assert mine == theirs, f"the fuzzer's copy of {name} is stale"
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -1067,17 +1770,26 @@ class Worker:
 
             import ssm_llm
 
-            config = {"llama": lambda: ssm_llm.ModelConfig(**LLAMA), "mamba": lambda: ssm_llm.MambaConfig(**MAMBA),
-                      "mamba2": lambda: ssm_llm.Mamba2Config(**MAMBA2),
-                      "other_vocab": lambda: ssm_llm.ModelConfig(**{**LLAMA, "vocab_size": 64})}[name]()
+            config = {
+                "llama": lambda: ssm_llm.ModelConfig(**LLAMA),
+                "mamba": lambda: ssm_llm.MambaConfig(**MAMBA),
+                "mamba2": lambda: ssm_llm.Mamba2Config(**MAMBA2),
+                "other_vocab": lambda: ssm_llm.ModelConfig(**{**LLAMA, "vocab_size": 64}),
+            }[name]()
             self._models[name] = (config, ssm_llm.init_params(config, jax.random.PRNGKey(len(name))))
         return self._models[name]
 
     def prepare(self, target: str) -> dict:
         """Build what `target` needs on disk (once per run; later workers find it there)."""
-        needs = {"load_safetensors": ["hf_llama"], "load_config_json": ["hf_llama"], "load_shard_index": ["hf_llama"],
-                 "load_pickle": ["hf_llama"], "load_gguf": ["gguf"], "load_orbax": ["ckpt_llama", "ckpt_mamba2"],
-                 "cli": ["hf_llama", "gguf", "ckpt_llama", "cli_ckpt"]}.get(target, [])
+        needs = {
+            "load_safetensors": ["hf_llama"],
+            "load_config_json": ["hf_llama"],
+            "load_shard_index": ["hf_llama"],
+            "load_pickle": ["hf_llama"],
+            "load_gguf": ["gguf"],
+            "load_orbax": ["ckpt_llama", "ckpt_mamba2"],
+            "cli": ["hf_llama", "gguf", "ckpt_llama", "cli_ckpt"],
+        }.get(target, [])
         for name in needs:
             path = self.fixtures / name
             if not (path / ".done").exists():
@@ -1122,8 +1834,10 @@ class Worker:
         tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-        fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                              "{% if add_generation_prompt %}w4{% endif %}")
+        fast.chat_template = (
+            "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}w4{% endif %}"
+        )
         return fast
 
     def gguf_base(self):
@@ -1131,21 +1845,37 @@ class Worker:
         (llama.cpp's q/k row order does not matter for random weights)."""
         rng = np.random.default_rng(SEED)
         h, f, layers, heads, kv, hd = 32, 64, 2, 4, 2, 8
-        meta = [("general.architecture", "str", "llama"), ("llama.embedding_length", "u32", h),
-                ("llama.feed_forward_length", "u32", f), ("llama.block_count", "u32", layers),
-                ("llama.attention.head_count", "u32", heads), ("llama.attention.head_count_kv", "u32", kv),
-                ("llama.context_length", "u32", CONTEXT), ("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5),
-                ("llama.rope.freq_base", "f32", 10000.0), ("tokenizer.ggml.bos_token_id", "u32", 1),
-                ("tokenizer.ggml.eos_token_id", "u32", 2)]
-        w = lambda *shape: (0.15 * rng.standard_normal(shape)).astype(np.float32)
+        meta = [
+            ("general.architecture", "str", "llama"),
+            ("llama.embedding_length", "u32", h),
+            ("llama.feed_forward_length", "u32", f),
+            ("llama.block_count", "u32", layers),
+            ("llama.attention.head_count", "u32", heads),
+            ("llama.attention.head_count_kv", "u32", kv),
+            ("llama.context_length", "u32", CONTEXT),
+            ("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5),
+            ("llama.rope.freq_base", "f32", 10000.0),
+            ("tokenizer.ggml.bos_token_id", "u32", 1),
+            ("tokenizer.ggml.eos_token_id", "u32", 2),
+        ]
+
+        def w(*shape):
+            return (0.15 * rng.standard_normal(shape)).astype(np.float32)
+
         # GGUF shapes are written numpy-style here ([rows, cols] as Hugging Face has them).
         tensors = [("token_embd.weight", w(VOCAB, h)), ("output_norm.weight", 1 + w(h)), ("output.weight", w(VOCAB, h))]
         for i in range(layers):
-            tensors += [(f"blk.{i}.attn_norm.weight", 1 + w(h)), (f"blk.{i}.attn_q.weight", w(heads * hd, h)),
-                        (f"blk.{i}.attn_k.weight", w(kv * hd, h)), (f"blk.{i}.attn_v.weight", w(kv * hd, h)),
-                        (f"blk.{i}.attn_output.weight", w(h, heads * hd)), (f"blk.{i}.ffn_norm.weight", 1 + w(h)),
-                        (f"blk.{i}.ffn_gate.weight", w(f, h)), (f"blk.{i}.ffn_up.weight", w(f, h)),
-                        (f"blk.{i}.ffn_down.weight", w(h, f))]
+            tensors += [
+                (f"blk.{i}.attn_norm.weight", 1 + w(h)),
+                (f"blk.{i}.attn_q.weight", w(heads * hd, h)),
+                (f"blk.{i}.attn_k.weight", w(kv * hd, h)),
+                (f"blk.{i}.attn_v.weight", w(kv * hd, h)),
+                (f"blk.{i}.attn_output.weight", w(h, heads * hd)),
+                (f"blk.{i}.ffn_norm.weight", 1 + w(h)),
+                (f"blk.{i}.ffn_gate.weight", w(f, h)),
+                (f"blk.{i}.ffn_up.weight", w(f, h)),
+                (f"blk.{i}.ffn_down.weight", w(h, f)),
+            ]
         return meta, tensors
 
     def _build_gguf(self, path: Path):
@@ -1189,9 +1919,12 @@ class Worker:
         if exc is not None:
             filename, func, line = raising_frame(exc)
             lines = str(exc).strip().splitlines()
-            message = re.sub(r"ex\d+-[A-Za-z0-9_]+", "exN", (lines[0] if lines else "").replace(str(self.root), "$SANDBOX"))
-            record.update(exception=type(exc).__name__, message=message[:300],
-                          frame=f"{_short(filename)}:{line} ({func})")
+            message = re.sub(
+                r"ex\d+-[A-Za-z0-9_]+", "exN", (lines[0] if lines else "").replace(str(self.root), "$SANDBOX")
+            )
+            record.update(
+                exception=type(exc).__name__, message=message[:300], frame=f"{_short(filename)}:{line} ({func})"
+            )
             if outcome in BAD_OUTCOMES:
                 record["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:]
         return record
@@ -1213,14 +1946,18 @@ class Worker:
             sink.append((int(step), np.asarray(tokens).tolist()))
             if step == at:
                 raise FuzzCallbackError(f"fuzzer callback raised at step {at}")
+
         return raising
 
     def _build_policy(self, desc):
         from ssm_llm import kv, speculative
 
         if isinstance(desc, Special):
-            return (speculative.PromptLookup(), "a drafter where a policy belongs") if desc.name == "drafter" else \
-                (object(), "an object")
+            return (
+                (speculative.PromptLookup(), "a drafter where a policy belongs")
+                if desc.name == "drafter"
+                else (object(), "an object")
+            )
         if not isinstance(desc, dict):
             return desc, f"kv_compression={desc!r}"
         problem = policy_ctor_problem(desc["cls"], desc["kwargs"])
@@ -1232,6 +1969,7 @@ class Worker:
         if isinstance(v, Special):
             if v.name == "wide_template":
                 from ssm_llm.speculative import WIDE_TEMPLATE
+
                 return WIDE_TEMPLATE
             if v.name == "huge_template":
                 return tuple((0, 0) for _ in range(1)) + tuple((i, 0) for i in range(1, 2000))
@@ -1258,8 +1996,11 @@ class Worker:
         from ssm_llm import kv, speculative
 
         if isinstance(desc, Special):
-            return (kv.StreamingLLM(budget=8), "a policy where a drafter belongs") if desc.name == "policy" else \
-                (object(), "an object")
+            return (
+                (kv.StreamingLLM(budget=8), "a policy where a drafter belongs")
+                if desc.name == "policy"
+                else (object(), "an object")
+            )
         if not isinstance(desc, dict):
             return desc, f"speculative={desc!r}"
         name, kwargs = desc["cls"], {k: self._value(v) for k, v in desc["kwargs"].items()}
@@ -1311,7 +2052,10 @@ class Worker:
         payload = dict(payload)
         for key in ("policy", "drafter"):  # placeholders become the objects they stand for, for oracle and call
             if isinstance(payload.get(key), dict):
-                payload[key] = {**payload[key], "kwargs": {k: self._value(v) for k, v in payload[key]["kwargs"].items()}}
+                payload[key] = {
+                    **payload[key],
+                    "kwargs": {k: self._value(v) for k, v in payload[key]["kwargs"].items()},
+                }
         model_name = payload["model"]
         config, params = self.model(model_name)
         gen = {k: self._value(v) for k, v in payload["gen"].items()}
@@ -1327,18 +2071,23 @@ class Worker:
             draft_vocab = rest[0] if rest else None
             drafter_ok = bad is None
             gen["speculative"] = drafter
-        problem = gen_config_problem(payload["gen"] | {k: gen[k] for k in ("kv_compression", "speculative") if k in gen},
-                                     policy_ok, drafter_ok)
+        problem = gen_config_problem(
+            payload["gen"] | {k: gen[k] for k in ("kv_compression", "speculative") if k in gen}, policy_ok, drafter_ok
+        )
         gen_config = expect(problem, lambda: ssm_llm.GenerationConfig(**gen))
 
-        params, config, gen_config, misuse_problem = self._misuse(payload["misuse"], model_name, params, config,
-                                                                  gen_config)
+        params, config, gen_config, misuse_problem = self._misuse(
+            payload["misuse"], model_name, params, config, gen_config
+        )
         prompts = payload["prompts"]
         sink = []
         callback = self._callback(payload["on_token"], sink)
         problem = misuse_problem or self._request_problem(model_name, gen, prompts, payload, draft_vocab)
         raising = payload["on_token"] in ("raise_at_0", "raise_at_2")
-        call = lambda: ssm_llm.generate(params, config, prompts, gen_config, on_token=callback)
+
+        def call():
+            return ssm_llm.generate(params, config, prompts, gen_config, on_token=callback)
+
         if raising and problem is None:
             try:
                 result = call()
@@ -1348,11 +2097,18 @@ class Worker:
                 raise Verdict("crash", "a raising on_token callback surfaced as another exception", e) from None
             mnt = gen_config.max_new_tokens
             at = int(payload["on_token"].rsplit("_", 1)[1])
-            if at < mnt and not all(r == "eos" and len(t) < at for t, r in zip(result.tokens, result.finish_reasons)):
+            if at < mnt and not all(
+                r == "eos" and len(t) < at for t, r in zip(result.tokens, result.finish_reasons, strict=True)
+            ):
                 raise Verdict("silent", "the on_token callback raised, generate returned normally")
             return
-        result = expect(problem, call, lambda r: self._check_generation(r, model_name, params, config, prompts,
-                                                                        gen_config, sink, payload["on_token"]))
+        result = expect(
+            problem,
+            call,
+            lambda r: self._check_generation(
+                r, model_name, params, config, prompts, gen_config, sink, payload["on_token"]
+            ),
+        )
         return result
 
     def _request_problem(self, model_name, gen, prompts, payload, draft_vocab):
@@ -1376,12 +2132,12 @@ class Worker:
         if model_name == "llama":
             if longest > CONTEXT or (longest + mnt > CONTEXT and not unbounded):
                 return "past the model's context"
-            if gen.get("max_len") is not None and gen["max_len"] > 10 ** 9:
+            if gen.get("max_len") is not None and gen["max_len"] > 10**9:
                 return "a KV cache of max_len positions cannot fit in memory"
         if isinstance(policy, dict):
             if model_name != "llama":
                 return "kv_compression on a state-space model"
-            padded = min(-(-longest // 16) * 16, gen.get("max_len") or 10 ** 9)
+            padded = min(-(-longest // 16) * 16, gen.get("max_len") or 10**9)
             problem = policy_model_problem(policy["cls"], policy["kwargs"], lengths, padded)
             if problem:
                 return problem
@@ -1402,7 +2158,7 @@ class Worker:
         eos = set(gen_config.eos_token_ids if gen_config.eos_token_ids is not None else config.eos_token_ids)
         if len(result.tokens) != n or len(result.finish_reasons) != n:
             return [f"{len(result.tokens)} rows for {n} prompts"]
-        for i, (toks, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
+        for i, (toks, reason) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
             if any(not (isinstance(t, int) and 0 <= t < VOCAB) for t in toks):
                 broken.append(f"row {i}: token outside [0, {VOCAB})")
             if len(toks) > mnt:
@@ -1426,13 +2182,24 @@ class Worker:
                 if streamed != toks:
                     broken.append(f"row {i}: streamed {streamed} != returned {toks}")
         lossless = gen_config.kv_compression is None
-        if not broken and gen_config.temperature == 0 and lossless and (
-                gen_config.speculative is not None or gen_config != ssm_llm.GenerationConfig(
-                    max_new_tokens=mnt, eos_token_ids=gen_config.eos_token_ids) or not isinstance(params["layers"], dict)):
+        if (
+            not broken
+            and gen_config.temperature == 0
+            and lossless
+            and (
+                gen_config.speculative is not None
+                or gen_config != ssm_llm.GenerationConfig(max_new_tokens=mnt, eos_token_ids=gen_config.eos_token_ids)
+                or not isinstance(params["layers"], dict)
+            )
+        ):
             base_params = self.model(model_name)[1]
-            ref = ssm_llm.generate(base_params, config, prompts, ssm_llm.GenerationConfig(
-                max_new_tokens=mnt, eos_token_ids=tuple(sorted(eos))))
-            for i, (got, want) in enumerate(zip(result.tokens, ref.tokens)):
+            ref = ssm_llm.generate(
+                base_params,
+                config,
+                prompts,
+                ssm_llm.GenerationConfig(max_new_tokens=mnt, eos_token_ids=tuple(sorted(eos))),
+            )
+            for i, (got, want) in enumerate(zip(result.tokens, ref.tokens, strict=True)):
                 if got != want and not self._tie(model_name, list(prompts[i]), got, want):
                     broken.append(f"row {i}: greedy {got} != plain greedy {want}")
         return broken
@@ -1442,7 +2209,7 @@ class Worker:
         import ssm_llm
 
         config, params = self.model(model_name)
-        i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        i = next((j for j, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
         if i >= len(got) or i >= len(want):
             return False  # one stopped (EOS) where the other did not: not a tie of two tokens
         ids = np.asarray([[int(t) for t in prompt] + want[:i]], np.int32)
@@ -1488,7 +2255,7 @@ class Worker:
             return [ids[0], ids[0] + [1]] if len(ids) > 1 else [[1, 2], [3]], "ragged token rows", None
         if form == "huge_int64":
             bad = matrix.copy()
-            bad[0, 0] = 2 ** 32 + 5
+            bad[0, 0] = 2**32 + 5
             return bad, "token id 2**32 + 5", None
         if form == "object":
             return np.asarray(ids, object), "object array", None
@@ -1552,7 +2319,7 @@ class Worker:
         config, params = self.model(model_name)
         ids = np.asarray([list(prefix) + list(row_tokens)], np.int32)
         logits, _ = ssm_llm.forward(params, config, ids, ssm_llm.init_cache(config, 1, ids.shape[1]))
-        return np.asarray(logits[0, len(prefix):], np.float64)
+        return np.asarray(logits[0, len(prefix) :], np.float64)
 
     def _forward_setup(self, payload):
         import ssm_llm
@@ -1570,19 +2337,55 @@ class Worker:
         elif misuse == "config_dict":
             config = config.to_dict()
         attention = model_name == "llama"
-        return (model_name, config, params, tokens, tok_problem, matrix, batch, steps, counts, count_problem,
-                count_values, cache, cache_problem, prefix, max_len, misuse, attention, ssm_llm)
+        return (
+            model_name,
+            config,
+            params,
+            tokens,
+            tok_problem,
+            matrix,
+            batch,
+            steps,
+            counts,
+            count_problem,
+            count_values,
+            cache,
+            cache_problem,
+            prefix,
+            max_len,
+            misuse,
+            attention,
+            ssm_llm,
+        )
 
     def run_forward(self, payload):
-        (model_name, config, params, tokens, tok_problem, matrix, batch, steps, counts, count_problem, count_values,
-         cache, cache_problem, prefix, max_len, misuse, attention, ssm_llm) = self._forward_setup(payload)
+        (
+            model_name,
+            config,
+            params,
+            tokens,
+            tok_problem,
+            matrix,
+            batch,
+            steps,
+            counts,
+            count_problem,
+            count_values,
+            cache,
+            cache_problem,
+            prefix,
+            max_len,
+            misuse,
+            attention,
+            ssm_llm,
+        ) = self._forward_setup(payload)
         problem = (f"misuse: {misuse}" if misuse else None) or tok_problem or cache_problem or count_problem
         if problem is None:
             if ((matrix < 0) | (matrix >= VOCAB)).any():
                 problem = "a token id outside the vocabulary"
             elif attention and steps > max_len:
                 problem = "more steps than the cache holds"
-            elif attention and any(len(p) + c > max_len for p, c in zip(prefix, count_values)):
+            elif attention and any(len(p) + c > max_len for p, c in zip(prefix, count_values, strict=True)):
                 problem = "cache overflow"
 
         def check(out):
@@ -1599,9 +2402,10 @@ class Worker:
                 if not np.isfinite(logits[b, :n]).all():
                     broken.append(f"row {b}: non-finite logits for valid tokens")
                 elif not np.allclose(logits[b, :n], ref, atol=2e-4, rtol=2e-3):
-                    broken.append(f"row {b}: logits differ from a fresh forward by "
-                                  f"{np.abs(logits[b, :n] - ref).max():.2e}")
-            want = [len(p) + c for p, c in zip(prefix, count_values)]
+                    broken.append(
+                        f"row {b}: logits differ from a fresh forward by {np.abs(logits[b, :n] - ref).max():.2e}"
+                    )
+            want = [len(p) + c for p, c in zip(prefix, count_values, strict=True)]
             if np.asarray(new_cache.lengths).tolist() != want:
                 broken.append(f"cache lengths {np.asarray(new_cache.lengths).tolist()} != {want}")
             return broken
@@ -1613,8 +2417,26 @@ class Worker:
         import jax.numpy as jnp
         from jax.experimental import checkify
 
-        (model_name, config, params, tokens, tok_problem, matrix, batch, steps, counts, count_problem, count_values,
-         cache, cache_problem, prefix, max_len, misuse, attention, ssm_llm) = self._forward_setup(payload)
+        (
+            model_name,
+            config,
+            params,
+            tokens,
+            tok_problem,
+            matrix,
+            batch,
+            steps,
+            counts,
+            count_problem,
+            count_values,
+            cache,
+            cache_problem,
+            prefix,
+            max_len,
+            misuse,
+            attention,
+            ssm_llm,
+        ) = self._forward_setup(payload)
         # Static problems (shapes, dtypes, types) must still raise at trace time; value problems poison rows.
         static_problem = (f"misuse: {misuse}" if misuse else None) or tok_problem or cache_problem
         if static_problem is None and payload["counts_form"] in ("wrong_shape", "float", "bool"):
@@ -1632,14 +2454,15 @@ class Worker:
             return ssm_llm.forward(p, config, t, c, token_counts=n, checkify_errors=checkified)
 
         fn = jax.jit(checkify.checkify(f)) if checkified else jax.jit(f)
-        out = expect(static_problem or UNKNOWN if static_problem else None,
-                     lambda: fn(params, tokens_arr, cache, counts_arr))
+        out = expect(
+            static_problem or UNKNOWN if static_problem else None, lambda: fn(params, tokens_arr, cache, counts_arr)
+        )
         if static_problem:
             return
         bad_rows = []
         for b in range(batch):
             n = count_values[b]
-            bad = not (0 <= n <= steps) or ((matrix[b, :max(n, 0)] < 0) | (matrix[b, :max(n, 0)] >= VOCAB)).any()
+            bad = not (0 <= n <= steps) or ((matrix[b, : max(n, 0)] < 0) | (matrix[b, : max(n, 0)] >= VOCAB)).any()
             bad |= attention and len(prefix[b]) + n > max_len
             bad_rows.append(bool(bad))
         if checkified:
@@ -1675,8 +2498,11 @@ class Worker:
     def _hf_copy(self) -> Path:
         work = self.scratch()
         model = work / "model"
-        shutil.copytree(self.fixtures / "hf_llama", model, ignore=shutil.ignore_patterns(".done", "state_dict.pt",
-                                                                                             "tokenizer*", "chat*"))
+        shutil.copytree(
+            self.fixtures / "hf_llama",
+            model,
+            ignore=shutil.ignore_patterns(".done", "state_dict.pt", "tokenizer*", "chat*"),
+        )
         return model
 
     def _load_baseline(self, key, fn):
@@ -1693,8 +2519,8 @@ class Worker:
         path = model / "model.safetensors"
         raw = path.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        data = bytearray(raw[8 + n:])
+        header = json.loads(raw[8 : 8 + n])
+        data = bytearray(raw[8 + n :])
         header_bytes, size_override, tail, duplicate = None, None, b"", False
         names = [k for k in header if k != "__metadata__"]
         for op in payload["ops"]:
@@ -1702,21 +2528,46 @@ class Worker:
             name = names[op["tensor"] % len(names)] if names else None
             entry = header.get(name) if name else None
             offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-            if kind == "offsets" and isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets):
+            if (
+                kind == "offsets"
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(is_int(o) for o in offsets)
+            ):
                 b, e = offsets
                 entry["data_offsets"] = {
-                    "overlap": [max(0, b - 4), e - 4] if b >= 4 else [b, e], "reverse": [e, b], "negative": [-4, e - b - 4],
-                    "gap": [b + 4, e + 4], "shift": [b + 1, e + 1], "huge": [b, 2 ** 64 - 1], "float": [float(b), float(e)],
-                    "string": [str(b), str(e)], "three": [b, e, e], "one_short": [b, e - 1],
-                    "swap_two": None}[op["how"]] or entry["data_offsets"]
-                if op["how"] == "swap_two" and len(names) > 1 and isinstance(header.get(names[(op["tensor"] + 1) % len(names)]), dict):
+                    "overlap": [max(0, b - 4), e - 4] if b >= 4 else [b, e],
+                    "reverse": [e, b],
+                    "negative": [-4, e - b - 4],
+                    "gap": [b + 4, e + 4],
+                    "shift": [b + 1, e + 1],
+                    "huge": [b, 2**64 - 1],
+                    "float": [float(b), float(e)],
+                    "string": [str(b), str(e)],
+                    "three": [b, e, e],
+                    "one_short": [b, e - 1],
+                    "swap_two": None,
+                }[op["how"]] or entry["data_offsets"]
+                if (
+                    op["how"] == "swap_two"
+                    and len(names) > 1
+                    and isinstance(header.get(names[(op["tensor"] + 1) % len(names)]), dict)
+                ):
                     other = header[names[(op["tensor"] + 1) % len(names)]]
                     entry["data_offsets"], other["data_offsets"] = other["data_offsets"], entry["data_offsets"]
             elif kind == "shape" and entry is not None:
                 s = entry["shape"]
-                entry["shape"] = {"transpose": s[::-1], "drop_dim": s[1:], "add_one": s + [1], "zero": [0] + s[1:],
-                                  "negative": [-s[0]] + s[1:], "float": [float(x) for x in s], "huge": [2 ** 62] + s[1:],
-                                  "string": [str(x) for x in s], "double_first": [2 * s[0]] + s[1:]}[op["shape"]]
+                entry["shape"] = {
+                    "transpose": s[::-1],
+                    "drop_dim": s[1:],
+                    "add_one": s + [1],
+                    "zero": [0] + s[1:],
+                    "negative": [-s[0]] + s[1:],
+                    "float": [float(x) for x in s],
+                    "huge": [2**62] + s[1:],
+                    "string": [str(x) for x in s],
+                    "double_first": [2 * s[0]] + s[1:],
+                }[op["shape"]]
             elif kind == "dtype" and entry is not None:
                 entry["dtype"] = op["dtype"]
             elif kind == "header_size":
@@ -1749,9 +2600,16 @@ class Worker:
                 header_bytes = (header_bytes or json.dumps(header).encode()) + b" " * (1 + op["pos"] % 8)
         body = bytes(header_bytes) if header_bytes is not None else json.dumps(header).encode()
         size = len(body)
-        size = {None: size, "zero": 0, "huge": 2 ** 40, "minus_one": size - 1, "plus_one": size + 1,
-                "2**63": 2 ** 63, "file_size": len(body) + len(data) + 8}[size_override]
-        path.write_bytes(struct.pack("<Q", size % 2 ** 64) + body + bytes(data) + tail)
+        size = {
+            None: size,
+            "zero": 0,
+            "huge": 2**40,
+            "minus_one": size - 1,
+            "plus_one": size + 1,
+            "2**63": 2**63,
+            "file_size": len(body) + len(data) + 8,
+        }[size_override]
+        path.write_bytes(struct.pack("<Q", size % 2**64) + body + bytes(data) + tail)
 
         # The oracle: the official reader, then the same loader on a canonical rewrite of what it read.
         try:
@@ -1774,7 +2632,9 @@ class Worker:
             want, problem = None, f"its canonical rewrite is refused too ({type(e).__name__}: {str(e)[:80]})"
 
         def check(got):
-            return [] if _same_params(got[1], want[1]) and got[0] == want[0] else ["params differ from the canonical load"]
+            return (
+                [] if _same_params(got[1], want[1]) and got[0] == want[0] else ["params differ from the canonical load"]
+            )
 
         expect(problem, lambda: converters.load(model), check)
 
@@ -1791,8 +2651,15 @@ class Worker:
             else:
                 config[op["key"]] = op["value"]
         whole = payload["whole"]
-        text = {None: None, "list": json.dumps([config]), "string": json.dumps("llama"), "number": "5", "null": "null",
-                "invalid_json": json.dumps(config)[:-2], "empty": ""}[whole]
+        text = {
+            None: None,
+            "list": json.dumps([config]),
+            "string": json.dumps("llama"),
+            "number": "5",
+            "null": "null",
+            "invalid_json": json.dumps(config)[:-2],
+            "empty": "",
+        }[whole]
         (model / "config.json").write_text(text if text is not None else json.dumps(config))
         problem = f"config.json holds {whole}" if whole else hf_config_problem(config, original)
 
@@ -1837,8 +2704,12 @@ class Worker:
             parts = Path(name.replace("\\", "/"))
             return not parts.is_absolute() and ".." not in parts.parts and not re.match(r"^[A-Za-z]:", name)
 
-        outside = isinstance(index, dict) and isinstance(index.get("weight_map"), dict) and not payload["keep_single"] \
+        outside = (
+            isinstance(index, dict)
+            and isinstance(index.get("weight_map"), dict)
+            and not payload["keep_single"]
             and not all(resolves_inside(v) for v in weight_map.values())
+        )
         single = (model / "model.safetensors").is_file()
         outside = outside and not single
         problem = None
@@ -1923,9 +2794,17 @@ class Worker:
         meta = list(meta)
         tensors = [[n, a, None] for n, a in tensors]
         raw_ops = []
-        kinds = {"u8": gguf.GGUFValueType.UINT8, "u32": gguf.GGUFValueType.UINT32, "i32": gguf.GGUFValueType.INT32,
-                 "u64": gguf.GGUFValueType.UINT64, "i64": gguf.GGUFValueType.INT64, "f32": gguf.GGUFValueType.FLOAT32,
-                 "f64": gguf.GGUFValueType.FLOAT64, "bool": gguf.GGUFValueType.BOOL, "str": gguf.GGUFValueType.STRING}
+        kinds = {
+            "u8": gguf.GGUFValueType.UINT8,
+            "u32": gguf.GGUFValueType.UINT32,
+            "i32": gguf.GGUFValueType.INT32,
+            "u64": gguf.GGUFValueType.UINT64,
+            "i64": gguf.GGUFValueType.INT64,
+            "f32": gguf.GGUFValueType.FLOAT32,
+            "f64": gguf.GGUFValueType.FLOAT64,
+            "bool": gguf.GGUFValueType.BOOL,
+            "str": gguf.GGUFValueType.STRING,
+        }
         del kinds
         for op in payload["ops"]:
             kind = op["kind"]
@@ -1941,8 +2820,15 @@ class Worker:
             elif kind == "tensor_shape":
                 a = tensors[i][1]
                 how = op["how"]
-                tensors[i][1] = (a.T.copy() if how == "transpose" and a.ndim == 2 else a[:-1].copy()
-                                 if how == "rows_minus_one" else a[None].copy() if how == "extra_dim" else a)
+                tensors[i][1] = (
+                    a.T.copy()
+                    if how == "transpose" and a.ndim == 2
+                    else a[:-1].copy()
+                    if how == "rows_minus_one"
+                    else a[None].copy()
+                    if how == "extra_dim"
+                    else a
+                )
             elif kind == "tensor_dtype":
                 tensors[i][2] = op["how"] if op["how"] in ("F16", "Q8_0", "BF16") else None
             elif kind == "tensor_extra":
@@ -1968,8 +2854,9 @@ class Worker:
                     blob = blob[: op["pos"] % len(blob)]
             path.write_bytes(bytes(blob))
         problem, want = gguf_oracle(path)
-        expect(problem, lambda: converters.load(path),
-               lambda out: gguf_mismatch(want, out[0]) if want is not None else [])
+        expect(
+            problem, lambda: converters.load(path), lambda out: gguf_mismatch(want, out[0]) if want is not None else []
+        )
 
     # ========================================================================================== orbax
     def run_load_orbax(self, payload):
@@ -2041,9 +2928,12 @@ class Worker:
     def run_spec_policy(self, payload):
         from ssm_llm.kv.spec import parse_policy
 
-        problem, cls_name, kwargs = spec_oracle(payload["text"], {n.lower(): n for n in POLICY_FIELDS},
-                                                lambda n, k: policy_ctor_problem(n, k),
-                                                {n: set(s["required"]) | set(s["defaults"]) for n, s in POLICY_FIELDS.items()})
+        problem, cls_name, kwargs = spec_oracle(
+            payload["text"],
+            {n.lower(): n for n in POLICY_FIELDS},
+            lambda n, k: policy_ctor_problem(n, k),
+            {n: set(s["required"]) | set(s["defaults"]) for n, s in POLICY_FIELDS.items()},
+        )
         marker = Path.cwd() / "__fuzz_marker__"
 
         def check(policy):
@@ -2059,10 +2949,16 @@ class Worker:
     def run_spec_drafter(self, payload):
         from ssm_llm.speculative.spec import parse_drafter
 
-        fields = {"PromptLookup": {"num_tokens", "max_ngram", "min_ngram"}, "TokenRecycling": {"candidates", "template"}}
-        problem, cls_name, kwargs = spec_oracle(payload["text"], {"prompt_lookup": "PromptLookup",
-                                                                 "token_recycling": "TokenRecycling"},
-                                                lambda n, k: drafter_ctor_problem(n, k, None, None), fields)
+        fields = {
+            "PromptLookup": {"num_tokens", "max_ngram", "min_ngram"},
+            "TokenRecycling": {"candidates", "template"},
+        }
+        problem, cls_name, kwargs = spec_oracle(
+            payload["text"],
+            {"prompt_lookup": "PromptLookup", "token_recycling": "TokenRecycling"},
+            lambda n, k: drafter_ctor_problem(n, k, None, None),
+            fields,
+        )
 
         def check(drafter):
             import ssm_llm.speculative as spec
@@ -2096,8 +2992,11 @@ class Worker:
             if after != before:
                 changed = sorted(set(before.items()) ^ set(after.items()))[:3]
                 raise Verdict("unsafe", f"files outside the destination changed: {changed}")
-            leftovers = [p.name for p in paths["dest_path"].parent.glob(f".{paths['dest_path'].name}.*")] \
-                if paths.get("dest_path") else []
+            leftovers = (
+                [p.name for p in paths["dest_path"].parent.glob(f".{paths['dest_path'].name}.*")]
+                if paths.get("dest_path")
+                else []
+            )
             if leftovers:
                 raise Verdict("silent", f"temporary siblings left behind: {leftovers}")
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -2133,15 +3032,22 @@ class Worker:
         paths = {}
         model = opts.get("--model")
         if model is not None:
-            paths["model"] = {"cli_ckpt": self.fixtures / "cli_ckpt" / "ckpt", "hf_dir": self.fixtures / "hf_llama",
-                              "missing": work / "missing", "not_gguf": _write(work / "weights.bin", b"nope"),
-                              "ckpt_no_tokenizer": self.fixtures / "ckpt_llama" / "ckpt",
-                              "gguf": self.fixtures / "gguf" / "tiny.gguf", "empty_dir": _mkdir(work / "empty")}[model]
+            paths["model"] = {
+                "cli_ckpt": self.fixtures / "cli_ckpt" / "ckpt",
+                "hf_dir": self.fixtures / "hf_llama",
+                "missing": work / "missing",
+                "not_gguf": _write(work / "weights.bin", b"nope"),
+                "ckpt_no_tokenizer": self.fixtures / "ckpt_llama" / "ckpt",
+                "gguf": self.fixtures / "gguf" / "tiny.gguf",
+                "empty_dir": _mkdir(work / "empty"),
+            }[model]
         if "SOURCE" in opts:
             src = opts["SOURCE"]
             source = work / "src"
             if src == "hf_dir":
-                shutil.copytree(self.fixtures / "hf_llama", source, ignore=shutil.ignore_patterns(".done", "state_dict.pt"))
+                shutil.copytree(
+                    self.fixtures / "hf_llama", source, ignore=shutil.ignore_patterns(".done", "state_dict.pt")
+                )
             elif src == "gguf":
                 source = work / "tiny.gguf"
                 shutil.copy(self.fixtures / "gguf" / "tiny.gguf", source)
@@ -2222,23 +3128,33 @@ def _same_params(a, b) -> bool:
     lb, tb = jax.tree_util.tree_flatten(b)
     if ta != tb:
         return False
-    return all(np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(la, lb))
+    return all(
+        np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb, strict=True)
+    )
 
 
 def _st_header(path: Path) -> bytes:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return raw[8:8 + n]
+    return raw[8 : 8 + n]
 
 
 def write_gguf(path: Path, meta, tensors):
     """Write a GGUF file: meta [(key, kind, value)] in order, tensors [(name, array, raw type name or None)]."""
     import gguf
 
-    types = {"u8": gguf.GGUFValueType.UINT8, "u32": gguf.GGUFValueType.UINT32, "i32": gguf.GGUFValueType.INT32,
-             "u64": gguf.GGUFValueType.UINT64, "i64": gguf.GGUFValueType.INT64, "f32": gguf.GGUFValueType.FLOAT32,
-             "f64": gguf.GGUFValueType.FLOAT64, "bool": gguf.GGUFValueType.BOOL, "str": gguf.GGUFValueType.STRING}
+    types = {
+        "u8": gguf.GGUFValueType.UINT8,
+        "u32": gguf.GGUFValueType.UINT32,
+        "i32": gguf.GGUFValueType.INT32,
+        "u64": gguf.GGUFValueType.UINT64,
+        "i64": gguf.GGUFValueType.INT64,
+        "f32": gguf.GGUFValueType.FLOAT32,
+        "f64": gguf.GGUFValueType.FLOAT64,
+        "bool": gguf.GGUFValueType.BOOL,
+        "str": gguf.GGUFValueType.STRING,
+    }
     arch = next((v for k, _, v in meta if k == "general.architecture"), "llama")
     writer = gguf.GGUFWriter(str(path), arch=str(arch))
     writer.kv_data[0].clear()
@@ -2267,6 +3183,7 @@ def write_gguf(path: Path, meta, tensors):
 
 # ------------------------------------------------------------------------------------ loader oracles
 
+
 def _get(d, key, default=None):
     v = d.get(key)
     return default if v is None else v
@@ -2286,8 +3203,13 @@ def hf_config_problem(config, original):
             return UNKNOWN
     elif mt not in ("llama", "mistral"):  # Mistral has Llama's tensors; Qwen2 adds q/k/v biases
         return f"model_type {mt!r} for llama weights"
-    ints = {"vocab_size": (VOCAB, True), "hidden_size": (32, True), "intermediate_size": (64, True),
-            "num_hidden_layers": (2, True), "num_attention_heads": (4, True)}
+    ints = {
+        "vocab_size": (VOCAB, True),
+        "hidden_size": (32, True),
+        "intermediate_size": (64, True),
+        "num_hidden_layers": (2, True),
+        "num_attention_heads": (4, True),
+    }
     for key, (want, _) in ints.items():
         v = config.get(key)
         if v is None:
@@ -2357,16 +3279,21 @@ def hf_config_mismatch(config, got):
     heads = config["num_attention_heads"]
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     eos = config.get("eos_token_id")
-    want = {"vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"],
-            "intermediate_size": config["intermediate_size"], "num_layers": config["num_hidden_layers"],
-            "num_heads": heads, "num_kv_heads": _get(config, "num_key_value_heads", heads),
-            "head_dim": _get(config, "head_dim", config["hidden_size"] // heads),
-            "max_position_embeddings": _get(config, "max_position_embeddings", 2048),
-            "rms_norm_eps": float(_get(config, "rms_norm_eps", 1e-6)),
-            "tie_word_embeddings": bool(_get(config, "tie_word_embeddings", False)),
-            "bos_token_id": config.get("bos_token_id"),
-            "eos_token_ids": () if eos is None else tuple([eos] if is_int(eos) else eos),
-            "model_type": config.get("model_type") or "llama"}
+    want = {
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": _get(config, "num_key_value_heads", heads),
+        "head_dim": _get(config, "head_dim", config["hidden_size"] // heads),
+        "max_position_embeddings": _get(config, "max_position_embeddings", 2048),
+        "rms_norm_eps": float(_get(config, "rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(_get(config, "tie_word_embeddings", False)),
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_ids": () if eos is None else tuple([eos] if is_int(eos) else eos),
+        "model_type": config.get("model_type") or "llama",
+    }
     broken = [f"{k}: loaded {getattr(got, k)!r}, config.json {v!r}" for k, v in want.items() if getattr(got, k) != v]
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     if float(got.rope.theta) != float(theta if theta is not None else 10000.0):
@@ -2394,10 +3321,17 @@ def gguf_oracle(path: Path):
         return f"architecture {arch!r}", None
     if arch == "qwen2":
         return "qwen2 needs q/k/v biases this llama file lacks", None
-    f = lambda key, default=None: fields.get(f"llama.{key}", default)
+
+    def f(key, default=None):
+        return fields.get(f"llama.{key}", default)
+
     h, ff, layers, heads = f("embedding_length"), f("feed_forward_length"), f("block_count"), f("attention.head_count")
-    for name, v in (("embedding_length", h), ("feed_forward_length", ff), ("block_count", layers),
-                    ("head_count", heads)):
+    for name, v in (
+        ("embedding_length", h),
+        ("feed_forward_length", ff),
+        ("block_count", layers),
+        ("head_count", heads),
+    ):
         if v is None:
             return f"{name} missing", None
         if not int_in(v, 1):
@@ -2410,7 +3344,11 @@ def gguf_oracle(path: Path):
     hd = f("attention.key_length") or f("rope.dimension_count") or h // heads
     if not int_in(hd, 1):
         return "head dim not a positive int", None
-    eps, theta, ctx = f("attention.layer_norm_rms_epsilon", 1e-6), f("rope.freq_base", 10000.0), f("context_length", 2048)
+    eps, theta, ctx = (
+        f("attention.layer_norm_rms_epsilon", 1e-6),
+        f("rope.freq_base", 10000.0),
+        f("context_length", 2048),
+    )
     if not (is_real(eps) and eps > 0):
         return "rms epsilon", None
     if not (is_real(theta) and theta > 0):
@@ -2442,35 +3380,72 @@ def gguf_oracle(path: Path):
     if "output.weight" in tensors:
         expected["output.weight"] = (vocab, h)
     for i in range(layers):
-        expected.update({f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.attn_q.weight": (heads * hd, h),
-                         f"blk.{i}.attn_k.weight": (kv * hd, h), f"blk.{i}.attn_v.weight": (kv * hd, h),
-                         f"blk.{i}.attn_output.weight": (h, heads * hd), f"blk.{i}.ffn_norm.weight": (h,),
-                         f"blk.{i}.ffn_gate.weight": (ff, h), f"blk.{i}.ffn_up.weight": (ff, h),
-                         f"blk.{i}.ffn_down.weight": (h, ff)})
+        expected.update(
+            {
+                f"blk.{i}.attn_norm.weight": (h,),
+                f"blk.{i}.attn_q.weight": (heads * hd, h),
+                f"blk.{i}.attn_k.weight": (kv * hd, h),
+                f"blk.{i}.attn_v.weight": (kv * hd, h),
+                f"blk.{i}.attn_output.weight": (h, heads * hd),
+                f"blk.{i}.ffn_norm.weight": (h,),
+                f"blk.{i}.ffn_gate.weight": (ff, h),
+                f"blk.{i}.ffn_up.weight": (ff, h),
+                f"blk.{i}.ffn_down.weight": (h, ff),
+            }
+        )
     if set(tensors) != set(expected):
         return f"tensor names differ ({sorted(set(tensors) ^ set(expected))[:3]})", None
     for name, shape in expected.items():
         if tuple(int(s) for s in reversed(tensors[name].shape)) != shape:
             return f"{name} shape", None
-    want = {"hidden_size": h, "intermediate_size": ff, "num_layers": layers, "num_heads": heads, "num_kv_heads": kv,
-            "head_dim": hd, "vocab_size": vocab, "max_position_embeddings": ctx, "rms_norm_eps": float(eps),
-            "tie_word_embeddings": "output.weight" not in tensors, "bos_token_id": bos,
-            "eos_token_ids": () if eos is None else tuple([eos] if is_int(eos) else eos)}
+    want = {
+        "hidden_size": h,
+        "intermediate_size": ff,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": hd,
+        "vocab_size": vocab,
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": float(eps),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": bos,
+        "eos_token_ids": () if eos is None else tuple([eos] if is_int(eos) else eos),
+    }
     return None, want | {"rope_theta": float(theta)}
 
 
 def gguf_mismatch(want, got):
-    broken = [f"{k}: loaded {getattr(got, k)!r}, file {v!r}" for k, v in want.items()
-              if k != "rope_theta" and getattr(got, k) != v]
+    broken = [
+        f"{k}: loaded {getattr(got, k)!r}, file {v!r}"
+        for k, v in want.items()
+        if k != "rope_theta" and getattr(got, k) != v
+    ]
     if not math.isclose(got.rope.theta, want["rope_theta"], rel_tol=1e-6):
         broken.append(f"rope theta {got.rope.theta} != {want['rope_theta']}")
     return broken
 
 
 ORBAX_BOOL_FIELDS = {"tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "use_bias", "use_conv_bias"}
-ORBAX_SHAPE_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "state_size",
-                      "conv_kernel", "n_groups", "use_bias", "use_conv_bias", "time_step_rank"}
+ORBAX_SHAPE_FIELDS = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "o_bias",
+    "mlp_bias",
+    "state_size",
+    "conv_kernel",
+    "n_groups",
+    "use_bias",
+    "use_conv_bias",
+    "time_step_rank",
+}
 
 
 def orbax_meta_problem(meta, original, model_name):
@@ -2486,8 +3461,16 @@ def orbax_meta_problem(meta, original, model_name):
         if key not in config:
             if key in ("family",) and model_name == "llama":
                 continue  # the attention family is the default
-            if key in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads",
-                       "head_dim", "state_size"):
+            if key in (
+                "vocab_size",
+                "hidden_size",
+                "num_layers",
+                "intermediate_size",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "state_size",
+            ):
                 return f"{key} missing"
             return UNKNOWN  # a field with a default
     for key, value in config.items():
@@ -2514,8 +3497,14 @@ def orbax_meta_problem(meta, original, model_name):
             if not (isinstance(value, list) and len(value) == 2 and all(int_in(w, 0) for w in value)):
                 return f"{key}={value!r}"
         elif key == "rope":
-            if not isinstance(value, dict) or set(value) - {"theta", "rope_type", "factor", "low_freq_factor",
-                                                             "high_freq_factor", "original_max_position_embeddings"}:
+            if not isinstance(value, dict) or set(value) - {
+                "theta",
+                "rope_type",
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            }:
                 return f"rope={value!r}"
             theta = value.get("theta", 10000.0)
             if not (is_real(theta) and theta > 0):
@@ -2548,6 +3537,7 @@ def orbax_config_mismatch(config, got):
 
 
 # -------------------------------------------------------------------------------------- spec oracle
+
 
 def spec_oracle(text: str, names: dict, ctor_problem, fields: dict):
     """(problem, class name, kwargs) for `name[:key=value,...]` (see the module doc of ssm_llm.option_spec:
@@ -2656,8 +3646,14 @@ def convert_problem(values, paths):
 def generate_cli_problem(values, paths, tokenize):
     if "--prompt" not in values:
         return "--prompt missing"
-    numbers = {"--max-new-tokens": (int, 128), "--top-k": (int, None), "--seed": (int, 0),
-               "--temperature": (float, 0.0), "--top-p": (float, 1.0), "--min-p": (float, 0.0)}
+    numbers = {
+        "--max-new-tokens": (int, 128),
+        "--top-k": (int, None),
+        "--seed": (int, 0),
+        "--temperature": (float, 0.0),
+        "--top-p": (float, 1.0),
+        "--min-p": (float, 0.0),
+    }
     parsed = {}
     for flag, (kind, default) in numbers.items():
         if flag not in values:
@@ -2671,23 +3667,33 @@ def generate_cli_problem(values, paths, tokenize):
         return "--system without --chat"
     policy = drafter = None
     if "--kv-compression" in values:
-        problem, cls, kwargs = spec_oracle(values["--kv-compression"], {n.lower(): n for n in POLICY_FIELDS},
-                                           policy_ctor_problem,
-                                           {n: set(s["required"]) | set(s["defaults"]) for n, s in POLICY_FIELDS.items()})
+        problem, cls, kwargs = spec_oracle(
+            values["--kv-compression"],
+            {n.lower(): n for n in POLICY_FIELDS},
+            policy_ctor_problem,
+            {n: set(s["required"]) | set(s["defaults"]) for n, s in POLICY_FIELDS.items()},
+        )
         if problem:
             return "--kv-compression: " + problem
         policy = (cls, kwargs)
     if "--speculative" in values:
-        problem, cls, kwargs = spec_oracle(values["--speculative"], {"prompt_lookup": "PromptLookup",
-                                                                     "token_recycling": "TokenRecycling"},
-                                           lambda n, k: drafter_ctor_problem(n, k, None, None),
-                                           {"PromptLookup": {"num_tokens", "max_ngram", "min_ngram"},
-                                            "TokenRecycling": {"candidates", "template"}})
+        problem, cls, kwargs = spec_oracle(
+            values["--speculative"],
+            {"prompt_lookup": "PromptLookup", "token_recycling": "TokenRecycling"},
+            lambda n, k: drafter_ctor_problem(n, k, None, None),
+            {"PromptLookup": {"num_tokens", "max_ngram", "min_ngram"}, "TokenRecycling": {"candidates", "template"}},
+        )
         if problem:
             return "--speculative: " + problem
         drafter = (cls, kwargs)
-    gen = {"max_new_tokens": parsed["--max-new-tokens"], "temperature": parsed["--temperature"],
-           "top_k": parsed["--top-k"], "top_p": parsed["--top-p"], "min_p": parsed["--min-p"], "seed": parsed["--seed"]}
+    gen = {
+        "max_new_tokens": parsed["--max-new-tokens"],
+        "temperature": parsed["--temperature"],
+        "top_k": parsed["--top-k"],
+        "top_p": parsed["--top-p"],
+        "min_p": parsed["--min-p"],
+        "seed": parsed["--seed"],
+    }
     problem = gen_config_problem(gen, True, True)
     if policy and drafter:
         problem = problem or "kv_compression and speculative together"
@@ -2725,13 +3731,14 @@ def generate_cli_problem(values, paths, tokenize):
 
 # ========================================================================================== processes
 
+
 def worker_main(conn, root: str, memory_limit_gb: float):
     """The worker process: receives (kind, target, payload), answers with a record. Its address space is
     capped, so that an input asking for absurd memory fails in the worker instead of exhausting the machine."""
     if memory_limit_gb > 0:
         import resource
 
-        limit = int(memory_limit_gb * 2 ** 30)
+        limit = int(memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     log = open(Path(root) / f"worker-{os.getpid()}.log", "w")  # noqa: SIM115 - lives as long as the process
     os.dup2(log.fileno(), 1)
@@ -2769,8 +3776,9 @@ class Pool:
 
     def start(self):
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=worker_main, args=(child, str(self.root), self.memory_limit_gb),
-                                 daemon=True)
+        self.proc = self.ctx.Process(
+            target=worker_main, args=(child, str(self.root), self.memory_limit_gb), daemon=True
+        )
         self.proc.start()
         child.close()
         self.conn = parent
@@ -2829,11 +3837,16 @@ class Pool:
                 return {"outcome": "cut", "detail": "stopped at the end of the budget", "seconds": round(elapsed, 1)}
             return {"outcome": "hang", "detail": f"no result after {timeout:.0f} s", "seconds": round(elapsed, 1)}
         signal = f" (signal {-value})" if isinstance(value, int) and value < 0 else f" (exit {value})"
-        return {"outcome": "crash", "detail": f"the worker process died{signal}", "seconds": round(elapsed, 1),
-                "exception": "WorkerDied"}
+        return {
+            "outcome": "crash",
+            "detail": f"the worker process died{signal}",
+            "seconds": round(elapsed, 1),
+            "exception": "WorkerDied",
+        }
 
 
 # ================================================================================================ driver
+
 
 class _Stop(Exception):
     pass
@@ -2848,12 +3861,25 @@ def machine_info() -> dict:
             if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
             if line.startswith("flags") and not flags:
-                flags = sorted(f for f in line.split(":", 1)[1].split()
-                               if f == "avx2" or f.startswith(("avx512", "amx")))
-    version = lambda name: importlib.metadata.version(name)
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "jax": version("jax"), "hypothesis": version("hypothesis"),
-            "transformers": version("transformers"), "safetensors": version("safetensors"), "gguf": version("gguf")}
+                flags = sorted(
+                    f for f in line.split(":", 1)[1].split() if f == "avx2" or f.startswith(("avx512", "amx"))
+                )
+
+    def version(name):
+        return importlib.metadata.version(name)
+
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "jax": version("jax"),
+        "hypothesis": version("hypothesis"),
+        "transformers": version("transformers"),
+        "safetensors": version("safetensors"),
+        "gguf": version("gguf"),
+    }
 
 
 def code_version() -> dict:
@@ -2863,8 +3889,10 @@ def code_version() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_library_changes": bool(git("status", "--porcelain", "--", *OWN_PACKAGES))}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_library_changes": bool(git("status", "--porcelain", "--", *OWN_PACKAGES)),
+    }
 
 
 def _repr(payload, limit: int = 400) -> str:
@@ -2874,20 +3902,37 @@ def _repr(payload, limit: int = 400) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-seconds", type=float, default=1200.0,
-                        help="wall-clock budget of the whole run, fixture building included (default 1200)")
-    parser.add_argument("--max-examples-per-target", type=int, default=None,
-                        help="stop a target after this many examples (default: only the budget stops it)")
-    parser.add_argument("--targets", default=",".join(TARGETS),
-                        help=f"comma-separated targets (default: all): {', '.join(TARGETS)}")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=1200.0,
+        help="wall-clock budget of the whole run, fixture building included (default 1200)",
+    )
+    parser.add_argument(
+        "--max-examples-per-target",
+        type=int,
+        default=None,
+        help="stop a target after this many examples (default: only the budget stops it)",
+    )
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help=f"comma-separated targets (default: all): {', '.join(TARGETS)}"
+    )
     parser.add_argument("--seed", type=int, default=SEED, help="hypothesis seed")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-example time limit in seconds (a hang)")
-    parser.add_argument("--memory-limit-gb", type=float, default=8.0,
-                        help="address-space limit of the worker process (0: none); default 8")
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=8.0,
+        help="address-space limit of the worker process (0: none); default 8",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "fuzz_inputs.json", help="the JSON result")
     parser.add_argument("--keep-sandbox", action="store_true", help="keep the temporary directory (debugging)")
-    parser.add_argument("--log", type=Path, default=None,
-                        help="also write every example (target, input, outcome, exception) to this JSON-lines file")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        default=None,
+        help="also write every example (target, input, outcome, exception) to this JSON-lines file",
+    )
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]
@@ -2913,11 +3958,20 @@ def main(argv=None):
     seconds = Counter()
     setup = {}
     cut = 0
-    print(f"fuzzing {len(targets)} targets for {args.budget_seconds:.0f} s (per-example timeout {args.timeout:.0f} s); "
-          f"sandbox {sandbox}")
+    print(
+        f"fuzzing {len(targets)} targets for {args.budget_seconds:.0f} s (per-example timeout {args.timeout:.0f} s); "
+        f"sandbox {sandbox}"
+    )
+
     def make_fuzz(target, strategy, target_deadline, bar):
-        @settings(max_examples=args.max_examples_per_target or 10 ** 6, deadline=None, database=None,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck), print_blob=False)
+        @settings(
+            max_examples=args.max_examples_per_target or 10**6,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            print_blob=False,
+        )
         @hypothesis_seed(args.seed + targets.index(target))
         @given(strategy)
         def fuzz(payload):
@@ -2933,17 +3987,35 @@ def main(argv=None):
                 raise _Stop
             counts[target][outcome] += 1
             if log is not None:
-                log.write(json.dumps({"target": target, "input": _repr(payload, 600), **{
-                    k: v for k, v in record.items() if k != "traceback"}}, default=str) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "target": target,
+                            "input": _repr(payload, 600),
+                            **{k: v for k, v in record.items() if k != "traceback"},
+                        },
+                        default=str,
+                    )
+                    + "\n"
+                )
             bar.update(1)
             bar.set_postfix({k: v for k, v in counts[target].items() if v}, refresh=False)
             if outcome in BAD_OUTCOMES:
                 key = (target, outcome, record.get("exception"), (record.get("message") or record["detail"])[:120])
                 if key not in seen and len(findings[outcome]) < FINDINGS_PER_OUTCOME:
                     seen.add(key)
-                    findings[outcome].append({"target": target, "input": _repr(payload), **{
-                        k: record[k] for k in ("detail", "exception", "message", "frame", "traceback")
-                        if record.get(k)}})
+                    findings[outcome].append(
+                        {
+                            "target": target,
+                            "input": _repr(payload),
+                            **{
+                                k: record[k]
+                                for k in ("detail", "exception", "message", "frame", "traceback")
+                                if record.get(k)
+                            },
+                        }
+                    )
+
         return fuzz
 
     try:
@@ -2985,22 +4057,31 @@ def main(argv=None):
     for c in counts.values():
         totals.update(c)
     result = {
-        "script": "experiments/fuzz_inputs.py", "args": {k: str(v) for k, v in vars(args).items()},
-        "seed": args.seed, "machine": machine_info() | {"jax_backend": next(
-            (s["backend"] for s in setup.values() if s), "cpu")},
-        "code": code_version(), "budget_seconds": args.budget_seconds, "wall_seconds": round(wall, 1), "per_example_timeout_s": args.timeout,
-        "outcomes": list(OUTCOMES), "targets": targets,
+        "script": "experiments/fuzz_inputs.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seed": args.seed,
+        "machine": machine_info() | {"jax_backend": next((s["backend"] for s in setup.values() if s), "cpu")},
+        "code": code_version(),
+        "budget_seconds": args.budget_seconds,
+        "wall_seconds": round(wall, 1),
+        "per_example_timeout_s": args.timeout,
+        "outcomes": list(OUTCOMES),
+        "targets": targets,
         "counts": {t: {o: counts[t][o] for o in OUTCOMES} for t in targets},
-        "totals": {o: totals[o] for o in OUTCOMES}, "examples": sum(totals.values()),
+        "totals": {o: totals[o] for o in OUTCOMES},
+        "examples": sum(totals.values()),
         "seconds_per_target": {t: round(seconds[t], 1) for t in targets},
-        "cut_at_budget_end": cut, "worker_restarts": pool.restarts,
+        "cut_at_budget_end": cut,
+        "worker_restarts": pool.restarts,
         "findings": {o: findings[o] for o in BAD_OUTCOMES},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
 
-    print(f"\n{result['machine']['cpu']} ({result['machine']['cores']} cores), jax {result['machine']['jax']}; "
-          f"{wall:.0f} s wall of a {args.budget_seconds:.0f} s budget; results: {args.out}")
+    print(
+        f"\n{result['machine']['cpu']} ({result['machine']['cores']} cores), jax {result['machine']['jax']}; "
+        f"{wall:.0f} s wall of a {args.budget_seconds:.0f} s budget; results: {args.out}"
+    )
     print(f"{'target':<22}" + "".join(f"{o:>8}" for o in OUTCOMES) + f"{'total':>8}")
     for t in targets:
         row = counts[t]

@@ -48,11 +48,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_runners import machine_info  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from bench_runners import machine_info  # noqa: E402
 from ssm_llm.cache import KVCache  # noqa: E402
 from ssm_llm.kv import cache_bytes, compress_cache, describe  # noqa: E402
 from ssm_llm.models.attention_lm import prefill_observed  # noqa: E402
@@ -63,6 +63,7 @@ SEED = 0
 
 
 # ---------------------------------------------------------------- the method grid
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -82,16 +83,18 @@ class Config:
         try:
             return self.factory(prompt_len)
         except (TypeError, ValueError) as err:
-            raise RuntimeError(f"method {self.method!r} ({self.label}): cannot build its policy for a "
-                               f"{prompt_len}-token prompt: {err}") from err
+            raise RuntimeError(
+                f"method {self.method!r} ({self.label}): cannot build its policy for a {prompt_len}-token prompt: {err}"
+            ) from err
 
 
 def kv_class(method: str, name: str):
     """`ssm_llm.kv.<name>`, or an error naming the method (never silently skipped)."""
     kv = importlib.import_module("ssm_llm.kv")
     if not hasattr(kv, name):
-        raise RuntimeError(f"method {method!r} needs ssm_llm.kv.{name}, which does not exist (yet); "
-                           f"pick other methods with --methods")
+        raise RuntimeError(
+            f"method {method!r} needs ssm_llm.kv.{name}, which does not exist (yet); pick other methods with --methods"
+        )
     return getattr(kv, name)
 
 
@@ -108,29 +111,46 @@ def _grid() -> dict[str, list[Config]]:
     keep = (2, 4, 8)  # keep 1/2, 1/4, 1/8 of the prompt
     bits = (8, 4, 2)
     return {
-        "streamingllm": entry("streamingllm", "StreamingLLM",
-                              [(f"1/{r}", lambda c, n, r=r: c(budget=n // r, sinks=4)) for r in keep]),
+        "streamingllm": entry(
+            "streamingllm", "StreamingLLM", [(f"1/{r}", lambda c, n, r=r: c(budget=n // r, sinks=4)) for r in keep]
+        ),
         "snapkv": entry("snapkv", "SnapKV", [(f"1/{r}", lambda c, n, r=r: c(budget=1 / r)) for r in keep]),
-        "pyramidkv": entry("pyramidkv", "SnapKV",
-                           [(f"1/{r}", lambda c, n, r=r: c(budget=1 / r, pyramid=True)) for r in keep]),
+        "pyramidkv": entry(
+            "pyramidkv", "SnapKV", [(f"1/{r}", lambda c, n, r=r: c(budget=1 / r, pyramid=True)) for r in keep]
+        ),
         # TokenSelect keeps every token (it saves attention compute, not memory): the label is the
         # attended fraction (sinks + k selected + local window); its bytes ratio stays ~1.
-        "tokenselect": entry("tokenselect", "TokenSelect",
-                             [(f"attend 1/{r}", lambda c, n, r=r: c(k=n // r - n // (4 * r) - 16, sinks=16,
-                                                                     local=n // (4 * r))) for r in keep]),
-        "kivi": entry("kivi", "KIVI",
-                      [(f"{b}-bit", lambda c, n, b=b: c(bits=b, group_size=32, residual=128)) for b in bits]),
+        "tokenselect": entry(
+            "tokenselect",
+            "TokenSelect",
+            [
+                (f"attend 1/{r}", lambda c, n, r=r: c(k=n // r - n // (4 * r) - 16, sinks=16, local=n // (4 * r)))
+                for r in keep
+            ],
+        ),
+        "kivi": entry(
+            "kivi", "KIVI", [(f"{b}-bit", lambda c, n, b=b: c(bits=b, group_size=32, residual=128)) for b in bits]
+        ),
         "rotatekv": entry("rotatekv", "RotateKV", [(f"{b}-bit", lambda c, n, b=b: c(bits=b)) for b in bits]),
-        "mixedprecision": entry("mixedprecision", "MixedPrecisionKV",
-                                [(f"{hi}/{lo}-bit {imp:.0%}", lambda c, n, hi=hi, lo=lo, imp=imp:
-                                  c(high_bits=hi, low_bits=lo, important=imp))
-                                 for hi, lo, imp in ((8, 4, 0.2), (8, 2, 0.2), (4, 2, 0.1))]),
-        "gear": entry("gear", "GEAR",
-                      [(f"{b}-bit", lambda c, n, b=b: c(bits=b, rank=4, outlier_fraction=0.02)) for b in bits]),
+        "mixedprecision": entry(
+            "mixedprecision",
+            "MixedPrecisionKV",
+            [
+                (
+                    f"{hi}/{lo}-bit {imp:.0%}",
+                    lambda c, n, hi=hi, lo=lo, imp=imp: c(high_bits=hi, low_bits=lo, important=imp),
+                )
+                for hi, lo, imp in ((8, 4, 0.2), (8, 2, 0.2), (4, 2, 0.1))
+            ],
+        ),
+        "gear": entry(
+            "gear", "GEAR", [(f"{b}-bit", lambda c, n, b=b: c(bits=b, rank=4, outlier_fraction=0.02)) for b in bits]
+        ),
         # Cross-layer: MiniCache merges adjacent layer pairs from `start_layer` on (SmolLM2 has 30);
         # xKV keeps a rank-k key basis (values 1.5 k) per group of 4 layers (4 * 3 heads * 64 = 768 wide).
-        "minicache": entry("minicache", "MiniCache",
-                           [(f"from layer {s}", lambda c, n, s=s: c(start_layer=s)) for s in (20, 10, 0)]),
+        "minicache": entry(
+            "minicache", "MiniCache", [(f"from layer {s}", lambda c, n, s=s: c(start_layer=s)) for s in (20, 10, 0)]
+        ),
         "xkv": entry("xkv", "XKV", [(f"rank {k}", lambda c, n, k=k: c(rank=k, group_size=4)) for k in (256, 128, 64)]),
     }
 
@@ -149,6 +169,7 @@ def select_configs(methods: list[str]) -> list[Config]:
 
 # ---------------------------------------------------------------- real text
 
+
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -165,20 +186,21 @@ def text_ids(tokenizer, tokens: int, start: float) -> list[int]:
     """At least `tokens` tokens of the reference text, from the fraction `start` of it on."""
     text = reference_text()
     first = int(start * len(text))
-    ids = encode(tokenizer, text[first: first + 6 * tokens])
+    ids = encode(tokenizer, text[first : first + 6 * tokens])
     if len(ids) < tokens:
         raise ValueError(f"the reference text has only {len(ids)} tokens from {start:.0%} on, {tokens} needed")
     return ids
 
 
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
-         "memorize it. I will quiz you about it at the end.\n\n")
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+    "memorize it. I will quiz you about it at the end.\n\n"
+)
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
-def passkey_prompt(tokenizer, hay: list[int], hay_text: list[str], length: int, depth: float,
-                   key: int) -> list[int]:
+def passkey_prompt(tokenizer, hay: list[int], hay_text: list[str], length: int, depth: float, key: int) -> list[int]:
     """Exactly `length` tokens: intro, haystack with the needle at `depth` (moved back to the previous
     line break, if one is within 64 tokens), question. `hay_text[i]`: the text of token hay[i]."""
     intro, question = encode(tokenizer, INTRO), encode(tokenizer, QUESTION)
@@ -193,6 +215,7 @@ def passkey_prompt(tokenizer, hay: list[int], hay_text: list[str], length: int, 
 
 
 # ---------------------------------------------------------------- jitted pieces
+
 
 @functools.partial(jax.jit, static_argnames=("config", "window"))
 def prefill(params, config, tokens, window: int):
@@ -214,8 +237,9 @@ def decode_cache(config, policy, max_len: int, dense: KVCache, observation):
         return KVCache(k=jnp.pad(dense.k, pad), v=jnp.pad(dense.v, pad), lengths=dense.lengths)
     window = policy.observation_window
     if window:
-        observation = observation.replace(queries=observation.queries[:, :, -window:],
-                                          positions=observation.positions[:, -window:])
+        observation = observation.replace(
+            queries=observation.queries[:, :, -window:], positions=observation.positions[:, -window:]
+        )
     return compress_cache(config, dense, policy, max_len, observation if window else None)
 
 
@@ -253,8 +277,11 @@ def continuation_metrics(logp: np.ndarray, targets: np.ndarray, reference: np.nd
     out = {"nll": float(nll.mean()), "perplexity": float(np.exp(nll.mean()))}
     if reference is not None:
         kl = (np.exp(reference) * (reference - logp)).sum(-1)
-        out.update(kl=float(kl.mean()), kl_max=float(kl.max()),
-                   top1_agreement=float((reference.argmax(-1) == logp.argmax(-1)).mean()))
+        out.update(
+            kl=float(kl.mean()),
+            kl_max=float(kl.max()),
+            top1_agreement=float((reference.argmax(-1) == logp.argmax(-1)).mean()),
+        )
     return out
 
 
@@ -265,6 +292,7 @@ def timed(fn) -> float:
 
 
 # ---------------------------------------------------------------- the three measurements
+
 
 def observed_prefill(params, config, policies: dict, tokens: np.ndarray):
     """`prefill` keeping as many last queries as the most demanding policy observes (at least 1)."""
@@ -283,7 +311,9 @@ def run_passkey(params, config, tokenizer, configs, args, rng, checkpoint=lambda
     rows, speed = {}, None
     for length in tqdm(args.lengths, desc="passkey lengths"):
         keys = [int(k) for k in rng.integers(10_000, 100_000, len(args.depths))]
-        prompts = [passkey_prompt(tokenizer, hay, hay_text, length, d, k) for d, k in zip(args.depths, keys)]
+        prompts = [
+            passkey_prompt(tokenizer, hay, hay_text, length, d, k) for d, k in zip(args.depths, keys, strict=True)
+        ]
         policies = {c.name: c.policy(length) for c in configs}
         (logits, dense, observation), prefill_s = observed_prefill(params, config, policies, np.asarray(prompts))
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -297,10 +327,16 @@ def run_passkey(params, config, tokenizer, configs, args, rng, checkpoint=lambda
             out = greedy(params, config, cache, first, args.answer_tokens - 1, max_steps)
             texts = tokenizer.batch_decode(np.asarray(out)[:, : args.answer_tokens].tolist())
             found = [re.search(r"\d+", t) for t in texts]
-            correct = [m is not None and m.group() == str(k) for m, k in zip(found, keys)]
-            row["configs"][c.name] = {"policy": describe(policy), "capacity": getattr(cache, "capacity", max_len),
-                                      "cache_bytes": size, "ratio": size / row["full_bytes"], "answers": texts,
-                                      "correct": correct, "accuracy": float(np.mean(correct))}
+            correct = [m is not None and m.group() == str(k) for m, k in zip(found, keys, strict=True)]
+            row["configs"][c.name] = {
+                "policy": describe(policy),
+                "capacity": getattr(cache, "capacity", max_len),
+                "cache_bytes": size,
+                "ratio": size / row["full_bytes"],
+                "answers": texts,
+                "correct": correct,
+                "accuracy": float(np.mean(correct)),
+            }
         if length == args.speed_length:
             speed = measure_speed(params, config, policies, max_len, dense, observation, first, max_steps, args)
         rows[length] = row
@@ -317,7 +353,9 @@ def measure_speed(params, config, policies, max_len, dense, observation, first, 
         for name, policy in policies.items():
             cache = jax.block_until_ready(decode_cache(config, policy, max_len, dense, observation))
             for steps, key in ((1, "t_1"), (n, "t_n")):
-                times[name][key].append(timed(lambda: greedy(params, config, cache, first, steps, max_steps)))
+                times[name][key].append(
+                    timed(lambda cache=cache, steps=steps: greedy(params, config, cache, first, steps, max_steps))
+                )
     out = {}
     for name, t in times.items():
         t1, tn = statistics.median(t["t_1"]), statistics.median(t["t_n"])
@@ -334,7 +372,7 @@ def run_perplexity(params, config, tokenizer, configs, args):
     chunk = args.ppl_prefix + args.ppl_tokens + 1
     ids = text_ids(tokenizer, chunk * args.ppl_docs, start=0.5)[: chunk * args.ppl_docs]
     ids = np.asarray(ids).reshape(args.ppl_docs, chunk)
-    prefix, fed, targets = ids[:, : args.ppl_prefix], ids[:, args.ppl_prefix: -1], ids[:, args.ppl_prefix + 1:]
+    prefix, fed, targets = ids[:, : args.ppl_prefix], ids[:, args.ppl_prefix : -1], ids[:, args.ppl_prefix + 1 :]
     policies = {c.name: c.policy(args.ppl_prefix) for c in configs}
     (_, dense, observation), _ = observed_prefill(params, config, policies, prefix)
     max_len = args.ppl_prefix + args.ppl_tokens
@@ -344,14 +382,24 @@ def run_perplexity(params, config, tokenizer, configs, args):
         cache = decode_cache(config, policy, max_len, dense, observation)
         full_bytes = full_bytes or cache_bytes(cache)  # configs[0] is the full cache
         logp = np.asarray(teacher_forced(params, config, cache, jnp.asarray(fed)))
-        out[c.name] = {"policy": describe(policy), "cache_bytes": cache_bytes(cache),
-                       "ratio": cache_bytes(cache) / full_bytes, **continuation_metrics(logp, targets, reference)}
+        out[c.name] = {
+            "policy": describe(policy),
+            "cache_bytes": cache_bytes(cache),
+            "ratio": cache_bytes(cache) / full_bytes,
+            **continuation_metrics(logp, targets, reference),
+        }
         reference = logp if reference is None else reference
-    return {"prefix_tokens": args.ppl_prefix, "tokens": args.ppl_tokens, "docs": args.ppl_docs,
-            "full_bytes": full_bytes, "configs": out}
+    return {
+        "prefix_tokens": args.ppl_prefix,
+        "tokens": args.ppl_tokens,
+        "docs": args.ppl_docs,
+        "full_bytes": full_bytes,
+        "configs": out,
+    }
 
 
 # ---------------------------------------------------------------- driver
+
 
 def estimate_minutes(args, n_configs: int) -> float:
     """A rough cost model of a SmolLM2 run on an idle 2-core CPU, fitted to measured timings: prefill of
@@ -361,30 +409,56 @@ def estimate_minutes(args, n_configs: int) -> float:
     k = np.asarray(args.lengths + [args.ppl_prefix]) / 1024
     rows = np.asarray([len(args.depths)] * len(args.lengths) + [args.ppl_docs])
     step = 0.06 + 0.012 * k * rows
-    prefill_s = float(np.sum(rows * (0.7 * k + 0.9 * k ** 2))) + 10 * len(k)
+    prefill_s = float(np.sum(rows * (0.7 * k + 0.9 * k**2))) + 10 * len(k)
     compile_s = 2.5 * n_configs * len(k)
     speed_step = step[args.lengths.index(args.speed_length)]
-    decode_s = n_configs * (args.answer_tokens * float(np.sum(step[:-1])) + args.ppl_tokens * step[-1]
-                            + args.repeats * (args.speed_steps + 1) * speed_step)
+    decode_s = n_configs * (
+        args.answer_tokens * float(np.sum(step[:-1]))
+        + args.ppl_tokens * step[-1]
+        + args.repeats * (args.speed_steps + 1) * speed_step
+    )
     return (prefill_s + compile_s + decode_s) / 60
 
 
 def tiny_model(vocab_size: int):
     """A random 2-layer model with the tokenizer's vocabulary (smoke tests only)."""
-    config = ssm_llm.ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                                 num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+    config = ssm_llm.ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+    )
     return config, ssm_llm.init_params(config, jax.random.PRNGKey(SEED))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=sorted(GRID), metavar="METHOD",
-                        help=f"methods to evaluate besides the full cache (default: all of {sorted(GRID)})")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8160],
-                        help="passkey prompt lengths in tokens (the longest plus the decoded tokens must fit the "
-                             "model's 8192-position context)")
-    parser.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9],
-                        help="where the needle sits in the haystack (fractions); one prompt batch row each")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=sorted(GRID),
+        metavar="METHOD",
+        help=f"methods to evaluate besides the full cache (default: all of {sorted(GRID)})",
+    )
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        type=int,
+        default=[1024, 2048, 4096, 8160],
+        help="passkey prompt lengths in tokens (the longest plus the decoded tokens must fit the "
+        "model's 8192-position context)",
+    )
+    parser.add_argument(
+        "--depths",
+        nargs="+",
+        type=float,
+        default=[0.1, 0.5, 0.9],
+        help="where the needle sits in the haystack (fractions); one prompt batch row each",
+    )
     parser.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens decoded per passkey answer")
     parser.add_argument("--ppl-prefix", type=int, default=2048, help="prefix tokens prefilled before teacher forcing")
     parser.add_argument("--ppl-tokens", type=int, default=128, help="teacher-forced tokens scored per document")
@@ -392,14 +466,21 @@ def main(argv=None):
     parser.add_argument("--speed-length", type=int, default=4096, help="the passkey length timed for decode speed")
     parser.add_argument("--speed-steps", type=int, default=16, help="N of the decode speed measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the decode speed measurement")
-    parser.add_argument("--quick", action="store_true",
-                        help="256/512-token prompts at 2 depths and a short perplexity window, to check the script "
-                             "works in ~1 min; writes "
-                             "kv_compression_eval_quick.json so real results are never overwritten")
-    parser.add_argument("--tiny-model", action="store_true",
-                        help="a random 2-layer model with SmolLM2's tokenizer instead of SmolLM2 (smoke tests)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default results/kv_compression_eval[_quick].json)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="256/512-token prompts at 2 depths and a short perplexity window, to check the script "
+        "works in ~1 min; writes "
+        "kv_compression_eval_quick.json so real results are never overwritten",
+    )
+    parser.add_argument(
+        "--tiny-model",
+        action="store_true",
+        help="a random 2-layer model with SmolLM2's tokenizer instead of SmolLM2 (smoke tests)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default results/kv_compression_eval[_quick].json)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.depths, args.speed_length = [256, 512], [0.25, 0.75], 512
@@ -424,8 +505,10 @@ def main(argv=None):
     model_name = "tiny random (2 layers)" if args.tiny_model else path.name
     longest = max(args.lengths) + max(args.answer_tokens - 1, args.speed_steps) + 1
     if longest > config.max_position_embeddings or args.ppl_prefix + args.ppl_tokens > config.max_position_embeddings:
-        parser.error(f"the longest prompt plus its decoded tokens ({longest}) or the perplexity window "
-                     f"must fit the model's context of {config.max_position_embeddings}")
+        parser.error(
+            f"the longest prompt plus its decoded tokens ({longest}) or the perplexity window "
+            f"must fit the model's context of {config.max_position_embeddings}"
+        )
     for length in sorted(set(args.lengths + [args.ppl_prefix])):  # fail before the expensive part
         for c in configs:
             c.policy(length)
@@ -437,36 +520,57 @@ def main(argv=None):
     partial.parent.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(rows):
-        partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                       "passkey": {str(k): v for k, v in rows.items()}}, indent=2))
+        partial.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "passkey": {str(k): v for k, v in rows.items()}},
+                indent=2,
+            )
+        )
 
     passkey, speed = run_passkey(params, config, tokenizer, configs, args, rng, checkpoint)
     perplexity = run_perplexity(params, config, tokenizer, configs, args)
     summary = summarize(configs, passkey, perplexity, speed)
 
     machine = machine_info()
-    result = {"script": "experiments/kv_compression_eval.py", "args": {k: str(v) for k, v in vars(args).items()},
-              "seed": SEED, "machine": machine, "model": model_name, "dtype": str(params["embed"].dtype),
-              "configs": [{"name": c.name, "method": c.method, "setting": c.label} for c in configs],
-              "passkey": {str(k): v for k, v in passkey.items()}, "perplexity": perplexity, "decode_speed": speed,
-              "summary": summary, "total_wall_s": time.perf_counter() - wall_start}
+    result = {
+        "script": "experiments/kv_compression_eval.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seed": SEED,
+        "machine": machine,
+        "model": model_name,
+        "dtype": str(params["embed"].dtype),
+        "configs": [{"name": c.name, "method": c.method, "setting": c.label} for c in configs],
+        "passkey": {str(k): v for k, v in passkey.items()},
+        "perplexity": perplexity,
+        "decode_speed": speed,
+        "summary": summary,
+        "total_wall_s": time.perf_counter() - wall_start,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(configs, summary, args.out.with_suffix(".png"), model_name)
     partial.unlink(missing_ok=True)
 
-    print(f"\n{model_name}, {result['dtype']}, {machine['cpu']} ({machine['cores']} cores, "
-          f"jax {machine['jax_backend']}); results: {args.out}")
-    print(f"passkey: lengths {args.lengths} x depths {args.depths}; perplexity: {args.ppl_docs} x {args.ppl_tokens} "
-          f"tokens after {args.ppl_prefix}; decode speed: {args.speed_length}-token prompts, batch {len(args.depths)}")
-    print(f"{'config':<32}{'bytes ratio':>12}{'passkey':>9}{'ppl':>9}{'KL':>9}{'top-1':>7}{'tok/s':>8}{'vs full':>8}"
-          f"   passkey by length ({'/'.join(map(str, args.lengths))})")
+    print(
+        f"\n{model_name}, {result['dtype']}, {machine['cpu']} ({machine['cores']} cores, "
+        f"jax {machine['jax_backend']}); results: {args.out}"
+    )
+    print(
+        f"passkey: lengths {args.lengths} x depths {args.depths}; perplexity: {args.ppl_docs} x {args.ppl_tokens} "
+        f"tokens after {args.ppl_prefix}; decode speed: {args.speed_length}-token prompts, batch {len(args.depths)}"
+    )
+    print(
+        f"{'config':<32}{'bytes ratio':>12}{'passkey':>9}{'ppl':>9}{'KL':>9}{'top-1':>7}{'tok/s':>8}{'vs full':>8}"
+        f"   passkey by length ({'/'.join(map(str, args.lengths))})"
+    )
     for c in configs:
         s = summary[c.name]
         by_length = "/".join(f"{v:.0%}" for v in s["passkey_accuracy_by_length"].values())
-        print(f"{c.name:<32}{s['ratio']:>12.3f}{s['passkey_accuracy']:>9.0%}{s['perplexity']:>9.2f}"
-              f"{s.get('kl', 0.0):>9.4f}{s.get('top1_agreement', 1.0):>7.0%}{s['decode_tok_s']:>8.1f}"
-              f"{s['speed_vs_full']:>7.2f}x   {by_length}")
+        print(
+            f"{c.name:<32}{s['ratio']:>12.3f}{s['passkey_accuracy']:>9.0%}{s['perplexity']:>9.2f}"
+            f"{s.get('kl', 0.0):>9.4f}{s.get('top1_agreement', 1.0):>7.0%}{s['decode_tok_s']:>8.1f}"
+            f"{s['speed_vs_full']:>7.2f}x   {by_length}"
+        )
     print(f"total {result['total_wall_s'] / 60:.1f} min")
 
 
@@ -477,12 +581,18 @@ def summarize(configs, passkey, perplexity, speed) -> dict:
     for c in configs:
         rows = [passkey[length]["configs"][c.name] for length in passkey]
         p, s = perplexity["configs"][c.name], speed["configs"][c.name]
-        out[c.name] = {"method": c.method, "setting": c.label,
-                       "ratio": float(np.mean([r["ratio"] for r in rows])), "ppl_ratio": p["ratio"],
-                       "passkey_accuracy": float(np.mean([r["correct"] for r in rows])),
-                       "passkey_accuracy_by_length": {str(k): r["accuracy"] for k, r in zip(passkey, rows)},
-                       "perplexity": p["perplexity"], "decode_tok_s": s["decode_tok_s"], "speed_vs_full": s["vs_full"],
-                       **{k: p[k] for k in ("kl", "top1_agreement") if k in p}}
+        out[c.name] = {
+            "method": c.method,
+            "setting": c.label,
+            "ratio": float(np.mean([r["ratio"] for r in rows])),
+            "ppl_ratio": p["ratio"],
+            "passkey_accuracy": float(np.mean([r["correct"] for r in rows])),
+            "passkey_accuracy_by_length": {str(k): r["accuracy"] for k, r in zip(passkey, rows, strict=True)},
+            "perplexity": p["perplexity"],
+            "decode_tok_s": s["decode_tok_s"],
+            "speed_vs_full": s["vs_full"],
+            **{k: p[k] for k in ("kl", "top1_agreement") if k in p},
+        }
     return out
 
 
@@ -492,17 +602,19 @@ def plot(configs, summary, path, model_name):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("passkey_accuracy", "ratio", "passkey accuracy", False),
-              ("perplexity", "ppl_ratio", "perplexity", False),
-              ("kl", "ppl_ratio", "KL(full || compressed), nats/token", True),
-              ("speed_vs_full", "ratio", "decode tok/s / full cache's", False)]
+    panels = [
+        ("passkey_accuracy", "ratio", "passkey accuracy", False),
+        ("perplexity", "ppl_ratio", "perplexity", False),
+        ("kl", "ppl_ratio", "KL(full || compressed), nats/token", True),
+        ("speed_vs_full", "ratio", "decode tok/s / full cache's", False),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     full = summary[FULL.name]
     methods = list(dict.fromkeys(c.method for c in configs if c.factory is not None))
-    for ax, (key, x_key, title, log_y) in zip(axes.flat, panels):
+    for ax, (key, x_key, title, log_y) in zip(axes.flat, panels, strict=True):
         for i, method in enumerate(methods):
             points = sorted((summary[c.name][x_key], summary[c.name][key]) for c in configs if c.method == method)
-            ax.plot(*zip(*points), "o-", color=f"C{i}", label=method)
+            ax.plot(*zip(*points, strict=True), "o-", color=f"C{i}", label=method)
         if key in full:
             ax.axhline(full[key], color="gray", linestyle="--", linewidth=1)
             ax.plot([1.0], [full[key]], "k*", markersize=10, label="full cache")

@@ -32,8 +32,13 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=400, help="prompt length in tokens (default 400)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8],
-                        help="kvpress compression ratios (fraction of tokens removed; default 0.5 0.8)")
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.8],
+        help="kvpress compression ratios (fraction of tokens removed; default 0.5 0.8)",
+    )
     parser.add_argument("--window", type=int, default=32, help="SnapKV observation window (default 32)")
     parser.add_argument("--kernel-size", type=int, default=5, help="SnapKV pooling kernel (default 5)")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM sink tokens (default 4)")
@@ -91,33 +96,46 @@ def main():
     start = time.perf_counter()
     tokenizer, model = load_model()
     ids = prompt_ids(tokenizer, args.tokens)
-    print(f"loaded SmolLM2 and tokenized a {len(ids)}-token prompt in {time.perf_counter() - start:.1f} s "
-          f"(attention: {model.config._attn_implementation})")
+    print(
+        f"loaded SmolLM2 and tokenized a {len(ids)}-token prompt in {time.perf_counter() - start:.1f} s "
+        f"(attention: {model.config._attn_implementation})"
+    )
 
     runs = []
     for ratio in args.ratios:
-        presses = [SnapKVPress(compression_ratio=ratio, window_size=args.window, kernel_size=args.kernel_size),
-                   StreamingLLMPress(compression_ratio=ratio, n_sink=args.sinks)]
+        presses = [
+            SnapKVPress(compression_ratio=ratio, window_size=args.window, kernel_size=args.kernel_size),
+            StreamingLLMPress(compression_ratio=ratio, n_sink=args.sinks),
+        ]
         for press in presses:
             t = time.perf_counter()
             kept = kept_positions(model, press, ids)
             params = {k: v for k, v in vars(press).items() if k != "compress"}
-            runs.append(dict(press=type(press).__name__, params=params, n_kept=compute_n_kept(len(ids), ratio),
-                             kept=kept))
+            runs.append(
+                dict(press=type(press).__name__, params=params, n_kept=compute_n_kept(len(ids), ratio), kept=kept)
+            )
             print(f"{type(press).__name__} ratio {ratio}: {time.perf_counter() - t:.1f} s")
 
     result = dict(
-        model=GGUF, dtype="float32", prompt_ids=ids, kvpress=importlib.metadata.version("kvpress"),
-        transformers=transformers.__version__, torch=torch.__version__,
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip(), runs=runs)
+        model=GGUF,
+        dtype="float32",
+        prompt_ids=ids,
+        kvpress=importlib.metadata.version("kvpress"),
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        runs=runs,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)\n")
 
     print(f"{'press':<18} {'ratio':>5} {'n_kept':>6} {'layer 0 head 0 kept (first 8)':<40}")
     for run in runs:
-        print(f"{run['press']:<18} {run['params']['compression_ratio']:>5} {run['n_kept']:>6} "
-              f"{str(run['kept'][0][0][:8]):<40}")
+        print(
+            f"{run['press']:<18} {run['params']['compression_ratio']:>5} {run['n_kept']:>6} "
+            f"{str(run['kept'][0][0][:8]):<40}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import ssm_llm  # noqa: E402
 import text_corpus  # noqa: E402
 import train_mamba2  # noqa: E402
 from bench_runners import machine_info  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import ssm_llm  # noqa: E402
 from converters.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
 from converters.tokenizer import cache_root, load_tokenizer  # noqa: E402
 from pallas_kernels.quantized_matmul import QuantizedWeight  # noqa: E402
@@ -80,11 +80,14 @@ INGREDIENTS = {"mamba2": ("hadamard", "cluster", "bc_groups", "gptq"), "mamba1":
 BITS = ("W8A8", "W4A8", "W4A16")
 TARGETS = {"W8A8": 0.01, "W4A8": 0.03}  # allowed relative perplexity increase over fp32 (Quamba2 paper)
 # Sizes of a full run and of --quick; a flag given on the command line wins over both.
-SIZES = {"full": dict(calib_seqs=32, calib_len=512, eval_windows=32, seq_len=512, decode_steps=64, decode_repeats=3),
-         "quick": dict(calib_seqs=8, calib_len=128, eval_windows=8, seq_len=128, decode_steps=16, decode_repeats=2)}
+SIZES = {
+    "full": dict(calib_seqs=32, calib_len=512, eval_windows=32, seq_len=512, decode_steps=64, decode_repeats=3),
+    "quick": dict(calib_seqs=8, calib_len=128, eval_windows=8, seq_len=128, decode_steps=16, decode_repeats=2),
+}
 
 
 # ---------------------------------------------------------------- the rows
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -111,9 +114,16 @@ def effective(scheme: QuantScheme | None) -> QuantScheme | None:
     if scheme is None or scheme.quantizes_acts:
         return scheme
     default = QuantScheme()
-    return dataclasses.replace(scheme, cluster=False, bc_groups=False, observer="minmax",
-                               percentile_alpha=default.percentile_alpha, quantize_state=default.quantize_state,
-                               head_groups=default.head_groups, dim_groups=default.dim_groups)
+    return dataclasses.replace(
+        scheme,
+        cluster=False,
+        bc_groups=False,
+        observer="minmax",
+        percentile_alpha=default.percentile_alpha,
+        quantize_state=default.quantize_state,
+        head_groups=default.head_groups,
+        dim_groups=default.dim_groups,
+    )
 
 
 def family_rows(family: str) -> tuple[list[Row], dict[str, str]]:
@@ -122,12 +132,16 @@ def family_rows(family: str) -> tuple[list[Row], dict[str, str]]:
     full_name, full = FULL_RECIPE[family]
     candidates = [Row("fp32", "fp32")]
     for b in BITS:  # grouped by bit pair: naive, full, then the ablation
-        candidates += [Row(f"naive {b}", "naive", b, scheme=QuantScheme.naive(b)),
-                       Row(f"{full_name} {b}", "full", b, scheme=full(b))]
-        candidates += [Row(f"naive {b} +{i}", "naive+", b, i, toggled(QuantScheme.naive(b), i, True))
-                       for i in INGREDIENTS[family]]
-        candidates += [Row(f"{full_name} {b} -{i}", "full-", b, i, toggled(full(b), i, False))
-                       for i in INGREDIENTS[family]]
+        candidates += [
+            Row(f"naive {b}", "naive", b, scheme=QuantScheme.naive(b)),
+            Row(f"{full_name} {b}", "full", b, scheme=full(b)),
+        ]
+        candidates += [
+            Row(f"naive {b} +{i}", "naive+", b, i, toggled(QuantScheme.naive(b), i, True)) for i in INGREDIENTS[family]
+        ]
+        candidates += [
+            Row(f"{full_name} {b} -{i}", "full-", b, i, toggled(full(b), i, False)) for i in INGREDIENTS[family]
+        ]
     rows, aliases, seen = [], {}, {}
     for row in candidates:
         key = effective(row.scheme)
@@ -162,6 +176,7 @@ def select_rows(family: str, rows: list[Row], aliases: dict[str, str], patterns:
 
 # ---------------------------------------------------------------- models
 
+
 def default_model_dir(family: str, preset: str, root: Path | None = None) -> Path:
     """Where `train_mamba2.py --family F --preset P [--out root/F-P]` exports its model."""
     return (root if root is not None else cache_root() / "train") / f"{family}-{preset}" / "model"
@@ -192,8 +207,10 @@ def missing_model_message(family: str, preset: str, directory: Path) -> str:
     elif directory != default_model_dir(family, preset):
         command += f" --out {directory.parent}"
     duration = " (~25-30 min on 2 cores)" if preset == "small" else ""
-    return (f"no trained {family} model at {directory} (no exported checkpoint there). Train it first"
-            f"{duration}:\n  {command}{then}")
+    return (
+        f"no trained {family} model at {directory} (no exported checkpoint there). Train it first"
+        f"{duration}:\n  {command}{then}"
+    )
 
 
 def load_family(family: str, directory: Path | None, tokenizer, separator: int):
@@ -204,12 +221,15 @@ def load_family(family: str, directory: Path | None, tokenizer, separator: int):
         return config, init_params(config, jax.random.PRNGKey(SEED)), "tiny random weights (seed 0)"
     config, params = load_checkpoint(directory)
     if not isinstance(config, CONFIG_CLASS[family]):
-        raise ValueError(f"{directory} holds a {type(config).__name__}, not a {family} model "
-                         f"({CONFIG_CLASS[family].__name__}); check --model-dir")
+        raise ValueError(
+            f"{directory} holds a {type(config).__name__}, not a {family} model "
+            f"({CONFIG_CLASS[family].__name__}); check --model-dir"
+        )
     return config, ssm_llm.stack_layers(params), str(directory)
 
 
 # ---------------------------------------------------------------- measurements
+
 
 def nbytes(tree) -> int:
     """Bytes of every array leaf of `tree` (a QuantizedWeight's leaves are its values and scales)."""
@@ -241,7 +261,7 @@ def mean_nll(params, config, windows: np.ndarray, batch: int) -> float:
     padded with repeats of its first window, so one compiled shape serves all)."""
     sums = []
     for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
+        chunk = windows[start : start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
         sums.append(np.asarray(_nll_sums(params, config, jnp.asarray(padded)))[: len(chunk)])
     return float(np.concatenate(sums).sum() / (windows.shape[0] * (windows.shape[1] - 1)))
@@ -255,7 +275,7 @@ def decode_once(params, config, prompt: list[int], steps: int) -> tuple[float, l
 
 def matching_prefix(a: list[int], b: list[int]) -> float:
     """Fraction of positions before the first difference of two equal-length token lists."""
-    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
     return k / len(a)
 
 
@@ -267,8 +287,10 @@ def check_weights(row: Row, params: dict, config) -> None:
         w = params["layers"][name]
         if not isinstance(w, QuantizedWeight) or w.bits != bits:
             got = f"{w.bits}-bit weights" if isinstance(w, QuantizedWeight) else f"a float {type(w).__name__}"
-            raise RuntimeError(f"row {row.name!r}: quantize_model returned {name} as {got}, expected {bits}-bit "
-                               f"QuantizedWeight (scheme {row.scheme})")
+            raise RuntimeError(
+                f"row {row.name!r}: quantize_model returned {name} as {got}, expected {bits}-bit "
+                f"QuantizedWeight (scheme {row.scheme})"
+            )
 
 
 def evaluate_row(row: Row, params, config, calibration, windows, prompt, args) -> tuple[dict, tuple]:
@@ -277,8 +299,9 @@ def evaluate_row(row: Row, params, config, calibration, windows, prompt, args) -
     quantize_s = 0.0
     if row.scheme is not None:
         start = time.perf_counter()
-        params, config = quantize_model(params, config, calibration, row.scheme, batch_size=args.eval_batch,
-                                        progress=False)
+        params, config = quantize_model(
+            params, config, calibration, row.scheme, batch_size=args.eval_batch, progress=False
+        )
         jax.block_until_ready(params)
         quantize_s = time.perf_counter() - start
         check_weights(row, params, config)
@@ -286,11 +309,19 @@ def evaluate_row(row: Row, params, config, calibration, windows, prompt, args) -
     nll = mean_nll(params, config, windows, args.eval_batch)
     eval_s = time.perf_counter() - start
     _, tokens = decode_once(params, config, prompt, args.decode_steps)
-    result = {"kind": row.kind, "bits": row.bits, "ingredient": row.ingredient,
-              "scheme": dataclasses.asdict(row.scheme) if row.scheme is not None else None,
-              "mean_nll": nll, "perplexity": math.exp(nll), "weight_bytes": weight_bytes(params, config),
-              "cache_bytes_batch1": int(ssm_llm.init_cache(config, 1, 1).nbytes()),
-              "quantize_s": quantize_s, "eval_s_incl_compile": eval_s, "greedy_tokens": tokens}
+    result = {
+        "kind": row.kind,
+        "bits": row.bits,
+        "ingredient": row.ingredient,
+        "scheme": dataclasses.asdict(row.scheme) if row.scheme is not None else None,
+        "mean_nll": nll,
+        "perplexity": math.exp(nll),
+        "weight_bytes": weight_bytes(params, config),
+        "cache_bytes_batch1": int(ssm_llm.init_cache(config, 1, 1).nbytes()),
+        "quantize_s": quantize_s,
+        "eval_s_incl_compile": eval_s,
+        "greedy_tokens": tokens,
+    }
     return result, (params, config)
 
 
@@ -313,15 +344,19 @@ def run_family(family: str, directory: Path | None, rows: list[Row], data: dict,
     bar = tqdm(rows, desc=family)
     for row in bar:
         bar.set_postfix_str(row.name)
-        out[row.name], models[row.name] = evaluate_row(row, params, config, data["calibration"], data["windows"],
-                                                       data["prompt"], args)
+        out[row.name], models[row.name] = evaluate_row(
+            row, params, config, data["calibration"], data["windows"], data["prompt"], args
+        )
     times = time_decode(models, data["prompt"], args.decode_steps, args.decode_repeats)
     del models
     fp32 = out["fp32"]
     for name, result in out.items():
         seconds = statistics.median(times[name])
-        result["decode"] = {"tok_s": (args.decode_steps - 1) / seconds, "decode_seconds_median": seconds,
-                            "decode_seconds": times[name]}
+        result["decode"] = {
+            "tok_s": (args.decode_steps - 1) / seconds,
+            "decode_seconds_median": seconds,
+            "decode_seconds": times[name],
+        }
         result["ppl_ratio"] = result["perplexity"] / fp32["perplexity"]
         result["linears_bytes_ratio"] = result["weight_bytes"]["linears"] / fp32["weight_bytes"]["linears"]
         result["cache_bytes_ratio"] = result["cache_bytes_batch1"] / fp32["cache_bytes_batch1"]
@@ -331,13 +366,19 @@ def run_family(family: str, directory: Path | None, rows: list[Row], data: dict,
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     notes = []
     if isinstance(config, ssm_llm.Mamba2Config) and config.n_groups == 1:
-        notes.append("bc_groups: the model has a single B/C state group, so per-group B and C scales equal the "
-                     "per-tensor ones; only the conv input gets separate x / B / C scales")
-    return {"model": {"source": source, "config": config.to_dict(), "parameters": int(n_params)}, "rows": out,
-            "notes": notes}
+        notes.append(
+            "bc_groups: the model has a single B/C state group, so per-group B and C scales equal the "
+            "per-tensor ones; only the conv input gets separate x / B / C scales"
+        )
+    return {
+        "model": {"source": source, "config": config.to_dict(), "parameters": int(n_params)},
+        "rows": out,
+        "notes": notes,
+    }
 
 
 # ---------------------------------------------------------------- verdicts
+
 
 def targets(family: str, rows: dict) -> dict:
     """Whether the full recipe's W8A8 / W4A8 perplexity is within the paper's margin of fp32's."""
@@ -346,8 +387,12 @@ def targets(family: str, rows: dict) -> dict:
     for bits, margin in TARGETS.items():
         name = f"{full_name} {bits}"
         ratio = rows[name]["ppl_ratio"] if name in rows else None
-        out[f"{bits} within {margin:.0%}"] = {"row": name, "ppl_ratio": ratio, "max_ratio": 1 + margin,
-                                              "holds": None if ratio is None else bool(ratio <= 1 + margin)}
+        out[f"{bits} within {margin:.0%}"] = {
+            "row": name,
+            "ppl_ratio": ratio,
+            "max_ratio": 1 + margin,
+            "holds": None if ratio is None else bool(ratio <= 1 + margin),
+        }
     return out
 
 
@@ -374,34 +419,61 @@ def ingredient_effects(family: str, rows: dict) -> dict:
             (_, n_ppl), (p_name, p_ppl) = ppl(naive), ppl(plus)
             (_, f_ppl), (m_name, m_ppl) = ppl(full_scheme), ppl(minus)
             out[ingredient][bits] = {
-                "naive": n_ppl, "naive_plus": p_ppl, "naive_plus_row": p_name,
+                "naive": n_ppl,
+                "naive_plus": p_ppl,
+                "naive_plus_row": p_name,
                 "adding_lowers_ppl": None if None in (n_ppl, p_ppl) else bool(p_ppl < n_ppl),
-                "full": f_ppl, "full_minus": m_ppl, "full_minus_row": m_name,
-                "removing_raises_ppl": None if None in (f_ppl, m_ppl) else bool(m_ppl > f_ppl)}
+                "full": f_ppl,
+                "full_minus": m_ppl,
+                "full_minus_row": m_name,
+                "removing_raises_ppl": None if None in (f_ppl, m_ppl) else bool(m_ppl > f_ppl),
+            }
     return out
 
 
 # ---------------------------------------------------------------- driver
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--preset", choices=tuple(train_mamba2.PRESETS), default=None,
-                        help="which trained preset to load (default small; tiny with --quick)")
-    parser.add_argument("--model-dir", nargs="+", default=None, metavar="[FAMILY=]DIR",
-                        help="FAMILY=DIR: that family's exported model (train_mamba2.py's <--out>/model); "
-                             "DIR: a root holding <family>-<preset>/model (default $SSM_LLM_CACHE/train)")
-    parser.add_argument("--tiny-random", action="store_true",
-                        help="random-weight models of train_mamba2's tiny preset instead of trained ones "
-                             "(smoke tests; perplexities near the vocabulary size say nothing)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny trained preset and small sizes (" + ", ".join(
-                            f"{k.replace('_', '-')} {v}" for k, v in SIZES["quick"].items()) + "); writes "
-                        "quamba_eval_quick.json so real results are never overwritten")
-    parser.add_argument("--rows", nargs="+", default=None, metavar="PATTERN",
-                        help="only the rows whose name matches a pattern (fnmatch, case-insensitive, e.g. "
-                             "'naive W8A8' 'quamba2 W4A8*'; 'mamba1:naive*' for one family only); fp32 is "
-                             "always run")
+    parser.add_argument(
+        "--preset",
+        choices=tuple(train_mamba2.PRESETS),
+        default=None,
+        help="which trained preset to load (default small; tiny with --quick)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        nargs="+",
+        default=None,
+        metavar="[FAMILY=]DIR",
+        help="FAMILY=DIR: that family's exported model (train_mamba2.py's <--out>/model); "
+        "DIR: a root holding <family>-<preset>/model (default $SSM_LLM_CACHE/train)",
+    )
+    parser.add_argument(
+        "--tiny-random",
+        action="store_true",
+        help="random-weight models of train_mamba2's tiny preset instead of trained ones "
+        "(smoke tests; perplexities near the vocabulary size say nothing)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the tiny trained preset and small sizes ("
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in SIZES["quick"].items())
+        + "); writes "
+        "quamba_eval_quick.json so real results are never overwritten",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="only the rows whose name matches a pattern (fnmatch, case-insensitive, e.g. "
+        "'naive W8A8' 'quamba2 W4A8*'; 'mamba1:naive*' for one family only); fp32 is "
+        "always run",
+    )
     parser.add_argument("--calib-seqs", type=int, default=None, help="calibration windows (default 32)")
     parser.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")
     parser.add_argument("--eval-windows", type=int, default=None, help="held-out windows scored (default 32)")
@@ -410,12 +482,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=None, help="greedy tokens per timed decode (default 64)")
     parser.add_argument("--decode-repeats", type=int, default=None, help="timed decode rounds (default 3)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before the timed decode")
-    parser.add_argument("--corpus", choices=("all", "pydoc"), default="all",
-                        help="all: Python reference + Vim manuals; pydoc: the Python reference only")
+    parser.add_argument(
+        "--corpus",
+        choices=("all", "pydoc"),
+        default="all",
+        help="all: Python reference + Vim manuals; pydoc: the Python reference only",
+    )
     parser.add_argument("--max-chars", type=int, default=None, help="use only the first documents, this many chars")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default results/quamba_eval.json; _quick with --quick, _tiny_random "
-                             "with --tiny-random); the PNG goes beside it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default results/quamba_eval.json; _quick with --quick, _tiny_random "
+        "with --tiny-random); the PNG goes beside it",
+    )
     args = parser.parse_args(argv)
     for name, value in SIZES["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
@@ -430,12 +510,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny_random and args.model_dir:
         parser.error("--tiny-random builds random models: it takes no --model-dir")
     try:
-        args.model_dirs = ({f: None for f in args.families} if args.tiny_random
-                           else resolve_model_dirs(args.model_dir, args.families, args.preset))
+        args.model_dirs = (
+            {f: None for f in args.families}
+            if args.tiny_random
+            else resolve_model_dirs(args.model_dir, args.families, args.preset)
+        )
     except ValueError as err:
         parser.error(str(err))
-    missing = [missing_model_message(f, args.preset, d) for f, d in args.model_dirs.items()
-               if d is not None and not is_checkpoint(d)]
+    missing = [
+        missing_model_message(f, args.preset, d)
+        for f, d in args.model_dirs.items()
+        if d is not None and not is_checkpoint(d)
+    ]
     if missing:
         parser.error("\n".join(missing))
     args.selected = {}
@@ -465,9 +551,15 @@ def load_data(args, tokenizer) -> dict:
     windows = text_corpus.eval_windows(held_out, args.seq_len, args.eval_windows)
     if len(held_out) < args.prompt_len:
         raise ValueError(f"--prompt-len {args.prompt_len} exceeds the held-out split ({len(held_out)} tokens)")
-    return {"calibration": calibration, "windows": windows, "prompt": held_out[: args.prompt_len].tolist(),
-            "separator": corpus.separator, "sources": list(sources), "train_tokens": len(train),
-            "eval_tokens": len(held_out)}
+    return {
+        "calibration": calibration,
+        "windows": windows,
+        "prompt": held_out[: args.prompt_len].tolist(),
+        "separator": corpus.separator,
+        "sources": list(sources),
+        "train_tokens": len(train),
+        "eval_tokens": len(held_out),
+    }
 
 
 def main(argv=None) -> dict:
@@ -486,25 +578,49 @@ def main(argv=None) -> dict:
 
     machine = machine_info()
     result = {
-        "script": "experiments/quamba_eval.py", "args": {k: str(v) for k, v in vars(args).items() if k != "selected"},
-        "seed": SEED, "machine": machine, "tiny_random": args.tiny_random,
+        "script": "experiments/quamba_eval.py",
+        "args": {k: str(v) for k, v in vars(args).items() if k != "selected"},
+        "seed": SEED,
+        "machine": machine,
+        "tiny_random": args.tiny_random,
         "setup": {
-            "corpus": {"sources": data["sources"], "max_chars": args.max_chars, "train_tokens": data["train_tokens"],
-                       "eval_tokens": data["eval_tokens"], "tokenizer": "SmolLM2-135M-Instruct (GGUF)"},
-            "calibration": {"split": "train", "windows": args.calib_seqs, "tokens_per_window": args.calib_len,
-                            "sampling": f"uniform random starts, numpy default_rng({SEED})"},
-            "evaluation": {"split": "eval (held-out documents)", "windows": len(data["windows"]),
-                           "tokens_per_window": args.seq_len, "batch": args.eval_batch,
-                           "path": "ssm_llm.forward from empty states, impl='auto'"},
-            "decode": {"batch": 1, "prompt_tokens": args.prompt_len, "new_tokens": args.decode_steps,
-                       "repeats": args.decode_repeats, "impl": "auto",
-                       "timed": "ssm_llm.generate's decode_seconds (its jitted lax.while_loop: decode_steps - 1 "
-                                "one-token forwards + greedy argmax), after one untimed compiling call per row; "
-                                "rows interleaved round by round; tok_s = (decode_steps - 1) / median seconds"},
+            "corpus": {
+                "sources": data["sources"],
+                "max_chars": args.max_chars,
+                "train_tokens": data["train_tokens"],
+                "eval_tokens": data["eval_tokens"],
+                "tokenizer": "SmolLM2-135M-Instruct (GGUF)",
+            },
+            "calibration": {
+                "split": "train",
+                "windows": args.calib_seqs,
+                "tokens_per_window": args.calib_len,
+                "sampling": f"uniform random starts, numpy default_rng({SEED})",
+            },
+            "evaluation": {
+                "split": "eval (held-out documents)",
+                "windows": len(data["windows"]),
+                "tokens_per_window": args.seq_len,
+                "batch": args.eval_batch,
+                "path": "ssm_llm.forward from empty states, impl='auto'",
+            },
+            "decode": {
+                "batch": 1,
+                "prompt_tokens": args.prompt_len,
+                "new_tokens": args.decode_steps,
+                "repeats": args.decode_repeats,
+                "impl": "auto",
+                "timed": "ssm_llm.generate's decode_seconds (its jitted lax.while_loop: decode_steps - 1 "
+                "one-token forwards + greedy argmax), after one untimed compiling call per row; "
+                "rows interleaved round by round; tok_s = (decode_steps - 1) / median seconds",
+            },
             "targets": {f"{b} max ppl increase": m for b, m in TARGETS.items()},
             "notes": "quantized rows keep the embedding and an untied lm_head in float (the final norm folded "
-                     "into it), as in Quamba2; weight_bytes.linears counts the quantized linears alone"},
-        "families": families, "total_wall_s": time.perf_counter() - wall_start}
+            "into it), as in Quamba2; weight_bytes.linears counts the quantized linears alone",
+        },
+        "families": families,
+        "total_wall_s": time.perf_counter() - wall_start,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
@@ -520,34 +636,47 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    kinds = {"fp32": ("gray", "fp32"), "naive": ("tab:red", "naive (per-tensor, round-to-nearest)"),
-             "full": ("tab:green", "full recipe"), "naive+": ("tab:orange", "naive + one ingredient"),
-             "full-": ("tab:blue", "full recipe - one ingredient")}
+    kinds = {
+        "fp32": ("gray", "fp32"),
+        "naive": ("tab:red", "naive (per-tensor, round-to-nearest)"),
+        "full": ("tab:green", "full recipe"),
+        "naive+": ("tab:orange", "naive + one ingredient"),
+        "full-": ("tab:blue", "full recipe - one ingredient"),
+    }
     families = result["families"]
     heights = [0.28 * len(f["rows"]) + 1.2 for f in families.values()]
-    fig, axes = plt.subplots(len(families), 1, figsize=(8, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
-    for ax, (family, data) in zip(axes[:, 0], families.items()):
+    fig, axes = plt.subplots(
+        len(families), 1, figsize=(8, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
+    for ax, (family, data) in zip(axes[:, 0], families.items(), strict=True):
         names = list(data["rows"])
         ratios = np.array([data["rows"][n]["ppl_ratio"] for n in names])
         right = max(1.05, min(float(ratios.max()), 1.25) * 1.02)  # a few very bad rows must not hide 1% steps
         left = min(0.98, float(ratios.min()) - 0.01)
         ys = np.arange(len(names))[::-1]
-        ax.barh(ys, np.minimum(ratios, right) - left, left=left,
-                color=[kinds[data["rows"][n]["kind"]][0] for n in names])
-        for y, r in zip(ys, ratios):
+        ax.barh(
+            ys, np.minimum(ratios, right) - left, left=left, color=[kinds[data["rows"][n]["kind"]][0] for n in names]
+        )
+        for y, r in zip(ys, ratios, strict=True):
             ax.text(min(r, right), y, f" {r:.3f}" + (" →" if r > right else ""), va="center", fontsize=7)
         for bits, margin in TARGETS.items():
-            ax.axvline(1 + margin, linestyle="--", linewidth=1, color="black" if bits == "W8A8" else "dimgray",
-                       label=f"{bits} target: +{margin:.0%}")
+            ax.axvline(
+                1 + margin,
+                linestyle="--",
+                linewidth=1,
+                color="black" if bits == "W8A8" else "dimgray",
+                label=f"{bits} target: +{margin:.0%}",
+            )
         ax.axvline(1.0, color="gray", linewidth=0.8)
         ax.set_yticks(ys, names, fontsize=7)
         ax.set_xlim(left, right * 1.04)
         ax.set_xlabel("held-out perplexity / fp32's")
         model = data["model"]
-        ax.set_title(f"{family} ({model['parameters'] / 1e6:.1f}M params, fp32 ppl "
-                     f"{data['rows']['fp32']['perplexity']:.2f})" + (" — random weights" if result["tiny_random"]
-                                                                      else ""), fontsize=9)
+        ax.set_title(
+            f"{family} ({model['parameters'] / 1e6:.1f}M params, fp32 ppl "
+            f"{data['rows']['fp32']['perplexity']:.2f})" + (" — random weights" if result["tiny_random"] else ""),
+            fontsize=9,
+        )
         shown = dict.fromkeys(data["rows"][n]["kind"] for n in names)
         handles = [Patch(color=kinds[k][0], label=kinds[k][1]) for k in shown]
         ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="lower right")
@@ -559,28 +688,37 @@ def plot(result: dict, path: Path) -> None:
 def print_table(result: dict, path: Path) -> None:
     machine = result["machine"]
     setup = result["setup"]
-    print(f"\nresults: {path}; {machine['cpu']} ({machine['cores']} cores, jax {machine['jax_backend']}); "
-          f"eval {setup['evaluation']['windows']} x {setup['evaluation']['tokens_per_window']} held-out tokens, "
-          f"calibration {setup['calibration']['windows']} x {setup['calibration']['tokens_per_window']}, decode "
-          f"batch 1, {setup['decode']['new_tokens']} tokens")
+    print(
+        f"\nresults: {path}; {machine['cpu']} ({machine['cores']} cores, jax {machine['jax_backend']}); "
+        f"eval {setup['evaluation']['windows']} x {setup['evaluation']['tokens_per_window']} held-out tokens, "
+        f"calibration {setup['calibration']['windows']} x {setup['calibration']['tokens_per_window']}, decode "
+        f"batch 1, {setup['decode']['new_tokens']} tokens"
+    )
     for family, data in result["families"].items():
         print(f"\n{family}: {data['model']['source']}")
-        print(f"{'row':<28}{'ppl':>10}{'ratio':>8}{'weights MB':>11}{'linears MB':>11}{'cache KB':>9}"
-              f"{'quant s':>8}{'tok/s':>8}{'vs fp32':>8}")
+        print(
+            f"{'row':<28}{'ppl':>10}{'ratio':>8}{'weights MB':>11}{'linears MB':>11}{'cache KB':>9}"
+            f"{'quant s':>8}{'tok/s':>8}{'vs fp32':>8}"
+        )
         for name, r in data["rows"].items():
             w = r["weight_bytes"]
-            print(f"{name:<28}{r['perplexity']:>10.3f}{r['ppl_ratio']:>8.4f}{w['total'] / 1e6:>11.2f}"
-                  f"{w['linears'] / 1e6:>11.3f}{r['cache_bytes_batch1'] / 1e3:>9.1f}{r['quantize_s']:>8.1f}"
-                  f"{r['decode']['tok_s']:>8.1f}{r['decode']['ratio_to_fp32']:>7.2f}x")
+            print(
+                f"{name:<28}{r['perplexity']:>10.3f}{r['ppl_ratio']:>8.4f}{w['total'] / 1e6:>11.2f}"
+                f"{w['linears'] / 1e6:>11.3f}{r['cache_bytes_batch1'] / 1e3:>9.1f}{r['quantize_s']:>8.1f}"
+                f"{r['decode']['tok_s']:>8.1f}{r['decode']['ratio_to_fp32']:>7.2f}x"
+            )
         if data["aliases"]:
-            print("same scheme as a row above (not rerun): "
-                  + ", ".join(f"{a} = {r}" for a, r in data["aliases"].items()))
+            print(
+                "same scheme as a row above (not rerun): " + ", ".join(f"{a} = {r}" for a, r in data["aliases"].items())
+            )
         for note in data["notes"]:
             print(f"note: {note}")
         verdicts = []
         for label, t in data["targets"].items():
-            verdicts.append(f"{label}: " + ("not run" if t["holds"] is None else
-                                            f"{'yes' if t['holds'] else 'NO'} ({t['ppl_ratio']:.4f})"))
+            verdicts.append(
+                f"{label}: "
+                + ("not run" if t["holds"] is None else f"{'yes' if t['holds'] else 'NO'} ({t['ppl_ratio']:.4f})")
+            )
         print("targets: " + "; ".join(verdicts))
         for ingredient, per_bits in data["ingredients"].items():
             cells = []
@@ -591,8 +729,10 @@ def print_table(result: dict, path: Path) -> None:
                 cells.append(f"{bits} add {mark[v['adding_lowers_ppl']]} / remove {mark[v['removing_raises_ppl']]}")
             print(f"  {ingredient:<11} helps (adding lowers ppl / removing raises it): " + ", ".join(cells))
     if result["tiny_random"]:
-        print("(--tiny-random: random weights, so perplexities near the vocabulary size and the verdicts say "
-              "nothing; this only checks that the script runs)")
+        print(
+            "(--tiny-random: random weights, so perplexities near the vocabulary size and the verdicts say "
+            "nothing; this only checks that the script runs)"
+        )
     print(f"total {result['total_wall_s'] / 60:.1f} min")
 
 

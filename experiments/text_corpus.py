@@ -67,7 +67,8 @@ def source_texts(sources: Sequence[str] = SOURCES, vim_dir: str | Path = VIM_DOC
         if not files:
             raise FileNotFoundError(
                 f"no Vim manuals (*.txt) in {vim_dir}; install vim's runtime files, or use only the "
-                f"Python reference (sources=('pydoc',), --corpus pydoc)")
+                f"Python reference (sources=('pydoc',), --corpus pydoc)"
+            )
         # A few manuals hold non-UTF-8 bytes; replacing them keeps the text (and its hash) deterministic.
         texts += [(f"vim:{f.name}", f.read_bytes().decode("utf-8", errors="replace")) for f in files]
     return texts
@@ -90,8 +91,13 @@ def cut_documents(name: str, text: str, doc_chars: int = DOC_CHARS) -> list[Docu
     return docs
 
 
-def corpus_documents(sources: Sequence[str] = SOURCES, *, vim_dir: str | Path = VIM_DOC_DIR,
-                     max_chars: int | None = None, doc_chars: int = DOC_CHARS) -> list[Document]:
+def corpus_documents(
+    sources: Sequence[str] = SOURCES,
+    *,
+    vim_dir: str | Path = VIM_DOC_DIR,
+    max_chars: int | None = None,
+    doc_chars: int = DOC_CHARS,
+) -> list[Document]:
     """Every document of `sources`, in corpus order; with `max_chars`, only the first documents,
     up to the one that reaches `max_chars` characters in all (a small corpus for tests)."""
     if max_chars is not None and max_chars <= 0:
@@ -149,7 +155,7 @@ class TokenizedCorpus:
         indices = self.split_indices(split)
         pieces = []
         for k, i in enumerate(indices):
-            pieces.append(self.tokens[self.offsets[i]:self.offsets[i + 1]])
+            pieces.append(self.tokens[self.offsets[i] : self.offsets[i + 1]])
             doc = self.documents[i]
             following = self.documents[indices[k + 1]] if k + 1 < len(indices) else None
             if following is None or following.source != doc.source or following.part != doc.part + 1:
@@ -180,18 +186,24 @@ def _tokenize(documents: list[Document], tokenizer, progress: bool) -> tuple[np.
     for i, doc in enumerate(documents):
         by_source.setdefault(doc.source, []).append(i)
     ids: list[list[int]] = [[] for _ in documents]
-    for source, indices in tqdm(by_source.items(), desc="tokenizing", unit="text", disable=not progress):
+    for indices in tqdm(by_source.values(), desc="tokenizing", unit="text", disable=not progress):
         encoded = tokenizer([documents[i].text for i in indices], add_special_tokens=False)["input_ids"]
-        for i, tokens in zip(indices, encoded):
+        for i, tokens in zip(indices, encoded, strict=True):
             ids[i] = tokens
     offsets = np.cumsum([0] + [len(t) for t in ids]).astype(np.int64)
     tokens = np.fromiter((t for doc in ids for t in doc), np.int32, count=int(offsets[-1]))
     return tokens, offsets
 
 
-def load_corpus(sources: Sequence[str] = SOURCES, *, max_chars: int | None = None, tokenizer=None,
-                vim_dir: str | Path = VIM_DOC_DIR, cache_dir: str | Path | None = None,
-                progress: bool = True) -> TokenizedCorpus:
+def load_corpus(
+    sources: Sequence[str] = SOURCES,
+    *,
+    max_chars: int | None = None,
+    tokenizer=None,
+    vim_dir: str | Path = VIM_DOC_DIR,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TokenizedCorpus:
     """The tokenized corpus (see the module docstring), from the cache when this text was seen before.
 
     tokenizer: a `transformers` tokenizer (default: SmolLM2's, from `ssm_llm.default_model_path()`);

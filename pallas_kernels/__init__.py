@@ -12,14 +12,26 @@ from pallas_kernels.cache_attention import cache_attention, cache_attention_ref
 from pallas_kernels.dispatch import IMPLS, resolve_impl
 from pallas_kernels.flash_attention import flash_attention, flash_attention_ref
 from pallas_kernels.quantized_matmul import (
-                                             QuantizedWeight,
-                                             dequantize_weights,
-                                             quantize_weights,
-                                             quantized_matmul,
-                                             quantized_matmul_ref,
+    QuantizedWeight,
+    dequantize_weights,
+    quantize_weights,
+    quantized_matmul,
+    quantized_matmul_ref,
 )
 from pallas_kernels.tree_attention import tree_attention, tree_attention_ref
 
-__all__ = ["IMPLS", "QuantizedWeight", "cache_attention", "cache_attention_ref", "dequantize_weights",
-           "flash_attention", "flash_attention_ref", "quantize_weights", "quantized_matmul", "quantized_matmul_ref",
-           "resolve_impl", "tree_attention", "tree_attention_ref"]
+__all__ = [
+    "IMPLS",
+    "QuantizedWeight",
+    "cache_attention",
+    "cache_attention_ref",
+    "dequantize_weights",
+    "flash_attention",
+    "flash_attention_ref",
+    "quantize_weights",
+    "quantized_matmul",
+    "quantized_matmul_ref",
+    "resolve_impl",
+    "tree_attention",
+    "tree_attention_ref",
+]

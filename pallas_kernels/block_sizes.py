@@ -42,6 +42,5 @@ class BlockSizes:
         if block_sizes is None:
             return cls()
         if type(block_sizes) is not cls:
-            raise ValueError(f"{kernel}: block_sizes must be a {cls.__name__} for this kernel, "
-                             f"got {block_sizes!r}")
+            raise ValueError(f"{kernel}: block_sizes must be a {cls.__name__} for this kernel, got {block_sizes!r}")
         return block_sizes

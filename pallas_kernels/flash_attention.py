@@ -75,22 +75,24 @@ def flash_attention_ref(q, k, v, window=0, scale=None, lengths=None, block: int 
     _check(q, k, v, lengths)
     batch, steps, heads, dim = q.shape
     kv_heads = k.shape[2]
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     qg = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     outs = []
     for start in range(0, steps, block):
         stop = min(start + block, steps)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg[:, start:stop], k[:, :stop],
-                            preferred_element_type=jnp.float32) * scale
+        scores = (
+            jnp.einsum("btkgd,bskd->bkgts", qg[:, start:stop], k[:, :stop], preferred_element_type=jnp.float32) * scale
+        )
         t = jnp.arange(start, stop)[:, None]
         s = jnp.arange(stop)[None, :]
         visible = (s <= t) & ((window <= 0) | (s > t - window)) & (s < lengths[:, None, None])  # [b, t, s]
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         # Softmax with the normalisation applied after the value product: one pass less over scores.
         weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        out = jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), v[:, :stop],
-                         preferred_element_type=jnp.float32)  # [b,k,g,t,d]: one batched matmul on CPU
+        out = jnp.einsum(
+            "bkgts,bskd->bkgtd", weights.astype(v.dtype), v[:, :stop], preferred_element_type=jnp.float32
+        )  # [b,k,g,t,d]: one batched matmul on CPU
         out = out / jnp.sum(weights, axis=-1)[..., None]
         out = jnp.where(jnp.any(visible, axis=-1)[:, None, None, :, None], out, 0.0)
         outs.append(out.transpose(0, 3, 1, 2, 4))
@@ -119,8 +121,11 @@ def _flash_kernel(length_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *, scale, 
         k = plgpu.load(k_ref.at[pl.ds(j * block_k, block_k), :], mask=col_ok[:, None], other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(j * block_k, block_k), :], mask=col_ok[:, None], other=0.0)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length) \
+        visible = (
+            (cols[None, :] <= rows[:, None])
+            & (cols[None, :] < length)
             & ((window <= 0) | (cols[None, :] > rows[:, None] - window))
+        )
         return online_softmax_step(*carry, s, visible, v)
 
     acc, _, denom = jax.lax.fori_loop(lo, hi, body, initial_state(block_q, dim))
@@ -129,8 +134,17 @@ def _flash_kernel(length_ref, window_ref, q_ref, k_ref, v_ref, o_ref, *, scale, 
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *,
-                           block_sizes: FlashAttentionBlockSizes | None = None, interpret: bool = False):
+def flash_attention_pallas(
+    q,
+    k,
+    v,
+    window=0,
+    scale=None,
+    lengths=None,
+    *,
+    block_sizes: FlashAttentionBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `flash_attention_ref` (same contract). head_dim must be a power of two >= 16."""
     _check(q, k, v, lengths)
     blocks = FlashAttentionBlockSizes.resolve(block_sizes, "flash_attention")
@@ -139,7 +153,7 @@ def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *,
     if not (is_power_of_two(dim) and dim >= 16):
         raise ValueError(f"flash_attention: the Pallas kernel needs a power-of-two head_dim >= 16, got {dim}")
     block_q, block_k = blocks.block_q, blocks.block_k
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     window = jnp.asarray(window, jnp.int32).reshape(1)
     per_head = pl.BlockSpec((None, steps, None, dim), lambda b, h, i: (b, 0, h, 0))
@@ -147,8 +161,13 @@ def flash_attention_pallas(q, k, v, window=0, scale=None, lengths=None, *,
     return pl.pallas_call(
         functools.partial(_flash_kernel, scale=scale, block_q=block_q, block_k=block_k, steps=steps),
         grid=(batch, heads, pl.cdiv(steps, block_q)),
-        in_specs=[pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)), pl.BlockSpec((1,), lambda b, h, i: (0,)),
-                  per_head, per_kv_head, per_kv_head],
+        in_specs=[
+            pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)),
+            pl.BlockSpec((1,), lambda b, h, i: (0,)),
+            per_head,
+            per_kv_head,
+            per_kv_head,
+        ],
         out_specs=per_head,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
@@ -179,14 +198,17 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
 
     @pl.when((j >= lo) & (j < hi))
     def _step():
-        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale
+        s = (
+            jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * scale
+        )
         rows = i * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
         cols = j * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         visible = (cols <= rows) & (cols < length) & ((window <= 0) | (cols > rows - window))
         p, alpha = scratch_step(m_ref, denom_ref, s, visible)
-        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                      preferred_element_type=jnp.float32)
+        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(
+            p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32
+        )
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -194,8 +216,17 @@ def _flash_kernel_tpu(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, m_ref
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
-                               block_sizes: FlashAttentionTPUBlockSizes | None = None, interpret: bool = False):
+def flash_attention_pallas_tpu(
+    q,
+    k,
+    v,
+    window=0,
+    scale=None,
+    lengths=None,
+    *,
+    block_sizes: FlashAttentionTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `flash_attention_ref` (same contract; any head_dim).
 
     Heads move before time (q: [B, H, T, D], k/v: [B, H_kv, T, D]) and T is zero-padded to a multiple
@@ -210,7 +241,7 @@ def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
     rep = heads // k.shape[2]
     block = min(blocks.block, pl.cdiv(steps, 16) * 16)
     padded = pl.cdiv(steps, block) * block
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     window = jnp.asarray(window, jnp.int32).reshape(1)
     q, k, v = (jnp.pad(x, ((0, 0), (0, padded - steps), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -228,8 +259,11 @@ def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
             grid=(batch, heads, padded // block, padded // block),
             in_specs=[per_head, per_kv_head, per_kv_head],
             out_specs=per_head,
-            scratch_shapes=[pltpu.VMEM((block, 128), jnp.float32), pltpu.VMEM((block, 128), jnp.float32),
-                            pltpu.VMEM((block, dim), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((block, 128), jnp.float32),
+                pltpu.VMEM((block, 128), jnp.float32),
+                pltpu.VMEM((block, dim), jnp.float32),
+            ],
         ),
         out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dim), q.dtype),
         # (batch, head, query block, key block): the key axis carries the online softmax in scratch.
@@ -240,8 +274,17 @@ def flash_attention_pallas_tpu(q, k, v, window=0, scale=None, lengths=None, *,
     return out[:, :, :steps].transpose(0, 2, 1, 3)
 
 
-def flash_attention(q, k, v, window=0, scale=None, lengths=None, *,
-                    block_sizes: FlashAttentionBlockSizes | FlashAttentionTPUBlockSizes | None = None, impl="auto"):
+def flash_attention(
+    q,
+    k,
+    v,
+    window=0,
+    scale=None,
+    lengths=None,
+    *,
+    block_sizes: FlashAttentionBlockSizes | FlashAttentionTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `flash_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The GPU kernel needs a power-of-two head_dim >= 16: otherwise "auto" uses the reference there
     (the TPU kernel takes any head_dim). `block_sizes` are those of the kernel that runs (None: its
@@ -254,5 +297,6 @@ def flash_attention(q, k, v, window=0, scale=None, lengths=None, *,
         kind = "xla"
     if kind == "xla":
         return flash_attention_ref(q, k, v, window, scale, lengths)
-    return flash_attention_pallas(q, k, v, window, scale, lengths, block_sizes=block_sizes,
-                                  interpret=kind == "interpret")
+    return flash_attention_pallas(
+        q, k, v, window, scale, lengths, block_sizes=block_sizes, interpret=kind == "interpret"
+    )

@@ -28,8 +28,7 @@ def online_softmax_step(acc, m, denom, scores, visible, v):
 
 def initial_state(rows: int, dim: int):
     """(acc, m, denom) before any key block."""
-    return (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), NEG, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    return (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
 
 
 def scratch_init(m_ref, denom_ref, acc_ref):

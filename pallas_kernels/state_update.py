@@ -36,8 +36,19 @@ def state_update_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *r
     z_ref, y_ref, new_state_ref = refs if gate else (None, *refs)
     f32 = lambda ref: ref[...].astype(jnp.float32)  # noqa: E731
     x, dt = f32(x_ref), f32(dt_ref)
-    _update(f32(state_ref), x[:, None], dt[:, None], f32(A_ref), f32(B_ref)[None, :], f32(C_ref)[None, :],
-            f32(D_ref), None if z_ref is None else f32(z_ref), y_ref, new_state_ref, x_out=x)
+    _update(
+        f32(state_ref),
+        x[:, None],
+        dt[:, None],
+        f32(A_ref),
+        f32(B_ref)[None, :],
+        f32(C_ref)[None, :],
+        f32(D_ref),
+        None if z_ref is None else f32(z_ref),
+        y_ref,
+        new_state_ref,
+        x_out=x,
+    )
 
 
 def state_update_tpu_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, has_d: bool, has_z: bool):
@@ -49,12 +60,22 @@ def state_update_tpu_kernel(state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, *refs
     y_ref, new_state_ref = refs
     f32 = lambda ref: None if ref is None else ref[...].astype(jnp.float32)  # noqa: E731
     x = f32(x_ref)
-    _update(f32(state_ref), x, f32(dt_ref), f32(A_ref), f32(B_ref), f32(C_ref), f32(D_ref), f32(z_ref), y_ref,
-            new_state_ref, x_out=x)
+    _update(
+        f32(state_ref),
+        x,
+        f32(dt_ref),
+        f32(A_ref),
+        f32(B_ref),
+        f32(C_ref),
+        f32(D_ref),
+        f32(z_ref),
+        y_ref,
+        new_state_ref,
+        x_out=x,
+    )
 
 
-def decode_step_tpu(kernel, grid, inputs, y_spec, state_spec, x, state, state_input: int, name: str,
-                    interpret: bool):
+def decode_step_tpu(kernel, grid, inputs, y_spec, state_spec, x, state, state_input: int, name: str, interpret: bool):
     """Launches a TPU decode step: `inputs` are (array, BlockSpec) pairs (None arrays left out), `grid`
     (sequence, block) has independent programs; the outputs are y, blocked by `y_spec` as [*x.shape, 1]
     columns in x's dtype, and the new state, written in place over input `state_input`.

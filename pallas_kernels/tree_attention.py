@@ -26,15 +26,18 @@ def _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale):
     if prefix_lengths.shape != (batch,):
         raise ValueError(f"tree_attention: prefix_lengths must be [{batch}], got {prefix_lengths.shape}")
     if tree_mask.shape != (batch, steps, steps):
-        raise ValueError(f"tree_attention: tree_mask must be [B, T_q, T_q] = {(batch, steps, steps)}, "
-                         f"got {tree_mask.shape}")
+        raise ValueError(
+            f"tree_attention: tree_mask must be [B, T_q, T_q] = {(batch, steps, steps)}, got {tree_mask.shape}"
+        )
 
 
 def _prefix_ranges(q, prefix_lengths):
     """Every draft's key range [0, prefix) as lo, hi [B, T_q]; the draft keys come from the tree mask."""
     batch, steps = q.shape[:2]
-    return (jnp.zeros((batch, steps), jnp.int32),
-            jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps)))
+    return (
+        jnp.zeros((batch, steps), jnp.int32),
+        jnp.broadcast_to(prefix_lengths.astype(jnp.int32)[:, None], (batch, steps)),
+    )
 
 
 def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None):
@@ -46,46 +49,93 @@ def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=N
     s = jnp.arange(seq)[None, None, :]
     rel = s - prefix_lengths[:, None, None]  # [B, 1, S]: index among the drafts
     in_tree = (rel >= 0) & (rel < steps)
-    allowed = jnp.take_along_axis(tree_mask, jnp.broadcast_to(jnp.clip(rel, 0, steps - 1), (q.shape[0], steps, seq)),
-                                  axis=2)
+    allowed = jnp.take_along_axis(
+        tree_mask, jnp.broadcast_to(jnp.clip(rel, 0, steps - 1), (q.shape[0], steps, seq)), axis=2
+    )
     visible = (rel < 0) | (in_tree & allowed)
     k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
     return masked_attention(q, k, v, visible, scale)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
-                          block_sizes: CacheAttentionBlockSizes | None = None, interpret: bool = False):
+def tree_attention_pallas(
+    q,
+    k,
+    v,
+    prefix_lengths,
+    tree_mask,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `tree_attention_ref` (same contract): `cache_attention`'s split-K kernel."""
     _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
     blocks = CacheAttentionBlockSizes.resolve(block_sizes, "tree_attention")
     lo, hi = _prefix_ranges(q, prefix_lengths)
-    o, m, denom = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask,
-                                            blocks=blocks, interpret=interpret)
+    o, m, denom = attention_partials_pallas(
+        q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask, blocks=blocks, interpret=interpret
+    )
     return merge_partials(o, m, denom, q.shape[1], q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
-                              block_sizes: CacheAttentionTPUBlockSizes | None = None, interpret: bool = False):
+def tree_attention_pallas_tpu(
+    q,
+    k,
+    v,
+    prefix_lengths,
+    tree_mask,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """TPU (Mosaic) version of `tree_attention_ref` (same contract): `attention_pallas_tpu` with the
     prefix as every query's key range and the ancestor mask over the draft keys."""
     _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
     blocks = CacheAttentionTPUBlockSizes.resolve(block_sizes, "tree_attention")
     lo, hi = _prefix_ranges(q, prefix_lengths)
-    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask, blocks=blocks,
-                                interpret=interpret)
+    return attention_pallas_tpu(
+        q, k, v, lo, hi, scale, k_scale, v_scale, prefix_lengths, tree_mask, blocks=blocks, interpret=interpret
+    )
 
 
-def tree_attention(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=None, v_scale=None, *,
-                   block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None, impl="auto"):
+def tree_attention(
+    q,
+    k,
+    v,
+    prefix_lengths,
+    tree_mask,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     `block_sizes` are those of the kernel that runs (None: its defaults)."""
     kind = use_pallas(impl, "tree_attention", q.shape[-1])
     if kind == "xla":
         return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)
     if kind == "pallas" and jax.default_backend() == "tpu":
-        return tree_attention_pallas_tpu(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
-                                         block_sizes=block_sizes)
-    return tree_attention_pallas(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale,
-                                 block_sizes=block_sizes, interpret=kind == "interpret")
+        return tree_attention_pallas_tpu(
+            q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale, block_sizes=block_sizes
+        )
+    return tree_attention_pallas(
+        q,
+        k,
+        v,
+        prefix_lengths,
+        tree_mask,
+        scale,
+        k_scale,
+        v_scale,
+        block_sizes=block_sizes,
+        interpret=kind == "interpret",
+    )

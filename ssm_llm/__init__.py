@@ -1,9 +1,9 @@
 """ssm_llm: a jitted, pure-functional JAX inference stack for attention and state-space language models.
 
-    config, params = converters.load("model.gguf")            # or ssm_llm.init_params(config, key)
-    cache = ssm_llm.init_cache(config, batch=4, max_len=2048)
-    logits, cache = ssm_llm.forward(params, config, tokens, cache)
-    out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=64))
+config, params = converters.load("model.gguf")            # or ssm_llm.init_params(config, key)
+cache = ssm_llm.init_cache(config, batch=4, max_len=2048)
+logits, cache = ssm_llm.forward(params, config, tokens, cache)
+out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=64))
 """
 
 from ssm_llm.cache import KVCache
@@ -18,9 +18,24 @@ from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = [
-    "GenerationConfig", "GenerationResult", "KVCache", "Mamba2Config", "MambaConfig", "ModelConfig", "RopeConfig",
-    "SSMCache", "config_from_dict",
-    "default_model_path", "filter_logits", "forward", "generate", "init_cache", "init_params", "is_stacked",
-    "sample", "stack_layers", "unstack_layers",
+    "GenerationConfig",
+    "GenerationResult",
+    "KVCache",
+    "Mamba2Config",
+    "MambaConfig",
+    "ModelConfig",
+    "RopeConfig",
+    "SSMCache",
+    "config_from_dict",
+    "default_model_path",
+    "filter_logits",
+    "forward",
+    "generate",
+    "init_cache",
+    "init_params",
+    "is_stacked",
+    "sample",
+    "stack_layers",
+    "unstack_layers",
 ]
 __version__ = "0.1.0"

@@ -43,6 +43,4 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32)
     batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
     shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     check_fits(f"a KV cache of batch={batch}, max_len={max_len}", 2 * math.prod(shape) * jnp.dtype(dtype).itemsize)
-    return KVCache(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32)
-    )
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))

@@ -99,14 +99,16 @@ class KVPolicy:
         `advance(used) <= capacity` guarantees room)."""
         raise NotImplementedError
 
-    def compress(self, config: ModelConfig, cache: KVCache, observation: PrefillObservation | None,
-                 capacity: int) -> tuple[Any, jax.Array]:
+    def compress(
+        self, config: ModelConfig, cache: KVCache, observation: PrefillObservation | None, capacity: int
+    ) -> tuple[Any, jax.Array]:
         """(data, used [B]): the compressed form of a dense prefill cache (`cache.lengths` tokens per
         sequence, keys rotated at their positions) and the slots it fills."""
         raise NotImplementedError
 
-    def attend(self, config: ModelConfig, data: Any, step: AttentionStep, q: jax.Array, k: jax.Array,
-               v: jax.Array, impl: str) -> tuple[jax.Array, Any]:
+    def attend(
+        self, config: ModelConfig, data: Any, step: AttentionStep, q: jax.Array, k: jax.Array, v: jax.Array, impl: str
+    ) -> tuple[jax.Array, Any]:
         """One layer's attention of the step's new tokens, with their keys/values written into `data`.
 
         q: [B, T, H_q, D], k, v: [B, T, H_kv, D] *before* RoPE; `step` says where they go (positions,

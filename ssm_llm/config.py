@@ -49,8 +49,9 @@ def check_token_fields(config) -> None:
     top = config.vocab_size - 1
     if config.bos_token_id is not None:
         object.__setattr__(config, "bos_token_id", as_int("config.bos_token_id", config.bos_token_id, 0, top))
-    object.__setattr__(config, "eos_token_ids", as_token_ids("config.eos_token_ids", config.eos_token_ids,
-                                                             config.vocab_size))
+    object.__setattr__(
+        config, "eos_token_ids", as_token_ids("config.eos_token_ids", config.eos_token_ids, config.vocab_size)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,23 +83,30 @@ class ModelConfig:
     family: str = ATTENTION_FAMILY
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             object.__setattr__(self, name, as_int(f"config.{name}", getattr(self, name), 1))
         object.__setattr__(self, "num_layers", as_int("config.num_layers", self.num_layers, 1, MAX_LAYERS))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         object.__setattr__(self, "rms_norm_eps", as_float("config.rms_norm_eps", self.rms_norm_eps, 0.0, open_min=True))
         windows = tuple(self.layer_windows) or (0,) * self.num_layers
         if len(windows) != self.num_layers:
-            raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0 (0 = full attention), "
-                             f"got {self.layer_windows}")
-        object.__setattr__(self, "layer_windows", tuple(as_int(f"config.layer_windows[{i}]", w, 0)
-                                                         for i, w in enumerate(windows)))
+            raise ValueError(
+                f"layer_windows must hold {self.num_layers} sizes >= 0 (0 = full attention), got {self.layer_windows}"
+            )
+        object.__setattr__(
+            self, "layer_windows", tuple(as_int(f"config.layer_windows[{i}]", w, 0) for i, w in enumerate(windows))
+        )
         check_token_fields(self)
         if not isinstance(self.model_type, str) or not self.model_type:
             raise ValueError(f"config.model_type must be a non-empty string (a label), got {self.model_type!r}")

@@ -32,8 +32,9 @@ def config_from_dict(d: dict[str, Any]):
     elif family in SSM_CONFIGS:
         cls = SSM_CONFIGS[family]
     else:
-        raise ValueError(f"unknown model family {family!r} in saved config; known: "
-                         f"{', '.join([ATTENTION_FAMILY, *SSM_CONFIGS])}")
+        raise ValueError(
+            f"unknown model family {family!r} in saved config; known: {', '.join([ATTENTION_FAMILY, *SSM_CONFIGS])}"
+        )
     fields = {f.name for f in dataclasses.fields(cls)} - {"family"}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -51,8 +52,14 @@ def config_from_dict(d: dict[str, Any]):
             if not isinstance(d[key], (list, tuple)):
                 raise ValueError(f"saved config {key!r} must be a list, got {d[key]!r}")
             d[key] = tuple(d[key])
-    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name != "family" and f.name not in d
-                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name != "family"
+        and f.name not in d
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
     if missing:
         raise ValueError(f"saved {family} model config lacks required keys {missing}")
     return cls(**d)
@@ -65,6 +72,8 @@ def _quantized_from_dict(d: dict[str, Any]) -> QuantizedSSMConfig:
         raise ValueError(f"saved quantized config must hold 'base' and 'scheme' (unknown keys: {unknown})")
     simulated = d.get("simulated", False)
     if not isinstance(d["scheme"], dict) or not isinstance(simulated, bool):
-        raise ValueError(f"saved quantized config needs a 'scheme' object and a boolean 'simulated', got "
-                         f"{d['scheme']!r} and {simulated!r}")
+        raise ValueError(
+            f"saved quantized config needs a 'scheme' object and a boolean 'simulated', got "
+            f"{d['scheme']!r} and {simulated!r}"
+        )
     return QuantizedSSMConfig(config_from_dict(d["base"]), QuantScheme(**d["scheme"]), simulated)

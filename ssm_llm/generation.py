@@ -37,10 +37,10 @@ from ssm_llm.validation import as_float, as_int, as_token_ids
 # A stated ceiling on new tokens per call. State-space models have no context to bound max_new_tokens, and
 # a mistaken 10**9 would allocate a [B, 10**9] output buffer and decode for days; 2**20 tokens is already
 # about three hours at 100 tokens/s.
-MAX_NEW_TOKENS = 2 ** 20
+MAX_NEW_TOKENS = 2**20
 # Without jax_enable_x64 a PRNG key keeps 32 bits of its seed: larger or negative seeds would silently
 # collide with smaller ones (seed 2**32 draws exactly what seed 0 draws).
-MAX_SEED = 2 ** 32 - 1
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +85,20 @@ class GenerationConfig:
         if self.max_len is not None:
             put("max_len", as_int("max_len", self.max_len, 1))
         if self.kv_compression is not None and not isinstance(self.kv_compression, KVPolicy):
-            raise ValueError(f"kv_compression must be None or a policy from ssm_llm.kv (e.g. "
-                             f"StreamingLLM(budget=256)), got {self.kv_compression!r}")
+            raise ValueError(
+                f"kv_compression must be None or a policy from ssm_llm.kv (e.g. "
+                f"StreamingLLM(budget=256)), got {self.kv_compression!r}"
+            )
         if self.speculative is not None and not isinstance(self.speculative, Drafter):
-            raise ValueError(f"speculative must be None or a drafter from ssm_llm.speculative (e.g. PromptLookup()), "
-                             f"got {self.speculative!r}")
+            raise ValueError(
+                f"speculative must be None or a drafter from ssm_llm.speculative (e.g. PromptLookup()), "
+                f"got {self.speculative!r}"
+            )
         if self.speculative is not None and self.kv_compression is not None:
-            raise ValueError("speculative decoding verifies draft trees on a dense cache; it does not combine with "
-                             "kv_compression yet")
+            raise ValueError(
+                "speculative decoding verifies draft trees on a dense cache; it does not combine with "
+                "kv_compression yet"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +135,9 @@ class GenerationResult:
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first, e.g. "
-                         "tokenizer(text).input_ids)")
+        raise ValueError(
+            "prompts must be a non-empty list of token-id lists (tokenize text first, e.g. tokenizer(text).input_ids)"
+        )
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, numbers.Integral):
@@ -166,8 +173,19 @@ def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
-def _decode(params, config, cache, logits, key, sampling: Sampling, stream_id, *, max_new_tokens: int,
-            eos: tuple[int, ...], impl: str):
+def _decode(
+    params,
+    config,
+    cache,
+    logits,
+    key,
+    sampling: Sampling,
+    stream_id,
+    *,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    impl: str,
+):
     """Decode up to `max_new_tokens` tokens per row after a prefill, stopping a row at any of the `eos` ids.
 
     logits: [B, V] at each prompt's last token; key: PRNG key; stream_id: int32 scalar, the
@@ -196,8 +214,9 @@ def _decode(params, config, cache, logits, key, sampling: Sampling, stream_id, *
 
     def body(state):
         step, tok, cache, done, out, key = state
-        h, cache = family_module(config).hidden_states(params, config, tok[:, None], cache,
-                                                       jnp.ones((batch,), jnp.int32), impl)
+        h, cache = family_module(config).hidden_states(
+            params, config, tok[:, None], cache, jnp.ones((batch,), jnp.int32), impl
+        )
         key, sub = jax.random.split(key)
         new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
         new = jnp.where(done, -1, new)  # finished sequences emit nothing
@@ -228,10 +247,15 @@ class _Request:
         return tokens
 
 
-def generate(params: dict, config, prompts: Sequence[Sequence[int]],
-             gen_config: GenerationConfig = GenerationConfig(), *,
-             on_token: Callable[[int, np.ndarray], None] | None = None,
-             impl: str = "auto") -> GenerationResult:
+def generate(
+    params: dict,
+    config,
+    prompts: Sequence[Sequence[int]],
+    gen_config: GenerationConfig = GenerationConfig(),
+    *,
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+    impl: str = "auto",
+) -> GenerationResult:
     """Generate continuations of a ragged batch of token-id prompts.
 
     `on_token(step, tokens)` (optional) is called from inside the compiled loop as each step's tokens
@@ -262,8 +286,11 @@ def _validate(params, config, prompts, gen_config, on_token) -> _Request:
         raise TypeError(f"on_token must be callable(step, tokens), got {on_token!r}")
     prompts = _check_prompts(prompts, config.vocab_size)
     lengths = [len(p) for p in prompts]
-    eos = as_token_ids("eos_token_ids", gen_config.eos_token_ids if gen_config.eos_token_ids is not None
-                       else config.eos_token_ids, config.vocab_size)
+    eos = as_token_ids(
+        "eos_token_ids",
+        gen_config.eos_token_ids if gen_config.eos_token_ids is not None else config.eos_token_ids,
+        config.vocab_size,
+    )
     _check_options(config, gen_config, max(lengths), on_token)
     if gen_config.kv_compression is not None:  # the policy's own limits first: clearer than a memory estimate
         gen_config.kv_compression.check(config, tuple(sorted(set(lengths))))
@@ -274,8 +301,10 @@ def _check_options(config, gen_config: GenerationConfig, longest: int, on_token)
     """The options that depend on the model: context, KV compression, speculative decoding."""
     needed = longest + gen_config.max_new_tokens
     if gen_config.max_len is not None and needed > gen_config.max_len:
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
-                         f"= {needed} exceeds max_len {gen_config.max_len}")
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+            f"= {needed} exceeds max_len {gen_config.max_len}"
+        )
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     if policy is not None and not isinstance(config, ModelConfig):
         raise ValueError(f"kv_compression compresses attention caches; {type(config).__name__} models have none")
@@ -283,24 +312,35 @@ def _check_options(config, gen_config: GenerationConfig, longest: int, on_token)
     if context is not None and longest > context:
         raise ValueError(f"the longest prompt ({longest} tokens) exceeds the model's context of {context} positions")
     if context is not None and needed > context and not (policy is not None and policy.unbounded):
-        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
-                         f"= {needed} exceeds the model's context of {context} positions "
-                         f"(kv_compression=StreamingLLM(...) can generate past it)")
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({gen_config.max_new_tokens}) "
+            f"= {needed} exceeds the model's context of {context} positions "
+            f"(kv_compression=StreamingLLM(...) can generate past it)"
+        )
     if drafter is not None and getattr(config, "family", None) == "quamba":
-        raise ValueError("speculative decoding does not support quantized (Quamba) targets yet: its per-node "
-                         "SSM states are float; generate without speculative=")
+        raise ValueError(
+            "speculative decoding does not support quantized (Quamba) targets yet: its per-node "
+            "SSM states are float; generate without speculative="
+        )
     if drafter is not None and on_token is not None:
-        raise ValueError("on_token streaming is not supported with speculative decoding (a round emits several "
-                         "tokens per row); pass on_token=None")
+        raise ValueError(
+            "on_token streaming is not supported with speculative decoding (a round emits several "
+            "tokens per row); pass on_token=None"
+        )
 
 
 def _plan(params, config, gen_config: GenerationConfig, request: _Request) -> LengthPlan:
     """This request's sizes (`plan_lengths`), refused with a MemoryError when its buffers cannot fit."""
     drafter = gen_config.speculative
-    plan = plan_lengths(max(request.lengths), gen_config.max_new_tokens, max_len=gen_config.max_len,
-                        context=config.max_position_embeddings, state_space=not isinstance(config, ModelConfig),
-                        compressed=gen_config.kv_compression is not None,
-                        tree_size=None if drafter is None else drafter.tree_size)
+    plan = plan_lengths(
+        max(request.lengths),
+        gen_config.max_new_tokens,
+        max_len=gen_config.max_len,
+        context=config.max_position_embeddings,
+        state_space=not isinstance(config, ModelConfig),
+        compressed=gen_config.kv_compression is not None,
+        tree_size=None if drafter is None else drafter.tree_size,
+    )
     _check_memory(config, gen_config, len(request.prompts), plan, jnp.dtype(params["embed"].dtype))
     return plan
 
@@ -316,8 +356,9 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: Length
         what = f"kv_compression={describe_policy(policy)}"
         cache_bytes = memory_bound(config, policy, batch, plan.prompt_len, max_len, dtype)
     elif isinstance(config, ModelConfig):
-        what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + \
-               (f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")")
+        what = f"a KV cache of {max_len} positions for {batch} prompts (longest prompt + max_new_tokens" + (
+            f" + a draft tree of {drafter.tree_size} nodes)" if drafter is not None else ")"
+        )
         cache_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * dtype.itemsize * max_len
     else:
         cache = jax.eval_shape(lambda: init_cache(config, batch, 1, dtype))
@@ -335,36 +376,59 @@ def _prefill_request(params, config, policy: KVPolicy | None, request: _Request,
     at each prompt's last token, the cache)."""
     tokens, lengths = request.padded(plan.prompt_len), request.lengths
     if policy is None:
-        logits, cache = _prefill(params, config, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
-                                 plan.cache_len, impl, jnp.dtype(params["embed"].dtype))
+        logits, cache = _prefill(
+            params,
+            config,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths, jnp.int32),
+            plan.cache_len,
+            impl,
+            jnp.dtype(params["embed"].dtype),
+        )
     else:
         logits, cache = kv_prefill(params, config, tokens, policy, plan.max_len, token_counts=lengths, impl=impl)
     logits.block_until_ready()
     return logits, cache
 
 
-def _decode_request(params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, cache,
-                    logits, on_token, impl) -> tuple[np.ndarray, SpeculativeStats | None]:
+def _decode_request(
+    params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, cache, logits, on_token, impl
+) -> tuple[np.ndarray, SpeculativeStats | None]:
     """The decode loop after the prefill, plain or speculative: (tokens [B, max_new_tokens], -1 after a
     row's end; the speculative statistics or None)."""
     key = jax.random.PRNGKey(gen_config.seed)
-    sampling = Sampling.create(vocab_size=config.vocab_size, temperature=gen_config.temperature,
-                               top_k=gen_config.top_k, top_p=gen_config.top_p, min_p=gen_config.min_p)
+    sampling = Sampling.create(
+        vocab_size=config.vocab_size,
+        temperature=gen_config.temperature,
+        top_k=gen_config.top_k,
+        top_p=gen_config.top_p,
+        min_p=gen_config.min_p,
+    )
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
     drafter = gen_config.speculative
     if drafter is None:
         stream = token_stream.TokenStream(on_token) if on_token is not None else None
         with stream or contextlib.nullcontext():
-            out, _ = _decode(params, config, cache, logits, key, sampling, jnp.int32(stream.id) if stream else None,
-                             **stop, impl=impl)
+            out, _ = _decode(
+                params,
+                config,
+                cache,
+                logits,
+                key,
+                sampling,
+                jnp.int32(stream.id) if stream else None,
+                **stop,
+                impl=impl,
+            )
             return np.asarray(out), None
     # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
     # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
     prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
     state = drafter.init(params, config, prompts, counts, plan.capacity, impl)
     history = jnp.asarray(request.padded(plan.max_len))
-    out, _, rounds, accepted, state = speculative_decode(params, config, drafter, state, cache, logits, history,
-                                                         counts, key, sampling, **stop, impl=impl)
+    out, _, rounds, accepted, state = speculative_decode(
+        params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
+    )
     return np.asarray(out), SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
 
 

@@ -27,4 +27,4 @@ def fwht(x):
         a, b = y[..., 0, :], y[..., 1, :]
         y = jnp.stack([a + b, a - b], axis=-2)
         h *= 2
-    return y.reshape(*lead, n) * (1.0 / n ** 0.5)
+    return y.reshape(*lead, n) * (1.0 / n**0.5)

@@ -27,8 +27,16 @@ class LengthPlan:
     capacity: int | None = None
 
 
-def plan_lengths(longest: int, max_new_tokens: int, *, max_len: int | None = None, context: int | None = None,
-                 state_space: bool = False, compressed: bool = False, tree_size: int | None = None) -> LengthPlan:
+def plan_lengths(
+    longest: int,
+    max_new_tokens: int,
+    *,
+    max_len: int | None = None,
+    context: int | None = None,
+    state_space: bool = False,
+    compressed: bool = False,
+    tree_size: int | None = None,
+) -> LengthPlan:
     """The sizes for prompts of at most `longest` tokens and `max_new_tokens` new ones.
 
     max_len: the user's fixed cache size (kept as given), else longest + max_new_tokens rounded up to
@@ -46,5 +54,9 @@ def plan_lengths(longest: int, max_new_tokens: int, *, max_len: int | None = Non
     prompt_len = min(round_up(longest, PROMPT_BUCKET), max_len)
     if compressed:
         max_len = max(max_len, prompt_len + max_new_tokens)
-    return LengthPlan(max_len=max_len, prompt_len=prompt_len, cache_len=1 if state_space else max_len,
-                      capacity=None if tree_size is None else max_len - tree_size)
+    return LengthPlan(
+        max_len=max_len,
+        prompt_len=prompt_len,
+        cache_len=1 if state_space else max_len,
+        capacity=None if tree_size is None else max_len - tree_size,
+    )

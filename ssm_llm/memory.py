@@ -49,5 +49,7 @@ def check_fits(what: str, needed: int, device: jax.Device | None = None) -> None
     the free memory of `device`. Unknown free memory: no check."""
     free = available_bytes(device)
     if free is not None and needed > free:
-        raise MemoryError(f"{what} would need {format_bytes(needed)}, more than the {format_bytes(free)} "
-                          f"free on {(device or jax.devices()[0]).platform}")
+        raise MemoryError(
+            f"{what} would need {format_bytes(needed)}, more than the {format_bytes(free)} "
+            f"free on {(device or jax.devices()[0]).platform}"
+        )

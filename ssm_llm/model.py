@@ -52,20 +52,26 @@ def _check_compressed_step(config, tokens, cache: CompressedCache, token_counts)
     if not isinstance(config, ModelConfig):
         raise TypeError(f"a CompressedCache belongs to an attention model, not a {type(config).__name__}")
     if tokens.shape != (cache.batch, 1):
-        raise ValueError(f"a compressed cache ({type(cache.policy).__name__}) decodes one token per sequence: "
-                         f"tokens must be [{cache.batch}, 1], got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"a compressed cache ({type(cache.policy).__name__}) decodes one token per sequence: "
+            f"tokens must be [{cache.batch}, 1], got {tuple(tokens.shape)}"
+        )
     if token_counts is not None and token_counts.shape != (cache.batch,):
         raise ValueError(f"token_counts must have shape ({cache.batch},), got {token_counts.shape}")
     check_token_ids(tokens, config.vocab_size)
     context = config.max_position_embeddings
     if _is_concrete(cache.lengths) and _is_concrete(cache.used):
         if not cache.policy.unbounded and context is not None and int(np.max(cache.lengths)) + 1 > context:
-            raise ValueError(f"{type(cache.policy).__name__}: the next token would sit at position "
-                             f"{int(np.max(cache.lengths))}, past the model's context of {context}")
+            raise ValueError(
+                f"{type(cache.policy).__name__}: the next token would sit at position "
+                f"{int(np.max(cache.lengths))}, past the model's context of {context}"
+            )
         # An append-only policy overflows its slots; a ring buffer (StreamingLLM) never does.
         if int(np.max(cache.policy.advance(np.asarray(cache.used), 1, cache.capacity))) > cache.capacity:
-            raise ValueError(f"{type(cache.policy).__name__}: the compressed cache is full ({cache.capacity} slots "
-                             f"per sequence); compress with a larger max_len to decode further")
+            raise ValueError(
+                f"{type(cache.policy).__name__}: the compressed cache is full ({cache.capacity} slots "
+                f"per sequence); compress with a larger max_len to decode further"
+            )
 
 
 def _check_forward_inputs(config, tokens, cache: Cache, token_counts) -> None:
@@ -81,8 +87,10 @@ def _check_forward_inputs(config, tokens, cache: Cache, token_counts) -> None:
         return
     expected_cache = family_of(config).cache_type
     if not isinstance(cache, expected_cache):
-        raise TypeError(f"a {type(config).__name__} needs a {expected_cache.__name__}, got {type(cache).__name__}; "
-                        f"create it with ssm_llm.init_cache(config, ...)")
+        raise TypeError(
+            f"a {type(config).__name__} needs a {expected_cache.__name__}, got {type(cache).__name__}; "
+            f"create it with ssm_llm.init_cache(config, ...)"
+        )
     if batch != cache.batch:
         raise ValueError(f"tokens batch {batch} != cache batch {cache.batch}")
     bounded = isinstance(cache, KVCache)
@@ -130,12 +138,16 @@ def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, 
     if checkify_errors:
         from jax.experimental import checkify
 
-        checkify.check(~bad_ids.any(), f"forward: a token id is outside the vocabulary [0, {config.vocab_size}) (or "
-                       "token_counts lies outside [0, steps]) in row {row}", row=jnp.argmax(bad_ids))
-        checkify.check(~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache",
-                       row=jnp.argmax(overflow))
-    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl,
-                                                   cache_is_empty)
+        checkify.check(
+            ~bad_ids.any(),
+            f"forward: a token id is outside the vocabulary [0, {config.vocab_size}) (or "
+            "token_counts lies outside [0, steps]) in row {row}",
+            row=jnp.argmax(bad_ids),
+        )
+        checkify.check(
+            ~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache", row=jnp.argmax(overflow)
+        )
+    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl, cache_is_empty)
     logits = logits_from_hidden(params, config, h)
     # Traced inputs skip the Python checks: a row that failed them gets NaN logits instead of a silent,
     # plausible wrong answer (gathers clamp bad ids; cache writes clamp past the end).
@@ -165,9 +177,16 @@ def _as_token_counts(token_counts):
     return arr
 
 
-def forward(params: dict, config, tokens: jax.Array, cache: Cache, *,
-            token_counts: jax.Array | None = None, impl: str = "auto",
-            checkify_errors: bool = False) -> tuple[jax.Array, Cache]:
+def forward(
+    params: dict,
+    config,
+    tokens: jax.Array,
+    cache: Cache,
+    *,
+    token_counts: jax.Array | None = None,
+    impl: str = "auto",
+    checkify_errors: bool = False,
+) -> tuple[jax.Array, Cache]:
     """Append `tokens: [B, T]` to `cache` and return `(logits [B, T, V], new_cache)`.
 
     Works for prefill (T > 1) and decode (T = 1) of every model family (attention: `KVCache`;
@@ -189,8 +208,17 @@ def forward(params: dict, config, tokens: jax.Array, cache: Cache, *,
     if token_counts is None:
         token_counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     # A cache known to be empty takes the cheaper prefill attention (same result).
-    cache_is_empty = (not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths)
-             and not np.asarray(cache.lengths).any())
+    cache_is_empty = (
+        not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths) and not np.asarray(cache.lengths).any()
+    )
     traced = not all(_is_concrete(x) for x in (tokens, token_counts, cache.lengths))
-    return _forward(params, config, tokens.astype(jnp.int32), cache, jnp.asarray(token_counts, jnp.int32), impl,
-                    cache_is_empty, checkify_errors and traced)
+    return _forward(
+        params,
+        config,
+        tokens.astype(jnp.int32),
+        cache,
+        jnp.asarray(token_counts, jnp.int32),
+        impl,
+        cache_is_empty,
+        checkify_errors and traced,
+    )

@@ -19,7 +19,7 @@ def shown(value) -> str:
         text = repr(value)
     except ValueError:  # an int past Python's digit limit for str()
         return f"an int of {value.bit_length()} bits"
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 3]}..."
+    return text if len(text) <= SHOWN_CHARS else f"{text[: SHOWN_CHARS - 3]}..."
 
 
 def is_int(value) -> bool:
@@ -59,8 +59,10 @@ def _value(cls_name: str, key: str, text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: absurdly nested input
-        raise ValueError(f"{cls_name}: cannot read {key}={shown(text)}: expected a Python literal (e.g. 8, 0.5, "
-                         f"(1, 2), None) or a bare word") from None
+        raise ValueError(
+            f"{cls_name}: cannot read {key}={shown(text)}: expected a Python literal (e.g. 8, 0.5, "
+            f"(1, 2), None) or a bare word"
+        ) from None
 
 
 def _items(args: str) -> list[str]:
@@ -95,8 +97,9 @@ def parse_spec(spec: str, classes: dict[str, type], what: str, hidden: tuple[str
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in fields:
-            raise ValueError(f"{cls.__name__}: bad parameter {shown(item)}; parameters are {sorted(fields)} "
-                             f"(as key=value)")
+            raise ValueError(
+                f"{cls.__name__}: bad parameter {shown(item)}; parameters are {sorted(fields)} (as key=value)"
+            )
         if key in kwargs:
             raise ValueError(f"{cls.__name__}: parameter {key!r} given twice")
         kwargs[key] = _value(cls.__name__, key, value.strip())

@@ -34,8 +34,10 @@ def _check_dict(node, spec: dict, path: str, owner: str) -> None:
     missing = [k for k in spec if k not in node]
     extra = [k for k in node if k not in spec]
     if missing or extra:
-        raise ValueError(f"{path} does not match the {owner}: missing {sorted(missing)}, unexpected {sorted(extra)} "
-                         f"(params of another model family or config?)")
+        raise ValueError(
+            f"{path} does not match the {owner}: missing {sorted(missing)}, unexpected {sorted(extra)} "
+            f"(params of another model family or config?)"
+        )
     for key, sub in spec.items():
         where = f"{path}[{key!r}]"
         if sub == ANY:

@@ -52,8 +52,7 @@ def _min_p_filter(logits, min_p):
     return jnp.where(probs < floor, NEG_INF, logits)
 
 
-def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = None, top_p=None,
-                  min_p=None) -> jax.Array:
+def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = None, top_p=None, min_p=None) -> jax.Array:
     """Scale by temperature and set excluded tokens to -inf. logits: [B, V] -> [B, V] float32.
 
     `top_k` is static (0 or None disables it); `top_p` / `min_p` may be traced scalars, or None to
@@ -69,8 +68,9 @@ def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = Non
     return logits
 
 
-def sample(logits: jax.Array, key: jax.Array, *, temperature=0.0, top_k: int | None = None,
-           top_p=None, min_p=None) -> jax.Array:
+def sample(
+    logits: jax.Array, key: jax.Array, *, temperature=0.0, top_k: int | None = None, top_p=None, min_p=None
+) -> jax.Array:
     """Draw one token per row of `logits: [B, V]`; temperature 0 (a Python number) is greedy argmax.
 
     Returns int32 `[B]`.
@@ -102,13 +102,26 @@ class Sampling:
     use_min_p: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, *, vocab_size: int, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-               min_p: float = 0.0) -> Sampling:
+    def create(
+        cls,
+        *,
+        vocab_size: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+    ) -> Sampling:
         """From `GenerationConfig`'s numbers: temperature 0 is greedy; a top_k of 0, None or at least
         `vocab_size` keeps every token, so it is off; top_p 1.0 and min_p 0.0 are off."""
-        return cls(temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p), min_p=jnp.float32(min_p),
-                   greedy=temperature == 0, top_k=top_k if top_k and top_k < vocab_size else None,
-                   use_top_p=top_p < 1.0, use_min_p=min_p > 0)
+        return cls(
+            temperature=jnp.float32(temperature or 1.0),
+            top_p=jnp.float32(top_p),
+            min_p=jnp.float32(min_p),
+            greedy=temperature == 0,
+            top_k=top_k if top_k and top_k < vocab_size else None,
+            use_top_p=top_p < 1.0,
+            use_min_p=min_p > 0,
+        )
 
     def filter(self, logits: jax.Array) -> jax.Array:
         """`filter_logits` with this rule's temperature and filters: [B, V] -> [B, V] float32."""
@@ -116,15 +129,17 @@ class Sampling:
 
     def draw(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """One token per row of `logits: [B, V]` (argmax when greedy): int32 [B]."""
-        return sample(logits, key, temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k,
-                      **self._thresholds())
+        return sample(
+            logits, key, temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k, **self._thresholds()
+        )
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The sampled distribution, softmax of `filter`: logits [..., V] -> [..., V] float32.
         A greedy rule has none (ValueError): greedy acceptance compares argmaxes."""
         if self.greedy:
-            raise ValueError("temperature must be positive for a sampled distribution; greedy sampling "
-                             "(temperature 0) has none")
+            raise ValueError(
+                "temperature must be positive for a sampled distribution; greedy sampling (temperature 0) has none"
+            )
         filtered = self.filter(logits.reshape(-1, logits.shape[-1]))
         return jax.nn.softmax(filtered, axis=-1).reshape(logits.shape)
 

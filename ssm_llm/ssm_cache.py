@@ -47,5 +47,6 @@ def init_ssm_cache(config: MambaConfig | Mamba2Config, batch: int, dtype=jnp.flo
         conv = (L, batch, config.intermediate_size, K - 1)
         ssm = (L, batch, config.intermediate_size, config.state_size)
     check_fits(f"an SSM cache of batch={batch}", math.prod(conv) * jnp.dtype(dtype).itemsize + math.prod(ssm) * 4)
-    return SSMCache(conv_state=jnp.zeros(conv, dtype), ssm_state=jnp.zeros(ssm, jnp.float32),
-                    lengths=jnp.zeros((batch,), jnp.int32))
+    return SSMCache(
+        conv_state=jnp.zeros(conv, dtype), ssm_state=jnp.zeros(ssm, jnp.float32), lengths=jnp.zeros((batch,), jnp.int32)
+    )

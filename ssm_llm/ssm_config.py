@@ -42,11 +42,15 @@ class _SSMBase:
     max_position_embeddings: int | None = None
 
     def _validate_common(self, extra_ints=()):
-        _positive_ints(self, ("vocab_size", "hidden_size", "state_size", "intermediate_size", "conv_kernel",
-                              *extra_ints))
+        _positive_ints(
+            self, ("vocab_size", "hidden_size", "state_size", "intermediate_size", "conv_kernel", *extra_ints)
+        )
         object.__setattr__(self, "num_layers", as_int("config.num_layers", self.num_layers, 1, MAX_LAYERS))
-        object.__setattr__(self, "layer_norm_epsilon",
-                           as_float("config.layer_norm_epsilon", self.layer_norm_epsilon, 0.0, open_min=True))
+        object.__setattr__(
+            self,
+            "layer_norm_epsilon",
+            as_float("config.layer_norm_epsilon", self.layer_norm_epsilon, 0.0, open_min=True),
+        )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported by Mamba blocks (only silu)")
         if self.max_position_embeddings is not None:

@@ -29,7 +29,7 @@ class TokenStream:
         self.callback = callback
         self.error: BaseException | None = None
         with _lock:
-            self.id = next(_ids) % (2 ** 31 - 1)
+            self.id = next(_ids) % (2**31 - 1)
 
     def __enter__(self) -> TokenStream:
         with _lock:

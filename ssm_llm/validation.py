@@ -25,8 +25,15 @@ def as_int(name: str, value, minimum: int | None = None, maximum: int | None = N
     return value
 
 
-def as_float(name: str, value, minimum: float | None = None, maximum: float | None = None, *,
-             open_min: bool = False, open_max: bool = False) -> float:
+def as_float(
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    open_min: bool = False,
+    open_max: bool = False,
+) -> float:
     """`value` as a finite float within the bounds (closed unless `open_min` / `open_max`)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")

@@ -40,7 +40,7 @@ class _TextStream:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.write(text[len(self.printed) :])
             sys.stdout.flush()
             self.printed = text
 
@@ -54,15 +54,19 @@ def _generate(args) -> int:
     from ssm_llm.speculative.spec import parse_drafter
 
     gen_config = GenerationConfig(  # validate the options before the slow model load
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
     path, config, params = _load(args.model)
     tokenizer = converters.load_tokenizer(path)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -79,15 +83,21 @@ def _generate(args) -> int:
         sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True))
     else:
         # Flush anything held back while waiting for a multi-byte character.
-        sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True)[len(stream.printed):])
+        sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True)[len(stream.printed) :])
     sys.stdout.write("\n")
     n = len(result.tokens[0])
     rate = n / result.decode_seconds if result.decode_seconds > 0 else float("nan")
-    print(f"[{len(ids)} prompt tokens, {n} new ({result.finish_reasons[0]}); prefill "
-          f"{result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s incl. compilation]", file=sys.stderr)
+    print(
+        f"[{len(ids)} prompt tokens, {n} new ({result.finish_reasons[0]}); prefill "
+        f"{result.prefill_seconds:.2f} s, decode {rate:.1f} tok/s incl. compilation]",
+        file=sys.stderr,
+    )
     if result.speculative is not None:
-        print(f"[speculative: {result.speculative.rounds[0]} target forwards, "
-              f"{result.speculative.tokens_per_round:.2f} tokens per forward]", file=sys.stderr)
+        print(
+            f"[speculative: {result.speculative.rounds[0]} target forwards, "
+            f"{result.speculative.tokens_per_round:.2f} tokens per forward]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -116,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt (default model: SmolLM2-135M-Instruct)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--model",
-                     help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: embedded SmolLM2)")
+    gen.add_argument(
+        "--model", help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: embedded SmolLM2)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=None)
@@ -127,13 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--system", help="system message for --chat")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when generation ends")
-    gen.add_argument("--kv-compression", metavar="SPEC",
-                     help="compress the KV cache, e.g. 'streamingllm:budget=256,sinks=4' or 'snapkv:budget=0.25' "
-                          "(a method of ssm_llm.kv and its parameters)")
-    gen.add_argument("--speculative", metavar="SPEC",
-                     help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
-                          "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
-                          "CPU it pays off mainly when the answer copies the prompt)")
+    gen.add_argument(
+        "--kv-compression",
+        metavar="SPEC",
+        help="compress the KV cache, e.g. 'streamingllm:budget=256,sinks=4' or 'snapkv:budget=0.25' "
+        "(a method of ssm_llm.kv and its parameters)",
+    )
+    gen.add_argument(
+        "--speculative",
+        metavar="SPEC",
+        help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
+        "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
+        "CPU it pays off mainly when the answer copies the prompt)",
+    )
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an orbax ssm-llm checkpoint")
@@ -179,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, _EXPECTED_ERRORS):
             message = _one_line(e) or type(e).__name__
-            print(f"ssm-llm: error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{message}",
-                  file=sys.stderr)
+            print(
+                f"ssm-llm: error: {'out of memory: ' if isinstance(e, MemoryError) else ''}{message}", file=sys.stderr
+            )
             return 2
-        print(f"ssm-llm: error: unexpected {type(e).__name__}: {_one_line(e)} "
-              f"(set {_DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        print(
+            f"ssm-llm: error: unexpected {type(e).__name__}: {_one_line(e)} (set {_DEBUG_ENV}=1 to see the traceback)",
+            file=sys.stderr,
+        )
         return 1
-

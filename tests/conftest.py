@@ -49,9 +49,16 @@ def cheap_compiles_module():
         yield
 
 
-TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-            tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides):
@@ -94,8 +101,9 @@ def tiny_hf_ssm_model(kind: str = "mamba", seed: int = 0, **overrides):
         config = transformers.MambaConfig(**{**TINY_SSM, **overrides})
         model_cls = transformers.MambaForCausalLM
     else:
-        config = transformers.Mamba2Config(**{**TINY_SSM, "num_heads": 6, "head_dim": 16, "n_groups": 2,
-                                              "chunk_size": 8, **overrides})
+        config = transformers.Mamba2Config(
+            **{**TINY_SSM, "num_heads": 6, "head_dim": 16, "n_groups": 2, "chunk_size": 8, **overrides}
+        )
         model_cls = transformers.Mamba2ForCausalLM
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -125,9 +133,15 @@ def hf_greedy(model, ids, n: int) -> list[int]:
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([list(ids)]),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="session")

@@ -107,8 +107,7 @@ def naive_attention(q, k, v, q_positions, kv_lengths, window):
     for b in range(batch):
         for t in range(steps):
             p = q_positions[b][t]
-            keys = [s for s in range(k.shape[2])
-                    if s <= p and s < kv_lengths[b] and (window == 0 or s > p - window)]
+            keys = [s for s in range(k.shape[2]) if s <= p and s < kv_lengths[b] and (window == 0 or s > p - window)]
             for h in range(heads):
                 kh, vh = k[b, h // group], v[b, h // group]
                 scores = np.array([q[b, t, h] @ kh[s] for s in keys]) / np.sqrt(dim)

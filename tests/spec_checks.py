@@ -25,10 +25,27 @@ def wide_params(config, seed: int = 0, scale: float = 6.0):
     return jax.tree_util.tree_map_with_path(widen, params)
 
 
-LLAMA = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=8, max_position_embeddings=256)
-MAMBA2 = ssm_llm.Mamba2Config(vocab_size=64, hidden_size=32, state_size=8, num_layers=2, intermediate_size=64,
-                              num_heads=4, head_dim=16, n_groups=1, chunk_size=8)
+LLAMA = ssm_llm.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+MAMBA2 = ssm_llm.Mamba2Config(
+    vocab_size=64,
+    hidden_size=32,
+    state_size=8,
+    num_layers=2,
+    intermediate_size=64,
+    num_heads=4,
+    head_dim=16,
+    n_groups=1,
+    chunk_size=8,
+)
 MAMBA1 = ssm_llm.MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_layers=2, intermediate_size=64)
 
 
@@ -76,8 +93,9 @@ class RandomTreeDrafter:
 def assert_same_greedy(params, config, prompts, drafter, max_new_tokens=12, **kw):
     """Speculative greedy generation gives exactly plain greedy's tokens and finish reasons."""
     plain = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=max_new_tokens, **kw))
-    spec = ssm_llm.generate(params, config, prompts,
-                            ssm_llm.GenerationConfig(max_new_tokens=max_new_tokens, speculative=drafter, **kw))
+    spec = ssm_llm.generate(
+        params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=max_new_tokens, speculative=drafter, **kw)
+    )
     assert spec.tokens == plain.tokens
     assert spec.finish_reasons == plain.finish_reasons
     assert spec.speculative is not None and len(spec.speculative.rounds) == len(prompts)

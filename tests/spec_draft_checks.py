@@ -12,8 +12,22 @@ import ssm_llm
 from ssm_llm.sampling import Sampling
 from ssm_llm.speculative.protocol import DraftContext
 
-__all__ = ["LLAMA", "MAMBA2", "PROMPTS", "ROOTS", "MAX_LEN", "peaked_params", "prompt_batch", "context",
-           "propose", "update", "path_logits", "draft_law", "GREEDY", "sampled"]
+__all__ = [
+    "LLAMA",
+    "MAMBA2",
+    "PROMPTS",
+    "ROOTS",
+    "MAX_LEN",
+    "peaked_params",
+    "prompt_batch",
+    "context",
+    "propose",
+    "update",
+    "path_logits",
+    "draft_law",
+    "GREEDY",
+    "sampled",
+]
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
 ROOTS = [13, 14, 15]  # each row's first generated token: the root of the first tree, not yet in any cache
@@ -36,7 +50,7 @@ def prompt_batch(prompts, width: int = 12):
     """(tokens [B, width] right-padded, lengths [B]) as jnp arrays (one width: one prefill compile)."""
     tokens = np.zeros((len(prompts), width), np.int32)
     for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = p
+        tokens[b, : len(p)] = p
     return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
@@ -44,7 +58,7 @@ def context(committed, active=None) -> DraftContext:
     """A DraftContext whose rows hold `committed` (prompt, generated tokens, the root last)."""
     history = np.zeros((len(committed), MAX_LEN + 16), np.int32)
     for b, seq in enumerate(committed):
-        history[b, :len(seq)] = seq
+        history[b, : len(seq)] = seq
     active = np.ones(len(committed), bool) if active is None else np.asarray(active)
     return DraftContext(jnp.asarray(history), jnp.asarray([len(s) for s in committed], jnp.int32), jnp.asarray(active))
 
@@ -61,11 +75,12 @@ def path_logits(params, config, sequences, width: int = 16) -> np.ndarray:
     tokens = np.zeros((rows, width), np.int32)
     counts = np.ones(rows, np.int32)
     for m, seq in enumerate(sequences):
-        tokens[m, :len(seq)] = seq
+        tokens[m, : len(seq)] = seq
         counts[m] = len(seq)
-    logits, _ = ssm_llm.forward(params, config, jnp.asarray(tokens), ssm_llm.init_cache(config, rows, width),
-                                token_counts=jnp.asarray(counts))
-    return np.asarray(logits, np.float64)[np.arange(len(sequences)), counts[:len(sequences)] - 1]
+    logits, _ = ssm_llm.forward(
+        params, config, jnp.asarray(tokens), ssm_llm.init_cache(config, rows, width), token_counts=jnp.asarray(counts)
+    )
+    return np.asarray(logits, np.float64)[np.arange(len(sequences)), counts[: len(sequences)] - 1]
 
 
 def draft_law(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

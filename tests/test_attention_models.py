@@ -11,9 +11,19 @@ import ssm_llm
 VARIANTS = {
     "llama": ("llama", {}),
     "llama-tied-bias": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
-    "llama3-rope": ("llama", dict(rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama3-rope": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
+    ),
     "linear-rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
     "qwen2": ("qwen2", {}),
     "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
@@ -58,8 +68,7 @@ def test_greedy_generate_matches_transformers(pair):
     _, model, config, params = pair
     ids = np.random.default_rng(0).integers(0, config.vocab_size, 9).tolist()
     expected = hf_greedy(model, ids, 20)
-    result = ssm_llm.generate(params, config, [ids],
-                              ssm_llm.GenerationConfig(max_new_tokens=20, eos_token_ids=()))
+    result = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=20, eos_token_ids=()))
     assert result.tokens[0] == expected
     assert result.finish_reasons == ["length"]
 
@@ -78,8 +87,10 @@ def test_unstacked_layer_layout_gives_the_same_logits_and_tokens(pair):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
         np.testing.assert_allclose(np.asarray(cache_a.k), np.asarray(cache_b.k), atol=1e-5)
     gen = ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=())
-    assert (ssm_llm.generate(unstacked, config, [[3, 4], [7]], gen).tokens
-            == ssm_llm.generate(params, config, [[3, 4], [7]], gen).tokens)
+    assert (
+        ssm_llm.generate(unstacked, config, [[3, 4], [7]], gen).tokens
+        == ssm_llm.generate(params, config, [[3, 4], [7]], gen).tokens
+    )
     restacked = ssm_llm.stack_layers(unstacked)
     for name, value in params["layers"].items():
         np.testing.assert_array_equal(np.asarray(restacked["layers"][name]), np.asarray(value))

@@ -60,8 +60,10 @@ def hf_dir(llama, tmp_path_factory):
 @pytest.fixture
 def no_load(monkeypatch):
     """Make the slow model load fail loudly: the checks under test must come before it."""
+
     def load(*args, **kwargs):
         raise AssertionError("converters.load was called before the destination was checked")
+
     monkeypatch.setattr(converters, "load", load)
 
 
@@ -180,8 +182,10 @@ def _index_dir(tmp_path, hf_dir, shard_name):
     return model_dir
 
 
-@pytest.mark.parametrize("name", ["../../x.safetensors", "ABSOLUTE", "sub/../../../x.safetensors",
-                                  "..\\..\\x.safetensors", "C:\\x.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    ["../../x.safetensors", "ABSOLUTE", "sub/../../../x.safetensors", "..\\..\\x.safetensors", "C:\\x.safetensors"],
+)
 def test_shard_index_cannot_point_outside_the_model(hf_dir, tmp_path, name):
     name = str(tmp_path / "x.safetensors") if name == "ABSOLUTE" else name
     model_dir = _index_dir(tmp_path, hf_dir, name)
@@ -225,22 +229,45 @@ def _f32(begin, end, shape=(2,)):
     return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
 
 
-@pytest.mark.parametrize("header, data, message", [
-    ({"a": _f32(0, 8), "b": _f32(0, 8)}, bytes(8), r"tensor 'b' has data_offsets \[0, 8\], expected it to begin at 8"),
-    ({"a": _f32(0, 8), "b": _f32(4, 12)}, bytes(16), r"tensor 'b' has data_offsets \[4, 12\].*may not overlap"),
-    ({"a": _f32(0, 8), "b": _f32(12, 20)}, bytes(20), r"tensor 'b' .* leave gaps"),
-    ({"a": _f32(8, 0, (0,))}, bytes(8), r"tensor 'a' has data_offsets \[8, 0\]"),
-    ({"a": _f32(-8, 0)}, bytes(8), r"tensor 'a' has data_offsets \[-8, 0\], expected \[begin, end\], ints >= 0"),
-    ({"a": _f32(0, 8, (-2,))}, bytes(8), r"tensor 'a' has shape \[-2\], expected a list of ints >= 0"),
-    ({"a": _f32(0, 8, ("2",))}, bytes(8), r"tensor 'a' has shape \['2'\]"),
-    ({"a": _f32(0, 12)}, bytes(12), r"tensor 'a' offsets do not match its shape \(2,\)"),
-    ({"a": _f32(0, 8)}, bytes(16), "8 bytes after the last tensor"),
-    ([{"a": 1}], b"", "a JSON list, expected an object"),
-    (b'{"a": ' + json.dumps(_f32(0, 8)).encode() + b', "a": ' + json.dumps(_f32(8, 16)).encode() + b"}",
-     bytes(16), "name 'a' appears twice"),
-    ({"__metadata__": {"format": 1}, "a": _f32(0, 8)}, bytes(8), "__metadata__ must map names to strings"),
-], ids=["same_bytes", "overlap", "gap", "reversed", "negative_offset", "negative_dim", "string_dim", "size",
-        "trailing_bytes", "list_header", "duplicate_name", "metadata"])
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        (
+            {"a": _f32(0, 8), "b": _f32(0, 8)},
+            bytes(8),
+            r"tensor 'b' has data_offsets \[0, 8\], expected it to begin at 8",
+        ),
+        ({"a": _f32(0, 8), "b": _f32(4, 12)}, bytes(16), r"tensor 'b' has data_offsets \[4, 12\].*may not overlap"),
+        ({"a": _f32(0, 8), "b": _f32(12, 20)}, bytes(20), r"tensor 'b' .* leave gaps"),
+        ({"a": _f32(8, 0, (0,))}, bytes(8), r"tensor 'a' has data_offsets \[8, 0\]"),
+        ({"a": _f32(-8, 0)}, bytes(8), r"tensor 'a' has data_offsets \[-8, 0\], expected \[begin, end\], ints >= 0"),
+        ({"a": _f32(0, 8, (-2,))}, bytes(8), r"tensor 'a' has shape \[-2\], expected a list of ints >= 0"),
+        ({"a": _f32(0, 8, ("2",))}, bytes(8), r"tensor 'a' has shape \['2'\]"),
+        ({"a": _f32(0, 12)}, bytes(12), r"tensor 'a' offsets do not match its shape \(2,\)"),
+        ({"a": _f32(0, 8)}, bytes(16), "8 bytes after the last tensor"),
+        ([{"a": 1}], b"", "a JSON list, expected an object"),
+        (
+            b'{"a": ' + json.dumps(_f32(0, 8)).encode() + b', "a": ' + json.dumps(_f32(8, 16)).encode() + b"}",
+            bytes(16),
+            "name 'a' appears twice",
+        ),
+        ({"__metadata__": {"format": 1}, "a": _f32(0, 8)}, bytes(8), "__metadata__ must map names to strings"),
+    ],
+    ids=[
+        "same_bytes",
+        "overlap",
+        "gap",
+        "reversed",
+        "negative_offset",
+        "negative_dim",
+        "string_dim",
+        "size",
+        "trailing_bytes",
+        "list_header",
+        "duplicate_name",
+        "metadata",
+    ],
+)
 def test_crafted_safetensors_are_refused_like_the_official_reader(tmp_path, header, data, message):
     from safetensors.numpy import load_file
 
@@ -265,34 +292,42 @@ def test_zero_size_tensors_tile_like_the_official_reader(tmp_path):
 # ---------------------------------------------------------------- config.json
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="gpt_neox", architectures=["LlamaForCausalLM"]), "unknown architecture: model_type='gpt_neox'"),
-    (dict(model_type="mamba2x", architectures=["MambaForCausalLM"]), "unknown architecture: model_type='mamba2x'"),
-    (dict(head_dim=0), "config.head_dim must be a positive int, got 0"),
-    (dict(hidden_size="64"), r"config.hidden_size must be an int, got '64' \(str\)"),
-    (dict(num_hidden_layers=True), r"config.num_hidden_layers must be an int, got True \(bool\)"),
-    (dict(num_attention_heads=-6), "config.num_attention_heads must be a positive int, got -6"),
-    (dict(num_key_value_heads=0), "config.num_key_value_heads must be a positive int, got 0"),
-    (dict(vocab_size=None), "missing required key 'vocab_size'"),
-    (dict(rms_norm_eps="abc"), r"config.rms_norm_eps must be a number, got 'abc' \(str\)"),
-    (dict(eos_token_id="2"), r"config.eos_token_id must be token ids \(ints\), got the string '2'"),
-    (dict(eos_token_id=[2, -1]), r"config.eos_token_id\[1\] must be an int >= 0, got -1"),
-    (dict(bos_token_id=1.5), r"config.bos_token_id must be an int, got 1.5"),
-    (dict(tie_word_embeddings="false"), "config.tie_word_embeddings must be true or false, got 'false'"),
-    (dict(max_position_embeddings="2048"), "config.max_position_embeddings must be an int, got '2048'"),
-    (dict(rope_scaling="linear"), "config.rope_scaling holds a str, expected a JSON object"),
-    (dict(rope_parameters={"rope_type": "linear", "factor": "2"}), "config.factor must be a number, got '2'"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope theta must be > 0, got 0.0"),
-    (dict(sliding_window=4, layer_types=["full_attention", "linear_attention", "full_attention"]),
-     "config.layer_types holds unsupported type.*'linear_attention'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(model_type="gpt_neox", architectures=["LlamaForCausalLM"]),
+            "unknown architecture: model_type='gpt_neox'",
+        ),
+        (dict(model_type="mamba2x", architectures=["MambaForCausalLM"]), "unknown architecture: model_type='mamba2x'"),
+        (dict(head_dim=0), "config.head_dim must be a positive int, got 0"),
+        (dict(hidden_size="64"), r"config.hidden_size must be an int, got '64' \(str\)"),
+        (dict(num_hidden_layers=True), r"config.num_hidden_layers must be an int, got True \(bool\)"),
+        (dict(num_attention_heads=-6), "config.num_attention_heads must be a positive int, got -6"),
+        (dict(num_key_value_heads=0), "config.num_key_value_heads must be a positive int, got 0"),
+        (dict(vocab_size=None), "missing required key 'vocab_size'"),
+        (dict(rms_norm_eps="abc"), r"config.rms_norm_eps must be a number, got 'abc' \(str\)"),
+        (dict(eos_token_id="2"), r"config.eos_token_id must be token ids \(ints\), got the string '2'"),
+        (dict(eos_token_id=[2, -1]), r"config.eos_token_id\[1\] must be an int >= 0, got -1"),
+        (dict(bos_token_id=1.5), r"config.bos_token_id must be an int, got 1.5"),
+        (dict(tie_word_embeddings="false"), "config.tie_word_embeddings must be true or false, got 'false'"),
+        (dict(max_position_embeddings="2048"), "config.max_position_embeddings must be an int, got '2048'"),
+        (dict(rope_scaling="linear"), "config.rope_scaling holds a str, expected a JSON object"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": "2"}), "config.factor must be a number, got '2'"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "rope theta must be > 0, got 0.0"),
+        (
+            dict(sliding_window=4, layer_types=["full_attention", "linear_attention", "full_attention"]),
+            "config.layer_types holds unsupported type.*'linear_attention'",
+        ),
+    ],
+)
 def test_bad_llama_configs(llama, change, message):
     with pytest.raises(ValueError, match=message):
         config_from_hf({**llama[1], **change})
 
 
 def test_layer_count_is_bounded_before_anything_per_layer_is_built(llama):
-    for layers in (ssm_llm.config.MAX_LAYERS + 1, 2 ** 70):
+    for layers in (ssm_llm.config.MAX_LAYERS + 1, 2**70):
         with pytest.raises(ValueError, match=rf"config.num_hidden_layers must be at most 4096, got {layers}"):
             config_from_hf({**llama[1], "num_hidden_layers": layers, "sliding_window": 4})
     with pytest.raises(ValueError, match=r"config.num_layers must be an int in \[1, 4096\], got 5000"):
@@ -323,19 +358,22 @@ def test_config_json_that_is_not_an_object(hf_dir, tmp_path, content):
         converters.load({"w": np.zeros(2)}, config=[1, 2])
 
 
-@pytest.mark.parametrize("kind, change, message", [
-    ("mamba", dict(model_type="gpt_neox", architectures=["MambaForCausalLM"]), "model_type='gpt_neox'"),
-    ("mamba", dict(state_size="16"), r"config.state_size must be an int, got '16'"),
-    ("mamba", dict(expand="2"), r"config.expand must be a number, got '2'"),
-    ("mamba", dict(time_step_rank="8"), r"config.time_step_rank must be an int, got '8'"),
-    ("mamba", dict(use_bias="no"), "config.use_bias must be true or false, got 'no'"),
-    ("mamba", dict(conv_kernel=0), "config.conv_kernel must be a positive int, got 0"),
-    ("mamba", dict(eos_token_id=[0, "1"]), r"config.eos_token_id\[1\] must be an int, got '1'"),
-    ("mamba", dict(layer_norm_epsilon="1e-5"), "config.layer_norm_epsilon must be a number, got '1e-5'"),
-    ("mamba2", dict(head_dim=0), "config.head_dim must be a positive int, got 0"),
-    ("mamba2", dict(n_groups=2.0), r"config.n_groups must be an int, got 2.0"),
-    ("mamba2", dict(time_step_limit=[0.0, True]), "time_step_limit holds True, not a number"),
-])
+@pytest.mark.parametrize(
+    "kind, change, message",
+    [
+        ("mamba", dict(model_type="gpt_neox", architectures=["MambaForCausalLM"]), "model_type='gpt_neox'"),
+        ("mamba", dict(state_size="16"), r"config.state_size must be an int, got '16'"),
+        ("mamba", dict(expand="2"), r"config.expand must be a number, got '2'"),
+        ("mamba", dict(time_step_rank="8"), r"config.time_step_rank must be an int, got '8'"),
+        ("mamba", dict(use_bias="no"), "config.use_bias must be true or false, got 'no'"),
+        ("mamba", dict(conv_kernel=0), "config.conv_kernel must be a positive int, got 0"),
+        ("mamba", dict(eos_token_id=[0, "1"]), r"config.eos_token_id\[1\] must be an int, got '1'"),
+        ("mamba", dict(layer_norm_epsilon="1e-5"), "config.layer_norm_epsilon must be a number, got '1e-5'"),
+        ("mamba2", dict(head_dim=0), "config.head_dim must be a positive int, got 0"),
+        ("mamba2", dict(n_groups=2.0), r"config.n_groups must be an int, got 2.0"),
+        ("mamba2", dict(time_step_limit=[0.0, True]), "time_step_limit holds True, not a number"),
+    ],
+)
 def test_bad_mamba_configs(kind, change, message):
     d = tiny_hf_ssm_model(kind).config.to_dict()
     with pytest.raises(ValueError, match=message):
@@ -345,13 +383,16 @@ def test_bad_mamba_configs(kind, change, message):
 STATE_SPACES = {"d_model": 64, "n_layer": 2, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2", "headdim": 32}}
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(pad_vocab_size_multiple=0), "config.pad_vocab_size_multiple must be a positive int, got 0"),
-    (dict(ssm_cfg=["Mamba2"]), "config.ssm_cfg holds a list, expected a JSON object"),
-    (dict(ssm_cfg={"layer": "Mamba2", "headdim": 0}), "config.headdim must be a positive int, got 0"),
-    (dict(d_model="64"), "config.d_model must be an int, got '64'"),
-    (dict(tie_embeddings="yes"), "config.tie_embeddings must be true or false, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(pad_vocab_size_multiple=0), "config.pad_vocab_size_multiple must be a positive int, got 0"),
+        (dict(ssm_cfg=["Mamba2"]), "config.ssm_cfg holds a list, expected a JSON object"),
+        (dict(ssm_cfg={"layer": "Mamba2", "headdim": 0}), "config.headdim must be a positive int, got 0"),
+        (dict(d_model="64"), "config.d_model must be an int, got '64'"),
+        (dict(tie_embeddings="yes"), "config.tie_embeddings must be true or false, got 'yes'"),
+    ],
+)
 def test_bad_state_spaces_configs(change, message):
     with pytest.raises(ValueError, match=message):
         config_from_hf({**STATE_SPACES, **change})
@@ -363,14 +404,30 @@ def _transformers4(d: dict, rope_theta: float, rope_scaling: dict) -> dict:
     return {**d, "rope_theta": rope_theta, "rope_scaling": rope_scaling}
 
 
-@pytest.mark.parametrize("scaling, expected", [
-    ({"type": "linear", "factor": 2.0}, ssm_llm.RopeConfig(theta=5e5, rope_type="linear", factor=2.0)),
-    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 64},
-     ssm_llm.RopeConfig(theta=5e5, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=64)),
-    (None, ssm_llm.RopeConfig(theta=5e5)),
-])
+@pytest.mark.parametrize(
+    "scaling, expected",
+    [
+        ({"type": "linear", "factor": 2.0}, ssm_llm.RopeConfig(theta=5e5, rope_type="linear", factor=2.0)),
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            ssm_llm.RopeConfig(
+                theta=5e5,
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        (None, ssm_llm.RopeConfig(theta=5e5)),
+    ],
+)
 def test_transformers4_rope_config(llama, scaling, expected):
     assert config_from_hf(_transformers4(llama[1], 5e5, scaling)).rope == expected
 
@@ -407,11 +464,18 @@ def test_gguf_rotary_tensor_of_the_wrong_rank():
 
     from converters.gguf_file import GGUFTensors
 
-    bad = SimpleNamespace(name="blk.0.attn_q.weight", data=np.ones((1, 8, 8), np.float32), shape=(8, 8, 1),
-                          tensor_type=gguf.GGMLQuantizationType.F32)
+    bad = SimpleNamespace(
+        name="blk.0.attn_q.weight",
+        data=np.ones((1, 8, 8), np.float32),
+        shape=(8, 8, 1),
+        tensor_type=gguf.GGMLQuantizationType.F32,
+    )
     tensors = GGUFTensors(SimpleNamespace(tensors=[bad]), {"self_attn.q_proj.weight": 4})
-    with pytest.raises(ValueError, match=r"GGUF tensor 'blk.0.attn_q.weight' has shape \(1, 8, 8\); a rotary "
-                                         r"projection needs \[rows\(, columns\)\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"GGUF tensor 'blk.0.attn_q.weight' has shape \(1, 8, 8\); a rotary "
+        r"projection needs \[rows\(, columns\)\]",
+    ):
         tensors["model.layers.0.self_attn.q_proj.weight"]
 
 
@@ -425,8 +489,11 @@ def test_gguf_without_tokenizer_metadata(tmp_path, monkeypatch):
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
         write()
     writer.close()
-    with pytest.raises(ValueError, match=r"bare.gguf holds no tokenizer: its metadata lacks tokenizer.ggml.model, "
-                                         r"tokenizer.ggml.tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"bare.gguf holds no tokenizer: its metadata lacks tokenizer.ggml.model, "
+        r"tokenizer.ggml.tokens",
+    ):
         converters.load_tokenizer(path)
 
 
@@ -447,8 +514,11 @@ def test_malicious_pickle_is_refused_and_never_runs(hf_dir, tmp_path, payload, c
     model_dir.mkdir()
     shutil.copy(hf_dir / "config.json", model_dir)
     marker = tmp_path / "pwned"
-    evil = (_Payload(os.system, (f"touch {shlex.quote(str(marker))}",)) if payload == "os.system"
-            else _Payload(open, (str(marker), "w")))
+    evil = (
+        _Payload(os.system, (f"touch {shlex.quote(str(marker))}",))
+        if payload == "os.system"
+        else _Payload(open, (str(marker), "w"))
+    )
     state = {"model.embed_tokens.weight": evil}
     if container == "torch.save":
         torch.save(state, model_dir / "pytorch_model.bin")
@@ -466,17 +536,29 @@ def test_state_spaces_checkpoint_with_padded_vocabulary(tmp_path):
     model = tiny_hf_ssm_model("mamba", tie_word_embeddings=True)
     cfg = model.config
     ssm_cfg = {"d_state": cfg.state_size, "d_conv": cfg.conv_kernel, "expand": cfg.expand}
-    (tmp_path / "config.json").write_text(json.dumps({
-        "d_model": cfg.hidden_size, "d_intermediate": 0, "n_layer": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg, "rms_norm": True, "residual_in_fp32": True,
-        "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "d_model": cfg.hidden_size,
+                "d_intermediate": 0,
+                "n_layer": cfg.num_hidden_layers,
+                "vocab_size": cfg.vocab_size,
+                "ssm_cfg": ssm_cfg,
+                "rms_norm": True,
+                "residual_in_fp32": True,
+                "fused_add_norm": True,
+                "pad_vocab_size_multiple": 8,
+                "tie_embeddings": True,
+            }
+        )
+    )
     state = {k: v for k, v in model.state_dict().items() if k not in ("lm_head.weight", "backbone.embeddings.weight")}
     pad = 0.1 * torch.randn(104 - cfg.vocab_size, cfg.hidden_size)
     state["backbone.embedding.weight"] = torch.cat([model.backbone.embeddings.weight.detach(), pad])
     torch.save(state, tmp_path / "pytorch_model.bin")
     config, params = converters.load(tmp_path)
     assert config.vocab_size == 104
-    np.testing.assert_array_equal(np.asarray(params["embed"][cfg.vocab_size:]), pad.numpy())
+    np.testing.assert_array_equal(np.asarray(params["embed"][cfg.vocab_size :]), pad.numpy())
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     logits = ssm_llm.forward(params, config, jnp.asarray([ids]), ssm_llm.init_cache(config, 1, 16))[0][0]
     assert logits.shape == (len(ids), 104)
@@ -498,11 +580,14 @@ def test_cli_directory_that_is_not_a_model(tmp_path, capsys):
     assert f"{tmp_path} has no config.json" in line
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt", "hi", "--system", "be brief"], "--system needs --chat"),
-    (["generate", "--prompt", "hi", "--max-new-tokens", "abc"], "invalid int value: 'abc'"),
-    (["convert", "a", "b", "--dtype", "int3"], "invalid choice: 'int3'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "hi", "--system", "be brief"], "--system needs --chat"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "abc"], "invalid int value: 'abc'"),
+        (["convert", "a", "b", "--dtype", "int3"], "invalid choice: 'int3'"),
+    ],
+)
 def test_cli_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -511,21 +596,34 @@ def test_cli_argument_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("error, code, expected", [
-    (PermissionError(13, "Permission denied", "/models/m/config.json"), 2,
-     "ssm-llm: error: [Errno 13] Permission denied: '/models/m/config.json'"),
-    (IsADirectoryError(21, "Is a directory", "/models/m/model.safetensors"), 2,
-     "ssm-llm: error: [Errno 21] Is a directory: '/models/m/model.safetensors'"),
-    (TypeError("cannot load a checkpoint from int"), 2, "ssm-llm: error: cannot load a checkpoint from int"),
-    (MemoryError(), 2, "ssm-llm: error: out of memory: MemoryError"),
-    (json.JSONDecodeError("Expecting value", "x", 0), 2, "ssm-llm: error: Expecting value: line 1 column 1"),
-    (KeyError("layers"), 1,
-     "ssm-llm: error: unexpected KeyError: 'layers' (set SSM_LLM_DEBUG=1 to see the traceback)"),
-    (RuntimeError("line one\nline two"), 1, "ssm-llm: error: unexpected RuntimeError: line one ... (set"),
-])
+@pytest.mark.parametrize(
+    "error, code, expected",
+    [
+        (
+            PermissionError(13, "Permission denied", "/models/m/config.json"),
+            2,
+            "ssm-llm: error: [Errno 13] Permission denied: '/models/m/config.json'",
+        ),
+        (
+            IsADirectoryError(21, "Is a directory", "/models/m/model.safetensors"),
+            2,
+            "ssm-llm: error: [Errno 21] Is a directory: '/models/m/model.safetensors'",
+        ),
+        (TypeError("cannot load a checkpoint from int"), 2, "ssm-llm: error: cannot load a checkpoint from int"),
+        (MemoryError(), 2, "ssm-llm: error: out of memory: MemoryError"),
+        (json.JSONDecodeError("Expecting value", "x", 0), 2, "ssm-llm: error: Expecting value: line 1 column 1"),
+        (
+            KeyError("layers"),
+            1,
+            "ssm-llm: error: unexpected KeyError: 'layers' (set SSM_LLM_DEBUG=1 to see the traceback)",
+        ),
+        (RuntimeError("line one\nline two"), 1, "ssm-llm: error: unexpected RuntimeError: line one ... (set"),
+    ],
+)
 def test_cli_reports_every_error_in_one_line(tmp_path, capsys, monkeypatch, error, code, expected):
     def load(*args, **kwargs):
         raise error
+
     monkeypatch.setattr(converters, "load", load)
     monkeypatch.delenv("SSM_LLM_DEBUG", raising=False)
     assert main(["generate", "--prompt", "hi", "--model", str(tmp_path)]) == code
@@ -539,6 +637,7 @@ def test_cli_reports_every_error_in_one_line(tmp_path, capsys, monkeypatch, erro
 def test_cli_interrupt_exits_130(tmp_path, capsys, monkeypatch):
     def load(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(converters, "load", load)
     assert main(["generate", "--prompt", "hi", "--model", str(tmp_path)]) == 130
     err = capsys.readouterr().err

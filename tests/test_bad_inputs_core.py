@@ -15,8 +15,17 @@ import ssm_llm
 from ssm_llm import GenerationConfig
 from ssm_llm.generation import MAX_NEW_TOKENS
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                             num_kv_heads=1, head_dim=8, max_position_embeddings=128, eos_token_ids=(3,))
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=128,
+    eos_token_ids=(3,),
+)
 MAMBA = ssm_llm.MambaConfig(vocab_size=64, hidden_size=16, num_layers=2, state_size=4, intermediate_size=32)
 
 
@@ -35,6 +44,7 @@ def _jitted_forward(**kwargs):
 
 
 # --- forward under jax.jit: the Python checks cannot see traced values -------------------------------------
+
 
 def test_jitted_overflow_gives_nan_logits_not_wrong_ones(params):
     step = _jitted_forward()
@@ -64,8 +74,7 @@ def test_jitted_padding_past_token_counts_is_not_checked(params):
 
 
 def test_checkify_errors_raise_under_jit(params):
-    step = jax.jit(checkify.checkify(
-        lambda p, t, c: ssm_llm.forward(p, CONFIG, t, c, checkify_errors=True)))
+    step = jax.jit(checkify.checkify(lambda p, t, c: ssm_llm.forward(p, CONFIG, t, c, checkify_errors=True)))
     cache = ssm_llm.init_cache(CONFIG, 1, 4)
     err, (_, cache) = step(params, jnp.asarray([[1, 2, 3, 4]]), cache)
     err.throw()  # no error
@@ -85,6 +94,7 @@ def test_mamba_jitted_bad_id_is_nan(mamba_params):
 
 # --- params checked against the config ---------------------------------------------------------------------
 
+
 def test_params_that_do_not_match_the_config(params, mamba_params):
     short = {**params, "embed": params["embed"][:50]}
     needs = r"params\['embed'\] has shape \(50, 16\), but the ModelConfig needs \(64, 16\)"
@@ -95,8 +105,11 @@ def test_params_that_do_not_match_the_config(params, mamba_params):
     with pytest.raises(ValueError, match=r"params does not match the ModelConfig: missing \['lm_head'\]"):
         ssm_llm.generate(mamba_params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=2))
     more_heads = dataclasses.replace(CONFIG, num_kv_heads=2)
-    with pytest.raises(ValueError, match=r"params\['layers'\]\['wk'\] has shape \(2, 16, 8\), but the ModelConfig "
-                                         r"needs \(2, 16, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"params\['layers'\]\['wk'\] has shape \(2, 16, 8\), but the ModelConfig "
+        r"needs \(2, 16, 16\)",
+    ):
         ssm_llm.generate(params, more_heads, [[1, 2]], GenerationConfig(max_new_tokens=2))
     unstacked = ssm_llm.unstack_layers(params)
     with pytest.raises(ValueError, match=r"params\['layers'\] holds 1 layers but the ModelConfig has num_layers=2"):
@@ -114,21 +127,34 @@ def test_checkpoint_with_an_edited_config_is_refused(params, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["config"]["hidden_size"] = 32
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"params do not match ssm_llm_config.json: params\['embed'\] has shape "
-                                         r"\(64, 16\), but the ModelConfig needs \(64, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"params do not match ssm_llm_config.json: params\['embed'\] has shape "
+        r"\(64, 16\), but the ModelConfig needs \(64, 32\)",
+    ):
         converters.load(tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda meta: meta.update(config=[meta["config"]]), "a saved model config must be a JSON object .dict., got list"),
-    (lambda meta: meta["config"].update(rope=[1]), "saved config 'rope' must be a JSON object, got \\[1\\]"),
-    (lambda meta: meta["config"].update(rope={"theta": 1e4, "spin": 1}),
-     r"unknown keys in saved rope config: \['spin'\]"),
-    (lambda meta: meta["config"].update(eos_token_ids=2), "saved config 'eos_token_ids' must be a list, got 2"),
-    (lambda meta: meta["config"].update(model_type={"a": 1}), r"config.model_type must be a non-empty string"),
-    (lambda meta: meta["config"].pop("vocab_size"),
-     r"saved attention model config lacks required keys \['vocab_size'\]"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda meta: meta.update(config=[meta["config"]]),
+            "a saved model config must be a JSON object .dict., got list",
+        ),
+        (lambda meta: meta["config"].update(rope=[1]), "saved config 'rope' must be a JSON object, got \\[1\\]"),
+        (
+            lambda meta: meta["config"].update(rope={"theta": 1e4, "spin": 1}),
+            r"unknown keys in saved rope config: \['spin'\]",
+        ),
+        (lambda meta: meta["config"].update(eos_token_ids=2), "saved config 'eos_token_ids' must be a list, got 2"),
+        (lambda meta: meta["config"].update(model_type={"a": 1}), r"config.model_type must be a non-empty string"),
+        (
+            lambda meta: meta["config"].pop("vocab_size"),
+            r"saved attention model config lacks required keys \['vocab_size'\]",
+        ),
+    ],
+)
 def test_checkpoint_with_a_malformed_config_is_refused(params, tmp_path, edit, message):
     import converters
 
@@ -152,8 +178,11 @@ def test_damaged_checkpoint_bytes_are_detected(params, tmp_path):
     meta = json.loads(original)
     meta["sha256"]["['final_norm']"] = "0" * 64  # as if the stored bytes had changed since
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"1 param\(s\) differ from what was saved \(checksum mismatch in "
-                                         r"\['final_norm'\]\); the checkpoint is damaged"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 param\(s\) differ from what was saved \(checksum mismatch in "
+        r"\['final_norm'\]\); the checkpoint is damaged",
+    ):
         converters.load(ckpt)
     meta_path.write_text(original)
     # A flipped byte in the stored arrays is refused (by the checksum or by orbax itself) or, if it lies in
@@ -178,22 +207,26 @@ def test_damaged_checkpoint_bytes_are_detected(params, tmp_path):
 
 # --- configs and generation options --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(eos_token_ids="2"), "eos_token_ids must be token ids \\(ints\\), got the string '2'"),
-    (dict(eos_token_ids=[2, -1]), r"eos_token_ids\[1\] must be an int >= 0, got -1"),
-    (dict(eos_token_ids=[2.0]), r"eos_token_ids\[0\] must be an int, got 2.0"),
-    (dict(max_new_tokens=True), "max_new_tokens must be an int, got True"),
-    (dict(max_new_tokens=MAX_NEW_TOKENS + 1), rf"max_new_tokens must be an int in \[1, {MAX_NEW_TOKENS}\]"),
-    (dict(seed=2 ** 70), r"seed must be an int in \[0, 4294967295\], got 1180591620717411303424"),
-    (dict(seed=2 ** 32), r"seed must be an int in \[0, 4294967295\]"),  # would draw what seed 0 draws
-    (dict(seed=-1), r"seed must be an int in \[0, 4294967295\], got -1"),
-    (dict(seed="abc"), "seed must be an int, got 'abc'"),
-    (dict(temperature=float("inf")), r"temperature must be a finite number in \[0.0, inf\), got inf"),
-    (dict(temperature=float("nan")), "temperature must be a finite number"),
-    (dict(top_p="0.9"), "top_p must be a number, got '0.9'"),
-    (dict(top_k=2.5), "top_k must be an int, got 2.5"),
-    (dict(max_len=1.0), "max_len must be an int, got 1.0"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(eos_token_ids="2"), "eos_token_ids must be token ids \\(ints\\), got the string '2'"),
+        (dict(eos_token_ids=[2, -1]), r"eos_token_ids\[1\] must be an int >= 0, got -1"),
+        (dict(eos_token_ids=[2.0]), r"eos_token_ids\[0\] must be an int, got 2.0"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an int, got True"),
+        (dict(max_new_tokens=MAX_NEW_TOKENS + 1), rf"max_new_tokens must be an int in \[1, {MAX_NEW_TOKENS}\]"),
+        (dict(seed=2**70), r"seed must be an int in \[0, 4294967295\], got 1180591620717411303424"),
+        (dict(seed=2**32), r"seed must be an int in \[0, 4294967295\]"),  # would draw what seed 0 draws
+        (dict(seed=-1), r"seed must be an int in \[0, 4294967295\], got -1"),
+        (dict(seed="abc"), "seed must be an int, got 'abc'"),
+        (dict(temperature=float("inf")), r"temperature must be a finite number in \[0.0, inf\), got inf"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(top_p="0.9"), "top_p must be a number, got '0.9'"),
+        (dict(top_k=2.5), "top_k must be an int, got 2.5"),
+        (dict(max_len=1.0), "max_len must be an int, got 1.0"),
+    ],
+)
 def test_bad_generation_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)
@@ -203,10 +236,18 @@ def test_numpy_integers_are_ints():
     g = GenerationConfig(max_new_tokens=np.int64(5), seed=np.uint32(7), top_k=np.int32(3), eos_token_ids=np.int64(2))
     assert (g.max_new_tokens, g.seed, g.top_k, g.eos_token_ids) == (5, 7, 3, (2,))
     assert type(g.max_new_tokens) is int
-    config = ssm_llm.ModelConfig(vocab_size=np.int64(64), hidden_size=16, intermediate_size=32, num_layers=2,
-                                 num_heads=2, num_kv_heads=1, head_dim=np.int32(8))
-    assert config == ssm_llm.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
-                                         num_heads=2, num_kv_heads=1, head_dim=8)
+    config = ssm_llm.ModelConfig(
+        vocab_size=np.int64(64),
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=np.int32(8),
+    )
+    assert config == ssm_llm.ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8
+    )
     assert ssm_llm.init_cache(config, np.int64(2), np.int64(8)).k.shape == (2, 2, 1, 8, 8)
 
 
@@ -235,14 +276,17 @@ def test_wrong_argument_types_name_what_is_expected(params):
         ssm_llm.forward(params, {"vocab_size": 64}, jnp.asarray([[1]]), ssm_llm.init_cache(CONFIG, 1, 4))
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ([[1, [2, 3]]], r"prompt 0 must be a flat list of int token ids, got \[1, \[2, 3\]\]"),
-    ([[1, 2], "hello"], r"prompt 1 is text \('hello'\); pass token ids"),
-    ("hello", "prompts must be a non-empty list of token-id lists"),
-    ([[1.5, 2]], "prompt 0 must be a flat list of int token ids"),
-    ([[True, False]], "prompt 0 must be a flat list of int token ids"),
-    ([[1, 99]], r"prompt 0 holds token id 99, outside the vocabulary \[0, 64\)"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([[1, [2, 3]]], r"prompt 0 must be a flat list of int token ids, got \[1, \[2, 3\]\]"),
+        ([[1, 2], "hello"], r"prompt 1 is text \('hello'\); pass token ids"),
+        ("hello", "prompts must be a non-empty list of token-id lists"),
+        ([[1.5, 2]], "prompt 0 must be a flat list of int token ids"),
+        ([[True, False]], "prompt 0 must be a flat list of int token ids"),
+        ([[1, 99]], r"prompt 0 holds token id 99, outside the vocabulary \[0, 64\)"),
+    ],
+)
 def test_bad_prompts(params, prompts, message):
     with pytest.raises(ValueError, match=message):
         ssm_llm.generate(params, CONFIG, prompts, GenerationConfig(max_new_tokens=2))
@@ -265,12 +309,13 @@ def test_forward_token_inputs(params):
 def test_top_k_past_the_vocabulary_keeps_every_token(params):
     """top_k >= vocab filters nothing: the same draws as top_k off."""
     opts = dict(max_new_tokens=4, temperature=1.0, seed=3, eos_token_ids=())
-    wide = ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(top_k=10 ** 6, **opts))
+    wide = ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(top_k=10**6, **opts))
     off = ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(**opts))
     assert wide.tokens == off.tokens
 
 
 # --- streaming callbacks ----------------------------------------------------------------------------------------
+
 
 def test_a_raising_on_token_callback_is_reraised(params):
     seen = []
@@ -281,36 +326,47 @@ def test_a_raising_on_token_callback_is_reraised(params):
             raise KeyError("bug in the user's callback")
 
     with pytest.raises(KeyError, match="bug in the user's callback"):
-        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=6, eos_token_ids=()),
-                         on_token=callback)
+        ssm_llm.generate(
+            params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=6, eos_token_ids=()), on_token=callback
+        )
     assert seen == [0, 1]  # nothing delivered after the error
     # The next call with another callback streams normally, through the same compiled loop.
     got = []
-    out = ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=6, eos_token_ids=()),
-                           on_token=lambda step, tokens: got.append(int(tokens[0])))
+    out = ssm_llm.generate(
+        params,
+        CONFIG,
+        [[1, 2]],
+        GenerationConfig(max_new_tokens=6, eos_token_ids=()),
+        on_token=lambda step, tokens: got.append(int(tokens[0])),
+    )
     assert got == out.tokens[0]
 
 
 # --- bounded sizes and memory ---------------------------------------------------------------------------------
 
+
 def test_state_space_models_have_a_stated_ceiling_on_new_tokens(mamba_params):
     with pytest.raises(ValueError, match=rf"max_new_tokens must be an int in \[1, {MAX_NEW_TOKENS}\], got 1000000000"):
-        ssm_llm.generate(mamba_params, MAMBA, [[1, 2]], GenerationConfig(max_new_tokens=10 ** 9))
+        ssm_llm.generate(mamba_params, MAMBA, [[1, 2]], GenerationConfig(max_new_tokens=10**9))
 
 
 def test_memory_is_estimated_before_allocating(params, mamba_params, monkeypatch):
     from ssm_llm import kv, memory
 
     with pytest.raises(ValueError, match=r"StreamingLLM: budget \(1000000000\) exceeds the model's context of 128"):
-        ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4,
-                                                                  kv_compression=kv.StreamingLLM(budget=10 ** 9)))
-    monkeypatch.setattr(memory, "_host_available", lambda: 2 ** 30)  # pretend 1 GiB is free
-    with pytest.raises(MemoryError, match=r"max_new_tokens=1048576 \(the output buffer\) would need 1.6 GiB, "
-                                          r"more than the 1.0 GiB free"):
+        ssm_llm.generate(
+            params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4, kv_compression=kv.StreamingLLM(budget=10**9))
+        )
+    monkeypatch.setattr(memory, "_host_available", lambda: 2**30)  # pretend 1 GiB is free
+    with pytest.raises(
+        MemoryError,
+        match=r"max_new_tokens=1048576 \(the output buffer\) would need 1.6 GiB, "
+        r"more than the 1.0 GiB free",
+    ):
         ssm_llm.generate(mamba_params, MAMBA, [[1, 2]] * 400, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
     with pytest.raises(MemoryError, match=r"a KV cache of batch=1000, max_len=1000000 would need 119.2 GiB"):
-        ssm_llm.init_cache(CONFIG, 1000, 10 ** 6)
-    monkeypatch.setattr(memory, "_host_available", lambda: 2 ** 10)  # 1 KiB
+        ssm_llm.init_cache(CONFIG, 1000, 10**6)
+    monkeypatch.setattr(memory, "_host_available", lambda: 2**10)  # 1 KiB
     policy = kv.StreamingLLM(budget=100)
     with pytest.raises(MemoryError, match=r"kv_compression=StreamingLLM\(budget=100, .*would need 14.5 KiB"):
         ssm_llm.generate(params, CONFIG, [[1, 2]], GenerationConfig(max_new_tokens=4, kv_compression=policy))

@@ -7,9 +7,17 @@ import pytest
 
 import ssm_llm
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                             num_kv_heads=2, head_dim=8, max_position_embeddings=128,
-                             layer_windows=(0, 7))
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    layer_windows=(0, 7),
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +36,10 @@ def test_ragged_prefill_then_token_by_token_decode_equals_full_forward(params):
     prompt_lens = [5, 1, 9]
     width = max(prompt_lens)
     tokens = np.zeros((3, width), np.int32)
-    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+    for b, (s, n) in enumerate(zip(seqs, prompt_lens, strict=True)):
         tokens[b, :n] = s[:n]
     cache = ssm_llm.init_cache(CONFIG, 3, 40)
-    logits, cache = ssm_llm.forward(params, CONFIG, jnp.asarray(tokens), cache,
-                                    token_counts=jnp.asarray(prompt_lens))
+    logits, cache = ssm_llm.forward(params, CONFIG, jnp.asarray(tokens), cache, token_counts=jnp.asarray(prompt_lens))
     assert cache.lengths.tolist() == prompt_lens
     refs = [full_logits(params, s) for s in seqs]
     for b, n in enumerate(prompt_lens):
@@ -40,7 +47,7 @@ def test_ragged_prefill_then_token_by_token_decode_equals_full_forward(params):
     # Decode one token per step; each sequence continues at its own position.
     for step in range(max(len(s) for s in seqs) - min(prompt_lens)):
         pos = [n + step for n in prompt_lens]
-        nxt = [s[p] if p < len(s) else 0 for s, p in zip(seqs, pos)]
+        nxt = [s[p] if p < len(s) else 0 for s, p in zip(seqs, pos, strict=True)]
         logits, cache = ssm_llm.forward(params, CONFIG, jnp.asarray(nxt)[:, None], cache)
         for b, p in enumerate(pos):
             if p < len(seqs[b]):
@@ -73,14 +80,17 @@ def test_cache_overflow_is_an_error(params):
         ssm_llm.forward(params, CONFIG, jnp.ones((2, 9), jnp.int32), ssm_llm.init_cache(CONFIG, 2, 8))
 
 
-@pytest.mark.parametrize("tokens, message", [
-    ([[1, 2, 97]], "token id 97 is outside the vocabulary"),
-    ([[-1]], "token id -1 is outside"),
-    ([1, 2, 3], r"tokens must be \[batch, steps\]"),
-    (np.zeros((1, 0), np.int32), "no steps"),
-    ([[0.5, 1.0]], "array of int token ids, got dtype float"),
-    ([[1], [2]], "tokens batch 2 != cache batch 1"),
-])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        ([[1, 2, 97]], "token id 97 is outside the vocabulary"),
+        ([[-1]], "token id -1 is outside"),
+        ([1, 2, 3], r"tokens must be \[batch, steps\]"),
+        (np.zeros((1, 0), np.int32), "no steps"),
+        ([[0.5, 1.0]], "array of int token ids, got dtype float"),
+        ([[1], [2]], "tokens batch 2 != cache batch 1"),
+    ],
+)
 def test_forward_rejects_bad_tokens(params, tokens, message):
     with pytest.raises(ValueError, match=message):
         ssm_llm.forward(params, CONFIG, jnp.asarray(tokens), ssm_llm.init_cache(CONFIG, 1, 8))

@@ -114,9 +114,9 @@ def test_orbax_load_needs_no_torch(llama, tmp_path):
         sys.meta_path.insert(0, BlockTorch())
         import numpy as np, jax.numpy as jnp
         import converters, ssm_llm
-        config, params = converters.load({str(tmp_path / 'ckpt')!r})
+        config, params = converters.load({str(tmp_path / "ckpt")!r})
         logits, _ = ssm_llm.forward(params, config, jnp.asarray([{ids}]), ssm_llm.init_cache(config, 1, 8))
-        np.testing.assert_allclose(np.asarray(logits[0]), np.load({str(tmp_path / 'expected.npy')!r}), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(logits[0]), np.load({str(tmp_path / "expected.npy")!r}), atol=1e-4)
         assert "torch" not in sys.modules
         print("ok")
     """)
@@ -156,7 +156,9 @@ def test_shape_mismatch(llama):
     model, _ = llama
     cfg = model.config.to_dict()
     cfg["intermediate_size"] = 96
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(80, 48\), expected \(96, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(80, 48\), expected \(96, 48\)"
+    ):
         converters.load(model.state_dict(), config=cfg)
 
 
@@ -168,13 +170,16 @@ def test_tied_head_that_differs(llama):
         converters.load(model.state_dict(), config=cfg)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "unknown architecture: model_type='gpt2'"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "unsupported rope_type 'yarn'"),
-    (dict(num_key_value_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
-    (dict(vocab_size=0), "config.vocab_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "unknown architecture: model_type='gpt2'"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "unsupported rope_type 'yarn'"),
+        (dict(num_key_value_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
+        (dict(vocab_size=0), "config.vocab_size must be a positive int"),
+    ],
+)
 def test_bad_configs(llama, change, message):
     model, _ = llama
     with pytest.raises(ValueError, match=message):
@@ -249,12 +254,28 @@ def write_gguf(path, model, arch: str, quantize_embedding: bool = False):
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_eos_token_id(7)
-    to_gguf = {hf_tensor_name(g): g for g in
-               ["token_embd.weight", "output_norm.weight", "output.weight"]
-               + [f"blk.{i}.{s}" for i in range(cfg.num_hidden_layers) for s in (
-                   "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                   "attn_q.bias", "attn_k.bias", "attn_v.bias", "ffn_norm.weight", "ffn_gate.weight",
-                   "ffn_up.weight", "ffn_down.weight")]}
+    to_gguf = {
+        hf_tensor_name(g): g
+        for g in ["token_embd.weight", "output_norm.weight", "output.weight"]
+        + [
+            f"blk.{i}.{s}"
+            for i in range(cfg.num_hidden_layers)
+            for s in (
+                "attn_norm.weight",
+                "attn_q.weight",
+                "attn_k.weight",
+                "attn_v.weight",
+                "attn_output.weight",
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            )
+        ]
+    }
     hd = cfg.hidden_size // cfg.num_attention_heads
     for name, tensor in model.state_dict().items():
         array = tensor.float().numpy()
@@ -292,8 +313,9 @@ def test_gguf_quantized_tensor_is_dequantized(tmp_path):
     write_gguf(path, model, "llama", quantize_embedding=True)
     _, params = converters.load(path)
     embed = model.model.embed_tokens.weight.detach().numpy()
-    expected = gguf.quants.dequantize(gguf.quants.quantize(embed, gguf.GGMLQuantizationType.Q8_0),
-                                      gguf.GGMLQuantizationType.Q8_0)
+    expected = gguf.quants.dequantize(
+        gguf.quants.quantize(embed, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    )
     np.testing.assert_array_equal(np.asarray(params["embed"]), expected)
     assert np.abs(expected - embed).max() < np.abs(embed).max() / 100
 

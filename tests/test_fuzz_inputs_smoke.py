@@ -14,9 +14,25 @@ TARGETS = ["spec_policy", "spec_drafter", "generate_options", "forward_jit", "lo
 def test_short_fuzz_run_is_clean(tmp_path):
     out = tmp_path / "fuzz.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--budget-seconds", "15", "--max-examples-per-target", "3",
-         "--timeout", "30", "--targets", ",".join(TARGETS), "--out", str(out)],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--budget-seconds",
+            "15",
+            "--max-examples-per-target",
+            "3",
+            "--timeout",
+            "30",
+            "--targets",
+            ",".join(TARGETS),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
 

@@ -6,8 +6,16 @@ import pytest
 
 import ssm_llm
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                             num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +54,13 @@ def test_max_new_tokens_is_respected(params):
 
 def test_streaming_callback_sees_every_token(params):
     seen = []
-    out = ssm_llm.generate(params, CONFIG, [[1, 2], [3]], ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=()),
-                           on_token=lambda step, toks: seen.append((int(step), np.asarray(toks).tolist())))
+    out = ssm_llm.generate(
+        params,
+        CONFIG,
+        [[1, 2], [3]],
+        ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=()),
+        on_token=lambda step, toks: seen.append((int(step), np.asarray(toks).tolist())),
+    )
     jax.effects_barrier()
     assert [s for s, _ in seen] == list(range(6))
     assert [[t[b] for _, t in seen] for b in range(2)] == out.tokens
@@ -60,22 +73,27 @@ def test_default_eos_comes_from_the_model_config(params):
     assert out.tokens[0] == free[:2]
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ([], "non-empty list"),
-    ([[1, 2], []], "prompt 1 is empty"),
-    ([[1, 50]], "token id 50, outside the vocabulary"),
-    ([[-3]], "token id -3"),
-    ([1, 2, 3], r"wrap a single prompt as \[ids\]"),
-    ("hello", "non-empty list of token-id lists"),
-    ([[1.5, 2.0]], "flat list of int token ids"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([], "non-empty list"),
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([[1, 50]], "token id 50, outside the vocabulary"),
+        ([[-3]], "token id -3"),
+        ([1, 2, 3], r"wrap a single prompt as \[ids\]"),
+        ("hello", "non-empty list of token-id lists"),
+        ([[1.5, 2.0]], "flat list of int token ids"),
+    ],
+)
 def test_bad_prompts(params, prompts, message):
     with pytest.raises(ValueError, match=message):
         greedy(params, prompts)
 
 
 def test_prompt_longer_than_max_len(params):
-    with pytest.raises(ValueError, match=r"longest prompt \(20 tokens\) \+ max_new_tokens \(4\) = 24 exceeds max_len 16"):
+    with pytest.raises(
+        ValueError, match=r"longest prompt \(20 tokens\) \+ max_new_tokens \(4\) = 24 exceeds max_len 16"
+    ):
         greedy(params, [[1] * 20], n=4, max_len=16)
 
 
@@ -89,21 +107,30 @@ def test_past_the_model_context(params):
         greedy(params, [[1] * 60], n=8)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), r"max_new_tokens must be an int in \[1, 1048576\], got 0"),
-    (dict(temperature=-1.0), r"temperature must be a finite number in \[0.0, inf\), got -1.0"),
-    (dict(top_p=0.0), r"top_p must be a finite number in \(0.0, 1.0\]"),
-    (dict(top_p=1.5), r"top_p must be a finite number in \(0.0, 1.0\]"),
-    (dict(min_p=1.0), r"min_p must be a finite number in \[0.0, 1.0\)"),
-    (dict(top_k=-2), r"top_k must be an int >= 0, got -2"),
-    (dict(max_len=0), r"max_len must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), r"max_new_tokens must be an int in \[1, 1048576\], got 0"),
+        (dict(temperature=-1.0), r"temperature must be a finite number in \[0.0, inf\), got -1.0"),
+        (dict(top_p=0.0), r"top_p must be a finite number in \(0.0, 1.0\]"),
+        (dict(top_p=1.5), r"top_p must be a finite number in \(0.0, 1.0\]"),
+        (dict(min_p=1.0), r"min_p must be a finite number in \[0.0, 1.0\)"),
+        (dict(top_k=-2), r"top_k must be an int >= 0, got -2"),
+        (dict(max_len=0), r"max_len must be a positive int, got 0"),
+    ],
+)
 def test_bad_generation_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ssm_llm.GenerationConfig(**kwargs)
 
 
 def test_explicit_max_len_and_sampling_runs(params):
-    out = ssm_llm.generate(params, CONFIG, [[1, 2, 3]], ssm_llm.GenerationConfig(
-        max_new_tokens=5, temperature=0.8, top_p=0.9, min_p=0.05, top_k=10, max_len=8, eos_token_ids=()))
+    out = ssm_llm.generate(
+        params,
+        CONFIG,
+        [[1, 2, 3]],
+        ssm_llm.GenerationConfig(
+            max_new_tokens=5, temperature=0.8, top_p=0.9, min_p=0.05, top_k=10, max_len=8, eos_token_ids=()
+        ),
+    )
     assert len(out.tokens[0]) == 5 and all(0 <= t < CONFIG.vocab_size for t in out.tokens[0])

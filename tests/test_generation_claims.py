@@ -30,16 +30,34 @@ def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
 
     real = generation.generate
     monkeypatch.setattr(generation, "generate", spy)
-    code = cli.main(["generate", "--prompt", "The history of the printing press", "--max-new-tokens", "4",
-                     "--kv-compression", "streamingllm:budget=32", "--no-stream"])
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "The history of the printing press",
+            "--max-new-tokens",
+            "4",
+            "--kv-compression",
+            "streamingllm:budget=32",
+            "--no-stream",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.strip() and "4 new (length)" in err
     assert policies == [StreamingLLM(budget=32)]
 
 
-TINY = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=16, max_position_embeddings=32)
+TINY = ssm_llm.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=32,
+)
 
 
 def test_generate_impl_interpret_equals_xla():
@@ -65,7 +83,7 @@ def numpy_logits(params, config, tokens, visible, key_position):
 
     def rope(x, pos):  # x: [..., D] at integer position(s) pos
         angles = np.asarray(pos, np.float64)[..., None] * inv_freq
-        x1, x2 = x[..., :dim // 2], x[..., dim // 2:]
+        x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
         cos, sin = np.cos(angles), np.sin(angles)
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
@@ -105,14 +123,14 @@ def test_streaming_original_positions_with_a_distance_ceiling_past_the_context()
         n = len(prompt)
 
         def visible(t, n=n):  # the prompt: causal; decoded tokens: the sinks and the latest budget - sinks tokens
-            return np.arange(t + 1) if t < n else np.r_[0:sinks, max(sinks, t - (budget - sinks) + 1):t + 1]
+            return np.arange(t + 1) if t < n else np.r_[0:sinks, max(sinks, t - (budget - sinks) + 1) : t + 1]
 
         def capped(t, s, n=n):
             return t - min(t - s, ceiling) if t >= n else s
 
         # Greedy choices are >= 2.8e-3 apart in logits (float32 errors are ~1e-5).
-        want = numpy_logits(params, TINY, prompt + new, visible, capped)[n - 1:-1].argmax(-1)
+        want = numpy_logits(params, TINY, prompt + new, visible, capped)[n - 1 : -1].argmax(-1)
         np.testing.assert_array_equal(new, want)
         # The ceiling matters: uncapped distances would choose other tokens.
-        uncapped = numpy_logits(params, TINY, prompt + new, visible, lambda t, s: s)[n - 1:-1].argmax(-1)
+        uncapped = numpy_logits(params, TINY, prompt + new, visible, lambda t, s: s)[n - 1 : -1].argmax(-1)
         assert (uncapped != new).any()

@@ -16,8 +16,16 @@ from ssm_llm.kv.minicache import MiniCache, slerp_merge
 from ssm_llm.kv.policy import rope_frequencies
 from ssm_llm.kv.xkv import XKV
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12], [7, 70, 4]]
 
@@ -48,8 +56,10 @@ def generated(policy, params=PARAMS):
 
 
 def random_cache(layers=4, lengths=(12, 7), prompt_len=12, seed=0, spread=True):
-    """A random prompt cache [L, B = len(lengths), H=2, S, D=16] and a tiny config with L layers. With `spread`, odd layers are the previous layer plus
-    noise of a per-token scale, so adjacent layers' angular distances vary from token to token."""
+    """A random prompt cache [L, B = len(lengths), H=2, S, D=16] and a tiny config with L layers.
+
+    With `spread`, odd layers are the previous layer plus noise of a per-token scale, so adjacent layers'
+    angular distances vary from token to token."""
     rng = np.random.default_rng(seed)
     shape = (layers, len(lengths), 2, prompt_len, 16)
     k, v = rng.normal(size=shape), rng.normal(size=shape)
@@ -58,8 +68,9 @@ def random_cache(layers=4, lengths=(12, 7), prompt_len=12, seed=0, spread=True):
         k[1::2] = k[0::2][: layers // 2] + scale[1::2] * rng.normal(size=k[1::2].shape)
         v[1::2] = v[0::2][: layers // 2] + scale[1::2] * rng.normal(size=v[1::2].shape)
     config = dataclasses.replace(CONFIG, num_layers=layers, layer_windows=())
-    return config, KVCache(k=jnp.asarray(k, jnp.float32), v=jnp.asarray(v, jnp.float32),
-                           lengths=jnp.asarray(lengths, jnp.int32))
+    return config, KVCache(
+        k=jnp.asarray(k, jnp.float32), v=jnp.asarray(v, jnp.float32), lengths=jnp.asarray(lengths, jnp.int32)
+    )
 
 
 def numpy_rope(x, positions, inv_freq):
@@ -74,15 +85,17 @@ def ragged_prefill():
     """(first greedy tokens [2], the prompt cache [L, 2, H, 11, D]) of the ragged batch PROMPTS."""
     tokens = np.zeros((2, 11), np.int32)
     for row, prompt in enumerate(PROMPTS):
-        tokens[row, :len(prompt)] = prompt
+        tokens[row, : len(prompt)] = prompt
     counts = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
-    logits, cache = ssm_llm.forward(PARAMS, CONFIG, jnp.asarray(tokens), ssm_llm.init_cache(CONFIG, 2, 11),
-                                    token_counts=counts)
+    logits, cache = ssm_llm.forward(
+        PARAMS, CONFIG, jnp.asarray(tokens), ssm_llm.init_cache(CONFIG, 2, 11), token_counts=counts
+    )
     return jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0].argmax(-1), cache
 
 
-@pytest.mark.parametrize("policy", [MiniCache(start_layer=4), XKV(rank=64, group_size=3)],
-                         ids=["minicache-nothing-merged", "xkv-full-rank"])
+@pytest.mark.parametrize(
+    "policy", [MiniCache(start_layer=4), XKV(rank=64, group_size=3)], ids=["minicache-nothing-merged", "xkv-full-rank"]
+)
 def test_no_compression_gives_the_full_cache_logits(policy):
     """Nothing merged / full rank: on a ragged batch (11 and 3 prompt tokens) every greedy decode step's logits
     equal the dense cache's, hence so do the tokens (xKV's last group of 3 over 4 layers is zero-padded)."""
@@ -148,7 +161,7 @@ def test_minicache_restores_layers_like_numpy():
     retained = 0
     for layer in range(4):
         got_k, got_v = policy.reconstruct(config, data, layer)
-        for got, want in zip(traced(layer), (got_k, got_v)):
+        for got, want in zip(traced(layer), (got_k, got_v), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
         for row, n in enumerate([12, 7]):
             for head in range(2):
@@ -188,7 +201,7 @@ def test_xkv_error_is_the_discarded_singular_values(group_size):
                 stacked = x[layers, row, :, :n].transpose(2, 0, 1, 3).reshape(n, -1)  # [tokens, layers * H * D]
                 s = np.linalg.svd(stacked, compute_uv=False)
                 error = ((x_hat[layers, row, :, :n] - x[layers, row, :, :n]) ** 2).sum()
-                np.testing.assert_allclose(error, (s[rank:] ** 2).sum(), rtol=1e-3, atol=1e-6 * (s ** 2).sum())
+                np.testing.assert_allclose(error, (s[rank:] ** 2).sum(), rtol=1e-3, atol=1e-6 * (s**2).sum())
                 np.testing.assert_allclose(x_hat[layers, row, :, n:], 0, atol=1e-6)
 
 
@@ -222,20 +235,23 @@ def test_xkv_below_full_rank_generates_like_full():
     assert generated(XKV(rank=8)) == full_tokens(False)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: MiniCache(start_layer=-1), "start_layer must be an int >= 0"),
-    (lambda: MiniCache(start_layer=1.5), "start_layer"),
-    (lambda: MiniCache(t=-0.1), r"t must be a number in \[0, 1\], got -0.1"),
-    (lambda: MiniCache(t=1.5), "t must be"),
-    (lambda: MiniCache(t=True), "t must be"),
-    (lambda: MiniCache(retention_threshold=2.0), "retention_threshold"),
-    (lambda: MiniCache(max_retained=-1), "max_retained"),
-    (lambda: MiniCache(max_retained=1.5), "max_retained"),
-    (lambda: XKV(rank=0), "rank must be an int >= 1, got 0"),
-    (lambda: XKV(rank=2.5), "rank"),
-    (lambda: XKV(rank=4, group_size=0), "group_size must be an int >= 1"),
-    (lambda: XKV(rank=4, value_rank=0), "value_rank"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: MiniCache(start_layer=-1), "start_layer must be an int >= 0"),
+        (lambda: MiniCache(start_layer=1.5), "start_layer"),
+        (lambda: MiniCache(t=-0.1), r"t must be a number in \[0, 1\], got -0.1"),
+        (lambda: MiniCache(t=1.5), "t must be"),
+        (lambda: MiniCache(t=True), "t must be"),
+        (lambda: MiniCache(retention_threshold=2.0), "retention_threshold"),
+        (lambda: MiniCache(max_retained=-1), "max_retained"),
+        (lambda: MiniCache(max_retained=1.5), "max_retained"),
+        (lambda: XKV(rank=0), "rank must be an int >= 1, got 0"),
+        (lambda: XKV(rank=2.5), "rank"),
+        (lambda: XKV(rank=4, group_size=0), "group_size must be an int >= 1"),
+        (lambda: XKV(rank=4, value_rank=0), "value_rank"),
+    ],
+)
 def test_bad_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -247,18 +263,20 @@ def test_start_layer_past_the_stack_raises():
         compress_cache(CONFIG, cache, MiniCache(start_layer=5), 16)
 
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
-        "from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could "
-        "produce books far faster than scribes. Before his invention, books were copied by hand, mostly in "
-        "monasteries, and a single Bible could take a scribe more than a year to finish. Paper had reached Europe "
-        "from China through the Islamic world, and by Gutenberg's time paper mills were working in Italy, France "
-        "and Germany, so the material for cheap books was already at hand. Gutenberg's press printed about forty "
-        "lines on a page, and his workshop produced around one hundred and eighty copies of the Bible by 1455. "
-        "Printers soon set up shops in Venice, Paris, Lyon and London, and by the year 1500 more than two hundred "
-        "and fifty towns had a press. Historians estimate that some twenty million books were printed in Europe "
-        "before 1500. Cheaper books changed how people learned, argued and prayed: scholars could compare identical "
-        "copies of a text, reformers spread pamphlets across whole countries within weeks, and the spelling and "
-        "grammar of national languages slowly became fixed. Within fifty years")
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
+    "from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could "
+    "produce books far faster than scribes. Before his invention, books were copied by hand, mostly in "
+    "monasteries, and a single Bible could take a scribe more than a year to finish. Paper had reached Europe "
+    "from China through the Islamic world, and by Gutenberg's time paper mills were working in Italy, France "
+    "and Germany, so the material for cheap books was already at hand. Gutenberg's press printed about forty "
+    "lines on a page, and his workshop produced around one hundred and eighty copies of the Bible by 1455. "
+    "Printers soon set up shops in Venice, Paris, Lyon and London, and by the year 1500 more than two hundred "
+    "and fifty towns had a press. Historians estimate that some twenty million books were printed in Europe "
+    "before 1500. Cheaper books changed how people learned, argued and prayed: scholars could compare identical "
+    "copies of a text, reformers spread pamphlets across whole countries within weeks, and the spelling and "
+    "grammar of national languages slowly became fixed. Within fifty years"
+)
 
 
 @pytest.mark.slow
@@ -272,7 +290,7 @@ def test_smollm2_teacher_forced_agreement(smollm2):
     continuation = ssm_llm.generate(params, config, [prompt], ssm_llm.GenerationConfig(max_new_tokens=16)).tokens[0]
     ids = jnp.asarray([prompt + continuation])
     reference, _ = ssm_llm.forward(params, config, ids, ssm_llm.init_cache(config, 1, ids.shape[1]))
-    reference = jax.nn.log_softmax(reference[0, len(prompt):])
+    reference = jax.nn.log_softmax(reference[0, len(prompt) :])
     _, prefill = ssm_llm.forward(params, config, jnp.asarray([prompt]), ssm_llm.init_cache(config, 1, len(prompt)))
     step = jax.jit(lambda cache, token: ssm_llm.forward(params, config, token, cache))
 
@@ -289,7 +307,9 @@ def test_smollm2_teacher_forced_agreement(smollm2):
     xkv_top1, xkv_kl = agreement(XKV(rank=128))
     mini_top1, mini_kl = agreement(MiniCache())
     bare_top1, bare_kl = agreement(MiniCache(max_retained=0))
-    print(f"xKV r128: top1 {xkv_top1:.2f} KL {xkv_kl:.3f}; MiniCache: top1 {mini_top1:.2f} KL {mini_kl:.3f}; "
-          f"without retention: top1 {bare_top1:.2f} KL {bare_kl:.3f}")
+    print(
+        f"xKV r128: top1 {xkv_top1:.2f} KL {xkv_kl:.3f}; MiniCache: top1 {mini_top1:.2f} KL {mini_kl:.3f}; "
+        f"without retention: top1 {bare_top1:.2f} KL {bare_kl:.3f}"
+    )
     assert xkv_top1 >= 0.85 and xkv_kl < 0.15
     assert math.isfinite(mini_kl) and mini_kl < bare_kl

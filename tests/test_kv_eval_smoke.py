@@ -15,9 +15,30 @@ import ssm_llm
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import kv_compression_eval as ev  # noqa: E402
 
-ARGS = ["--tiny-model", "--methods", "streamingllm", "--lengths", "160", "--depths", "0.3", "0.8",
-        "--answer-tokens", "4", "--ppl-prefix", "64", "--ppl-tokens", "8", "--ppl-docs", "2",
-        "--speed-length", "160", "--speed-steps", "3", "--repeats", "1"]
+ARGS = [
+    "--tiny-model",
+    "--methods",
+    "streamingllm",
+    "--lengths",
+    "160",
+    "--depths",
+    "0.3",
+    "0.8",
+    "--answer-tokens",
+    "4",
+    "--ppl-prefix",
+    "64",
+    "--ppl-tokens",
+    "8",
+    "--ppl-docs",
+    "2",
+    "--speed-length",
+    "160",
+    "--speed-steps",
+    "3",
+    "--repeats",
+    "1",
+]
 
 
 def test_script_runs_and_measures(tmp_path):
@@ -33,7 +54,7 @@ def test_script_runs_and_measures(tmp_path):
     # prompt + decode room of the full cache: 160 tokens + 4 slots (max(answer - 1, speed steps) + 1).
     row = result["passkey"]["160"]["configs"]
     assert row["full"]["ratio"] == 1.0 and row["full"]["capacity"] == 164
-    for r, name in zip((2, 4, 8), names[1:]):
+    for r, name in zip((2, 4, 8), names[1:], strict=True):
         slots = 160 // r
         assert row[name]["capacity"] == slots
         per_slot = 2 * 16 * 4 + 4  # k + v float32 over head_dim 16, plus an int32 position

@@ -1,6 +1,7 @@
 """GEAR: quantized prompt K/V + low-rank residual + sparse outliers, against the full cache and numpy."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,16 @@ from ssm_llm.cache import KVCache
 from ssm_llm.kv import cache_bytes, compress_cache, dequantize, quantize_keys
 from ssm_llm.kv.gear import GEAR, compress_tensor, reconstruct
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12], [7, 70, 4]]
 STEPS = 8  # greedy tokens generated
@@ -25,8 +34,9 @@ def prefill():
     """The dense cache of the ragged PROMPTS (right-padded) in 64 slots, and each row's first greedy token."""
     tokens = jnp.asarray([p + [0] * (64 - len(p)) for p in PROMPTS])
     counts = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
-    logits, cache = ssm_llm.forward(PARAMS, CONFIG, tokens, ssm_llm.init_cache(CONFIG, len(PROMPTS), 64),
-                                    token_counts=counts)
+    logits, cache = ssm_llm.forward(
+        PARAMS, CONFIG, tokens, ssm_llm.init_cache(CONFIG, len(PROMPTS), 64), token_counts=counts
+    )
     return cache, jnp.argmax(logits[jnp.arange(len(PROMPTS)), counts - 1], axis=-1)
 
 
@@ -56,8 +66,9 @@ def gear(policy, feed=None):
     return decode(compress(CONFIG, prefill()[0], policy, 64 + STEPS), feed)
 
 
-@pytest.mark.parametrize("policy,atol", [(GEAR(bits=16), 2e-6),
-                                         (GEAR(bits=2, rank=16, outlier_fraction=0.0, group_size=8), 1e-5)])
+@pytest.mark.parametrize(
+    "policy,atol", [(GEAR(bits=16), 2e-6), (GEAR(bits=2, rank=16, outlier_fraction=0.0, group_size=8), 1e-5)]
+)
 def test_lossless_settings_give_the_full_cache_logits(policy, atol):
     """16 bits stores the prompt as it is; at 2 bits a full-rank (rank = head_dim) residual repairs it all."""
     want, tokens = full()
@@ -65,8 +76,9 @@ def test_lossless_settings_give_the_full_cache_logits(policy, atol):
     np.testing.assert_allclose(got, want, atol=atol, rtol=0)
     assert (gear_tokens == tokens).all()
     if policy.bits == 16:  # and through generate (prompts padded to 16 tokens, cache compressed in jit)
-        out = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=STEPS,
-                                                                                 kv_compression=policy))
+        out = ssm_llm.generate(
+            PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=STEPS, kv_compression=policy)
+        )
         assert out.tokens == tokens.tolist()
 
 
@@ -86,8 +98,8 @@ def numpy_gear_keys(x, bits, rank, outliers, group):
     sparse = sparse.reshape(S, D)
     rest = (x - sparse).reshape(S // group, group, D)  # per channel, groups of `group` tokens
     low, high = rest.min(1, keepdims=True), rest.max(1, keepdims=True)
-    scale = (high - low) / np.float32(2 ** bits - 1)
-    codes = np.clip(np.round((rest - low) / np.where(scale > 0, scale, 1)), 0, 2 ** bits - 1)
+    scale = (high - low) / np.float32(2**bits - 1)
+    codes = np.clip(np.round((rest - low) / np.where(scale > 0, scale, 1)), 0, 2**bits - 1)
     backbone = (codes * scale + low).reshape(S, D)
     u, s, vt = np.linalg.svd((x - sparse - backbone).astype(np.float64), full_matrices=False)
     return backbone + sparse + (u[:, :rank] * s[:rank]) @ vt[:rank]
@@ -113,8 +125,7 @@ def test_reconstruction_matches_numpy(axis):
     got = np.asarray(roundtrip(jnp.asarray(x), axis, bits=2, rank=2, outliers=20, group_size=group))
     for head in range(2):
         m = x[0, 0, head]
-        want = (numpy_gear_keys(m, 2, 2, 20, group) if axis == "tokens"
-                else numpy_gear_keys(m.T, 2, 2, 20, group).T)
+        want = numpy_gear_keys(m, 2, 2, 20, group) if axis == "tokens" else numpy_gear_keys(m.T, 2, 2, 20, group).T
         np.testing.assert_allclose(got[0, 0, head], want, atol=2e-5)
 
 
@@ -125,7 +136,7 @@ def relative_error(x, **kwargs):
 def test_error_falls_with_rank_and_outliers_and_beats_plain_quantization():
     x = keys_with_outlier_channels()
     by_rank = [relative_error(x, bits=2, rank=r, outliers=0) for r in (0, 1, 2, 4)]
-    assert all(a > b for a, b in zip(by_rank, by_rank[1:])), by_rank
+    assert all(a > b for a, b in itertools.pairwise(by_rank)), by_rank
     # outliers shrink the quantization ranges; the low-rank part already repairs much of what they fix
     assert relative_error(x, bits=2, rank=0, outliers=20) < 0.7 * by_rank[0]
     assert relative_error(x, bits=2, rank=2, outliers=20) < by_rank[2]
@@ -162,16 +173,19 @@ def test_cache_bytes_at_4_bits():
     assert cache_bytes(compress(CONFIG, prompt, GEAR(bits=16), max_len)) > cache_bytes(dense)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "bits must be one of"),
-    (dict(bits=32), "bits must be one of"),
-    (dict(bits=True), "bits"),
-    (dict(rank=-1), "rank must be an int >= 0"),
-    (dict(rank=2.0), "rank"),
-    (dict(outlier_fraction=1.0), "outlier_fraction must be a number in \\[0, 1\\)"),
-    (dict(outlier_fraction=-0.1), "outlier_fraction"),
-    (dict(group_size=0), "group_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=3), "bits must be one of"),
+        (dict(bits=32), "bits must be one of"),
+        (dict(bits=True), "bits"),
+        (dict(rank=-1), "rank must be an int >= 0"),
+        (dict(rank=2.0), "rank"),
+        (dict(outlier_fraction=1.0), "outlier_fraction must be a number in \\[0, 1\\)"),
+        (dict(outlier_fraction=-0.1), "outlier_fraction"),
+        (dict(group_size=0), "group_size"),
+    ],
+)
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GEAR(**kwargs)
@@ -196,17 +210,23 @@ def test_smollm2_cache_errors(smollm2):
     low-rank and sparse parts cut plain 2-bit quantization's error (measured K 0.20 -> 0.16, V 0.41 -> 0.30);
     4-bit GEAR is within a few percent (0.033, 0.064)."""
     config, params, tokenizer, _ = smollm2
-    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
-            "goldsmith from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a "
-            "system that could produce books quickly and cheaply. Before this invention, books in Europe were "
-            "copied by hand, usually by monks working in scriptoria.")
+    text = (
+        "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
+        "goldsmith from Mainz, combined movable metal type, oil-based ink and a wooden screw press into a "
+        "system that could produce books quickly and cheaply. Before this invention, books in Europe were "
+        "copied by hand, usually by monks working in scriptoria."
+    )
     prompt = tokenizer(text).input_ids
     _, dense = ssm_llm.forward(params, config, jnp.asarray([prompt]), ssm_llm.init_cache(config, 1, len(prompt)))
 
     def errors(**kwargs):
         data = compress(config, dense, GEAR(**kwargs), len(prompt)).data
-        return np.array([float(jnp.linalg.norm(reconstruct(t) - x) / jnp.linalg.norm(x))
-                         for t, x in ((data.k, dense.k), (data.v, dense.v))])
+        return np.array(
+            [
+                float(jnp.linalg.norm(reconstruct(t) - x) / jnp.linalg.norm(x))
+                for t, x in ((data.k, dense.k), (data.v, dense.v))
+            ]
+        )
 
     plain = errors(bits=2, rank=0, outlier_fraction=0.0)
     repaired = errors(bits=2, rank=4, outlier_fraction=0.02)

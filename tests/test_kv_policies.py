@@ -9,8 +9,16 @@ import pytest
 import ssm_llm
 from ssm_llm import kv
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(1))
 # 17 tokens pad to 32 positions; 47 new tokens make 64: the decoded-token room is exactly max_new_tokens.
 PROMPTS = [[(7 * i + 3) % 97 for i in range(17)], [5, 61, 8]]
@@ -51,8 +59,12 @@ def full():
 
 @pytest.mark.parametrize("name", sorted(LOSSLESS))
 def test_lossless_settings_reproduce_the_full_cache(name, full):
-    out = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(
-        max_new_tokens=NEW, eos_token_ids=(), kv_compression=LOSSLESS[name]))
+    out = ssm_llm.generate(
+        PARAMS,
+        CONFIG,
+        PROMPTS,
+        ssm_llm.GenerationConfig(max_new_tokens=NEW, eos_token_ids=(), kv_compression=LOSSLESS[name]),
+    )
     assert out.tokens == full.tokens
 
 

@@ -24,8 +24,16 @@ from ssm_llm.kv.rotate_kv import RotateKV, rotate_heads, unrotate_heads
 from ssm_llm.models import attention_lm
 from ssm_llm.rope import rotate
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12, 44, 18, 91, 27, 60, 33, 2, 71, 15, 9, 88], [7, 70, 4]]
 MAX_LEN, STEPS = 48, 16
@@ -36,10 +44,11 @@ MAX_LEN, STEPS = 48, 16
 # are tiny, so run time does not matter.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
+
 def _padded(prompts):
     tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = prompt
+        tokens[row, : len(prompt)] = prompt
     return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
@@ -80,10 +89,15 @@ def full_greedy():
     return dense_greedy(*_padded(PROMPTS))
 
 
-@pytest.mark.parametrize("policy", [
-    KIVI(bits=16), RotateKV(bits=16, group_size=16, head_group=2),
-    MixedPrecisionKV(high_bits=16, low_bits=2, important=1.0, window=4),  # every token read from its 16-bit copy
-], ids=["kivi", "rotatekv", "mixed"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KIVI(bits=16),
+        RotateKV(bits=16, group_size=16, head_group=2),
+        MixedPrecisionKV(high_bits=16, low_bits=2, important=1.0, window=4),  # every token read from its 16-bit copy
+    ],
+    ids=["kivi", "rotatekv", "mixed"],
+)
 def test_16_bits_is_the_full_cache(policy):
     fed, want = full_greedy()
     got = compressed_logits(*_padded(PROMPTS), fed, policy)
@@ -92,10 +106,15 @@ def test_16_bits_is_the_full_cache(policy):
     np.testing.assert_array_equal(jnp.argmax(got[:-1], -1).T, fed[:, 1:])
 
 
-@pytest.mark.parametrize("policy", [
-    KIVI(bits=8, group_size=8, residual=16),  # the 22-token prompt quantizes 8 tokens, decoding flushes 2 groups
-    RotateKV(bits=8, group_size=16, sinks=2), MixedPrecisionKV(high_bits=8, low_bits=8, window=4),
-], ids=["kivi", "rotatekv", "mixed"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KIVI(bits=8, group_size=8, residual=16),  # the 22-token prompt quantizes 8 tokens, decoding flushes 2 groups
+        RotateKV(bits=8, group_size=16, sinks=2),
+        MixedPrecisionKV(high_bits=8, low_bits=8, window=4),
+    ],
+    ids=["kivi", "rotatekv", "mixed"],
+)
 def test_8_bits_stays_close_to_the_full_cache(policy):
     fed, want = full_greedy()
     got = compressed_logits(*_padded(PROMPTS), fed, policy)
@@ -106,13 +125,17 @@ def test_8_bits_stays_close_to_the_full_cache(policy):
 @pytest.mark.slow
 def test_generate_with_each_policy_matches_full_greedy_at_8_bits():
     full = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=12))
-    for policy in [KIVI(bits=8, group_size=8, residual=16), RotateKV(bits=8, group_size=16),
-                   MixedPrecisionKV(high_bits=8, low_bits=4, window=4)]:
+    for policy in [
+        KIVI(bits=8, group_size=8, residual=16),
+        RotateKV(bits=8, group_size=16),
+        MixedPrecisionKV(high_bits=8, low_bits=4, window=4),
+    ]:
         config = ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=policy)
         assert ssm_llm.generate(PARAMS, CONFIG, PROMPTS, config).tokens == full.tokens, policy
 
 
 # --- synthetic caches: numpy references, error bounds, bytes -------------------------------------------------
+
 
 def numpy_rope(x, positions, inv_freq):
     angles = np.asarray(positions)[..., None].astype(np.float64) * inv_freq
@@ -125,12 +148,15 @@ def numpy_quantize(x, bits, group, axis):
     """Plain asymmetric min/max quantization of x [..., S, D] (float32) -> x_hat."""
     x = np.asarray(x, np.float32)
     shape = x.shape
-    g = x.reshape(*shape[:-2], shape[-2] // group, group, shape[-1]) if axis == "tokens" else \
-        x.reshape(*shape[:-1], shape[-1] // group, group)
+    g = (
+        x.reshape(*shape[:-2], shape[-2] // group, group, shape[-1])
+        if axis == "tokens"
+        else x.reshape(*shape[:-1], shape[-1] // group, group)
+    )
     red = -2 if axis == "tokens" else -1
     low, high = g.min(red, keepdims=True), g.max(red, keepdims=True)
-    scale = (high - low) / np.float32(2 ** bits - 1)
-    codes = np.clip(np.round((g - low) / np.where(scale > 0, scale, 1)), 0, 2 ** bits - 1)
+    scale = (high - low) / np.float32(2**bits - 1)
+    codes = np.clip(np.round((g - low) / np.where(scale > 0, scale, 1)), 0, 2**bits - 1)
     return (codes * scale + low).reshape(shape)
 
 
@@ -260,8 +286,10 @@ def test_hadamard_is_orthogonal_and_spreads_outliers():
 def rotation_rmse(keys):
     """RMS error of 2-bit per-token quantization (one group per 64-channel token) without / with rotation."""
     rmse = lambda x: jnp.sqrt(jnp.mean((x - keys) ** 2))  # noqa: E731
-    return (rmse(dequantize(quantize(keys, 2, 64, "channels"))),
-            rmse(fwht(dequantize(quantize(fwht(keys), 2, 64, "channels")))))
+    return (
+        rmse(dequantize(quantize(keys, 2, 64, "channels"))),
+        rmse(fwht(dequantize(quantize(fwht(keys), 2, 64, "channels")))),
+    )
 
 
 def test_rotate_kv_matches_numpy():
@@ -290,8 +318,9 @@ def test_rotate_kv_matches_numpy():
         np.testing.assert_allclose(np.asarray(keys[row, :, :n]), k_hat, atol=2e-5)
         np.testing.assert_allclose(np.asarray(values[row, :, :n]), v_hat, atol=2e-5)
         q_rot = numpy_rope(q[row, 0], np.full(4, n - 1), inv_freq)
-        np.testing.assert_allclose(np.asarray(out[row, 0]), numpy_attention(q_rot, k_hat, v_hat, np.ones(n, bool)),
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(out[row, 0]), numpy_attention(q_rot, k_hat, v_hat, np.ones(n, bool)), atol=2e-5
+        )
 
 
 def test_mixed_precision_matches_numpy():
@@ -319,9 +348,9 @@ def test_mixed_precision_matches_numpy():
                     if q_pos[row, w] < 0:
                         continue
                     for g in range(2):
-                        s = k_np[layer, row, kv, :q_pos[row, w] + 1] @ queries[layer, row, w, 2 * kv + g] / 4.0
+                        s = k_np[layer, row, kv, : q_pos[row, w] + 1] @ queries[layer, row, w, 2 * kv + g] / 4.0
                         p = np.exp(s - s.max())
-                        want[:len(p)] += p / p.sum()
+                        want[: len(p)] += p / p.sum()
                 np.testing.assert_allclose(scores[layer, row, kv, :n], want, rtol=1e-5, atol=1e-6)
                 assert np.all(np.isneginf(scores[layer, row, kv, n:]))
                 kept = np.asarray(data.high_pos[layer, row, kv])
@@ -398,33 +427,38 @@ def test_cache_bytes_shrink_by_the_expected_ratio():
 
     # Mixed precision: 1024 prompt slots at 2 bits (as KIVI), 200 important tokens at 8 bits (per-token
     # groups of 32 channels) with int32 positions, 24 float decode slots with positions, prompt lengths.
-    observation = PrefillObservation(jax.random.normal(jax.random.PRNGKey(0), (L, B, 8, 4, D)),
-                                     jnp.arange(992, 1000)[None])
-    mixed = compress(cache, MixedPrecisionKV(high_bits=8, low_bits=2, important=0.2, window=8), 1024, observation,
-                     config=config)
+    observation = PrefillObservation(
+        jax.random.normal(jax.random.PRNGKey(0), (L, B, 8, 4, D)), jnp.arange(992, 1000)[None]
+    )
+    mixed = compress(
+        cache, MixedPrecisionKV(high_bits=8, low_bits=2, important=0.2, window=8), 1024, observation, config=config
+    )
     high = 200 * (2 * (D + 2 * 4 * D // 32) + 4)
     tail = 24 * (2 * D * 4 + 4)
     assert cache_bytes(mixed) == L * B * H * (1024 * per_token + high + tail) + B * 4 + counters
     assert dense / cache_bytes(mixed) == pytest.approx(4.73, abs=0.01)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: KIVI(bits=3), r"KIVI: bits must be one of \(2, 4, 8, 16\).*got 3"),
-    (lambda: KIVI(bits=4.0), "bits must be one of"),
-    (lambda: KIVI(group_size=0), "group_size must be an int >= 1"),
-    (lambda: KIVI(group_size=32, residual=48), r"residual \(48\) must be a multiple of group_size \(32\)"),
-    (lambda: KIVI(residual=0), "residual must be an int >= 1"),
-    (lambda: RotateKV(bits=1), "RotateKV: bits must be one of"),
-    (lambda: RotateKV(sinks=-1), "sinks must be an int >= 0"),
-    (lambda: RotateKV(head_group=0), "head_group must be an int >= 1"),
-    (lambda: RotateKV(group_size=2.5), "group_size"),
-    (lambda: MixedPrecisionKV(high_bits=6), "high_bits must be one of"),
-    (lambda: MixedPrecisionKV(high_bits=4, low_bits=8), r"low_bits \(8\) must not exceed high_bits \(4\)"),
-    (lambda: MixedPrecisionKV(important=0), "important must be an int >= 1, got 0"),
-    (lambda: MixedPrecisionKV(important=1.5), r"fractional important must lie in \(0, 1\], got 1.5"),
-    (lambda: MixedPrecisionKV(important="20%"), "important must be an int >= 1"),
-    (lambda: MixedPrecisionKV(window=0), "window must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: KIVI(bits=3), r"KIVI: bits must be one of \(2, 4, 8, 16\).*got 3"),
+        (lambda: KIVI(bits=4.0), "bits must be one of"),
+        (lambda: KIVI(group_size=0), "group_size must be an int >= 1"),
+        (lambda: KIVI(group_size=32, residual=48), r"residual \(48\) must be a multiple of group_size \(32\)"),
+        (lambda: KIVI(residual=0), "residual must be an int >= 1"),
+        (lambda: RotateKV(bits=1), "RotateKV: bits must be one of"),
+        (lambda: RotateKV(sinks=-1), "sinks must be an int >= 0"),
+        (lambda: RotateKV(head_group=0), "head_group must be an int >= 1"),
+        (lambda: RotateKV(group_size=2.5), "group_size"),
+        (lambda: MixedPrecisionKV(high_bits=6), "high_bits must be one of"),
+        (lambda: MixedPrecisionKV(high_bits=4, low_bits=8), r"low_bits \(8\) must not exceed high_bits \(4\)"),
+        (lambda: MixedPrecisionKV(important=0), "important must be an int >= 1, got 0"),
+        (lambda: MixedPrecisionKV(important=1.5), r"fractional important must lie in \(0, 1\], got 1.5"),
+        (lambda: MixedPrecisionKV(important="20%"), "important must be an int >= 1"),
+        (lambda: MixedPrecisionKV(window=0), "window must be an int >= 1"),
+    ],
+)
 def test_bad_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -443,13 +477,15 @@ def test_options_that_do_not_fit_the_model_raise():
         compress_cache(CONFIG, cache, MixedPrecisionKV(), 8)
 
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from "
-        "Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could produce "
-        "books quickly and cheaply. Before his invention, books were copied by hand, usually by monks working in "
-        "scriptoria, and a single volume could take months to finish. The new presses spread rapidly across Europe: by "
-        "1500, more than two hundred cities had print shops, and millions of books had been printed. The consequences "
-        "were profound. Scholars could compare identical copies of texts, errors could be corrected in later editions, "
-        "and ideas travelled faster than ever.")
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from "
+    "Mainz, combined movable metal type, oil-based ink and a wooden screw press into a system that could produce "
+    "books quickly and cheaply. Before his invention, books were copied by hand, usually by monks working in "
+    "scriptoria, and a single volume could take months to finish. The new presses spread rapidly across Europe: by "
+    "1500, more than two hundred cities had print shops, and millions of books had been printed. The consequences "
+    "were profound. Scholars could compare identical copies of texts, errors could be corrected in later editions, "
+    "and ideas travelled faster than ever."
+)
 
 
 @pytest.mark.slow
@@ -463,9 +499,11 @@ def test_smollm2_quantized_caches_track_the_full_model(smollm2):
     full, dense = ssm_llm.forward(params, config, jnp.asarray([ids]), ssm_llm.init_cache(config, 1, 136))
     want = jax.nn.log_softmax(full[0, 96:], axis=-1)  # predictions after each fed token
     prompt, fed = jnp.asarray([ids[:96]]), jnp.asarray([ids[96:]])
-    for policy, min_agree, max_kl in [(KIVI(bits=2, group_size=32, residual=32), 0.65, 0.3),
-                                      (RotateKV(bits=4, group_size=64), 0.85, 0.08),
-                                      (MixedPrecisionKV(high_bits=8, low_bits=2), 0.85, 0.08)]:
+    for policy, min_agree, max_kl in [
+        (KIVI(bits=2, group_size=32, residual=32), 0.65, 0.3),
+        (RotateKV(bits=4, group_size=64), 0.85, 0.08),
+        (MixedPrecisionKV(high_bits=8, low_bits=2), 0.85, 0.08),
+    ]:
         got = compressed_logits(prompt, jnp.asarray([96]), fed, policy, params=params, config=config, max_len=192)
         got = jax.nn.log_softmax(got[:, 0], axis=-1)
         agree = float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1)))

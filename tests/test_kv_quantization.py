@@ -23,8 +23,14 @@ def _assert_within_bound(x, q):
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=st.sampled_from(BITS), axis=st.sampled_from(["tokens", "channels"]), group=st.sampled_from([1, 4, 8, 32]),
-       lead=st.integers(1, 3), seed=st.integers(0, 2**16), outliers=st.booleans())
+@given(
+    bits=st.sampled_from(BITS),
+    axis=st.sampled_from(["tokens", "channels"]),
+    group=st.sampled_from([1, 4, 8, 32]),
+    lead=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    outliers=st.booleans(),
+)
 def test_round_trip_error_within_the_bit_width_bound(bits, axis, group, lead, seed, outliers):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((lead, 64, 32)).astype(np.float32)

@@ -8,15 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import assert_decode_matches
 
 import ssm_llm
 from ssm_llm.kv import StreamingLLM, cache_bytes, compress_cache
 from ssm_llm.kv.snapkv import SnapKV
 from ssm_llm.models.attention_lm import prefill_observed
-from kv_checks import assert_decode_matches
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12], [7, 70, 4]]
 KVPRESS = Path(__file__).parent / "data" / "kvpress_selection.json"
@@ -30,10 +38,11 @@ def prefill(prompts, window, config=CONFIG, params=PARAMS, width=None):
     width = width or max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
-        tokens[row, :len(p)] = p
+        tokens[row, : len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    _, cache, observation = jit_prefill(params, config, jnp.asarray(tokens),
-                                        ssm_llm.init_cache(config, len(prompts), width), lengths, window)
+    _, cache, observation = jit_prefill(
+        params, config, jnp.asarray(tokens), ssm_llm.init_cache(config, len(prompts), width), lengths, window
+    )
     return cache, observation
 
 
@@ -76,16 +85,21 @@ def test_selection_equals_kvpress_on_smollm2(smollm2):
     for run in record["runs"]:
         options = run["params"]
         if run["press"] == "SnapKVPress":
-            policy = SnapKV(run["n_kept"], window=options["window_size"], kernel_size=options["kernel_size"],
-                            pooling="avg")
+            policy = SnapKV(
+                run["n_kept"], window=options["window_size"], kernel_size=options["kernel_size"], pooling="avg"
+            )
         else:
             policy = StreamingLLM(run["n_kept"], sinks=options["n_sink"], positions="original")
         ours = jit_compress(config, cache, policy, len(ids), observation)
         got = [layer[0] for layer in kept_sets(ours)]
         want = [[set(head) for head in layer] for layer in run["kept"]]
         assert len(want) == config.num_layers and all(len(layer) == config.num_kv_heads for layer in want)
-        differing = [(layer, head) for layer in range(config.num_layers) for head in range(config.num_kv_heads)
-                     if got[layer][head] != want[layer][head]]
+        differing = [
+            (layer, head)
+            for layer in range(config.num_layers)
+            for head in range(config.num_kv_heads)
+            if got[layer][head] != want[layer][head]
+        ]
         assert not differing, (run["press"], options, differing)
 
 
@@ -99,18 +113,18 @@ def numpy_scores(keys, queries, q_positions, length, window, kernel_size, poolin
     for kv in range(kv_heads):
         for h in range(kv * group, (kv + 1) * group):
             attn, count = np.zeros(max(prefix, 0)), 0
-            for q, p in zip(queries[:, h], q_positions):
+            for q, p in zip(queries[:, h], q_positions, strict=True):
                 if p < 0:
                     continue
-                logits = keys[kv, :p + 1] @ q / np.sqrt(dim)
+                logits = keys[kv, : p + 1] @ q / np.sqrt(dim)
                 weights = np.exp(logits - logits.max())
-                attn += (weights / weights.sum())[:max(prefix, 0)]
+                attn += (weights / weights.sum())[: max(prefix, 0)]
                 count += 1
             attn /= count
             padded = np.concatenate([np.zeros(pad), attn, np.zeros(pad)])
-            windows = [padded[s:s + kernel_size] for s in range(len(attn))]
+            windows = [padded[s : s + kernel_size] for s in range(len(attn))]
             pooled = [w.max() if pooling == "max" else w.sum() / kernel_size for w in windows]
-            out[kv, :len(attn)] += np.asarray(pooled) / group
+            out[kv, : len(attn)] += np.asarray(pooled) / group
     return out
 
 
@@ -132,13 +146,15 @@ def test_scores_and_selection_match_numpy(ragged, pooling):
                 if n <= policy.budget:
                     expected = set(range(n))
                 else:
-                    best = np.argsort(-want[head, :n - 4], kind="stable")[:policy.budget - 4]
+                    best = np.argsort(-want[head, : n - 4], kind="stable")[: policy.budget - 4]
                     expected = set(best.tolist()) | set(range(n - 4, n))
                 assert kept[layer][row][head] == expected, (layer, row, head)
 
 
-@pytest.mark.parametrize("policy", [SnapKV(budget=64, window=4), SnapKV(budget=1.0, window=4),
-                                    SnapKV(budget=1000, window=4, pyramid=True, beta=3.0)])
+@pytest.mark.parametrize(
+    "policy",
+    [SnapKV(budget=64, window=4), SnapKV(budget=1.0, window=4), SnapKV(budget=1000, window=4, pyramid=True, beta=3.0)],
+)
 def test_no_eviction_gives_the_full_cache_logits(single, policy):
     cache, observation = single
     compressed = jit_compress(CONFIG, cache, policy, 48, observation)
@@ -149,8 +165,12 @@ def test_no_eviction_gives_the_full_cache_logits(single, policy):
 def test_no_eviction_generates_the_full_cache_tokens():
     """A ragged batch whose second prompt (3 tokens) is shorter than the window."""
     full = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=12))
-    snapped = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(
-        max_new_tokens=12, kv_compression=SnapKV(budget=1.0, window=4)))
+    snapped = ssm_llm.generate(
+        PARAMS,
+        CONFIG,
+        PROMPTS,
+        ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=SnapKV(budget=1.0, window=4)),
+    )
     assert snapped.tokens == full.tokens
 
 
@@ -203,9 +223,9 @@ def test_ragged_rows_compress_and_decode_like_single_rows(ragged):
             want, singles[row] = ssm_llm.forward(PARAMS, CONFIG, jnp.asarray([[tokens[row]]]), singles[row])
             np.testing.assert_allclose(logits[row], want[0], atol=1e-5, rtol=0)
     pos = np.asarray(batched.data.pos)
-    for row, (prompt, used) in enumerate(zip(RAGGED, [12, 12, 3])):
+    for row, (prompt, used) in enumerate(zip(RAGGED, [12, 12, 3], strict=True)):
         n = len(prompt)
-        assert (pos[:, row, :, used:used + 3] == np.arange(n, n + 3)).all()
+        assert (pos[:, row, :, used : used + 3] == np.arange(n, n + 3)).all()
     assert np.asarray(batched.used).tolist() == [15, 15, 6]
 
 
@@ -219,20 +239,23 @@ def test_cache_bytes_shrink_with_the_budget(single):
     assert cache_bytes(dense) / cache_bytes(small) > 4.8  # 40 / 8 tokens, less the positions' bytes
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(budget=0), "budget must be an int >= 1"),
-    (dict(budget=-3), "budget"),
-    (dict(budget=1.5), "fractional budget must lie in"),
-    (dict(budget=0.0), "fractional budget"),
-    (dict(budget=True), "budget"),
-    (dict(budget=16, window=0), "window must be an int >= 1"),
-    (dict(budget=16, window=32), r"window \(32\) must not exceed budget \(16\)"),
-    (dict(budget=64, kernel_size=4), "kernel_size must be odd"),
-    (dict(budget=64, kernel_size=0), "kernel_size"),
-    (dict(budget=64, pooling="mean"), "pooling must be one of"),
-    (dict(budget=64, pyramid="yes"), "pyramid must be True or False"),
-    (dict(budget=64, pyramid=True, beta=0.5), "beta must be a number >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(budget=0), "budget must be an int >= 1"),
+        (dict(budget=-3), "budget"),
+        (dict(budget=1.5), "fractional budget must lie in"),
+        (dict(budget=0.0), "fractional budget"),
+        (dict(budget=True), "budget"),
+        (dict(budget=16, window=0), "window must be an int >= 1"),
+        (dict(budget=16, window=32), r"window \(32\) must not exceed budget \(16\)"),
+        (dict(budget=64, kernel_size=4), "kernel_size must be odd"),
+        (dict(budget=64, kernel_size=0), "kernel_size"),
+        (dict(budget=64, pooling="mean"), "pooling must be one of"),
+        (dict(budget=64, pyramid="yes"), "pyramid must be True or False"),
+        (dict(budget=64, pyramid=True, beta=0.5), "beta must be a number >= 1"),
+    ],
+)
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnapKV(**kwargs)

@@ -4,16 +4,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import assert_decode_matches
 
 import ssm_llm
 from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv import CompressedCache, StreamingLLM, cache_bytes, compress_cache
 from ssm_llm.kv.policy import rope_frequencies
 from ssm_llm.kv.slots import SlotKV
-from kv_checks import assert_decode_matches
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12], [7, 70, 4]]
 
@@ -31,8 +39,9 @@ def test_no_eviction_gives_the_full_cache_logits(positions):
     dense, compressed = dense_and_compressed(policy, PROMPTS[0], 64)
     assert_decode_matches(PARAMS, CONFIG, dense, compressed, [3, 50, 21, 9], atol=2e-6)
     full = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=12))
-    streamed = ssm_llm.generate(PARAMS, CONFIG, PROMPTS,
-                                ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=policy))
+    streamed = ssm_llm.generate(
+        PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=policy)
+    )
     assert streamed.tokens == full.tokens
 
 
@@ -80,10 +89,17 @@ def test_one_step_matches_numpy(positions, ceiling):
     data = SlotKV(jnp.asarray(k_store, jnp.float32), jnp.asarray(v_store, jnp.float32), jnp.asarray(pos, jnp.int32))
     q, k, v = rng.normal(size=(B, 1, H, D)), rng.normal(size=(B, 1, Hkv, D)), rng.normal(size=(B, 1, Hkv, D))
     p = 20
-    step = AttentionStep(positions=jnp.asarray([[p]]), lengths=jnp.asarray([21]), token_counts=jnp.asarray([1]),
-                         used=jnp.asarray([9]), cos=None, sin=None)
-    out, data = policy.attend(CONFIG, data, step, jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                              jnp.asarray(v, jnp.float32), "xla")
+    step = AttentionStep(
+        positions=jnp.asarray([[p]]),
+        lengths=jnp.asarray([21]),
+        token_counts=jnp.asarray([1]),
+        used=jnp.asarray([9]),
+        cos=None,
+        sin=None,
+    )
+    out, data = policy.attend(
+        CONFIG, data, step, jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), "xla"
+    )
 
     visible = np.array([0, 1] + list(range(14, 21)))  # token 13 was overwritten by 20
     all_k = np.concatenate([keys, k[0]])[np.isin(np.append(kept, p), visible)]
@@ -107,11 +123,17 @@ def test_one_step_matches_numpy(positions, ceiling):
 
 def test_generates_past_the_model_context_without_nan():
     policy = StreamingLLM(budget=16, sinks=4)
-    result = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=300, kv_compression=policy))
+    result = ssm_llm.generate(
+        PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=300, kv_compression=policy)
+    )
     assert [len(t) for t in result.tokens] == [300, 300]  # 128-position model, 16-slot cache
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
-        ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(
-            max_new_tokens=300, kv_compression=StreamingLLM(budget=16, positions="original")))
+        ssm_llm.generate(
+            PARAMS,
+            CONFIG,
+            PROMPTS,
+            ssm_llm.GenerationConfig(max_new_tokens=300, kv_compression=StreamingLLM(budget=16, positions="original")),
+        )
 
 
 def test_cache_bytes_shrink_with_the_budget():
@@ -122,15 +144,18 @@ def test_cache_bytes_shrink_with_the_budget():
     assert cache_bytes(dense) / cache_bytes(small) > 12
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(budget=0), "budget must be an int >= 1"),
-    (dict(budget=-3), "budget"),
-    (dict(budget=2.5), "budget"),
-    (dict(budget=8, sinks=8), "sinks .8. must be smaller than budget"),
-    (dict(budget=8, sinks=-1), "sinks"),
-    (dict(budget=8, positions="rope"), "positions must be one of"),
-    (dict(budget=8, distance_ceiling=0), "distance_ceiling"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(budget=0), "budget must be an int >= 1"),
+        (dict(budget=-3), "budget"),
+        (dict(budget=2.5), "budget"),
+        (dict(budget=8, sinks=8), "sinks .8. must be smaller than budget"),
+        (dict(budget=8, sinks=-1), "sinks"),
+        (dict(budget=8, positions="rope"), "positions must be one of"),
+        (dict(budget=8, distance_ceiling=0), "distance_ceiling"),
+    ],
+)
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StreamingLLM(**kwargs)
@@ -145,8 +170,12 @@ def test_misuse_is_reported():
     mamba = ssm_llm.MambaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, state_size=4)
     mamba_params = ssm_llm.init_params(mamba, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="kv_compression compresses attention caches"):
-        ssm_llm.generate(mamba_params, mamba, [[1, 2]],
-                         ssm_llm.GenerationConfig(max_new_tokens=2, kv_compression=StreamingLLM(budget=8)))
+        ssm_llm.generate(
+            mamba_params,
+            mamba,
+            [[1, 2]],
+            ssm_llm.GenerationConfig(max_new_tokens=2, kv_compression=StreamingLLM(budget=8)),
+        )
 
 
 @pytest.mark.slow  # 240 sampled tokens (CI time); CI checks StreamingLLM past the context exactly in
@@ -157,20 +186,21 @@ def test_smollm2_streams_fluently_past_its_cache(smollm2):
     config, params, tokenizer, _ = smollm2
     prompt = tokenizer("The history of the printing press begins").input_ids
     gen = dict(max_new_tokens=240, temperature=0.7, top_p=0.9, seed=3, eos_token_ids=())
-    streamed = ssm_llm.generate(params, config, [prompt], ssm_llm.GenerationConfig(
-        **gen, kv_compression=StreamingLLM(budget=48, sinks=4)))
+    streamed = ssm_llm.generate(
+        params, config, [prompt], ssm_llm.GenerationConfig(**gen, kv_compression=StreamingLLM(budget=48, sinks=4))
+    )
     full = ssm_llm.generate(params, config, [prompt], ssm_llm.GenerationConfig(**gen))
 
     def full_model_nll(new):
         ids = jnp.asarray([prompt + new])
         logits, _ = ssm_llm.forward(params, config, ids, ssm_llm.init_cache(config, 1, ids.shape[1]))
-        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], axis=-1)
+        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1 : -1], axis=-1)
         return float(-jnp.take_along_axis(logp, jnp.asarray(new)[:, None], axis=-1).mean())
 
     tokens = streamed.tokens[0]
     assert len(tokens) == 240
     tail = tokens[-120:]  # well past the 48-slot cache
-    fourgrams = [tuple(tail[i:i + 4]) for i in range(len(tail) - 3)]
+    fourgrams = [tuple(tail[i : i + 4]) for i in range(len(tail) - 3)]
     assert len(set(fourgrams)) / len(fourgrams) > 0.6, tokenizer.decode(tail)
     nll_streamed, nll_full = full_model_nll(tokens), full_model_nll(full.tokens[0])
     assert np.isfinite(nll_streamed) and nll_streamed < nll_full + 1.0, (nll_streamed, nll_full)

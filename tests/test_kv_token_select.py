@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import assert_decode_matches
 
 import ssm_llm
 from ssm_llm.cache import KVCache
@@ -14,10 +15,17 @@ from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv import StreamingLLM, cache_bytes, compress_cache
 from ssm_llm.kv.policy import rope_frequencies
 from ssm_llm.kv.token_select import TokenSelect
-from kv_checks import assert_decode_matches
 
-CONFIG = ssm_llm.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 PARAMS = ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
 PROMPTS = [[5, 9, 13, 2, 77, 31, 8, 40, 3, 61, 12], [7, 70, 4]]
 LONG_PROMPT = np.random.default_rng(0).integers(0, 97, 80).tolist()
@@ -40,15 +48,25 @@ def attend_step(policy, data, q, k, v, lengths, window=0):
     """One layer-0 decode step of `policy.attend` for rows holding `lengths: [B]` tokens (q, k, v: the
     new token's, pre-RoPE)."""
     q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
-    step = AttentionStep(positions=lengths[:, None], lengths=lengths + 1, token_counts=jnp.ones_like(lengths),
-                         used=lengths, cos=None, sin=None, window=window)
+    step = AttentionStep(
+        positions=lengths[:, None],
+        lengths=lengths + 1,
+        token_counts=jnp.ones_like(lengths),
+        used=lengths,
+        cos=None,
+        sin=None,
+        window=window,
+    )
     return policy.attend(CONFIG, data, step, q, k, v, "xla")
 
 
-@pytest.mark.parametrize("policy", [
-    TokenSelect(k=8, sinks=4, local=4),  # 11 + 5 tokens <= sinks + k + local: every token selected
-    TokenSelect(k=64, sinks=4, local=8),  # sinks + k + local covers the whole cache
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        TokenSelect(k=8, sinks=4, local=4),  # 11 + 5 tokens <= sinks + k + local: every token selected
+        TokenSelect(k=64, sinks=4, local=8),  # sinks + k + local covers the whole cache
+    ],
+)
 def test_select_everything_is_full_attention(policy):
     dense, compressed = dense_and_compressed(policy, PROMPTS[0], 64)
     assert_decode_matches(PARAMS, CONFIG, dense, compressed, [3, 50, 21, 9, 4], atol=1e-5)
@@ -56,8 +74,12 @@ def test_select_everything_is_full_attention(policy):
 
 def test_select_everything_generates_the_full_greedy_tokens():
     full = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(max_new_tokens=12))
-    selected = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, ssm_llm.GenerationConfig(
-        max_new_tokens=12, kv_compression=TokenSelect(k=32, sinks=4, local=16)))  # 52 of 64 slots, ragged batch
+    selected = ssm_llm.generate(
+        PARAMS,
+        CONFIG,
+        PROMPTS,
+        ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=TokenSelect(k=32, sinks=4, local=16)),
+    )  # 52 of 64 slots, ragged batch
     assert selected.tokens == full.tokens
 
 
@@ -104,7 +126,7 @@ def test_one_step_matches_numpy(window):
             s = kb[h // 2, candidates] @ qr[h]
             e = np.exp(s - s.max())
             vote += e / e.sum()
-        top = candidates[np.argsort(-vote)[:policy.k]]
+        top = candidates[np.argsort(-vote)[: policy.k]]
         assert sorted(np.asarray(data.selected)[0, b].tolist()) == sorted(top.tolist())
         attended = np.concatenate([np.arange(policy.sinks), top, np.arange(n - policy.local, n)])
         if window:
@@ -125,8 +147,10 @@ def test_selection_cache_reuses_similar_queries(threshold, reused):
     rng = np.random.default_rng(2)
     lengths, slots = np.array([30, 30]), 48
     cache, (q, k, v), _ = random_step(rng, lengths, slots)
-    policy, fresh_policy = TokenSelect(k=4, sinks=2, local=4, threshold=threshold), TokenSelect(k=4, sinks=2, local=4,
-                                                                                                threshold=None)
+    policy, fresh_policy = (
+        TokenSelect(k=4, sinks=2, local=4, threshold=threshold),
+        TokenSelect(k=4, sinks=2, local=4, threshold=None),
+    )
     data, _ = policy.compress(CONFIG, cache, None, slots)
     fresh, _ = fresh_policy.compress(CONFIG, cache, None, slots)
     noise = rng.normal(size=q.shape)
@@ -171,8 +195,9 @@ def test_small_k_stays_close_to_full_attention():
         diff.append(float(jnp.abs(got - want).max()))
     # measured: mean KL 7e-4 nats, max |logit diff| 0.12 (logits of this random model reach ~0.55)
     assert 0 < np.mean(kl) < 3e-3 and max(diff) < 0.3, (np.mean(kl), max(diff))
-    result = ssm_llm.generate(PARAMS, CONFIG, [LONG_PROMPT, PROMPTS[0]], ssm_llm.GenerationConfig(
-        max_new_tokens=20, kv_compression=policy))
+    result = ssm_llm.generate(
+        PARAMS, CONFIG, [LONG_PROMPT, PROMPTS[0]], ssm_llm.GenerationConfig(max_new_tokens=20, kv_compression=policy)
+    )
     assert [len(t) for t in result.tokens] == [20, 20]
 
 
@@ -186,16 +211,19 @@ def test_cache_bytes_are_the_full_cache():
     assert 1 <= cache_bytes(compressed) / cache_bytes(dense) < 1.01
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(k=0), "k must be an int >= 1"),
-    (dict(k=-2), "k must be"),
-    (dict(k=2.5), "k must be"),
-    (dict(k=8, sinks=-1), "sinks must be an int >= 0"),
-    (dict(k=8, local=-4), "local must be an int >= 0"),
-    (dict(k=8, threshold=1.5), "threshold must be None or a cosine similarity in .-1, 1., got 1.5"),
-    (dict(k=8, threshold=-1.01), "threshold"),
-    (dict(k=8, threshold="high"), "threshold"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k must be an int >= 1"),
+        (dict(k=-2), "k must be"),
+        (dict(k=2.5), "k must be"),
+        (dict(k=8, sinks=-1), "sinks must be an int >= 0"),
+        (dict(k=8, local=-4), "local must be an int >= 0"),
+        (dict(k=8, threshold=1.5), "threshold must be None or a cosine similarity in .-1, 1., got 1.5"),
+        (dict(k=8, threshold=-1.01), "threshold"),
+        (dict(k=8, threshold="high"), "threshold"),
+    ],
+)
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenSelect(**kwargs)
@@ -207,13 +235,18 @@ def test_smollm2_retrieves_a_passkey_outside_the_window(smollm2):
     vote finds the key (the full model answers the same), a sinks + window cache of 68 cannot."""
     config, params, tokenizer, _ = smollm2
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (filler * 8 + "The pass key is 71432. Remember it. 71432 is the pass key. " + filler * 8
-            + "What is the pass key? The pass key is")
+    text = (
+        filler * 8
+        + "The pass key is 71432. Remember it. 71432 is the pass key. "
+        + filler * 8
+        + "What is the pass key? The pass key is"
+    )
     prompt = tokenizer(text).input_ids
 
     def answer(policy):
-        result = ssm_llm.generate(params, config, [prompt], ssm_llm.GenerationConfig(max_new_tokens=8,
-                                                                                   kv_compression=policy))
+        result = ssm_llm.generate(
+            params, config, [prompt], ssm_llm.GenerationConfig(max_new_tokens=8, kv_compression=policy)
+        )
         return tokenizer.decode(result.tokens[0])
 
     assert "71432" in answer(TokenSelect(k=32, sinks=4, local=32))

@@ -46,11 +46,9 @@ def test_draft_tree_slots_follow_the_committed_tokens():
 
 def test_compressed_cache_counts_new_tokens_from_the_padded_prompt():
     # ignores the context (StreamingLLM generates past it); prompt_len 112 + 10 <= 128 already
-    assert plan_lengths(100, 10, context=64, compressed=True) == LengthPlan(max_len=128, prompt_len=112,
-                                                                             cache_len=128)
+    assert plan_lengths(100, 10, context=64, compressed=True) == LengthPlan(max_len=128, prompt_len=112, cache_len=128)
     # a fixed max_len of exactly longest + new is grown to the padded prompt + new
-    assert plan_lengths(90, 10, max_len=100, compressed=True) == LengthPlan(max_len=106, prompt_len=96,
-                                                                             cache_len=106)
+    assert plan_lengths(90, 10, max_len=100, compressed=True) == LengthPlan(max_len=106, prompt_len=96, cache_len=106)
 
 
 def test_plan_is_frozen():

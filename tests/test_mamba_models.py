@@ -84,18 +84,21 @@ def test_ragged_batch_equals_each_sequence_alone(pair):
     tokens = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
-        tokens[row, len(p):] = 7  # padding that would corrupt the state if it were not masked
+        tokens[row, len(p) :] = 7  # padding that would corrupt the state if it were not masked
     counts = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    logits, cache = ssm_llm.forward(params, config, jnp.asarray(tokens), ssm_llm.init_cache(config, 4, 32),
-                                    token_counts=counts)
+    logits, cache = ssm_llm.forward(
+        params, config, jnp.asarray(tokens), ssm_llm.init_cache(config, 4, 32), token_counts=counts
+    )
     step_logits, step_cache = ssm_llm.forward(params, config, jnp.asarray([[2], [3], [4], [5]]), cache)
     for row, p in enumerate(prompts):
         alone, alone_cache = ssm_llm.forward(params, config, jnp.asarray([p]), ssm_llm.init_cache(config, 1, 32))
         np.testing.assert_allclose(np.asarray(logits[row, : len(p)]), np.asarray(alone[0]), atol=2e-5)
-        np.testing.assert_allclose(np.asarray(cache.ssm_state[:, row]), np.asarray(alone_cache.ssm_state[:, 0]),
-                                   atol=2e-5)
-        np.testing.assert_allclose(np.asarray(cache.conv_state[:, row]), np.asarray(alone_cache.conv_state[:, 0]),
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(cache.ssm_state[:, row]), np.asarray(alone_cache.ssm_state[:, 0]), atol=2e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(cache.conv_state[:, row]), np.asarray(alone_cache.conv_state[:, 0]), atol=2e-5
+        )
         alone_step, _ = ssm_llm.forward(params, config, jnp.asarray([[row + 2]]), alone_cache)
         np.testing.assert_allclose(np.asarray(step_logits[row]), np.asarray(alone_step[0]), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(step_cache.lengths), np.asarray(counts) + 1)
@@ -114,34 +117,48 @@ def test_unstacked_layer_layout_gives_the_same_logits_and_tokens(pair):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache_a.ssm_state), np.asarray(cache_b.ssm_state), atol=1e-5)
     gen = ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=())
-    assert (ssm_llm.generate(unstacked, config, [[3, 4], [7]], gen).tokens
-            == ssm_llm.generate(params, config, [[3, 4], [7]], gen).tokens)
+    assert (
+        ssm_llm.generate(unstacked, config, [[3, 4], [7]], gen).tokens
+        == ssm_llm.generate(params, config, [[3, 4], [7]], gen).tokens
+    )
 
 
 def test_generation_is_not_limited_by_a_context_length(pair):
     _, _, config, params = pair
-    result = ssm_llm.generate(params, config, [[1, 2, 3]],
-                              ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=(), max_len=43))
+    result = ssm_llm.generate(
+        params, config, [[1, 2, 3]], ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=(), max_len=43)
+    )
     assert len(result.tokens[0]) == 40
     with pytest.raises(ValueError, match="exceeds max_len 42"):
-        ssm_llm.generate(params, config, [[1, 2, 3]],
-                         ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=(), max_len=42))
+        ssm_llm.generate(
+            params, config, [[1, 2, 3]], ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=(), max_len=42)
+        )
 
 
 def test_random_init_runs_both_families():
     shared = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, state_size=4)
-    for config in (ssm_llm.MambaConfig(**shared),
-                   ssm_llm.Mamba2Config(**shared, num_heads=4, head_dim=16, n_groups=2, chunk_size=4)):
+    for config in (
+        ssm_llm.MambaConfig(**shared),
+        ssm_llm.Mamba2Config(**shared, num_heads=4, head_dim=16, n_groups=2, chunk_size=4),
+    ):
         params = ssm_llm.init_params(config, jax.random.PRNGKey(0))
-        logits, cache = ssm_llm.forward(params, config, jnp.asarray([[1, 2, 3, 4, 5]]),
-                                        ssm_llm.init_cache(config, 1, 8))
+        logits, cache = ssm_llm.forward(
+            params, config, jnp.asarray([[1, 2, 3, 4, 5]]), ssm_llm.init_cache(config, 1, 8)
+        )
         assert logits.shape == (1, 5, 50) and np.isfinite(np.asarray(logits)).all()
 
 
 def test_wrong_cache_type_is_a_clear_error(pair):
     _, _, config, params = pair
-    attention = ssm_llm.ModelConfig(vocab_size=config.vocab_size, hidden_size=32, intermediate_size=64,
-                                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+    attention = ssm_llm.ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    )
     with pytest.raises(TypeError, match="SSMCache"):
         ssm_llm.forward(params, config, jnp.asarray([[1, 2]]), ssm_llm.init_cache(attention, 1, 8))
     with pytest.raises(ValueError, match="max_len must be a positive int"):

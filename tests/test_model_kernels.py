@@ -29,7 +29,7 @@ def _prefill_then_decode(params, config, impl, prompts, steps=2):
 def _assert_same(params, config, prompts, atol):
     got = _prefill_then_decode(params, config, "interpret", prompts)
     want = _prefill_then_decode(params, config, "xla", prompts)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         print("max |interpret - xla| logits:", np.abs(g - w).max())
         np.testing.assert_allclose(g, w, atol=atol, rtol=0)
         assert (g.argmax(-1) == w.argmax(-1)).all()

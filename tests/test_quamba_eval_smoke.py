@@ -17,15 +17,49 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 import quamba_eval as qe  # noqa: E402
 import text_corpus  # noqa: E402
 
-SIZES = ["--corpus", "pydoc", "--max-chars", "100000", "--calib-seqs", "2", "--calib-len", "32",
-         "--eval-windows", "3", "--seq-len", "32", "--eval-batch", "2", "--decode-steps", "3",
-         "--decode-repeats", "1", "--prompt-len", "8"]
+SIZES = [
+    "--corpus",
+    "pydoc",
+    "--max-chars",
+    "100000",
+    "--calib-seqs",
+    "2",
+    "--calib-len",
+    "32",
+    "--eval-windows",
+    "3",
+    "--seq-len",
+    "32",
+    "--eval-batch",
+    "2",
+    "--decode-steps",
+    "3",
+    "--decode-repeats",
+    "1",
+    "--prompt-len",
+    "8",
+]
 # One quantized row per family keeps this fast: the full Mamba-2 recipe with 8-bit activations, and
 # a Mamba-1 round-to-nearest row ("mamba1:": the naive rows of both families share names).
 ROWS = ["quamba2 W8A8", "mamba1:naive W4A16"]
-ROW_KEYS = {"kind", "bits", "ingredient", "scheme", "mean_nll", "perplexity", "ppl_ratio", "weight_bytes",
-            "linears_bytes_ratio", "cache_bytes_batch1", "cache_bytes_ratio", "quantize_s", "eval_s_incl_compile",
-            "decode", "greedy_tokens", "greedy_prefix_match_fp32"}
+ROW_KEYS = {
+    "kind",
+    "bits",
+    "ingredient",
+    "scheme",
+    "mean_nll",
+    "perplexity",
+    "ppl_ratio",
+    "weight_bytes",
+    "linears_bytes_ratio",
+    "cache_bytes_batch1",
+    "cache_bytes_ratio",
+    "quantize_s",
+    "eval_s_incl_compile",
+    "decode",
+    "greedy_tokens",
+    "greedy_prefix_match_fp32",
+}
 
 
 @pytest.mark.slow  # the whole script end to end, 36 s (CI time); its parts are tested in tests/test_quant_*.py
@@ -94,8 +128,10 @@ def test_row_grid_and_aliases():
     for bits in ("W8A8", "W4A8"):  # the full ablation: 4 ingredients added to naive, 4 removed from full
         assert sum(r.bits == bits and r.kind in ("naive+", "full-") for r in rows) == 8
     # W4A16 keeps activations in float: only hadamard and gptq change it, and full minus one is naive plus the other
-    assert [r.name for r in rows if r.bits == "W4A16" and r.kind == "naive+"] == ["naive W4A16 +hadamard",
-                                                                                 "naive W4A16 +gptq"]
+    assert [r.name for r in rows if r.bits == "W4A16" and r.kind == "naive+"] == [
+        "naive W4A16 +hadamard",
+        "naive W4A16 +gptq",
+    ]
     assert aliases["quamba2 W4A16 -gptq"] == "naive W4A16 +hadamard"
     assert aliases["naive W4A16 +cluster"] == "naive W4A16"
     assert len(rows) == 25 and len(set(names)) == len(names)
@@ -103,10 +139,13 @@ def test_row_grid_and_aliases():
     assert len(m1) == 21 and "quamba W4A8 -percentile" in [r.name for r in m1]
     assert m1_aliases["naive W4A16 +percentile"] == "naive W4A16"
     selected = qe.select_rows("mamba2", rows, aliases, ["quamba2 w4a8*"])
-    assert [r.name for r in selected] == ["fp32", "quamba2 W4A8"] + [f"quamba2 W4A8 -{i}" for i in
-                                                                      qe.INGREDIENTS["mamba2"]]
+    assert [r.name for r in selected] == ["fp32", "quamba2 W4A8"] + [
+        f"quamba2 W4A8 -{i}" for i in qe.INGREDIENTS["mamba2"]
+    ]
     assert [r.name for r in qe.select_rows("mamba2", rows, aliases, ["quamba2 W4A16 -gptq"])] == [
-        "fp32", "naive W4A16 +hadamard"]  # an alias selects the row it stands for
+        "fp32",
+        "naive W4A16 +hadamard",
+    ]  # an alias selects the row it stands for
     assert [r.name for r in qe.select_rows("mamba1", m1, m1_aliases, ["mamba2:naive*"])] == ["fp32"]
     assert len(qe.select_rows("mamba1", m1, m1_aliases, ["mamba1:naive*"])) == 1 + 3 + 3 + 3 + 2
 

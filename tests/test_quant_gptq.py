@@ -43,11 +43,14 @@ def _codes(qw) -> np.ndarray:
     return np.asarray(qw.values if qw.bits == 8 else unpack_int4(qw.values))
 
 
-@pytest.mark.parametrize("bits, group, act_order, max_ratio", [
-    (4, 128, False, 0.5),  # measured 0.38
-    (4, 128, True, 0.5),   # measured 0.26
-    (8, K, False, 0.5),    # per output channel; measured 0.36
-])
+@pytest.mark.parametrize(
+    "bits, group, act_order, max_ratio",
+    [
+        (4, 128, False, 0.5),  # measured 0.38
+        (4, 128, True, 0.5),  # measured 0.26
+        (8, K, False, 0.5),  # per output channel; measured 0.36
+    ],
+)
 def test_gptq_lowers_the_output_error_of_round_to_nearest(layer, bits, group, act_order, max_ratio):
     _, x_test, w, h = layer
     gptq = gptq_quantize(w, h, bits=bits, group_size=group, act_order=act_order)
@@ -101,10 +104,10 @@ def test_matches_the_plain_sequential_update_with_an_explicit_inverse():
     for row in range(k):
         inv = np.linalg.inv(h_damped[row:, row:])  # the inverse Hessian of the rows still to quantize
         if row % group == 0:
-            scales[row // group] = np.abs(work[row:row + group]).astype(np.float32).max(axis=0) / qrange(bits)[1]
+            scales[row // group] = np.abs(work[row : row + group]).astype(np.float32).max(axis=0) / qrange(bits)[1]
         codes[row] = np.asarray(quantize(work[row].astype(np.float32), scales[row // group], bits))
         delta = work[row] - codes[row] * scales[row // group]
-        work[row + 1:] -= np.outer(inv[1:, 0] / inv[0, 0], delta)
+        work[row + 1 :] -= np.outer(inv[1:, 0] / inv[0, 0], delta)
     qw = gptq_quantize(w, h, bits=bits, group_size=group, block_size=12)
     np.testing.assert_allclose(qw.scales, scales, rtol=1e-6)
     np.testing.assert_array_equal(_codes(qw), codes)
@@ -139,12 +142,14 @@ def test_damping(layer):
     """damp=0 fails on a rank-deficient Hessian (fewer rows than K); a small damp fixes it; a huge one
     drowns the input correlations and brings GPTQ back to RTN's error."""
     x_cal, x_test, w, h = layer
-    low_rank = hessian(x_cal[:K // 2])
+    low_rank = hessian(x_cal[: K // 2])
     with pytest.raises(ValueError, match=r"not positive definite \(damp=0.0\); raise damp"):
         gptq_quantize(w, low_rank, bits=4, group_size=128, damp=0.0)
     rtn = _output_error(x_test, w, quantize_weights(jnp.asarray(w), 4, 128))
-    ratios = {damp: _output_error(x_test, w, gptq_quantize(w, h, bits=4, group_size=128, damp=damp)) / rtn
-              for damp in (0.0, 0.01, 1e6)}
+    ratios = {
+        damp: _output_error(x_test, w, gptq_quantize(w, h, bits=4, group_size=128, damp=damp)) / rtn
+        for damp in (0.0, 0.01, 1e6)
+    }
     assert ratios[0.01] < 0.5 and ratios[0.0] < 0.5
     assert 0.98 < ratios[1e6] < 1.02
     assert gptq_quantize(w, low_rank, bits=4, group_size=128, damp=0.01).shape == (K, N)

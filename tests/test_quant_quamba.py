@@ -15,8 +15,18 @@ from ssm_llm.quant.quamba import quantize_model
 from ssm_llm.quant.scheme import QuantScheme
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
-MAMBA2 = Mamba2Config(vocab_size=96, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128,
-                      num_heads=8, head_dim=16, n_groups=2, chunk_size=16, tie_word_embeddings=True)
+MAMBA2 = Mamba2Config(
+    vocab_size=96,
+    hidden_size=64,
+    num_layers=2,
+    state_size=16,
+    intermediate_size=128,
+    num_heads=8,
+    head_dim=16,
+    n_groups=2,
+    chunk_size=16,
+    tie_word_embeddings=True,
+)
 MAMBA1 = MambaConfig(vocab_size=96, hidden_size=64, num_layers=2, state_size=8, intermediate_size=128)
 CALIBRATION = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (4, 32), 0, 96))
 TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 96)
@@ -59,7 +69,7 @@ def _prefill_then_decode(params, config, prefix: int = 10):
     logits, cache = forward(params, config, TOKENS[:, :prefix], init_cache(config, 2, TOKENS.shape[1]))
     steps = [logits]
     for t in range(prefix, TOKENS.shape[1]):
-        logits, cache = forward(params, config, TOKENS[:, t:t + 1], cache)
+        logits, cache = forward(params, config, TOKENS[:, t : t + 1], cache)
         steps.append(logits)
     return jnp.concatenate(steps, axis=1)
 
@@ -84,8 +94,10 @@ def test_cached_decode_equals_full_forward(quantized):
 def test_round_to_nearest_weight_only_quantizes_weights():
     params = init_params(MAMBA2, jax.random.PRNGKey(0))
     qparams, qconfig = quantize_model(params, MAMBA2, CALIBRATION, QuantScheme.naive("W4A16"), progress=False)
-    assert all(isinstance(qparams["layers"][name], QuantizedWeight) and qparams["layers"][name].bits == 4
-               for name in ("in_proj", "out_proj"))
+    assert all(
+        isinstance(qparams["layers"][name], QuantizedWeight) and qparams["layers"][name].bits == 4
+        for name in ("in_proj", "out_proj")
+    )
     assert "scales" not in qparams["layers"]
 
 
@@ -102,8 +114,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="heads per SSD group"):
         quantize_model(params, MAMBA2, CALIBRATION, QuantScheme.quamba2("W8A8", head_groups=5), progress=False)
     with pytest.raises(TypeError, match="no random init"):
-        from ssm_llm.quant.scheme import QuantizedSSMConfig
         from ssm_llm import init_params as model_init_params
+        from ssm_llm.quant.scheme import QuantizedSSMConfig
+
         model_init_params(QuantizedSSMConfig(MAMBA2, QuantScheme.quamba2("W8A8")), jax.random.PRNGKey(0))
 
 

@@ -13,8 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.quantized_matmul import quantize_weights, unpack_int4
-from ssm_llm.quant import (MinMaxObserver, PercentileObserver, absmax_scale, clip_value, dequantize, fake_quant,
-                           merge_groups, qrange, quantize, scale, split_groups, update)
+from ssm_llm.quant import (
+    MinMaxObserver,
+    PercentileObserver,
+    absmax_scale,
+    clip_value,
+    dequantize,
+    fake_quant,
+    merge_groups,
+    qrange,
+    quantize,
+    scale,
+    split_groups,
+    update,
+)
 from ssm_llm.quant.observers import E_MIN
 
 BITS = st.sampled_from([4, 8])
@@ -40,8 +52,13 @@ def _assert_half_step_or_clipped(x, scale_, bits):
 
 
 @settings(max_examples=20, deadline=None)
-@given(bits=BITS, shape=SHAPES, kind=st.sampled_from(["tensor", "channel", "group"]), seed=st.integers(0, 2**16),
-       shrink=st.floats(0.3, 1.0))
+@given(
+    bits=BITS,
+    shape=SHAPES,
+    kind=st.sampled_from(["tensor", "channel", "group"]),
+    seed=st.integers(0, 2**16),
+    shrink=st.floats(0.3, 1.0),
+)
 def test_fake_quant_within_half_a_step_inside_the_range_and_clipped_beyond(bits, shape, kind, seed, shrink):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((*shape, 4)) * rng.lognormal(0, 1, 4)).astype(np.float32)  # channels of varied size
@@ -96,8 +113,13 @@ def test_dtypes_jit_and_scale_broadcast_errors():
 
 
 @settings(max_examples=8, deadline=None)
-@given(bits=BITS, group=st.sampled_from([2, 8, 32]), groups=st.integers(1, 3), n=st.integers(1, 20),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    group=st.sampled_from([2, 8, 32]),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
 def test_group_quantization_reproduces_quantize_weights(bits, group, groups, n, seed):
     """The same conventions as the kernel's weight quantizer: absmax / q_max per group, round, clip."""
     w = np.random.default_rng(seed).standard_normal((group * groups, n)).astype(np.float32)
@@ -116,8 +138,11 @@ def test_group_quantization_reproduces_quantize_weights(bits, group, groups, n, 
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=st.sampled_from([(), (3,), (2, 5)]), batches=st.lists(st.integers(0, 6), min_size=1, max_size=4),
-       seed=st.integers(0, 2**16))
+@given(
+    shape=st.sampled_from([(), (3,), (2, 5)]),
+    batches=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
 def test_minmax_observer_is_the_absmax_over_all_batches(shape, batches, seed):
     rng = np.random.default_rng(seed)
     xs = [(rng.standard_normal((rows, 2, *shape)) * 10 ** rng.uniform(-3, 3)).astype(np.float32) for rows in batches]
@@ -132,17 +157,23 @@ def test_minmax_observer_is_the_absmax_over_all_batches(shape, batches, seed):
 def _percentile_bound(values, alpha, bins_per_octave):
     """numpy's "higher" alpha-quantile v, and the documented upper bound v (1 + 1 / bins_per_octave)."""
     v = np.quantile(values, alpha, method="higher", axis=0)
-    return v, np.maximum(v * (1 + 1 / bins_per_octave), 2.0 ** E_MIN)
+    return v, np.maximum(v * (1 + 1 / bins_per_octave), 2.0**E_MIN)
 
 
 @settings(max_examples=15, deadline=None)
-@given(alpha=st.sampled_from([0.5, 0.9, 0.999, 0.9995, 1.0]), bins_per_octave=st.sampled_from([4, 64, 256]),
-       n_batches=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    alpha=st.sampled_from([0.5, 0.9, 0.999, 0.9995, 1.0]),
+    bins_per_octave=st.sampled_from([4, 64, 256]),
+    n_batches=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_percentile_observer_matches_numpys_quantile_within_the_bound(alpha, bins_per_octave, n_batches, seed):
     rng = np.random.default_rng(seed)
     # Two batch shapes only: every new shape costs a compile of the histogram update.
-    xs = [(rng.standard_normal((rng.choice([16, 128]), 8)) * rng.lognormal(0, 2)).astype(np.float32)
-          for _ in range(n_batches)]
+    xs = [
+        (rng.standard_normal((rng.choice([16, 128]), 8)) * rng.lognormal(0, 2)).astype(np.float32)
+        for _ in range(n_batches)
+    ]
     xs[0][0, :3] = [0.0, 1e4, -1e-25]  # an exact zero, an outlier, a value below the histogram's range
     stats = functools.reduce(update, xs, PercentileObserver.create(alpha, bins_per_octave=bins_per_octave))
     values = np.abs(np.concatenate(xs).reshape(-1))
@@ -170,8 +201,11 @@ def test_percentile_observer_per_channel_jit_and_vmap():
 
 
 def test_observer_errors():
-    for empty in (MinMaxObserver.create((4,)), PercentileObserver.create(0.9995),
-                  update(MinMaxObserver.create(), np.zeros((0,), np.float32))):
+    for empty in (
+        MinMaxObserver.create((4,)),
+        PercentileObserver.create(0.9995),
+        update(MinMaxObserver.create(), np.zeros((0,), np.float32)),
+    ):
         with pytest.raises(ValueError, match="no calibration data"):
             scale(empty, 8)
     for alpha in (0.0, -0.1, 1.5, float("nan"), True, "0.9"):

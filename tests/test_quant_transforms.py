@@ -16,8 +16,18 @@ from ssm_llm.quant.rotation import fold_norms, hadamard, hadamard_block, rotate_
 from ssm_llm.quant.scheme import QuantizedSSMConfig, QuantScheme
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
-MAMBA2 = Mamba2Config(vocab_size=96, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128,
-                      num_heads=8, head_dim=16, n_groups=2, chunk_size=16, tie_word_embeddings=True)
+MAMBA2 = Mamba2Config(
+    vocab_size=96,
+    hidden_size=64,
+    num_layers=2,
+    state_size=16,
+    intermediate_size=128,
+    num_heads=8,
+    head_dim=16,
+    n_groups=2,
+    chunk_size=16,
+    tie_word_embeddings=True,
+)
 MAMBA1 = MambaConfig(vocab_size=96, hidden_size=48, num_layers=2, state_size=8, intermediate_size=96)
 FLOAT = QuantScheme(weight_bits=16, act_bits=16, cluster=False, bc_groups=False, gptq=False)
 
@@ -48,8 +58,12 @@ def test_rotation_and_folding_keep_logits(config):
     params, tokens = _params(config), _tokens(config)
     ref = _logits(params, config, tokens)
     folded = fold_norms(params, config)
-    np.testing.assert_allclose(_logits(folded, QuantizedSSMConfig(config, dataclasses.replace(FLOAT, hadamard=False)),
-                                       tokens), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        _logits(folded, QuantizedSSMConfig(config, dataclasses.replace(FLOAT, hadamard=False)), tokens),
+        ref,
+        atol=1e-4,
+        rtol=1e-4,
+    )
     rotated = rotate_model(params, config)
     assert "lm_head" in rotated and np.allclose(rotated["layers"]["norm"], 1.0)
     np.testing.assert_allclose(_logits(rotated, QuantizedSSMConfig(config, FLOAT), tokens), ref, atol=1e-4, rtol=1e-4)
@@ -75,7 +89,7 @@ def test_transformed_model_cached_decode_equals_full_forward():
     logits, cache = forward(model, config, tokens[:, :8], cache)
     steps = [logits]
     for t in range(8, 12):
-        logits, cache = forward(model, config, tokens[:, t:t + 1], cache)
+        logits, cache = forward(model, config, tokens[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
 
@@ -100,7 +114,7 @@ def test_segment_1d_is_optimal():
         ids = segment_1d(values, 3)
         assert list(np.unique(ids)) == [0, 1, 2] and np.all(np.diff(ids) >= 0)
 
-        def sse(cuts):
+        def sse(cuts, values=values):
             parts = np.split(values, cuts)
             return sum(((p - p.mean()) ** 2).sum() for p in parts)
 
@@ -115,8 +129,8 @@ def test_sort_and_cluster_structure():
     for layer in range(config.num_layers):
         perm, hperm, cl = clusters.channel_perm[layer], clusters.head_perm[layer], clusters.cluster[layer]
         assert sorted(perm) == list(range(config.intermediate_size)) and sorted(hperm) == list(range(8))
-        assert np.all(hperm // per_group == np.arange(8) // per_group)   # heads stay in their SSD group
-        assert np.all(perm // P == np.repeat(hperm, P))                    # channels stay in their head
+        assert np.all(hperm // per_group == np.arange(8) // per_group)  # heads stay in their SSD group
+        assert np.all(perm // P == np.repeat(hperm, P))  # channels stay in their head
         assert cl.min() >= 0 and cl.max() < clusters.n_clusters
         ssd_group = cl // (2 * 4)
         assert np.all(ssd_group == np.arange(config.intermediate_size) // (P * per_group))

@@ -20,41 +20,65 @@ from ssm_llm.sampling import filter_logits, sample
 
 def hf_kept(logits, temperature, top_k, top_p, min_p):
     scores = torch.tensor(logits)
-    for warper in ([TemperatureLogitsWarper(temperature)]
-                   + ([TopKLogitsWarper(top_k)] if top_k else [])
-                   + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
-                   + ([MinPLogitsWarper(min_p)] if min_p > 0 else [])):
+    for warper in (
+        [TemperatureLogitsWarper(temperature)]
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        + ([MinPLogitsWarper(min_p)] if min_p > 0 else [])
+    ):
         scores = warper(None, scores)
     return np.isfinite(scores.numpy())
 
 
 def ours_kept(logits, temperature, top_k, top_p, min_p):
-    out = filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k,
-                        top_p=top_p if top_p < 1 else None, min_p=min_p if min_p > 0 else None)
+    out = filter_logits(
+        jnp.asarray(logits),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p if top_p < 1 else None,
+        min_p=min_p if min_p > 0 else None,
+    )
     return np.isfinite(np.asarray(out))
 
 
 @pytest.mark.parametrize("vocab", [7, 300, 2000])
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
-    (1.0, 5, 1.0, 0.0), (0.7, None, 0.9, 0.0), (1.3, None, 1.0, 0.1), (1.0, 40, 0.8, 0.05),
-    (2.0, None, 0.95, 0.0),  # flat: the nucleus outgrows the 256 candidates -> full sort
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [
+        (1.0, 5, 1.0, 0.0),
+        (0.7, None, 0.9, 0.0),
+        (1.3, None, 1.0, 0.1),
+        (1.0, 40, 0.8, 0.05),
+        (2.0, None, 0.95, 0.0),  # flat: the nucleus outgrows the 256 candidates -> full sort
+    ],
+)
 def test_filters_match_transformers(vocab, temperature, top_k, top_p, min_p):
     rng = np.random.default_rng(vocab)
     logits = (rng.standard_normal((6, vocab)) * rng.uniform(0.2, 4, (6, 1))).astype(np.float32)
-    np.testing.assert_array_equal(ours_kept(logits, temperature, top_k, top_p, min_p),
-                                  hf_kept(logits, temperature, top_k, top_p, min_p))
+    np.testing.assert_array_equal(
+        ours_kept(logits, temperature, top_k, top_p, min_p), hf_kept(logits, temperature, top_k, top_p, min_p)
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10**6), top_k=st.sampled_from([None, 1, 3, 20]),
-       top_p=st.sampled_from([1.0, 0.5, 0.9]), min_p=st.sampled_from([0.0, 0.2]))
+@given(
+    seed=st.integers(0, 10**6),
+    top_k=st.sampled_from([None, 1, 3, 20]),
+    top_p=st.sampled_from([1.0, 0.5, 0.9]),
+    min_p=st.sampled_from([0.0, 0.2]),
+)
 def test_samples_only_kept_tokens(seed, top_k, top_p, min_p):
     rng = np.random.default_rng(seed)
     logits = np.tile(rng.standard_normal((1, 50)).astype(np.float32) * 3, (512, 1))
     kept = ours_kept(logits[:1], 1.0, top_k, top_p, min_p)[0]
-    draws = sample(jnp.asarray(logits), jax.random.PRNGKey(seed), temperature=1.0, top_k=top_k,
-                   top_p=top_p if top_p < 1 else None, min_p=min_p if min_p > 0 else None)
+    draws = sample(
+        jnp.asarray(logits),
+        jax.random.PRNGKey(seed),
+        temperature=1.0,
+        top_k=top_k,
+        top_p=top_p if top_p < 1 else None,
+        min_p=min_p if min_p > 0 else None,
+    )
     assert kept[np.asarray(draws)].all()
     assert kept.sum() >= 1
 
@@ -66,16 +90,25 @@ def test_greedy_is_argmax():
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    draws = np.asarray(sample(jnp.tile(jnp.asarray(logits), (40000, 1)), jax.random.PRNGKey(3),
-                              temperature=1.0, top_p=0.7))
+    draws = np.asarray(
+        sample(jnp.tile(jnp.asarray(logits), (40000, 1)), jax.random.PRNGKey(3), temperature=1.0, top_p=0.7)
+    )
     counts = np.bincount(draws, minlength=4) / draws.size
     np.testing.assert_allclose(counts, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.01)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                                 num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    config = ssm_llm.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     return config, ssm_llm.init_params(config, jax.random.PRNGKey(1))
 
 
@@ -85,8 +118,7 @@ def test_same_seed_same_output(tiny):
     gen = ssm_llm.GenerationConfig(max_new_tokens=10, temperature=1.0, top_k=20, seed=7, eos_token_ids=())
     first = ssm_llm.generate(params, config, prompts, gen).tokens
     assert ssm_llm.generate(params, config, prompts, gen).tokens == first
-    other = ssm_llm.generate(params, config, prompts,
-                             ssm_llm.GenerationConfig(**{**gen.__dict__, "seed": 8})).tokens
+    other = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(**{**gen.__dict__, "seed": 8})).tokens
     assert other != first
 
 
@@ -144,8 +176,9 @@ def test_sampling_methods_match_the_functions():
     options = dict(temperature=0.8, top_k=12, top_p=0.85, min_p=0.02)
     rule = Sampling.create(vocab_size=40, **options)
     np.testing.assert_array_equal(rule.draw(logits, key), sample(logits, key, **options))
-    np.testing.assert_allclose(rule.probs(logits), jax.nn.softmax(filter_logits(logits, **options), axis=-1),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        rule.probs(logits), jax.nn.softmax(filter_logits(logits, **options), axis=-1), rtol=1e-6, atol=1e-7
+    )
     greedy = Sampling.create(vocab_size=40)
     np.testing.assert_array_equal(greedy.draw(logits, key), np.argmax(logits, -1))
     with pytest.raises(ValueError, match="temperature must be positive"):

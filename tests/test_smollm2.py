@@ -15,10 +15,12 @@ import converters
 import ssm_llm
 from converters.tokenizer import _gguf_cache_dir
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-        "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "
-        "Within a few decades, printing shops had spread to more than two hundred cities in Europe. "
-        "Books became cheaper, literacy rose, and scholars could share and compare ideas faster than ever.")
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "
+    "Within a few decades, printing shops had spread to more than two hundred cities in Europe. "
+    "Books became cheaper, literacy rose, and scholars could share and compare ideas faster than ever."
+)
 
 
 def test_config_read_from_gguf(smollm2):
@@ -43,14 +45,15 @@ def test_greedy_32_tokens_match_transformers(smollm2, smollm2_hf):
     prompts = ["Once upon a time", "def fibonacci(n):"]
     ids = [tokenizer(p).input_ids for p in prompts]
     result = ssm_llm.generate(params, config, ids, ssm_llm.GenerationConfig(max_new_tokens=32, eos_token_ids=()))
-    for prompt_ids, ours in zip(ids, result.tokens):
+    for prompt_ids, ours in zip(ids, result.tokens, strict=True):
         assert ours == hf_greedy(smollm2_hf, prompt_ids, 32)
 
 
 def test_chat_answer(smollm2):
     config, params, tokenizer, _ = smollm2
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(text, add_special_tokens=False).input_ids
     out = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=30))
     assert out.finish_reasons == ["eos"]
@@ -76,8 +79,9 @@ def test_default_model_missing_names_the_install_command(monkeypatch):
 
 def run_cli(*args, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ssm_llm_cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ssm_llm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_cli_generate_with_the_default_model():
@@ -86,8 +90,16 @@ def test_cli_generate_with_the_default_model():
     assert "Paris" in result.stdout
     assert "prompt tokens" in result.stderr and "tok/s" in result.stderr
     # Speculative decoding is lossless: the same greedy text, printed at the end.
-    spec = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
-                   "--speculative", "prompt_lookup:num_tokens=4")
+    spec = run_cli(
+        "generate",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "24",
+        "--speculative",
+        "prompt_lookup:num_tokens=4",
+    )
     assert spec.returncode == 0, spec.stderr
     assert spec.stdout == result.stdout and "tokens per forward" in spec.stderr
 
@@ -112,4 +124,6 @@ def test_cli_reports_errors_clearly(tmp_path):
     result = run_cli("generate", "--prompt", "hi", "--max-new-tokens", "0")
     assert result.returncode == 2 and "max_new_tokens must be an int in [1, 1048576], got 0" in result.stderr
     result = run_cli("generate", "--prompt", "hi", "--speculative", "token_recyling")
-    assert result.returncode == 2 and "unknown speculative drafter" in result.stderr and "token_recycling" in result.stderr
+    assert (
+        result.returncode == 2 and "unknown speculative drafter" in result.stderr and "token_recycling" in result.stderr
+    )

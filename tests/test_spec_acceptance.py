@@ -33,12 +33,11 @@ def greedy_reference(tokens, parents, argmax):
 
 def check_greedy(tokens, parents, argmax, vocab):
     tokens, parents, argmax = (np.asarray(a, np.int32) for a in (tokens, parents, argmax))
-    out = jax.jit(accept_greedy)(DraftTree(jnp.asarray(tokens), jnp.asarray(parents)),
-                                 one_hot_logits(argmax, vocab))
+    out = jax.jit(accept_greedy)(DraftTree(jnp.asarray(tokens), jnp.asarray(parents)), one_hot_logits(argmax, vocab))
     for b in range(tokens.shape[0]):
         path, bonus = greedy_reference(tokens[b], parents[b], argmax[b])
         assert int(out.accepted[b]) == len(path) - 1, (b, path)
-        assert np.asarray(out.path[b, :len(path)]).tolist() == path
+        assert np.asarray(out.path[b, : len(path)]).tolist() == path
         assert int(out.bonus[b]) == bonus
     return out
 
@@ -46,18 +45,14 @@ def check_greedy(tokens, parents, argmax, vocab):
 def test_greedy_hand_built():
     #          root  chain ----------   tree: two children of the root, node 3 (child of the rejected
     #                                    node 1) holds node 2's argmax but is not a child of node 2
-    tokens = [[5, 1, 2, 3, 0, 0],      # chain, all accepted
-              [5, 1, 2, 3, 0, 0],      # chain, first draft rejected
-              [5, 4, 1, 3, 3, 2],      # tree: second sibling accepted, then its child 4
-              [5, 1, 1, 2, 2, 3]]      # unused nodes hold the argmax; duplicate sibling tokens
-    parents = [[-1, 0, 1, 2, 3, 4],
-               [-1, 0, 1, 2, 3, 4],
-               [-1, 0, 0, 1, 2, 2],
-               [-1, 0, 0, UNUSED, 1, UNUSED]]
-    argmax = [[1, 2, 3, 0, 0, 0],
-              [2, 2, 3, 0, 4, 1],
-              [1, 0, 3, 0, 4, 0],
-              [1, 2, 0, 0, 3, 4]]
+    tokens = [
+        [5, 1, 2, 3, 0, 0],  # chain, all accepted
+        [5, 1, 2, 3, 0, 0],  # chain, first draft rejected
+        [5, 4, 1, 3, 3, 2],  # tree: second sibling accepted, then its child 4
+        [5, 1, 1, 2, 2, 3],
+    ]  # unused nodes hold the argmax; duplicate sibling tokens
+    parents = [[-1, 0, 1, 2, 3, 4], [-1, 0, 1, 2, 3, 4], [-1, 0, 0, 1, 2, 2], [-1, 0, 0, UNUSED, 1, UNUSED]]
+    argmax = [[1, 2, 3, 0, 0, 0], [2, 2, 3, 0, 4, 1], [1, 0, 3, 0, 4, 0], [1, 2, 0, 0, 3, 4]]
     out = check_greedy(tokens, parents, argmax, vocab=6)
     assert out.accepted.tolist() == [5, 0, 2, 2]
     assert out.bonus.tolist() == [0, 2, 4, 3]
@@ -96,8 +91,9 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="logits must be"):
         accept_greedy(tree, jnp.zeros((1, 4, 5)))
     with pytest.raises(ValueError, match="child_probs"):
-        accept_sampling(DraftTree(tree.tokens, tree.parents, None, "independent"), jnp.ones((1, 3, 5)) / 5,
-                        jax.random.PRNGKey(0))
+        accept_sampling(
+            DraftTree(tree.tokens, tree.parents, None, "independent"), jnp.ones((1, 3, 5)) / 5, jax.random.PRNGKey(0)
+        )
     with pytest.raises(ValueError, match="temperature"):
         target_probs(jnp.zeros((1, 3, 5)), Sampling.create(vocab_size=5, temperature=0.0))
 
@@ -147,10 +143,10 @@ def grow_tree(rng, topology, draw, target, drafter, prev, last):
         if children:
             drawn = draw_children(rng, drafter[before[:, c], tokens[:, c]], len(children), draw)
             tokens[:, children] = drawn
-            before[:, children] = tokens[:, c:c + 1]
+            before[:, children] = tokens[:, c : c + 1]
     parents = np.tile(np.asarray(topology, np.int32), (batch, 1))
     if topology == TREE:
-        parents[batch // 2:, RAGGED] = UNUSED
+        parents[batch // 2 :, RAGGED] = UNUSED
     child_probs = None if draw == "deterministic" else jnp.asarray(drafter[before, tokens], jnp.float32)
     tree = DraftTree(jnp.asarray(tokens, jnp.int32), jnp.asarray(parents), child_probs, draw)
     return tree, jnp.asarray(target[before, tokens], jnp.float32)
@@ -175,14 +171,14 @@ def emitted_tokens(topology, draw, target, drafter, seed, relabel=None):
         path, accepted, bonus = (np.asarray(a) for a in (out.path, out.accepted, out.bonus))
         parents, tokens = np.asarray(tree.parents), np.asarray(tree.tokens)
         for b in np.flatnonzero(accepted > 0)[:200]:  # the path goes down the tree, one used child at a time
-            assert (parents[b, path[b, 1:accepted[b] + 1]] == path[b, :accepted[b]]).all()
+            assert (parents[b, path[b, 1 : accepted[b] + 1]] == path[b, : accepted[b]]).all()
         emitted = np.concatenate([np.take_along_axis(tokens, path, axis=1)[:, 1:], np.zeros((BATCH, 1), np.int64)], 1)
         emitted[rows, accepted] = bonus
         for k in range(emitted.shape[1]):
             write = (k <= accepted) & (count < L)
             history[rows[write], 2 + count[write] + k] = emitted[write, k]
         count = np.where(count < L, count + accepted + 1, count)
-    return history[:, 2:2 + L]
+    return history[:, 2 : 2 + L]
 
 
 def law_pvalue(samples, target):
@@ -201,10 +197,16 @@ def tables(seed):
     return random_table(rng, VOCAB), random_table(rng, VOCAB)
 
 
-@pytest.mark.parametrize("topology, draw", [
-    (CHAIN, "deterministic"), (CHAIN, "independent"),
-    (TREE, "independent"), (TREE, "without_replacement"), (TREE, "deterministic"),
-])
+@pytest.mark.parametrize(
+    "topology, draw",
+    [
+        (CHAIN, "deterministic"),
+        (CHAIN, "independent"),
+        (TREE, "independent"),
+        (TREE, "without_replacement"),
+        (TREE, "deterministic"),
+    ],
+)
 def test_sampling_emits_the_target_law(topology, draw):
     target, drafter = tables(1)
     assert law_pvalue(emitted_tokens(topology, draw, target, drafter, seed=2), target) > P_MIN
@@ -220,12 +222,19 @@ def test_sampling_exact_for_filtered_target(draw):
     assert law_pvalue(emitted_tokens(TREE, draw, target, drafter, seed=4), target) > P_MIN
 
 
-@pytest.mark.parametrize("draw, relabel", [
-    # the tree claims its drafts came from the target itself: every draft with p(x) > 0 is accepted
-    ("independent", lambda tree, probs: DraftTree(tree.tokens, tree.parents, probs, tree.draw)),
-    # Gumbel-top-k siblings taken for independent draws: later siblings' q_j and residuals are wrong
-    ("without_replacement", lambda tree, probs: DraftTree(tree.tokens, tree.parents, tree.child_probs, "independent")),
-], ids=["q_claimed_equal_p", "without_replacement_labelled_independent"])
+@pytest.mark.parametrize(
+    "draw, relabel",
+    [
+        # the tree claims its drafts came from the target itself: every draft with p(x) > 0 is accepted
+        ("independent", lambda tree, probs: DraftTree(tree.tokens, tree.parents, probs, tree.draw)),
+        # Gumbel-top-k siblings taken for independent draws: later siblings' q_j and residuals are wrong
+        (
+            "without_replacement",
+            lambda tree, probs: DraftTree(tree.tokens, tree.parents, tree.child_probs, "independent"),
+        ),
+    ],
+    ids=["q_claimed_equal_p", "without_replacement_labelled_independent"],
+)
 def test_the_law_test_rejects_broken_rules(draw, relabel):
     """(Labelling sampled drafts "deterministic" would NOT be broken: the deterministic rule is exact for
     drafts of any law drawn independently of the acceptance key, only less often accepted.)"""
@@ -236,8 +245,10 @@ def test_the_law_test_rejects_broken_rules(draw, relabel):
 def test_duplicate_deterministic_sibling_never_accepted():
     batch = 20_000
     p = np.array([0.3, 0.5, 0.2, 0.0, 0.0])
-    tree = DraftTree(jnp.tile(jnp.array([[4, 0, 0, 1]], jnp.int32), (batch, 1)),
-                     jnp.tile(jnp.array([[-1, 0, 0, 0]], jnp.int32), (batch, 1)))
+    tree = DraftTree(
+        jnp.tile(jnp.array([[4, 0, 0, 1]], jnp.int32), (batch, 1)),
+        jnp.tile(jnp.array([[-1, 0, 0, 0]], jnp.int32), (batch, 1)),
+    )
     out = jax.jit(accept_sampling)(tree, jnp.tile(jnp.asarray(p, jnp.float32), (batch, 4, 1)), jax.random.PRNGKey(0))
     first = np.asarray(out.path[:, 1])
     accepted = np.asarray(out.accepted)

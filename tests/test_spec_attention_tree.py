@@ -13,8 +13,16 @@ from ssm_llm.layer_layout import unstack_layers
 from ssm_llm.speculative import attention_tree
 from ssm_llm.speculative.tree import UNUSED, DraftTree, chain
 
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-            head_dim=16, max_position_embeddings=128)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 CONFIGS = {
     "llama": ssm_llm.ModelConfig(**BASE),
     "qwen2": ssm_llm.ModelConfig(**BASE, qkv_bias=True, tie_word_embeddings=True, model_type="qwen2"),
@@ -26,9 +34,7 @@ PREFIX = np.array([5, 9, 2])
 MAX_LEN = 24
 U = UNUSED
 # Same topology in every row (so a level is the same node indices everywhere), some nodes unused per row.
-PARENTS = np.array([[-1, 0, 0, 1, 1, 2, 2, 3],
-                    [-1, 0, 0, 1, U, 2, U, 3],
-                    [-1, 0, U, 1, 1, U, U, U]], np.int32)
+PARENTS = np.array([[-1, 0, 0, 1, 1, 2, 2, 3], [-1, 0, 0, 1, U, 2, U, 3], [-1, 0, U, 1, 1, U, U, U]], np.int32)
 LEVELS = ([0], [1, 2], [3, 4, 5, 6], [7])
 
 tree_logits = jax.jit(attention_tree.tree_logits, static_argnames=("config", "impl"))
@@ -38,7 +44,8 @@ def make_params(config, unstacked, seed=0):
     """Random params with weights widened (std 0.2) so logits differ clearly between positions."""
     params = ssm_llm.init_params(config, jax.random.PRNGKey(seed))
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else 10.0 * x, params)
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else 10.0 * x, params
+    )
     return unstack_layers(params) if unstacked else params
 
 
@@ -72,7 +79,7 @@ def path_logits(params, config, cache, tree):
         paths = [ancestor_path(parents[b], i) if parents[b, i] != UNUSED else [0] for b in range(batch)]
         padded = np.zeros((batch, n), np.int32)
         for b, path in enumerate(paths):
-            padded[b, :len(path)] = tokens[b, path]
+            padded[b, : len(path)] = tokens[b, path]
         counts = jnp.asarray([len(p) for p in paths], jnp.int32)
         logits, _ = ssm_llm.forward(params, config, padded, cache, token_counts=counts, impl="xla")
         out[:, i] = np.asarray(logits)[np.arange(batch), counts - 1]
@@ -97,12 +104,12 @@ def test_chain_matches_one_by_one_decoding(model):
     np.testing.assert_array_equal(scratch.lengths, cache.lengths)
     plain = cache
     for t in range(k + 1):
-        expected, plain = ssm_llm.forward(params, config, tokens[:, t:t + 1], plain, impl="xla")
+        expected, plain = ssm_llm.forward(params, config, tokens[:, t : t + 1], plain, impl="xla")
         np.testing.assert_allclose(logits[:, t], expected[:, 0], atol=1e-5, rtol=0)
     # A chain's tree slots are the plain cache's slots: same K/V.
     for b, length in enumerate(PREFIX):
-        np.testing.assert_allclose(scratch.k[:, b, :, :length + k + 1], plain.k[:, b, :, :length + k + 1], atol=1e-5)
-        np.testing.assert_allclose(scratch.v[:, b, :, :length + k + 1], plain.v[:, b, :, :length + k + 1], atol=1e-5)
+        np.testing.assert_allclose(scratch.k[:, b, :, : length + k + 1], plain.k[:, b, :, : length + k + 1], atol=1e-5)
+        np.testing.assert_allclose(scratch.v[:, b, :, : length + k + 1], plain.v[:, b, :, : length + k + 1], atol=1e-5)
 
 
 def test_branching_tree_matches_each_ancestor_path(model):
@@ -114,8 +121,9 @@ def test_branching_tree_matches_each_ancestor_path(model):
     np.testing.assert_allclose(np.asarray(logits)[used], expected[used], atol=1e-5, rtol=0)
     # Unused nodes are invisible: changing their tokens changes no used node's logits.
     other = tree.replace(tokens=jnp.where(tree.used, tree.tokens, 77))
-    np.testing.assert_array_equal(np.asarray(tree_logits(params, config, cache, other, impl="xla")[0])[used],
-                                  np.asarray(logits)[used])
+    np.testing.assert_array_equal(
+        np.asarray(tree_logits(params, config, cache, other, impl="xla")[0])[used], np.asarray(logits)[used]
+    )
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
@@ -174,8 +182,8 @@ def test_commit_equals_plain_decoding_of_the_accepted_path(name):
         want, _ = ssm_llm.forward(params, config, nxt, plain, impl="xla")
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # The inactive row is unchanged where it is visible.
-    np.testing.assert_array_equal(committed.k[:, 2, :, :PREFIX[2]], cache.k[:, 2, :, :PREFIX[2]])
-    np.testing.assert_array_equal(committed.v[:, 2, :, :PREFIX[2]], cache.v[:, 2, :, :PREFIX[2]])
+    np.testing.assert_array_equal(committed.k[:, 2, :, : PREFIX[2]], cache.k[:, 2, :, : PREFIX[2]])
+    np.testing.assert_array_equal(committed.v[:, 2, :, : PREFIX[2]], cache.v[:, 2, :, : PREFIX[2]])
 
 
 def test_commit_under_jit():
@@ -188,7 +196,7 @@ def test_commit_under_jit():
     accepted = jnp.asarray([3, 1, 2], jnp.int32)
     eager = attention_tree.commit(cache, scratch, path, accepted)
     jitted = jax.jit(attention_tree.commit)(cache, scratch, path, accepted)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -211,8 +219,9 @@ def test_errors():
     small = prefill(params, config, max_len=12)  # row 1 holds 9 tokens: no room for 8 nodes
     with pytest.raises(ValueError, match="row 1 holds 9 tokens.*max_len 12"):
         attention_tree.tree_logits(params, config, small, tree)
-    compressed = CompressedCache(data=None, lengths=jnp.asarray(PREFIX), used=jnp.asarray(PREFIX),
-                                 policy=StreamingLLM(budget=8), capacity=8)
+    compressed = CompressedCache(
+        data=None, lengths=jnp.asarray(PREFIX), used=jnp.asarray(PREFIX), policy=StreamingLLM(budget=8), capacity=8
+    )
     with pytest.raises(TypeError, match="CompressedCache"):
         attention_tree.tree_logits(params, config, compressed, tree)
     cache = prefill(params, config)

@@ -9,8 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from spec_checks import assert_same_greedy
-from spec_draft_checks import (GREEDY, LLAMA, MAMBA2, MAX_LEN, PROMPTS, ROOTS, context, draft_law, path_logits,
-                               peaked_params, prompt_batch, propose, sampled, update)
+from spec_draft_checks import (
+    GREEDY,
+    LLAMA,
+    MAMBA2,
+    MAX_LEN,
+    PROMPTS,
+    ROOTS,
+    context,
+    draft_law,
+    path_logits,
+    peaked_params,
+    prompt_batch,
+    propose,
+    sampled,
+    update,
+)
 
 import ssm_llm
 from ssm_llm.speculative import verify
@@ -34,7 +48,7 @@ def start(drafter, prompts=PROMPTS, roots=ROOTS):
     """The drafter's state after prefilling `prompts`, and the context whose roots are `roots`."""
     tokens, lengths = prompt_batch(prompts)
     state = drafter.init(None, LLAMA, tokens, lengths, MAX_LEN)
-    return state, context([p + [r] for p, r in zip(prompts, roots)])
+    return state, context([p + [r] for p, r in zip(prompts, roots, strict=True)])
 
 
 def test_greedy_chain_is_plain_greedy_decoding_of_the_draft(draft):
@@ -45,12 +59,12 @@ def test_greedy_chain_is_plain_greedy_decoding_of_the_draft(draft):
     check_tree(tree, config.vocab_size)
     assert tree.draw == "deterministic" and tree.child_probs is None
     np.testing.assert_array_equal(tree.parents, np.tile(np.arange(-1, K), (3, 1)))
-    sequences = [p + [r] for p, r in zip(PROMPTS, ROOTS)]
+    sequences = [p + [r] for p, r in zip(PROMPTS, ROOTS, strict=True)]
     for _ in range(K):
         best = path_logits(params, config, sequences).argmax(-1)
-        sequences = [s + [int(t)] for s, t in zip(sequences, best)]
-    expected = [s[len(p) + 1:] for s, p in zip(sequences, PROMPTS)]
-    np.testing.assert_array_equal(np.asarray(tree.tokens), [[r] + e for r, e in zip(ROOTS, expected)])
+        sequences = [s + [int(t)] for s, t in zip(sequences, best, strict=True)]
+    expected = [s[len(p) + 1 :] for s, p in zip(sequences, PROMPTS, strict=True)]
+    np.testing.assert_array_equal(np.asarray(tree.tokens), [[r] + e for r, e in zip(ROOTS, expected, strict=True)])
 
 
 def test_update_gives_the_state_of_a_fresh_prefill(draft):
@@ -63,18 +77,26 @@ def test_update_gives_the_state_of_a_fresh_prefill(draft):
     tree, proposed = propose(drafter, state, ctx, temp, jax.random.PRNGKey(1))
     # The speculative loop carries the state through lax.while_loop: same structure, shapes and dtypes.
     assert jax.tree_util.tree_structure(proposed) == jax.tree_util.tree_structure(state)
-    jax.tree_util.tree_map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail("state changed"),
-                           proposed, state)
+    jax.tree_util.tree_map(
+        lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail("state changed"), proposed, state
+    )
     accepted = np.array([2, K, 1])
     active = np.array([True, True, False])
     bonus = [20, 21, 22]
-    acceptance = Acceptance(jnp.tile(jnp.arange(K + 1, dtype=jnp.int32), (3, 1)), jnp.asarray(accepted, jnp.int32),
-                            jnp.asarray(bonus, jnp.int32))
+    acceptance = Acceptance(
+        jnp.tile(jnp.arange(K + 1, dtype=jnp.int32), (3, 1)),
+        jnp.asarray(accepted, jnp.int32),
+        jnp.asarray(bonus, jnp.int32),
+    )
     drafts = np.asarray(tree.tokens)[:, 1:]
-    committed = [p + [r] + drafts[b, :accepted[b]].tolist() if active[b] else list(p)
-                 for b, (p, r) in enumerate(zip(PROMPTS, ROOTS))]
+    committed = [
+        p + [r] + drafts[b, : accepted[b]].tolist() if active[b] else list(p)
+        for b, (p, r) in enumerate(zip(PROMPTS, ROOTS, strict=True))
+    ]
     roots = [bonus[b] if active[b] else ROOTS[b] for b in range(3)]
-    updated = update(drafter, proposed, context([c + [r] for c, r in zip(committed, roots)], active), tree, acceptance)
+    updated = update(
+        drafter, proposed, context([c + [r] for c, r in zip(committed, roots, strict=True)], active), tree, acceptance
+    )
     np.testing.assert_array_equal(updated.cache.lengths, [len(c) for c in committed])
 
     fresh, ctx_next = start(drafter, committed, roots)
@@ -94,7 +116,7 @@ def test_sampled_drafts_record_the_draft_law():
     assert tree.draw == "independent"
     tokens, probs = np.asarray(tree.tokens), np.asarray(tree.child_probs)
     for d in range(K):
-        sequences = [p + tokens[b, :d + 1].tolist() for b, p in enumerate(PROMPTS)]
+        sequences = [p + tokens[b, : d + 1].tolist() for b, p in enumerate(PROMPTS)]
         np.testing.assert_allclose(probs[:, d], draft_law(path_logits(params, LLAMA, sequences), 0.7), atol=2e-5)
     assert not probs[:, K].any()  # the leaf has no children
 
@@ -114,9 +136,11 @@ def test_target_as_its_own_draft_is_fully_accepted():
 @pytest.mark.parametrize("kind", ["skip_layers", "target_itself", "mamba2"])
 def test_generate_with_a_draft_model_equals_plain_greedy(kind):
     params = peaked_params(LLAMA, seed=2)
-    drafter = {"skip_layers": lambda: DraftModel.skip_layers(params, LLAMA, keep=[0], num_tokens=3),
-               "target_itself": lambda: DraftModel(params, LLAMA, num_tokens=3),
-               "mamba2": lambda: DraftModel(peaked_params(MAMBA2, seed=1), MAMBA2, num_tokens=3)}[kind]()
+    drafter = {
+        "skip_layers": lambda: DraftModel.skip_layers(params, LLAMA, keep=[0], num_tokens=3),
+        "target_itself": lambda: DraftModel(params, LLAMA, num_tokens=3),
+        "mamba2": lambda: DraftModel(peaked_params(MAMBA2, seed=1), MAMBA2, num_tokens=3),
+    }[kind]()
     spec = assert_same_greedy(params, LLAMA, [[1, 2, 3], [4, 5, 6, 7, 8]], drafter, max_new_tokens=10)
     if kind == "target_itself":  # every round accepts all 3 drafts (the leaf is computed in update): 9 tokens
         assert spec.speculative.rounds == [3, 3] and spec.speculative.accepted == [9, 9]
@@ -126,8 +150,14 @@ def test_generate_with_a_draft_model_equals_plain_greedy(kind):
 def test_sampled_target_as_its_own_draft_accepts_every_draft():
     """The recorded draft law is the target's own law, so rejection sampling accepts every draft."""
     params = peaked_params(LLAMA, seed=2)
-    out = ssm_llm.generate(params, LLAMA, [[1, 2, 3], [4, 5, 6, 7, 8]], ssm_llm.GenerationConfig(
-        max_new_tokens=10, temperature=0.8, eos_token_ids=(), speculative=DraftModel(params, LLAMA, num_tokens=3)))
+    out = ssm_llm.generate(
+        params,
+        LLAMA,
+        [[1, 2, 3], [4, 5, 6, 7, 8]],
+        ssm_llm.GenerationConfig(
+            max_new_tokens=10, temperature=0.8, eos_token_ids=(), speculative=DraftModel(params, LLAMA, num_tokens=3)
+        ),
+    )
     assert out.speculative.rounds == [3, 3] and out.speculative.accepted == [9, 9]
 
 
@@ -155,20 +185,23 @@ def test_skipped_layers_slice_params_and_windows_in_both_layouts():
     assert config_list == config and isinstance(kept_list["layers"], list)
     for layers in (ssm_llm.unstack_layers(kept)["layers"], kept_list["layers"]):
         assert len(layers) == 2
-        for mine, source in zip(layers, (0, 2)):
+        for mine, source in zip(layers, (0, 2), strict=True):
             jax.tree_util.tree_map(np.testing.assert_array_equal, mine, per_layer[source])
     mamba, mamba_config = self_speculative(ssm_llm.init_params(MAMBA2, jax.random.PRNGKey(5)), MAMBA2, [1])
     assert mamba_config.num_layers == 1 and mamba["layers"]["in_proj"].shape[0] == 1
 
 
-@pytest.mark.parametrize("layers, message", [
-    ([], "must not be empty"),
-    ([0, 0], "sorted and unique"),
-    ([2, 1], "sorted and unique"),
-    ([0, 3], r"lie in \[0, 3\)"),
-    ([-1, 1], r"lie in \[0, 3\)"),
-    ([0.5], "must be ints"),
-])
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([], "must not be empty"),
+        ([0, 0], "sorted and unique"),
+        ([2, 1], "sorted and unique"),
+        ([0, 3], r"lie in \[0, 3\)"),
+        ([-1, 1], r"lie in \[0, 3\)"),
+        ([0.5], "must be ints"),
+    ],
+)
 def test_bad_layer_lists(layers, message):
     params = ssm_llm.init_params(WINDOWED, jax.random.PRNGKey(4))
     with pytest.raises(ValueError, match=message):

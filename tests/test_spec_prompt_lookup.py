@@ -22,9 +22,8 @@ def context(rows, width=None, fill=GARBAGE):
     for b, row in enumerate(rows):
         pad = fill[b] if isinstance(fill, list) else []
         tail = (list(row) + list(pad))[:width]
-        history[b, :len(tail)] = tail
-    return DraftContext(jnp.asarray(history), jnp.asarray([len(r) for r in rows], jnp.int32),
-                        jnp.ones(len(rows), bool))
+        history[b, : len(tail)] = tail
+    return DraftContext(jnp.asarray(history), jnp.asarray([len(r) for r in rows], jnp.int32), jnp.ones(len(rows), bool))
 
 
 def drafts(drafter, ctx):
@@ -38,8 +37,8 @@ def drafts(drafter, ctx):
     out = []
     for b in range(tree.batch):
         k = int(used[b].sum()) - 1
-        assert used[b, :k + 1].all() and not used[b, k + 1:].any(), "a chain uses a prefix of its nodes"
-        out.append((int(tokens[b, 0]), tokens[b, 1:k + 1].tolist()))
+        assert used[b, : k + 1].all() and not used[b, k + 1 :].any(), "a chain uses a prefix of its nodes"
+        out.append((int(tokens[b, 0]), tokens[b, 1 : k + 1].tolist()))
     return out
 
 
@@ -47,11 +46,14 @@ def drafts(drafter, ctx):
 HISTORY = [1, 2, 3, 10, 11, 2, 3, 20, 21, 3, 30, 1, 2, 3]
 
 
-@pytest.mark.parametrize("max_ngram, expected", [
-    (3, [10, 11, 2, 3, 20, 21, 3, 30]),   # the 3-gram wins, 8 tokens
-    (2, [20, 21, 3, 30, 1, 2, 3]),        # cut at the end of the history: 7 tokens
-    (1, [30, 1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "max_ngram, expected",
+    [
+        (3, [10, 11, 2, 3, 20, 21, 3, 30]),  # the 3-gram wins, 8 tokens
+        (2, [20, 21, 3, 30, 1, 2, 3]),  # cut at the end of the history: 7 tokens
+        (1, [30, 1, 2, 3]),
+    ],
+)
 def test_longest_ngram_wins(max_ngram, expected):
     [(root, chain)] = drafts(PromptLookup(num_tokens=8, max_ngram=max_ngram), context([HISTORY]))
     assert root == 3 and chain == expected
@@ -88,11 +90,11 @@ def reference(row, num_tokens, max_ngram, min_ngram):
     for n in range(max_ngram, min_ngram - 1, -1):
         if length < n + 1:
             continue
-        suffix = row[length - n:]
-        starts = [p for p in range(length - n) if row[p:p + n] == suffix]
+        suffix = row[length - n :]
+        starts = [p for p in range(length - n) if row[p : p + n] == suffix]
         if starts:
             p = max(starts)
-            return row[p + n:p + n + num_tokens]
+            return row[p + n : p + n + num_tokens]
     return []
 
 
@@ -103,7 +105,7 @@ def test_matches_a_plain_python_reference_on_random_histories():
     for num_tokens, max_ngram, min_ngram in [(5, 3, 1), (4, 4, 2), (3, 2, 2)]:
         drafter = PromptLookup(num_tokens, max_ngram, min_ngram)
         got = drafts(drafter, ctx)
-        for row, (root, chain) in zip(rows, got):
+        for row, (root, chain) in zip(rows, got, strict=True):
             assert root == row[-1] and chain == reference(row, num_tokens, max_ngram, min_ngram), row
 
 
@@ -118,13 +120,16 @@ def test_jit_matches_eager_and_update_keeps_the_state():
     assert drafter.update((), ctx, eager, None, None) == ()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_tokens": 0}, r"num_tokens must be an int >= 1, got 0"),
-    ({"num_tokens": 2.0}, r"num_tokens must be an int >= 1, got 2.0"),
-    ({"min_ngram": 0}, r"min_ngram must be an int >= 1, got 0"),
-    ({"max_ngram": True}, r"max_ngram must be an int >= 1, got True"),
-    ({"max_ngram": 2, "min_ngram": 3}, r"max_ngram \(2\) must be >= min_ngram \(3\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_tokens": 0}, r"num_tokens must be an int >= 1, got 0"),
+        ({"num_tokens": 2.0}, r"num_tokens must be an int >= 1, got 2.0"),
+        ({"min_ngram": 0}, r"min_ngram must be an int >= 1, got 0"),
+        ({"max_ngram": True}, r"max_ngram must be an int >= 1, got True"),
+        ({"max_ngram": 2, "min_ngram": 3}, r"max_ngram \(2\) must be >= min_ngram \(3\)"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PromptLookup(**kwargs)
@@ -133,13 +138,26 @@ def test_bad_options(kwargs, message):
 @pytest.mark.slow
 def test_greedy_generate_with_prompt_lookup_matches_plain_greedy():
     import ssm_llm
-    config = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                                 num_kv_heads=1, head_dim=8, max_position_embeddings=128)
+
+    config = ssm_llm.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     params = ssm_llm.init_params(config, jax.random.PRNGKey(2))
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
     gen = ssm_llm.GenerationConfig(max_new_tokens=24, eos_token_ids=())
     plain = ssm_llm.generate(params, config, prompts, gen)
-    out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(
-        max_new_tokens=24, eos_token_ids=(), speculative=PromptLookup(num_tokens=4)))
+    out = ssm_llm.generate(
+        params,
+        config,
+        prompts,
+        ssm_llm.GenerationConfig(max_new_tokens=24, eos_token_ids=(), speculative=PromptLookup(num_tokens=4)),
+    )
     assert out.tokens == plain.tokens
     assert all(a > 0 for a in out.speculative.accepted)  # this random model's greedy text repeats itself

@@ -6,8 +6,20 @@ import jax
 import numpy as np
 import pytest
 from spec_checks import assert_same_greedy
-from spec_draft_checks import (GREEDY, LLAMA, MAX_LEN, PROMPTS, ROOTS, context, draft_law, path_logits, peaked_params,
-                               prompt_batch, propose, sampled)
+from spec_draft_checks import (
+    GREEDY,
+    LLAMA,
+    MAX_LEN,
+    PROMPTS,
+    ROOTS,
+    context,
+    draft_law,
+    path_logits,
+    peaked_params,
+    prompt_batch,
+    propose,
+    sampled,
+)
 
 import ssm_llm
 from ssm_llm.speculative.draft_model import self_speculative
@@ -26,8 +38,13 @@ def params():
 def grow(drafter, sampling, key=0, prompts=PROMPTS, roots=ROOTS):
     tokens, lengths = prompt_batch(prompts)
     state = drafter.init(None, LLAMA, tokens, lengths, MAX_LEN)
-    tree, _ = propose(drafter, state, context([p + [r] for p, r in zip(prompts, roots)]), sampling,
-                      jax.random.PRNGKey(key))
+    tree, _ = propose(
+        drafter,
+        state,
+        context([p + [r] for p, r in zip(prompts, roots, strict=True)]),
+        sampling,
+        jax.random.PRNGKey(key),
+    )
     check_tree(tree, VOCAB)
     return np.asarray(tree.tokens), np.asarray(tree.parents), tree
 
@@ -35,7 +52,7 @@ def grow(drafter, sampling, key=0, prompts=PROMPTS, roots=ROOTS):
 def node_paths(tokens, parents):
     """Per row, every node's token path from the root's first child (the root's path is ())."""
     out = []
-    for toks, pars in zip(tokens, parents):
+    for toks, pars in zip(tokens, parents, strict=True):
         paths = [()]
         for i in range(1, len(toks)):
             paths.append(paths[pars[i]] + (int(toks[i]),))
@@ -47,7 +64,7 @@ def laws(params, paths, temperature=1.0):
     """{(row, path): draft law after the row's prompt, root and path} for the given (row, path) pairs."""
     keys = sorted(set(paths))
     logits = path_logits(params, LLAMA, [PROMPTS[b] + [ROOTS[b]] + list(p) for b, p in keys])
-    return dict(zip(keys, draft_law(logits, temperature)))
+    return dict(zip(keys, draft_law(logits, temperature), strict=True))
 
 
 def children(parents, row, node):
@@ -61,6 +78,7 @@ def assert_law(samples, q, n):
 
 
 # --- RSD-C -----------------------------------------------------------------------------------------------
+
 
 def test_rsd_tree_shape():
     assert RSD(None, LLAMA).tree_size == 1 + 3 + 6 + 12 + 12
@@ -83,7 +101,7 @@ def test_rsd_greedy_children_are_the_draft_top_tokens(params):
     for b in range(3):
         for i in range(10):
             kids = children(parents, b, i)
-            best = np.argsort(-law[(b, paths[b][i])], kind="stable")[:len(kids)]
+            best = np.argsort(-law[(b, paths[b][i])], kind="stable")[: len(kids)]
             np.testing.assert_array_equal(tokens[b, kids], best)
 
 
@@ -118,6 +136,7 @@ def test_rsd_sampled_children_follow_the_without_replacement_law(params):
 
 # --- DySpec ----------------------------------------------------------------------------------------------
 
+
 def best_first(params, row, tree_size, max_depth, per_step):
     """A numpy DySpec reference: grow per_step nodes at a time, each step the best (path prob x draft prob)
     next-ranked children of the nodes that exist before it. Returns the node paths in index order."""
@@ -125,7 +144,7 @@ def best_first(params, row, tree_size, max_depth, per_step):
     paths, path_prob, taken, law = [()], {(): 1.0}, {(): 0}, {}
 
     def compute(new):
-        for p, q in zip(new, draft_law(path_logits(params, LLAMA, [prefix + list(p) for p in new]))):
+        for p, q in zip(new, draft_law(path_logits(params, LLAMA, [prefix + list(p) for p in new])), strict=True):
             law[p] = q
 
     compute([()])
@@ -215,14 +234,23 @@ def test_dyspec_rejects_bad_options():
 @pytest.mark.parametrize("kind", ["rsd", "dyspec"])
 def test_generate_with_a_tree_drafter_equals_plain_greedy(params, kind):
     draft_params, draft_config = self_speculative(params, LLAMA, [0])
-    drafter = (RSD(draft_params, draft_config, (2, 2)) if kind == "rsd"
-               else DySpec(draft_params, draft_config, tree_size=8, max_depth=3, per_step=3))
+    drafter = (
+        RSD(draft_params, draft_config, (2, 2))
+        if kind == "rsd"
+        else DySpec(draft_params, draft_config, tree_size=8, max_depth=3, per_step=3)
+    )
     assert_same_greedy(params, LLAMA, [[1, 2, 3], [4, 5, 6, 7, 8]], drafter, max_new_tokens=10)
 
 
 @pytest.mark.slow
 def test_sampled_target_as_its_own_rsd_draft_accepts_every_first_child(params):
     """The draft law is the target's, so each node's first child (a draw from it) is always accepted."""
-    out = ssm_llm.generate(params, LLAMA, [[1, 2, 3], [4, 5, 6, 7, 8]], ssm_llm.GenerationConfig(
-        max_new_tokens=10, temperature=0.8, eos_token_ids=(), speculative=RSD(params, LLAMA, (2, 2))))
+    out = ssm_llm.generate(
+        params,
+        LLAMA,
+        [[1, 2, 3], [4, 5, 6, 7, 8]],
+        ssm_llm.GenerationConfig(
+            max_new_tokens=10, temperature=0.8, eos_token_ids=(), speculative=RSD(params, LLAMA, (2, 2))
+        ),
+    )
     assert out.speculative.rounds == [3, 3] and out.speculative.accepted == [6, 6]

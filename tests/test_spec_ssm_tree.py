@@ -15,15 +15,16 @@ SHARED = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers
 CONFIGS = {
     "mamba1": ssm_llm.MambaConfig(**SHARED),
     "mamba2-g1": ssm_llm.Mamba2Config(**SHARED, num_heads=4, head_dim=16, n_groups=1, chunk_size=8),
-    "mamba2-g2": ssm_llm.Mamba2Config(**SHARED, num_heads=4, head_dim=16, n_groups=2, chunk_size=8,
-                                      time_step_limit=(0.0, 3.0)),
+    "mamba2-g2": ssm_llm.Mamba2Config(
+        **SHARED, num_heads=4, head_dim=16, n_groups=2, chunk_size=8, time_step_limit=(0.0, 3.0)
+    ),
 }
 VARIANTS = [("mamba1", True), ("mamba2-g1", False), ("mamba2-g2", True)]
 PREFIX_LENGTHS = np.array([5, 2, 9])
 # Per row: a branching tree with unused nodes (parents < index, unused nodes continue nothing).
-BRANCH_PARENTS = np.array([[-1, 0, 0, 1, 1, 2, UNUSED, 3],
-                           [-1, 0, 1, 2, 0, UNUSED, 4, UNUSED],
-                           [-1, 0, 0, 0, 3, 4, 1, 6]])
+BRANCH_PARENTS = np.array(
+    [[-1, 0, 0, 1, 1, 2, UNUSED, 3], [-1, 0, 1, 2, 0, UNUSED, 4, UNUSED], [-1, 0, 0, 0, 3, 4, 1, 6]]
+)
 
 score = jax.jit(verify.tree_logits, static_argnames=("config", "impl"))
 
@@ -52,8 +53,13 @@ def model(request):
         params = ssm_llm.unstack_layers(params)
     rng = np.random.default_rng(1)
     prompts = rng.integers(0, VOCAB, (len(PREFIX_LENGTHS), PREFIX_LENGTHS.max()))
-    _, cache = ssm_llm.forward(params, config, jnp.asarray(prompts), ssm_llm.init_cache(config, 3, 64),
-                               token_counts=jnp.asarray(PREFIX_LENGTHS))
+    _, cache = ssm_llm.forward(
+        params,
+        config,
+        jnp.asarray(prompts),
+        ssm_llm.init_cache(config, 3, 64),
+        token_counts=jnp.asarray(PREFIX_LENGTHS),
+    )
     return config, params, cache, rng
 
 
@@ -79,14 +85,16 @@ def forward_paths(params, config, cache, tokens, lengths):
 
 
 def branch_tree(rng):
-    return DraftTree(jnp.asarray(rng.integers(0, VOCAB, BRANCH_PARENTS.shape), jnp.int32),
-                     jnp.asarray(BRANCH_PARENTS, jnp.int32))
+    return DraftTree(
+        jnp.asarray(rng.integers(0, VOCAB, BRANCH_PARENTS.shape), jnp.int32), jnp.asarray(BRANCH_PARENTS, jnp.int32)
+    )
 
 
 def assert_cache_close(got, want, rows=slice(None)):
     for name in ("ssm_state", "conv_state"):
-        np.testing.assert_allclose(np.asarray(getattr(got, name))[:, rows], np.asarray(getattr(want, name))[:, rows],
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(getattr(got, name))[:, rows], np.asarray(getattr(want, name))[:, rows], atol=1e-5, rtol=0
+        )
     np.testing.assert_array_equal(np.asarray(got.lengths)[rows], np.asarray(want.lengths)[rows])
 
 
@@ -124,13 +132,13 @@ def test_calls_over_parts_of_the_tree_equal_one_call(model):
     tree = branch_tree(rng)
     full_logits, full_scratch = score(params, config, cache, tree)
     # Two calls; rows list different nodes, each with its parent in the first call or earlier in its own.
-    calls = [np.array([[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 3, 6]]),
-             np.array([[4, 5, 6, 7], [3, 5, 6, 7], [2, 4, 5, 7]])]
+    calls = [np.array([[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 3, 6]]), np.array([[4, 5, 6, 7], [3, 5, 6, 7], [2, 4, 5, 7]])]
     scratch = None
     for nodes in calls:
         logits, scratch = score(params, config, cache, tree, scratch, jnp.asarray(nodes, jnp.int32))
-        np.testing.assert_allclose(np.asarray(logits), np.take_along_axis(np.asarray(full_logits), nodes[..., None], 1),
-                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(logits), np.take_along_axis(np.asarray(full_logits), nodes[..., None], 1), atol=1e-6, rtol=0
+        )
     np.testing.assert_allclose(np.asarray(scratch.ssm_states), np.asarray(full_scratch.ssm_states), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(scratch.conv_inputs), np.asarray(full_scratch.conv_inputs), atol=1e-6, rtol=0)
 
@@ -150,8 +158,9 @@ def test_commit_chain_equals_forward_of_accepted_tokens(model):
         next_logits, _ = ssm_llm.forward(params, config, bonus, committed)
         expected_logits, _ = ssm_llm.forward(params, config, bonus, expected)
         np.testing.assert_allclose(np.asarray(next_logits), np.asarray(expected_logits), atol=1e-4, rtol=0)
-    partial = jax.jit(ssm_tree.commit)(cache, scratch, path, jnp.asarray([2, 5, 1], jnp.int32),
-                                       jnp.asarray([True, False, True]))
+    partial = jax.jit(ssm_tree.commit)(
+        cache, scratch, path, jnp.asarray([2, 5, 1], jnp.int32), jnp.asarray([True, False, True])
+    )
     _, expected = forward_paths(params, config, cache, tokens, np.array([3, 6, 2]))
     assert_cache_close(partial, expected, rows=[0, 2])
     for name in ("conv_state", "ssm_state"):
@@ -166,8 +175,9 @@ def test_commit_branch_path(model):
     path = np.array([[0, 1, 3, 7, 0, 0, 0, 0], [0, 4, 6, 0, 0, 0, 0, 0], [0, 3, 0, 0, 0, 0, 0, 0]])
     accepted = np.array([3, 2, 1])
     committed = ssm_tree.commit(cache, scratch, jnp.asarray(path, jnp.int32), jnp.asarray(accepted, jnp.int32))
-    _, expected = forward_paths(params, config, cache, np.take_along_axis(np.asarray(tree.tokens), path, 1),
-                                accepted + 1)
+    _, expected = forward_paths(
+        params, config, cache, np.take_along_axis(np.asarray(tree.tokens), path, 1), accepted + 1
+    )
     assert_cache_close(committed, expected)
 
 
@@ -177,13 +187,16 @@ def test_interpret_kernels_equal_xla():
     rng = np.random.default_rng(3)
     prompts = jnp.asarray(rng.integers(0, VOCAB, (2, 4)))
     _, cache = ssm_llm.forward(params, config, prompts, ssm_llm.init_cache(config, 2, 8))
-    tree = DraftTree(jnp.asarray(rng.integers(0, VOCAB, (2, 4)), jnp.int32),
-                     jnp.asarray([[-1, 0, 0, 1], [-1, 0, 1, UNUSED]], jnp.int32))
+    tree = DraftTree(
+        jnp.asarray(rng.integers(0, VOCAB, (2, 4)), jnp.int32),
+        jnp.asarray([[-1, 0, 0, 1], [-1, 0, 1, UNUSED]], jnp.int32),
+    )
     xla, xla_scratch = score(params, config, cache, tree, impl="xla")
     interpret, interpret_scratch = score(params, config, cache, tree, impl="interpret")
     np.testing.assert_allclose(np.asarray(interpret), np.asarray(xla), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(interpret_scratch.ssm_states), np.asarray(xla_scratch.ssm_states), atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(interpret_scratch.ssm_states), np.asarray(xla_scratch.ssm_states), atol=1e-5, rtol=0
+    )
 
 
 def test_errors():
@@ -191,8 +204,16 @@ def test_errors():
     params = ssm_llm.init_params(config, jax.random.PRNGKey(0))
     cache = ssm_llm.init_cache(config, 3, 8)
     tree = chain(jnp.zeros((3,), jnp.int32), jnp.ones((3, 2), jnp.int32))
-    attention = ssm_llm.ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                                    num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    attention = ssm_llm.ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     with pytest.raises(TypeError, match="SSMCache"):
         ssm_tree.tree_logits(params, config, ssm_llm.init_cache(attention, 3, 8), tree)
     with pytest.raises(ValueError, match="tree batch 2 != cache batch 3"):

@@ -21,7 +21,7 @@ def context(rows, active=None, width=None):
     width = width or max(len(r) for r in rows) + 2
     history = np.full((len(rows), width), V - 1, np.int32)
     for b, row in enumerate(rows):
-        history[b, :len(row)] = row
+        history[b, : len(row)] = row
     active = np.ones(len(rows), bool) if active is None else np.asarray(active)
     return DraftContext(jnp.asarray(history), jnp.asarray([len(r) for r in rows], jnp.int32), jnp.asarray(active))
 
@@ -74,9 +74,9 @@ def test_tree_follows_the_template():
 def test_unknown_entries_leave_nodes_and_their_subtrees_unused():
     adj = hand_adjacency()
     root = 7
-    adj[root, 1] = -1                      # node 2 (root, rank 1) unknown -> its subtree 2, 6, 8 unused
+    adj[root, 1] = -1  # node 2 (root, rank 1) unknown -> its subtree 2, 6, 8 unused
     node4 = adj[adj[root, 0], 0]
-    adj[node4, 0] = -1                     # node 7 (node 4, rank 0) unknown -> nodes 7 and 9 unused
+    adj[node4, 0] = -1  # node 7 (node 4, rank 0) unknown -> nodes 7 and 9 unused
     drafter = TokenRecycling(candidates=K, template=TEMPLATE, adjacency=jnp.asarray(adj))
     state = drafter.init({}, CONFIG, None, None, 16, "xla")
     tree, _ = jax.jit(lambda s, c: drafter.propose(s, c, SAMPLING, KEY))(state, context([[root]]))
@@ -96,9 +96,9 @@ def test_update_writes_the_top_k_of_every_used_node_of_active_rows():
     drafter = TokenRecycling(candidates=K, template=TEMPLATE)
     state = drafter.init({}, CONFIG, None, None, 16, "xla")
     n = drafter.tree_size
-    tokens = np.arange(3 * n).reshape(3, n) % V                 # distinct within rows 0 and 1
+    tokens = np.arange(3 * n).reshape(3, n) % V  # distinct within rows 0 and 1
     parents = np.broadcast_to(np.asarray([-1] + [p for p, _ in TEMPLATE]), (3, n)).copy()
-    parents[0, [2, 6, 8, 9]] = UNUSED                          # node 2's subtree and leaf 9 unused in row 0
+    parents[0, [2, 6, 8, 9]] = UNUSED  # node 2's subtree and leaf 9 unused in row 0
     tree = DraftTree(jnp.asarray(tokens, jnp.int32), jnp.asarray(parents, jnp.int32))
     check_tree(tree, vocab_size=V)
     logits = jax.random.normal(jax.random.PRNGKey(1), (3, n, V))
@@ -113,7 +113,7 @@ def test_update_writes_the_top_k_of_every_used_node_of_active_rows():
                 np.testing.assert_array_equal(adj[tokens[b, i]], top[b, i])
                 written.add(tokens[b, i])
     assert not set(tokens[0, [2, 6, 8, 9]]) & written
-    for token in set(range(V)) - written:   # unused nodes and the inactive row wrote nothing
+    for token in set(range(V)) - written:  # unused nodes and the inactive row wrote nothing
         assert (adj[token] == -1).all(), token
     assert adj.dtype == np.int32
 
@@ -135,7 +135,7 @@ def test_learns_a_deterministic_text_in_a_few_rounds():
         logits = np.tile(np.linspace(0, -1, V), (1, tree.size, 1)).astype(np.float32)
         logits[0, np.arange(tree.size), succ(tokens)] = 5.0
         node, path = 0, []
-        while True:   # greedy acceptance: the child whose token the target predicts
+        while True:  # greedy acceptance: the child whose token the target predicts
             nxt = [i for i in range(tree.size) if used[i] and parents[i] == node and tokens[i] == succ(tokens[node])]
             if not nxt:
                 break
@@ -143,22 +143,28 @@ def test_learns_a_deterministic_text_in_a_few_rounds():
             path.append(int(tokens[node]))
         accepted.append(len(path))
         text = text + path + [succ(text[-1] if not path else path[-1])]
-        acceptance = Acceptance(jnp.zeros((1, tree.size), jnp.int32), jnp.asarray([len(path)], jnp.int32),
-                                jnp.asarray([text[-1]], jnp.int32))
+        acceptance = Acceptance(
+            jnp.zeros((1, tree.size), jnp.int32),
+            jnp.asarray([len(path)], jnp.int32),
+            jnp.asarray([text[-1]], jnp.int32),
+        )
         state = update(state, context([text], width=64), tree, jnp.asarray(logits), acceptance)
     assert all(text[i + 1] == succ(text[i]) for i in range(len(text) - 1))
     assert max(np.asarray(depths(tree.parents))[0]) == 4
     assert accepted == [0] * 7 + [4] * 7
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"candidates": 0}, r"candidates must be an int >= 1, got 0"),
-    ({"template": ()}, r"template must have at least one node"),
-    ({"template": ((0, 0), (2, 0))}, r"node 2 has parent 2; expected a parent in \[0, 2\)"),
-    ({"template": ((0, 4),), "candidates": 4}, r"node 1 has rank 4; expected a rank in \[0, candidates=4\)"),
-    ({"template": ((0, 0), (0, 0))}, r"repeats a \(parent, rank\) pair"),
-    ({"template": ((0, 0, 1),)}, r"template must be a sequence of \(parent, rank\) int pairs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"candidates": 0}, r"candidates must be an int >= 1, got 0"),
+        ({"template": ()}, r"template must have at least one node"),
+        ({"template": ((0, 0), (2, 0))}, r"node 2 has parent 2; expected a parent in \[0, 2\)"),
+        ({"template": ((0, 4),), "candidates": 4}, r"node 1 has rank 4; expected a rank in \[0, candidates=4\)"),
+        ({"template": ((0, 0), (0, 0))}, r"repeats a \(parent, rank\) pair"),
+        ({"template": ((0, 0, 1),)}, r"template must be a sequence of \(parent, rank\) int pairs"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TokenRecycling(**kwargs)
@@ -169,21 +175,27 @@ def test_template_given_as_lists_becomes_a_hashable_tuple():
     assert drafter.template == ((0, 0), (0, 1), (1, 0)) and hash(drafter.template)
 
 
-@pytest.mark.parametrize("branching, message", [
-    (((2,), (1, 1, 1)), r"level 1 lists 3 child counts, but has only 2 nodes"),
-    (((1, 1),), r"level 0 lists 2 child counts, but has only 1 nodes"),
-    (((2,), (-1,)), r"child count of node 1 must be an int >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "branching, message",
+    [
+        (((2,), (1, 1, 1)), r"level 1 lists 3 child counts, but has only 2 nodes"),
+        (((1, 1),), r"level 0 lists 2 child counts, but has only 1 nodes"),
+        (((2,), (-1,)), r"child count of node 1 must be an int >= 0, got -1"),
+    ],
+)
 def test_bad_branching(branching, message):
     with pytest.raises(ValueError, match=message):
         bfs_template(branching)
 
 
-@pytest.mark.parametrize("adjacency, candidates, message", [
-    (np.zeros((V, 3), np.int32), K, r"adjacency must be an int array of shape \(32, 4\)"),
-    (np.zeros((V, K), np.float32), K, r"adjacency must be an int array of shape \(32, 4\) .*got float32"),
-    (None, V + 1, r"candidates \(33\) exceeds the vocabulary \(32 tokens\)"),
-])
+@pytest.mark.parametrize(
+    "adjacency, candidates, message",
+    [
+        (np.zeros((V, 3), np.int32), K, r"adjacency must be an int array of shape \(32, 4\)"),
+        (np.zeros((V, K), np.float32), K, r"adjacency must be an int array of shape \(32, 4\) .*got float32"),
+        (None, V + 1, r"candidates \(33\) exceeds the vocabulary \(32 tokens\)"),
+    ],
+)
 def test_bad_adjacency(adjacency, candidates, message):
     drafter = TokenRecycling(candidates=candidates, template=((0, 0),), adjacency=adjacency)
     with pytest.raises(ValueError, match=message):
@@ -193,12 +205,25 @@ def test_bad_adjacency(adjacency, candidates, message):
 @pytest.mark.slow
 def test_greedy_generate_with_token_recycling_matches_plain_greedy():
     import ssm_llm
-    config = ssm_llm.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                                 num_kv_heads=1, head_dim=8, max_position_embeddings=128)
+
+    config = ssm_llm.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
     params = ssm_llm.init_params(config, jax.random.PRNGKey(2))
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
     plain = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=24, eos_token_ids=()))
-    out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(
-        max_new_tokens=24, eos_token_ids=(), speculative=TokenRecycling(candidates=4)))
+    out = ssm_llm.generate(
+        params,
+        config,
+        prompts,
+        ssm_llm.GenerationConfig(max_new_tokens=24, eos_token_ids=(), speculative=TokenRecycling(candidates=4)),
+    )
     assert out.tokens == plain.tokens
     assert all(a > 0 for a in out.speculative.accepted)  # this random model's greedy text repeats itself

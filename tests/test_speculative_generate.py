@@ -31,8 +31,9 @@ def test_eos_stops_rows_inside_a_round(target):
     prompts = ragged_prompts(np.random.default_rng(7), config.vocab_size)
     free = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=()))
     eos = free.tokens[1][4]
-    assert_same_greedy(params, config, prompts, RandomTreeDrafter(config.vocab_size), max_new_tokens=12,
-                       eos_token_ids=(eos,))
+    assert_same_greedy(
+        params, config, prompts, RandomTreeDrafter(config.vocab_size), max_new_tokens=12, eos_token_ids=(eos,)
+    )
 
 
 def test_speculative_rejects_what_does_not_combine():
@@ -44,12 +45,25 @@ def test_speculative_rejects_what_does_not_combine():
     with pytest.raises(ValueError, match="kv_compression"):
         ssm_llm.GenerationConfig(speculative=RandomTreeDrafter(64), kv_compression=StreamingLLM(budget=16))
     with pytest.raises(ValueError, match="on_token"):
-        ssm_llm.generate(params, LLAMA, [[1, 2]], ssm_llm.GenerationConfig(speculative=RandomTreeDrafter(64)),
-                         on_token=lambda step, tok: None)
+        ssm_llm.generate(
+            params,
+            LLAMA,
+            [[1, 2]],
+            ssm_llm.GenerationConfig(speculative=RandomTreeDrafter(64)),
+            on_token=lambda step, tok: None,
+        )
 
 
-SMALL_VOCAB = ssm_llm.ModelConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                                  num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+SMALL_VOCAB = ssm_llm.ModelConfig(
+    vocab_size=8,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 
 
 def exact_law(params, config, prompt, gen_config) -> np.ndarray:
@@ -61,13 +75,16 @@ def exact_law(params, config, prompt, gen_config) -> np.ndarray:
     tokens = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1)
     cache = ssm_llm.init_cache(config, len(pairs), tokens.shape[1])
     logits, _ = ssm_llm.forward(params, config, jnp.asarray(tokens), cache)
-    filters = dict(temperature=gen_config.temperature, top_k=gen_config.top_k,
-                   top_p=gen_config.top_p if gen_config.top_p < 1 else None)
+    filters = dict(
+        temperature=gen_config.temperature,
+        top_k=gen_config.top_k,
+        top_p=gen_config.top_p if gen_config.top_p < 1 else None,
+    )
     probs = np.asarray(jax_softmax(ssm_llm.filter_logits(logits.reshape(-1, v), **filters))).reshape(len(pairs), -1, v)
     n = len(prompt)
-    p1 = probs[0, n - 1]                                  # after the prompt
-    p2 = probs[::v, n].reshape(v, v)                       # after prompt + t1 (any t2 gives the same)
-    p3 = probs[:, n + 1].reshape(v, v, v)                  # after prompt + t1 + t2
+    p1 = probs[0, n - 1]  # after the prompt
+    p2 = probs[::v, n].reshape(v, v)  # after prompt + t1 (any t2 gives the same)
+    p3 = probs[:, n + 1].reshape(v, v, v)  # after prompt + t1 + t2
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
@@ -100,8 +117,9 @@ def test_sampling_preserves_the_target_law(draw, filters):
     target's exact law: chi-square p-value > 1e-3 (fixed seed)."""
     params = wide_params(SMALL_VOCAB, seed=1, scale=3.0)
     prompt = [1, 2, 3]
-    gen_config = ssm_llm.GenerationConfig(max_new_tokens=3, eos_token_ids=(), seed=11, **filters,
-                                          speculative=RandomTreeDrafter(8, draw=draw))
+    gen_config = ssm_llm.GenerationConfig(
+        max_new_tokens=3, eos_token_ids=(), seed=11, **filters, speculative=RandomTreeDrafter(8, draw=draw)
+    )
     out = ssm_llm.generate(params, SMALL_VOCAB, [prompt] * SAMPLES, gen_config)
     tokens = np.asarray(out.tokens)
     counts = np.zeros((8, 8, 8))
@@ -128,9 +146,11 @@ def make_drafter(kind, params, config):
     if kind == "token_recycling":  # an explicit empty matrix: the hot start below reuses the compiled loop
         return TokenRecycling(adjacency=np.full((config.vocab_size, 8), UNKNOWN, np.int32))
     draft_params, draft_config = self_speculative(params, config, [0])
-    return {"draft_model": lambda: DraftModel(draft_params, draft_config, num_tokens=2),
-            "rsd": lambda: RSD(draft_params, draft_config, (3,)),
-            "dyspec": lambda: DySpec(draft_params, draft_config, tree_size=5, max_depth=2, per_step=2)}[kind]()
+    return {
+        "draft_model": lambda: DraftModel(draft_params, draft_config, num_tokens=2),
+        "rsd": lambda: RSD(draft_params, draft_config, (3,)),
+        "dyspec": lambda: DySpec(draft_params, draft_config, tree_size=5, max_depth=2, per_step=2),
+    }[kind]()
 
 
 @pytest.mark.parametrize("kind", ["token_recycling", "draft_model", "rsd", "dyspec"])
@@ -141,6 +161,7 @@ def test_every_drafter_gives_plain_greedy_output(target, kind, cheap_compiles):
     prompts = ragged_prompts(np.random.default_rng(3), config.vocab_size)
     spec = assert_same_greedy(params, config, prompts, make_drafter(kind, params, config), max_new_tokens=14)
     if kind == "token_recycling":  # hot start from the learned matrix: drafts now hit
-        spec = assert_same_greedy(params, config, prompts, TokenRecycling(adjacency=spec.speculative.drafter_state),
-                                  max_new_tokens=14)
+        spec = assert_same_greedy(
+            params, config, prompts, TokenRecycling(adjacency=spec.speculative.drafter_state), max_new_tokens=14
+        )
     assert sum(spec.speculative.accepted) > 0  # drafts were accepted: the check is not vacuous

@@ -13,7 +13,9 @@ PROMPTS = [
     "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n",
     "Once upon a time",
 ]
-KEEP = tuple(range(12)) + tuple(range(18, 30))  # the self-speculative draft: 24 of the 30 layers (SmolLM2 loses most top-1 agreement with fewer)
+KEEP = tuple(range(12)) + tuple(
+    range(18, 30)
+)  # the self-speculative draft: 24 of the 30 layers (SmolLM2 loses most top-1 agreement with fewer)
 
 
 def drafters(params, config):
@@ -34,16 +36,26 @@ def test_token_recycling_hot_start(smollm2, template):
     Both templates: the default 5 drafts (depth 3) and the 20-draft WIDE_TEMPLATE (depth 6)."""
     config, params, tokenizer, _ = smollm2
     ids = [tokenizer(p).input_ids for p in PROMPTS]
-    cold = assert_same_greedy(params, config, ids, speculative.TokenRecycling(template=template), max_new_tokens=24,
-                              eos_token_ids=())
+    cold = assert_same_greedy(
+        params, config, ids, speculative.TokenRecycling(template=template), max_new_tokens=24, eos_token_ids=()
+    )
     hot_drafter = speculative.TokenRecycling(template=template, adjacency=cold.speculative.drafter_state)
     hot = assert_same_greedy(params, config, ids, hot_drafter, max_new_tokens=24, eos_token_ids=())
-    assert hot.speculative.tokens_per_round > max(1.5, cold.speculative.tokens_per_round), (cold.speculative, hot.speculative)
+    assert hot.speculative.tokens_per_round > max(1.5, cold.speculative.tokens_per_round), (
+        cold.speculative,
+        hot.speculative,
+    )
 
 
-@pytest.mark.parametrize("name", ["prompt_lookup", "layer_skip",
-                                  pytest.param("rsd", marks=pytest.mark.slow),
-                                  pytest.param("dyspec", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prompt_lookup",
+        "layer_skip",
+        pytest.param("rsd", marks=pytest.mark.slow),
+        pytest.param("dyspec", marks=pytest.mark.slow),
+    ],
+)
 def test_greedy_output_is_plain_greedy(smollm2, name):
     config, params, tokenizer, _ = smollm2
     ids = [tokenizer(p).input_ids for p in PROMPTS]
@@ -60,6 +72,5 @@ def test_tree_drafters_briefly(smollm2, name):
     two, writes 24 and adds single prompts)."""
     config, params, tokenizer, _ = smollm2
     ids = [tokenizer(p).input_ids for p in PROMPTS]
-    batch = assert_same_greedy(params, config, ids, drafters(params, config)[name], max_new_tokens=8,
-                               eos_token_ids=())
+    batch = assert_same_greedy(params, config, ids, drafters(params, config)[name], max_new_tokens=8, eos_token_ids=())
     assert batch.speculative.tokens_per_round > 1.2, batch.speculative

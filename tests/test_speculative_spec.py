@@ -18,17 +18,23 @@ def test_parse_drafter_builds_the_drafters():
     assert drafter.template == ((0, 0), (0, 1), (1, 0)) and drafter.candidates == 4 and drafter.tree_size == 4
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("ngram", "unknown speculative drafter 'ngram'; choose one of ['prompt_lookup', 'token_recycling']"),
-    ("prompt_lookup:tokens=3", "PromptLookup: bad parameter 'tokens=3'"),
-    ("prompt_lookup:num_tokens", "PromptLookup: bad parameter 'num_tokens'"),
-    ("prompt_lookup:num_tokens=0", "num_tokens must be an int >= 1"),
-    ("token_recycling:template=((0, 0), (3, 0))", "template node 2 has parent 3"),
-    ("token_recycling:adjacency=3", "TokenRecycling: bad parameter 'adjacency=3'; parameters are ['candidates', 'template']"),
-    ("prompt_lookup:num_tokens=4),max_ngram=2", "unbalanced brackets in 'num_tokens=4),max_ngram=2'"),
-    ("token_recycling:template=((0, 0), (0, 1)", "1 bracket(s) left open"),
-    ("prompt_lookup:num_tokens=4,num_tokens=5", "parameter 'num_tokens' given twice"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ngram", "unknown speculative drafter 'ngram'; choose one of ['prompt_lookup', 'token_recycling']"),
+        ("prompt_lookup:tokens=3", "PromptLookup: bad parameter 'tokens=3'"),
+        ("prompt_lookup:num_tokens", "PromptLookup: bad parameter 'num_tokens'"),
+        ("prompt_lookup:num_tokens=0", "num_tokens must be an int >= 1"),
+        ("token_recycling:template=((0, 0), (3, 0))", "template node 2 has parent 3"),
+        (
+            "token_recycling:adjacency=3",
+            "TokenRecycling: bad parameter 'adjacency=3'; parameters are ['candidates', 'template']",
+        ),
+        ("prompt_lookup:num_tokens=4),max_ngram=2", "unbalanced brackets in 'num_tokens=4),max_ngram=2'"),
+        ("token_recycling:template=((0, 0), (0, 1)", "1 bracket(s) left open"),
+        ("prompt_lookup:num_tokens=4,num_tokens=5", "parameter 'num_tokens' given twice"),
+    ],
+)
 def test_parse_drafter_names_the_problem(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_drafter(spec)

@@ -60,12 +60,27 @@ def _state_spaces_checkpoint(model, path):
     if cfg.model_type == "mamba2":
         ssm_cfg.update(layer="Mamba2", headdim=cfg.head_dim, ngroups=cfg.n_groups, chunk_size=cfg.chunk_size)
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({
-        "d_model": cfg.hidden_size, "d_intermediate": 0, "n_layer": cfg.num_hidden_layers,
-        "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg, "rms_norm": True, "residual_in_fp32": True,
-        "fused_add_norm": True, "pad_vocab_size_multiple": 1, "tie_embeddings": True}))
-    state = {("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "d_model": cfg.hidden_size,
+                "d_intermediate": 0,
+                "n_layer": cfg.num_hidden_layers,
+                "vocab_size": cfg.vocab_size,
+                "ssm_cfg": ssm_cfg,
+                "rms_norm": True,
+                "residual_in_fp32": True,
+                "fused_add_norm": True,
+                "pad_vocab_size_multiple": 1,
+                "tie_embeddings": True,
+            }
+        )
+    )
+    state = {
+        ("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     torch.save(state, path / "pytorch_model.bin")
 
 
@@ -91,12 +106,15 @@ def test_state_spaces_vocab_padding_and_unsupported_options():
         ssm_config_from_hf({**base, "ssm_cfg": {"layer": "Mamba2", "headdim": 48}})
 
 
-@pytest.mark.parametrize("limit, expected", [
-    (None, (0.0, math.inf)),
-    ([0.0, {"__float__": "Infinity"}], (0.0, math.inf)),
-    ([0.001, "Infinity"], (0.001, math.inf)),
-    ((0.0, 0.1), (0.0, 0.1)),
-])
+@pytest.mark.parametrize(
+    "limit, expected",
+    [
+        (None, (0.0, math.inf)),
+        ([0.0, {"__float__": "Infinity"}], (0.0, math.inf)),
+        ([0.001, "Infinity"], (0.001, math.inf)),
+        ((0.0, 0.1), (0.0, 0.1)),
+    ],
+)
 def test_time_step_limit_parsing(limit, expected):
     d = tiny_hf_ssm_model("mamba2").config.to_dict()
     d["time_step_limit"] = limit
@@ -139,15 +157,18 @@ def test_both_embedding_names_is_an_error(ssm):
         converters.load(state, config=model.config)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(num_heads=5), r"num_heads \* head_dim \(5 \* 16\) must equal intermediate_size \(96\)"),
-    (dict(n_groups=4), r"num_heads \(6\) must be a multiple of n_groups \(4\)"),
-    (dict(time_step_limit=[0.0]), r"time_step_limit must be a pair"),
-    (dict(time_step_limit=[0.0, "lots"]), r"time_step_limit holds 'lots', not a number"),
-    (dict(time_step_limit=[0.5, 0.1]), r"time_step_limit must be \(lo, hi\) with 0 <= lo <= hi"),
-    (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
-    (dict(chunk_size=0), r"chunk_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_heads=5), r"num_heads \* head_dim \(5 \* 16\) must equal intermediate_size \(96\)"),
+        (dict(n_groups=4), r"num_heads \(6\) must be a multiple of n_groups \(4\)"),
+        (dict(time_step_limit=[0.0]), r"time_step_limit must be a pair"),
+        (dict(time_step_limit=[0.0, "lots"]), r"time_step_limit holds 'lots', not a number"),
+        (dict(time_step_limit=[0.5, 0.1]), r"time_step_limit must be \(lo, hi\) with 0 <= lo <= hi"),
+        (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
+        (dict(chunk_size=0), r"chunk_size must be a positive int"),
+    ],
+)
 def test_bad_mamba2_configs(change, message):
     model = tiny_hf_ssm_model("mamba2")
     with pytest.raises(ValueError, match=message):
@@ -184,12 +205,29 @@ def test_cli_generate_from_a_mamba_directory(kind, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     config, params = converters.load(tmp_path)
     ids = tokenizer("w3 w1 w4 w1 w5").input_ids
-    expected = ssm_llm.generate(params, config, [ids],
-                                ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=())).tokens[0]
+    expected = ssm_llm.generate(
+        params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=())
+    ).tokens[0]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "ssm_llm_cli", "generate", "--model", str(tmp_path), "--prompt",
-                             "w3 w1 w4 w1 w5", "--max-new-tokens", "12", "--no-stream"],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssm_llm_cli",
+            "generate",
+            "--model",
+            str(tmp_path),
+            "--prompt",
+            "w3 w1 w4 w1 w5",
+            "--max-new-tokens",
+            "12",
+            "--no-stream",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert "5 prompt tokens, 12 new (length)" in result.stderr

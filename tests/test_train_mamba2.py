@@ -20,9 +20,30 @@ import text_corpus as tc  # noqa: E402
 import train_mamba2 as tm  # noqa: E402
 
 STEPS = 16
-TINY_ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--batch", "4", "--seq-len", "32", "--lr", "1e-2",
-             "--warmup", "2", "--corpus", "pydoc", "--max-chars", "100000", "--eval-windows", "4",
-             "--sample-tokens", "8", "--ckpt-every", "100"]
+TINY_ARGS = [
+    "--preset",
+    "tiny",
+    "--steps",
+    str(STEPS),
+    "--batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "2",
+    "--corpus",
+    "pydoc",
+    "--max-chars",
+    "100000",
+    "--eval-windows",
+    "4",
+    "--sample-tokens",
+    "8",
+    "--ckpt-every",
+    "100",
+]
 
 
 def run(tmp: Path, name: str, *extra: str) -> dict:
@@ -115,8 +136,9 @@ def test_split_is_by_document_disjoint_and_about_a_tenth(tokenizer, tmp_path):
     assert 0.05 < len(eval_tokens) / (len(train_tokens) + len(eval_tokens)) < 0.15
     # Each stream is exactly its documents' tokens plus separators where the text breaks.
     for split, stream in (("train", train_tokens), ("eval", eval_tokens)):
-        body = np.concatenate([corpus.tokens[corpus.offsets[i]:corpus.offsets[i + 1]]
-                               for i in corpus.split_indices(split)])
+        body = np.concatenate(
+            [corpus.tokens[corpus.offsets[i] : corpus.offsets[i + 1]] for i in corpus.split_indices(split)]
+        )
         assert len(stream) > len(body)
         sep = corpus.separator
         assert (stream == sep).sum() - (body == sep).sum() == len(stream) - len(body)

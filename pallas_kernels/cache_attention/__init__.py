@@ -33,10 +33,22 @@ from pallas_kernels.cache_attention.triton import (
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.lowering import is_power_of_two
 
-__all__ = ["CacheAttentionBlockSizes", "CacheAttentionTPUBlockSizes", "attention_pallas_tpu",
-           "attention_partials_pallas", "cache_attention", "cache_attention_pallas", "cache_attention_pallas_tpu",
-           "cache_attention_ref", "check_cache_inputs", "dequantize_cache", "key_ranges", "masked_attention",
-           "merge_partials", "use_pallas"]
+__all__ = [
+    "CacheAttentionBlockSizes",
+    "CacheAttentionTPUBlockSizes",
+    "attention_pallas_tpu",
+    "attention_partials_pallas",
+    "cache_attention",
+    "cache_attention_pallas",
+    "cache_attention_pallas_tpu",
+    "cache_attention_ref",
+    "check_cache_inputs",
+    "dequantize_cache",
+    "key_ranges",
+    "masked_attention",
+    "merge_partials",
+    "use_pallas",
+]
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")  # of both cache_attention and tree_attention
 
@@ -45,21 +57,49 @@ def use_pallas(impl: str, kernel: str, dim: int) -> str:
     """The dispatch decision shared with `tree_attention`: "xla", "pallas" or "interpret". The split-K
     kernel needs a power-of-two head_dim >= 16; "auto" falls back to the reference otherwise on GPU."""
     kind = resolve_impl(impl, kernel, PALLAS_BACKENDS)
-    if (kind == "pallas" and impl == "auto" and jax.default_backend() == "gpu"
-            and not (is_power_of_two(dim) and dim >= 16)):
+    if (
+        kind == "pallas"
+        and impl == "auto"
+        and jax.default_backend() == "gpu"
+        and not (is_power_of_two(dim) and dim >= 16)
+    ):
         return "xla"
     return kind
 
 
-def cache_attention(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None, *,
-                    block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None, impl="auto"):
+def cache_attention(
+    q,
+    k,
+    v,
+    q_positions,
+    kv_lengths,
+    window=0,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `cache_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     `block_sizes` are those of the kernel that runs (None: its defaults)."""
     kind = use_pallas(impl, "cache_attention", q.shape[-1])
     if kind == "xla":
         return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
     if kind == "pallas" and jax.default_backend() == "tpu":
-        return cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale,
-                                          block_sizes=block_sizes)
-    return cache_attention_pallas(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale,
-                                  block_sizes=block_sizes, interpret=kind == "interpret")
+        return cache_attention_pallas_tpu(
+            q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale, block_sizes=block_sizes
+        )
+    return cache_attention_pallas(
+        q,
+        k,
+        v,
+        q_positions,
+        kv_lengths,
+        window,
+        scale,
+        k_scale,
+        v_scale,
+        block_sizes=block_sizes,
+        interpret=kind == "interpret",
+    )

@@ -16,9 +16,11 @@ def check_cache_inputs(name, q, k, v, k_scale, v_scale):
         raise ValueError(f"{name}: query heads ({heads}) must be a multiple of kv heads ({k.shape[1]})")
     quantized = jnp.issubdtype(k.dtype, jnp.integer)
     if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
-        raise ValueError(f"{name}: int8 k/v need k_scale and v_scale (and float k/v none); got k {k.dtype}, "
-                         f"k_scale {'given' if k_scale is not None else 'None'}, "
-                         f"v_scale {'given' if v_scale is not None else 'None'}")
+        raise ValueError(
+            f"{name}: int8 k/v need k_scale and v_scale (and float k/v none); got k {k.dtype}, "
+            f"k_scale {'given' if k_scale is not None else 'None'}, "
+            f"v_scale {'given' if v_scale is not None else 'None'}"
+        )
     for label, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is not None and s.shape != k.shape[:3]:
             raise ValueError(f"{name}: {label} must be [B, H_kv, S] = {k.shape[:3]}, got {s.shape}")
@@ -28,8 +30,10 @@ def dequantize_cache(k, v, k_scale, v_scale, dtype):
     """int8 K/V with per-token scales [B, H_kv, S] -> `dtype`; float K/V pass through."""
     if k_scale is None:
         return k, v
-    return ((k.astype(jnp.float32) * k_scale[..., None]).astype(dtype),
-            (v.astype(jnp.float32) * v_scale[..., None]).astype(dtype))
+    return (
+        (k.astype(jnp.float32) * k_scale[..., None]).astype(dtype),
+        (v.astype(jnp.float32) * v_scale[..., None]).astype(dtype),
+    )
 
 
 def masked_attention(q, k, v, visible, scale=None):
@@ -38,7 +42,7 @@ def masked_attention(q, k, v, visible, scale=None):
     Float32 softmax; a row that sees no key is zero."""
     batch, steps, heads, dim = q.shape
     kv_heads = k.shape[1]
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     qg = q.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     visible = visible[:, None, None] if visible.ndim == 3 else visible[:, :, None]  # -> [B, K|1, 1, T, S]

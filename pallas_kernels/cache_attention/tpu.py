@@ -85,8 +85,21 @@ def _cache_attention_tpu_kernel(blk_lo_ref, blk_hi_ref, *refs, scale, block_k, s
         o_ref[...] = scratch_output(denom_ref, acc_ref).astype(o_ref.dtype)
 
 
-def attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, tree_mask, *,
-                         blocks: CacheAttentionTPUBlockSizes, interpret: bool):
+def attention_pallas_tpu(
+    q,
+    k,
+    v,
+    lo,
+    hi,
+    scale,
+    k_scale,
+    v_scale,
+    tree_prefix,
+    tree_mask,
+    *,
+    blocks: CacheAttentionTPUBlockSizes,
+    interpret: bool,
+):
     """TPU (Mosaic) attention over the cache. q: [B, T, H, D]; k, v: [B, H_kv, S, D] (int8 with scales
     [B, H_kv, S]); lo, hi: [B, T] visible key range per query; optionally tree_prefix: [B] and tree_mask:
     [B, T, T_tree] bool (query t also sees key tree_prefix + j where tree_mask[b, t, j]). Returns
@@ -110,12 +123,13 @@ def attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, 
     padded = row_blocks * row_block
     block_k = min(blocks.block_k, seq)  # a multiple of 128, or all of S
     key_blocks = pl.cdiv(seq, block_k)
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     tree = tree_mask is not None
 
     hi = jnp.minimum(hi, seq)  # keys past S do not exist (and a partial last block holds garbage there)
     pad_rows = lambda a, fill: jnp.pad(  # noqa: E731  [B, T] -> [B, padded] in (t, g) row order
-        jnp.repeat(a, group, axis=1), ((0, 0), (0, padded - rows)), constant_values=fill)
+        jnp.repeat(a, group, axis=1), ((0, 0), (0, padded - rows)), constant_values=fill
+    )
     lo_rows, hi_rows = pad_rows(lo, 0), pad_rows(hi, 0)  # padding rows see nothing
     nonempty = (lo_rows < hi_rows).reshape(batch * row_blocks, row_block)
     first_key = jnp.min(jnp.where(nonempty, lo_rows.reshape(nonempty.shape), seq), axis=1)
@@ -154,8 +168,9 @@ def attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, 
         in_specs.append(pl.BlockSpec((None, row_block, tree_pad), lambda b, h, r, j, *_: (b, r, 0)))
         args.append(jnp.pad(mask_rows, ((0, 0), (0, padded - rows), (0, tree_pad - tree_mask.shape[-1]))))
         prefetch.append(prefix)
-    kernel = functools.partial(_cache_attention_tpu_kernel, scale=scale, block_k=block_k, seq=seq,
-                               quantized=quantized, tree=tree)
+    kernel = functools.partial(
+        _cache_attention_tpu_kernel, scale=scale, block_k=block_k, seq=seq, quantized=quantized, tree=tree
+    )
     name = "tree_attention" if tree else "cache_attention"
     out = pl.pallas_call(
         kernel,
@@ -164,8 +179,12 @@ def attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, 
             grid=(batch, kv_heads, row_blocks, key_blocks),
             in_specs=in_specs,
             out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((row_block, 1), jnp.float32), pltpu.VMEM((row_block, 1), jnp.float32),
-                            pltpu.VMEM((row_block, dim), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((row_block, 1), jnp.float32),
+                pltpu.VMEM((row_block, 1), jnp.float32),
+                pltpu.VMEM((row_block, dim), jnp.float32),
+            ],
+        ),
         out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
         # (sequence, kv head, row block, key block): the key axis carries the online softmax in scratch.
         compiler_params=tpu_params(("parallel", "parallel", "parallel", "arbitrary"), interpret),
@@ -177,12 +196,24 @@ def attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, 
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def cache_attention_pallas_tpu(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None,
-                               v_scale=None, *, block_sizes: CacheAttentionTPUBlockSizes | None = None,
-                               interpret: bool = False):
+def cache_attention_pallas_tpu(
+    q,
+    k,
+    v,
+    q_positions,
+    kv_lengths,
+    window=0,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """TPU (Mosaic) version of `cache_attention_ref` (same contract); see `attention_pallas_tpu`."""
     check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
     blocks = CacheAttentionTPUBlockSizes.resolve(block_sizes, "cache_attention")
     lo, hi = key_ranges(q_positions, kv_lengths, window)
-    return attention_pallas_tpu(q, k, v, lo, hi, scale, k_scale, v_scale, None, None, blocks=blocks,
-                                interpret=interpret)
+    return attention_pallas_tpu(
+        q, k, v, lo, hi, scale, k_scale, v_scale, None, None, blocks=blocks, interpret=interpret
+    )

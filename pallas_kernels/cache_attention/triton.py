@@ -82,8 +82,11 @@ def _split_k_kernel(*refs, scale, rows, row_block, block_k, split_len, seq, quan
         if tree:  # draft-tree keys prefix..prefix+T_tree-1: visible where the ancestor mask says so
             c = cols - prefix
             in_tree = (c >= 0) & (c < tree_len) & col_ok
-            allowed = plgpu.load(tree_ref.at[r[:, None], jnp.where(in_tree, c, 0)[None, :]],
-                                 mask=row_ok[:, None] & in_tree[None, :], other=0)
+            allowed = plgpu.load(
+                tree_ref.at[r[:, None], jnp.where(in_tree, c, 0)[None, :]],
+                mask=row_ok[:, None] & in_tree[None, :],
+                other=0,
+            )
             visible = visible | (allowed != 0)
         return online_softmax_step(*carry, s, visible, v)
 
@@ -100,8 +103,21 @@ def _num_splits(programs: int, seq: int, block_k: int, target: int) -> tuple[int
     return pl.cdiv(seq, split_len), split_len
 
 
-def attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, tree_prefix, tree_mask, *,
-                              blocks: CacheAttentionBlockSizes, interpret: bool):
+def attention_partials_pallas(
+    q,
+    k,
+    v,
+    lo,
+    hi,
+    scale,
+    k_scale,
+    v_scale,
+    tree_prefix,
+    tree_mask,
+    *,
+    blocks: CacheAttentionBlockSizes,
+    interpret: bool,
+):
     """Split-K partial attention. q: [B, T, H, D]; k, v: [B, H_kv, S, D] (int8 with scales [B, H_kv, S]);
     lo, hi: [B, T] visible key range per query; optionally tree_prefix: [B] and tree_mask: [B, T, T_tree]
     bool (query t also sees key tree_prefix + j where tree_mask[b, t, j]).
@@ -118,7 +134,7 @@ def attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, tree_pre
     row_block = min(blocks.max_rows, max(16, pl.next_power_of_2(rows)))
     row_blocks = pl.cdiv(rows, row_block)
     splits, split_len = _num_splits(batch * kv_heads * row_blocks, seq, blocks.block_k, blocks.target_programs)
-    scale = dim ** -0.5 if scale is None else scale
+    scale = dim**-0.5 if scale is None else scale
     qr = q.reshape(batch, steps, kv_heads, group, dim).transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, rows, dim)
     per_row = lambda a: jnp.repeat(a.astype(jnp.int32), group, axis=1)  # noqa: E731  [B, T] -> [B, R]
     quantized, tree = k_scale is not None, tree_mask is not None
@@ -126,29 +142,53 @@ def attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, tree_pre
     rows_spec = pl.BlockSpec((None, rows), lambda b, i, s: (b, 0))
     cache_spec = pl.BlockSpec((None, None, seq, dim), lambda b, i, s: (b, head(i), 0, 0))
     scale_spec = pl.BlockSpec((None, None, seq), lambda b, i, s: (b, head(i), 0))
-    in_specs = [rows_spec, rows_spec, pl.BlockSpec((None, None, rows, dim), lambda b, i, s: (b, head(i), 0, 0)),
-                cache_spec, cache_spec]
+    in_specs = [
+        rows_spec,
+        rows_spec,
+        pl.BlockSpec((None, None, rows, dim), lambda b, i, s: (b, head(i), 0, 0)),
+        cache_spec,
+        cache_spec,
+    ]
     args = [per_row(lo), per_row(hi), qr, k, v]
     if quantized:
         in_specs += [scale_spec, scale_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
     if tree:
         tree_len = tree_mask.shape[-1]
-        in_specs += [pl.BlockSpec((None, 1), lambda b, i, s: (b, 0)),
-                     pl.BlockSpec((None, rows, tree_len), lambda b, i, s: (b, 0, 0))]
+        in_specs += [
+            pl.BlockSpec((None, 1), lambda b, i, s: (b, 0)),
+            pl.BlockSpec((None, rows, tree_len), lambda b, i, s: (b, 0, 0)),
+        ]
         args += [tree_prefix.astype(jnp.int32)[:, None], jnp.repeat(tree_mask.astype(jnp.int32), group, axis=1)]
-    out_rows = lambda *block: pl.BlockSpec((None, None, None, rows, *block),  # noqa: E731
-                                           lambda b, i, s: (b, head(i), s, 0) + (0,) * len(block))
+
+    def out_rows(*block):
+        return pl.BlockSpec(
+            (None, None, None, rows, *block),  # noqa: E731
+            lambda b, i, s: (b, head(i), s, 0) + (0,) * len(block),
+        )
+
     part = (batch, kv_heads, splits, rows)
-    kernel = functools.partial(_split_k_kernel, scale=scale, rows=rows, row_block=row_block, block_k=blocks.block_k,
-                               split_len=split_len, seq=seq, quantized=quantized, tree=tree)
+    kernel = functools.partial(
+        _split_k_kernel,
+        scale=scale,
+        rows=rows,
+        row_block=row_block,
+        block_k=blocks.block_k,
+        split_len=split_len,
+        seq=seq,
+        quantized=quantized,
+        tree=tree,
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, kv_heads * row_blocks, splits),
         in_specs=in_specs,
         out_specs=[out_rows(dim), out_rows(), out_rows()],
-        out_shape=[jax.ShapeDtypeStruct((*part, dim), jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((*part, dim), jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+        ],
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="split_k_attention",
@@ -168,12 +208,25 @@ def merge_partials(o, m, denom, steps: int, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
-def cache_attention_pallas(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None,
-                           *, block_sizes: CacheAttentionBlockSizes | None = None, interpret: bool = False):
+def cache_attention_pallas(
+    q,
+    k,
+    v,
+    q_positions,
+    kv_lengths,
+    window=0,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    *,
+    block_sizes: CacheAttentionBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `cache_attention_ref` (same contract): split-K partials, then `merge_partials`."""
     check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
     blocks = CacheAttentionBlockSizes.resolve(block_sizes, "cache_attention")
     lo, hi = key_ranges(q_positions, kv_lengths, window)
-    o, m, denom = attention_partials_pallas(q, k, v, lo, hi, scale, k_scale, v_scale, None, None, blocks=blocks,
-                                            interpret=interpret)
+    o, m, denom = attention_partials_pallas(
+        q, k, v, lo, hi, scale, k_scale, v_scale, None, None, blocks=blocks, interpret=interpret
+    )
     return merge_partials(o, m, denom, q.shape[1], q.dtype)

@@ -33,17 +33,37 @@ from pallas_kernels.causal_conv1d.triton import (
 )
 from pallas_kernels.dispatch import resolve_impl
 
-__all__ = ["ACTIVATIONS", "CausalConv1dBlockSizes", "CausalConv1dTPUBlockSizes", "CausalConv1dUpdateBlockSizes",
-           "CausalConv1dUpdateTPUBlockSizes", "causal_conv1d", "causal_conv1d_pallas", "causal_conv1d_pallas_tpu",
-           "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_pallas",
-           "causal_conv1d_update_pallas_tpu", "causal_conv1d_update_ref"]
+__all__ = [
+    "ACTIVATIONS",
+    "CausalConv1dBlockSizes",
+    "CausalConv1dTPUBlockSizes",
+    "CausalConv1dUpdateBlockSizes",
+    "CausalConv1dUpdateTPUBlockSizes",
+    "causal_conv1d",
+    "causal_conv1d_pallas",
+    "causal_conv1d_pallas_tpu",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_pallas",
+    "causal_conv1d_update_pallas_tpu",
+    "causal_conv1d_update_ref",
+]
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 
-def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="silu", *,
-                  block_sizes: CausalConv1dBlockSizes | CausalConv1dTPUBlockSizes | None = None, impl="auto"):
+def causal_conv1d(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    counts=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dBlockSizes | CausalConv1dTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `causal_conv1d_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The Pallas kernel needs K >= 2 and T >= 1: otherwise "auto" uses the reference and the others raise. On TPU
     "pallas" runs `causal_conv1d_pallas_tpu`. `block_sizes` are those of the kernel that runs (None: its
@@ -53,13 +73,21 @@ def causal_conv1d(x, weight, bias=None, state=None, counts=None, activation="sil
         return causal_conv1d_ref(x, weight, bias, state, counts, activation)
     if kind == "pallas" and jax.default_backend() == "tpu":
         return causal_conv1d_pallas_tpu(x, weight, bias, state, counts, activation, block_sizes=block_sizes)
-    return causal_conv1d_pallas(x, weight, bias, state, counts, activation, block_sizes=block_sizes,
-                                interpret=kind == "interpret")
+    return causal_conv1d_pallas(
+        x, weight, bias, state, counts, activation, block_sizes=block_sizes, interpret=kind == "interpret"
+    )
 
 
-def causal_conv1d_update(x, weight, bias=None, state=None, activation="silu", *,
-                         block_sizes: CausalConv1dUpdateBlockSizes | CausalConv1dUpdateTPUBlockSizes | None = None,
-                         impl="auto"):
+def causal_conv1d_update(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dUpdateBlockSizes | CausalConv1dUpdateTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `causal_conv1d_update_ref`'s contract (see there); K = 1 as in `causal_conv1d`. On TPU
     "pallas" runs `causal_conv1d_update_pallas_tpu`. `block_sizes` as in `causal_conv1d`."""
     kind = resolve_impl(impl, "causal_conv1d_update", UPDATE_PALLAS_BACKENDS)
@@ -67,5 +95,6 @@ def causal_conv1d_update(x, weight, bias=None, state=None, activation="silu", *,
         return causal_conv1d_update_ref(x, weight, bias, state, activation)
     if kind == "pallas" and jax.default_backend() == "tpu":
         return causal_conv1d_update_pallas_tpu(x, weight, bias, state, activation, block_sizes=block_sizes)
-    return causal_conv1d_update_pallas(x, weight, bias, state, activation, block_sizes=block_sizes,
-                                       interpret=kind == "interpret")
+    return causal_conv1d_update_pallas(
+        x, weight, bias, state, activation, block_sizes=block_sizes, interpret=kind == "interpret"
+    )

@@ -32,8 +32,10 @@ def check_kernel_inputs(x, weight, bias, state, activation):
     check_inputs(x, weight, bias, state, activation)
     taps, steps = weight.shape[1], x.shape[1]
     if not kernel_takes(taps, steps):
-        raise ValueError(f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
-                         f"T={steps}; use impl='xla'")
+        raise ValueError(
+            f"causal_conv1d: the Pallas kernel needs K >= 2 taps and T >= 1 steps, got K={taps}, "
+            f"T={steps}; use impl='xla'"
+        )
 
 
 def check_update_kernel_inputs(x, weight, bias, state, activation):

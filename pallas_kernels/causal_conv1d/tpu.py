@@ -62,8 +62,17 @@ def _conv_tpu_kernel(x_ref, halo_ref, w_ref, *refs, taps, has_bias, silu):
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
-def causal_conv1d_pallas_tpu(x, weight, bias=None, state=None, counts=None, activation="silu", *,
-                             block_sizes: CausalConv1dTPUBlockSizes | None = None, interpret: bool = False):
+def causal_conv1d_pallas_tpu(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    counts=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `causal_conv1d_ref` (same contract), for K >= 2 and T >= 1; channels on lanes.
 
     The wrapper builds the padded input [B, K-1 + T + pad, C] (state prepended, zeros appended so every
@@ -85,12 +94,15 @@ def causal_conv1d_pallas_tpu(x, weight, bias=None, state=None, counts=None, acti
     if state is None:
         state = jnp.zeros((batch, channels, taps - 1), x.dtype)
     tail = time_blocks * block_t + halo - (taps - 1 + steps)
-    padded = jnp.concatenate([state.transpose(0, 2, 1).astype(x.dtype), x,
-                              jnp.zeros((batch, tail, channels), x.dtype)], axis=1)
+    padded = jnp.concatenate(
+        [state.transpose(0, 2, 1).astype(x.dtype), x, jnp.zeros((batch, tail, channels), x.dtype)], axis=1
+    )
     per_halo = block_t // halo
-    in_specs = [pl.BlockSpec((None, block_t, block_c), lambda b, c, t: (b, t, c)),
-                pl.BlockSpec((None, halo, block_c), lambda b, c, t: (b, (t + 1) * per_halo, c)),
-                pl.BlockSpec((taps, block_c), lambda b, c, t: (0, c))]
+    in_specs = [
+        pl.BlockSpec((None, block_t, block_c), lambda b, c, t: (b, t, c)),
+        pl.BlockSpec((None, halo, block_c), lambda b, c, t: (b, (t + 1) * per_halo, c)),
+        pl.BlockSpec((taps, block_c), lambda b, c, t: (0, c)),
+    ]
     args = [padded, padded, weight.T]
     if bias is not None:
         in_specs.append(pl.BlockSpec((1, block_c), lambda b, c, t: (0, c)))
@@ -127,9 +139,16 @@ def _update_tpu_kernel(x_ref, w_ref, state_ref, *refs, taps, has_bias, silu):
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
-def causal_conv1d_update_pallas_tpu(x, weight, bias=None, state=None, activation="silu", *,
-                                    block_sizes: CausalConv1dUpdateTPUBlockSizes | None = None,
-                                    interpret: bool = False):
+def causal_conv1d_update_pallas_tpu(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dUpdateTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `causal_conv1d_update_ref` (same contract, any C, K >= 2): grid (sequence,
     block of BC channels), BC from `tpu_row_block` (all channels up to `block_sizes.block_c`, else a
     sublane-tile multiple dividing C). Blocks span the full K-1 / K; x and bias are viewed as [.., C, 1]
@@ -142,8 +161,22 @@ def causal_conv1d_update_pallas_tpu(x, weight, bias=None, state=None, activation
     block = tpu_row_block(channels, blocks.block_c, *dtypes)
     per_sequence = lambda cols: pl.BlockSpec((None, block, cols), lambda b, c: (b, c, 0))  # noqa: E731
     per_channel = lambda cols: pl.BlockSpec((block, cols), lambda b, c: (c, 0))  # noqa: E731
-    inputs = [(x[..., None], per_sequence(1)), (weight, per_channel(taps)), (state, per_sequence(taps - 1)),
-              (None if bias is None else bias[:, None], per_channel(1))]
+    inputs = [
+        (x[..., None], per_sequence(1)),
+        (weight, per_channel(taps)),
+        (state, per_sequence(taps - 1)),
+        (None if bias is None else bias[:, None], per_channel(1)),
+    ]
     kernel = functools.partial(_update_tpu_kernel, taps=taps, has_bias=bias is not None, silu=activation == "silu")
-    return decode_step_tpu(kernel, (batch, channels // block), inputs, per_sequence(1), per_sequence(taps - 1), x,
-                           state, 2, "causal_conv1d_update", interpret)
+    return decode_step_tpu(
+        kernel,
+        (batch, channels // block),
+        inputs,
+        per_sequence(1),
+        per_sequence(taps - 1),
+        x,
+        state,
+        2,
+        "causal_conv1d_update",
+        interpret,
+    )

@@ -81,14 +81,12 @@ def _conv_kernel(*refs, steps, channels, taps, block_t, block_c, blocks, has_bia
             value = jnp.where(r < 0, before.astype(value.dtype), value)
         return value
 
-    w = [plgpu.load(w_ref.at[pl.ds(c0, block_c), _column(k)], mask=col_ok, other=0.0).astype(f32)
-         for k in range(taps)]
+    w = [plgpu.load(w_ref.at[pl.ds(c0, block_c), _column(k)], mask=col_ok, other=0.0).astype(f32) for k in range(taps)]
     bias = plgpu.load(bias_ref.at[pl.ds(c0, block_c)], mask=col_ok, other=0.0).astype(f32) if has_bias else None
 
     def outputs(t, from_state: bool):
         """y [N, BC] float32 (before the dtype cast) at steps t: [N, 1]."""
-        y = sum(w[k][None, :] * inputs(t - (taps - 1 - k), cols[None, :], from_state).astype(f32)
-                for k in range(taps))
+        y = sum(w[k][None, :] * inputs(t - (taps - 1 - k), cols[None, :], from_state).astype(f32) for k in range(taps))
         if has_bias:
             y = y + bias[None, :]
         return y * jax.nn.sigmoid(y) if silu else y
@@ -101,8 +99,11 @@ def _conv_kernel(*refs, steps, channels, taps, block_t, block_c, blocks, has_bia
     def time_block(i, carry):
         t0 = (first_block + i) * block_t
         t = t0 + jnp.arange(block_t)[:, None]  # [BT, 1]
-        plgpu.store(y_ref.at[pl.ds(t0, block_t), pl.ds(c0, block_c)], outputs(t, False).astype(y_ref.dtype),
-                    mask=(t >= taps - 1) & (t < steps) & col_ok[None, :])
+        plgpu.store(
+            y_ref.at[pl.ds(t0, block_t), pl.ds(c0, block_c)],
+            outputs(t, False).astype(y_ref.dtype),
+            mask=(t >= taps - 1) & (t < steps) & col_ok[None, :],
+        )
         return carry
 
     jax.lax.fori_loop(0, blocks, time_block, 0)
@@ -111,17 +112,30 @@ def _conv_kernel(*refs, steps, channels, taps, block_t, block_c, blocks, has_bia
     def _():
         head = pl.next_power_of_2(taps - 1)
         t = jnp.arange(head)[:, None]  # the first K-1 steps, padded to a power of two
-        plgpu.store(y_ref.at[pl.ds(0, head), pl.ds(c0, block_c)], outputs(t, True).astype(y_ref.dtype),
-                    mask=(t < taps - 1) & (t < steps) & col_ok[None, :])
+        plgpu.store(
+            y_ref.at[pl.ds(0, head), pl.ds(c0, block_c)],
+            outputs(t, True).astype(y_ref.dtype),
+            mask=(t < taps - 1) & (t < steps) & col_ok[None, :],
+        )
         for j in range(taps - 1):
             column = inputs(state_start + j, cols, True)
-            plgpu.store(new_state_ref.at[pl.ds(c0, block_c), _column(j)], column.astype(new_state_ref.dtype),
-                        mask=col_ok)
+            plgpu.store(
+                new_state_ref.at[pl.ds(c0, block_c), _column(j)], column.astype(new_state_ref.dtype), mask=col_ok
+            )
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
-def causal_conv1d_pallas(x, weight, bias=None, state=None, counts=None, activation="silu", *,
-                         block_sizes: CausalConv1dBlockSizes | None = None, interpret: bool = False):
+def causal_conv1d_pallas(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    counts=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `causal_conv1d_ref` (same contract), for K >= 2 and T >= 1. Grid: (sequence,
     block of `block_c` channels, chunk of `blocks_per_program` time blocks of `block_t` steps); nothing is
     carried between time blocks, so every chunk runs in parallel."""
@@ -138,18 +152,32 @@ def causal_conv1d_pallas(x, weight, bias=None, state=None, counts=None, activati
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, c, t: (b,) + (0,) * len(shape))  # noqa: E731
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, c, t: (0,) * a.ndim)  # noqa: E731
     args = [x, weight, counts] + ([bias] if bias is not None else []) + ([state] if state is not None else [])
-    specs = [row(steps, channels), whole(weight), whole(counts)] + ([whole(bias)] if bias is not None else []) \
+    specs = (
+        [row(steps, channels), whole(weight), whole(counts)]
+        + ([whole(bias)] if bias is not None else [])
         + ([row(channels, taps - 1)] if state is not None else [])
-    kernel = functools.partial(_conv_kernel, steps=steps, channels=channels, taps=taps, block_t=block_t,
-                               block_c=block_c, blocks=per_program, has_bias=bias is not None,
-                               has_state=state is not None, silu=activation == "silu")
+    )
+    kernel = functools.partial(
+        _conv_kernel,
+        steps=steps,
+        channels=channels,
+        taps=taps,
+        block_t=block_t,
+        block_c=block_c,
+        blocks=per_program,
+        has_bias=bias is not None,
+        has_state=state is not None,
+        silu=activation == "silu",
+    )
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=specs,
         out_specs=[row(steps, channels), row(channels, taps - 1)],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, channels, taps - 1), x.dtype if state is None else state.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((batch, channels, taps - 1), x.dtype if state is None else state.dtype),
+        ],
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="causal_conv1d",
@@ -167,11 +195,14 @@ def _update_kernel(*refs, channels, taps, block_c, has_bias, silu):
     c0 = pl.program_id(1) * block_c
     col_ok = c0 + jnp.arange(block_c) < channels
     channel_block = pl.ds(c0, block_c)
-    window = [plgpu.load(state_ref.at[channel_block, _column(j)], mask=col_ok, other=0.0).astype(f32)
-              for j in range(taps - 1)]
+    window = [
+        plgpu.load(state_ref.at[channel_block, _column(j)], mask=col_ok, other=0.0).astype(f32) for j in range(taps - 1)
+    ]
     window.append(plgpu.load(x_ref.at[channel_block], mask=col_ok, other=0.0).astype(f32))
-    y = sum(plgpu.load(w_ref.at[channel_block, _column(k)], mask=col_ok, other=0.0).astype(f32) * window[k]
-            for k in range(taps))
+    y = sum(
+        plgpu.load(w_ref.at[channel_block, _column(k)], mask=col_ok, other=0.0).astype(f32) * window[k]
+        for k in range(taps)
+    )
     if has_bias:
         y = y + plgpu.load(bias_ref.at[channel_block], mask=col_ok, other=0.0).astype(f32)
     if silu:
@@ -182,8 +213,16 @@ def _update_kernel(*refs, channels, taps, block_c, has_bias, silu):
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "interpret"))
-def causal_conv1d_update_pallas(x, weight, bias=None, state=None, activation="silu", *,
-                                block_sizes: CausalConv1dUpdateBlockSizes | None = None, interpret: bool = False):
+def causal_conv1d_update_pallas(
+    x,
+    weight,
+    bias=None,
+    state=None,
+    activation="silu",
+    *,
+    block_sizes: CausalConv1dUpdateBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `causal_conv1d_update_ref` (same contract), for K >= 2: one program per (sequence,
     block of `block_sizes.block_c` channels); the state is updated in place (aliased buffer)."""
     check_update_kernel_inputs(x, weight, bias, state, activation)
@@ -193,8 +232,14 @@ def causal_conv1d_update_pallas(x, weight, bias=None, state=None, activation="si
     block_c = min(blocks.block_c, pl.next_power_of_2(channels))
     row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, c: (b,) + (0,) * len(shape))  # noqa: E731
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, c: (0,) * a.ndim)  # noqa: E731
-    kernel = functools.partial(_update_kernel, channels=channels, taps=taps, block_c=block_c,
-                               has_bias=bias is not None, silu=activation == "silu")
+    kernel = functools.partial(
+        _update_kernel,
+        channels=channels,
+        taps=taps,
+        block_c=block_c,
+        has_bias=bias is not None,
+        silu=activation == "silu",
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, pl.cdiv(channels, block_c)),

@@ -48,10 +48,24 @@ from pallas_kernels.quantized_matmul.weights import (
     unpack_int4,
 )
 
-__all__ = ["CODE_RANGE", "QuantizedMatmulBlockSizes", "QuantizedMatmulTPUBlockSizes", "QuantizedWeight",
-           "dequantize_weights", "pack_int4", "quantize_weights", "quantized_matmul", "quantized_matmul_int8",
-           "quantized_matmul_int8_pallas", "quantized_matmul_int8_pallas_tpu", "quantized_matmul_int8_ref",
-           "quantized_matmul_pallas", "quantized_matmul_pallas_tpu", "quantized_matmul_ref", "unpack_int4"]
+__all__ = [
+    "CODE_RANGE",
+    "QuantizedMatmulBlockSizes",
+    "QuantizedMatmulTPUBlockSizes",
+    "QuantizedWeight",
+    "dequantize_weights",
+    "pack_int4",
+    "quantize_weights",
+    "quantized_matmul",
+    "quantized_matmul_int8",
+    "quantized_matmul_int8_pallas",
+    "quantized_matmul_int8_pallas_tpu",
+    "quantized_matmul_int8_ref",
+    "quantized_matmul_pallas",
+    "quantized_matmul_pallas_tpu",
+    "quantized_matmul_ref",
+    "unpack_int4",
+]
 
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 BlockSizesArg = QuantizedMatmulBlockSizes | QuantizedMatmulTPUBlockSizes | None
@@ -86,8 +100,9 @@ def quantized_matmul(x, qw: QuantizedWeight, *, block_sizes: BlockSizesArg = Non
     return quantized_matmul_pallas(x, qw, block_sizes=block_sizes, interpret=route == "interpret")
 
 
-def quantized_matmul_int8(xq, x_scale, qw: QuantizedWeight, *, out_dtype=jnp.float32, block_sizes: BlockSizesArg = None,
-                          impl="auto"):
+def quantized_matmul_int8(
+    xq, x_scale, qw: QuantizedWeight, *, out_dtype=jnp.float32, block_sizes: BlockSizesArg = None, impl="auto"
+):
     """Dispatcher for `quantized_matmul_int8_ref`'s contract (W8A8 / W4A8: int8 xq [..., K], float scalar
     x_scale -> [..., N] in out_dtype); `impl` as in `pallas_kernels.dispatch`.
 
@@ -100,5 +115,6 @@ def quantized_matmul_int8(xq, x_scale, qw: QuantizedWeight, *, out_dtype=jnp.flo
         return quantized_matmul_int8_pallas_tpu(xq, x_scale, qw, out_dtype=out_dtype, block_sizes=block_sizes)
     if route == "xla":
         return quantized_matmul_int8_ref(xq, x_scale, qw, out_dtype)
-    return quantized_matmul_int8_pallas(xq, x_scale, qw, out_dtype=out_dtype, block_sizes=block_sizes,
-                                        interpret=route == "interpret")
+    return quantized_matmul_int8_pallas(
+        xq, x_scale, qw, out_dtype=out_dtype, block_sizes=block_sizes, interpret=route == "interpret"
+    )

@@ -78,8 +78,9 @@ def _tpu_block(size: int, cap: int, tile: int) -> int:
     return size if size <= cap else max(tile, cap - cap % tile)
 
 
-def _tpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmulTPUBlockSizes, interpret: bool,
-              where: str):
+def _tpu_call(
+    x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmulTPUBlockSizes, interpret: bool, where: str
+):
     """Launches `_qmm_tpu_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32
     scalar), after the caller's checks; see `quantized_matmul_pallas_tpu`."""
     k, n = qw.shape
@@ -91,8 +92,14 @@ def _tpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmu
     block_m = _tpu_block(m, blocks.block_m, sublanes)
     block_n = _tpu_block(n, blocks.block_n, 128)
     # x's VMEM bytes per group: its gr lanes pad to whole 128-lane tiles, which short groups make costly.
-    x_group_bytes = ((2 if qw.bits == 4 else 1) * pl.cdiv(rows, 128) * 128 * pl.cdiv(block_m, sublanes) * sublanes
-                     * jnp.dtype(x.dtype).itemsize)
+    x_group_bytes = (
+        (2 if qw.bits == 4 else 1)
+        * pl.cdiv(rows, 128)
+        * 128
+        * pl.cdiv(block_m, sublanes)
+        * sublanes
+        * jnp.dtype(x.dtype).itemsize
+    )
     per_block = max(1, min(blocks.block_k // qw.group_size, blocks.x_block_bytes // x_group_bytes))
     gpb = next(d for d in range(min(per_block, groups), 0, -1) if groups % d == 0)
     if qw.bits == 8:
@@ -103,8 +110,11 @@ def _tpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmu
         xg = x2.reshape(m, groups, rows, 2).transpose(3, 1, 0, 2)
         x_spec = pl.BlockSpec((2, gpb, block_m, rows), lambda i, j, g: (0, g, i, 0))
         values = jax.lax.bitcast_convert_type(qw.values, jnp.int8)  # signed bytes: shifts sign-extend
-    in_specs = [x_spec, pl.BlockSpec((gpb, rows, block_n), lambda i, j, g: (g, 0, j)),
-                pl.BlockSpec((gpb, 1, block_n), lambda i, j, g: (g, 0, j))]
+    in_specs = [
+        x_spec,
+        pl.BlockSpec((gpb, rows, block_n), lambda i, j, g: (g, 0, j)),
+        pl.BlockSpec((gpb, 1, block_n), lambda i, j, g: (g, 0, j)),
+    ]
     inputs = [xg, values.reshape(groups, rows, n), qw.scales.reshape(groups, 1, n)]
     if x_scale is not None:
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
@@ -125,8 +135,9 @@ def _tpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmu
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def quantized_matmul_pallas_tpu(x, qw: QuantizedWeight, *, block_sizes: QuantizedMatmulTPUBlockSizes | None = None,
-                                interpret: bool = False):
+def quantized_matmul_pallas_tpu(
+    x, qw: QuantizedWeight, *, block_sizes: QuantizedMatmulTPUBlockSizes | None = None, interpret: bool = False
+):
     """TPU (Mosaic) version of `quantized_matmul_ref` (same contract); any group_size.
 
     x is flattened to [M, K] and regrouped (a copy of x only, small in decode) to [G, M, gr] with G
@@ -147,9 +158,15 @@ def quantized_matmul_pallas_tpu(x, qw: QuantizedWeight, *, block_sizes: Quantize
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
-def quantized_matmul_int8_pallas_tpu(xq, x_scale, qw: QuantizedWeight, *, out_dtype=jnp.float32,
-                                     block_sizes: QuantizedMatmulTPUBlockSizes | None = None,
-                                     interpret: bool = False):
+def quantized_matmul_int8_pallas_tpu(
+    xq,
+    x_scale,
+    qw: QuantizedWeight,
+    *,
+    out_dtype=jnp.float32,
+    block_sizes: QuantizedMatmulTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """TPU (Mosaic) version of `quantized_matmul_int8_ref` (same contract); any group_size.
 
     `quantized_matmul_pallas_tpu`'s grid and blocks (int8 x rows tile by 32), with int8 x int8 -> int32

@@ -39,8 +39,9 @@ class QuantizedMatmulBlockSizes(BlockSizes):
         self._powers_of_two("block_n", "max_block_m", "block_k", least=16)
 
 
-def _qmm_kernel(x_ref, values_ref, scales_ref, *refs, bits: int, group_rows: int, chunk_rows: int, block_m: int,
-                block_n: int):
+def _qmm_kernel(
+    x_ref, values_ref, scales_ref, *refs, bits: int, group_rows: int, chunk_rows: int, block_m: int, block_n: int
+):
     """One (row block, column block) program: out[BM, BN] = sum over groups of (x_g @ q_g) * scale_g.
 
     x_ref: [M, K] (8 bits) or [M, K / 2, 2] (4 bits: [..., 0] meets the low nibbles, [..., 1] the high);
@@ -60,12 +61,15 @@ def _qmm_kernel(x_ref, values_ref, scales_ref, *refs, bits: int, group_rows: int
     col_ok = j * block_n + jnp.arange(block_n) < out_ref.shape[1]
     part_dtype = jnp.int32 if integer else jnp.float32
     if integer:
+
         def dot(x, q):
             return jnp.dot(x, q.astype(jnp.int8), preferred_element_type=jnp.int32)
     else:
+
         def dot(x, q):  # HIGHEST: float32 x gets an IEEE float32 dot (not TF32); bfloat16 products are exact
-            return jnp.dot(x, q.astype(x_ref.dtype), preferred_element_type=jnp.float32,
-                           precision=jax.lax.Precision.HIGHEST)
+            return jnp.dot(
+                x, q.astype(x_ref.dtype), preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+            )
 
     def chunk(c, part):
         k_rows = pl.ds(c * chunk_rows, chunk_rows)
@@ -77,8 +81,11 @@ def _qmm_kernel(x_ref, values_ref, scales_ref, *refs, bits: int, group_rows: int
         if bits == 8:
             return part + dot(load_x(), q)
         q = q.astype(jnp.int32)
-        return (part + dot(load_x(jnp.int32(0)), sign_extend_nibble(q & 0xF))
-                + dot(load_x(jnp.int32(1)), sign_extend_nibble(q >> 4)))
+        return (
+            part
+            + dot(load_x(jnp.int32(0)), sign_extend_nibble(q & 0xF))
+            + dot(load_x(jnp.int32(1)), sign_extend_nibble(q >> 4))
+        )
 
     def group(g, acc):
         chunks = group_rows // chunk_rows
@@ -111,15 +118,18 @@ def kernel_supports(qw: QuantizedWeight, integer: bool, blocks: QuantizedMatmulB
     return _chunk_rows(qw, blocks) >= _min_chunk_rows(integer)
 
 
-def _gpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmulBlockSizes, interpret: bool,
-              where: str):
+def _gpu_call(
+    x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmulBlockSizes, interpret: bool, where: str
+):
     """Launches `_qmm_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32 scalar),
     after the caller's checks; see `quantized_matmul_pallas`."""
     integer = x_scale is not None
     if not kernel_supports(qw, integer, blocks):
         least = _min_chunk_rows(integer) * (1 if qw.bits == 8 else 2)
-        raise ValueError(f"{where}: the Pallas kernel needs group_size to be a multiple of {least} for "
-                         f"{qw.bits} bits, got {qw.group_size}; use impl='xla'")
+        raise ValueError(
+            f"{where}: the Pallas kernel needs group_size to be a multiple of {least} for "
+            f"{qw.bits} bits, got {qw.group_size}; use impl='xla'"
+        )
     k, n = qw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -128,8 +138,14 @@ def _gpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmu
     if qw.bits == 4:
         x2 = x2.reshape(m, k // 2, 2)  # a free view: even and odd columns meet the low and high nibbles
     out = pl.pallas_call(
-        functools.partial(_qmm_kernel, bits=qw.bits, group_rows=group_rows(qw), chunk_rows=_chunk_rows(qw, blocks),
-                          block_m=block_m, block_n=blocks.block_n),
+        functools.partial(
+            _qmm_kernel,
+            bits=qw.bits,
+            group_rows=group_rows(qw),
+            chunk_rows=_chunk_rows(qw, blocks),
+            block_m=block_m,
+            block_n=blocks.block_n,
+        ),
         grid=(pl.cdiv(m, block_m), pl.cdiv(n, blocks.block_n)),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
@@ -140,8 +156,9 @@ def _gpu_call(x, qw: QuantizedWeight, x_scale, out_dtype, blocks: QuantizedMatmu
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def quantized_matmul_pallas(x, qw: QuantizedWeight, *, block_sizes: QuantizedMatmulBlockSizes | None = None,
-                            interpret: bool = False):
+def quantized_matmul_pallas(
+    x, qw: QuantizedWeight, *, block_sizes: QuantizedMatmulBlockSizes | None = None, interpret: bool = False
+):
     """Pallas version of `quantized_matmul_ref` (same contract).
 
     x is flattened to [M, K]; grid (M / BM, N / BN) with BM = next power of two >= M, in
@@ -158,8 +175,15 @@ def quantized_matmul_pallas(x, qw: QuantizedWeight, *, block_sizes: QuantizedMat
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
-def quantized_matmul_int8_pallas(xq, x_scale, qw: QuantizedWeight, *, out_dtype=jnp.float32,
-                                 block_sizes: QuantizedMatmulBlockSizes | None = None, interpret: bool = False):
+def quantized_matmul_int8_pallas(
+    xq,
+    x_scale,
+    qw: QuantizedWeight,
+    *,
+    out_dtype=jnp.float32,
+    block_sizes: QuantizedMatmulBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas (Triton) version of `quantized_matmul_int8_ref` (same contract): `quantized_matmul_pallas`'s
     grid and blocks, with int8 x int8 -> int32 dots summed per group in int32 (4-bit weights unpacked to
     int8 on chip). Needs stored rows per group that are a multiple of 32: group_size a multiple of 32

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 CODE_RANGE = MappingProxyType({8: (-127, 127), 4: (-8, 7)})
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
-                   meta_fields=["bits", "group_size"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["bits", "group_size"]
+)
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """A quantized weight w [K, N]; `bits` and `group_size` are static pytree metadata (not leaves).
@@ -57,11 +58,9 @@ def check_weight(qw: QuantizedWeight, where: str):
     check_layout(qw.bits, qw.group_size, k, where)
     values_dtype = jnp.int8 if qw.bits == 8 else jnp.uint8
     if qw.values.dtype != values_dtype:
-        raise ValueError(f"{where}: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, "
-                         f"got {qw.values.dtype}")
+        raise ValueError(f"{where}: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, got {qw.values.dtype}")
     if tuple(qw.scales.shape) != (k // qw.group_size, n):
-        raise ValueError(f"{where}: scales must have shape {(k // qw.group_size, n)}, "
-                         f"got {tuple(qw.scales.shape)}")
+        raise ValueError(f"{where}: scales must have shape {(k // qw.group_size, n)}, got {tuple(qw.scales.shape)}")
 
 
 def _check_rows(x, name: str, qw: QuantizedWeight, where: str):
@@ -87,8 +86,10 @@ def check_int8_inputs(xq, x_scale, qw: QuantizedWeight, out_dtype):
         raise ValueError(f"{where}: xq must be int8 activation codes, got {xq.dtype}")
     x_scale = jnp.asarray(x_scale)
     if x_scale.shape != () or not jnp.issubdtype(x_scale.dtype, jnp.floating):
-        raise ValueError(f"{where}: x_scale must be a floating-point scalar (one per-tensor scale), got "
-                         f"{x_scale.dtype} with shape {tuple(x_scale.shape)}")
+        raise ValueError(
+            f"{where}: x_scale must be a floating-point scalar (one per-tensor scale), got "
+            f"{x_scale.dtype} with shape {tuple(x_scale.shape)}"
+        )
     if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
         raise ValueError(f"{where}: out_dtype must be a floating-point dtype, got {jnp.dtype(out_dtype)}")
     return x_scale.astype(jnp.float32)
@@ -139,8 +140,9 @@ def int_values(qw: QuantizedWeight):
 def dequantize_weights(qw: QuantizedWeight):
     """QuantizedWeight -> float32 [K, N]."""
     k, n = qw.shape
-    groups = (int_values(qw).astype(jnp.float32).reshape(-1, qw.group_size, n)
-              * qw.scales.astype(jnp.float32)[:, None, :])
+    groups = (
+        int_values(qw).astype(jnp.float32).reshape(-1, qw.group_size, n) * qw.scales.astype(jnp.float32)[:, None, :]
+    )
     return groups.reshape(k, n)
 
 

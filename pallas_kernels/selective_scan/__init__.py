@@ -34,17 +34,39 @@ from pallas_kernels.selective_scan.triton import (
     selective_state_update_pallas,
 )
 
-__all__ = ["DEFAULT_CHUNK", "SelectiveScanBlockSizes", "SelectiveScanTPUBlockSizes", "SelectiveStateUpdateBlockSizes",
-           "SelectiveStateUpdateTPUBlockSizes", "selective_scan", "selective_scan_pallas", "selective_scan_pallas_tpu",
-           "selective_scan_ref", "selective_state_update", "selective_state_update_pallas",
-           "selective_state_update_pallas_tpu", "selective_state_update_ref"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "SelectiveScanBlockSizes",
+    "SelectiveScanTPUBlockSizes",
+    "SelectiveStateUpdateBlockSizes",
+    "SelectiveStateUpdateTPUBlockSizes",
+    "selective_scan",
+    "selective_scan_pallas",
+    "selective_scan_pallas_tpu",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_pallas",
+    "selective_state_update_pallas_tpu",
+    "selective_state_update_ref",
+]
 
 SCAN_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 UPDATE_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *,
-                   block_sizes: SelectiveScanBlockSizes | SelectiveScanTPUBlockSizes | None = None, impl="auto"):
+def selective_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    state=None,
+    *,
+    block_sizes: SelectiveScanBlockSizes | SelectiveScanTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `selective_scan_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     On TPU "pallas" runs `selective_scan_pallas_tpu`. Both Pallas kernels take every size, so there is no
     fallback by shape. `block_sizes` are those of the kernel that runs (None: its defaults)."""
@@ -56,9 +78,19 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, state=None, *,
     return selective_scan_pallas(x, dt, A, B, C, D, z, state, block_sizes=block_sizes, interpret=kind == "interpret")
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, *,
-                           block_sizes: SelectiveStateUpdateBlockSizes | SelectiveStateUpdateTPUBlockSizes | None
-                           = None, impl="auto"):
+def selective_state_update(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    *,
+    block_sizes: SelectiveStateUpdateBlockSizes | SelectiveStateUpdateTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `selective_state_update_ref`'s contract (see there). On TPU "pallas" runs
     `selective_state_update_pallas_tpu` (any sizes). The compiled GPU (Triton) kernel needs a power-of-two
     state_size: otherwise "auto" falls back to the reference and "pallas" raises. `block_sizes` are those
@@ -68,10 +100,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, *,
         return selective_state_update_pallas_tpu(state, x, dt, A, B, C, D, z, block_sizes=block_sizes)
     if kind == "pallas" and not is_power_of_two(state.shape[2]):
         if impl != "auto":
-            raise ValueError(f"selective_state_update: the Pallas GPU kernel needs a power-of-two state_size, "
-                             f"got {state.shape[2]}; use impl='xla'")
+            raise ValueError(
+                f"selective_state_update: the Pallas GPU kernel needs a power-of-two state_size, "
+                f"got {state.shape[2]}; use impl='xla'"
+            )
         kind = "xla"
     if kind == "xla":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z)
-    return selective_state_update_pallas(state, x, dt, A, B, C, D, z, block_sizes=block_sizes,
-                                         interpret=kind == "interpret")
+    return selective_state_update_pallas(
+        state, x, dt, A, B, C, D, z, block_sizes=block_sizes, interpret=kind == "interpret"
+    )

@@ -19,8 +19,12 @@ def check_inputs(x, dt, A, B, C, D, z, state):
     """The contract's shapes (see `selective_scan_ref`); a ValueError naming the first bad one."""
     batch, steps, channels = x.shape
     n = A.shape[-1]
-    expected = {"dt": (dt.shape, x.shape), "A": (A.shape, (channels, n)), "B": (B.shape, (batch, steps, n)),
-                "C": (C.shape, (batch, steps, n))}
+    expected = {
+        "dt": (dt.shape, x.shape),
+        "A": (A.shape, (channels, n)),
+        "B": (B.shape, (batch, steps, n)),
+        "C": (C.shape, (batch, steps, n)),
+    }
     if D is not None:
         expected["D"] = (D.shape, (channels,))
     if z is not None:

@@ -38,8 +38,7 @@ class SelectiveStateUpdateTPUBlockSizes(BlockSizes):
     block_d: int = 512
 
 
-def _scan_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_d: bool, has_z: bool,
-                     has_state: bool):
+def _scan_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_d: bool, has_z: bool, has_state: bool):
     """One (sequence, channel block, time chunk) step. Blocks: x, dt, z, y [TC, BD]; B, C [N, TC]
     (transposed); A, state, final state [N, BD] (transposed); D [1, BD]. Scratch: h [N, BD], the running
     state, and dt, dt * x, y [TC, BD] in float32 (read and written a row per step)."""
@@ -87,8 +86,19 @@ def _scan_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def selective_scan_pallas_tpu(x, dt, A, B, C, D=None, z=None, state=None, *,
-                              block_sizes: SelectiveScanTPUBlockSizes | None = None, interpret: bool = False):
+def selective_scan_pallas_tpu(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    state=None,
+    *,
+    block_sizes: SelectiveScanTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `selective_scan_ref` (same contract, any sizes). Grid (sequence, block of BD
     channels, chunk of TC steps), the time axis sequential with the [N, BD] float32 state in VMEM scratch;
     each chunk walks its steps one at a time. Channels sit on lanes: BD is all of Dm up to
@@ -108,14 +118,18 @@ def selective_scan_pallas_tpu(x, dt, A, B, C, D=None, z=None, state=None, *,
     per_state = pl.BlockSpec((None, n, block), lambda b, c, k: (b, 0, c))
     in_specs = [per_time, per_time, pl.BlockSpec((n, block), lambda b, c, k: (0, c)), per_step, per_step]
     args = [x, dt, A.T, B.swapaxes(1, 2), C.swapaxes(1, 2)]
-    for arg, spec in ((None if D is None else D[None, :], pl.BlockSpec((1, block), lambda b, c, k: (0, c))),
-                      (z, per_time), (None if state is None else state.astype(jnp.float32).swapaxes(1, 2), per_state)):
+    for arg, spec in (
+        (None if D is None else D[None, :], pl.BlockSpec((1, block), lambda b, c, k: (0, c))),
+        (z, per_time),
+        (None if state is None else state.astype(jnp.float32).swapaxes(1, 2), per_state),
+    ):
         if arg is not None:
             in_specs.append(spec)
             args.append(arg)
     y, final = pl.pallas_call(
-        functools.partial(_scan_tpu_kernel, steps=steps, has_d=D is not None, has_z=z is not None,
-                          has_state=state is not None),
+        functools.partial(
+            _scan_tpu_kernel, steps=steps, has_d=D is not None, has_z=z is not None, has_state=state is not None
+        ),
         grid=(batch, pl.cdiv(channels, block), pl.cdiv(steps, chunk)),
         in_specs=in_specs,
         out_specs=[per_time, per_state],
@@ -130,9 +144,19 @@ def selective_scan_pallas_tpu(x, dt, A, B, C, D=None, z=None, state=None, *,
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def selective_state_update_pallas_tpu(state, x, dt, A, B, C, D=None, z=None, *,
-                                      block_sizes: SelectiveStateUpdateTPUBlockSizes | None = None,
-                                      interpret: bool = False):
+def selective_state_update_pallas_tpu(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    *,
+    block_sizes: SelectiveStateUpdateTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `selective_state_update_ref` (same contract, any sizes): grid (sequence, block
     of BD channels), BD from `tpu_row_block` (all channels up to `block_sizes.block_d`, else a sublane-tile
     multiple dividing Dm). Blocks span the full N; the per-channel vectors are viewed as [.., Dm, 1]
@@ -146,9 +170,17 @@ def selective_state_update_pallas_tpu(state, x, dt, A, B, C, D=None, z=None, *,
     rows_state = pl.BlockSpec((None, block, n), lambda b, c: (b, c, 0))
     per_sequence = pl.BlockSpec((None, 1, n), lambda b, c: (b, 0, 0))
     per_channel = lambda cols: pl.BlockSpec((block, cols), lambda b, c: (c, 0))  # noqa: E731
-    inputs = [(state, rows_state), (x[..., None], column), (dt[..., None], column), (A, per_channel(n)),
-              (B[:, None], per_sequence), (C[:, None], per_sequence),
-              (None if D is None else D[:, None], per_channel(1)), (None if z is None else z[..., None], column)]
+    inputs = [
+        (state, rows_state),
+        (x[..., None], column),
+        (dt[..., None], column),
+        (A, per_channel(n)),
+        (B[:, None], per_sequence),
+        (C[:, None], per_sequence),
+        (None if D is None else D[:, None], per_channel(1)),
+        (None if z is None else z[..., None], column),
+    ]
     kernel = functools.partial(state_update_tpu_kernel, has_d=D is not None, has_z=z is not None)
-    return decode_step_tpu(kernel, (batch, channels // block), inputs, column, rows_state, x, state, 0,
-                           "selective_state_update", interpret)
+    return decode_step_tpu(
+        kernel, (batch, channels // block), inputs, column, rows_state, x, state, 0, "selective_state_update", interpret
+    )

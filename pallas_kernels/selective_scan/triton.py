@@ -46,8 +46,7 @@ class SelectiveStateUpdateBlockSizes(BlockSizes):
         self._powers_of_two("block_d")
 
 
-def _scan_kernel(*refs, steps: int, channels: int, n: int, chunk: int, has_d: bool, has_z: bool,
-                 has_state: bool):
+def _scan_kernel(*refs, steps: int, channels: int, n: int, chunk: int, has_d: bool, has_z: bool, has_state: bool):
     """One (sequence, channel block) program. Blocks: x, dt, z, y [T, BD]; B, C [T, N]; A, state, final
     state [BD, N]; D [BD]. Values are padded to powers of two by masked loads ([BT, BD] time chunks,
     [BT, Np] and [BD, Np] with Np >= N): padded steps load dt = 0, so the state does not move; padded
@@ -62,8 +61,11 @@ def _scan_kernel(*refs, steps: int, channels: int, n: int, chunk: int, has_d: bo
     n_ok = jnp.arange(n_pad) < n  # [Np]
     state_ok = channel_ok[:, None] & n_ok[None, :]
     A = plgpu.load(A_ref.at[:, states], mask=state_ok, other=0.0).astype(f32)
-    h = (plgpu.load(state_ref.at[:, states], mask=state_ok, other=0.0).astype(f32) if has_state
-         else jnp.zeros((block, n_pad), f32))
+    h = (
+        plgpu.load(state_ref.at[:, states], mask=state_ok, other=0.0).astype(f32)
+        if has_state
+        else jnp.zeros((block, n_pad), f32)
+    )
     D = plgpu.load(D_ref, mask=channel_ok, other=0.0).astype(f32) if has_d else None
     rows = jnp.arange(chunk)
 
@@ -101,8 +103,19 @@ def _scan_kernel(*refs, steps: int, channels: int, n: int, chunk: int, has_d: bo
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, state=None, *,
-                          block_sizes: SelectiveScanBlockSizes | None = None, interpret: bool = False):
+def selective_scan_pallas(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    state=None,
+    *,
+    block_sizes: SelectiveScanBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `selective_scan_ref` (same contract; any sizes). Grid (sequence, block of
     `block_sizes.block_d` channels): each program keeps its [block, N] state on chip and walks time,
     loading x/dt/z and B/C `block_sizes.block_t` steps at a time and storing y a chunk at a time."""
@@ -119,13 +132,27 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, state=None, *,
     per_state = pl.BlockSpec((None, block, n), lambda b, c: (b, c, 0))
     optional = [(D, pl.BlockSpec((block,), lambda b, c: (c,))), (z, per_time), (state, per_state)]
     optional = [(a, spec) for a, spec in optional if a is not None]
-    kernel = functools.partial(_scan_kernel, steps=steps, channels=channels, n=n, chunk=chunk,
-                               has_d=D is not None, has_z=z is not None, has_state=state is not None)
+    kernel = functools.partial(
+        _scan_kernel,
+        steps=steps,
+        channels=channels,
+        n=n,
+        chunk=chunk,
+        has_d=D is not None,
+        has_z=z is not None,
+        has_state=state is not None,
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, pl.cdiv(channels, block)),
-        in_specs=[per_time, per_time, pl.BlockSpec((block, n), lambda b, c: (c, 0)), per_step, per_step,
-                  *(spec for _, spec in optional)],
+        in_specs=[
+            per_time,
+            per_time,
+            pl.BlockSpec((block, n), lambda b, c: (c, 0)),
+            per_step,
+            per_step,
+            *(spec for _, spec in optional),
+        ],
         out_specs=[per_time, per_state],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, channels, n), jnp.float32)],
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
@@ -135,9 +162,19 @@ def selective_scan_pallas(x, dt, A, B, C, D=None, z=None, state=None, *,
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def selective_state_update_pallas(state, x, dt, A, B, C, D=None, z=None, *,
-                                  block_sizes: SelectiveStateUpdateBlockSizes | None = None,
-                                  interpret: bool = False):
+def selective_state_update_pallas(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    *,
+    block_sizes: SelectiveStateUpdateBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `selective_state_update_ref` (same contract): one program per (sequence,
     block of channels: the largest power of two <= `block_sizes.block_d` dividing Dm) with its [block, N]
     state on chip, updated in place (aliased buffer)."""
@@ -154,8 +191,16 @@ def selective_state_update_pallas(state, x, dt, A, B, C, D=None, z=None, *,
     return pl.pallas_call(
         functools.partial(state_update_kernel, gate=z is not None),
         grid=(batch, channels // block),
-        in_specs=[rows_state, rows, rows, pl.BlockSpec((block, n), lambda b, c: (c, 0)), per_sequence,
-                  per_sequence, pl.BlockSpec((block,), lambda b, c: (c,))] + ([rows] if z is not None else []),
+        in_specs=[
+            rows_state,
+            rows,
+            rows,
+            pl.BlockSpec((block, n), lambda b, c: (c, 0)),
+            per_sequence,
+            per_sequence,
+            pl.BlockSpec((block,), lambda b, c: (c,)),
+        ]
+        + ([rows] if z is not None else []),
         out_specs=[rows, rows_state],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
         input_output_aliases={0: 1},

@@ -28,16 +28,37 @@ from pallas_kernels.ssd.reference import segsum, ssd_chunked_ref, ssd_step_ref
 from pallas_kernels.ssd.tpu import SSDChunkedTPUBlockSizes, ssd_chunked_pallas_tpu, ssd_step_pallas_tpu
 from pallas_kernels.ssd.triton import SSDChunkedBlockSizes, ssd_chunked_pallas, ssd_step_pallas
 
-__all__ = ["SSDChunkedBlockSizes", "SSDChunkedTPUBlockSizes", "segsum", "ssd_chunked", "ssd_chunked_pallas",
-           "ssd_chunked_pallas_tpu", "ssd_chunked_ref", "ssd_step", "ssd_step_pallas", "ssd_step_pallas_tpu",
-           "ssd_step_ref"]
+__all__ = [
+    "SSDChunkedBlockSizes",
+    "SSDChunkedTPUBlockSizes",
+    "segsum",
+    "ssd_chunked",
+    "ssd_chunked_pallas",
+    "ssd_chunked_pallas_tpu",
+    "ssd_chunked_ref",
+    "ssd_step",
+    "ssd_step_pallas",
+    "ssd_step_pallas_tpu",
+    "ssd_step_ref",
+]
 
 CHUNKED_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 STEP_PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 
-def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *,
-                block_sizes: SSDChunkedBlockSizes | SSDChunkedTPUBlockSizes | None = None, impl="auto"):
+def ssd_chunked(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    state=None,
+    chunk_size: int = 256,
+    *,
+    block_sizes: SSDChunkedBlockSizes | SSDChunkedTPUBlockSizes | None = None,
+    impl="auto",
+):
     """Dispatcher for `ssd_chunked_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
     The Pallas kernels take any sizes and ignore `chunk_size` beyond validating it (see `ssd_chunked_pallas`);
     on TPU "pallas" runs `ssd_chunked_pallas_tpu`. `block_sizes` are those of the kernel that runs
@@ -47,8 +68,9 @@ def ssd_chunked(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *,
         return ssd_chunked_pallas_tpu(x, dt, A, B, C, D, state, chunk_size, block_sizes=block_sizes)
     if kind == "xla":
         return ssd_chunked_ref(x, dt, A, B, C, D, state, chunk_size)
-    return ssd_chunked_pallas(x, dt, A, B, C, D, state, chunk_size, block_sizes=block_sizes,
-                              interpret=kind == "interpret")
+    return ssd_chunked_pallas(
+        x, dt, A, B, C, D, state, chunk_size, block_sizes=block_sizes, interpret=kind == "interpret"
+    )
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
@@ -61,8 +83,10 @@ def ssd_step(state, x, dt, A, B, C, D=None, *, impl="auto"):
         return ssd_step_pallas_tpu(state, x, dt, A, B, C, D)
     if kind == "pallas" and not (is_power_of_two(state.shape[2]) and is_power_of_two(state.shape[3])):
         if impl != "auto":
-            raise ValueError(f"ssd_step: the Pallas GPU kernel needs power-of-two head_dim and state_size, got "
-                             f"{state.shape[2]} and {state.shape[3]}; use impl='xla'")
+            raise ValueError(
+                f"ssd_step: the Pallas GPU kernel needs power-of-two head_dim and state_size, got "
+                f"{state.shape[2]} and {state.shape[3]}; use impl='xla'"
+            )
         kind = "xla"
     if kind == "xla":
         return ssd_step_ref(state, x, dt, A, B, C, D)

@@ -13,8 +13,12 @@ def check_inputs(x, dt, A, B, C, D, state):
     groups, n = B.shape[2], B.shape[3]
     if groups == 0 or heads % groups:
         raise ValueError(f"ssd: heads ({heads}) must be a multiple of the B/C groups ({groups})")
-    expected = {"dt": (dt.shape, (batch, steps, heads)), "A": (A.shape, (heads,)),
-                "B": (B.shape, (batch, steps, groups, n)), "C": (C.shape, (batch, steps, groups, n))}
+    expected = {
+        "dt": (dt.shape, (batch, steps, heads)),
+        "A": (A.shape, (heads,)),
+        "B": (B.shape, (batch, steps, groups, n)),
+        "C": (C.shape, (batch, steps, groups, n)),
+    }
     if D is not None:
         expected["D"] = (D.shape, (heads,))
     if state is not None:
@@ -65,8 +69,9 @@ def ssd_chunked_ref(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256):
     xs = chunked(x).reshape(-1, batch, chunk_size, groups, rep, head_dim)  # [c, b, l, g, r, p]
     dts = chunked(dt).reshape(-1, batch, chunk_size, groups, rep)  # [c, b, l, g, r]
     A_gr = A.astype(jnp.float32).reshape(groups, rep)
-    h0 = (jnp.zeros((batch, heads, head_dim, n), jnp.float32) if state is None
-          else state.astype(jnp.float32)).reshape(batch, groups, rep, head_dim, n)
+    h0 = (jnp.zeros((batch, heads, head_dim, n), jnp.float32) if state is None else state.astype(jnp.float32)).reshape(
+        batch, groups, rep, head_dim, n
+    )
 
     def one_chunk(h, inputs):  # h: the state entering the chunk [b, g, r, p, n]
         x_c, dt_c, B_c, C_c = inputs  # [b, l, g, r, p], [b, l, g, r], [b, l, g, n] x2

@@ -41,12 +41,19 @@ def ssd_step_pallas_tpu(state, x, dt, A, B, C, D=None, *, interpret: bool = Fals
     # lax.div, not //: floor division's sign fix-up needs the TPU generation to lower (h >= 0 anyway).
     per_group = pl.BlockSpec((None, None, 1, n), lambda b, h: (b, jax.lax.div(h, rep), 0, 0))
     head_scalar = pl.BlockSpec((None, 1, 1), lambda b, h: (h, 0, 0))
-    inputs = [(state, per_head(head_dim, n)), (x[..., None], per_head(head_dim, 1)),
-              (dt[..., None, None], per_head(1, 1)), (A[:, None, None], head_scalar), (B[:, :, None], per_group),
-              (C[:, :, None], per_group), (None if D is None else D[:, None, None], head_scalar)]
+    inputs = [
+        (state, per_head(head_dim, n)),
+        (x[..., None], per_head(head_dim, 1)),
+        (dt[..., None, None], per_head(1, 1)),
+        (A[:, None, None], head_scalar),
+        (B[:, :, None], per_group),
+        (C[:, :, None], per_group),
+        (None if D is None else D[:, None, None], head_scalar),
+    ]
     kernel = functools.partial(state_update_tpu_kernel, has_d=D is not None, has_z=False)
-    return decode_step_tpu(kernel, (batch, heads), inputs, per_head(head_dim, 1), per_head(head_dim, n), x, state,
-                           0, "ssd_step", interpret)
+    return decode_step_tpu(
+        kernel, (batch, heads), inputs, per_head(head_dim, 1), per_head(head_dim, n), x, state, 0, "ssd_step", interpret
+    )
 
 
 def _ssd_chunked_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: int, has_d: bool, has_state: bool):
@@ -95,8 +102,9 @@ def _ssd_chunked_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: in
         y += D_ref[...].astype(f32) * x
     y_ref[...] = y.astype(y_ref.dtype)
     # The state at the chunk's end: decayed entering state plus each step's input decayed to the end.
-    h_ref[...] = h * jnp.exp(total) + jnp.dot(x.T, B.astype(f32) * (dt * jnp.exp(total - cum)),
-                                               preferred_element_type=f32)
+    h_ref[...] = h * jnp.exp(total) + jnp.dot(
+        x.T, B.astype(f32) * (dt * jnp.exp(total - cum)), preferred_element_type=f32
+    )
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():
@@ -104,8 +112,19 @@ def _ssd_chunked_tpu_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, *refs, steps: in
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes", "interpret"))
-def ssd_chunked_pallas_tpu(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *,
-                           block_sizes: SSDChunkedTPUBlockSizes | None = None, interpret: bool = False):
+def ssd_chunked_pallas_tpu(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    state=None,
+    chunk_size: int = 256,
+    *,
+    block_sizes: SSDChunkedTPUBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU version of `ssd_chunked_ref` (same contract, any sizes; `chunk_size` is validated but, as
     the result does not depend on it, the kernel's chunk is `block_sizes.chunk`, or T when shorter).
 
@@ -145,8 +164,10 @@ def ssd_chunked_pallas_tpu(x, dt, A, B, C, D=None, state=None, chunk_size: int =
         grid=(batch, heads, pl.cdiv(steps, chunk)),
         in_specs=in_specs,
         out_specs=[per_head(head_dim), state_block],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, steps, head_dim), x.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, heads, steps, head_dim), x.dtype),
+            jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32),
+        ],
         scratch_shapes=[pltpu.VMEM((head_dim, n), jnp.float32)],
         # (sequence, head, chunk): the chunk axis carries the SSD state in scratch.
         compiler_params=tpu_params(("parallel", "parallel", "arbitrary"), interpret),

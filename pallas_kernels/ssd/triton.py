@@ -45,8 +45,15 @@ def ssd_step_pallas(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
     return pl.pallas_call(
         functools.partial(state_update_kernel, gate=False),
         grid=(batch, heads),
-        in_specs=[per_head(head_dim, n), per_head(head_dim), per_head(1), head_scalar, per_group, per_group,
-                  head_scalar],
+        in_specs=[
+            per_head(head_dim, n),
+            per_head(head_dim),
+            per_head(1),
+            head_scalar,
+            per_group,
+            per_group,
+            head_scalar,
+        ],
         out_specs=[per_head(head_dim), per_head(head_dim, n)],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)],
         input_output_aliases={0: 1},
@@ -56,8 +63,9 @@ def ssd_step_pallas(state, x, dt, A, B, C, D=None, *, interpret: bool = False):
     )(state, x, dt[..., None], A[:, None], B, C, D[:, None])
 
 
-def _ssd_chunked_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps: int, head_dim: int, n: int,
-                        chunk: int, has_state: bool):
+def _ssd_chunked_kernel(
+    x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps: int, head_dim: int, n: int, chunk: int, has_state: bool
+):
     """One (sequence, head, channel block) program. Refs: x/y [T, BP], dt [T], A/D [1], B/C [T, BN] of the
     head's group, state/final [BP, BN], with BP, BN powers of two >= 16 (masked beyond P, N and T)."""
     state_ref, y_ref, final_ref = refs if has_state else (None, *refs)
@@ -72,8 +80,11 @@ def _ssd_chunked_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps:
     # Default precision, as the reference's einsums: TF32 for float32 on recent GPUs unless
     # `jax_default_matmul_precision` asks for more.
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=f32)
-    state = (plgpu.load(state_ref, mask=state_mask, other=0.0).astype(f32) if has_state
-             else jnp.zeros((block_p, block_n), f32))
+    state = (
+        plgpu.load(state_ref, mask=state_mask, other=0.0).astype(f32)
+        if has_state
+        else jnp.zeros((block_p, block_n), f32)
+    )
 
     def one_chunk(c, state):  # state: [BP, BN] entering chunk c
         rows = pl.ds(c * chunk, chunk)
@@ -105,8 +116,19 @@ def _ssd_chunked_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *refs, steps:
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes", "interpret"))
-def ssd_chunked_pallas(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256, *,
-                       block_sizes: SSDChunkedBlockSizes | None = None, interpret: bool = False):
+def ssd_chunked_pallas(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    state=None,
+    chunk_size: int = 256,
+    *,
+    block_sizes: SSDChunkedBlockSizes | None = None,
+    interpret: bool = False,
+):
     """Pallas version of `ssd_chunked_ref` (same contract, any sizes). Grid (sequence, head, blocks of BP
     head channels); each program loops over chunks of L steps keeping its [BP, N] state on chip, reading
     its head group's B/C rows. `chunk_size` is validated but, as the result does not depend on it, the
@@ -126,21 +148,30 @@ def ssd_chunked_pallas(x, dt, A, B, C, D=None, state=None, chunk_size: int = 256
     group_rows = pl.BlockSpec((None, steps, None, block_n), lambda b, h, p: (b, 0, h // rep, 0))
     head_rows = pl.BlockSpec((None, steps, None, block_p), lambda b, h, p: (b, 0, h, p))
     state_block = pl.BlockSpec((None, None, block_p, block_n), lambda b, h, p: (b, h, p, 0))
-    in_specs = [head_rows, pl.BlockSpec((None, steps, None), lambda b, h, p: (b, 0, h)), head_scalar, group_rows,
-                group_rows, head_scalar]
+    in_specs = [
+        head_rows,
+        pl.BlockSpec((None, steps, None), lambda b, h, p: (b, 0, h)),
+        head_scalar,
+        group_rows,
+        group_rows,
+        head_scalar,
+    ]
     args = [x, dt, A[:, None], B, C, D[:, None]]
     if state is not None:  # no zero state is read from memory when there is none
         in_specs.append(state_block)
         args.append(state)
-    kernel = functools.partial(_ssd_chunked_kernel, steps=steps, head_dim=head_dim, n=n, chunk=chunk,
-                               has_state=state is not None)
+    kernel = functools.partial(
+        _ssd_chunked_kernel, steps=steps, head_dim=head_dim, n=n, chunk=chunk, has_state=state is not None
+    )
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, pl.cdiv(head_dim, block_p)),
         in_specs=in_specs,
         out_specs=[head_rows, state_block],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((batch, heads, head_dim, n), jnp.float32),
+        ],
         compiler_params=triton_params(interpret, blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="ssd_chunked",

@@ -8,17 +8,50 @@ from ssm_llm.kv.gear import GEAR
 from ssm_llm.kv.kivi import KIVI
 from ssm_llm.kv.minicache import MiniCache
 from ssm_llm.kv.mixed_precision import MixedPrecisionKV
-from ssm_llm.kv.policy import (CompressedCache, KVPolicy, PrefillObservation, compress_cache, describe)
+from ssm_llm.kv.policy import CompressedCache, KVPolicy, PrefillObservation, compress_cache, describe
 from ssm_llm.kv.prefill import prefill
-from ssm_llm.kv.quantization import (BITS, QuantizedTensor, cache_bytes, dequantize, pack_codes, quantize,
-                                     quantize_keys, quantize_values, unpack_codes)
+from ssm_llm.kv.quantization import (
+    BITS,
+    QuantizedTensor,
+    cache_bytes,
+    dequantize,
+    pack_codes,
+    quantize,
+    quantize_keys,
+    quantize_values,
+    unpack_codes,
+)
 from ssm_llm.kv.rotate_kv import RotateKV
 from ssm_llm.kv.snapkv import SnapKV
 from ssm_llm.kv.streaming_llm import StreamingLLM
 from ssm_llm.kv.token_select import TokenSelect, TokenSelectCache
 from ssm_llm.kv.xkv import XKV
 
-__all__ = ["BITS", "GEAR", "KIVI", "XKV", "AttentionStep", "CompressedCache", "KVPolicy", "MiniCache", "MixedPrecisionKV",
-           "PrefillObservation", "QuantizedTensor", "RotateKV", "SnapKV", "StreamingLLM", "TokenSelect",
-           "TokenSelectCache", "cache_bytes", "compress_cache", "dequantize", "describe", "pack_codes", "prefill",
-           "quantize", "quantize_keys", "quantize_values", "unpack_codes"]
+__all__ = [
+    "BITS",
+    "GEAR",
+    "KIVI",
+    "XKV",
+    "AttentionStep",
+    "CompressedCache",
+    "KVPolicy",
+    "MiniCache",
+    "MixedPrecisionKV",
+    "PrefillObservation",
+    "QuantizedTensor",
+    "RotateKV",
+    "SnapKV",
+    "StreamingLLM",
+    "TokenSelect",
+    "TokenSelectCache",
+    "cache_bytes",
+    "compress_cache",
+    "dequantize",
+    "describe",
+    "pack_codes",
+    "prefill",
+    "quantize",
+    "quantize_keys",
+    "quantize_values",
+    "unpack_codes",
+]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.compressed_cache import AttentionStep
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, layer_slice
 from ssm_llm.kv.quantization import QuantizedTensor, check_channel_groups, check_policy_bits, dequantize, quantize
 from ssm_llm.kv.slots import SlotKV, empty_slots, prompt_and_tail_attention
 from ssm_llm.option_spec import is_real, shown
@@ -77,8 +77,9 @@ def _scatter_add(x, index, value):
     return flat.reshape(x.shape)
 
 
-def compress_tensor(x, axis: str, bits: int, rank: int, outliers: int, group_size: int, lengths=None,
-                    dtype=None) -> GEARTensor:
+def compress_tensor(
+    x, axis: str, bits: int, rank: int, outliers: int, group_size: int, lengths=None, dtype=None
+) -> GEARTensor:
     """GEAR-compress x: [..., S, D] (see the module docstring).
 
     axis: "tokens" (keys: per-channel groups of `group_size` tokens) or "channels" (values: per-token
@@ -89,8 +90,14 @@ def compress_tensor(x, axis: str, bits: int, rank: int, outliers: int, group_siz
     dtype = x.dtype if dtype is None else dtype
     batch, (S, D) = x.shape[:-2], x.shape[-2:]
     if bits == 16:
-        return GEARTensor(x, jnp.zeros(batch + (0,), jnp.int32), jnp.zeros(batch + (0,), dtype),
-                          jnp.zeros(batch + (S, 0), dtype), jnp.zeros(batch + (0, D), dtype), S)
+        return GEARTensor(
+            x,
+            jnp.zeros(batch + (0,), jnp.int32),
+            jnp.zeros(batch + (0,), dtype),
+            jnp.zeros(batch + (S, 0), dtype),
+            jnp.zeros(batch + (0, D), dtype),
+            S,
+        )
     P = -(-S // group_size) * group_size if axis == "tokens" else S
     lengths = jnp.broadcast_to(jnp.asarray(S if lengths is None else lengths, jnp.int32), batch)[..., None]
     rows = jnp.arange(P)
@@ -112,7 +119,7 @@ def compress_tensor(x, axis: str, bits: int, rank: int, outliers: int, group_siz
     # and a small eigh, whatever the prompt length.
     r = min(rank, P, D)
     _, vectors = jnp.linalg.eigh(jnp.einsum("...pd,...pe->...de", residual, residual, precision=HIGHEST))
-    right = vectors[..., D - r:]  # [..., D, r] (eigenvalues ascend)
+    right = vectors[..., D - r :]  # [..., D, r] (eigenvalues ascend)
     left = jnp.einsum("...pd,...dr->...pr", residual, right, precision=HIGHEST)
     right = jnp.swapaxes(right, -1, -2)
     return GEARTensor(backbone, index.astype(jnp.int32), value, left.astype(dtype), right.astype(dtype), S)
@@ -146,8 +153,9 @@ class GEAR(KVPolicy):
 
     def check(self, config, prompt_lengths):
         check_channel_groups("GEAR", self.bits, self.group_size, config.head_dim)
-        check_within_context("GEAR", "group_size", self.group_size, config,
-                             "keys are quantized in groups of that many tokens")
+        check_within_context(
+            "GEAR", "group_size", self.group_size, config, "keys are quantized in groups of that many tokens"
+        )
 
     def outlier_count(self, tokens: int, head_dim: int) -> int:
         """Sparse entries kept per [tokens, head_dim] matrix (at least 1 for any fraction > 0)."""
@@ -169,9 +177,19 @@ class GEAR(KVPolicy):
 
     def attend(self, config, data: GEARCache, step: AttentionStep, q, k, v, impl):
         index, positions, window = step.layer, step.positions, step.window
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
+
         dtype = data.tail.k.dtype
-        out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions,
-                                              reconstruct(layer(data.k), dtype), reconstruct(layer(data.v), dtype),
-                                              data.prompt_lengths, window)
+        out, tail = prompt_and_tail_attention(
+            config,
+            data.tail,
+            index,
+            q,
+            k,
+            v,
+            positions,
+            reconstruct(layer_slice(data.k, index), dtype),
+            reconstruct(layer_slice(data.v, index), dtype),
+            data.prompt_lengths,
+            window,
+        )
         return out, data.replace(tail=tail)

@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from ssm_llm.compressed_cache import AttentionStep
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, check_within_context, rope_frequencies, round_up
+from ssm_llm.kv.policy import (
+    KVPolicy,
+    check_positive_int,
+    check_within_context,
+    layer_slice,
+    rope_frequencies,
+    round_up,
+)
 from ssm_llm.kv.quantization import (
     QuantizedTensor,
     check_channel_groups,
@@ -69,8 +76,13 @@ class KIVI(KVPolicy):
     def check(self, config, prompt_lengths):
         check_channel_groups("KIVI", self.bits, self.group_size, config.head_dim)
         check_within_context("KIVI", "group_size", self.group_size, config, "a key group that long never fills")
-        check_within_context("KIVI", "residual", self.residual, config,
-                             "a residual that long never quantizes a token (bits=16 keeps the full cache)")
+        check_within_context(
+            "KIVI",
+            "residual",
+            self.residual,
+            config,
+            "a residual that long never quantizes a token (bits=16 keeps the full cache)",
+        )
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return round_up(max_len, self.group_size)
@@ -94,15 +106,22 @@ class KIVI(KVPolicy):
         slots, quantized = self.sizes(capacity)
         # Residual slot s holds the position p in [q, n) with p % slots == s.
         pos = self._residual_positions(n, slots)
-        idx = jnp.broadcast_to(jnp.minimum(pos, cache.max_len - 1)[None, :, None, :, None],
-                               cache.k.shape[:3] + (slots, cache.k.shape[-1]))
-        data = KIVICache(keys=None, values=None, residual_k=jnp.take_along_axis(cache.k, idx, axis=3),
-                         residual_v=jnp.take_along_axis(cache.v, idx, axis=3))
+        idx = jnp.broadcast_to(
+            jnp.minimum(pos, cache.max_len - 1)[None, :, None, :, None], cache.k.shape[:3] + (slots, cache.k.shape[-1])
+        )
+        data = KIVICache(
+            keys=None,
+            values=None,
+            residual_k=jnp.take_along_axis(cache.k, idx, axis=3),
+            residual_v=jnp.take_along_axis(cache.v, idx, axis=3),
+        )
         if quantized:  # quantize every group below `quantized` slots; those past q(n) are overwritten later
             pad = [(0, 0)] * 3 + [(0, max(0, quantized - cache.max_len)), (0, 0)]
             k, v = (jnp.pad(x, pad)[:, :, :, :quantized] for x in (cache.k, cache.v))
-            data = data.replace(keys=quantize_keys(k, self.bits, self.group_size),
-                                values=quantize_or_keep(v, self.bits, self.group_size, "channels"))
+            data = data.replace(
+                keys=quantize_keys(k, self.bits, self.group_size),
+                values=quantize_or_keep(v, self.bits, self.group_size, "channels"),
+            )
         return data, n
 
     def _residual_positions(self, lengths, slots):
@@ -118,8 +137,10 @@ class KIVI(KVPolicy):
         pos = jnp.where(pos < lengths[:, None], pos, -1)
         keys, values = data.residual_k[index], data.residual_v[index]
         if data.keys is not None:
-            layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
-            kq, vq = dequantize(layer(data.keys), dtype), dequantize(layer(data.values), dtype)
+            kq, vq = (
+                dequantize(layer_slice(data.keys, index), dtype),
+                dequantize(layer_slice(data.values, index), dtype),
+            )
             j = jnp.arange(kq.shape[2])[None, :]
             pos = jnp.concatenate([jnp.where(j < self.quantized_tokens(lengths)[:, None], j, -1), pos], axis=1)
             keys, values = jnp.concatenate([kq, keys], axis=2), jnp.concatenate([vq, values], axis=2)
@@ -140,15 +161,23 @@ class KIVI(KVPolicy):
         capacity = data.keys.codes.shape[3]
         at = jnp.where(flush[:, None], tokens, capacity)  # [B, G]; out of range: dropped
         group = jnp.where(flush, (q - g) // g, capacity // g)
+
         # Indexing [index, rows [B, 1], :, at [B, G]] puts (B, G) first: new [B, H, G, ...] -> [B, G, H, ...].
-        per_token = lambda old, new: old.at[index, rows[:, None], :, at].set(
-            jnp.moveaxis(new, 2, 1), mode="drop")
-        keys = dataclasses.replace(data.keys, codes=per_token(data.keys.codes, qk.codes),
-                                   scale=data.keys.scale.at[index, rows, :, group].set(qk.scale[:, :, 0], mode="drop"),
-                                   zero=data.keys.zero.at[index, rows, :, group].set(qk.zero[:, :, 0], mode="drop"))
-        values = dataclasses.replace(data.values, codes=per_token(data.values.codes, qv.codes),
-                                     scale=per_token(data.values.scale, qv.scale),
-                                     zero=per_token(data.values.zero, qv.zero))
+        def per_token(old, new):
+            return old.at[index, rows[:, None], :, at].set(jnp.moveaxis(new, 2, 1), mode="drop")
+
+        keys = dataclasses.replace(
+            data.keys,
+            codes=per_token(data.keys.codes, qk.codes),
+            scale=data.keys.scale.at[index, rows, :, group].set(qk.scale[:, :, 0], mode="drop"),
+            zero=data.keys.zero.at[index, rows, :, group].set(qk.zero[:, :, 0], mode="drop"),
+        )
+        values = dataclasses.replace(
+            data.values,
+            codes=per_token(data.values.codes, qv.codes),
+            scale=per_token(data.values.scale, qv.scale),
+            zero=per_token(data.values.zero, qv.zero),
+        )
         return data.replace(keys=keys, values=values)
 
     def attend(self, config, data: KIVICache, step: AttentionStep, q, k, v, impl):
@@ -158,9 +187,14 @@ class KIVI(KVPolicy):
         inv_freq = rope_frequencies(config)
         p, rows = positions[:, 0], jnp.arange(q.shape[0])
         slot = p % data.residual_k.shape[3]
-        write = lambda old, new: old.at[index, rows, :, slot].set(new.astype(old.dtype))
-        data = data.replace(residual_k=write(data.residual_k, rotate(k[:, 0], p[:, None], inv_freq)),
-                            residual_v=write(data.residual_v, v[:, 0]))
+
+        def write(old, new):
+            return old.at[index, rows, :, slot].set(new.astype(old.dtype))
+
+        data = data.replace(
+            residual_k=write(data.residual_k, rotate(k[:, 0], p[:, None], inv_freq)),
+            residual_v=write(data.residual_v, v[:, 0]),
+        )
         if data.keys is not None:
             data = self._flush(data, index, lengths)
         keys, values, pos = self.view(config, data, index, lengths)

@@ -119,9 +119,9 @@ class MiniCache(KVPolicy):
         start = num_layers // 2 if self.start_layer is None else self.start_layer
         if start > num_layers:
             raise ValueError(f"MiniCache: start_layer must lie in [0, num_layers = {num_layers}], got {start}")
-        pairs = [(l, l + 1) for l in range(start, num_layers - 1, 2)]
-        merged = {l for pair in pairs for l in pair}
-        return [l for l in range(num_layers) if l not in merged], pairs
+        pairs = [(layer, layer + 1) for layer in range(start, num_layers - 1, 2)]
+        merged = {layer for pair in pairs for layer in pair}
+        return [layer for layer in range(num_layers) if layer not in merged], pairs
 
     def retained_slots(self, prompt_len: int) -> int:
         """Retention slots R per pair, sequence and kv head for a prompt of `prompt_len` tokens."""
@@ -144,8 +144,12 @@ class MiniCache(KVPolicy):
         index = jnp.where(score >= 0, index, -1).astype(jnp.int32)
         gather = jnp.maximum(index, 0)[..., None]
         kept = jnp.stack([jnp.take_along_axis(first, gather, axis=3), jnp.take_along_axis(second, gather, axis=3)], 1)
-        return MergedKV(direction=direction.astype(x.dtype), norm=jnp.stack([norm_a, norm_b], 1).astype(x.dtype),
-                        kept_index=index, kept=kept)
+        return MergedKV(
+            direction=direction.astype(x.dtype),
+            norm=jnp.stack([norm_a, norm_b], 1).astype(x.dtype),
+            kept_index=index,
+            kept=kept,
+        )
 
     def compress(self, config, cache, observation, capacity):
         L, batch, heads, prompt_len, dim = cache.k.shape
@@ -155,9 +159,14 @@ class MiniCache(KVPolicy):
         v = jnp.where(valid[None, :, None, :, None], cache.v, 0)
         slots = self.retained_slots(prompt_len)
         rows = np.array(unmerged, dtype=np.int32)
-        data = MiniCacheData(full_k=k[rows], full_v=v[rows], keys=self._merge(k, pairs, valid, slots),
-                             values=self._merge(v, pairs, valid, slots), prompt_lengths=cache.lengths,
-                             tail=empty_slots(L, batch, heads, capacity - prompt_len, dim, k.dtype))
+        data = MiniCacheData(
+            full_k=k[rows],
+            full_v=v[rows],
+            keys=self._merge(k, pairs, valid, slots),
+            values=self._merge(v, pairs, valid, slots),
+            prompt_lengths=cache.lengths,
+            tail=empty_slots(L, batch, heads, capacity - prompt_len, dim, k.dtype),
+        )
         # The prompt fills all S positions of every row (padding included): `used` counts the tail's room.
         return data, jnp.full_like(cache.lengths, prompt_len)
 
@@ -197,6 +206,7 @@ class MiniCache(KVPolicy):
     def attend(self, config, data: MiniCacheData, step: AttentionStep, q, k, v, impl):
         index, positions, window = step.layer, step.positions, step.window
         prompt_k, prompt_v = self.reconstruct(config, data, index)
-        out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions, prompt_k, prompt_v,
-                                              data.prompt_lengths, window)
+        out, tail = prompt_and_tail_attention(
+            config, data.tail, index, q, k, v, positions, prompt_k, prompt_v, data.prompt_lengths, window
+        )
         return out, data.replace(tail=tail)

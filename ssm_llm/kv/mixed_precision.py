@@ -32,6 +32,7 @@ from ssm_llm.kv.policy import (
     check_budget,
     check_positive_int,
     check_within_context,
+    layer_slice,
     observed_attention,
     resolve_budget,
     rope_frequencies,
@@ -72,7 +73,10 @@ def attention_importance(queries, q_positions, keys, lengths):
     -inf for keys past a sequence's length.
     """
     L, B = keys.shape[:2]
-    flat = lambda x: x.reshape(L * B, *x.shape[2:])
+
+    def flat(x):
+        return x.reshape(L * B, *x.shape[2:])
+
     attn = observed_attention(flat(keys), flat(queries), jnp.tile(q_positions, (L, 1)))
     scores = attn.sum(axis=2).reshape(L, B, keys.shape[2], keys.shape[3])
     s = jnp.arange(keys.shape[3])
@@ -93,8 +97,9 @@ class MixedPrecisionKV(KVPolicy):
         check_policy_bits("MixedPrecisionKV", "high_bits", self.high_bits)
         check_policy_bits("MixedPrecisionKV", "low_bits", self.low_bits)
         if self.low_bits > self.high_bits:
-            raise ValueError(f"MixedPrecisionKV: low_bits ({self.low_bits}) must not exceed high_bits "
-                             f"({self.high_bits})")
+            raise ValueError(
+                f"MixedPrecisionKV: low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})"
+            )
         check_budget("MixedPrecisionKV", self.important, "important")
         check_positive_int("MixedPrecisionKV", "window", self.window)
         check_positive_int("MixedPrecisionKV", "group_size", self.group_size)
@@ -106,8 +111,13 @@ class MixedPrecisionKV(KVPolicy):
     def check(self, config, prompt_lengths):
         for bits in (self.high_bits, self.low_bits):
             check_channel_groups("MixedPrecisionKV", bits, self.group_size, config.head_dim)
-        check_within_context("MixedPrecisionKV", "group_size", self.group_size, config,
-                             "low-bit keys are quantized in groups of that many tokens")
+        check_within_context(
+            "MixedPrecisionKV",
+            "group_size",
+            self.group_size,
+            config,
+            "low-bit keys are quantized in groups of that many tokens",
+        )
 
     def prompt_slots(self, prompt_len: int) -> int:
         """Low-bit slots for a (padded) prompt of `prompt_len` tokens: whole key groups."""
@@ -122,19 +132,38 @@ class MixedPrecisionKV(KVPolicy):
         count = min(resolve_budget("MixedPrecisionKV", self.important, S, "important"), S)
         scores = attention_importance(observation.queries, observation.positions, cache.k, n)
         top, idx = jax.lax.top_k(scores, count)  # [L, B, H_kv, K]
-        take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
-        high = lambda x: quantize_or_keep(take(x), self.high_bits, self.group_size, "channels", x.dtype)
+
+        def take(x):
+            return jnp.take_along_axis(x, idx[..., None], axis=3)
+
+        def high(x):
+            return quantize_or_keep(take(x), self.high_bits, self.group_size, "channels", x.dtype)
+
         # Pad the prompt to whole groups with each row's last real token, so padding never widens a range.
         pos = jnp.arange(P)[None, :]
         fill = jnp.where(pos < n[:, None], pos, n[:, None] - 1)[None, :, None, :, None]
-        low = lambda x, axis: quantize_or_keep(
-            jnp.take_along_axis(x, jnp.broadcast_to(jnp.minimum(fill, S - 1), x.shape[:3] + (P, x.shape[4])), axis=3),
-            self.low_bits, self.group_size, axis, x.dtype)
+
+        def low(x, axis):
+            return quantize_or_keep(
+                jnp.take_along_axis(
+                    x, jnp.broadcast_to(jnp.minimum(fill, S - 1), x.shape[:3] + (P, x.shape[4])), axis=3
+                ),
+                self.low_bits,
+                self.group_size,
+                axis,
+                x.dtype,
+            )
+
         L, B, H, _, D = cache.k.shape
         data = MixedPrecisionCache(
-            low_k=low(cache.k, "tokens"), low_v=low(cache.v, "channels"), high_k=high(cache.k), high_v=high(cache.v),
+            low_k=low(cache.k, "tokens"),
+            low_v=low(cache.v, "channels"),
+            high_k=high(cache.k),
+            high_v=high(cache.v),
             high_pos=jnp.where(jnp.isfinite(top), idx, -1).astype(jnp.int32),
-            tail=empty_slots(L, B, H, capacity - P, D, cache.k.dtype), prompt_lengths=n)
+            tail=empty_slots(L, B, H, capacity - P, D, cache.k.dtype),
+            prompt_lengths=n,
+        )
         return data, jnp.full_like(n, P)
 
     def view(self, config, data: MixedPrecisionCache, index, lengths):
@@ -142,18 +171,24 @@ class MixedPrecisionKV(KVPolicy):
         [B, H_kv, S] (-1: empty slot), the prompt's important tokens read from their high-bit copy
         (`lengths` is unused: every stored token is visible)."""
         dtype = data.tail.k.dtype
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
-        k, v = dequantize_or_keep(layer(data.low_k), dtype), dequantize_or_keep(layer(data.low_v), dtype)
+
+        k, v = (
+            dequantize_or_keep(layer_slice(data.low_k, index), dtype),
+            dequantize_or_keep(layer_slice(data.low_v, index), dtype),
+        )
         B, H, P, _ = k.shape
         at = data.high_pos[index]
         at = jnp.where(at >= 0, at, P)  # [B, H_kv, K]; no token: out of range, dropped
         b, h = jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None]
-        k = k.at[b, h, at].set(dequantize_or_keep(layer(data.high_k), dtype), mode="drop")
-        v = v.at[b, h, at].set(dequantize_or_keep(layer(data.high_v), dtype), mode="drop")
+        k = k.at[b, h, at].set(dequantize_or_keep(layer_slice(data.high_k, index), dtype), mode="drop")
+        v = v.at[b, h, at].set(dequantize_or_keep(layer_slice(data.high_v, index), dtype), mode="drop")
         j = jnp.arange(P)[None, :]
         pos = jnp.broadcast_to(jnp.where(j < data.prompt_lengths[:, None], j, -1)[:, None, :], (B, H, P))
-        return (jnp.concatenate([k, data.tail.k[index]], axis=2), jnp.concatenate([v, data.tail.v[index]], axis=2),
-                jnp.concatenate([pos, data.tail.pos[index]], axis=2))
+        return (
+            jnp.concatenate([k, data.tail.k[index]], axis=2),
+            jnp.concatenate([v, data.tail.v[index]], axis=2),
+            jnp.concatenate([pos, data.tail.pos[index]], axis=2),
+        )
 
     def attend(self, config, data: MixedPrecisionCache, step: AttentionStep, q, k, v, impl):
         index, positions, used, lengths, window = step.layer, step.positions, step.used, step.lengths, step.window

@@ -12,7 +12,6 @@ original position unless a method says otherwise, and `cache_bytes(cache)` measu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ def observed_attention(keys, queries, q_positions):
     """
     batch, kv_heads, seq, dim = keys.shape
     q = queries.reshape(batch, queries.shape[1], kv_heads, -1, dim)
-    logits = jnp.einsum("bwkgd,bksd->bkgws", q, keys, preferred_element_type=jnp.float32) * dim ** -0.5
+    logits = jnp.einsum("bwkgd,bksd->bkgws", q, keys, preferred_element_type=jnp.float32) * dim**-0.5
     s = jnp.arange(seq)
     visible = (s[None, None, :] <= q_positions[:, :, None]) & (q_positions[:, :, None] >= 0)  # [B, W, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
@@ -45,6 +44,11 @@ def observed_attention(keys, queries, q_positions):
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple
+
+
+def layer_slice(tree, layer):
+    """Layer `layer` of every array in a layer-stacked cache pytree (leading axis = layers)."""
+    return jax.tree_util.tree_map(lambda a: a[layer], tree)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -60,8 +64,10 @@ def check_positive_int(method: str, name: str, value, minimum: int = 1) -> None:
 def check_within_context(method: str, name: str, value: int, config: ModelConfig, reason: str) -> None:
     """A clear ValueError if the size `value` exceeds the model's context (`reason`: why that is wrong)."""
     if value > config.max_position_embeddings:
-        raise ValueError(f"{method}: {name} ({value}) exceeds the model's context of "
-                         f"{config.max_position_embeddings} positions: {reason}")
+        raise ValueError(
+            f"{method}: {name} ({value}) exceeds the model's context of "
+            f"{config.max_position_embeddings} positions: {reason}"
+        )
 
 
 def check_budget(method: str, budget, name: str = "budget") -> None:
@@ -84,8 +90,10 @@ def resolve_budget(method: str, budget, prompt_len: int, name: str = "budget") -
         return int(budget)
     count = round(budget * prompt_len)
     if count < 1:
-        raise ValueError(f"{method}: {name}={budget!r} keeps round({budget!r} * {prompt_len}) = {count} tokens of a "
-                         f"{prompt_len}-token prompt; give a larger fraction or a token count (an int >= 1)")
+        raise ValueError(
+            f"{method}: {name}={budget!r} keeps round({budget!r} * {prompt_len}) = {count} tokens of a "
+            f"{prompt_len}-token prompt; give a larger fraction or a token count (an int >= 1)"
+        )
     return count
 
 
@@ -104,8 +112,9 @@ def memory_bound(config: ModelConfig, policy: KVPolicy, batch: int, prompt_len: 
     return per_slot * (prompt_len + policy.capacity(prompt_len, max_len))
 
 
-def compress_cache(config: ModelConfig, cache: KVCache, policy: KVPolicy, max_len: int,
-                   observation: PrefillObservation | None = None) -> CompressedCache:
+def compress_cache(
+    config: ModelConfig, cache: KVCache, policy: KVPolicy, max_len: int, observation: PrefillObservation | None = None
+) -> CompressedCache:
     """Compress a dense prefill `cache` with `policy`, for sequences growing up to `max_len` positions.
 
     Each sequence may then decode `max_len - cache.max_len` tokens (whatever its prompt length);
@@ -119,11 +128,15 @@ def compress_cache(config: ModelConfig, cache: KVCache, policy: KVPolicy, max_le
     if not isinstance(cache, KVCache):
         raise TypeError(f"compress_cache needs the dense KVCache of a prefill, got {type(cache).__name__}")
     if policy.observation_window and observation is None:
-        raise ValueError(f"{type(policy).__name__} scores tokens by the last {policy.observation_window} prompt "
-                         f"queries: pass observation= (or prefill with ssm_llm.kv.prefill(..., policy, ...))")
+        raise ValueError(
+            f"{type(policy).__name__} scores tokens by the last {policy.observation_window} prompt "
+            f"queries: pass observation= (or prefill with ssm_llm.kv.prefill(..., policy, ...))"
+        )
     prompt_len = cache.max_len
     if max_len < prompt_len:
-        raise ValueError(f"compress_cache: max_len ({max_len}) is smaller than the prefill cache ({prompt_len} positions)")
+        raise ValueError(
+            f"compress_cache: max_len ({max_len}) is smaller than the prefill cache ({prompt_len} positions)"
+        )
     policy.check(config, prompt_lengths(cache.lengths, prompt_len))
     capacity = policy.capacity(prompt_len, max_len)
     data, used = policy.compress(config, cache, observation, capacity)

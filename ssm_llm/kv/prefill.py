@@ -28,8 +28,9 @@ def _prefill(params, config, tokens, counts, policy, max_len, impl, cache_dtype)
     return logits_from_hidden(params, config, last), compress_cache(config, cache, policy, max_len, observation)
 
 
-def prefill(params: dict, config, tokens, policy: KVPolicy, max_len: int, *, token_counts=None,
-            impl: str = "auto") -> tuple[jax.Array, CompressedCache]:
+def prefill(
+    params: dict, config, tokens, policy: KVPolicy, max_len: int, *, token_counts=None, impl: str = "auto"
+) -> tuple[jax.Array, CompressedCache]:
     """Prefill `tokens: [B, T]` (right-padded; `token_counts: [B]` real tokens per row, default T) with
     full attention, then compress the cache with `policy` (giving it the last prompt queries it needs).
 
@@ -39,12 +40,17 @@ def prefill(params: dict, config, tokens, policy: KVPolicy, max_len: int, *, tok
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, steps] with steps >= 1, got shape {tokens.shape}")
-    counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32) if token_counts is None else \
-        jnp.asarray(token_counts, jnp.int32)
+    counts = (
+        jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        if token_counts is None
+        else jnp.asarray(token_counts, jnp.int32)
+    )
     if not isinstance(policy, KVPolicy):
         raise TypeError(f"policy must be a KV policy from ssm_llm.kv, got {policy!r}")
     policy.check(config, prompt_lengths(counts, tokens.shape[1]))  # each row's length is known here, not in the jit
     dtype = jnp.dtype(params["embed"].dtype)
-    check_fits(f"kv_compression={describe(policy)} with max_len={max_len}",
-               memory_bound(config, policy, tokens.shape[0], tokens.shape[1], max_len, dtype))
+    check_fits(
+        f"kv_compression={describe(policy)} with max_len={max_len}",
+        memory_bound(config, policy, tokens.shape[0], tokens.shape[1], max_len, dtype),
+    )
     return _prefill(params, config, tokens, counts, policy, max_len, impl, jnp.dtype(params["embed"].dtype))

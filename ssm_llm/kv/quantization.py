@@ -23,8 +23,11 @@ import numpy as np
 BITS = (2, 4, 8)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale", "zero"],
-                   meta_fields=["bits", "axis", "group_size", "channels"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scale", "zero"],
+    meta_fields=["bits", "axis", "group_size", "channels"],
+)
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
     """A quantized tensor x [..., S, D]. codes: uint8 [..., S, D * bits / 8] (packed along D);
@@ -55,8 +58,10 @@ def _check(x, bits, group_size, axis):
         raise ValueError(f"quantize: the {axis} axis ({size}) must be a multiple of group_size ({group_size})")
     per_byte = 8 // bits
     if x.shape[-1] % per_byte:
-        raise ValueError(f"quantize: {bits}-bit codes pack {per_byte} per byte along D, so D ({x.shape[-1]}) "
-                         f"must be a multiple of {per_byte}")
+        raise ValueError(
+            f"quantize: {bits}-bit codes pack {per_byte} per byte along D, so D ({x.shape[-1]}) "
+            f"must be a multiple of {per_byte}"
+        )
 
 
 def pack_codes(codes, bits: int):
@@ -117,8 +122,7 @@ def quantize_values(v, bits: int, group_size: int) -> QuantizedTensor:
 
 def cache_bytes(cache) -> int:
     """Bytes held by every array leaf of a cache pytree (a KVCache, a compressed cache, ...)."""
-    return int(sum(np.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
-                   for leaf in jax.tree_util.tree_leaves(cache)))
+    return int(sum(np.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(cache)))
 
 
 POLICY_BITS = BITS + (16,)  # what quantized KV policies accept; 16 means "keep full precision"
@@ -138,12 +142,15 @@ def check_channel_groups(method: str, bits: int, group_size: int, width: int, wh
         return
     group = min(group_size, width)
     if width % group:
-        raise ValueError(f"{method}: group_size ({group_size}) does not fit {what} ({width}): the channels axis "
-                         f"({width}) must be a multiple of group_size ({group}), or group_size at least {width}")
+        raise ValueError(
+            f"{method}: group_size ({group_size}) does not fit {what} ({width}): the channels axis "
+            f"({width}) must be a multiple of group_size ({group}), or group_size at least {width}"
+        )
     per_byte = 8 // bits
     if width % per_byte:
-        raise ValueError(f"{method}: {bits}-bit codes pack {per_byte} per byte, so {what} ({width}) must be a "
-                         f"multiple of {per_byte}")
+        raise ValueError(
+            f"{method}: {bits}-bit codes pack {per_byte} per byte, so {what} ({width}) must be a multiple of {per_byte}"
+        )
 
 
 def quantize_or_keep(x, bits: int, group_size: int, axis: str, dtype=jnp.float32):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.hadamard import fwht
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, layer_slice, rope_frequencies
 from ssm_llm.kv.quantization import (
     QuantizedTensor,
     check_channel_groups,
@@ -95,18 +95,23 @@ class RotateKV(KVPolicy):
     def check(self, config, prompt_lengths):
         width = self.head_group * config.head_dim
         if config.num_kv_heads % self.head_group:
-            raise ValueError(f"RotateKV: head_group ({self.head_group}) must divide the model's "
-                             f"{config.num_kv_heads} kv heads")
+            raise ValueError(
+                f"RotateKV: head_group ({self.head_group}) must divide the model's {config.num_kv_heads} kv heads"
+            )
         if width & (width - 1):
-            raise ValueError(f"RotateKV: head_group * head_dim ({self.head_group} * {config.head_dim}) must be a "
-                             f"power of two for the Walsh-Hadamard transform")
+            raise ValueError(
+                f"RotateKV: head_group * head_dim ({self.head_group} * {config.head_dim}) must be a "
+                f"power of two for the Walsh-Hadamard transform"
+            )
         check_channel_groups("RotateKV", self.bits, self.group_size, width, "head_group * head_dim")
         check_channel_groups("RotateKV", self.bits, self.group_size, config.head_dim)
 
     def _store(self, k, v, dtype):
         """Pre-RoPE keys and values [..., H_kv, S, D] -> their rotated, quantized (or kept) forms."""
-        return (quantize_or_keep(rotate_heads(k, self.head_group), self.bits, self.group_size, "channels", dtype),
-                quantize_or_keep(fwht(v), self.bits, self.group_size, "channels", dtype))
+        return (
+            quantize_or_keep(rotate_heads(k, self.head_group), self.bits, self.group_size, "channels", dtype),
+            quantize_or_keep(fwht(v), self.bits, self.group_size, "channels", dtype),
+        )
 
     def compress(self, config, cache, observation, capacity):
         sinks = min(self.sinks, capacity)
@@ -120,11 +125,11 @@ class RotateKV(KVPolicy):
         """Layer `index` as attention sees it after `lengths: [B]` tokens: keys (after RoPE), values
         [B, H_kv, S, D] and positions [B, H_kv, S] (-1: empty slot); slot = position."""
         dtype = data.sink_k.dtype
-        layer = lambda t: jax.tree_util.tree_map(lambda a: a[index], t)
+
         sinks = data.sink_k.shape[3]
-        k = unrotate_heads(dequantize_or_keep(layer(data.keys)), self.head_group)
+        k = unrotate_heads(dequantize_or_keep(layer_slice(data.keys, index)), self.head_group)
         k = rotate(k, sinks + jnp.arange(k.shape[2]), rope_frequencies(config))
-        v = fwht(dequantize_or_keep(layer(data.values)))
+        v = fwht(dequantize_or_keep(layer_slice(data.values, index)))
         keys = jnp.concatenate([data.sink_k[index], k.astype(dtype)], axis=2)
         values = jnp.concatenate([data.sink_v[index], v.astype(dtype)], axis=2)
         j = jnp.arange(keys.shape[2])[None, :]
@@ -140,14 +145,18 @@ class RotateKV(KVPolicy):
         body = jax.tree_util.tree_leaves(data.keys)[0].shape[3]
         # A token goes to the sinks or to the rotated store; the other write is out of range (dropped).
         at_sink, at_body = jnp.where(p < sinks, p, sinks), jnp.where(p >= sinks, p - sinks, body)
-        write = lambda old, new, at: old.at[index, rows, :, at].set(new.astype(old.dtype), mode="drop")
+
+        def write(old, new, at):
+            return old.at[index, rows, :, at].set(new.astype(old.dtype), mode="drop")
+
         new_k, new_v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H_kv, 1, D]
         keys, values = self._store(new_k, new_v, data.sink_k.dtype)
         data = RotateKVCache(
             sink_k=write(data.sink_k, rotate(new_k[:, :, 0], p[:, None], inv_freq), at_sink),
             sink_v=write(data.sink_v, new_v[:, :, 0], at_sink),
             keys=jax.tree_util.tree_map(lambda old, new: write(old, new[:, :, 0], at_body), data.keys, keys),
-            values=jax.tree_util.tree_map(lambda old, new: write(old, new[:, :, 0], at_body), data.values, values))
+            values=jax.tree_util.tree_map(lambda old, new: write(old, new[:, :, 0], at_body), data.values, values),
+        )
         all_k, all_v, pos = self.view(config, data, index, lengths)
         q = rotate(q, positions[:, :, None], inv_freq)
         return slot_attention(q, all_k, all_v, pos, positions, window), data

@@ -31,8 +31,11 @@ def empty_slots(layers: int, batch: int, kv_heads: int, capacity: int, head_dim:
     """`capacity` empty slots per (layer, sequence, kv head), e.g. a full-precision tail that holds
     decoded tokens after a compressed prompt."""
     shape = (layers, batch, kv_heads, capacity)
-    return SlotKV(k=jnp.zeros(shape + (head_dim,), dtype), v=jnp.zeros(shape + (head_dim,), dtype),
-                  pos=jnp.full(shape, -1, jnp.int32))
+    return SlotKV(
+        k=jnp.zeros(shape + (head_dim,), dtype),
+        v=jnp.zeros(shape + (head_dim,), dtype),
+        pos=jnp.full(shape, -1, jnp.int32),
+    )
 
 
 def gather_slots(cache: KVCache, keep: jax.Array, capacity: int) -> SlotKV:
@@ -45,8 +48,11 @@ def gather_slots(cache: KVCache, keep: jax.Array, capacity: int) -> SlotKV:
     k = jnp.take_along_axis(cache.k, idx, axis=3)
     v = jnp.take_along_axis(cache.v, idx, axis=3)
     pad = [(0, 0)] * 3 + [(0, capacity - n)]
-    return SlotKV(k=jnp.pad(k, pad + [(0, 0)]), v=jnp.pad(v, pad + [(0, 0)]),
-                  pos=jnp.pad(keep.astype(jnp.int32), pad, constant_values=-1))
+    return SlotKV(
+        k=jnp.pad(k, pad + [(0, 0)]),
+        v=jnp.pad(v, pad + [(0, 0)]),
+        pos=jnp.pad(keep.astype(jnp.int32), pad, constant_values=-1),
+    )
 
 
 def write_slot(slots: SlotKV, index, slot: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> SlotKV:
@@ -60,8 +66,9 @@ def write_slot(slots: SlotKV, index, slot: jax.Array, k: jax.Array, v: jax.Array
     )
 
 
-def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, q_positions: jax.Array,
-                   window=0) -> jax.Array:
+def slot_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, q_positions: jax.Array, window=0
+) -> jax.Array:
     """q: [B, T, H_q, D] against slots k, v: [B, H_kv, S, D] with original positions pos: [B, H_kv, S].
 
     A slot is visible from query position p if it is filled, not after p, and (window > 0) within the
@@ -74,8 +81,9 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, q_p
     return masked_attention(q, k, v, visible)
 
 
-def prompt_and_tail_attention(config, tail: SlotKV, index, q, k, v, positions, prompt_k, prompt_v,
-                              prompt_lengths, window):
+def prompt_and_tail_attention(
+    config, tail: SlotKV, index, q, k, v, positions, prompt_k, prompt_v, prompt_lengths, window
+):
     """One decode step over a reconstructed prompt plus the decoded-token tail.
 
     q: [B, 1, H_q, D], k, v: [B, 1, H_kv, D] pre-RoPE; prompt_k (rotated), prompt_v: [B, H_kv, S, D]

@@ -79,8 +79,7 @@ def window_scores(keys, queries, q_positions, lengths, window: int, kernel_size:
     # (the divisor below stays kernel_size), without padding the scores by a huge width.
     width = min(kernel_size, 2 * keys.shape[2] - 1)
     pad = width // 2
-    pooled = jax.lax.reduce_window(attn, init, op, (1, 1, 1, width), (1, 1, 1, 1),
-                                   ((0, 0), (0, 0), (0, 0), (pad, pad)))
+    pooled = jax.lax.reduce_window(attn, init, op, (1, 1, 1, width), (1, 1, 1, 1), ((0, 0), (0, 0), (0, 0), (pad, pad)))
     if pooling == "avg":
         pooled = pooled / kernel_size
     return jnp.where(prefix[:, None], pooled.mean(axis=2), 0.0)
@@ -119,8 +118,10 @@ class SnapKV(KVPolicy):
         check_budget("SnapKV", self.budget)
         check_positive_int("SnapKV", "window", self.window)
         if not isinstance(self.budget, float) and self.window > self.budget:
-            raise ValueError(f"SnapKV: window ({self.window}) must not exceed budget ({self.budget}): "
-                             f"the window tokens are always kept")
+            raise ValueError(
+                f"SnapKV: window ({self.window}) must not exceed budget ({self.budget}): "
+                f"the window tokens are always kept"
+            )
         check_positive_int("SnapKV", "kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"SnapKV: kernel_size must be odd (same-length pooling), got {self.kernel_size}")
@@ -172,16 +173,20 @@ class SnapKV(KVPolicy):
 
     def scores(self, cache, observation):
         """[L, B, H_kv, S] SnapKV scores of every layer (one layer at a time, to bound the memory)."""
+
         def one_layer(layer):
             keys, queries = layer
-            return window_scores(keys, queries, observation.positions, cache.lengths, self.window,
-                                 self.kernel_size, self.pooling)
+            return window_scores(
+                keys, queries, observation.positions, cache.lengths, self.window, self.kernel_size, self.pooling
+            )
+
         return jax.lax.map(one_layer, (cache.k, observation.queries))
 
     def compress(self, config, cache, observation, capacity):
         budgets = self.layer_budgets(self.row_budgets(cache.lengths), cache.k.shape[0])  # [L, B]
-        keep = select_tokens(self.scores(cache, observation), cache.lengths, self.window, budgets,
-                             self.kept_slots(cache.max_len))
+        keep = select_tokens(
+            self.scores(cache, observation), cache.lengths, self.window, budgets, self.kept_slots(cache.max_len)
+        )
         used = jnp.max(jnp.sum(keep[:, :, 0] >= 0, axis=-1), axis=0)  # the most any layer keeps
         return gather_slots(cache, keep, capacity), used
 

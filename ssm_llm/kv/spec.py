@@ -12,8 +12,11 @@ def policy_classes() -> dict[str, type]:
     import ssm_llm.kv as kv  # the package exports every method
 
     classes = (getattr(kv, name) for name in kv.__all__)
-    return {cls.__name__.lower(): cls for cls in classes
-            if isinstance(cls, type) and issubclass(cls, KVPolicy) and cls is not KVPolicy}
+    return {
+        cls.__name__.lower(): cls
+        for cls in classes
+        if isinstance(cls, type) and issubclass(cls, KVPolicy) and cls is not KVPolicy
+    }
 
 
 def parse_policy(spec: str) -> KVPolicy:

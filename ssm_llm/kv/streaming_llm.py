@@ -44,8 +44,10 @@ class StreamingLLM(KVPolicy):
         check_positive_int("StreamingLLM", "budget", self.budget)
         check_positive_int("StreamingLLM", "sinks", self.sinks, minimum=0)
         if self.sinks >= self.budget:
-            raise ValueError(f"StreamingLLM: sinks ({self.sinks}) must be smaller than budget ({self.budget}), "
-                             f"leaving room for a recent window")
+            raise ValueError(
+                f"StreamingLLM: sinks ({self.sinks}) must be smaller than budget ({self.budget}), "
+                f"leaving room for a recent window"
+            )
         if self.positions not in POSITIONS:
             raise ValueError(f"StreamingLLM: positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.distance_ceiling is not None:
@@ -65,14 +67,20 @@ class StreamingLLM(KVPolicy):
         return self.unbounded
 
     def check(self, config, prompt_lengths):
-        check_within_context("StreamingLLM", "budget", self.budget, config,
-                             "a ring that large never fills within it, and its keys would sit at positions the "
-                             "model was not trained on")
+        check_within_context(
+            "StreamingLLM",
+            "budget",
+            self.budget,
+            config,
+            "a ring that large never fills within it, and its keys would sit at positions the model was not trained on",
+        )
         context = config.max_position_embeddings
         if self.distance_ceiling is not None and self.distance_ceiling >= context:
-            raise ValueError(f"StreamingLLM: distance_ceiling ({self.distance_ceiling}) must be below the model's "
-                             f"context of {context} positions: a larger cap lets attention distances pass the "
-                             f"trained ones before it binds")
+            raise ValueError(
+                f"StreamingLLM: distance_ceiling ({self.distance_ceiling}) must be below the model's "
+                f"context of {context} positions: a larger cap lets attention distances pass the "
+                f"trained ones before it binds"
+            )
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return self.budget
@@ -128,4 +136,3 @@ class StreamingLLM(KVPolicy):
 
     def advance(self, used, counts, capacity):
         return jnp.minimum(used + counts, capacity)
-

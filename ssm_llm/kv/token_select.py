@@ -94,11 +94,14 @@ class TokenSelect(KVPolicy):
         L, B, _, prompt_len, _ = cache.k.shape
         pad = [(0, 0)] * 3 + [(0, capacity - prompt_len), (0, 0)]
         data = TokenSelectCache(
-            k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
+            k=jnp.pad(cache.k, pad),
+            v=jnp.pad(cache.v, pad),
             # A k past the capacity never votes (every token is attended): keep the state small.
             selected=jnp.full((L, B, min(self.k, capacity)), -1, jnp.int32),
             query=jnp.zeros((L, B, config.num_heads * config.head_dim), jnp.float32),
-            cached=jnp.zeros((L, B), bool), selections=jnp.zeros((L, B), jnp.int32))
+            cached=jnp.zeros((L, B), bool),
+            selections=jnp.zeros((L, B), jnp.int32),
+        )
         return data, cache.lengths
 
     def vote(self, q, keys, n, window):
@@ -113,8 +116,12 @@ class TokenSelect(KVPolicy):
         s = jnp.arange(slots)[None, :]
         candidate = (s >= self.sinks) & (s < (n - self.local)[:, None])
         candidate &= jnp.where(window > 0, s >= (n - window)[:, None], True)
-        scores = jnp.einsum("bkgd,bksd->bkgs", q.reshape(batch, kv_heads, heads // kv_heads, dim), keys,
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum(
+            "bkgd,bksd->bkgs",
+            q.reshape(batch, kv_heads, heads // kv_heads, dim),
+            keys,
+            preferred_element_type=jnp.float32,
+        )
         scores = jnp.where(candidate[:, None, None], scores, jnp.finfo(jnp.float32).min)
         votes = jax.nn.softmax(scores, axis=-1).sum(axis=(1, 2))
         best, top = jax.lax.top_k(jnp.where(candidate, votes, -jnp.inf), self.k)
@@ -138,8 +145,9 @@ class TokenSelect(KVPolicy):
         batch, slots = q.shape[0], data.k.shape[3]
         p, rows = positions[:, 0], jnp.arange(batch)
         new_k = rotate(k[:, 0], p[:, None], inv_freq).astype(data.k.dtype)
-        data = data.replace(k=data.k.at[index, rows, :, p].set(new_k),
-                            v=data.v.at[index, rows, :, p].set(v[:, 0].astype(data.v.dtype)))
+        data = data.replace(
+            k=data.k.at[index, rows, :, p].set(new_k), v=data.v.at[index, rows, :, p].set(v[:, 0].astype(data.v.dtype))
+        )
         keys, values = data.k[index], data.v[index]
         q_rot = rotate(q, p[:, None, None], inv_freq)
         n = p + 1
@@ -156,7 +164,8 @@ class TokenSelect(KVPolicy):
                 selected=data.selected.at[index].set(selected),
                 query=data.query.at[index].set(jnp.where(vote[:, None], query, data.query[index])),
                 cached=data.cached.at[index].set(~full),
-                selections=data.selections.at[index].add(vote.astype(jnp.int32)))
+                selections=data.selections.at[index].add(vote.astype(jnp.int32)),
+            )
             sinks = jnp.broadcast_to(jnp.arange(self.sinks), (batch, self.sinks))
             local = (n - self.local)[:, None] + jnp.arange(self.local)
             # Short rows attend to their first sinks + k + local slots, i.e. to every token; longer

@@ -94,8 +94,10 @@ class XKV(KVPolicy):
 
     def check(self, config, prompt_lengths):
         if self.group_size > config.num_layers:
-            raise ValueError(f"XKV: group_size ({self.group_size}) must not exceed the model's {config.num_layers} "
-                             f"layers: a group is padded with zero layers up to group_size")
+            raise ValueError(
+                f"XKV: group_size ({self.group_size}) must not exceed the model's {config.num_layers} "
+                f"layers: a group is padded with zero layers up to group_size"
+            )
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return max_len
@@ -110,10 +112,14 @@ class XKV(KVPolicy):
         key_basis, key_maps = cross_layer_svd(k, self.group_size, key_rank)
         value_basis, value_maps = cross_layer_svd(v, self.group_size, value_rank)
         dtype = cache.k.dtype
-        data = XKVData(key_basis=key_basis.astype(dtype), key_maps=key_maps.astype(dtype),
-                       value_basis=value_basis.astype(dtype), value_maps=value_maps.astype(dtype),
-                       prompt_lengths=cache.lengths,
-                       tail=empty_slots(L, batch, heads, capacity - prompt_len, dim, dtype))
+        data = XKVData(
+            key_basis=key_basis.astype(dtype),
+            key_maps=key_maps.astype(dtype),
+            value_basis=value_basis.astype(dtype),
+            value_maps=value_maps.astype(dtype),
+            prompt_lengths=cache.lengths,
+            tail=empty_slots(L, batch, heads, capacity - prompt_len, dim, dtype),
+        )
         # The prompt fills all S positions of every row (padding included): `used` counts the tail's room.
         return data, jnp.full_like(cache.lengths, prompt_len)
 
@@ -128,6 +134,7 @@ class XKV(KVPolicy):
     def attend(self, config, data: XKVData, step: AttentionStep, q, k, v, impl):
         index, positions, window = step.layer, step.positions, step.window
         prompt_k, prompt_v = self.reconstruct(config, data, index)
-        out, tail = prompt_and_tail_attention(config, data.tail, index, q, k, v, positions, prompt_k, prompt_v,
-                                              data.prompt_lengths, window)
+        out, tail = prompt_and_tail_attention(
+            config, data.tail, index, q, k, v, positions, prompt_k, prompt_v, data.prompt_lengths, window
+        )
         return out, data.replace(tail=tail)

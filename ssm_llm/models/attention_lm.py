@@ -35,11 +35,18 @@ from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
 def param_shapes(config: ModelConfig) -> dict:
     """The shape of every parameter, as a pytree matching `params`."""
-    L, H, I, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    L, H, I, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size  # noqa: E741
     Q, KV = config.q_size, config.kv_size
     layers = {
-        "attn_norm": (L, H), "wq": (L, H, Q), "wk": (L, H, KV), "wv": (L, H, KV), "wo": (L, Q, H),
-        "mlp_norm": (L, H), "w_gate": (L, H, I), "w_up": (L, H, I), "w_down": (L, I, H),
+        "attn_norm": (L, H),
+        "wq": (L, H, Q),
+        "wk": (L, H, KV),
+        "wv": (L, H, KV),
+        "wo": (L, Q, H),
+        "mlp_norm": (L, H),
+        "w_gate": (L, H, I),
+        "w_up": (L, H, I),
+        "w_down": (L, I, H),
     }
     if config.qkv_bias:
         layers.update(bq=(L, Q), bk=(L, KV), bv=(L, KV))
@@ -59,7 +66,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
     out = []
-    for (path, shape), k in zip(leaves, keys):
+    for (path, shape), k in zip(leaves, keys, strict=True):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
             out.append(jnp.ones(shape, dtype) + 0.1 * jax.random.normal(k, shape, dtype))
@@ -99,8 +106,10 @@ def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str):
     positions 0..T-1. q, k, v rotated; kv = (k, v) `[L, B, H_kv, S, D]` of every layer."""
     attn = flash_attention(q, k, v, step.window, lengths=step.token_counts, impl=impl)
     start = (step.layer, 0, 0, 0, 0)
-    k_all, v_all = (jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3)[None], start)
-                    for cached, new in zip(kv, (k, v)))
+    k_all, v_all = (
+        jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3)[None], start)
+        for cached, new in zip(kv, (k, v), strict=True)
+    )
     return attn, (k_all, v_all)
 
 
@@ -108,10 +117,13 @@ def _dense_cache_attention(q, k, v, kv, step: AttentionStep, impl: str):
     """Attention over a dense cache holding earlier tokens: the new keys/values are scattered at each
     row's own positions (padding past the cache's end is dropped; it is never attended to)."""
     rows = jnp.arange(q.shape[0])[:, None]
-    k_all, v_all = (cached.at[step.layer, rows, :, step.positions].set(new.astype(cached.dtype), mode="drop")
-                    for cached, new in zip(kv, (k, v)))
-    attn = cache_attention(q, k_all[step.layer], v_all[step.layer], step.positions, step.lengths, step.window,
-                           impl=impl)
+    k_all, v_all = (
+        cached.at[step.layer, rows, :, step.positions].set(new.astype(cached.dtype), mode="drop")
+        for cached, new in zip(kv, (k, v), strict=True)
+    )
+    attn = cache_attention(
+        q, k_all[step.layer], v_all[step.layer], step.positions, step.lengths, step.window, impl=impl
+    )
     return attn, (k_all, v_all)
 
 
@@ -148,15 +160,25 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
     compressed = isinstance(cache, CompressedCache)
     policy = cache.policy if compressed else None
-    step = AttentionStep(positions=positions, lengths=lengths, token_counts=token_counts,
-                         used=cache.used if compressed else lengths, cos=cos, sin=sin)
+    step = AttentionStep(
+        positions=positions,
+        lengths=lengths,
+        token_counts=token_counts,
+        used=cache.used if compressed else lengths,
+        cos=cos,
+        sin=sin,
+    )
     x = params["embed"][tokens]
     kv = cache.data if compressed else (cache.k, cache.v)
     observed = None
     if observe:
         observed = jnp.zeros((config.num_layers, tokens.shape[0], observe, config.num_heads, config.head_dim), x.dtype)
-    x, kv, observed = run_layers(lambda c, layer: _block(config, impl, cache_is_empty, policy, step, c, layer),
-                                 (x, kv, observed), params["layers"], (config.layer_windows,))
+    x, kv, observed = run_layers(
+        lambda c, layer: _block(config, impl, cache_is_empty, policy, step, c, layer),
+        (x, kv, observed),
+        params["layers"],
+        (config.layer_windows,),
+    )
     h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if compressed:
         cache = cache.replace(data=kv, lengths=lengths, used=policy.advance(cache.used, token_counts, cache.capacity))
@@ -165,9 +187,15 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
     return h, cache, observed
 
 
-def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache | CompressedCache,
-                  token_counts: jax.Array, impl: str = "auto",
-                  cache_is_empty: bool = False) -> tuple[jax.Array, KVCache]:
+def hidden_states(
+    params: dict,
+    config: ModelConfig,
+    tokens: jax.Array,
+    cache: KVCache | CompressedCache,
+    token_counts: jax.Array,
+    impl: str = "auto",
+    cache_is_empty: bool = False,
+) -> tuple[jax.Array, KVCache]:
     """Run the decoder stack on `tokens: [B, T]` appended to `cache` (dense, or compressed by a KV policy).
 
     token_counts: [B], how many of each row's T tokens are real (the rest is right padding).
@@ -179,8 +207,15 @@ def hidden_states(params: dict, config: ModelConfig, tokens: jax.Array, cache: K
     return h, cache
 
 
-def prefill_observed(params: dict, config: ModelConfig, tokens: jax.Array, cache: KVCache, token_counts: jax.Array,
-                     window: int, impl: str = "auto") -> tuple[jax.Array, KVCache, PrefillObservation]:
+def prefill_observed(
+    params: dict,
+    config: ModelConfig,
+    tokens: jax.Array,
+    cache: KVCache,
+    token_counts: jax.Array,
+    window: int,
+    impl: str = "auto",
+) -> tuple[jax.Array, KVCache, PrefillObservation]:
     """A fresh prefill (empty `cache`) that also returns each row's last `window` rotated queries per
     layer, for query-aware KV compression (SnapKV & co.)."""
     h, cache, observed = _run(params, config, tokens, cache, token_counts, impl, True, window)

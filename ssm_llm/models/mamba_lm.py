@@ -35,16 +35,32 @@ from ssm_llm.validation import as_int
 
 def param_shapes(config: MambaConfig | Mamba2Config) -> dict:
     """The shape of every parameter, as a pytree matching `params`."""
-    L, H, I, N, K = (config.num_layers, config.hidden_size, config.intermediate_size, config.state_size,
-                     config.conv_kernel)
+    L, H, I, N, K = (  # noqa: E741 (the docstring's shape letters)
+        config.num_layers,
+        config.hidden_size,
+        config.intermediate_size,
+        config.state_size,
+        config.conv_kernel,
+    )
     if isinstance(config, Mamba2Config):
         C, heads = config.conv_dim, config.num_heads
-        layers = {"in_proj": (L, H, I + C + heads), "dt_bias": (L, heads), "A_log": (L, heads), "D": (L, heads),
-                  "gated_norm": (L, I)}
+        layers = {
+            "in_proj": (L, H, I + C + heads),
+            "dt_bias": (L, heads),
+            "A_log": (L, heads),
+            "D": (L, heads),
+            "gated_norm": (L, I),
+        }
     else:
         C, R = I, config.time_step_rank
-        layers = {"in_proj": (L, H, 2 * I), "x_proj": (L, I, R + 2 * N), "dt_proj": (L, R, I),
-                  "dt_proj_b": (L, I), "A_log": (L, I, N), "D": (L, I)}
+        layers = {
+            "in_proj": (L, H, 2 * I),
+            "x_proj": (L, I, R + 2 * N),
+            "dt_proj": (L, R, I),
+            "dt_proj_b": (L, I),
+            "A_log": (L, I, N),
+            "D": (L, I),
+        }
     layers.update(norm=(L, H), conv_w=(L, C, K), out_proj=(L, I, H))
     if config.use_conv_bias:
         layers["conv_b"] = (L, C)
@@ -64,7 +80,7 @@ def init_params(config: MambaConfig | Mamba2Config, key: jax.Array, dtype=jnp.fl
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
     out = []
-    for (path, shape), k in zip(leaves, keys):
+    for (path, shape), k in zip(leaves, keys, strict=True):
         name = path[-1].key
         if name == "A_log":
             ramp = np.arange(1, shape[-1] + 1, dtype=np.float32)
@@ -91,9 +107,15 @@ def init_cache(config: MambaConfig | Mamba2Config, batch: int, max_len: int, dty
 _MIXERS = {MambaConfig: mamba1_mixer, Mamba2Config: mamba2_mixer}
 
 
-def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Array, cache: SSMCache,
-                  token_counts: jax.Array, impl: str = "auto",
-                  cache_is_empty: bool = False) -> tuple[jax.Array, SSMCache]:
+def hidden_states(
+    params: dict,
+    config: MambaConfig | Mamba2Config,
+    tokens: jax.Array,
+    cache: SSMCache,
+    token_counts: jax.Array,
+    impl: str = "auto",
+    cache_is_empty: bool = False,
+) -> tuple[jax.Array, SSMCache]:
     """Run the block stack on `tokens: [B, T]` continuing from `cache`'s states.
 
     token_counts: [B] real tokens per row (the rest is right padding). `cache_is_empty` is accepted
@@ -102,12 +124,24 @@ def hidden_states(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.
     """
     del cache_is_empty
     mixer = _MIXERS[type(config)]
-    return run_blocks(params, config, tokens, cache, token_counts,
-                      lambda p, h, conv, ssm: mixer(config, impl, p, h, conv, ssm, token_counts))
+    return run_blocks(
+        params,
+        config,
+        tokens,
+        cache,
+        token_counts,
+        lambda p, h, conv, ssm: mixer(config, impl, p, h, conv, ssm, token_counts),
+    )
 
 
-def run_blocks(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Array, cache: SSMCache,
-               token_counts: jax.Array, layer_mixer) -> tuple[jax.Array, SSMCache]:
+def run_blocks(
+    params: dict,
+    config: MambaConfig | Mamba2Config,
+    tokens: jax.Array,
+    cache: SSMCache,
+    token_counts: jax.Array,
+    layer_mixer,
+) -> tuple[jax.Array, SSMCache]:
     """The residual stack of `hidden_states` with the mixer supplied:
     `layer_mixer(layer_params, normed h [B, T, H], conv_state, ssm_state) -> (out, new conv, new ssm)`
     (states as the cache stores them). Returns final-normed hidden states and the advanced cache."""
@@ -118,8 +152,9 @@ def run_blocks(params: dict, config: MambaConfig | Mamba2Config, tokens: jax.Arr
         out, new_conv, new_ssm = layer_mixer(p, rms_norm(x, p["norm"], config.layer_norm_epsilon), conv, ssm)
         return x + out, (new_conv.astype(conv.dtype), new_ssm.astype(ssm.dtype))
 
-    x, (conv_all, ssm_all) = run_layers_with_states(layer, params["embed"][tokens],
-                                                    (cache.conv_state, cache.ssm_state), params["layers"])
+    x, (conv_all, ssm_all) = run_layers_with_states(
+        layer, params["embed"][tokens], (cache.conv_state, cache.ssm_state), params["layers"]
+    )
     h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return h, SSMCache(conv_state=conv_all, ssm_state=ssm_all, lengths=cache.lengths + token_counts)
 

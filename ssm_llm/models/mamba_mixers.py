@@ -84,8 +84,7 @@ def mamba1_mixer(config: MambaConfig, impl: str, p: dict, h, conv_state, ssm_sta
     def scan(x, dt, A, B, C, D, z):
         dt = _mask_dt(dt, counts)
         if x.shape[1] == 1:
-            y, state = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0],
-                                              impl=impl)
+            y, state = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], impl=impl)
             return y[:, None], state
         return selective_scan(x, dt, A, B, C, D, z, ssm_state, impl=impl)
 
@@ -135,8 +134,14 @@ def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     x, B, C = ops.act("x", x, p), ops.act("B", B, p), ops.act("C", C, p)
     dt = jnp.clip(jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32)), *config.time_step_limit)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    y, ssm_aux = scan(x.reshape(batch, steps, heads, hd), dt, A, B.reshape(batch, steps, groups, n),
-                      C.reshape(batch, steps, groups, n), p["D"])
+    y, ssm_aux = scan(
+        x.reshape(batch, steps, heads, hd),
+        dt,
+        A,
+        B.reshape(batch, steps, groups, n),
+        C.reshape(batch, steps, groups, n),
+        p["D"],
+    )
     y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
     return ops.linear("out_proj", y, p), conv_aux, ssm_aux
 

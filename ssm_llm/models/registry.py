@@ -36,8 +36,14 @@ def family_of(config) -> Family:
     family = _FAMILIES.get(type(config))
     if family is not None:
         return family
-    hint = ("; build one from a dict with ssm_llm.config_from_dict (a saved config) or converters.config_from_hf "
-            "(a Hugging Face config.json)") if isinstance(config, dict) else ""
+    hint = (
+        (
+            "; build one from a dict with ssm_llm.config_from_dict (a saved config) or converters.config_from_hf "
+            "(a Hugging Face config.json)"
+        )
+        if isinstance(config, dict)
+        else ""
+    )
     known = [t.__name__ for t in _FAMILIES]
     expected = ", ".join(known[:-1]) + f" or {known[-1]}" if len(known) > 1 else "".join(known)
     raise TypeError(f"not a model config: {type(config).__name__} (expected {expected}){hint}")

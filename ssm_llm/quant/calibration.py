@@ -70,15 +70,18 @@ def check_calibration_tokens(tokens, vocab_size: int) -> np.ndarray:
     try:
         tokens = np.asarray(tokens)
     except ValueError:  # rows of different lengths
-        raise ValueError("calibration tokens must be a rectangular [N, T] array of int ids (rows of one "
-                         "length), got ragged rows") from None
+        raise ValueError(
+            "calibration tokens must be a rectangular [N, T] array of int ids (rows of one length), got ragged rows"
+        ) from None
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"no calibration data: tokens must be a non-empty [N, T] array, got shape {tokens.shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"calibration tokens must be integer ids, got dtype {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise ValueError(f"calibration tokens must be integer ids that lie in [0, {vocab_size}), got range "
-                         f"[{tokens.min()}, {tokens.max()}]")
+        raise ValueError(
+            f"calibration tokens must be integer ids that lie in [0, {vocab_size}), got range "
+            f"[{tokens.min()}, {tokens.max()}]"
+        )
     return tokens
 
 
@@ -90,13 +93,29 @@ def _layer(p, x, config, online_hadamard):
     empty = init_ssm_cache(dataclasses.replace(config, num_layers=1), batch)
     ops = _RecordingOps(online_hadamard)
     counts = jnp.full((batch,), steps, jnp.int32)
-    out, _, state = mixer(config, "xla", p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
-                          empty.conv_state[0], empty.ssm_state[0], counts, ops)
+    out, _, state = mixer(
+        config,
+        "xla",
+        p,
+        rms_norm(x, p["norm"], config.layer_norm_epsilon),
+        empty.conv_state[0],
+        empty.ssm_state[0],
+        counts,
+        ops,
+    )
     return x + out, ops.records, state
 
 
-def calibrate(params: dict, config, tokens, *, online_hadamard: bool = False, alpha: float | None = None,
-              batch_size: int = 8, progress: bool = True) -> Calibration:
+def calibrate(
+    params: dict,
+    config,
+    tokens,
+    *,
+    online_hadamard: bool = False,
+    alpha: float | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Calibration:
     """Statistics of the float model `params` (stacked layout, `lm_head` optional) on `tokens: [N, T]`.
 
     online_hadamard: the model's out_proj expects a Hadamard-rotated input (`rotate_model`).
@@ -109,7 +128,7 @@ def calibrate(params: dict, config, tokens, *, online_hadamard: bool = False, al
     rows = 0
     starts = range(0, tokens.shape[0], batch_size)
     for start in tqdm(starts, desc="calibration", disable=not progress, leave=False):
-        chunk = jnp.asarray(tokens[start:start + batch_size], jnp.int32)
+        chunk = jnp.asarray(tokens[start : start + batch_size], jnp.int32)
         x, rows_here = params["embed"][chunk], chunk.shape[0] * chunk.shape[1]
         for layer, p in enumerate(layer_params):
             x, records, state = _layer(p, x, config, online_hadamard)
@@ -132,7 +151,10 @@ def calibrate(params: dict, config, tokens, *, online_hadamard: bool = False, al
         names = sorted({name for name, _ in table})
         return {name: [fn(table[(name, layer)]) for layer in range(num_layers)] for name in names}
 
-    return Calibration(absmax=per_layer(minmax, lambda o: np.asarray(observers.clip_value(o), np.float32)),
-                       percentile=per_layer(pct, lambda o: np.float32(observers.clip_value(o))),
-                       mean_abs_x=[(s / rows).astype(np.float32) for s in abs_sum],
-                       hessian=per_layer(hess, lambda h: h / rows), tokens=rows)
+    return Calibration(
+        absmax=per_layer(minmax, lambda o: np.asarray(observers.clip_value(o), np.float32)),
+        percentile=per_layer(pct, lambda o: np.float32(observers.clip_value(o))),
+        mean_abs_x=[(s / rows).astype(np.float32) for s in abs_sum],
+        hessian=per_layer(hess, lambda h: h / rows),
+        tokens=rows,
+    )

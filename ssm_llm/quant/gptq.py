@@ -75,12 +75,15 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
         lower_inv = np.linalg.inv(lower)
         return np.linalg.cholesky(lower_inv.T @ lower_inv).T
     except np.linalg.LinAlgError:
-        raise ValueError(f"gptq_quantize: the damped Hessian is not positive definite (damp={damp}); "
-                         f"raise damp or calibrate on more rows than K") from None
+        raise ValueError(
+            f"gptq_quantize: the damped Hessian is not positive definite (damp={damp}); "
+            f"raise damp or calibrate on more rows than K"
+        ) from None
 
 
-def gptq_quantize(w, H, bits: int = 4, group_size: int = 128, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> QuantizedWeight:
+def gptq_quantize(
+    w, H, bits: int = 4, group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False
+) -> QuantizedWeight:
     """w: float [K, N], H: [K, K] (from `hessian`) -> QuantizedWeight (bits, group_size, float32 scales).
 
     damp: damp * mean(diag H) is added to H's diagonal (after dead inputs are fixed). Dead inputs
@@ -110,17 +113,17 @@ def gptq_quantize(w, H, bits: int = 4, group_size: int = 128, damp: float = 0.01
     u = _inverse_cholesky(h, damp)
 
     codes = np.zeros((k, n), np.int8)
-    for i1, i2 in zip(starts, [*starts[1:], k]):
+    for i1, i2 in zip(starts, [*starts[1:], k], strict=True):
         block = w[i1:i2]  # a view: in-block updates land in w
         errors = np.zeros_like(block)
         for i in range(i2 - i1):
             row = i1 + i
             if not act_order and row % group_size == 0:  # a block start: w[row:] has every update so far
-                scales[group[row]] = absmax_scale(w[row:row + group_size].astype(np.float32), bits, axis=0)
+                scales[group[row]] = absmax_scale(w[row : row + group_size].astype(np.float32), bits, axis=0)
             s = scales[group[row]]
             codes[row] = _quantize_row(block[i].astype(np.float32), s, bits)
             errors[i] = (block[i] - codes[row] * s.astype(np.float64)) / u[row, row]
-            block[i + 1:] -= np.outer(u[row, row + 1:i2], errors[i])
+            block[i + 1 :] -= np.outer(u[row, row + 1 : i2], errors[i])
         w[i2:] -= u[i1:i2, i2:].T @ errors
 
     codes[order] = codes.copy()

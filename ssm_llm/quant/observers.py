@@ -38,7 +38,7 @@ def _check_shape(shape, where: str) -> tuple[int, ...]:
 def _leading_abs(x, shape: tuple[int, ...], where: str):
     """|x| as float32 [M, prod(shape)]: x's trailing dims must equal `shape`."""
     x = jnp.asarray(x)
-    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != shape:
+    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
         raise ValueError(f"{where}: x of shape {tuple(x.shape)} must end with the observer's shape {shape}")
     return jnp.abs(x.astype(jnp.float32)).reshape(-1, math.prod(shape))
 
@@ -55,8 +55,9 @@ class MinMaxObserver:
         return cls(jnp.full(_check_shape(shape, "MinMaxObserver"), -jnp.inf, jnp.float32))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["counts", "absmax"],
-                   meta_fields=["alpha", "bins_per_octave"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["counts", "absmax"], meta_fields=["alpha", "bins_per_octave"]
+)
 @dataclasses.dataclass(frozen=True)
 class PercentileObserver:
     """The alpha-quantile of |x| per element of the trailing shape, from a histogram of every value seen.
@@ -88,14 +89,20 @@ class PercentileObserver:
     def create(cls, alpha: float, shape: tuple[int, ...] = (), bins_per_octave: int = 256) -> PercentileObserver:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0 < alpha <= 1:
             raise ValueError(f"PercentileObserver: alpha must be a number in (0, 1], got {alpha!r}")
-        if (isinstance(bins_per_octave, bool) or not isinstance(bins_per_octave, int) or bins_per_octave < 1
-                or bins_per_octave & (bins_per_octave - 1)):
-            raise ValueError(f"PercentileObserver: bins_per_octave must be a power of two >= 1, "
-                             f"got {bins_per_octave!r}")
+        if (
+            isinstance(bins_per_octave, bool)
+            or not isinstance(bins_per_octave, int)
+            or bins_per_octave < 1
+            or bins_per_octave & (bins_per_octave - 1)
+        ):
+            raise ValueError(
+                f"PercentileObserver: bins_per_octave must be a power of two >= 1, got {bins_per_octave!r}"
+            )
         shape = _check_shape(shape, "PercentileObserver")
         bins = 1 + (E_MAX - E_MIN) * bins_per_octave
-        return cls(jnp.zeros((*shape, bins), jnp.int32), jnp.full(shape, -jnp.inf, jnp.float32), float(alpha),
-                   bins_per_octave)
+        return cls(
+            jnp.zeros((*shape, bins), jnp.int32), jnp.full(shape, -jnp.inf, jnp.float32), float(alpha), bins_per_octave
+        )
 
 
 def _bin_index(a, bins_per_octave: int):
@@ -105,7 +112,7 @@ def _bin_index(a, bins_per_octave: int):
     sub = jnp.floor((2 * m - 1) * bins_per_octave).astype(jnp.int32)
     idx = 1 + (e - 1 - E_MIN) * bins_per_octave + sub
     last = (E_MAX - E_MIN) * bins_per_octave
-    return jnp.where(a < 2.0 ** E_MIN, 0, jnp.clip(idx, 1, last))
+    return jnp.where(a < 2.0**E_MIN, 0, jnp.clip(idx, 1, last))
 
 
 def _upper_edges(bins_per_octave: int) -> np.ndarray:
@@ -113,7 +120,7 @@ def _upper_edges(bins_per_octave: int) -> np.ndarray:
     octave = np.arange(E_MAX - E_MIN)[:, None]
     sub = np.arange(1, bins_per_octave + 1)[None, :]
     edges = (2.0 ** (E_MIN + octave) * (1 + sub / bins_per_octave)).reshape(-1)
-    return np.concatenate([[2.0 ** E_MIN], edges[:-1], [np.inf]])
+    return np.concatenate([[2.0**E_MIN], edges[:-1], [np.inf]])
 
 
 def update(stats, x):
@@ -138,8 +145,10 @@ def clip_value(stats) -> np.ndarray:
         raise TypeError(f"clip_value: expected a MinMaxObserver or PercentileObserver, got {type(stats).__name__}")
     absmax = np.asarray(stats.absmax)
     if np.any(absmax == -np.inf):  # every update covers all elements, so it is all or none
-        raise ValueError("no calibration data: the observer has not seen any value (update it with a batch "
-                         "of at least one element first)")
+        raise ValueError(
+            "no calibration data: the observer has not seen any value (update it with a batch "
+            "of at least one element first)"
+        )
     if isinstance(stats, MinMaxObserver):
         return absmax
     cumulative = np.cumsum(np.asarray(stats.counts, np.int64), axis=-1)

@@ -48,13 +48,16 @@ def _check_scheme(scheme) -> None:
     if isinstance(scheme, QuantScheme):
         return
     bits = scheme if isinstance(scheme, str) and len(scheme) <= 8 else "W8A8"
-    raise TypeError(f"quantize_model: scheme must be a QuantScheme, got {type(scheme).__name__} {shown(scheme)}; "
-                    f"build one with QuantScheme.quamba2({bits!r}) (Mamba-2), QuantScheme.quamba({bits!r}) "
-                    f"(Mamba-1) or QuantScheme.naive({bits!r}) (the round-to-nearest baseline)")
+    raise TypeError(
+        f"quantize_model: scheme must be a QuantScheme, got {type(scheme).__name__} {shown(scheme)}; "
+        f"build one with QuantScheme.quamba2({bits!r}) (Mamba-2), QuantScheme.quamba({bits!r}) "
+        f"(Mamba-1) or QuantScheme.naive({bits!r}) (the round-to-nearest baseline)"
+    )
 
 
-def quantize_model(params: dict, config, tokens, scheme: QuantScheme, *, batch_size: int = 8,
-                   progress: bool = True) -> tuple[dict, QuantizedSSMConfig]:
+def quantize_model(
+    params: dict, config, tokens, scheme: QuantScheme, *, batch_size: int = 8, progress: bool = True
+) -> tuple[dict, QuantizedSSMConfig]:
     """Quantize a float Mamba / Mamba-2 model with `scheme`, calibrating on `tokens: [N, T]` (int ids).
 
     Returns `(params, QuantizedSSMConfig)` for `ssm_llm.forward` / `generate`. See the module docstring.
@@ -80,9 +83,10 @@ def quantize_model(params: dict, config, tokens, scheme: QuantScheme, *, batch_s
     layers = dict(params["layers"])
     if scheme.quantizes_weights:
         for name in linear_names(config):
-            per_layer = [quantize_linear(layers[name][i], calib.hessian[f"{name}_in"][i] if scheme.gptq else None,
-                                         scheme, name)
-                         for i in range(config.num_layers)]
+            per_layer = [
+                quantize_linear(layers[name][i], calib.hessian[f"{name}_in"][i] if scheme.gptq else None, scheme, name)
+                for i in range(config.num_layers)
+            ]
             layers[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
     if scheme.quantizes_acts:
         layers["scales"] = activation_scales(calib, config, scheme, clusters)
@@ -96,11 +100,12 @@ def weight_group(k: int, scheme: QuantScheme, name: str) -> int:
     else:
         group = scheme.group_size
     if scheme.weight_bits == 4 and k % 2:
-        raise ValueError(f"{name}: 4-bit weights pack two input rows per byte, so its input size must be even, "
-                         f"got {k}")
+        raise ValueError(f"{name}: 4-bit weights pack two input rows per byte, so its input size must be even, got {k}")
     if k % group:
-        raise ValueError(f"{name}: its input size {k} is not a multiple of the 4-bit group_size {group}; "
-                         f"choose a group_size dividing {k}")
+        raise ValueError(
+            f"{name}: its input size {k} is not a multiple of the 4-bit group_size {group}; "
+            f"choose a group_size dividing {k}"
+        )
     return group
 
 
@@ -135,8 +140,9 @@ def activation_scales(calib: Calibration, config, scheme: QuantScheme, clusters:
         s = {name: tensor(name) for name in absmax if name not in ("x", "B", "C", "conv_in", "state")}
         if mamba2 and clusters is not None:
             s["x"] = _cluster_max(absmax["x"], clusters.cluster[layer], clusters.n_clusters)
-            s["state"] = _cluster_max(absmax["state"].reshape(-1), clusters.cluster[layer],
-                                      clusters.n_clusters).reshape(config.num_heads, config.head_dim, 1)
+            s["state"] = _cluster_max(
+                absmax["state"].reshape(-1), clusters.cluster[layer], clusters.n_clusters
+            ).reshape(config.num_heads, config.head_dim, 1)
         else:
             s["x"], s["state"] = tensor("x"), tensor("state")
         if mamba2 and scheme.bc_groups:
@@ -145,11 +151,13 @@ def activation_scales(calib: Calibration, config, scheme: QuantScheme, clusters:
                 s[name] = np.repeat(absmax[name].reshape(groups, -1).max(axis=1), config.state_size)
             inner, gn = config.intermediate_size, groups * config.state_size
             conv = absmax["conv_in"]
-            s["conv_in"] = np.concatenate([np.full(inner, conv[:inner].max()),
-                                           np.repeat(conv[inner:inner + gn].reshape(groups, -1).max(axis=1),
-                                                     config.state_size),
-                                           np.repeat(conv[inner + gn:].reshape(groups, -1).max(axis=1),
-                                                     config.state_size)])
+            s["conv_in"] = np.concatenate(
+                [
+                    np.full(inner, conv[:inner].max()),
+                    np.repeat(conv[inner : inner + gn].reshape(groups, -1).max(axis=1), config.state_size),
+                    np.repeat(conv[inner + gn :].reshape(groups, -1).max(axis=1), config.state_size),
+                ]
+            )
         else:
             s["B"], s["C"], s["conv_in"] = tensor("B"), tensor("C"), tensor("conv_in")
         if not mamba2:  # the linears after x and dt_low read them on their own grids

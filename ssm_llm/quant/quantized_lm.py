@@ -64,7 +64,11 @@ class QuantOps:
             else:
                 y = quantized_matmul_int8(quantize(x, scale, ACT_BITS), scale, w, impl=self.impl)
         else:
-            y = x.astype(jnp.float32) @ dequantize_weights(w) if self.simulated else quantized_matmul(x, w, impl=self.impl)
+            y = (
+                x.astype(jnp.float32) @ dequantize_weights(w)
+                if self.simulated
+                else quantized_matmul(x, w, impl=self.impl)
+            )
         return y if b is None else y + b
 
 
@@ -83,8 +87,10 @@ def param_shapes(config: QuantizedSSMConfig) -> dict:
 
 def init_params(config, key, dtype=jnp.float32):
     del key, dtype
-    raise TypeError("a quantized model has no random init: quantize a float model with "
-                    "ssm_llm.quant.quantize_model(params, config, calibration_tokens, scheme)")
+    raise TypeError(
+        "a quantized model has no random init: quantize a float model with "
+        "ssm_llm.quant.quantize_model(params, config, calibration_tokens, scheme)"
+    )
 
 
 def init_cache(config: QuantizedSSMConfig, batch: int, max_len: int, dtype=jnp.float32) -> SSMCache:
@@ -95,9 +101,15 @@ def init_cache(config: QuantizedSSMConfig, batch: int, max_len: int, dtype=jnp.f
     return cache.replace(conv_state=cache.conv_state.astype(jnp.int8), ssm_state=cache.ssm_state.astype(jnp.int8))
 
 
-def hidden_states(params: dict, config: QuantizedSSMConfig, tokens: jax.Array, cache: SSMCache,
-                  token_counts: jax.Array, impl: str = "auto",
-                  cache_is_empty: bool = False) -> tuple[jax.Array, SSMCache]:
+def hidden_states(
+    params: dict,
+    config: QuantizedSSMConfig,
+    tokens: jax.Array,
+    cache: SSMCache,
+    token_counts: jax.Array,
+    impl: str = "auto",
+    cache_is_empty: bool = False,
+) -> tuple[jax.Array, SSMCache]:
     """`mamba_lm.hidden_states` for a quantized model (same contract)."""
     del cache_is_empty
     base, scheme = config.base, config.scheme

@@ -30,8 +30,10 @@ def _check_scale(x, scale, where: str):
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"{where}: scale of shape {tuple(jnp.shape(scale))} must broadcast against x of shape "
-                         f"{tuple(jnp.shape(x))} without enlarging it")
+        raise ValueError(
+            f"{where}: scale of shape {tuple(jnp.shape(scale))} must broadcast against x of shape "
+            f"{tuple(jnp.shape(x))} without enlarging it"
+        )
 
 
 def quantize(x, scale, bits: int):
@@ -79,9 +81,10 @@ def split_groups(x, group_size: int, axis: int = -1):
     axis = axis % x.ndim
     size = x.shape[axis]
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or size % group_size:
-        raise ValueError(f"split_groups: group_size must be a positive int dividing axis {axis} (size {size}), "
-                         f"got {group_size!r}")
-    return x.reshape(*x.shape[:axis], size // group_size, group_size, *x.shape[axis + 1:])
+        raise ValueError(
+            f"split_groups: group_size must be a positive int dividing axis {axis} (size {size}), got {group_size!r}"
+        )
+    return x.reshape(*x.shape[:axis], size // group_size, group_size, *x.shape[axis + 1 :])
 
 
 def merge_groups(x, axis: int = -2):
@@ -90,4 +93,4 @@ def merge_groups(x, axis: int = -2):
     axis = axis % x.ndim
     if axis == x.ndim - 1:
         raise ValueError(f"merge_groups: axis {axis} is the last axis of shape {x.shape}; the member axis follows it")
-    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2 :])

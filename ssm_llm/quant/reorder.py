@@ -64,8 +64,7 @@ def segment_1d(values: np.ndarray, k: int) -> np.ndarray:
     return ids
 
 
-def sort_and_cluster(stats: np.ndarray, config: Mamba2Config, head_groups: int = 4,
-                     dim_groups: int = 4) -> XClusters:
+def sort_and_cluster(stats: np.ndarray, config: Mamba2Config, head_groups: int = 4, dim_groups: int = 4) -> XClusters:
     """stats: [L, I] per-channel statistic of x (Quamba2: mean |x| over calibration tokens) -> XClusters."""
     stats = np.asarray(stats, np.float64)
     L, heads, P, G = stats.shape[0], config.num_heads, config.head_dim, config.n_groups
@@ -77,7 +76,7 @@ def sort_and_cluster(stats: np.ndarray, config: Mamba2Config, head_groups: int =
     head_perm = np.zeros((L, heads), np.int64)
     cluster = np.zeros((L, heads * P), np.int64)
     for layer in range(L):
-        dim_order = np.argsort(log[layer], axis=1, kind="stable")          # [Hh, P], per head
+        dim_order = np.argsort(log[layer], axis=1, kind="stable")  # [Hh, P], per head
         sorted_dims = np.take_along_axis(log[layer], dim_order, axis=1)
         for g in range(G):
             members = np.arange(g * per_group, (g + 1) * per_group)
@@ -86,7 +85,7 @@ def sort_and_cluster(stats: np.ndarray, config: Mamba2Config, head_groups: int =
             for j, h in enumerate(order):
                 slot = g * per_group + j
                 head_perm[layer, slot] = h
-                channel_perm[layer, slot * P:(slot + 1) * P] = h * P + dim_order[h]
+                channel_perm[layer, slot * P : (slot + 1) * P] = h * P + dim_order[h]
             for hg in range(head_groups):
                 group_heads = order[head_ids == hg]
                 if not len(group_heads):
@@ -94,7 +93,7 @@ def sort_and_cluster(stats: np.ndarray, config: Mamba2Config, head_groups: int =
                 dim_ids = segment_1d(sorted_dims[group_heads].max(axis=0), dim_groups)
                 for j in np.flatnonzero(head_ids == hg):
                     slot = g * per_group + j
-                    cluster[layer, slot * P:(slot + 1) * P] = (g * head_groups + hg) * dim_groups + dim_ids
+                    cluster[layer, slot * P : (slot + 1) * P] = (g * head_groups + hg) * dim_groups + dim_ids
     return XClusters(channel_perm, head_perm, cluster, G * head_groups * dim_groups)
 
 

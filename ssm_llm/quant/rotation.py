@@ -44,8 +44,12 @@ def fold_norms(params: dict, config) -> dict:
     layers["in_proj"] = layers["norm"].astype(jnp.float32)[:, :, None] * layers["in_proj"]
     layers["norm"] = jnp.ones_like(params["layers"]["norm"])
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return {**params, "final_norm": jnp.ones_like(params["final_norm"]),
-            "lm_head": params["final_norm"].astype(jnp.float32)[:, None] * head, "layers": layers}
+    return {
+        **params,
+        "final_norm": jnp.ones_like(params["final_norm"]),
+        "lm_head": params["final_norm"].astype(jnp.float32)[:, None] * head,
+        "layers": layers,
+    }
 
 
 def rotate_model(params: dict, config) -> dict:
@@ -57,5 +61,9 @@ def rotate_model(params: dict, config) -> dict:
     layers["out_proj"] = hadamard(hadamard(layers["out_proj"], axis=2), axis=1)  # Q_I out_proj Q
     if "out_proj_b" in layers:
         layers["out_proj_b"] = hadamard(layers["out_proj_b"], axis=1)
-    return {**folded, "embed": hadamard(folded["embed"], axis=1), "lm_head": hadamard(folded["lm_head"], axis=0),
-            "layers": layers}
+    return {
+        **folded,
+        "embed": hadamard(folded["embed"], axis=1),
+        "lm_head": hadamard(folded["lm_head"], axis=0),
+        "layers": layers,
+    }

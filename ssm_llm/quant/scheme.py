@@ -51,8 +51,10 @@ class QuantScheme:
     def __post_init__(self):
         names = ", ".join(f"W{w}A{a}" for w, a in SUPPORTED_BITS)
         if not (is_int(self.weight_bits) and is_int(self.act_bits)):
-            raise ValueError(f"QuantScheme: weight_bits and act_bits must be ints (supported: {names}), got "
-                             f"{shown(self.weight_bits)} and {shown(self.act_bits)}")
+            raise ValueError(
+                f"QuantScheme: weight_bits and act_bits must be ints (supported: {names}), got "
+                f"{shown(self.weight_bits)} and {shown(self.act_bits)}"
+            )
         if (self.weight_bits, self.act_bits) not in SUPPORTED_BITS:
             raise ValueError(f"unsupported bit pair W{self.weight_bits}A{self.act_bits}; supported: {names}")
         for name in ("group_size", "head_groups", "dim_groups"):
@@ -82,17 +84,23 @@ class QuantScheme:
         """Raise ValueError if this scheme cannot apply to `config`."""
         if not isinstance(config, (MambaConfig, Mamba2Config)):
             already = " (the model is already quantized)" if isinstance(config, QuantizedSSMConfig) else ""
-            raise TypeError(f"Quamba quantization applies to float Mamba / Mamba-2 configs (MambaConfig, "
-                            f"Mamba2Config), not {type(config).__name__}{already}")
+            raise TypeError(
+                f"Quamba quantization applies to float Mamba / Mamba-2 configs (MambaConfig, "
+                f"Mamba2Config), not {type(config).__name__}{already}"
+            )
         if isinstance(config, MambaConfig) and (self.cluster or self.bc_groups):
-            raise ValueError("Mamba-1 has no heads or state groups: use cluster=False, bc_groups=False "
-                             "(QuantScheme.quamba(...) gives Quamba's per-tensor recipe)")
+            raise ValueError(
+                "Mamba-1 has no heads or state groups: use cluster=False, bc_groups=False "
+                "(QuantScheme.quamba(...) gives Quamba's per-tensor recipe)"
+            )
         if isinstance(config, Mamba2Config) and self.cluster:
             per_group = config.num_heads // config.n_groups
             if per_group < self.head_groups or config.head_dim < self.dim_groups:
-                raise ValueError(f"sort-and-cluster needs at least {self.head_groups} heads per SSD group and "
-                                 f"head_dim >= {self.dim_groups}; the model has {per_group} heads per group and "
-                                 f"head_dim {config.head_dim} (lower head_groups / dim_groups)")
+                raise ValueError(
+                    f"sort-and-cluster needs at least {self.head_groups} heads per SSD group and "
+                    f"head_dim >= {self.dim_groups}; the model has {per_group} heads per group and "
+                    f"head_dim {config.head_dim} (lower head_groups / dim_groups)"
+                )
 
     @classmethod
     def quamba2(cls, bits: str = "W8A8", **overrides) -> QuantScheme:
@@ -151,5 +159,9 @@ class QuantizedSSMConfig:
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (`ssm_llm.config_io.config_from_dict` inverts it)."""
-        return {"family": self.family, "base": self.base.to_dict(), "scheme": dataclasses.asdict(self.scheme),
-                "simulated": self.simulated}
+        return {
+            "family": self.family,
+            "base": self.base.to_dict(),
+            "scheme": dataclasses.asdict(self.scheme),
+            "simulated": self.simulated,
+        }

@@ -19,5 +19,19 @@ from ssm_llm.speculative.rsd import RSD
 from ssm_llm.speculative.token_recycling import WIDE_TEMPLATE, TokenRecycling, bfs_template
 from ssm_llm.speculative.tree import DraftTree, chain
 
-__all__ = ["Acceptance", "DraftContext", "DraftModel", "DraftTree", "Drafter", "DySpec", "PromptLookup", "RSD",
-           "Sampling", "TokenRecycling", "WIDE_TEMPLATE", "bfs_template", "chain", "self_speculative"]
+__all__ = [
+    "Acceptance",
+    "DraftContext",
+    "DraftModel",
+    "DraftTree",
+    "Drafter",
+    "DySpec",
+    "PromptLookup",
+    "RSD",
+    "Sampling",
+    "TokenRecycling",
+    "WIDE_TEMPLATE",
+    "bfs_template",
+    "chain",
+    "self_speculative",
+]

@@ -22,8 +22,9 @@ from ssm_llm.speculative.tree import DraftTree, check_tree
 
 def _check_scores(tree: DraftTree, scores: jax.Array, name: str) -> None:
     if scores.ndim != 3 or scores.shape[:2] != tree.tokens.shape:
-        raise ValueError(f"{name} must be [B, N, V] = [{tree.batch}, {tree.size}, V] to match the tree, "
-                         f"got {scores.shape}")
+        raise ValueError(
+            f"{name} must be [B, N, V] = [{tree.batch}, {tree.size}, V] to match the tree, got {scores.shape}"
+        )
     check_tree(tree, scores.shape[-1])
 
 

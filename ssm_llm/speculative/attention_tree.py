@@ -21,8 +21,8 @@ import numpy as np
 from pallas_kernels.cache_attention import masked_attention
 from pallas_kernels.tree_attention import tree_attention
 from ssm_llm.cache import KVCache
-from ssm_llm.config import ModelConfig
 from ssm_llm.compressed_cache import CompressedCache
+from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.attention_lm import finish_block, project_qkv
 from ssm_llm.models.lm_head import logits_from_hidden
@@ -37,22 +37,28 @@ def _concrete(*xs) -> bool:
 
 def _check_cache(name: str, config, cache) -> None:
     if isinstance(cache, CompressedCache):
-        raise TypeError(f"{name}: tree verification needs a dense KVCache; a CompressedCache "
-                        f"({type(cache.policy).__name__}) cannot hold draft-tree slots")
+        raise TypeError(
+            f"{name}: tree verification needs a dense KVCache; a CompressedCache "
+            f"({type(cache.policy).__name__}) cannot hold draft-tree slots"
+        )
     if not isinstance(cache, KVCache):
         raise TypeError(f"{name}: expected a KVCache, got {type(cache).__name__}")
     if config is not None:
         expected = (config.num_layers, cache.batch, config.num_kv_heads, cache.max_len, config.head_dim)
         if cache.k.shape != expected or cache.v.shape != expected:
-            raise ValueError(f"{name}: cache k/v must be [L, B, H_kv, S, D] = {expected} for this config, "
-                             f"got {cache.k.shape} and {cache.v.shape}")
+            raise ValueError(
+                f"{name}: cache k/v must be [L, B, H_kv, S, D] = {expected} for this config, "
+                f"got {cache.k.shape} and {cache.v.shape}"
+            )
 
 
 def _check_same_cache(name: str, cache: KVCache, scratch) -> None:
     _check_cache(name, None, scratch)
     if (scratch.k.shape, scratch.v.shape, scratch.lengths.shape) != (cache.k.shape, cache.v.shape, cache.lengths.shape):
-        raise ValueError(f"{name}: scratch k/v {scratch.k.shape} and lengths {scratch.lengths.shape} must match "
-                         f"the cache's {cache.k.shape} and {cache.lengths.shape}")
+        raise ValueError(
+            f"{name}: scratch k/v {scratch.k.shape} and lengths {scratch.lengths.shape} must match "
+            f"the cache's {cache.k.shape} and {cache.lengths.shape}"
+        )
 
 
 def _check_room(name: str, lengths, needed, max_len: int, what: str) -> None:
@@ -62,9 +68,11 @@ def _check_room(name: str, lengths, needed, max_len: int, what: str) -> None:
     end = np.asarray(lengths) + np.asarray(needed)
     if end.max() > max_len:
         row = int(end.argmax())
-        raise ValueError(f"{name}: row {row} holds {int(np.asarray(lengths)[row])} tokens and {what} needs "
-                         f"{int(np.asarray(needed)[row])} more slots, past the cache's max_len {max_len}; "
-                         f"allocate the cache with room for the tree")
+        raise ValueError(
+            f"{name}: row {row} holds {int(np.asarray(lengths)[row])} tokens and {what} needs "
+            f"{int(np.asarray(needed)[row])} more slots, past the cache's max_len {max_len}; "
+            f"allocate the cache with room for the tree"
+        )
 
 
 def _check_nodes(nodes, batch: int, size: int) -> None:
@@ -123,8 +131,15 @@ def _tree_layer(config: ModelConfig, impl: str, kernel: bool, inputs, carry, lay
     return finish_block(config, p, x, attn), (k_all, v_all)
 
 
-def tree_logits(params: dict, config: ModelConfig, cache: KVCache, tree: DraftTree, scratch: KVCache | None = None,
-                nodes: jax.Array | None = None, impl: str = "auto") -> tuple[jax.Array, KVCache]:
+def tree_logits(
+    params: dict,
+    config: ModelConfig,
+    cache: KVCache,
+    tree: DraftTree,
+    scratch: KVCache | None = None,
+    nodes: jax.Array | None = None,
+    impl: str = "auto",
+) -> tuple[jax.Array, KVCache]:
     """Score tree nodes against `cache`, which holds each row's committed tokens except the root
     (`lengths: [B]`).
 
@@ -171,14 +186,19 @@ def tree_logits(params: dict, config: ModelConfig, cache: KVCache, tree: DraftTr
         visible, distance = _cache_visibility(lengths, nodes, mask, depth, cache.max_len)
     inputs = (lengths, slots, mask, visible, distance, cos, sin)
     x = params["embed"][jnp.take_along_axis(tree.tokens, nodes, axis=1)]
-    x, (k_all, v_all) = run_layers(lambda c, layer: _tree_layer(config, impl, kernel, inputs, c, layer),
-                                   (x, (scratch.k, scratch.v)), params["layers"], (config.layer_windows,))
+    x, (k_all, v_all) = run_layers(
+        lambda c, layer: _tree_layer(config, impl, kernel, inputs, c, layer),
+        (x, (scratch.k, scratch.v)),
+        params["layers"],
+        (config.layer_windows,),
+    )
     logits = logits_from_hidden(params, config, rms_norm(x, params["final_norm"], config.rms_norm_eps))
     return logits, KVCache(k=k_all, v=v_all, lengths=lengths)
 
 
-def commit(cache: KVCache, scratch: KVCache, path: jax.Array, accepted: jax.Array,
-           active: jax.Array | None = None) -> KVCache:
+def commit(
+    cache: KVCache, scratch: KVCache, path: jax.Array, accepted: jax.Array, active: jax.Array | None = None
+) -> KVCache:
     """The cache after acceptance: the root (slot `lengths[b]` of `scratch`) and the accepted nodes
     `path[b, 1..accepted[b]]` at contiguous slots `lengths[b] + 1 .. lengths[b] + accepted[b]`, and
     `lengths + 1 + accepted`.
@@ -200,8 +220,10 @@ def commit(cache: KVCache, scratch: KVCache, path: jax.Array, accepted: jax.Arra
         raise ValueError(f"commit: active must be [{batch}], got {active.shape}")
     size = path.shape[1]
     if _concrete(accepted) and (np.asarray(accepted).min() < 0 or np.asarray(accepted).max() >= size):
-        raise ValueError(f"commit: accepted must lie in [0, {size - 1}] (path has {size} entries), "
-                         f"got {np.asarray(accepted).tolist()}")
+        raise ValueError(
+            f"commit: accepted must lie in [0, {size - 1}] (path has {size} entries), "
+            f"got {np.asarray(accepted).tolist()}"
+        )
     _check_room("commit", cache.lengths, accepted + 1, max_len, "the root and the accepted path")
 
     lengths = cache.lengths

@@ -21,16 +21,16 @@ from ssm_llm.speculative.protocol import DraftContext
 
 @flax.struct.dataclass
 class _Loop:
-    out: jax.Array        # [B, max_new + N] emitted tokens, -1 past each row's count
-    count: jax.Array      # [B] tokens emitted so far
-    done: jax.Array       # [B] bool
-    cache: object         # the target's cache: committed tokens except the root
-    state: object         # the drafter's state
-    history: jax.Array    # [B, S] committed tokens (prompt, then emitted), root at lengths - 1
-    lengths: jax.Array    # [B] committed tokens
+    out: jax.Array  # [B, max_new + N] emitted tokens, -1 past each row's count
+    count: jax.Array  # [B] tokens emitted so far
+    done: jax.Array  # [B] bool
+    cache: object  # the target's cache: committed tokens except the root
+    state: object  # the drafter's state
+    history: jax.Array  # [B, S] committed tokens (prompt, then emitted), root at lengths - 1
+    lengths: jax.Array  # [B] committed tokens
     key: jax.Array
-    rounds: jax.Array     # [B] target forwards while the row was active
-    accepted: jax.Array   # [B] drafts accepted in total
+    rounds: jax.Array  # [B] target forwards while the row was active
+    accepted: jax.Array  # [B] drafts accepted in total
 
 
 def _emitted(tree, acceptance):
@@ -39,14 +39,31 @@ def _emitted(tree, acceptance):
     j = jnp.arange(n)[None, :]
     nodes = jnp.take_along_axis(acceptance.path, jnp.minimum(j + 1, n - 1), axis=1)
     drafts = jnp.take_along_axis(tree.tokens, nodes, axis=1)
-    tokens = jnp.where(j < acceptance.accepted[:, None], drafts,
-                       jnp.where(j == acceptance.accepted[:, None], acceptance.bonus[:, None], -1))
+    tokens = jnp.where(
+        j < acceptance.accepted[:, None],
+        drafts,
+        jnp.where(j == acceptance.accepted[:, None], acceptance.bonus[:, None], -1),
+    )
     return tokens, acceptance.accepted + 1
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
-def speculative_decode(params, config, drafter, state, cache, logits, history, lengths, key, sampling: Sampling, *,
-                       max_new_tokens: int, eos: tuple[int, ...], impl: str):
+def speculative_decode(
+    params,
+    config,
+    drafter,
+    state,
+    cache,
+    logits,
+    history,
+    lengths,
+    key,
+    sampling: Sampling,
+    *,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    impl: str,
+):
     """Generate up to `max_new_tokens` per row after a prefill, stopping a row at any of the `eos` ids.
 
     cache: the target's cache holding each row's prompt; logits: [B, V] at each prompt's last token;
@@ -80,7 +97,10 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
         tree_logits, scratch = jax.lax.cond(
             jnp.any(tree.used[:, 1:] & active[:, None]),
             lambda c, t: verify.tree_logits(params, config, c, t, impl=impl),
-            lambda c, t: verify.root_logits(params, config, c, t, impl=impl), s.cache, tree)
+            lambda c, t: verify.root_logits(params, config, c, t, impl=impl),
+            s.cache,
+            tree,
+        )
         if sampling.greedy:
             acceptance = accept_greedy(tree, tree_logits)
         else:
@@ -100,8 +120,18 @@ def speculative_decode(params, config, drafter, state, cache, logits, history, l
         done = s.done | stop.any(1) | (emitted >= max_new_tokens)
         lengths = s.lengths + count
         state = drafter.update(state, DraftContext(history, lengths, active), tree, tree_logits, acceptance)
-        return _Loop(out, emitted, done, cache, state, history, lengths, key,
-                     s.rounds + active, s.accepted + jnp.where(active, acceptance.accepted, 0))
+        return _Loop(
+            out,
+            emitted,
+            done,
+            cache,
+            state,
+            history,
+            lengths,
+            key,
+            s.rounds + active,
+            s.accepted + jnp.where(active, acceptance.accepted, 0),
+        )
 
     loop = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
     return loop.out[:, :max_new_tokens], loop.cache, loop.rounds, loop.accepted, loop.state

@@ -60,12 +60,15 @@ def _tree_in_cache(config) -> bool:
 def check_draft_config(owner: str, config) -> None:
     """A clear error unless `config` is a float model's config that draft trees can grow on."""
     if getattr(config, "family", None) == "quamba":
-        raise ValueError(f"{owner}: a quantized (Quamba) draft model is not supported: draft trees keep one float "
-                         f"recurrent state per node, which the quantized blocks do not run on; draft with the "
-                         f"float model (its params and config from before quantize_model)")
+        raise ValueError(
+            f"{owner}: a quantized (Quamba) draft model is not supported: draft trees keep one float "
+            f"recurrent state per node, which the quantized blocks do not run on; draft with the "
+            f"float model (its params and config from before quantize_model)"
+        )
     if not isinstance(config, (ModelConfig, MambaConfig, Mamba2Config)):
-        raise TypeError(f"{owner}: config must be a ModelConfig, MambaConfig or Mamba2Config, got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"{owner}: config must be a ModelConfig, MambaConfig or Mamba2Config, got {type(config).__name__}"
+        )
 
 
 def self_speculative(params: dict, config, layers: Sequence[int]):
@@ -96,14 +99,17 @@ def self_speculative(params: dict, config, layers: Sequence[int]):
     return {**params, "layers": kept}, dataclasses.replace(config, **changes)
 
 
-def prefill_draft(params: dict, config, target_config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-                  tree_size: int, impl: str) -> DraftModelState:
+def prefill_draft(
+    params: dict, config, target_config, prompts: jax.Array, lengths: jax.Array, max_len: int, tree_size: int, impl: str
+) -> DraftModelState:
     """The draft model's state after prefilling `prompts: [B, T]` (right-padded, `lengths: [B]`): a cache
     of `max_len + tree_size` slots holding the prompts, and (state-space drafts) a zero scratch shaped like
     a proposal's."""
     if config.vocab_size != target_config.vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({config.vocab_size} tokens) must be the target's "
-                         f"({target_config.vocab_size} tokens)")
+        raise ValueError(
+            f"the draft model's vocabulary ({config.vocab_size} tokens) must be the target's "
+            f"({target_config.vocab_size} tokens)"
+        )
     batch = prompts.shape[0]
     cache = init_cache(config, batch, max_len + tree_size)
     _, cache = forward(params, config, prompts, cache, token_counts=lengths, impl=impl)
@@ -111,16 +117,25 @@ def prefill_draft(params: dict, config, target_config, prompts: jax.Array, lengt
         return DraftModelState(cache, None, impl)
     # The speculative loop carries the state through `lax.while_loop`, so the scratch must exist, with
     # the shapes a proposal gives it, before the first round.
-    tree = DraftTree(jnp.zeros((batch, tree_size), jnp.int32),
-                     jnp.full((batch, tree_size), UNUSED, jnp.int32).at[:, 0].set(ROOT_PARENT))
+    tree = DraftTree(
+        jnp.zeros((batch, tree_size), jnp.int32),
+        jnp.full((batch, tree_size), UNUSED, jnp.int32).at[:, 0].set(ROOT_PARENT),
+    )
     nodes = jnp.zeros((batch, 1), jnp.int32)
     shapes = jax.eval_shape(lambda c: verify.tree_logits(params, config, c, tree, None, nodes, impl)[1], cache)
     scratch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return DraftModelState(cache, scratch, impl)
 
 
-def commit_draft(params: dict, config, state: DraftModelState, tree: DraftTree, acceptance: Acceptance,
-                 active: jax.Array, computed: int) -> DraftModelState:
+def commit_draft(
+    params: dict,
+    config,
+    state: DraftModelState,
+    tree: DraftTree,
+    acceptance: Acceptance,
+    active: jax.Array,
+    computed: int,
+) -> DraftModelState:
     """`state` with its cache advanced by each active row's root and accepted drafts.
 
     `computed` (static): the proposal computed nodes 0..computed-1. When a row accepted a node past them
@@ -135,7 +150,9 @@ def commit_draft(params: dict, config, state: DraftModelState, tree: DraftTree, 
     scratch = jax.lax.cond(
         jnp.any(missing),
         lambda s: verify.tree_logits(params, config, state.cache, tree, s, nodes, state.impl)[1],
-        lambda s: s, state.tree_scratch(config))
+        lambda s: s,
+        state.tree_scratch(config),
+    )
     cache = verify.commit(config, state.cache, scratch, acceptance.path, acceptance.accepted, active)
     return state.replace(cache=cache)
 
@@ -171,13 +188,15 @@ class ModelDrafter:
     A subclass gives `tree_size`, `propose` and `computed_nodes` (its proposals compute nodes
     0..computed_nodes-1; later ones are leaves the draft never expands)."""
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> DraftModelState:
+    def init(
+        self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int, impl: str = "auto"
+    ) -> DraftModelState:
         """Prefill the draft model with the prompts (`params`, `config`: the target's, for the vocabulary check)."""
         return prefill_draft(self.params, self.config, config, prompts, lengths, max_len, self.tree_size, impl)
 
-    def update(self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array,
-               acceptance: Acceptance) -> DraftModelState:
+    def update(
+        self, state: DraftModelState, context: DraftContext, tree: DraftTree, logits: jax.Array, acceptance: Acceptance
+    ) -> DraftModelState:
         """Roll the draft cache forward by each active row's root and accepted drafts."""
         del logits
         return commit_draft(self.params, self.config, state, tree, acceptance, context.active, self.computed_nodes)
@@ -212,8 +231,9 @@ class DraftModel(ModelDrafter):
     def computed_nodes(self) -> int:
         return self.num_tokens  # the last draft is a leaf
 
-    def propose(self, state: DraftModelState, context: DraftContext, sampling: Sampling,
-                key: jax.Array) -> tuple[DraftTree, DraftModelState]:
+    def propose(
+        self, state: DraftModelState, context: DraftContext, sampling: Sampling, key: jax.Array
+    ) -> tuple[DraftTree, DraftModelState]:
         """A chain tree `[B, num_tokens + 1]` rooted at each row's last committed token."""
         batch, size = context.lengths.shape[0], self.tree_size
         tokens = jnp.zeros((batch, size), jnp.int32).at[:, 0].set(roots(context))
@@ -223,8 +243,9 @@ class DraftModel(ModelDrafter):
         def level(d, tokens, parents, probs, scratch):
             """Compute node d, draw node d + 1 from its logits."""
             nodes = jnp.full((batch, 1), d, jnp.int32)
-            logits, scratch = verify.tree_logits(self.params, self.config, state.cache,
-                                                 DraftTree(tokens, parents), scratch, nodes, state.impl)
+            logits, scratch = verify.tree_logits(
+                self.params, self.config, state.cache, DraftTree(tokens, parents), scratch, nodes, state.impl
+            )
             child = ranked_children(logits[:, 0], sampling, jax.random.fold_in(key, d), 1)[:, 0]
             tokens = jax.lax.dynamic_update_slice(tokens, child[:, None], (0, d + 1))
             parents = jax.lax.dynamic_update_slice(parents, jnp.full((batch, 1), d, jnp.int32), (0, d + 1))

@@ -80,27 +80,32 @@ class DySpec(ModelDrafter):
             check_int("DySpec", name, getattr(self, name), 1, MAX_TREE_NODES - 1, TREE_BOUND)
         # The root alone must be able to supply every draft, so a step always finds enough candidates.
         if self.tree_size - 1 > self.config.vocab_size:
-            raise ValueError(f"DySpec: tree_size {self.tree_size} needs at least {self.tree_size - 1} vocabulary "
-                             f"tokens, the draft model has {self.config.vocab_size}")
+            raise ValueError(
+                f"DySpec: tree_size {self.tree_size} needs at least {self.tree_size - 1} vocabulary "
+                f"tokens, the draft model has {self.config.vocab_size}"
+            )
 
     @property
     def computed_nodes(self) -> int:
         return self.tree_size - step_sizes(self.tree_size, self.per_step)[-1]  # the last step's nodes are leaves
 
-    def _compute(self, state: DraftModelState, grown: _Growth, scratch, start, count: int, sampling: Sampling,
-                 key: jax.Array):
+    def _compute(
+        self, state: DraftModelState, grown: _Growth, scratch, start, count: int, sampling: Sampling, key: jax.Array
+    ):
         """Run the draft model on nodes start..start+count-1 and rank their candidate children."""
         batch = grown.tokens.shape[0]
         nodes = jnp.broadcast_to(start + jnp.arange(count, dtype=jnp.int32), (batch, count))
-        logits, scratch = verify.tree_logits(self.params, self.config, state.cache,
-                                             DraftTree(grown.tokens, grown.parents), scratch, nodes, state.impl)
+        logits, scratch = verify.tree_logits(
+            self.params, self.config, state.cache, DraftTree(grown.tokens, grown.parents), scratch, nodes, state.impl
+        )
         probs = draft_probs(logits, sampling)  # [B, count, V]
         ranking = ranked_children(logits, sampling, key, self.tree_size - 1)
         ranked_probs = jnp.take_along_axis(probs, ranking, axis=2)
         grown = grown.replace(
             ranking=jax.lax.dynamic_update_slice(grown.ranking, ranking, (0, start, 0)),
             ranked_probs=jax.lax.dynamic_update_slice(grown.ranked_probs, ranked_probs, (0, start, 0)),
-            probs=None if grown.probs is None else jax.lax.dynamic_update_slice(grown.probs, probs, (0, start, 0)))
+            probs=None if grown.probs is None else jax.lax.dynamic_update_slice(grown.probs, probs, (0, start, 0)),
+        )
         return grown, scratch
 
     def _grow(self, grown: _Growth, start, count: int, sampling: Sampling) -> _Growth:
@@ -133,22 +138,29 @@ class DySpec(ModelDrafter):
         def put(x, new):
             return jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (0, start))
 
-        return grown.replace(tokens=put(grown.tokens, token), parents=put(grown.parents, parent),
-                             depth=put(grown.depth, depth), path_prob=put(grown.path_prob, path_prob),
-                             taken=grown.taken.at[rows, parent].add(1))
+        return grown.replace(
+            tokens=put(grown.tokens, token),
+            parents=put(grown.parents, parent),
+            depth=put(grown.depth, depth),
+            path_prob=put(grown.path_prob, path_prob),
+            taken=grown.taken.at[rows, parent].add(1),
+        )
 
-    def propose(self, state: DraftModelState, context: DraftContext, sampling: Sampling,
-                key: jax.Array) -> tuple[DraftTree, DraftModelState]:
+    def propose(
+        self, state: DraftModelState, context: DraftContext, sampling: Sampling, key: jax.Array
+    ) -> tuple[DraftTree, DraftModelState]:
         """A dynamic tree `[B, tree_size]` rooted at each row's last committed token."""
         batch, size = context.lengths.shape[0], self.tree_size
         grown = _Growth(
             tokens=jnp.zeros((batch, size), jnp.int32).at[:, 0].set(roots(context)),
             parents=jnp.full((batch, size), UNUSED, jnp.int32).at[:, 0].set(ROOT_PARENT),
-            depth=jnp.zeros((batch, size), jnp.int32), taken=jnp.zeros((batch, size), jnp.int32),
+            depth=jnp.zeros((batch, size), jnp.int32),
+            taken=jnp.zeros((batch, size), jnp.int32),
             path_prob=jnp.zeros((batch, size), jnp.float32).at[:, 0].set(1.0),
             ranking=jnp.zeros((batch, size, size - 1), jnp.int32),
             ranked_probs=jnp.zeros((batch, size, size - 1), jnp.float32),
-            probs=None if sampling.greedy else jnp.zeros((batch, size, self.config.vocab_size), jnp.float32))
+            probs=None if sampling.greedy else jnp.zeros((batch, size, self.config.vocab_size), jnp.float32),
+        )
         sizes = step_sizes(size, self.per_step)
         grown, scratch = self._compute(state, grown, None, 0, 1, sampling, jax.random.fold_in(key, 0))
 
@@ -161,6 +173,7 @@ class DySpec(ModelDrafter):
 
         grown, scratch = jax.lax.fori_loop(0, len(sizes) - 1, full_step, (grown, scratch))
         grown = self._grow(grown, size - sizes[-1], sizes[-1], sampling)
-        tree = DraftTree(grown.tokens, grown.parents, grown.probs,
-                         "deterministic" if sampling.greedy else "without_replacement")
+        tree = DraftTree(
+            grown.tokens, grown.parents, grown.probs, "deterministic" if sampling.greedy else "without_replacement"
+        )
         return tree, state.with_scratch(self.config, scratch)

@@ -71,8 +71,9 @@ class PromptLookup:
     def tree_size(self) -> int:
         return self.num_tokens + 1
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> tuple:
+    def init(
+        self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int, impl: str = "auto"
+    ) -> tuple:
         """No state: the history in the DraftContext is all prompt lookup needs."""
         return ()
 

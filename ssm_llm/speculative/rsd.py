@@ -65,11 +65,13 @@ class RSD(ModelDrafter):
             level *= int(x)
             size += level
             if size > MAX_TREE_NODES:
-                raise ValueError(f"RSD: branching {shown(b)} makes a tree of more than {MAX_TREE_NODES} nodes "
-                                 f"({TREE_BOUND})")
+                raise ValueError(
+                    f"RSD: branching {shown(b)} makes a tree of more than {MAX_TREE_NODES} nodes ({TREE_BOUND})"
+                )
         if max(b) > self.config.vocab_size:
-            raise ValueError(f"RSD: branching {b} asks for more children than the vocabulary has tokens "
-                             f"({self.config.vocab_size})")
+            raise ValueError(
+                f"RSD: branching {b} asks for more children than the vocabulary has tokens ({self.config.vocab_size})"
+            )
         object.__setattr__(self, "branching", tuple(int(x) for x in b))  # hashable, as a static field must be
 
     @property
@@ -80,8 +82,9 @@ class RSD(ModelDrafter):
     def computed_nodes(self) -> int:
         return int(level_offsets(self.branching)[-2])  # every level but the last
 
-    def propose(self, state: DraftModelState, context: DraftContext, sampling: Sampling,
-                key: jax.Array) -> tuple[DraftTree, DraftModelState]:
+    def propose(
+        self, state: DraftModelState, context: DraftContext, sampling: Sampling, key: jax.Array
+    ) -> tuple[DraftTree, DraftModelState]:
         """The RSD-C tree `[B, tree_size]` rooted at each row's last committed token."""
         batch, size = context.lengths.shape[0], self.tree_size
         offsets = level_offsets(self.branching)
@@ -90,13 +93,15 @@ class RSD(ModelDrafter):
         probs = None if sampling.greedy else jnp.zeros((batch, size, self.config.vocab_size), jnp.float32)
         scratch = None
         for d, b in enumerate(self.branching):  # levels differ in size: one traced call each
-            start, stop, end = (int(x) for x in offsets[d:d + 3])
+            start, stop, end = (int(x) for x in offsets[d : d + 3])
             # Nodes of later levels do not exist yet.
-            parents = jnp.broadcast_to(jnp.asarray(np.where(np.arange(size) < stop, all_parents, UNUSED)),
-                                       (batch, size))
+            parents = jnp.broadcast_to(
+                jnp.asarray(np.where(np.arange(size) < stop, all_parents, UNUSED)), (batch, size)
+            )
             nodes = jnp.broadcast_to(jnp.arange(start, stop, dtype=jnp.int32), (batch, stop - start))
-            logits, scratch = verify.tree_logits(self.params, self.config, state.cache, DraftTree(tokens, parents),
-                                                 scratch, nodes, state.impl)
+            logits, scratch = verify.tree_logits(
+                self.params, self.config, state.cache, DraftTree(tokens, parents), scratch, nodes, state.impl
+            )
             children = ranked_children(logits, sampling, jax.random.fold_in(key, d), b)  # [B, stop - start, b]
             tokens = tokens.at[:, stop:end].set(children.reshape(batch, end - stop))
             if probs is not None:

@@ -91,8 +91,13 @@ def _tree_conv(p, impl, conv_state, conv_inputs, nodes, ancestors, x):
     before_root = jnp.clip(width + ancestors, 0, max(width - 1, 0))  # [B, M, K-1]
     from_cache = jnp.take_along_axis(conv_state[:, None], before_root[:, :, None, :], axis=-1)  # [B, M, C, K-1]
     window = jnp.where((ancestors >= 0)[:, :, None, :], jnp.swapaxes(from_nodes, -1, -2), from_cache)
-    y, _ = causal_conv1d_update(x.reshape(batch * m, channels), p["conv_w"], p.get("conv_b"),
-                                window.reshape(batch * m, channels, width), impl=impl)
+    y, _ = causal_conv1d_update(
+        x.reshape(batch * m, channels),
+        p["conv_w"],
+        p.get("conv_b"),
+        window.reshape(batch * m, channels, width),
+        impl=impl,
+    )
     return y.reshape(batch, m, channels), conv_inputs
 
 
@@ -136,13 +141,13 @@ def _tree_logits(params, config, cache, tree, scratch, nodes, impl):
             return _node_recurrence(step, root_state, node_states, nodes, node_parents, (x, dt, B, C, *gate))
 
         conv = functools.partial(_tree_conv, p, impl, conv_state, conv_inputs, nodes, ancestors)
-        out, conv_inputs, node_states = block(config, p, rms_norm(x, p["norm"], config.layer_norm_epsilon),
-                                              conv, scan)
+        out, conv_inputs, node_states = block(config, p, rms_norm(x, p["norm"], config.layer_norm_epsilon), conv, scan)
         return x + out, (conv_inputs, node_states)
 
     x = params["embed"][tree.tokens[rows, nodes]]
     x, (conv_inputs, ssm_states) = run_layers_with_states(
-        layer, x, (cache.conv_state, cache.ssm_state, scratch.conv_inputs, scratch.ssm_states), params["layers"])
+        layer, x, (cache.conv_state, cache.ssm_state, scratch.conv_inputs, scratch.ssm_states), params["layers"]
+    )
     h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return logits_from_hidden(params, config, h), SSMTreeScratch(conv_inputs, ssm_states)
 
@@ -164,8 +169,10 @@ def _check_scratch(scratch, cache: SSMCache, tree_size: int) -> None:
     expected = (conv.shape[:2] + (tree_size, conv.shape[2]), ssm.shape[:2] + (tree_size,) + ssm.shape[2:])
     got = (scratch.conv_inputs.shape, scratch.ssm_states.shape)
     if got != expected:
-        raise ValueError(f"scratch shapes (conv_inputs, ssm_states) must be {expected} for this cache and a tree of "
-                         f"{tree_size} nodes, got {got}")
+        raise ValueError(
+            f"scratch shapes (conv_inputs, ssm_states) must be {expected} for this cache and a tree of "
+            f"{tree_size} nodes, got {got}"
+        )
 
 
 def _check_nodes(nodes, batch: int, size: int) -> None:
@@ -180,9 +187,15 @@ def _check_nodes(nodes, batch: int, size: int) -> None:
         raise ValueError(f"nodes must be increasing along each row, got {values.tolist()}")
 
 
-def tree_logits(params: dict, config: MambaConfig | Mamba2Config, cache: SSMCache, tree: DraftTree,
-                scratch: SSMTreeScratch | None = None, nodes: jax.Array | None = None,
-                impl: str = "auto") -> tuple[jax.Array, SSMTreeScratch]:
+def tree_logits(
+    params: dict,
+    config: MambaConfig | Mamba2Config,
+    cache: SSMCache,
+    tree: DraftTree,
+    scratch: SSMTreeScratch | None = None,
+    nodes: jax.Array | None = None,
+    impl: str = "auto",
+) -> tuple[jax.Array, SSMTreeScratch]:
     """Score tree nodes continuing `cache` (each row's states after its committed tokens but the root).
 
     tree: [B, N] (`ssm_llm.speculative.tree`); nodes: [B, M] int (default all N) the nodes to compute
@@ -206,8 +219,9 @@ def tree_logits(params: dict, config: MambaConfig | Mamba2Config, cache: SSMCach
     return _tree_logits(params, config, cache, tree, scratch, nodes.astype(jnp.int32), impl)
 
 
-def commit(cache: SSMCache, scratch: SSMTreeScratch, path: jax.Array, accepted: jax.Array,
-           active: jax.Array | None = None) -> SSMCache:
+def commit(
+    cache: SSMCache, scratch: SSMTreeScratch, path: jax.Array, accepted: jax.Array, active: jax.Array | None = None
+) -> SSMCache:
     """The cache after acceptance: each row's states after node `path[b, accepted[b]]` (the root when
     accepted is 0); lengths += 1 + accepted. path: [B, N] node indices, root first (entries past
     `accepted[b]` unread); accepted: [B]; active: [B] bool (default all): False rows keep `cache`.
@@ -232,13 +246,15 @@ def commit(cache: SSMCache, scratch: SSMTreeScratch, path: jax.Array, accepted: 
     steps = accepted[:, None] + 1 + jnp.arange(width)  # [B, K-1] positions in that sequence
     path_nodes = jnp.take_along_axis(path, jnp.clip(steps - width, 0, size - 1), axis=1)
     from_nodes = scratch.conv_inputs[:, rows[:, None], path_nodes]  # [L, B, K-1, C]
-    from_cache = jnp.take_along_axis(cache.conv_state, jnp.clip(steps, 0, max(width - 1, 0))[None, :, None, :],
-                                     axis=-1)
+    from_cache = jnp.take_along_axis(cache.conv_state, jnp.clip(steps, 0, max(width - 1, 0))[None, :, None, :], axis=-1)
     conv = jnp.where((steps >= width)[None, :, None, :], jnp.swapaxes(from_nodes, -1, -2), from_cache)
     keep = jnp.ones((batch,), bool) if active is None else active.astype(bool)
 
     def select(new, old):  # [L, B, ...]: the new rows where active
         return jnp.where(keep.reshape((1, batch) + (1,) * (new.ndim - 2)), new, old)
 
-    return SSMCache(conv_state=select(conv, cache.conv_state), ssm_state=select(ssm, cache.ssm_state),
-                    lengths=cache.lengths + jnp.where(keep, 1 + accepted, 0).astype(cache.lengths.dtype))
+    return SSMCache(
+        conv_state=select(conv, cache.conv_state),
+        ssm_state=select(ssm, cache.ssm_state),
+        lengths=cache.lengths + jnp.where(keep, 1 + accepted, 0).astype(cache.lengths.dtype),
+    )

@@ -43,10 +43,11 @@ def bfs_template(branching: Sequence[Sequence[int]]) -> tuple[tuple[int, int], .
             raise ValueError(f"bfs_template: level {depth} must be a sequence of child counts, got {shown(counts)}")
         counts = tuple(counts)
         if len(counts) > len(level):
-            raise ValueError(f"bfs_template: level {depth} lists {len(counts)} child counts, but has only "
-                             f"{len(level)} nodes")
+            raise ValueError(
+                f"bfs_template: level {depth} lists {len(counts)} child counts, but has only {len(level)} nodes"
+            )
         next_level = []
-        for parent, count in zip(level, counts):
+        for parent, count in zip(level, counts, strict=True):
             room = MAX_TREE_NODES - 1 - len(template)  # checked before the loop: a huge count cannot hang it
             check_int("bfs_template", f"child count of node {parent}", count, 0, room, TREE_BOUND)
             for rank in range(count):
@@ -59,14 +60,16 @@ def bfs_template(branching: Sequence[Sequence[int]]) -> tuple[tuple[int, int], .
 # Wide near the root, where acceptance is likeliest, and deepest along the rank-0 chain: 20 drafts,
 # depth 6, in the spirit of the paper's templates. Meant for where a 21-node forward costs about what a
 # one-token forward does (a GPU): pass `template=WIDE_TEMPLATE` there.
-WIDE_TEMPLATE = bfs_template((
-    (4,),                    # the root: ranks 0..3
-    (3, 2, 1, 1),            # depth 1
-    (2, 1, 0, 1),            # depth 2: under (0, 0), (0, 1) and (1, 0)
-    (2, 1),                  # depth 3: under the rank-0 chain and its sibling
-    (1,),                    # depth 4
-    (1,),                    # depth 5
-))
+WIDE_TEMPLATE = bfs_template(
+    (
+        (4,),  # the root: ranks 0..3
+        (3, 2, 1, 1),  # depth 1
+        (2, 1, 0, 1),  # depth 2: under (0, 0), (0, 1) and (1, 0)
+        (2, 1),  # depth 3: under the rank-0 chain and its sibling
+        (1,),  # depth 4
+        (1,),  # depth 5
+    )
+)
 
 # The default: 5 drafts, depth 3 (two root children, one child under each, one more under the rank-0
 # chain), the faster template in experiments/bench_speculative.py on a 2-core CPU, where a forward of N
@@ -100,21 +103,27 @@ class TokenRecycling:
         except (TypeError, ValueError):
             template = ((None, None),)  # not pairs: refused just below
         if not all(is_int(parent) and is_int(rank) for parent, rank in template):
-            raise ValueError(f"TokenRecycling: template must be a sequence of (parent, rank) int pairs, "
-                             f"got {shown(self.template)}")
+            raise ValueError(
+                f"TokenRecycling: template must be a sequence of (parent, rank) int pairs, got {shown(self.template)}"
+            )
         template = tuple((int(parent), int(rank)) for parent, rank in template)
         if not template:
             raise ValueError("TokenRecycling: template must have at least one node")
         if len(template) > MAX_TREE_NODES - 1:
-            raise ValueError(f"TokenRecycling: template has {len(template)} nodes, at most {MAX_TREE_NODES - 1} "
-                             f"fit ({TREE_BOUND})")
+            raise ValueError(
+                f"TokenRecycling: template has {len(template)} nodes, at most {MAX_TREE_NODES - 1} fit ({TREE_BOUND})"
+            )
         for node, (parent, rank) in enumerate(template, start=1):
             if not 0 <= parent < node:
-                raise ValueError(f"TokenRecycling: template node {node} has parent {parent}; expected a parent in "
-                                 f"[0, {node}) (the root or an earlier node)")
+                raise ValueError(
+                    f"TokenRecycling: template node {node} has parent {parent}; expected a parent in "
+                    f"[0, {node}) (the root or an earlier node)"
+                )
             if not 0 <= rank < self.candidates:
-                raise ValueError(f"TokenRecycling: template node {node} has rank {rank}; expected a rank in "
-                                 f"[0, candidates={self.candidates})")
+                raise ValueError(
+                    f"TokenRecycling: template node {node} has rank {rank}; expected a rank in "
+                    f"[0, candidates={self.candidates})"
+                )
         if len(set(template)) != len(template):
             raise ValueError("TokenRecycling: template repeats a (parent, rank) pair; each would draft the same token")
         object.__setattr__(self, "template", template)  # hashable, as a static field must be
@@ -123,23 +132,28 @@ class TokenRecycling:
     def tree_size(self) -> int:
         return len(self.template) + 1
 
-    def init(self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int,
-             impl: str = "auto") -> jax.Array:
+    def init(
+        self, params: dict, config, prompts: jax.Array, lengths: jax.Array, max_len: int, impl: str = "auto"
+    ) -> jax.Array:
         """The adjacency matrix [V, k] int32: `self.adjacency`, or all unknown."""
         shape = (config.vocab_size, self.candidates)
         if self.candidates > config.vocab_size:
-            raise ValueError(f"TokenRecycling: candidates ({self.candidates}) exceeds the vocabulary "
-                             f"({config.vocab_size} tokens)")
+            raise ValueError(
+                f"TokenRecycling: candidates ({self.candidates}) exceeds the vocabulary ({config.vocab_size} tokens)"
+            )
         if self.adjacency is None:
             return jnp.full(shape, UNKNOWN, jnp.int32)
         adjacency = jnp.asarray(self.adjacency)
         if adjacency.shape != shape or not jnp.issubdtype(adjacency.dtype, jnp.integer):
-            raise ValueError(f"TokenRecycling: adjacency must be an int array of shape {shape} (vocab_size, "
-                             f"candidates), got {adjacency.dtype} {adjacency.shape}")
+            raise ValueError(
+                f"TokenRecycling: adjacency must be an int array of shape {shape} (vocab_size, "
+                f"candidates), got {adjacency.dtype} {adjacency.shape}"
+            )
         return adjacency.astype(jnp.int32)
 
-    def propose(self, state: jax.Array, context: DraftContext, sampling: Sampling,
-                key: jax.Array) -> tuple[DraftTree, jax.Array]:
+    def propose(
+        self, state: jax.Array, context: DraftContext, sampling: Sampling, key: jax.Array
+    ) -> tuple[DraftTree, jax.Array]:
         """Fill the template from the matrix, one depth at a time. A node is unused when its parent is
         or when its candidate is unknown; unused nodes hold token 0."""
         adj = state
@@ -163,8 +177,9 @@ class TokenRecycling:
         tree_parents = jnp.where(used, jnp.asarray(parent_of, jnp.int32)[None, :], UNUSED)
         return DraftTree(tokens, tree_parents), state
 
-    def update(self, state: jax.Array, context: DraftContext, tree: DraftTree, logits: jax.Array,
-               acceptance: Acceptance) -> jax.Array:
+    def update(
+        self, state: jax.Array, context: DraftContext, tree: DraftTree, logits: jax.Array, acceptance: Acceptance
+    ) -> jax.Array:
         """`adj[token of node] = top-k of logits[b, node]` for every used node of every active row.
         logits: [B, N, V]. When a token appears at several nodes (or rows) in one round, one of their
         writes wins, unspecified which (each is a fresh target prediction after that token)."""

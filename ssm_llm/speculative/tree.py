@@ -58,8 +58,9 @@ class DraftTree:
         return self.parents != UNUSED
 
 
-def chain(root: jax.Array, drafts: jax.Array, used: jax.Array | None = None, child_probs=None,
-          draw: str = "deterministic") -> DraftTree:
+def chain(
+    root: jax.Array, drafts: jax.Array, used: jax.Array | None = None, child_probs=None, draw: str = "deterministic"
+) -> DraftTree:
     """A chain tree: `root: [B]` then `drafts: [B, K]` in order; `used: [B, K]` (optional) marks the
     drafts that exist (a prefix of each row: drafts after the first unused one are dropped too)."""
     batch, k = drafts.shape
@@ -101,13 +102,17 @@ def check_tree(tree: DraftTree, vocab_size: int | None = None) -> None:
     if tree.tokens.ndim != 2 or tree.parents.shape != tree.tokens.shape:
         raise ValueError(f"tokens and parents must both be [B, N], got {tree.tokens.shape} and {tree.parents.shape}")
     if (tree.child_probs is None) != (tree.draw == "deterministic"):
-        raise ValueError(f"child_probs must be given exactly when draw is sampled, got draw={tree.draw!r} and "
-                         f"child_probs {'None' if tree.child_probs is None else tree.child_probs.shape}")
+        raise ValueError(
+            f"child_probs must be given exactly when draw is sampled, got draw={tree.draw!r} and "
+            f"child_probs {'None' if tree.child_probs is None else tree.child_probs.shape}"
+        )
     if isinstance(tree.parents, jax.core.Tracer) or isinstance(tree.tokens, jax.core.Tracer):
         return
     parents, tokens = np.asarray(tree.parents), np.asarray(tree.tokens)
     if (parents[:, 0] != ROOT_PARENT).any():
-        raise ValueError(f"node 0 must be the root (parent {ROOT_PARENT}), got parents[:, 0] = {parents[:, 0].tolist()}")
+        raise ValueError(
+            f"node 0 must be the root (parent {ROOT_PARENT}), got parents[:, 0] = {parents[:, 0].tolist()}"
+        )
     index = np.arange(parents.shape[1])[None, :]
     rest = parents[:, 1:]
     if ((rest != UNUSED) & ((rest < 0) | (rest >= index[:, 1:]))).any():

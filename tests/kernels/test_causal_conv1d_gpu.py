@@ -26,8 +26,13 @@ from pallas_kernels.causal_conv1d import (
 
 DTYPES = st.sampled_from([jnp.float32, jnp.bfloat16])
 # (channel block, time block, time blocks per program): the GPU defaults, and small ones.
-BLOCKS = st.sampled_from([None] + [CausalConv1dBlockSizes(block_c=c, block_t=t, blocks_per_program=p)
-                                   for c, t, p in ((4, 2, 2), (8, 4, 1), (2, 1, 3))])
+BLOCKS = st.sampled_from(
+    [None]
+    + [
+        CausalConv1dBlockSizes(block_c=c, block_t=t, blocks_per_program=p)
+        for c, t, p in ((4, 2, 2), (8, 4, 1), (2, 1, 3))
+    ]
+)
 
 
 def _normal(rng, shape, dtype):
@@ -37,17 +42,30 @@ def _normal(rng, shape, dtype):
 
 # Interpret mode spends its time compiling (a few seconds per drawn shape), hence the small example counts.
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 3), steps=st.sampled_from([1, 2, 3, 7, 16, 21]), channels=st.sampled_from([1, 3, 8, 21]),
-       taps=st.integers(2, 4), dtype=DTYPES, state_dtype=st.sampled_from([None, "x", jnp.float32]),
-       use_bias=st.booleans(), activation=st.sampled_from([None, "silu"]), blocks=BLOCKS, data=st.data())
-def test_causal_conv1d_kernel_matches_reference(batch, steps, channels, taps, dtype, state_dtype, use_bias,
-                                                activation, blocks, data):
+@given(
+    batch=st.integers(1, 3),
+    steps=st.sampled_from([1, 2, 3, 7, 16, 21]),
+    channels=st.sampled_from([1, 3, 8, 21]),
+    taps=st.integers(2, 4),
+    dtype=DTYPES,
+    state_dtype=st.sampled_from([None, "x", jnp.float32]),
+    use_bias=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    blocks=BLOCKS,
+    data=st.data(),
+)
+def test_causal_conv1d_kernel_matches_reference(
+    batch, steps, channels, taps, dtype, state_dtype, use_bias, activation, blocks, data
+):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
     x = _normal(rng, (batch, steps, channels), dtype)
     weight = _normal(rng, (channels, taps), dtype)
     bias = _normal(rng, (channels,), dtype) if use_bias else None
-    state = None if state_dtype is None else _normal(
-        rng, (batch, channels, taps - 1), dtype if state_dtype == "x" else state_dtype)
+    state = (
+        None
+        if state_dtype is None
+        else _normal(rng, (batch, channels, taps - 1), dtype if state_dtype == "x" else state_dtype)
+    )
     # Ragged rows, including empty ones and ones shorter than the state (which reach back into it).
     counts = data.draw(st.none() | st.lists(st.integers(0, steps), min_size=batch, max_size=batch), label="counts")
     counts = None if counts is None else jnp.asarray(counts, jnp.int32)
@@ -60,12 +78,20 @@ def test_causal_conv1d_kernel_matches_reference(batch, steps, channels, taps, dt
 
 # Blocks of 128 (the default) or 16 channels: ragged channel counts take one block or several.
 @settings(max_examples=6, deadline=None)
-@given(batch=st.integers(1, 3), channels=st.sampled_from([1, 6, 24, 130]), taps=st.integers(2, 4), dtype=DTYPES,
-       state_dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_bias=st.booleans(),
-       activation=st.sampled_from([None, "silu"]),
-       blocks=st.sampled_from([None, CausalConv1dUpdateBlockSizes(block_c=16)]), seed=st.integers(0, 2**16))
-def test_causal_conv1d_update_kernel_matches_reference(batch, channels, taps, dtype, state_dtype, use_bias,
-                                                       activation, blocks, seed):
+@given(
+    batch=st.integers(1, 3),
+    channels=st.sampled_from([1, 6, 24, 130]),
+    taps=st.integers(2, 4),
+    dtype=DTYPES,
+    state_dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_bias=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    blocks=st.sampled_from([None, CausalConv1dUpdateBlockSizes(block_c=16)]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_conv1d_update_kernel_matches_reference(
+    batch, channels, taps, dtype, state_dtype, use_bias, activation, blocks, seed
+):
     rng = np.random.default_rng(seed)
     x = _normal(rng, (batch, channels), dtype)
     weight = _normal(rng, (channels, taps), jnp.float32)
@@ -120,8 +146,9 @@ def test_kernels_lower_to_triton_for_gpu():
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     counts = jax.ShapeDtypeStruct((4,), jnp.int32)
     # Mamba-2 conv_dim 3328 (not a power of two) with everything; Mamba-1 d_inner without bias / state.
-    assert_lowers_to_triton(causal_conv1d_pallas, bf16(4, 4096, 3328), bf16(3328, 4), bf16(3328), f32(4, 3328, 3),
-                            counts)
+    assert_lowers_to_triton(
+        causal_conv1d_pallas, bf16(4, 4096, 3328), bf16(3328, 4), bf16(3328), f32(4, 3328, 3), counts
+    )
     assert_lowers_to_triton(causal_conv1d_pallas, f32(1, 77, 1536), f32(1536, 4))
     assert_lowers_to_triton(lambda x, w: causal_conv1d_pallas(x, w, activation=None), bf16(16, 1, 1792), f32(1792, 2))
     assert_lowers_to_triton(causal_conv1d_update_pallas, bf16(16, 1792), bf16(1792, 4), bf16(1792), bf16(16, 1792, 3))

@@ -32,15 +32,26 @@ def rand(rng, *shape):
 
 
 @settings(max_examples=10, deadline=None)
-@given(batch=st.integers(1, 3), steps=st.integers(1, 20), channels=st.integers(1, 9), taps=st.integers(2, 5),
-       seed=st.integers(0, 2**31), data=st.data())
+@given(
+    batch=st.integers(1, 3),
+    steps=st.integers(1, 20),
+    channels=st.integers(1, 9),
+    taps=st.integers(2, 5),
+    seed=st.integers(0, 2**31),
+    data=st.data(),
+)
 def test_causal_conv1d_matches_naive_with_state_and_ragged_counts(batch, steps, channels, taps, seed, data):
     rng = np.random.default_rng(seed)
-    x, w, b, state = rand(rng, batch, steps, channels), rand(rng, channels, taps), rand(rng, channels), \
-        rand(rng, batch, channels, taps - 1)
+    x, w, b, state = (
+        rand(rng, batch, steps, channels),
+        rand(rng, channels, taps),
+        rand(rng, channels),
+        rand(rng, batch, channels, taps - 1),
+    )
     counts = np.array([data.draw(st.integers(0, steps)) for _ in range(batch)])
-    y, final = causal_conv1d_ref(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jnp.asarray(state),
-                                 jnp.asarray(counts))
+    y, final = causal_conv1d_ref(
+        jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jnp.asarray(state), jnp.asarray(counts)
+    )
     y_ref, final_ref = naive_conv(x, w, b, state, counts)
     np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final), final_ref, atol=0)

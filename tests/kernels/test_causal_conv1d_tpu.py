@@ -39,17 +39,23 @@ def _normal(rng, shape, dtype=jnp.float32):
 
 def _inputs(seed, batch, steps, channels, taps, dtype, state_dtype, use_bias, use_state, use_counts):
     rng = np.random.default_rng(seed)
-    return (_normal(rng, (batch, steps, channels), dtype), _normal(rng, (channels, taps), dtype),
-            _normal(rng, (channels,), dtype) if use_bias else None,
-            _normal(rng, (batch, channels, taps - 1), state_dtype) if use_state else None,
-            jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32) if use_counts else None)
+    return (
+        _normal(rng, (batch, steps, channels), dtype),
+        _normal(rng, (channels, taps), dtype),
+        _normal(rng, (channels,), dtype) if use_bias else None,
+        _normal(rng, (batch, channels, taps - 1), state_dtype) if use_state else None,
+        jnp.asarray(rng.integers(0, steps + 1, batch), jnp.int32) if use_counts else None,
+    )
 
 
 def _update_inputs(seed, batch, channels, taps, dtype, state_dtype, use_bias):
     rng = np.random.default_rng(seed)
-    return (_normal(rng, (batch, channels), dtype), _normal(rng, (channels, taps), dtype),
-            _normal(rng, (channels,), dtype) if use_bias else None,
-            _normal(rng, (batch, channels, taps - 1), state_dtype))
+    return (
+        _normal(rng, (batch, channels), dtype),
+        _normal(rng, (channels, taps), dtype),
+        _normal(rng, (channels,), dtype) if use_bias else None,
+        _normal(rng, (batch, channels, taps - 1), state_dtype),
+    )
 
 
 def _check(got, want, dtype):
@@ -60,14 +66,26 @@ def _check(got, want, dtype):
 
 
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.sampled_from([1, 5, 16, 37]), channels=st.sampled_from([3, 130, 200]),
-       taps=st.integers(2, 5), dtype=DTYPES, state_f32=st.booleans(), use_bias=st.booleans(), use_state=st.booleans(),
-       use_counts=st.booleans(), activation=st.sampled_from([None, "silu"]), small=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_causal_conv1d_tpu_matches_reference(batch, steps, channels, taps, dtype, state_f32, use_bias, use_state,
-                                             use_counts, activation, small, seed):
-    args = _inputs(seed, batch, steps, channels, taps, dtype, jnp.float32 if state_f32 else dtype, use_bias,
-                   use_state, use_counts)
+@given(
+    batch=st.integers(1, 2),
+    steps=st.sampled_from([1, 5, 16, 37]),
+    channels=st.sampled_from([3, 130, 200]),
+    taps=st.integers(2, 5),
+    dtype=DTYPES,
+    state_f32=st.booleans(),
+    use_bias=st.booleans(),
+    use_state=st.booleans(),
+    use_counts=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    small=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_conv1d_tpu_matches_reference(
+    batch, steps, channels, taps, dtype, state_f32, use_bias, use_state, use_counts, activation, small, seed
+):
+    args = _inputs(
+        seed, batch, steps, channels, taps, dtype, jnp.float32 if state_f32 else dtype, use_bias, use_state, use_counts
+    )
     got = causal_conv1d_pallas_tpu(*args, activation, block_sizes=SMALL_BLOCKS if small else None, interpret=True)
     _check(got, causal_conv1d_ref(*args, activation), dtype)
 
@@ -76,20 +94,31 @@ def test_causal_conv1d_tpu_long_kernel_and_blocks():
     """K = 10: the float32 halo is two sublane tiles (16 rows); 40 steps take 3 time blocks, 150 channels 2
     channel blocks."""
     args = _inputs(3, 2, 40, 150, 10, jnp.float32, jnp.float32, True, True, True)
-    _check(causal_conv1d_pallas_tpu(*args, block_sizes=SMALL_BLOCKS, interpret=True), causal_conv1d_ref(*args),
-           jnp.float32)
+    _check(
+        causal_conv1d_pallas_tpu(*args, block_sizes=SMALL_BLOCKS, interpret=True), causal_conv1d_ref(*args), jnp.float32
+    )
 
 
 # A small channel-block cap (16) makes ragged channel counts take several blocks or a full-dim one.
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), channels=st.sampled_from([3, 21, 64]), taps=st.integers(2, 4), dtype=DTYPES,
-       state_f32=st.booleans(), use_bias=st.booleans(), activation=st.sampled_from([None, "silu"]),
-       cap=st.sampled_from([16, 512]), seed=st.integers(0, 2**16))
-def test_causal_conv1d_update_tpu_matches_reference(batch, channels, taps, dtype, state_f32, use_bias, activation,
-                                                    cap, seed):
+@given(
+    batch=st.integers(1, 2),
+    channels=st.sampled_from([3, 21, 64]),
+    taps=st.integers(2, 4),
+    dtype=DTYPES,
+    state_f32=st.booleans(),
+    use_bias=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    cap=st.sampled_from([16, 512]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_conv1d_update_tpu_matches_reference(
+    batch, channels, taps, dtype, state_f32, use_bias, activation, cap, seed
+):
     args = _update_inputs(seed, batch, channels, taps, dtype, jnp.float32 if state_f32 else dtype, use_bias)
-    got = causal_conv1d_update_pallas_tpu(*args, activation, block_sizes=CausalConv1dUpdateTPUBlockSizes(block_c=cap),
-                                          interpret=True)
+    got = causal_conv1d_update_pallas_tpu(
+        *args, activation, block_sizes=CausalConv1dUpdateTPUBlockSizes(block_c=cap), interpret=True
+    )
     assert_step_close(got, causal_conv1d_update_ref(*args, activation), args[3], dtype)
 
 
@@ -100,8 +129,12 @@ def test_dispatchers_use_tpu_variants_on_tpu():
     got = dispatch_on_tpu(causal_conv1d, "causal_conv1d_pallas_tpu", *args, block_sizes=SMALL_BLOCKS)
     _check(got, causal_conv1d_ref(*args), jnp.float32)
     args = _update_inputs(2, 2, 16, 4, jnp.float32, jnp.float32, False)
-    got = dispatch_on_tpu(causal_conv1d_update, "causal_conv1d_update_pallas_tpu", *args,
-                          block_sizes=CausalConv1dUpdateTPUBlockSizes(block_c=8))
+    got = dispatch_on_tpu(
+        causal_conv1d_update,
+        "causal_conv1d_update_pallas_tpu",
+        *args,
+        block_sizes=CausalConv1dUpdateTPUBlockSizes(block_c=8),
+    )
     assert_step_close(got, causal_conv1d_update_ref(*args), args[3], jnp.float32)
 
 
@@ -129,11 +162,20 @@ def test_causal_conv1d_tpu_lowers_to_mosaic(dtype):
     # Mamba-2 2.7B-like: conv over x, B, C (5120 + 2 * 128 channels, 11 blocks with a clipped edge one),
     # K = 4, bias, state and counts, 2048-step prefill (8 time blocks); and its decode step.
     channels = 5376
-    assert_lowers_to_mosaic_tpu(lambda *a: causal_conv1d_pallas_tpu(*a), S((4, 2048, channels), dtype),
-                                S((channels, 4), dtype), S((channels,), dtype), S((4, channels, 3), jnp.float32),
-                                S((4,), jnp.int32))
-    assert_lowers_to_mosaic_tpu(lambda *a: causal_conv1d_update_pallas_tpu(*a), S((8, channels), dtype),
-                                S((channels, 4), dtype), S((channels,), dtype), S((8, channels, 3), dtype))
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: causal_conv1d_pallas_tpu(*a),
+        S((4, 2048, channels), dtype),
+        S((channels, 4), dtype),
+        S((channels,), dtype),
+        S((4, channels, 3), jnp.float32),
+        S((4,), jnp.int32),
+    )
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: causal_conv1d_update_pallas_tpu(*a),
+        S((8, channels), dtype),
+        S((channels, 4), dtype),
+        S((channels,), dtype),
+        S((8, channels, 3), dtype),
+    )
     # Ragged: 1000 steps, 1100 channels, no bias / state (Mamba-1-like K = 4).
-    assert_lowers_to_mosaic_tpu(lambda *a: causal_conv1d_pallas_tpu(*a), S((2, 1000, 1100), dtype),
-                                S((1100, 4), dtype))
+    assert_lowers_to_mosaic_tpu(lambda *a: causal_conv1d_pallas_tpu(*a), S((2, 1000, 1100), dtype), S((1100, 4), dtype))

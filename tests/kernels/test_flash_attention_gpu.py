@@ -21,10 +21,16 @@ from pallas_kernels.flash_attention import (
 
 # Small blocks (16 queries, 32 keys) make short sequences span several query and key blocks.
 @settings(max_examples=3, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 70), heads=st.tuples(st.integers(1, 2), st.integers(1, 3)),
-       dim=st.sampled_from([16, 32]), window=st.sampled_from([0, 1, 5, 70]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       blocks=st.sampled_from([None, FlashAttentionBlockSizes(block_q=16, block_k=32)]), data=st.data())
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 70),
+    heads=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    dim=st.sampled_from([16, 32]),
+    window=st.sampled_from([0, 1, 5, 70]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    blocks=st.sampled_from([None, FlashAttentionBlockSizes(block_q=16, block_k=32)]),
+    data=st.data(),
+)
 def test_flash_attention_kernel_matches_reference(batch, steps, heads, dim, window, dtype, blocks, data):
     lengths = jnp.array([data.draw(st.integers(0, steps)) for _ in range(batch)])
     q, k, v = random_prefill_inputs(data.draw(st.integers(0, 2**16)), batch, steps, *heads, dim, dtype)
@@ -59,6 +65,10 @@ def test_flash_attention_dispatch_fallbacks_and_errors():
 def test_flash_attention_lowers_to_triton_for_gpu():
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     # SmolLM2-135M shapes (9 heads, 3 kv heads, head_dim 64): a 1000-token prefill.
-    assert_lowers_to_triton(lambda q, k, v, n: flash_attention_pallas(q, k, v, 0, None, n),
-                            bf16(2, 1000, 9, 64), bf16(2, 1000, 3, 64), bf16(2, 1000, 3, 64),
-                            jax.ShapeDtypeStruct((2,), jnp.int32))
+    assert_lowers_to_triton(
+        lambda q, k, v, n: flash_attention_pallas(q, k, v, 0, None, n),
+        bf16(2, 1000, 9, 64),
+        bf16(2, 1000, 3, 64),
+        bf16(2, 1000, 3, 64),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )

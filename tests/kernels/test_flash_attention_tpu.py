@@ -22,9 +22,15 @@ SMALL_BLOCKS = FlashAttentionTPUBlockSizes(block=16)
 
 # Block 16 (the smallest) so that tiny shapes span several query and key blocks and skip some.
 @settings(max_examples=3, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 40), heads=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       dim=st.sampled_from([8, 32]), window=st.sampled_from([0, 1, 5, 40]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), data=st.data())
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 40),
+    heads=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dim=st.sampled_from([8, 32]),
+    window=st.sampled_from([0, 1, 5, 40]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    data=st.data(),
+)
 def test_tpu_kernel_matches_reference(batch, steps, heads, dim, window, dtype, data):
     lengths = jnp.array([data.draw(st.integers(0, steps)) for _ in range(batch)])
     q, k, v = random_prefill_inputs(data.draw(st.integers(0, 2**16)), batch, steps, *heads, dim, dtype)
@@ -69,10 +75,16 @@ def test_tpu_kernel_lowers_to_mosaic():
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     # SmolLM2-135M (9 heads, 3 kv heads, head_dim 64), 1000-token prefill: T padded to 1024.
-    assert_lowers_to_mosaic_tpu(lambda q, k, v, n: flash_attention_pallas_tpu(q, k, v, 0, None, n),
-                                bf16(2, 1000, 9, 64), bf16(2, 1000, 3, 64), bf16(2, 1000, 3, 64), i32(2))
+    assert_lowers_to_mosaic_tpu(
+        lambda q, k, v, n: flash_attention_pallas_tpu(q, k, v, 0, None, n),
+        bf16(2, 1000, 9, 64),
+        bf16(2, 1000, 3, 64),
+        bf16(2, 1000, 3, 64),
+        i32(2),
+    )
     # Llama-3-8B-like (32 heads, 8 kv heads, head_dim 128) in float32 with a traced sliding window.
     f32 = jax.ShapeDtypeStruct((1, 4096, 32, 128), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, 4096, 8, 128), jnp.float32)
-    assert_lowers_to_mosaic_tpu(lambda q, k, v, w, n: flash_attention_pallas_tpu(q, k, v, w, None, n),
-                                f32, kv, kv, i32(), i32(1))
+    assert_lowers_to_mosaic_tpu(
+        lambda q, k, v, w, n: flash_attention_pallas_tpu(q, k, v, w, None, n), f32, kv, kv, i32(), i32(1)
+    )

@@ -41,8 +41,9 @@ quantize = jax.jit(quantize_weights, static_argnums=(1, 2, 3))
 reference = jax.jit(quantized_matmul_ref)
 kernel = jax.jit(functools.partial(quantized_matmul, impl="interpret"), static_argnames="block_sizes")
 int8_reference = jax.jit(quantized_matmul_int8_ref, static_argnums=3)
-int8_kernel = jax.jit(functools.partial(quantized_matmul_int8, impl="interpret"),
-                      static_argnames=("out_dtype", "block_sizes"))
+int8_kernel = jax.jit(
+    functools.partial(quantized_matmul_int8, impl="interpret"), static_argnames=("out_dtype", "block_sizes")
+)
 
 
 def _inputs(seed, lead, k, n, dtype):
@@ -53,9 +54,17 @@ def _inputs(seed, lead, k, n, dtype):
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=BITS, m=st.integers(1, 40), group=st.sampled_from([32, 64, 128]), groups=st.integers(1, 3),
-       n=st.sampled_from([1, 24, BLOCK_N, 100, 2 * BLOCK_N + 3]), dtype=DTYPES, scale_dtype=DTYPES,
-       blocks=st.sampled_from([None, SMALL_BLOCKS]), seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    m=st.integers(1, 40),
+    group=st.sampled_from([32, 64, 128]),
+    groups=st.integers(1, 3),
+    n=st.sampled_from([1, 24, BLOCK_N, 100, 2 * BLOCK_N + 3]),
+    dtype=DTYPES,
+    scale_dtype=DTYPES,
+    blocks=st.sampled_from([None, SMALL_BLOCKS]),
+    seed=st.integers(0, 2**16),
+)
 def test_kernel_matches_reference(bits, m, group, groups, n, dtype, scale_dtype, blocks, seed):
     x, w = _inputs(seed, (m,), group * groups, n, dtype)
     qw = quantize(w, bits, group, scale_dtype)
@@ -65,9 +74,17 @@ def test_kernel_matches_reference(bits, m, group, groups, n, dtype, scale_dtype,
 
 
 @settings(max_examples=10, deadline=None)
-@given(bits=BITS, m=st.integers(1, 40), rows=st.sampled_from([32, 64, 96, 288]), groups=st.integers(1, 3),
-       per_channel=st.booleans(), n=st.sampled_from([1, 24, BLOCK_N, 100, 2 * BLOCK_N + 3]), out_dtype=DTYPES,
-       scale_dtype=DTYPES, seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    m=st.integers(1, 40),
+    rows=st.sampled_from([32, 64, 96, 288]),
+    groups=st.integers(1, 3),
+    per_channel=st.booleans(),
+    n=st.sampled_from([1, 24, BLOCK_N, 100, 2 * BLOCK_N + 3]),
+    out_dtype=DTYPES,
+    scale_dtype=DTYPES,
+    seed=st.integers(0, 2**16),
+)
 def test_int8_kernel_matches_reference(bits, m, rows, groups, per_channel, n, out_dtype, scale_dtype, seed):
     """Stored rows per group are a multiple of 32 (the kernel's need); 96 and 288 are read in 3 and 9
     chunks of 32, and per-channel weights have one group of all K rows."""
@@ -127,8 +144,9 @@ def test_dispatchers_run_under_jit_with_static_metadata_and_traced_scale():
     assert_close(got, reference(x, qw), jnp.bfloat16)
     xq, x_scale, qw = random_int8_inputs(0, (2, 3), 128, 40, 4, 64)
     for impl in ("xla", "interpret", "auto"):
-        got = jax.jit(lambda xq, s, qw, impl=impl: quantized_matmul_int8(xq, s, qw, out_dtype=jnp.bfloat16,
-                                                                        impl=impl))(xq, jnp.float32(x_scale), qw)
+        got = jax.jit(lambda xq, s, qw, impl=impl: quantized_matmul_int8(xq, s, qw, out_dtype=jnp.bfloat16, impl=impl))(
+            xq, jnp.float32(x_scale), qw
+        )
         assert got.shape == (2, 3, 40) and got.dtype == jnp.bfloat16
         assert_close(got, int8_reference(xq, x_scale, qw, jnp.bfloat16), jnp.bfloat16)
 
@@ -187,8 +205,9 @@ def test_int8_clear_errors():
     with pytest.raises(ValueError, match="needs group_size to be a multiple of 64 for 4 bits, got 32; use impl='xla'"):
         quantized_matmul_int8(xq, 0.1, small_groups, impl="interpret")
     with pytest.raises(ValueError, match="needs group_size to be a multiple of 32 for 8 bits, got 48"):
-        quantized_matmul_int8(jnp.ones((2, 96), jnp.int8), 0.1, random_quantized_weight(rng, 96, 8, 8, 48),
-                              impl="interpret")
+        quantized_matmul_int8(
+            jnp.ones((2, 96), jnp.int8), 0.1, random_quantized_weight(rng, 96, 8, 8, 48), impl="interpret"
+        )
 
 
 @pytest.mark.parametrize("k, n", [(576, 1536), (4096, 11008)])  # SmolLM2's MLP up, Llama-7B's MLP up
@@ -204,5 +223,9 @@ def test_kernels_lower_to_triton_for_decode_shapes(k, n, bits):
         assert_lowers_to_triton(quantized_matmul_pallas, S((m, k), x_dtype), qw)
     for m, group, out_dtype in ((1, 64, jnp.float32), (16, k, jnp.bfloat16)):
         qw = QuantizedWeight(values, S((k // group, n), jnp.float32), bits, group)
-        assert_lowers_to_triton(functools.partial(quantized_matmul_int8_pallas, out_dtype=out_dtype),
-                                S((m, k), jnp.int8), S((), jnp.float32), qw)
+        assert_lowers_to_triton(
+            functools.partial(quantized_matmul_int8_pallas, out_dtype=out_dtype),
+            S((m, k), jnp.int8),
+            S((), jnp.float32),
+            qw,
+        )

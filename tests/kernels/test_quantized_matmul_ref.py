@@ -49,8 +49,14 @@ def _exact(xq, x_scale, qw: QuantizedWeight):
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=BITS, group=st.sampled_from([2, 8, 32, 128]), groups=st.integers(1, 4), n=st.integers(1, 70),
-       scale_dtype=DTYPES, seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    group=st.sampled_from([2, 8, 32, 128]),
+    groups=st.integers(1, 4),
+    n=st.integers(1, 70),
+    scale_dtype=DTYPES,
+    seed=st.integers(0, 2**16),
+)
 def test_quantization_error_is_at_most_half_a_step(bits, group, groups, n, scale_dtype, seed):
     k = group * groups
     w = 3.0 * np.random.default_rng(seed).standard_normal((k, n), np.float32)
@@ -66,8 +72,13 @@ def test_quantization_error_is_at_most_half_a_step(bits, group, groups, n, scale
 
 
 @settings(max_examples=8, deadline=None)
-@given(bits=BITS, lead=st.sampled_from([(1,), (3,), (2, 5)]), groups=st.integers(1, 3), n=st.integers(1, 50),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    lead=st.sampled_from([(1,), (3,), (2, 5)]),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
 def test_reference_is_matmul_with_the_dequantized_weight(bits, lead, groups, n, seed):
     rng = np.random.default_rng(seed)
     k = 32 * groups
@@ -80,9 +91,15 @@ def test_reference_is_matmul_with_the_dequantized_weight(bits, lead, groups, n, 
 
 
 @settings(max_examples=10, deadline=None)
-@given(bits=BITS, group=st.sampled_from([2, 16, 32, 48, None]), groups=st.integers(1, 3),
-       lead=st.sampled_from([(1,), (7,), (3, 5), (2, 1, 3)]), n=st.integers(1, 40), scale_dtype=DTYPES,
-       seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    group=st.sampled_from([2, 16, 32, 48, None]),
+    groups=st.integers(1, 3),
+    lead=st.sampled_from([(1,), (7,), (3, 5), (2, 1, 3)]),
+    n=st.integers(1, 40),
+    scale_dtype=DTYPES,
+    seed=st.integers(0, 2**16),
+)
 def test_int8_reference_equals_exact_float64(bits, group, groups, lead, n, scale_dtype, seed):
     k = 64 if group is None else group * groups  # None: per-channel, one group of all K rows
     xq, x_scale, qw = random_int8_inputs(seed, lead, k, n, bits, group or k, scale_dtype)
@@ -94,13 +111,22 @@ def test_int8_reference_equals_exact_float64(bits, group, groups, lead, n, scale
 
 
 @settings(max_examples=6, deadline=None)
-@given(bits=BITS, lead=st.sampled_from([(1,), (5,), (2, 3)]), groups=st.integers(1, 3), n=st.integers(1, 50),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=BITS,
+    lead=st.sampled_from([(1,), (5,), (2, 3)]),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
 def test_int8_reference_matches_weight_only_path_on_dequantized_activations(bits, lead, groups, n, seed):
     xq, x_scale, qw = random_int8_inputs(seed, lead, 32 * groups, n, bits, 32)
     x = xq.astype(jnp.float32) * x_scale
-    np.testing.assert_allclose(np.asarray(int8_reference(xq, x_scale, qw, jnp.float32)),
-                               np.asarray(quantized_matmul_ref(x, qw)), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(int8_reference(xq, x_scale, qw, jnp.float32)),
+        np.asarray(quantized_matmul_ref(x, qw)),
+        atol=2e-5,
+        rtol=2e-5,
+    )
 
 
 def test_quantizer_gives_clear_errors():

@@ -45,9 +45,17 @@ def _inputs(seed, lead, k, n, dtype, bits, group, scale_dtype):
 
 
 @settings(max_examples=4, deadline=None)
-@given(bits=st.sampled_from([4, 8]), m=st.sampled_from([1, 5, 19]), group=st.sampled_from([2, 16, 32, 48]),
-       groups=st.integers(1, 3), n=st.sampled_from([1, 24, 130]), dtype=DTYPES, scale_dtype=DTYPES,
-       small=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([4, 8]),
+    m=st.sampled_from([1, 5, 19]),
+    group=st.sampled_from([2, 16, 32, 48]),
+    groups=st.integers(1, 3),
+    n=st.sampled_from([1, 24, 130]),
+    dtype=DTYPES,
+    scale_dtype=DTYPES,
+    small=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_tpu_kernel_matches_reference(bits, m, group, groups, n, dtype, scale_dtype, small, seed):
     x, qw = _inputs(seed, (m,), group * groups, n, dtype, bits, group, scale_dtype)
     got = quantized_matmul_pallas_tpu(x, qw, block_sizes=SMALL_BLOCKS if small else None, interpret=True)
@@ -60,18 +68,25 @@ def test_tpu_kernel_unpacks_int4_extremes_across_k_steps():
     q = jnp.array([[-8, 7, 0, -1], [7, -8, 1, 0]] * 64, jnp.int32)  # [128, 4]
     qw = QuantizedWeight(pack_int4(q), jnp.array([[1.0] * 4, [2.0] * 4], jnp.float32), bits=4, group_size=64)
     picked = np.array([0, 1, 64, 127])  # rows 0 and 1 of group 0 (scale 1), 64 and 127 of group 1 (scale 2)
-    got = quantized_matmul_pallas_tpu(jnp.eye(128, dtype=jnp.float32)[picked], qw, block_sizes=SMALL_BLOCKS,
-                                      interpret=True)
+    got = quantized_matmul_pallas_tpu(
+        jnp.eye(128, dtype=jnp.float32)[picked], qw, block_sizes=SMALL_BLOCKS, interpret=True
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(q)[picked] * np.array([[1], [1], [2], [2]]))
 
 
 @settings(max_examples=4, deadline=None)
-@given(bits=st.sampled_from([4, 8]), m=st.sampled_from([1, 5, 40]), group=st.sampled_from([2, 16, 48, 64]),
-       groups=st.integers(1, 3), n=st.sampled_from([1, 24, 130]), small=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([4, 8]),
+    m=st.sampled_from([1, 5, 40]),
+    group=st.sampled_from([2, 16, 48, 64]),
+    groups=st.integers(1, 3),
+    n=st.sampled_from([1, 24, 130]),
+    small=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_tpu_int8_kernel_matches_reference(bits, m, group, groups, n, small, seed):
     xq, x_scale, qw = random_int8_inputs(seed, (m,), group * groups, n, bits, group)
-    got = quantized_matmul_int8_pallas_tpu(xq, x_scale, qw, block_sizes=SMALL_BLOCKS if small else None,
-                                           interpret=True)
+    got = quantized_matmul_int8_pallas_tpu(xq, x_scale, qw, block_sizes=SMALL_BLOCKS if small else None, interpret=True)
     assert got.shape == (m, n) and got.dtype == jnp.float32
     assert_close(got, int8_reference(xq, x_scale, qw, jnp.float32), jnp.float32)
 
@@ -96,8 +111,9 @@ def test_tpu_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match="x must be floating point"):
         quantized_matmul_pallas_tpu(jnp.ones((2, 64), jnp.int32), qw, interpret=True)
     with pytest.raises(ValueError, match="4-bit values must be uint8"):
-        quantized_matmul_pallas_tpu(jnp.ones((2, 64)), QuantizedWeight(qw.values[:32], qw.scales, 4, 32),
-                                    interpret=True)
+        quantized_matmul_pallas_tpu(
+            jnp.ones((2, 64)), QuantizedWeight(qw.values[:32], qw.scales, 4, 32), interpret=True
+        )
     with pytest.raises(ValueError, match="QuantizedMatmulTPUBlockSizes: block_n must be a positive multiple of 128"):
         QuantizedMatmulTPUBlockSizes(block_n=64)
 
@@ -112,7 +128,10 @@ def test_tpu_kernel_lowers_to_mosaic(m, k, n, bits):
         values = S((rows, n), jnp.int8 if bits == 8 else jnp.uint8)
         assert_lowers_to_mosaic_tpu(
             lambda x, v, s, group=group: quantized_matmul_pallas_tpu(x, QuantizedWeight(v, s, bits, group)),
-            S((m, k), x_dtype), values, S((k // group, n), scale_dtype))
+            S((m, k), x_dtype),
+            values,
+            S((k // group, n), scale_dtype),
+        )
 
 
 @pytest.mark.parametrize("k, n", [(576, 1536), (4096, 11008)])  # SmolLM2's MLP up, Llama-7B's MLP up
@@ -122,7 +141,12 @@ def test_tpu_int8_kernel_lowers_to_mosaic(k, n, bits):
     rows)."""
     rows = k if bits == 8 else k // 2
     for m, group, out_dtype in ((1, 64, jnp.float32), (16, k, jnp.bfloat16)):
-        qw = QuantizedWeight(S((rows, n), jnp.int8 if bits == 8 else jnp.uint8), S((k // group, n), jnp.float32),
-                             bits, group)
-        assert_lowers_to_mosaic_tpu(functools.partial(quantized_matmul_int8_pallas_tpu, out_dtype=out_dtype),
-                                    S((m, k), jnp.int8), S((), jnp.float32), qw)
+        qw = QuantizedWeight(
+            S((rows, n), jnp.int8 if bits == 8 else jnp.uint8), S((k // group, n), jnp.float32), bits, group
+        )
+        assert_lowers_to_mosaic_tpu(
+            functools.partial(quantized_matmul_int8_pallas_tpu, out_dtype=out_dtype),
+            S((m, k), jnp.int8),
+            S((), jnp.float32),
+            qw,
+        )

@@ -52,16 +52,36 @@ def _inputs(seed, batch, steps, channels, n, dtype, use_d=True, use_z=True, use_
 
 # Small blocks (8 channels, 4 steps) make short shapes span several time chunks and channel blocks.
 @settings(max_examples=8, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 70), channels=st.sampled_from([1, 5, 32, 45, 70]),
-       n=st.sampled_from([1, 4, 16]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(),
-       use_z=st.booleans(), use_state=st.booleans(),
-       blocks=st.sampled_from([None, SelectiveScanBlockSizes(block_d=8, block_t=4)]), seed=st.integers(0, 2**16))
-@example(batch=1, steps=1, channels=5, n=4, dtype=jnp.float32, use_d=True, use_z=True, use_state=True, blocks=None,
-         seed=0)
-@example(batch=2, steps=DEFAULTS.block_t + 3, channels=DEFAULTS.block_d + 13, n=16, dtype=jnp.bfloat16,
-         use_d=False, use_z=True, use_state=False, blocks=None, seed=1)
-def test_selective_scan_kernel_matches_reference(batch, steps, channels, n, dtype, use_d, use_z, use_state, blocks,
-                                                 seed):
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 70),
+    channels=st.sampled_from([1, 5, 32, 45, 70]),
+    n=st.sampled_from([1, 4, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_z=st.booleans(),
+    use_state=st.booleans(),
+    blocks=st.sampled_from([None, SelectiveScanBlockSizes(block_d=8, block_t=4)]),
+    seed=st.integers(0, 2**16),
+)
+@example(
+    batch=1, steps=1, channels=5, n=4, dtype=jnp.float32, use_d=True, use_z=True, use_state=True, blocks=None, seed=0
+)
+@example(
+    batch=2,
+    steps=DEFAULTS.block_t + 3,
+    channels=DEFAULTS.block_d + 13,
+    n=16,
+    dtype=jnp.bfloat16,
+    use_d=False,
+    use_z=True,
+    use_state=False,
+    blocks=None,
+    seed=1,
+)
+def test_selective_scan_kernel_matches_reference(
+    batch, steps, channels, n, dtype, use_d, use_z, use_state, blocks, seed
+):
     inputs = _inputs(seed, batch, steps, channels, n, dtype, use_d, use_z, use_state)
     y, h = scan_kernel(**inputs, block_sizes=blocks)
     y_ref, h_ref = scan_ref(**inputs)
@@ -110,15 +130,23 @@ def test_selective_scan_lowers_to_triton_for_gpu():
     assert_lowers_to_triton(selective_scan_pallas, seq, seq, A, BC, BC)
     # bfloat16 activations and sizes that need masking everywhere (T, Dm, N not powers of two).
     seq, BC = bf16(2, 333, 1000), bf16(2, 333, 5)
-    assert_lowers_to_triton(selective_scan_pallas, seq, f32(2, 333, 1000), f32(1000, 5), BC, BC, bf16(1000), seq,
-                            f32(2, 1000, 5))
+    assert_lowers_to_triton(
+        selective_scan_pallas, seq, f32(2, 333, 1000), f32(1000, 5), BC, BC, bf16(1000), seq, f32(2, 1000, 5)
+    )
 
 
 # Channel blocks of 64 (the default) or 8; the block is the largest power of two at most that dividing Dm.
 @settings(max_examples=6, deadline=None)
-@given(batch=st.integers(1, 3), channels=st.sampled_from([1, 6, 24, 96, 130]), n=st.sampled_from([1, 4, 16]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(), use_z=st.booleans(),
-       blocks=st.sampled_from([None, SelectiveStateUpdateBlockSizes(block_d=8)]), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    channels=st.sampled_from([1, 6, 24, 96, 130]),
+    n=st.sampled_from([1, 4, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_z=st.booleans(),
+    blocks=st.sampled_from([None, SelectiveStateUpdateBlockSizes(block_d=8)]),
+    seed=st.integers(0, 2**16),
+)
 def test_selective_state_update_kernel_matches_reference(batch, channels, n, dtype, use_d, use_z, blocks, seed):
     inputs = _inputs(seed, batch, 1, channels, n, dtype, use_d, use_z)
     step = {k: (v[:, 0] if k in ("x", "dt", "B", "C", "z") and v is not None else v) for k, v in inputs.items()}
@@ -129,13 +157,29 @@ def test_selective_state_update_kernel_matches_reference(batch, channels, n, dty
 
 def test_selective_state_update_gives_clear_errors():
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
-        selective_state_update(jnp.zeros((1, 4, 2)), jnp.zeros((1, 4)), jnp.zeros((1, 4)), jnp.zeros((4, 2)),
-                               jnp.zeros((1, 2)), jnp.zeros((1, 2)), impl="cuda")
+        selective_state_update(
+            jnp.zeros((1, 4, 2)),
+            jnp.zeros((1, 4)),
+            jnp.zeros((1, 4)),
+            jnp.zeros((4, 2)),
+            jnp.zeros((1, 2)),
+            jnp.zeros((1, 2)),
+            impl="cuda",
+        )
     with pytest.raises(ValueError, match="SelectiveStateUpdateBlockSizes: block_d must be a power of two"):
         SelectiveStateUpdateBlockSizes(block_d=48)
 
 
 def test_selective_state_update_lowers_to_triton_for_gpu():
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    assert_lowers_to_triton(selective_state_update_pallas, f32(2, 96, 16), f32(2, 96), f32(2, 96), f32(96, 16),
-                            f32(2, 16), f32(2, 16), f32(96), f32(2, 96))
+    assert_lowers_to_triton(
+        selective_state_update_pallas,
+        f32(2, 96, 16),
+        f32(2, 96),
+        f32(2, 96),
+        f32(96, 16),
+        f32(2, 16),
+        f32(2, 16),
+        f32(96),
+        f32(2, 96),
+    )

@@ -24,14 +24,26 @@ def rand(rng, *shape, scale=1.0):
 
 
 def mamba1_inputs(rng, batch, steps, channels, n):
-    return dict(x=rand(rng, batch, steps, channels), dt=np.abs(rand(rng, batch, steps, channels, scale=0.5)),
-                A=-np.exp(rand(rng, channels, n, scale=0.5)), B=rand(rng, batch, steps, n),
-                C=rand(rng, batch, steps, n), D=rand(rng, channels), z=rand(rng, batch, steps, channels))
+    return dict(
+        x=rand(rng, batch, steps, channels),
+        dt=np.abs(rand(rng, batch, steps, channels, scale=0.5)),
+        A=-np.exp(rand(rng, channels, n, scale=0.5)),
+        B=rand(rng, batch, steps, n),
+        C=rand(rng, batch, steps, n),
+        D=rand(rng, channels),
+        z=rand(rng, batch, steps, channels),
+    )
 
 
 @settings(max_examples=10, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 40), channels=st.integers(1, 6), n=st.integers(1, 5),
-       chunk=st.sampled_from([1, 3, 8, 32]), seed=st.integers(0, 2**31))
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 40),
+    channels=st.integers(1, 6),
+    n=st.integers(1, 5),
+    chunk=st.sampled_from([1, 3, 8, 32]),
+    seed=st.integers(0, 2**31),
+)
 def test_selective_scan_matches_naive_recurrence(batch, steps, channels, n, chunk, seed):
     rng = np.random.default_rng(seed)
     inputs = mamba1_inputs(rng, batch, steps, channels, n)
@@ -48,8 +60,16 @@ def test_selective_state_update_equals_scan_steps():
     y_all, h_all = selective_scan_ref(**inputs)
     h = jnp.zeros((2, 5, 4))
     for t in range(6):
-        y, h = selective_state_update_ref(h, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
-                                          inputs["C"][:, t], inputs["D"], inputs["z"][:, t])
+        y, h = selective_state_update_ref(
+            h,
+            inputs["x"][:, t],
+            inputs["dt"][:, t],
+            inputs["A"],
+            inputs["B"][:, t],
+            inputs["C"][:, t],
+            inputs["D"],
+            inputs["z"][:, t],
+        )
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_all[:, t]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_all), atol=1e-5)
 

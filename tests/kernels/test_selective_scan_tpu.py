@@ -34,11 +34,16 @@ S = jax.ShapeDtypeStruct
 def _inputs(seed, batch, steps, channels, n, dtype, use_d=True, use_z=True, use_state=True):
     rng = np.random.default_rng(seed)
     normal = lambda *shape, dt=dtype: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
-    return (normal(batch, steps, channels),
-            jnp.asarray(np.log1p(np.exp(rng.standard_normal((batch, steps, channels)) - 1.0)), dtype),  # softplus
-            -jnp.exp(normal(channels, n, dt=jnp.float32)), normal(batch, steps, n), normal(batch, steps, n),
-            normal(channels, dt=jnp.float32) if use_d else None, normal(batch, steps, channels) if use_z else None,
-            normal(batch, channels, n, dt=jnp.float32) if use_state else None)
+    return (
+        normal(batch, steps, channels),
+        jnp.asarray(np.log1p(np.exp(rng.standard_normal((batch, steps, channels)) - 1.0)), dtype),  # softplus
+        -jnp.exp(normal(channels, n, dt=jnp.float32)),
+        normal(batch, steps, n),
+        normal(batch, steps, n),
+        normal(channels, dt=jnp.float32) if use_d else None,
+        normal(batch, steps, channels) if use_z else None,
+        normal(batch, channels, n, dt=jnp.float32) if use_state else None,
+    )
 
 
 def _step_inputs(seed, batch, channels, n, dtype, use_d, use_z):
@@ -56,9 +61,17 @@ def _check(got, args, dtype):
 
 # One channel block and one time chunk (full-dim blocks of any size, length 1 included).
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 24), channels=st.sampled_from([1, 5, 24]),
-       n=st.sampled_from([1, 4, 16]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(),
-       use_z=st.booleans(), use_state=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 24),
+    channels=st.sampled_from([1, 5, 24]),
+    n=st.sampled_from([1, 4, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_z=st.booleans(),
+    use_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_tpu_scan_matches_reference(batch, steps, channels, n, dtype, use_d, use_z, use_state, seed):
     args = _inputs(seed, batch, steps, channels, n, dtype, use_d, use_z, use_state)
     _check(selective_scan_pallas_tpu(*args, interpret=True), args, dtype)
@@ -76,13 +89,21 @@ def test_tpu_scan_carries_state_across_chunks_and_blocks(dtype, optional):
 
 # A small channel-block cap (16) makes ragged channel counts take several blocks or a full-dim one.
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), channels=st.sampled_from([6, 21, 48]), n=st.sampled_from([1, 4, 16]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(), use_z=st.booleans(),
-       cap=st.sampled_from([16, 512]), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 2),
+    channels=st.sampled_from([6, 21, 48]),
+    n=st.sampled_from([1, 4, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_z=st.booleans(),
+    cap=st.sampled_from([16, 512]),
+    seed=st.integers(0, 2**16),
+)
 def test_tpu_state_update_matches_reference(batch, channels, n, dtype, use_d, use_z, cap, seed):
     args = _step_inputs(seed, batch, channels, n, dtype, use_d, use_z)
-    got = selective_state_update_pallas_tpu(*args, block_sizes=SelectiveStateUpdateTPUBlockSizes(block_d=cap),
-                                            interpret=True)
+    got = selective_state_update_pallas_tpu(
+        *args, block_sizes=SelectiveStateUpdateTPUBlockSizes(block_d=cap), interpret=True
+    )
     assert_step_close(got, selective_state_update_ref(*args), args[0], dtype)
 
 
@@ -92,22 +113,35 @@ def test_dispatchers_use_tpu_variants_on_tpu():
     args = _inputs(1, 2, 9, 8, 4, jnp.float32)
     _check(dispatch_on_tpu(selective_scan, "selective_scan_pallas_tpu", *args), args, jnp.float32)
     args = _step_inputs(1, 2, 24, 16, jnp.float32, True, True)
-    got = dispatch_on_tpu(selective_state_update, "selective_state_update_pallas_tpu", *args,
-                          block_sizes=SelectiveStateUpdateTPUBlockSizes(block_d=8))
+    got = dispatch_on_tpu(
+        selective_state_update,
+        "selective_state_update_pallas_tpu",
+        *args,
+        block_sizes=SelectiveStateUpdateTPUBlockSizes(block_d=8),
+    )
     assert_step_close(got, selective_state_update_ref(*args), args[0], jnp.float32)
 
 
 def test_tpu_scan_rejects_bad_input():
     ones = jnp.ones
     with pytest.raises(ValueError, match="B must have shape"):  # B: [Bt, T, N - 1]
-        selective_scan_pallas_tpu(ones((1, 3, 8)), ones((1, 3, 8)), ones((8, 4)), ones((1, 3, 3)), ones((1, 3, 4)),
-                                  interpret=True)
+        selective_scan_pallas_tpu(
+            ones((1, 3, 8)), ones((1, 3, 8)), ones((8, 4)), ones((1, 3, 3)), ones((1, 3, 4)), interpret=True
+        )
     with pytest.raises(ValueError, match="state must have shape"):  # state: [Bt, N, Dm]
-        selective_scan_pallas_tpu(ones((1, 3, 8)), ones((1, 3, 8)), ones((8, 4)), ones((1, 3, 4)), ones((1, 3, 4)),
-                                  state=ones((1, 4, 8)), interpret=True)
+        selective_scan_pallas_tpu(
+            ones((1, 3, 8)),
+            ones((1, 3, 8)),
+            ones((8, 4)),
+            ones((1, 3, 4)),
+            ones((1, 3, 4)),
+            state=ones((1, 4, 8)),
+            interpret=True,
+        )
     with pytest.raises(ValueError, match="B must have shape"):  # B: [Bt, N - 1]
-        selective_state_update_pallas_tpu(ones((1, 8, 4)), ones((1, 8)), ones((1, 8)), ones((8, 4)), ones((1, 3)),
-                                          ones((1, 4)), interpret=True)
+        selective_state_update_pallas_tpu(
+            ones((1, 8, 4)), ones((1, 8)), ones((1, 8)), ones((8, 4)), ones((1, 3)), ones((1, 4)), interpret=True
+        )
     with pytest.raises(ValueError, match="SelectiveScanTPUBlockSizes: block_t must be a positive multiple of 128"):
         SelectiveScanTPUBlockSizes(block_t=64)
 
@@ -118,17 +152,34 @@ def test_tpu_scan_lowers_to_mosaic(dtype):
     # Mamba-1 2.8B-like: 5120 channels (10 blocks), N = 16, 1000 steps (a partial last chunk), D, z and state.
     batch, steps, channels, n = 2, 1000, 5120, 16
     per_time, per_step = S((batch, steps, channels), dtype), S((batch, steps, n), dtype)
-    assert_lowers_to_mosaic_tpu(lambda *a: selective_scan_pallas_tpu(*a), per_time, per_time, S((channels, n), f32),
-                                per_step, per_step, S((channels,), f32), per_time, S((batch, channels, n), f32))
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: selective_scan_pallas_tpu(*a),
+        per_time,
+        per_time,
+        S((channels, n), f32),
+        per_step,
+        per_step,
+        S((channels,), f32),
+        per_time,
+        S((batch, channels, n), f32),
+    )
     # Mamba-130m-like (1536 channels) with a short prompt (one full-length chunk) and no optional inputs;
     # 1000 channels (not a multiple of 128: a partial last block).
     for steps, channels in ((7, 1536), (300, 1000)):
         per_time, per_step = S((batch, steps, channels), dtype), S((batch, steps, n), dtype)
-        assert_lowers_to_mosaic_tpu(lambda *a: selective_scan_pallas_tpu(*a), per_time, per_time,
-                                    S((channels, n), f32), per_step, per_step)
+        assert_lowers_to_mosaic_tpu(
+            lambda *a: selective_scan_pallas_tpu(*a), per_time, per_time, S((channels, n), f32), per_step, per_step
+        )
     # The decode step of the 2.8B-like layer: 5120 channels (several blocks), batch 8, with D and z.
     batch, channels = 8, 5120
-    assert_lowers_to_mosaic_tpu(lambda *a: selective_state_update_pallas_tpu(*a), S((batch, channels, n), f32),
-                                S((batch, channels), dtype), S((batch, channels), dtype), S((channels, n), f32),
-                                S((batch, n), dtype), S((batch, n), dtype), S((channels,), f32),
-                                S((batch, channels), dtype))
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: selective_state_update_pallas_tpu(*a),
+        S((batch, channels, n), f32),
+        S((batch, channels), dtype),
+        S((batch, channels), dtype),
+        S((channels, n), f32),
+        S((batch, n), dtype),
+        S((batch, n), dtype),
+        S((channels,), f32),
+        S((batch, channels), dtype),
+    )

@@ -39,13 +39,23 @@ def _inputs(seed, batch, steps, heads, groups, head_dim, n, dtype):
 
 # Block sizes: the defaults (64-step chunks, 32 head channels per program) or the smallest (16 and 16).
 @settings(max_examples=6, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.one_of(st.just(1), st.integers(2, 150)), heads_per_group=st.integers(1, 3),
-       groups=st.integers(1, 2), head_dim=st.sampled_from([16, 32, 8, 24, 48]), n=st.sampled_from([16, 32, 5, 40]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(), use_state=st.booleans(),
-       chunk_size=st.sampled_from([8, 64, 256]), blocks=st.sampled_from([None, SSDChunkedBlockSizes(16, 16)]),
-       seed=st.integers(0, 2**16))
-def test_ssd_chunked_kernel_matches_reference(batch, steps, heads_per_group, groups, head_dim, n, dtype, use_d,
-                                              use_state, chunk_size, blocks, seed):
+@given(
+    batch=st.integers(1, 2),
+    steps=st.one_of(st.just(1), st.integers(2, 150)),
+    heads_per_group=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    head_dim=st.sampled_from([16, 32, 8, 24, 48]),
+    n=st.sampled_from([16, 32, 5, 40]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_state=st.booleans(),
+    chunk_size=st.sampled_from([8, 64, 256]),
+    blocks=st.sampled_from([None, SSDChunkedBlockSizes(16, 16)]),
+    seed=st.integers(0, 2**16),
+)
+def test_ssd_chunked_kernel_matches_reference(
+    batch, steps, heads_per_group, groups, head_dim, n, dtype, use_d, use_state, chunk_size, blocks, seed
+):
     x, dt, A, B, C, D, state = _inputs(seed, batch, steps, heads_per_group * groups, groups, head_dim, n, dtype)
     D, state = (D if use_d else None), (state if use_state else None)
     y, final = ssd_chunked(x, dt, A, B, C, D, state, chunk_size, block_sizes=blocks, impl="interpret")
@@ -94,9 +104,14 @@ def test_ssd_chunked_gives_clear_errors():
 def test_ssd_chunked_kernel_lowers_to_triton_for_gpu(dtype):
     def shapes(batch, steps, heads, head_dim, groups, n, with_state):
         s = jax.ShapeDtypeStruct
-        args = [s((batch, steps, heads, head_dim), dtype), s((batch, steps, heads), jnp.float32),
-                s((heads,), jnp.float32), s((batch, steps, groups, n), dtype), s((batch, steps, groups, n), dtype),
-                s((heads,), jnp.float32)]
+        args = [
+            s((batch, steps, heads, head_dim), dtype),
+            s((batch, steps, heads), jnp.float32),
+            s((heads,), jnp.float32),
+            s((batch, steps, groups, n), dtype),
+            s((batch, steps, groups, n), dtype),
+            s((heads,), jnp.float32),
+        ]
         return args + [s((batch, heads, head_dim, n), jnp.float32)] if with_state else args
 
     assert_lowers_to_triton(ssd_chunked_pallas, *shapes(1, 2048, 24, 64, 1, 128, False))  # a Mamba-2 130M layer
@@ -111,9 +126,16 @@ def _step_inputs(seed, batch, heads, groups, head_dim, n, dtype, use_d):
 
 
 @settings(max_examples=6, deadline=None)
-@given(batch=st.integers(1, 3), heads_per_group=st.integers(1, 3), groups=st.integers(1, 3),
-       head_dim=st.sampled_from([1, 3, 8, 16]), n=st.sampled_from([1, 5, 8, 16]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    heads_per_group=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    head_dim=st.sampled_from([1, 3, 8, 16]),
+    n=st.sampled_from([1, 5, 8, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_ssd_step_kernel_matches_reference(batch, heads_per_group, groups, head_dim, n, dtype, use_d, seed):
     args = _step_inputs(seed, batch, heads_per_group * groups, groups, head_dim, n, dtype, use_d)
     assert_step_close(ssd_step(*args, impl="interpret"), ssd_step_ref(*args), args[0], dtype)
@@ -129,14 +151,29 @@ def test_ssd_step_kernel_runs_under_jit_and_freezes_on_zero_dt():
 def test_ssd_step_gives_clear_errors():
     state = jnp.zeros((1, 4, 8, 16))
     with pytest.raises(ValueError, match="no compiled Pallas kernel for backend 'cpu'"):
-        ssd_step(state, jnp.zeros((1, 4, 8)), jnp.zeros((1, 4)), jnp.zeros((4,)), jnp.zeros((1, 2, 16)),
-                 jnp.zeros((1, 2, 16)), impl="pallas")
+        ssd_step(
+            state,
+            jnp.zeros((1, 4, 8)),
+            jnp.zeros((1, 4)),
+            jnp.zeros((4,)),
+            jnp.zeros((1, 2, 16)),
+            jnp.zeros((1, 2, 16)),
+            impl="pallas",
+        )
     with pytest.raises(ValueError, match=r"ssd: C must have shape \(1, 1, 2, 16\), got \(1, 1, 2, 8\)"):
-        ssd_step(state, jnp.zeros((1, 4, 8)), jnp.zeros((1, 4)), jnp.zeros((4,)), jnp.zeros((1, 2, 16)),
-                 jnp.zeros((1, 2, 8)), impl="interpret")
+        ssd_step(
+            state,
+            jnp.zeros((1, 4, 8)),
+            jnp.zeros((1, 4)),
+            jnp.zeros((4,)),
+            jnp.zeros((1, 2, 16)),
+            jnp.zeros((1, 2, 8)),
+            impl="interpret",
+        )
 
 
 def test_ssd_step_lowers_to_triton_for_gpu():
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    assert_lowers_to_triton(ssd_step_pallas, f32(2, 4, 64, 128), f32(2, 4, 64), f32(2, 4), f32(4), f32(2, 2, 128),
-                            f32(2, 2, 128), f32(4))
+    assert_lowers_to_triton(
+        ssd_step_pallas, f32(2, 4, 64, 128), f32(2, 4, 64), f32(2, 4), f32(4), f32(2, 2, 128), f32(2, 2, 128), f32(4)
+    )

@@ -29,15 +29,27 @@ def rand(rng, *shape, scale=1.0):
 
 def mamba2_inputs(rng, batch, steps, groups, rep, head_dim, n):
     heads = groups * rep
-    return dict(x=rand(rng, batch, steps, heads, head_dim), dt=np.abs(rand(rng, batch, steps, heads, scale=0.5)),
-                A=-np.exp(rand(rng, heads, scale=0.5)), B=rand(rng, batch, steps, groups, n),
-                C=rand(rng, batch, steps, groups, n), D=rand(rng, heads))
+    return dict(
+        x=rand(rng, batch, steps, heads, head_dim),
+        dt=np.abs(rand(rng, batch, steps, heads, scale=0.5)),
+        A=-np.exp(rand(rng, heads, scale=0.5)),
+        B=rand(rng, batch, steps, groups, n),
+        C=rand(rng, batch, steps, groups, n),
+        D=rand(rng, heads),
+    )
 
 
 @settings(max_examples=15, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 40), groups=st.integers(1, 3), rep=st.integers(1, 3),
-       head_dim=st.sampled_from([1, 4, 8]), n=st.integers(1, 6), chunk=st.sampled_from([1, 4, 7, 16, 64]),
-       seed=st.integers(0, 2**31))
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 40),
+    groups=st.integers(1, 3),
+    rep=st.integers(1, 3),
+    head_dim=st.sampled_from([1, 4, 8]),
+    n=st.integers(1, 6),
+    chunk=st.sampled_from([1, 4, 7, 16, 64]),
+    seed=st.integers(0, 2**31),
+)
 def test_ssd_chunked_matches_naive_recurrence(batch, steps, groups, rep, head_dim, n, chunk, seed):
     rng = np.random.default_rng(seed)
     inputs = mamba2_inputs(rng, batch, steps, groups, rep, head_dim, n)
@@ -57,8 +69,9 @@ def test_ssd_step_equals_chunked_steps_and_zero_dt_freezes_the_state():
     np.testing.assert_allclose(np.asarray(h_all[1]), np.asarray(h_first5[0]), atol=1e-5)
     h = jnp.zeros((2, 4, 4, 3))
     for t in range(9):
-        y, h = ssd_step_ref(h, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
-                            inputs["C"][:, t], inputs["D"])
+        y, h = ssd_step_ref(
+            h, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t], inputs["C"][:, t], inputs["D"]
+        )
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_all[:, t]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_all), atol=1e-5)
 
@@ -74,8 +87,19 @@ def test_segsum_is_the_sum_between_positions():
 
 def test_bad_shapes_and_options_raise_clear_errors():
     with pytest.raises(ValueError, match=r"heads \(3\) must be a multiple of the B/C groups \(2\)"):
-        ssd_chunked_ref(jnp.zeros((1, 4, 3, 2)), jnp.zeros((1, 4, 3)), jnp.zeros(3), jnp.zeros((1, 4, 2, 5)),
-                        jnp.zeros((1, 4, 2, 5)))
+        ssd_chunked_ref(
+            jnp.zeros((1, 4, 3, 2)),
+            jnp.zeros((1, 4, 3)),
+            jnp.zeros(3),
+            jnp.zeros((1, 4, 2, 5)),
+            jnp.zeros((1, 4, 2, 5)),
+        )
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        ssd_chunked_ref(jnp.zeros((1, 4, 2, 2)), jnp.zeros((1, 4, 2)), jnp.zeros(2), jnp.zeros((1, 4, 1, 5)),
-                        jnp.zeros((1, 4, 1, 5)), chunk_size=0)
+        ssd_chunked_ref(
+            jnp.zeros((1, 4, 2, 2)),
+            jnp.zeros((1, 4, 2)),
+            jnp.zeros(2),
+            jnp.zeros((1, 4, 1, 5)),
+            jnp.zeros((1, 4, 1, 5)),
+            chunk_size=0,
+        )

@@ -47,12 +47,22 @@ def _check(got, want, dtype):
 # Chunks of 16 or 32 steps so tiny T spans several, the last one overhanging T; n = 128 with 2 groups reads
 # B/C in place as [Bt, T, G * N], n = 5 or 16 with 2 groups moves them to [Bt, G, T, N].
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.one_of(st.just(1), st.integers(2, 40)), heads_per_group=st.integers(1, 2),
-       groups=st.integers(1, 2), head_dim=st.sampled_from([3, 8]), n=st.sampled_from([5, 16, 128]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), use_d=st.booleans(), use_state=st.booleans(),
-       chunk=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
-def test_ssd_chunked_tpu_matches_reference(batch, steps, heads_per_group, groups, head_dim, n, dtype, use_d,
-                                           use_state, chunk, seed):
+@given(
+    batch=st.integers(1, 2),
+    steps=st.one_of(st.just(1), st.integers(2, 40)),
+    heads_per_group=st.integers(1, 2),
+    groups=st.integers(1, 2),
+    head_dim=st.sampled_from([3, 8]),
+    n=st.sampled_from([5, 16, 128]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    use_d=st.booleans(),
+    use_state=st.booleans(),
+    chunk=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_ssd_chunked_tpu_matches_reference(
+    batch, steps, heads_per_group, groups, head_dim, n, dtype, use_d, use_state, chunk, seed
+):
     x, dt, A, B, C, D, state = _inputs(seed, batch, steps, heads_per_group * groups, groups, head_dim, n, dtype)
     D, state = (D if use_d else None), (state if use_state else None)
     got = ssd_chunked_pallas_tpu(x, dt, A, B, C, D, state, block_sizes=SSDChunkedTPUBlockSizes(chunk), interpret=True)
@@ -66,10 +76,17 @@ def _step_inputs(seed, batch, heads, groups, head_dim, n, dtype, state_dtype, us
 
 
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), heads_per_group=st.integers(1, 2), groups=st.integers(1, 2),
-       head_dim=st.sampled_from([1, 3, 8]), n=st.sampled_from([1, 5, 16]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), state_bf16=st.booleans(), use_d=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 2),
+    heads_per_group=st.integers(1, 2),
+    groups=st.integers(1, 2),
+    head_dim=st.sampled_from([1, 3, 8]),
+    n=st.sampled_from([1, 5, 16]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    state_bf16=st.booleans(),
+    use_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_ssd_step_tpu_matches_reference(batch, heads_per_group, groups, head_dim, n, dtype, state_bf16, use_d, seed):
     state_dtype = jnp.bfloat16 if state_bf16 else jnp.float32
     args = _step_inputs(seed, batch, heads_per_group * groups, groups, head_dim, n, dtype, state_dtype, use_d)
@@ -81,13 +98,15 @@ def test_dispatchers_use_tpu_variants_on_tpu():
     chunks of 16); a sequence with all-zero dt keeps its entering state exactly."""
     x, dt, A, B, C, D, state = _inputs(0, 2, 40, 4, 2, 8, 16, jnp.float32)
     dt = dt.at[1].set(0.0)
-    got = dispatch_on_tpu(ssd_chunked, "ssd_chunked_pallas_tpu", x, dt, A, B, C, D, state,
-                          block_sizes=SSDChunkedTPUBlockSizes(chunk=16))
+    got = dispatch_on_tpu(
+        ssd_chunked, "ssd_chunked_pallas_tpu", x, dt, A, B, C, D, state, block_sizes=SSDChunkedTPUBlockSizes(chunk=16)
+    )
     _check(got, ssd_chunked_ref(x, dt, A, B, C, D, state), jnp.float32)
     np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(state[1]))
     args = _step_inputs(1, 2, 4, 2, 8, 16, jnp.float32, jnp.float32, True)
-    assert_step_close(dispatch_on_tpu(ssd_step, "ssd_step_pallas_tpu", *args), ssd_step_ref(*args), args[0],
-                      jnp.float32)
+    assert_step_close(
+        dispatch_on_tpu(ssd_step, "ssd_step_pallas_tpu", *args), ssd_step_ref(*args), args[0], jnp.float32
+    )
 
 
 def test_ssd_chunked_tpu_rejects_bad_input():
@@ -103,8 +122,9 @@ def test_ssd_chunked_tpu_rejects_bad_input():
         ssd_chunked_pallas_tpu(x, dt, A, B, C, D, state[:, :1], interpret=True)
     with pytest.raises(ValueError, match="multiple of the B/C groups"):  # 3 heads, 2 groups
         ones = jnp.ones
-        ssd_step_pallas_tpu(ones((1, 3, 4, 4)), ones((1, 3, 4)), ones((1, 3)), ones(3), ones((1, 2, 4)),
-                            ones((1, 2, 4)), interpret=True)
+        ssd_step_pallas_tpu(
+            ones((1, 3, 4, 4)), ones((1, 3, 4)), ones((1, 3)), ones(3), ones((1, 2, 4)), ones((1, 2, 4)), interpret=True
+        )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -113,16 +133,36 @@ def test_ssd_tpu_lowers_to_mosaic(dtype):
     # Mamba-2 2.7B-like: 80 heads of 64 channels, N = 128, one group; 1000-step prefill (8 chunks, the last
     # overhanging), D and an entering state given.
     batch, steps, heads, head_dim, n = 2, 1000, 80, 64, 128
-    assert_lowers_to_mosaic_tpu(lambda *a: ssd_chunked_pallas_tpu(*a), S((batch, steps, heads, head_dim), dtype),
-                                S((batch, steps, heads), f32), S((heads,), f32), S((batch, steps, 1, n), dtype),
-                                S((batch, steps, 1, n), dtype), S((heads,), f32), S((batch, heads, head_dim, n), f32))
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: ssd_chunked_pallas_tpu(*a),
+        S((batch, steps, heads, head_dim), dtype),
+        S((batch, steps, heads), f32),
+        S((heads,), f32),
+        S((batch, steps, 1, n), dtype),
+        S((batch, steps, 1, n), dtype),
+        S((heads,), f32),
+        S((batch, heads, head_dim, n), f32),
+    )
     # 8 groups of N = 128 (read in place) and of N = 64 (moved per group), no D or state.
     for n in (128, 64):
         group = S((1, 512, 8, n), dtype)
-        assert_lowers_to_mosaic_tpu(lambda *a: ssd_chunked_pallas_tpu(*a), S((1, 512, 32, 64), dtype),
-                                    S((1, 512, 32), f32), S((32,), f32), group, group)
+        assert_lowers_to_mosaic_tpu(
+            lambda *a: ssd_chunked_pallas_tpu(*a),
+            S((1, 512, 32, 64), dtype),
+            S((1, 512, 32), f32),
+            S((32,), f32),
+            group,
+            group,
+        )
     # The decode step of the 2.7B-like layer: batch 8, D given.
     batch, heads, head_dim, n = 8, 80, 64, 128
-    assert_lowers_to_mosaic_tpu(lambda *a: ssd_step_pallas_tpu(*a), S((batch, heads, head_dim, n), dtype),
-                                S((batch, heads, head_dim), dtype), S((batch, heads), f32), S((heads,), f32),
-                                S((batch, 1, n), dtype), S((batch, 1, n), dtype), S((heads,), f32))
+    assert_lowers_to_mosaic_tpu(
+        lambda *a: ssd_step_pallas_tpu(*a),
+        S((batch, heads, head_dim, n), dtype),
+        S((batch, heads, head_dim), dtype),
+        S((batch, heads), f32),
+        S((heads,), f32),
+        S((batch, 1, n), dtype),
+        S((batch, 1, n), dtype),
+        S((heads,), f32),
+    )

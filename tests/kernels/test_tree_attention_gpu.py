@@ -15,9 +15,14 @@ from pallas_kernels.tree_attention import tree_attention, tree_attention_pallas,
 
 
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), steps=st.integers(1, 9), prefix=st.integers(0, 70),
-       heads=st.tuples(st.integers(1, 2), st.integers(1, 3)), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       data=st.data())
+@given(
+    batch=st.integers(1, 2),
+    steps=st.integers(1, 9),
+    prefix=st.integers(0, 70),
+    heads=st.tuples(st.integers(1, 2), st.integers(1, 3)),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    data=st.data(),
+)
 def test_tree_attention_kernel_matches_reference(batch, steps, prefix, heads, dtype, data):
     kv_heads, group = heads
     cache = prefix + steps + data.draw(st.integers(0, 20))
@@ -47,5 +52,11 @@ def test_tree_attention_errors():
 def test_tree_attention_lowers_to_triton_for_gpu():
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     # SmolLM2-135M shapes (9 heads, 3 kv heads, head_dim 64): 16 drafts against a 2000-token cache.
-    assert_lowers_to_triton(tree_attention_pallas, bf16(1, 16, 9, 64), bf16(1, 3, 2000, 64), bf16(1, 3, 2000, 64),
-                            jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, 16, 16), jnp.bool_))
+    assert_lowers_to_triton(
+        tree_attention_pallas,
+        bf16(1, 16, 9, 64),
+        bf16(1, 3, 2000, 64),
+        bf16(1, 3, 2000, 64),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        jax.ShapeDtypeStruct((1, 16, 16), jnp.bool_),
+    )

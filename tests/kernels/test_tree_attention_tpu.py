@@ -26,24 +26,32 @@ def _inputs(seed, batch, steps, heads, kv_heads, seq, dim, dtype, quantized, pre
     """q [B, T_q, H, D], cache k/v [B, H_kv, S, D] (+ scales), prefix_lengths [B] and a random tree mask
     [B, T_q, T_q] (each draft sees itself)."""
     rng = np.random.default_rng(seed)
-    q, k, v, k_scale, v_scale = random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype,
-                                                        quantized)
+    q, k, v, k_scale, v_scale = random_attention_inputs(rng, batch, steps, heads, kv_heads, seq, dim, dtype, quantized)
     mask = jnp.asarray((rng.random((batch, steps, steps)) < 0.4) | np.eye(steps, dtype=bool))
     return q, k, v, jnp.asarray(prefixes, jnp.int32), mask, k_scale, v_scale
 
 
 @settings(max_examples=4, deadline=None)
-@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 3), steps=st.integers(1, 9),
-       seq=st.sampled_from([9, 40, 200]), dim=st.sampled_from([8, 32]),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), quantized=st.booleans(), data=st.data())
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 3),
+    steps=st.integers(1, 9),
+    seq=st.sampled_from([9, 40, 200]),
+    dim=st.sampled_from([8, 32]),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    quantized=st.booleans(),
+    data=st.data(),
+)
 def test_tpu_kernel_matches_reference(batch, kv_heads, group, steps, seq, dim, dtype, quantized, data):
     steps = min(steps, seq)
     prefixes = [data.draw(st.integers(0, seq)) for _ in range(batch)]  # drafts may run past S
-    q, k, v, prefix, mask, k_scale, v_scale = _inputs(data.draw(st.integers(0, 2**16)), batch, steps,
-                                                      kv_heads * group, kv_heads, seq, dim, dtype, quantized,
-                                                      prefixes)
-    got = tree_attention_pallas_tpu(q, k, v, prefix, mask, None, k_scale, v_scale, block_sizes=SMALL_BLOCKS,
-                                    interpret=True)
+    q, k, v, prefix, mask, k_scale, v_scale = _inputs(
+        data.draw(st.integers(0, 2**16)), batch, steps, kv_heads * group, kv_heads, seq, dim, dtype, quantized, prefixes
+    )
+    got = tree_attention_pallas_tpu(
+        q, k, v, prefix, mask, None, k_scale, v_scale, block_sizes=SMALL_BLOCKS, interpret=True
+    )
     want = tree_attention_ref(q, k, v, prefix, mask, None, k_scale, v_scale)
     assert got.dtype == q.dtype
     assert_close(got, want, dtype)
@@ -73,15 +81,23 @@ def test_tpu_kernel_rejects_bad_inputs():
 S = jax.ShapeDtypeStruct
 
 
-@pytest.mark.parametrize("batch,steps,heads,kv_heads,seq,dim,dtype,quantized", [
-    (8, 16, 32, 8, 4000, 128, jnp.bfloat16, False),  # 16 drafts x group 4, ragged S
-    (2, 64, 32, 4, 4096, 128, jnp.bfloat16, True),  # 64 drafts x group 8 = 512 rows, int8 cache
-    (1, 16, 9, 3, 2000, 64, jnp.float32, False),  # SmolLM2-135M heads, float32
-])
+@pytest.mark.parametrize(
+    "batch,steps,heads,kv_heads,seq,dim,dtype,quantized",
+    [
+        (8, 16, 32, 8, 4000, 128, jnp.bfloat16, False),  # 16 drafts x group 4, ragged S
+        (2, 64, 32, 4, 4096, 128, jnp.bfloat16, True),  # 64 drafts x group 8 = 512 rows, int8 cache
+        (1, 16, 9, 3, 2000, 64, jnp.float32, False),  # SmolLM2-135M heads, float32
+    ],
+)
 def test_tpu_kernel_lowers_to_mosaic(batch, steps, heads, kv_heads, seq, dim, dtype, quantized):
     cache_dtype = jnp.int8 if quantized else dtype
-    args = [S((batch, steps, heads, dim), dtype), S((batch, kv_heads, seq, dim), cache_dtype),
-            S((batch, kv_heads, seq, dim), cache_dtype), S((batch,), jnp.int32), S((batch, steps, steps), jnp.bool_)]
+    args = [
+        S((batch, steps, heads, dim), dtype),
+        S((batch, kv_heads, seq, dim), cache_dtype),
+        S((batch, kv_heads, seq, dim), cache_dtype),
+        S((batch,), jnp.int32),
+        S((batch, steps, steps), jnp.bool_),
+    ]
     if quantized:
         args += [S((batch, kv_heads, seq), jnp.float32)] * 2
         fn = lambda q, k, v, p, m, ks, vs: tree_attention_pallas_tpu(q, k, v, p, m, None, ks, vs)  # noqa: E731
@@ -92,9 +108,11 @@ def test_tpu_kernel_lowers_to_mosaic(batch, steps, heads, kv_heads, seq, dim, dt
 
 def test_dispatcher_uses_tpu_variant_on_tpu():
     q, k, v, prefix, mask, _, _ = _inputs(0, 1, 2, 4, 2, 9, 16, jnp.float32, False, [7])
-    got = dispatch_on_tpu(tree_attention, "tree_attention_pallas_tpu", q, k, v, prefix, mask, block_sizes=SMALL_BLOCKS,
-                          execute=False)
+    got = dispatch_on_tpu(
+        tree_attention, "tree_attention_pallas_tpu", q, k, v, prefix, mask, block_sizes=SMALL_BLOCKS, execute=False
+    )
     assert got.shape == q.shape and got.dtype == q.dtype
     # impl="interpret" still interprets the GPU kernel
-    assert_close(tree_attention(q, k, v, prefix, mask, impl="interpret"), tree_attention_ref(q, k, v, prefix, mask),
-                 jnp.float32)
+    assert_close(
+        tree_attention(q, k, v, prefix, mask, impl="interpret"), tree_attention_ref(q, k, v, prefix, mask), jnp.float32
+    )
