@@ -47,7 +47,7 @@ def bfs_template(branching: Sequence[Sequence[int]]) -> tuple[tuple[int, int], .
                 f"bfs_template: level {depth} lists {len(counts)} child counts, but has only {len(level)} nodes"
             )
         next_level = []
-        for parent, count in zip(level, counts, strict=True):
+        for parent, count in zip(level, counts, strict=False):  # later nodes of a level may have no children
             room = MAX_TREE_NODES - 1 - len(template)  # checked before the loop: a huge count cannot hang it
             check_int("bfs_template", f"child count of node {parent}", count, 0, room, TREE_BOUND)
             for rank in range(count):
