@@ -9,7 +9,7 @@ prefills a fixed prompt of real English text (the "naming" section of Python's l
 `pydoc_data.topics`) under kvpress's SnapKVPress and StreamingLLMPress at a few compression ratios,
 and records for every layer and KV head the original positions of the tokens each press kept. The
 positions are read from what the press really returns: each kept key row is matched to its row in
-the uncompressed keys. `tests/test_kv_snapkv.py` replays the same prompt ids through our prefill
+the uncompressed keys. `tests/kv/test_kv_snapkv.py` replays the same prompt ids through our prefill
 and `ssm_llm.kv` policies and asserts the same kept sets.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "kvpress_selection.json"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "kv" / "data" / "kvpress_selection.json"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

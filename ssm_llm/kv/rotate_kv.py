@@ -14,7 +14,7 @@ needed, each decoded token is quantized at once). What this implementation keeps
 Left out: the outlier-aware channel reordering, which needs offline calibration per model.
 Keys are quantized per token after rotation, as in QuaRot; per-token keys need fewer scales than
 KIVI's per-channel ones (no residual), but on SmolLM2-135M 2-bit keys lose more than KIVI's (see
-tests/test_kv_quant_policies.py); 4 bits is close to the full cache.
+tests/kv/test_kv_quant_policies.py); 4 bits is close to the full cache.
 Parameters: bits (2, 4, 8; 16 = no quantization), group_size (channels per quantization group after
 rotation, capped at head_group * head_dim for keys and head_dim for values), sinks, head_group.
 """

@@ -11,7 +11,7 @@ tokens. Per layer, sequence of n prompt tokens and KV head, with query heads h o
   3. score[s] = mean of the pooled a_h over the group's query heads (K/V are never repeated);
   4. the head keeps the window tokens plus the (budget - window) prefix tokens of highest score.
 This is NVIDIA kvpress's SnapKVPress (0.5.5) with pooling="avg", including its order (pool per query
-head, then the group mean); `tests/test_kv_snapkv.py` checks our kept sets against kvpress's.
+head, then the group mean); `tests/kv/test_kv_snapkv.py` checks our kept sets against kvpress's.
 
 Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling":
 attention gets more focused in higher layers, so lower layers keep more tokens and higher layers fewer.

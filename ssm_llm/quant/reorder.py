@@ -11,7 +11,7 @@ cluster sizes follow the data. The model is then permuted so every cluster is co
 only inside their SSD group, channels only inside their head, so the SSM is unchanged:
   in_proj columns of z and x (channel order) and of dt (head order), conv rows of x, dt_bias / A_log / D
   (heads), gated-norm weight and out_proj rows (channels).
-The permuted model computes exactly the same logits (`tests/test_quant_transforms.py`).
+The permuted model computes exactly the same logits (`tests/quant/test_quant_transforms.py`).
 """
 
 from __future__ import annotations

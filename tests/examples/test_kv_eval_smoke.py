@@ -12,7 +12,7 @@ import numpy as np
 import converters
 import ssm_llm
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "experiments"))
 import kv_compression_eval as ev  # noqa: E402
 
 ARGS = [

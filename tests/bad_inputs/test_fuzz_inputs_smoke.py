@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "fuzz_inputs.py"
+SCRIPT = Path(__file__).parents[2] / "experiments" / "fuzz_inputs.py"
 TARGETS = ["spec_policy", "spec_drafter", "generate_options", "forward_jit", "load_gguf", "load_orbax"]
 
 

@@ -15,7 +15,7 @@ import converters
 import ssm_llm
 from converters.checkpoint import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "experiments"))
 import text_corpus as tc  # noqa: E402
 import train_mamba2 as tm  # noqa: E402
 

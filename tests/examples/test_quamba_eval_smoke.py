@@ -13,7 +13,7 @@ import pytest
 import converters
 import ssm_llm
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "experiments"))
 import quamba_eval as qe  # noqa: E402
 import text_corpus  # noqa: E402
 
@@ -62,7 +62,7 @@ ROW_KEYS = {
 }
 
 
-@pytest.mark.slow  # the whole script end to end, 36 s (CI time); its parts are tested in tests/test_quant_*.py
+@pytest.mark.slow  # the whole script end to end, 36 s (CI time); its parts are tested in tests/quant/test_quant_*.py
 def test_script_runs_and_measures(tmp_path):
     out = tmp_path / "quamba.json"
     qe.main(["--tiny-random", "--families", "mamba2", "mamba1", "--rows", *ROWS, *SIZES, "--out", str(out)])

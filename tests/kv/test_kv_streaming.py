@@ -179,7 +179,7 @@ def test_misuse_is_reported():
 
 
 @pytest.mark.slow  # 240 sampled tokens (CI time); CI checks StreamingLLM past the context exactly in
-# tests/test_generation_claims.py
+# tests/generation/test_generation_claims.py
 def test_smollm2_streams_fluently_past_its_cache(smollm2):
     """SmolLM2 with a 48-slot cache writes 240 tokens: no NaN, no collapse into repeated garbage, and the
     text stays about as likely under the full model as text written with the full cache."""
