@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: lint
-	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
