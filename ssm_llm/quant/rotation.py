@@ -15,6 +15,8 @@ stays exact) but it only mixes channels within each block; an odd n gets the ide
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,7 @@ def hadamard(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.moveaxis(y, -1, axis)
 
 
+@functools.partial(jax.jit, static_argnames="config")  # one program, not a few hundred eager ops
 def fold_norms(params: dict, config) -> dict:
     """Fold every RMSNorm weight into the linear after it (no rotation): norms become ones, lm_head
     explicit (`params` in the stacked layout)."""
@@ -52,6 +55,7 @@ def fold_norms(params: dict, config) -> dict:
     }
 
 
+@functools.partial(jax.jit, static_argnames="config")  # the eager butterflies compiled ~280 tiny programs
 def rotate_model(params: dict, config) -> dict:
     """`fold_norms`, then rotate the residual stream and the out_proj input (see the module docstring).
     Run the result with online Hadamard before out_proj."""

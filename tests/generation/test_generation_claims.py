@@ -4,14 +4,11 @@ distance ceiling, against a numpy model."""
 
 import jax
 import numpy as np
-import pytest
 from spec_checks import wide_params
 
 import ssm_llm
 from ssm_llm.kv import StreamingLLM
 from ssm_llm.kv.policy import rope_frequencies
-
-pytestmark = pytest.mark.usefixtures("cheap_compiles_module")  # a few tiny steps per compiled program
 
 
 def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):

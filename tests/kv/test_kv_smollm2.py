@@ -22,9 +22,6 @@ TEXT = (
 PROMPT, FED, WINDOW = 64, 4, 32  # WINDOW: the last prompt queries observed (MixedPrecisionKV's default window)
 
 
-pytestmark = pytest.mark.usefixtures("cheap_compiles_module")  # a few tiny steps per compiled program
-
-
 @pytest.fixture(scope="module")
 def prompt_cache(smollm2):
     """(dense prefill cache, observation, fed tokens, full-cache log-probs [FED, V] after each fed token)."""

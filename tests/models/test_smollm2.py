@@ -15,6 +15,8 @@ import converters
 import ssm_llm
 from converters.tokenizer import _gguf_cache_dir
 
+pytestmark = pytest.mark.optimized_xla  # long runs of the real model: run time, not compiling, dominates
+
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "

@@ -154,7 +154,7 @@ def make_drafter(kind, params, config):
 
 
 @pytest.mark.parametrize("kind", ["token_recycling", "draft_model", "rsd", "dyspec"])
-def test_every_drafter_gives_plain_greedy_output(target, kind, cheap_compiles):
+def test_every_drafter_gives_plain_greedy_output(target, kind):
     """TokenRecycling, DraftModel, RSD and DySpec x every target family (PromptLookup: the test above), on
     the ragged batch of test_random_trees_give_plain_greedy_output[3] (whose plain-greedy compile it reuses)."""
     config, params = target

@@ -7,6 +7,8 @@ from spec_checks import assert_same_greedy
 from ssm_llm import speculative
 from ssm_llm.speculative.token_recycling import DEFAULT_TEMPLATE
 
+pytestmark = pytest.mark.optimized_xla  # long runs of the real model: run time, not compiling, dominates
+
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
     "movable metal type, oil-based inks and a wooden press. Repeat: The history of the printing press",
