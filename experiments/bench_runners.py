@@ -8,26 +8,20 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import torch
 
 import ssm_llm
+from ssm_llm.cpu_features import host_cpu
 
 
 def machine_info() -> dict:
-    """CPU model, core count and library versions, for the results JSON."""
+    """CPU model and its int8-dot / bfloat16 flags, core count and library versions, for the results JSON."""
     import transformers
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
+        **host_cpu().as_json(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
