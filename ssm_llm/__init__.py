@@ -13,6 +13,7 @@ from ssm_llm.default_model import default_model_path
 from ssm_llm.generation import GenerationConfig, GenerationResult, generate
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.model import forward, init_cache, init_params
+from ssm_llm.quant.attention_weights import quantize_weights
 from ssm_llm.sampling import filter_logits, sample
 from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
@@ -34,6 +35,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "is_stacked",
+    "quantize_weights",
     "sample",
     "stack_layers",
     "unstack_layers",

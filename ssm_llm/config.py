@@ -12,6 +12,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # Over 30x the deepest published decoders (Llama 3.1 405B: 126 layers; Mamba-2 2.7B: 64): a larger count is a
 # corrupt config, refused before anything allocates one entry per layer.
 MAX_LAYERS = 4096
+# How an attention model's linear layers are stored and multiplied (`ssm_llm.quantize_weights`): "none"
+# (float), "w8a8" (int8 weights per output channel or group, activations rounded to int8 per token at each
+# product, integer accumulation), "w8a16" / "w4a16" (int8 / int4 weights, float activations).
+WEIGHT_QUANTIZATIONS = ("none", "w8a8", "w8a16", "w4a16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,9 @@ class ModelConfig:
     """Decoder-only attention model (Llama, Qwen2, Mistral, SmolLM2 share this shape).
 
     `layer_windows[i]` is layer i's sliding-window size (0: full causal attention); a key at position
-    `s` is visible from a query at `p` when `p - window < s <= p`, as in Hugging Face.
+    `s` is visible from a query at `p` when `p - window < s <= p`, as in Hugging Face. `quantization`
+    says how the linear layers are stored and multiplied (one of `WEIGHT_QUANTIZATIONS`; set by
+    `ssm_llm.quantize_weights`).
     """
 
     vocab_size: int
@@ -81,6 +87,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     model_type: str = "llama"
     family: str = ATTENTION_FAMILY
+    quantization: str = "none"
 
     def __post_init__(self):
         for name in (
@@ -112,6 +119,10 @@ class ModelConfig:
             raise ValueError(f"config.model_type must be a non-empty string (a label), got {self.model_type!r}")
         if self.family != ATTENTION_FAMILY:
             raise ValueError(f"ModelConfig.family must be {ATTENTION_FAMILY!r}, got {self.family!r}")
+        if self.quantization not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(
+                f"config.quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {self.quantization!r}"
+            )
 
     @property
     def q_size(self) -> int:

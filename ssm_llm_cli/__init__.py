@@ -64,6 +64,10 @@ def _generate(args) -> int:
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
     path, config, params = _load(args.model)
+    if args.quantize is not None:
+        from ssm_llm.quant.attention_weights import quantize_weights
+
+        params, config = quantize_weights(params, config, args.quantize)
     tokenizer = converters.load_tokenizer(path)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -150,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
         "CPU it pays off mainly when the answer copies the prompt)",
+    )
+    gen.add_argument(
+        "--quantize",
+        choices=["w8a8", "w8a16", "w4a16"],
+        help="quantize an attention model's linear layers after loading (see ssm_llm.quantize_weights): "
+        "int8 weights and per-token int8 activations (w8a8), or int8 / int4 weights only",
     )
     gen.set_defaults(func=_generate)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import cache_attention
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.cache import init_cache as init_kv_cache
 from ssm_llm.compressed_cache import AttentionStep, CompressedCache, PrefillObservation
@@ -84,21 +85,44 @@ def project_qkv(config: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, 
     """The attention inputs of one block (before RoPE): `x: [B, T, H]` and this layer's params `p` ->
     q: [B, T, Hq, D], k, v: [B, T, Hkv, D]."""
     batch, steps, _ = x.shape
+    int8 = config.quantization == "w8a8"
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = linear(h, p["wq"], p.get("bq")).reshape(batch, steps, config.num_heads, config.head_dim)
-    k = linear(h, p["wk"], p.get("bk")).reshape(batch, steps, config.num_kv_heads, config.head_dim)
-    v = linear(h, p["wv"], p.get("bv")).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    q = linear(h, p["wq"], p.get("bq"), int8).reshape(batch, steps, config.num_heads, config.head_dim)
+    k = linear(h, p["wk"], p.get("bk"), int8).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    v = linear(h, p["wv"], p.get("bv"), int8).reshape(batch, steps, config.num_kv_heads, config.head_dim)
     return q, k, v
 
 
 def finish_block(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
     """The rest of one block after attention: output projection, residual, MLP. `x: [B, T, H]` (the
     block's input), `attn: [B, T, Hq, D]` -> `[B, T, H]`."""
-    x = x + linear(attn.reshape(*x.shape[:2], config.q_size), p["wo"], p.get("bo"))
+    int8 = config.quantization == "w8a8"
+    x = x + linear(attn.reshape(*x.shape[:2], config.q_size), p["wo"], p.get("bo"), int8)
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate = linear(h, p["w_gate"], p.get("b_gate"))
-    up = linear(h, p["w_up"], p.get("b_up"))
-    return x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"))
+    gate = linear(h, p["w_gate"], p.get("b_gate"), int8)
+    up = linear(h, p["w_up"], p.get("b_up"), int8)
+    return x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"), int8)
+
+
+LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights `quantization` applies to
+_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}
+
+
+def check_linear_kinds(params: dict, config: ModelConfig) -> None:
+    """Raise ValueError unless every linear weight is what `config.quantization` says: float for "none",
+    a `QuantizedWeight` of its bit width otherwise (params quantized one way under a config of another)."""
+    layers = params["layers"]
+    for i, layer in enumerate(layers if isinstance(layers, (list, tuple)) else [layers]):
+        for name in LINEARS:
+            w = layer[name]
+            bits = w.bits if isinstance(w, QuantizedWeight) else None
+            if bits != _BITS.get(config.quantization):
+                where = f"params['layers']{f'[{i}]' if isinstance(layers, (list, tuple)) else ''}[{name!r}]"
+                got = "float weights" if bits is None else f"{bits}-bit QuantizedWeight"
+                raise ValueError(
+                    f"{where} holds {got}, but config.quantization is {config.quantization!r} "
+                    "(quantize with ssm_llm.quantize_weights, which returns the matching config)"
+                )
 
 
 def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str):
@@ -155,6 +179,7 @@ def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, step: A
 
 
 def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, observe):
+    check_linear_kinds(params, config)
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     lengths = cache.lengths + token_counts
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))

@@ -106,6 +106,17 @@ def test_cli_generate_with_the_default_model():
     assert spec.stdout == result.stdout and "tokens per forward" in spec.stderr
 
 
+def test_cli_generate_quantized():
+    """--quantize quantizes the loaded model's linear layers (ssm_llm.quantize_weights; the schemes' own
+    tests are in tests/quant/test_attention_weight_quant.py). int8 weights keep this answer."""
+    prompt = ("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    result = run_cli(*prompt, "--quantize", "w8a16")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    result = run_cli(*prompt, "--quantize", "w3")
+    assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
+
+
 def test_cli_convert_then_generate_from_checkpoint(tmp_path):
     from conftest import tiny_hf_model
 

@@ -1,0 +1,161 @@
+"""ssm_llm.quantize_weights on attention models: the W8A8 product is exact against numpy int64, each
+quantized linear equals its fake-quant simulation, the quantized model runs through forward / generate /
+KV compression / speculative decoding consistently, saves and loads its integer codes, and bad uses are
+clear errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import converters
+import ssm_llm
+from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights, quantize_weights
+from pallas_kernels.quantized_matmul.weights import int_values
+from ssm_llm.kv import StreamingLLM
+from ssm_llm.models.lm_head import int8_matmul, linear
+from ssm_llm.speculative import PromptLookup
+
+CONFIG = ssm_llm.ModelConfig(
+    vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+)
+IDS = jnp.asarray([[5, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+GREEDY = ssm_llm.GenerationConfig(max_new_tokens=8, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def params():
+    return ssm_llm.init_params(CONFIG, jax.random.PRNGKey(0))
+
+
+def numpy_w8a8(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """The W8A8 product in numpy: rows rounded to int8 (float32, as the library), int64 group sums, then
+    float64; and the float32 rounding bound of combining the groups (eps times the sum of |terms|)."""
+    x_scale = np.abs(x).max(-1, keepdims=True) / np.float32(127.0)
+    xq = np.clip(np.round(x / np.where(x_scale > 0, x_scale, np.float32(1.0))), -127, 127).astype(np.int64)
+    q = np.asarray(int_values(qw)).astype(np.int64)
+    k, n = q.shape
+    gs = qw.group_size
+    acc = np.einsum("mgk,gkn->gmn", xq.reshape(-1, k // gs, gs), q.reshape(k // gs, gs, n))
+    terms = acc * np.asarray(qw.scales, np.float64)[:, None, :] * x_scale.reshape(-1, 1).astype(np.float64)
+    bound = 4 * (k // gs + 1) * np.finfo(np.float32).eps * np.abs(terms).sum(0)
+    return terms.sum(0).reshape(*x.shape[:-1], n), bound.reshape(*x.shape[:-1], n)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([4, 8, 32]),
+    n=st.integers(1, 9),
+    bits=st.sampled_from([8, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_matmul_is_exact_against_numpy_int64(rows, groups, group_size, n, bits, seed):
+    rng = np.random.default_rng(seed)
+    k = groups * group_size
+    x = (rng.standard_normal((rows, k)) * rng.choice([0.0, 1e-3, 1.0, 50.0], size=(rows, 1))).astype(np.float32)
+    qw = quantize_weights(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), bits=bits, group_size=group_size)
+    got = np.asarray(int8_matmul(jnp.asarray(x), qw))
+    expected, bound = numpy_w8a8(x, qw)  # the int32 sums are exact; only combining groups in float rounds
+    assert (np.abs(got - expected) <= bound).all(), np.abs(got - expected) / np.maximum(bound, 1e-45)
+    assert not np.asarray(got)[np.abs(x).max(-1) == 0].any()  # an all-zero row gives exactly 0
+
+
+@pytest.mark.parametrize("int8_acts", [True, False], ids=["w8a8", "weight-only"])
+def test_quantized_linear_equals_its_fake_quant_simulation(int8_acts):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    w, b = rng.standard_normal((64, 24)).astype(np.float32), jnp.asarray(rng.standard_normal(24), jnp.float32)
+    qw = quantize_weights(jnp.asarray(w), bits=8, group_size=32)
+    x_sim = x
+    if int8_acts:  # the simulation: round each row to its int8 grid in float, then a float product
+        scale = jnp.max(jnp.abs(x), -1, keepdims=True) / 127.0
+        x_sim = jnp.clip(jnp.round(x / scale), -127, 127) * scale
+    expected = jnp.matmul(x_sim, dequantize_weights(qw), precision=jax.lax.Precision.HIGHEST) + b
+    np.testing.assert_allclose(np.asarray(linear(x, qw, b, int8_acts)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def _dequantized(qparams):
+    """The float model a weight-only quantized model simulates: every QuantizedWeight dequantized."""
+    deq = jax.vmap(dequantize_weights)
+    layers = {k: deq(v) if isinstance(v, QuantizedWeight) else v for k, v in qparams["layers"].items()}
+    return {**qparams, "layers": layers}
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8a16", None), ("w4a16", 32)])
+def test_weight_only_model_equals_the_dequantized_float_model(params, scheme, group_size):
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, scheme, group_size=group_size)
+    assert qconfig.quantization == scheme and isinstance(qparams["layers"]["wq"], QuantizedWeight)
+    assert qparams["embed"] is params["embed"]  # embedding, norms and biases stay float
+    got, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    want, _ = ssm_llm.forward(_dequantized(qparams), CONFIG, IDS, ssm_llm.init_cache(CONFIG, 1, 16))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a16", "w4a16"])
+def test_quantized_model_decodes_consistently(params, scheme):
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, scheme)
+    full, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    float_logits, _ = ssm_llm.forward(params, CONFIG, IDS, ssm_llm.init_cache(CONFIG, 1, 16))
+    bound = {"w8a8": 0.05, "w8a16": 0.05, "w4a16": 0.3}[scheme]  # of the float logits' range
+    assert np.abs(np.asarray(full - float_logits)).max() < bound * np.abs(np.asarray(float_logits)).max()
+    # Cached decode (a prefill, then one token at a time) equals the full forward: per-token scales.
+    logits, cache = ssm_llm.forward(qparams, qconfig, IDS[:, :4], ssm_llm.init_cache(qconfig, 1, 16))
+    steps = [logits]
+    for t in range(4, IDS.shape[1]):
+        logits, cache = ssm_llm.forward(qparams, qconfig, IDS[:, t : t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4)
+    # Both layer layouts give the same model.
+    unstacked, _ = ssm_llm.forward(ssm_llm.unstack_layers(qparams), qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    np.testing.assert_allclose(np.asarray(unstacked), np.asarray(full), atol=1e-5)
+
+
+def test_w8a8_with_kv_compression_and_speculative_decoding(params):
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8")
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4], [7, 8]]
+    plain = ssm_llm.generate(qparams, qconfig, prompts, GREEDY).tokens
+    roomy = StreamingLLM(budget=64)  # more room than the sequences need: nothing is evicted
+    with_kv = ssm_llm.generate(qparams, qconfig, prompts, dataclasses.replace(GREEDY, kv_compression=roomy)).tokens
+    spec = ssm_llm.generate(qparams, qconfig, prompts, dataclasses.replace(GREEDY, speculative=PromptLookup())).tokens
+    assert with_kv == plain and spec == plain
+
+
+def test_save_and_load_keep_the_integer_codes(params, tmp_path):
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w4a16", group_size=16)
+    converters.save(qparams, qconfig, tmp_path / "ckpt")
+    config, loaded = converters.load(tmp_path / "ckpt")
+    assert config == qconfig
+    w = loaded["layers"]["w_down"]
+    assert isinstance(w, QuantizedWeight) and (w.bits, w.group_size) == (4, 16) and w.values.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(w.values), np.asarray(qparams["layers"]["w_down"].values))
+    a, _ = ssm_llm.forward(loaded, config, IDS, ssm_llm.init_cache(config, 1, 16))
+    b, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_uses_are_clear_errors(params):
+    with pytest.raises(ValueError, match="scheme must be one of w8a8, w8a16, w4a16, got 'int8'"):
+        ssm_llm.quantize_weights(params, CONFIG, "int8")
+    with pytest.raises(ValueError, match="group_size 48 does not divide the input size 64"):
+        ssm_llm.quantize_weights(params, CONFIG, "w8a8", group_size=48)
+    with pytest.raises(ValueError, match="group_size must be a positive int or None"):
+        ssm_llm.quantize_weights(params, CONFIG, "w8a8", group_size=0)
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a16")
+    with pytest.raises(ValueError, match="already quantized \\('w8a16'\\)"):
+        ssm_llm.quantize_weights(qparams, qconfig, "w4a16")
+    cache = ssm_llm.init_cache(CONFIG, 1, 16)
+    with pytest.raises(ValueError, match="holds 8-bit QuantizedWeight, but config.quantization is 'none'"):
+        ssm_llm.forward(qparams, CONFIG, IDS, cache)
+    with pytest.raises(ValueError, match="holds float weights, but config.quantization is 'w8a16'"):
+        ssm_llm.forward(params, qconfig, IDS, cache)
+    with pytest.raises(ValueError, match="config.quantization must be one of none, w8a8"):
+        ssm_llm.ModelConfig(**{**CONFIG.to_dict(), "rope": CONFIG.rope, "quantization": "w2"})
+    mamba = ssm_llm.MambaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, state_size=4)
+    with pytest.raises(TypeError, match="Mamba / Mamba-2 are quantized with ssm_llm.quant.quantize_model"):
+        ssm_llm.quantize_weights(ssm_llm.init_params(mamba, jax.random.PRNGKey(0)), mamba, "w8a8")
