@@ -6,9 +6,12 @@ and unstacked (unrolled loop, faster on CPU).
 Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
   * prefill time  = t(1 new token) for a 512-token prompt
+`--quantize w8a8` (or w8a16 / w4a16) adds ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`)
+in both layouts; its greedy tokens differ from float32's, so it reports the fraction of them that agree.
 Writes experiments/results/bench_decode.json (+ .png) and prints a table of ratios last.
 
     python experiments/bench_decode.py            # full run (~10 min on 2 cores)
+    python experiments/bench_decode.py --quantize w8a8 --out experiments/results/bench_decode_w8a8.json
     python experiments/bench_decode.py --quick    # smoke run
 """
 
@@ -68,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    parser.add_argument("--quantize", nargs="*", default=[], choices=["w8a8", "w8a16", "w4a16"])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -80,6 +84,13 @@ def main(argv=None):
     tokenizer = converters.load_tokenizer(path)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
+    float_names = {r.name for r in ours}
+    for scheme in args.quantize:
+        qparams, qconfig = ssm_llm.quantize_weights(params, config, scheme)
+        ours += [
+            Ours(qparams, qconfig, f"ssm_llm {scheme}"),
+            Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),
+        ]
     runners = [*ours, Peer(hf)]
 
     cases = [
@@ -91,8 +102,15 @@ def main(argv=None):
     for label, ctx, batch, n in tqdm(cases, desc="cases"):
         prompts = prompts_of(tokenizer, ctx, batch)
         rows[label] = {r.name: measure(r, prompts, n, args.repeats) for r in runners}
-        tokens = [rows[label][r.name].pop("tokens") for r in runners]
-        rows[label]["identical_greedy_tokens"] = all(t == tokens[-1] for t in tokens)
+        tokens = {r.name: rows[label][r.name].pop("tokens") for r in runners}
+        peer_tokens = tokens["transformers"]
+        rows[label]["identical_greedy_tokens"] = all(tokens[n] == peer_tokens for n in float_names)
+        for r in ours:
+            if r.name not in float_names:  # quantized: the share of greedy tokens equal to float32's
+                pairs = [
+                    (a, b) for x, y in zip(tokens[r.name], peer_tokens, strict=True) for a, b in zip(x, y, strict=True)
+                ]
+                rows[label][r.name]["greedy_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
 
     summary = {}
     for label in rows:
