@@ -32,6 +32,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from ssm_llm.config import WEIGHT_BITS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--quantize", nargs="*", default=[], choices=["w8a8", "w8a16", "w4a16"])
+    parser.add_argument("--quantize", nargs="*", default=[], choices=list(WEIGHT_BITS))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     args = parser.parse_args(argv)
     if args.quick:

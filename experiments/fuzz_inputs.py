@@ -3855,22 +3855,13 @@ class _Stop(Exception):
 def machine_info() -> dict:
     import importlib.metadata
 
-    cpu, flags = "unknown", []
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = sorted(
-                    f for f in line.split(":", 1)[1].split() if f == "avx2" or f.startswith(("avx512", "amx"))
-                )
+    from ssm_llm.cpu_features import host_cpu
 
     def version(name):
         return importlib.metadata.version(name)
 
     return {
-        "cpu": cpu,
-        "cpu_flags": flags,
+        **host_cpu().as_json(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],

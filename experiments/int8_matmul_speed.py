@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.quantized_matmul import quantize_weights
 from ssm_llm.cpu_features import host_cpu
 
 HIDDEN, INTERMEDIATE, KV_WIDTH, VOCAB = 576, 1536, 192, 49152  # SmolLM2-135M (9 heads, 3 KV heads of 64)
@@ -48,9 +49,10 @@ OUT = Path(__file__).parent / "results" / "int8_matmul_speed.json"
 
 
 def quantize_weight(w):
-    """float32 [K, N] -> (int8 codes [K, N], float32 per-output-channel scales [N]), symmetric absmax."""
-    scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
-    return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
+    """float32 [K, N] -> (int8 codes [K, N], float32 per-output-channel scales [N]): the library's
+    symmetric absmax quantization with one group spanning K."""
+    qw = quantize_weights(jnp.asarray(w, jnp.float32), bits=8, group_size=w.shape[0])
+    return qw.values, qw.scales[0]
 
 
 def w8a8_product(x, codes, scale):
@@ -81,8 +83,7 @@ def stored(variant: str, w: np.ndarray):
         return jnp.asarray(w)
     if variant == "bfloat16":
         return jnp.asarray(w, jnp.bfloat16)
-    codes, scale = quantize_weight(w)
-    return jnp.asarray(codes), jnp.asarray(scale)
+    return quantize_weight(w)
 
 
 def layers_fn(variant: str):

@@ -15,7 +15,8 @@ MAX_LAYERS = 4096
 # How an attention model's linear layers are stored and multiplied (`ssm_llm.quantize_weights`): "none"
 # (float), "w8a8" (int8 weights per output channel or group, activations rounded to int8 per token at each
 # product, integer accumulation), "w8a16" / "w4a16" (int8 / int4 weights, float activations).
-WEIGHT_QUANTIZATIONS = ("none", "w8a8", "w8a16", "w4a16")
+WEIGHT_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}  # scheme -> bits of its weight codes
+WEIGHT_QUANTIZATIONS = ("none", *WEIGHT_BITS)
 
 
 @dataclasses.dataclass(frozen=True)

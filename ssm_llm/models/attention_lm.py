@@ -26,7 +26,7 @@ from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.cache import init_cache as init_kv_cache
 from ssm_llm.compressed_cache import AttentionStep, CompressedCache, PrefillObservation
-from ssm_llm.config import ModelConfig
+from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.lm_head import linear
 from ssm_llm.models.registry import Family, register
@@ -105,7 +105,6 @@ def finish_block(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array) ->
 
 
 LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights `quantization` applies to
-_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}
 
 
 def check_linear_kinds(params: dict, config: ModelConfig) -> None:
@@ -116,7 +115,7 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
         for name in LINEARS:
             w = layer[name]
             bits = w.bits if isinstance(w, QuantizedWeight) else None
-            if bits != _BITS.get(config.quantization):
+            if bits != WEIGHT_BITS.get(config.quantization):
                 where = f"params['layers']{f'[{i}]' if isinstance(layers, (list, tuple)) else ''}[{name!r}]"
                 got = "float weights" if bits is None else f"{bits}-bit QuantizedWeight"
                 raise ValueError(

@@ -20,11 +20,9 @@ import functools
 import jax
 
 from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
-from ssm_llm.config import ModelConfig
-from ssm_llm.models.attention_lm import LINEARS
+from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
 from ssm_llm.param_check import check_params
-
-SCHEME_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}
 
 
 def quantize_weights(params: dict, config: ModelConfig, scheme: str, group_size: int | None = None):
@@ -39,8 +37,8 @@ def quantize_weights(params: dict, config: ModelConfig, scheme: str, group_size:
             f"quantize_weights quantizes attention models (ModelConfig), got {type(config).__name__}; "
             "Mamba / Mamba-2 are quantized with ssm_llm.quant.quantize_model (Quamba / Quamba2)"
         )
-    if scheme not in SCHEME_BITS:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEME_BITS)}, got {scheme!r}")
+    if scheme not in WEIGHT_BITS:
+        raise ValueError(f"scheme must be one of {', '.join(WEIGHT_BITS)}, got {scheme!r}")
     if config.quantization != "none":
         raise ValueError(
             f"these params are already quantized ({config.quantization!r}); quantize the float model instead "
@@ -49,7 +47,8 @@ def quantize_weights(params: dict, config: ModelConfig, scheme: str, group_size:
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None (per output channel), got {group_size!r}")
     check_params(params, config)
-    bits = SCHEME_BITS[scheme]
+    check_linear_kinds(params, config)  # float linears: a QuantizedWeight under a "none" config is refused
+    bits = WEIGHT_BITS[scheme]
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         new_layers = [_quantize_layer(layer, bits, group_size, stacked=False) for layer in layers]

@@ -149,6 +149,8 @@ def test_bad_uses_are_clear_errors(params):
     qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a16")
     with pytest.raises(ValueError, match="already quantized \\('w8a16'\\)"):
         ssm_llm.quantize_weights(qparams, qconfig, "w4a16")
+    with pytest.raises(ValueError, match="holds 8-bit QuantizedWeight, but config.quantization is 'none'"):
+        ssm_llm.quantize_weights(qparams, CONFIG, "w4a16")  # quantized params under the float config
     cache = ssm_llm.init_cache(CONFIG, 1, 16)
     with pytest.raises(ValueError, match="holds 8-bit QuantizedWeight, but config.quantization is 'none'"):
         ssm_llm.forward(qparams, CONFIG, IDS, cache)
