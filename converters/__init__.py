@@ -1,6 +1,7 @@
 """Checkpoints -> `(config, params)`: attention models (`ssm_llm.ModelConfig`) and Mamba / Mamba-2.
 
 config, params = converters.load("model.gguf")          # GGUF (dequantized)
+config, params = converters.load("model.gguf", quantize="w4a16")   # GGUF blocks kept as integer codes
 config, params = converters.load("hf_model_dir/")        # safetensors or pytorch_model.bin
 config, params = converters.load(hf_model)               # in-memory transformers model
 config, params = converters.load(state_dict, config=hf_config)
@@ -9,19 +10,21 @@ converters.save(params, config, "ckpt/"); converters.load("ckpt/")   # orbax, no
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 
-from converters.attention_weights import convert_attention_weights
+from converters.attention_weights import convert_attention_weights, convert_quantized_attention_weights
 from converters.checkpoint import is_checkpoint, load_checkpoint, save
 from converters.gguf_file import read_gguf
 from converters.hf_config import config_from_hf
 from converters.hf_source import read_hf_directory, read_state_dict, read_transformers_model
 from converters.mamba_weights import convert_mamba_weights
 from converters.tokenizer import load_tokenizer
-from ssm_llm.config import ModelConfig
+from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.quant import quantize_weights
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = ["config_from_hf", "load", "load_tokenizer", "save"]
@@ -54,7 +57,7 @@ def _read(source, config):
 
 
 def load(
-    source, config=None, *, dtype=jnp.float32, progress: bool = False
+    source, config=None, *, dtype=jnp.float32, progress: bool = False, quantize: str | None = None, group_size="auto"
 ) -> tuple[ModelConfig | MambaConfig | Mamba2Config, dict]:
     """Load a checkpoint as `(config, params)` with params in `dtype`.
 
@@ -62,11 +65,42 @@ def load(
     `transformers` model, or a state dict (then `config`: a transformers config or dict is required).
     Architectures: llama, qwen2, mistral (also from GGUF), mamba and mamba2 (Hugging Face or the
     original state-spaces layout).
+    `quantize`: None, or a scheme of `ssm_llm.quantize_weights` ("w8a8", "w8a16", "w4a16") for attention
+    models; the returned config says it. From a GGUF file the linears are built one tensor at a time,
+    and with `group_size="native"` a tensor stored as Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K keeps its block
+    codes exactly (groups of 32, Q6_K 16; 4-bit schemes take the 4-bit formats); other tensors are
+    rounded to nearest. group_size: "auto" ("native" for the weight-only schemes; per output channel for
+    "w8a8", whose CPU integer product wants it), "native", None (per output channel) or an int.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
+    if quantize is not None and quantize not in WEIGHT_BITS:
+        raise ValueError(f"quantize must be None or one of {', '.join(WEIGHT_BITS)}, got {quantize!r}")
+    if group_size not in ("auto", "native", None) and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"group_size must be 'auto', 'native', None or a positive int, got {group_size!r}")
+    if group_size == "auto":
+        group_size = None if quantize == "w8a8" else "native"
     if isinstance(source, (str, Path)) and is_checkpoint(source):
-        return load_checkpoint(source, dtype)
+        model_config, params = load_checkpoint(source, dtype)
+        return _quantized(model_config, params, quantize, group_size)
     hf_config, tensors = _read(source, config)
     model_config = config_from_hf(hf_config)
+    if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "codes"):
+        params = convert_quantized_attention_weights(model_config, tensors, quantize, group_size, dtype, progress)
+        return dataclasses.replace(model_config, quantization=quantize), params
     convert = convert_attention_weights if isinstance(model_config, ModelConfig) else convert_mamba_weights
-    return model_config, convert(model_config, tensors, dtype, progress)
+    return _quantized(model_config, convert(model_config, tensors, dtype, progress), quantize, group_size)
+
+
+def _quantized(config, params, scheme, group_size):
+    """Float params quantized with `quantize_weights` (a float checkpoint asked for `scheme`)."""
+    if scheme is None or getattr(config, "quantization", None) == scheme:
+        return config, params
+    if not isinstance(config, ModelConfig):
+        raise ValueError(
+            f"quantize= applies to attention models; this is a {type(config).__name__} "
+            "(quantize Mamba models with ssm_llm.quant.quantize_model)"
+        )
+    params, config = quantize_weights(params, config, scheme, None if group_size == "native" else group_size)
+    return config, params

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
-from converters.weight_table import convert_weights
-from ssm_llm.config import ModelConfig
-from ssm_llm.models.attention_lm import param_shapes
+from converters.gguf_codes import NATIVE, as_quantized, requantized, stack
+from converters.weight_table import convert_weights, fetch
+from pallas_kernels.quantized_matmul import QuantizedWeight
+from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.models.attention_lm import LINEARS, param_shapes
 
 # our name -> (Hugging Face name, layout; see converters.weight_table)
 GLOBAL_TENSORS = {
@@ -51,3 +56,74 @@ def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.fl
         tied=config.tie_word_embeddings,
         ignored_suffixes=_IGNORED_SUFFIXES,
     )
+
+
+class _Hidden(Mapping):
+    """`source` without the tensors in `hidden` (they are converted elsewhere)."""
+
+    def __init__(self, source: Mapping, hidden: set[str]):
+        self._source, self._hidden = source, hidden
+
+    def __getitem__(self, name: str):
+        if name in self._hidden:
+            raise KeyError(name)
+        return self._source[name]
+
+    def __contains__(self, name) -> bool:
+        return name not in self._hidden and name in self._source
+
+    def __iter__(self):
+        return (n for n in self._source if n not in self._hidden)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _linear_weight(source: Mapping, name: str, shape: tuple[int, int], bits: int, group_size) -> QuantizedWeight:
+    """One linear [in, out] as a `bits`-bit QuantizedWeight: the file's own block codes where
+    `group_size == "native"` and its format fits `bits`, else rounded to nearest from the float tensor
+    (groups of `group_size` rows; None: per output channel; "native": 32 rows at 4 bits, per channel at 8)."""
+    if name not in source:
+        raise ValueError(f"checkpoint is missing tensor {name!r}")
+    k, n = shape
+    if group_size == "native" and hasattr(source, "codes") and NATIVE.get(source.type_name(name), (0, 99))[1] <= bits:
+        codes = source.codes(name)
+        if codes.codes.shape != (n, k):
+            raise ValueError(f"tensor {name!r} has shape {codes.codes.shape}, expected {(n, k)} for this config")
+        return as_quantized(codes, bits)
+    if group_size == "native":
+        group_size = 32 if bits == 4 and k % 32 == 0 else None
+    w = fetch(source, name, shape, "linear", np.float32)
+    return requantized(w.T, bits, group_size)
+
+
+def convert_quantized_attention_weights(
+    config: ModelConfig, source: Mapping, scheme: str, group_size, dtype=jnp.float32, progress: bool = False
+) -> dict:
+    """`convert_attention_weights` with every block linear built straight as a QuantizedWeight of `scheme`
+    (one tensor in float at a time, never the whole model); `group_size` as in `_linear_weight`."""
+    bits = WEIGHT_BITS[scheme]
+    shapes = param_shapes(config)
+    names = {ours: LAYER_TENSORS[ours][0] for ours in LINEARS}
+    hidden = {template.format(i=i) for template in names.values() for i in range(config.num_layers)}
+    float_shapes = {**shapes, "layers": {k: v for k, v in shapes["layers"].items() if k not in LINEARS}}
+    params = convert_weights(
+        float_shapes,
+        GLOBAL_TENSORS,
+        LAYER_TENSORS,
+        config.num_layers,
+        _Hidden(source, hidden),
+        dtype,
+        progress,
+        tied=config.tie_word_embeddings,
+        ignored_suffixes=_IGNORED_SUFFIXES,
+    )
+    bar = tqdm(total=len(hidden), desc="quantizing linears", unit="tensor", disable=not progress)
+    for ours, template in names.items():
+        per_layer = []
+        for i in range(config.num_layers):
+            per_layer.append(_linear_weight(source, template.format(i=i), shapes["layers"][ours][1:], bits, group_size))
+            bar.update()
+        params["layers"][ours] = jax.tree_util.tree_map(jnp.asarray, stack(per_layer))
+    bar.close()
+    return params

@@ -186,7 +186,7 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
 
 
 def _split_quantized(params: dict) -> tuple[dict, dict]:
-    """Replace every `QuantizedWeight` by a plain {"values", "scales"} dict (orbax stores arrays only);
+    """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict (orbax stores arrays only);
     returns the new tree and {"path/to/weight": {"bits", "group_size"}}."""
     from pallas_kernels.quantized_matmul import QuantizedWeight
 
@@ -195,7 +195,8 @@ def _split_quantized(params: dict) -> tuple[dict, dict]:
     def walk(node, path):
         if isinstance(node, QuantizedWeight):
             found["/".join(path)] = {"bits": node.bits, "group_size": node.group_size}
-            return {"values": node.values, "scales": node.scales}
+            arrays = {"values": node.values, "scales": node.scales}
+            return arrays if node.offsets is None else {**arrays, "offsets": node.offsets}
         if isinstance(node, dict):
             return {k: walk(v, path + (str(k),)) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
@@ -217,7 +218,11 @@ def _join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
                 node = node[int(key)] if isinstance(node, list) else node[key]
             stored = node[leaf]
             node[leaf] = QuantizedWeight(
-                stored["values"], stored["scales"], int(layout["bits"]), int(layout["group_size"])
+                stored["values"],
+                stored["scales"],
+                int(layout["bits"]),
+                int(layout["group_size"]),
+                stored.get("offsets"),
             )
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise ValueError(f"{directory}: quantized weight {path!r} is missing or malformed ({e})") from None

@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp) as `(Hugging Face config dict, tensor mapping with Hugging Face names)`.
 
-Tensors are dequantized lazily to float32 with the `gguf` package. llama.cpp stores the q/k
+Tensors are dequantized lazily to float32 with the `gguf` package, or read as the integer codes of their
+blocks (`GGUFTensors.codes`, see `converters.gguf_codes`). llama.cpp stores the q/k
 projection rows of "llama" models in an interleaved rotary order; they are permuted back here so the
 rest of the converter sees exactly the Hugging Face layout.
 """
@@ -81,6 +82,21 @@ class GGUFTensors(Mapping):
                     )
                 array = unpermute_rotary_rows(array, heads)
         return array
+
+    def type_name(self, name: str) -> str:
+        """The GGUF storage type of tensor `name` ("F32", "Q4_1", ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def codes(self, name: str):
+        """Tensor `name` as the integer codes of its blocks (`converters.gguf_codes.BlockCodes`), rows in
+        the Hugging Face order like `self[name]`."""
+        from converters.gguf_codes import block_codes
+
+        codes = block_codes(self._tensors[name])
+        for suffix, heads in self._rotary_heads.items():
+            if name.endswith(suffix):
+                codes = codes.take_rows(lambda a, heads=heads: unpermute_rotary_rows(a, heads))
+        return codes
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

@@ -134,6 +134,8 @@ class GenerationResult:
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, jax.Array):  # a [B, T] device array of ids: read it like a numpy one
+        prompts = np.asarray(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or not len(prompts):
         raise ValueError(
             "prompts must be a non-empty list of token-id lists (tokenize text first, e.g. tokenizer(text).input_ids)"

@@ -43,8 +43,10 @@ from pallas_kernels.quantized_matmul.weights import (
     QuantizedWeight,
     check_weight,
     dequantize_weights,
+    offset_term,
     pack_int4,
     quantize_weights,
+    symmetric_part,
     unpack_int4,
 )
 
@@ -93,10 +95,14 @@ def quantized_matmul(x, qw: QuantizedWeight, *, block_sizes: BlockSizesArg = Non
     `block_sizes` are those of the kernel that runs (None: its defaults).
     """
     route = _route(impl, "quantized_matmul", qw, False, block_sizes)
-    if route == "tpu":
-        return quantized_matmul_pallas_tpu(x, qw, block_sizes=block_sizes)
     if route == "xla":
         return quantized_matmul_ref(x, qw)
+    if qw.offsets is not None:  # the kernels multiply the symmetric part; the offsets' share is one small dot
+        check_weight(qw, "quantized_matmul")
+        out = quantized_matmul(x, symmetric_part(qw), block_sizes=block_sizes, impl=impl)
+        return (out.astype(jnp.float32) + offset_term(x, qw)).astype(x.dtype)
+    if route == "tpu":
+        return quantized_matmul_pallas_tpu(x, qw, block_sizes=block_sizes)
     return quantized_matmul_pallas(x, qw, block_sizes=block_sizes, interpret=route == "interpret")
 
 
@@ -111,6 +117,12 @@ def quantized_matmul_int8(
     `block_sizes` as in `quantized_matmul`.
     """
     route = _route(impl, "quantized_matmul_int8", qw, True, block_sizes)
+    if route != "xla" and qw.offsets is not None:  # as in quantized_matmul: kernel on the symmetric part
+        check_weight(qw, "quantized_matmul_int8")
+        out = quantized_matmul_int8(
+            xq, x_scale, symmetric_part(qw), out_dtype=jnp.float32, block_sizes=block_sizes, impl=impl
+        )
+        return (out + jnp.asarray(x_scale, jnp.float32) * offset_term(xq, qw)).astype(out_dtype)
     if route == "tpu":
         return quantized_matmul_int8_pallas_tpu(xq, x_scale, qw, out_dtype=out_dtype, block_sizes=block_sizes)
     if route == "xla":

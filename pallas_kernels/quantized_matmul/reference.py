@@ -11,6 +11,7 @@ from pallas_kernels.quantized_matmul.weights import (
     check_int8_inputs,
     dequantize_weights,
     int_values,
+    offset_term,
 )
 
 
@@ -23,7 +24,8 @@ def quantized_matmul_ref(x, qw: QuantizedWeight):
 
 def quantized_matmul_int8_ref(xq, x_scale, qw: QuantizedWeight, out_dtype=jnp.float32):
     """xq: int8 [..., K], x_scale: float scalar -> [..., N] in out_dtype:
-    x_scale * sum_g (xq_g @ q_g in int32) * scale_g, summed over groups g in float32.
+    x_scale * sum_g (xq_g @ q_g in int32) * scale_g, summed over groups g in float32 (plus, with offsets,
+    x_scale * sum_g (sum of xq_g) * offset_g).
 
     One batched int8 x int8 -> int32 dot over the groups: exact, but its [K / group_size, M, N] int32
     result is materialized, so this is sized for decode and checks rather than long prefills.
@@ -35,4 +37,7 @@ def quantized_matmul_int8_ref(xq, x_scale, qw: QuantizedWeight, out_dtype=jnp.fl
     xg = xq.reshape(-1, groups, qw.group_size)
     acc = jax.lax.dot_general(xg, q, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)  # [G, M, N]
     out = jnp.sum(acc.astype(jnp.float32) * qw.scales.astype(jnp.float32)[:, None, :], axis=0)
-    return (x_scale * out).reshape(*xq.shape[:-1], n).astype(out_dtype)
+    out = out.reshape(*xq.shape[:-1], n)
+    if qw.offsets is not None:
+        out = out + offset_term(xq, qw)
+    return (x_scale * out).astype(out_dtype)

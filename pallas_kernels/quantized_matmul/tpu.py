@@ -12,7 +12,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.lowering import tpu_interpret, tpu_params
-from pallas_kernels.quantized_matmul.weights import QuantizedWeight, check_inputs, check_int8_inputs, group_rows
+from pallas_kernels.quantized_matmul.weights import (
+    QuantizedWeight,
+    check_inputs,
+    check_int8_inputs,
+    check_symmetric,
+    group_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,7 @@ def _tpu_call(
 ):
     """Launches `_qmm_tpu_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32
     scalar), after the caller's checks; see `quantized_matmul_pallas_tpu`."""
+    check_symmetric(qw, where)
     k, n = qw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

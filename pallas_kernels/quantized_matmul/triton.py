@@ -16,6 +16,7 @@ from pallas_kernels.quantized_matmul.weights import (
     QuantizedWeight,
     check_inputs,
     check_int8_inputs,
+    check_symmetric,
     group_rows,
     sign_extend_nibble,
 )
@@ -123,6 +124,7 @@ def _gpu_call(
 ):
     """Launches `_qmm_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32 scalar),
     after the caller's checks; see `quantized_matmul_pallas`."""
+    check_symmetric(qw, where)
     integer = x_scale is not None
     if not kernel_supports(qw, integer, blocks):
         least = _min_chunk_rows(integer) * (1 if qw.bits == 8 else 2)

@@ -16,20 +16,25 @@ CODE_RANGE = MappingProxyType({8: (-127, 127), 4: (-8, 7)})
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["bits", "group_size"]
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "scales", "offsets"],
+    meta_fields=["bits", "group_size"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """A quantized weight w [K, N]; `bits` and `group_size` are static pytree metadata (not leaves).
 
     values: int8 [K, N] (8 bits) or uint8 [K / 2, N] (4 bits, two values per byte along K);
-    scales: [K / group_size, N], float32 or bfloat16.
+    scales: [K / group_size, N], float32 or bfloat16;
+    offsets: None (symmetric: w = q * scale) or float32 [K / group_size, N] (asymmetric formats such as
+    GGUF's Q4_1 / Q4_K: w = q * scale + offset).
     """
 
     values: jax.Array
     scales: jax.Array
     bits: int
     group_size: int
+    offsets: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,6 +66,19 @@ def check_weight(qw: QuantizedWeight, where: str):
         raise ValueError(f"{where}: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, got {qw.values.dtype}")
     if tuple(qw.scales.shape) != (k // qw.group_size, n):
         raise ValueError(f"{where}: scales must have shape {(k // qw.group_size, n)}, got {tuple(qw.scales.shape)}")
+    if qw.offsets is not None and tuple(qw.offsets.shape) != (k // qw.group_size, n):
+        raise ValueError(
+            f"{where}: offsets must be None or of shape {(k // qw.group_size, n)}, got {tuple(qw.offsets.shape)}"
+        )
+
+
+def check_symmetric(qw: QuantizedWeight, where: str):
+    """The kernels multiply symmetric weights only (the dispatchers add the offsets' share)."""
+    if qw.offsets is not None:
+        raise ValueError(
+            f"{where}: this kernel takes symmetric weights (offsets None); call the dispatcher "
+            "(quantized_matmul / quantized_matmul_int8), which adds the offsets' share"
+        )
 
 
 def _check_rows(x, name: str, qw: QuantizedWeight, where: str):
@@ -143,7 +161,22 @@ def dequantize_weights(qw: QuantizedWeight):
     groups = (
         int_values(qw).astype(jnp.float32).reshape(-1, qw.group_size, n) * qw.scales.astype(jnp.float32)[:, None, :]
     )
+    if qw.offsets is not None:
+        groups = groups + qw.offsets.astype(jnp.float32)[:, None, :]
     return groups.reshape(k, n)
+
+
+def symmetric_part(qw: QuantizedWeight) -> QuantizedWeight:
+    """`qw` without its offsets (what the kernels multiply; `offset_term` adds the rest)."""
+    return dataclasses.replace(qw, offsets=None)
+
+
+def offset_term(x, qw: QuantizedWeight):
+    """x [..., K] (float, or int8 codes to be scaled by the caller) -> sum over groups g of
+    (sum of x's group-g entries) * offsets_g: [..., N] float32 — the offsets' share of x @ w."""
+    k, n = qw.shape
+    sums = jnp.sum(x.astype(jnp.float32).reshape(*x.shape[:-1], k // qw.group_size, qw.group_size), axis=-1)
+    return jnp.matmul(sums, qw.offsets.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def group_rows(qw: QuantizedWeight) -> int:

@@ -96,12 +96,22 @@ def project_qkv(config: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, 
 def finish_block(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
     """The rest of one block after attention: output projection, residual, MLP. `x: [B, T, H]` (the
     block's input), `attn: [B, T, Hq, D]` -> `[B, T, H]`."""
+    return finish_block_with_inputs(config, p, x, attn)[0]
+
+
+def finish_block_with_inputs(config: ModelConfig, p: dict, x: jax.Array, attn: jax.Array):
+    """`finish_block`, also returning what its linears read: {"o_in": [B, T, Hq*D] (wo's input),
+    "mlp_in": [B, T, H] (w_gate / w_up's), "down_in": [B, T, I] (w_down's)} — for calibration; under jit
+    the unused ones cost nothing."""
     int8 = config.quantization == "w8a8"
-    x = x + linear(attn.reshape(*x.shape[:2], config.q_size), p["wo"], p.get("bo"), int8)
+    o_in = attn.reshape(*x.shape[:2], config.q_size)
+    x = x + linear(o_in, p["wo"], p.get("bo"), int8)
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     gate = linear(h, p["w_gate"], p.get("b_gate"), int8)
     up = linear(h, p["w_up"], p.get("b_up"), int8)
-    return x + linear(jax.nn.silu(gate) * up, p["w_down"], p.get("b_down"), int8)
+    down_in = jax.nn.silu(gate) * up
+    out = x + linear(down_in, p["w_down"], p.get("b_down"), int8)
+    return out, {"o_in": o_in, "mlp_in": h, "down_in": down_in}
 
 
 LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights `quantization` applies to

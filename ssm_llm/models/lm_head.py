@@ -34,7 +34,7 @@ def int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     x_scale = amax / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
-    if jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0]:
+    if jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None:
         acc = _cpu_int8_dot(xq.reshape(-1, xq.shape[-1]), w.values).reshape(*xq.shape[:-1], -1)
         out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
     else:

@@ -8,6 +8,10 @@ bits. The embedding, the (tied) lm_head, norms and biases stay float. The return
            (dynamic, no calibration) and accumulates in int32 (`ssm_llm.models.lm_head.int8_matmul`);
   "w8a16"  int8 weights, float activations (weight-only);
   "w4a16"  int4 weights (two per byte), float activations.
+With `calibration` (token ids of real text) the layers are walked one at a time, each layer's inputs
+computed by the already quantized layers before it, and two corrections use them:
+  smoothing=alpha  SmoothQuant's outlier migration before W8A8 rounding (`ssm_llm.quant.smoothquant`);
+  gptq=True        GPTQ instead of round-to-nearest for every linear (`ssm_llm.quant.gptq`).
 The quantized model runs through the same `forward`, `generate`, KV compression and speculative decoding,
 and saves / loads with `converters.save` / `converters.load` keeping the integer codes.
 """
@@ -18,19 +22,38 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
+from tqdm.auto import tqdm
 
 from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
 from ssm_llm.param_check import check_params
+from ssm_llm.quant.attention_calibration import SITES, check_calibration, layer_statistics
+from ssm_llm.quant.gptq import gptq_quantize
+from ssm_llm.quant.smoothquant import smooth_layer
+
+_SITE_OF = {name: site for site, names in SITES.items() for name in names}
 
 
-def quantize_weights(params: dict, config: ModelConfig, scheme: str, group_size: int | None = None):
+def quantize_weights(
+    params: dict,
+    config: ModelConfig,
+    scheme: str,
+    group_size: int | None = None,
+    *,
+    calibration=None,
+    smoothing: float | None = None,
+    gptq: bool = False,
+    progress: bool = True,
+):
     """Quantize an attention model's linear layers (see the module docstring) -> (params, config).
 
     scheme: "w8a8", "w8a16" or "w4a16"; group_size: rows of the input dimension sharing one scale (None:
-    one scale per output channel); it must divide every linear's input size. Works on either layer
-    layout (stacked or a list of per-layer dicts) and keeps it.
+    one scale per output channel); it must divide every linear's input size. calibration: token ids
+    [B, T] of real text (no padding), needed by `smoothing` (SmoothQuant's alpha in (0, 1], "w8a8" only)
+    and `gptq`. Works on either layer layout (stacked or a list of per-layer dicts) and keeps it.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(
@@ -46,18 +69,69 @@ def quantize_weights(params: dict, config: ModelConfig, scheme: str, group_size:
         )
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None (per output channel), got {group_size!r}")
+    _check_corrections(scheme, calibration, smoothing, gptq)
     check_params(params, config)
     check_linear_kinds(params, config)  # float linears: a QuantizedWeight under a "none" config is refused
     bits = WEIGHT_BITS[scheme]
+    qconfig = dataclasses.replace(config, quantization=scheme)
     layers = params["layers"]
+    if calibration is not None:
+        tokens = check_calibration(calibration, config.vocab_size)
+        quantized = _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, progress)
+        return (stack_layers(quantized) if is_stacked(params) else quantized), qconfig
     if isinstance(layers, (list, tuple)):
         new_layers = [_quantize_layer(layer, bits, group_size, stacked=False) for layer in layers]
     else:
         new_layers = _quantize_layer(layers, bits, group_size, stacked=True)
-    return {**params, "layers": new_layers}, dataclasses.replace(config, quantization=scheme)
+    return {**params, "layers": new_layers}, qconfig
 
 
-def _quantize_layer(layer: dict, bits: int, group_size: int | None, stacked: bool) -> dict:
+def _check_corrections(scheme: str, calibration, smoothing, gptq) -> None:
+    if not isinstance(gptq, bool):
+        raise ValueError(f"gptq must be True or False, got {gptq!r}")
+    if smoothing is not None:
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing is SmoothQuant's migration strength alpha in (0, 1], got {smoothing!r}")
+        if scheme != "w8a8":
+            raise ValueError(
+                f"smoothing moves activation outliers into the weights, which helps only when activations are "
+                f"quantized (scheme 'w8a8'), not {scheme!r}"
+            )
+    wants = smoothing is not None or gptq
+    if wants and calibration is None:
+        raise ValueError("smoothing and gptq need calibration= token ids of real text [B, T]")
+    if calibration is not None and not wants:
+        raise ValueError("calibration= is used only by smoothing= or gptq=True; pass one of them or drop it")
+
+
+def _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, progress) -> dict:
+    """Quantize layer by layer: statistics of layer i's inputs come from the quantized layers 0..i-1."""
+    layers = unstack_layers(params)["layers"]
+    bits = WEIGHT_BITS[qconfig.quantization]
+    x = params["embed"][tokens]
+    new_layers = []
+    for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress, leave=False)):
+        window = config.layer_windows[i]
+        _, stats = layer_statistics(config, layer, x, window, hessians=gptq)
+        scales = None
+        if smoothing is not None:
+            layer, scales = smooth_layer(layer, config, {site: v["amax"] for site, v in stats.items()}, smoothing)
+        hessians = None
+        if gptq:
+            hessians = {}
+            for site, v in stats.items():
+                xtx = np.asarray(v["xtx"], np.float64)
+                if scales is not None:  # the smoothed layer reads x / s
+                    inv = 1.0 / np.asarray(scales[site], np.float64)
+                    xtx = xtx * inv[:, None] * inv[None, :]
+                hessians[site] = xtx
+        qlayer = _quantize_layer(layer, bits, group_size, stacked=False, hessians=hessians)
+        x, _ = layer_statistics(qconfig, qlayer, x, window)
+        new_layers.append(qlayer)
+    return {**params, "layers": new_layers}
+
+
+def _quantize_layer(layer: dict, bits: int, group_size: int | None, stacked: bool, hessians=None) -> dict:
     out = dict(layer)
     for name in LINEARS:
         w = layer[name]
@@ -65,6 +139,9 @@ def _quantize_layer(layer: dict, bits: int, group_size: int | None, stacked: boo
         size = k if group_size is None else group_size
         if k % size:
             raise ValueError(f"group_size {group_size} does not divide the input size {k} of {name!r}")
+        if hessians is not None:
+            out[name] = gptq_quantize(w, hessians[_SITE_OF[name]], bits=bits, group_size=size)
+            continue
         quantize = functools.partial(quantize_matrix, bits=bits, group_size=size)
         out[name] = jax.vmap(quantize)(w) if stacked else quantize(w)
     return out

@@ -241,8 +241,9 @@ def test_directory_errors(tmp_path):
 # ---------------------------------------------------------------- GGUF written here from a tiny model
 
 
-def write_gguf(path, model, arch: str, quantize_embedding: bool = False):
-    """Write `model` as llama.cpp would: its tensor names, metadata, and q/k rows permuted for llama."""
+def write_gguf(path, model, arch: str, quantize_embedding: bool = False, tensor_hook=None):
+    """Write `model` as llama.cpp would: its tensor names, metadata, and q/k rows permuted for llama.
+    tensor_hook(gguf_name, float array) may return (raw block bytes, GGUF type) to store a tensor quantized."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -282,7 +283,10 @@ def write_gguf(path, model, arch: str, quantize_embedding: bool = False):
         if arch == "llama" and ("q_proj" in name or "k_proj" in name):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             array = array.reshape(heads, 2, hd // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
-        if quantize_embedding and name == "model.embed_tokens.weight":
+        hooked = tensor_hook(to_gguf[name], array) if tensor_hook is not None else None
+        if hooked is not None:
+            writer.add_tensor(to_gguf[name], hooked[0], raw_dtype=hooked[1])
+        elif quantize_embedding and name == "model.embed_tokens.weight":
             q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(to_gguf[name], q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

@@ -229,3 +229,30 @@ def test_kernels_lower_to_triton_for_decode_shapes(k, n, bits):
             S((), jnp.float32),
             qw,
         )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_offsets_asymmetric_weights_through_reference_kernel_and_int8(bits):
+    """w = q * scale + offset (GGUF's Q4_1 / Q4_K): the reference is x @ the dequantized weight (checked
+    against numpy), and the dispatchers' kernel path (symmetric part + the offsets' share) equals it."""
+    rng = np.random.default_rng(bits)
+    k, n, group = 256, 48, 64
+    x, w = _inputs(bits, (3,), k, n, jnp.float32)
+    sym = quantize_weights(w, bits, group)
+    offsets = jnp.asarray(rng.standard_normal((k // group, n)), jnp.float32)
+    qw = QuantizedWeight(sym.values, sym.scales, bits, group, offsets)
+    dense = np.asarray(dequantize_weights(sym)) + np.repeat(np.asarray(offsets), group, axis=0)
+    np.testing.assert_allclose(np.asarray(dequantize_weights(qw)), dense, rtol=1e-6, atol=1e-6)
+    want = np.asarray(x, np.float64) @ dense
+    assert_close(reference(x, qw), want, jnp.float32)
+    assert_close(kernel(x, qw), want, jnp.float32)
+    xq = jnp.asarray(rng.integers(-127, 128, (3, k)), jnp.int8)
+    want_int8 = 0.5 * (np.asarray(xq, np.float64) @ dense)
+    np.testing.assert_allclose(np.asarray(int8_reference(xq, 0.5, qw, jnp.float32)), want_int8, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(int8_kernel(xq, 0.5, qw, out_dtype=jnp.float32)), want_int8, rtol=1e-5, atol=1e-3
+    )
+    with pytest.raises(ValueError, match="symmetric weights"):
+        quantized_matmul_pallas(x, qw, interpret=True)
+    with pytest.raises(ValueError, match="offsets must be None or of shape"):
+        quantized_matmul_ref(x, QuantizedWeight(sym.values, sym.scales, bits, group, offsets[:1]))

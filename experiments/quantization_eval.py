@@ -1,0 +1,259 @@
+"""What `ssm_llm.quantize_weights` costs in accuracy on the real model (SmolLM2-135M-Instruct): held-out
+perplexity, KL divergence to float32, next-token and greedy agreement, and weight bytes, per scheme.
+
+Model: the embedded SmolLM2 GGUF (`ssm_llm.default_model_path()`), converted to float32 — which is the
+reference ("fp32") every row is compared with. Note that the file ships as Q4_1, so fp32 is the
+dequantized Q4_1 model: its weights already sit on a 4-bit grid of 32-row groups.
+Data (`text_corpus`, the Python reference + Vim manuals, no download): evaluation on --eval-windows
+windows of --seq-len tokens spread over the held-out EVAL split (>= 32k scored tokens by default);
+calibration (smoothing, GPTQ) on --calib-seqs windows of --calib-len tokens from the TRAIN split (seed 0).
+Greedy agreement: --prompts prompts of --prompt-len held-out tokens, --new-tokens greedy tokens each
+(`ssm_llm.generate`, one batch, no EOS stop), compared with fp32's: "greedy_same_tokens" is the share
+of positions holding the same token, "greedy_prefix" the mean share before the first difference.
+
+Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
+  fp32                     the float model
+  w8a8                     int8 weights per output channel, dynamic per-token int8 activations
+  w8a8 smooth=A            + SmoothQuant outlier migration with alpha A (--alphas)
+  w8a8 smooth=A gptq       + GPTQ weights
+  w8a16 / w8a16 gptq       int8 weights only
+  w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size)
+Targets (issue 20): W8A8 perplexity within 1% of fp32, greedy agreement >= 90% of tokens.
+Writes experiments/results/quantization_eval.json (+ .png) and prints a table.
+
+    python experiments/quantization_eval.py                        # every row, ~25 min on 2 cores
+    python experiments/quantization_eval.py --rows fp32 'w8a8*' --eval-windows 8
+    python experiments/quantization_eval.py --quick                # small sizes: quantization_eval_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import text_corpus  # noqa: E402
+from bench_runners import machine_info  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import converters  # noqa: E402
+import ssm_llm  # noqa: E402
+from ssm_llm.models.attention_lm import LINEARS  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SEED = 0
+TARGET_PPL = 0.01
+TARGET_GREEDY = 0.90
+SIZES = {
+    "full": {"eval_windows": 64, "seq_len": 512, "calib_seqs": 16, "calib_len": 512, "prompts": 20, "new_tokens": 64},
+    "quick": {"eval_windows": 4, "seq_len": 128, "calib_seqs": 2, "calib_len": 128, "prompts": 4, "new_tokens": 16},
+}
+
+
+def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
+    """Row name -> `quantize_weights` keyword arguments (None: the float model)."""
+    rows: dict[str, dict | None] = {"fp32": None, "w8a8": {"scheme": "w8a8"}}
+    for a in alphas:
+        rows[f"w8a8 smooth={a:g}"] = {"scheme": "w8a8", "smoothing": a}
+    for a in alphas:
+        rows[f"w8a8 smooth={a:g} gptq"] = {"scheme": "w8a8", "smoothing": a, "gptq": True}
+    rows["w8a16"] = {"scheme": "w8a16"}
+    rows["w8a16 gptq"] = {"scheme": "w8a16", "gptq": True}
+    rows[f"w4a16 g{group_size}"] = {"scheme": "w4a16", "group_size": group_size}
+    rows[f"w4a16 g{group_size} gptq"] = {"scheme": "w4a16", "group_size": group_size, "gptq": True}
+    return rows
+
+
+def nbytes(tree) -> int:
+    """Bytes of every array leaf (a QuantizedWeight: its integer values and scales)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "ref_config"))
+def _scores(params, config, ref_params, ref_config, windows):
+    """Per row of windows [B, T + 1]: summed NLL of the targets, summed KL(ref || model) over positions,
+    count of positions where both argmaxes agree."""
+    tokens, targets = windows[:, :-1], windows[:, 1:]
+
+    def logp(p, c):
+        logits, _ = ssm_llm.forward(p, c, tokens, ssm_llm.init_cache(c, *tokens.shape))
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+    lq, lr = logp(params, config), logp(ref_params, ref_config)
+    nll = -jnp.take_along_axis(lq, targets[..., None], axis=-1)[..., 0].sum(axis=1)
+    kl = (jnp.exp(lr) * (lr - lq)).sum(axis=-1).sum(axis=1)
+    same = (jnp.argmax(lq, -1) == jnp.argmax(lr, -1)).sum(axis=1)
+    return nll, kl, same
+
+
+def scores(params, config, ref_params, ref_config, windows: np.ndarray, batch: int) -> dict:
+    """Mean NLL, mean KL to the reference and next-token agreement over every target of `windows`."""
+    sums = np.zeros(3)
+    for start in tqdm(range(0, len(windows), batch), desc="scoring", leave=False):
+        chunk = jnp.asarray(windows[start : start + batch])
+        sums += [float(np.asarray(v).sum()) for v in _scores(params, config, ref_params, ref_config, chunk)]
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    nll, kl, same = sums / n
+    return {"nll": nll, "perplexity": float(np.exp(nll)), "kl_to_fp32": kl, "next_token_agreement": same}
+
+
+def greedy(params, config, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    gen = ssm_llm.GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())
+    return ssm_llm.generate(params, config, prompts, gen).tokens
+
+
+def agreement(tokens: list[list[int]], ref: list[list[int]]) -> dict:
+    same = np.mean([np.mean(np.equal(a, b)) for a, b in zip(tokens, ref, strict=True)])
+    prefix = []
+    for a, b in zip(tokens, ref, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        prefix.append(k / len(a))
+    return {"greedy_same_tokens": float(same), "greedy_prefix": float(np.mean(prefix))}
+
+
+def load_data(args, tokenizer) -> dict:
+    corpus = text_corpus.load_corpus(text_corpus.SOURCES, max_chars=args.max_chars, tokenizer=tokenizer)
+    train, held_out = corpus.split_tokens("train"), corpus.split_tokens("eval")
+    rng = np.random.default_rng(SEED)
+    calibration = next(text_corpus.batches(train, args.calib_seqs, args.calib_len, rng))[:, :-1]
+    windows = text_corpus.eval_windows(held_out, args.seq_len, args.eval_windows)
+    starts = np.linspace(0, len(held_out) - args.prompt_len - 1, args.prompts).round().astype(np.int64)
+    prompts = [held_out[s : s + args.prompt_len].tolist() for s in starts]
+    return {"calibration": calibration, "windows": windows, "prompts": prompts, "eval_tokens": len(held_out)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=None, help="fnmatch patterns of row names (default: all)")
+    parser.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.8])
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="small sizes; writes quantization_eval_quick.json")
+    for name, value in SIZES["full"].items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--eval-batch", type=int, default=4)
+    parser.add_argument("--max-chars", type=int, default=None, help="only the corpus's first characters")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for name, value in SIZES["quick" if args.quick else "full"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        args.out = RESULTS / ("quantization_eval_quick.json" if args.quick else "quantization_eval.json")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    path = ssm_llm.default_model_path()
+    config, params = converters.load(path)
+    tokenizer = converters.load_tokenizer(path)
+    data = load_data(args, tokenizer)
+    rows = rows_for(args.alphas, args.group_size)
+    chosen = [n for n in rows if n == "fp32" or not args.rows or any(fnmatch.fnmatch(n, p) for p in args.rows)]
+    ref_tokens = greedy(params, config, data["prompts"], args.new_tokens)
+    results = {}
+    for name in tqdm(chosen, desc="rows"):
+        kwargs = rows[name]
+        start = time.perf_counter()
+        if kwargs is None:
+            qparams, qconfig = params, config
+        else:
+            extra = (
+                {"calibration": data["calibration"], "progress": False}
+                if "gptq" in kwargs or "smoothing" in kwargs
+                else {}
+            )
+            qparams, qconfig = ssm_llm.quantize_weights(params, config, **kwargs, **extra)
+        quantize_s = time.perf_counter() - start
+        row = scores(qparams, qconfig, params, config, data["windows"], args.eval_batch)
+        row.update(agreement(greedy(qparams, qconfig, data["prompts"], args.new_tokens), ref_tokens))
+        linears = nbytes([qparams["layers"][n] for n in LINEARS])
+        row.update(weight_bytes=nbytes(qparams), linear_bytes=linears, quantize_seconds=quantize_s, arguments=kwargs)
+        results[name] = row
+        print(
+            f"{name:<24} ppl {row['perplexity']:.3f}  kl {row['kl_to_fp32']:.4f}  "
+            f"greedy {row['greedy_same_tokens']:.3f}"
+        )
+    base = results["fp32"]
+    for row in results.values():
+        row["ppl_ratio"] = row["perplexity"] / base["perplexity"]
+        row["bytes_ratio"] = row["weight_bytes"] / base["weight_bytes"]
+        row["linear_bytes_ratio"] = row["linear_bytes"] / base["linear_bytes"]
+    result = {
+        "model": f"{path.name} (dequantized to float32)",
+        "machine": machine_info(),
+        "setup": {
+            "evaluation": {
+                "windows": len(data["windows"]),
+                "tokens_per_window": args.seq_len,
+                "scored_tokens": int(len(data["windows"]) * args.seq_len),
+                "held_out_tokens": data["eval_tokens"],
+            },
+            "calibration": {"windows": args.calib_seqs, "tokens_per_window": args.calib_len},
+            "greedy": {"prompts": args.prompts, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens},
+        },
+        "targets": {"w8a8_ppl_within": TARGET_PPL, "greedy_same_tokens_at_least": TARGET_GREEDY},
+        "rows": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
+    print_table(result, args.out)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Perplexity ratio and greedy agreement per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["rows"])
+    rows = [result["rows"][n] for n in names]
+    ys = np.arange(len(names))[::-1]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.35 * len(names) + 1.5), sharey=True)
+    colors = ["gray" if n == "fp32" else "tab:blue" if "a8" in n.split()[0][2:] else "tab:orange" for n in names]
+    ax1.barh(ys, [r["ppl_ratio"] - 1 for r in rows], color=colors)
+    ax1.axvline(TARGET_PPL, color="black", linestyle="--", linewidth=1, label="W8A8 target +1%")
+    ax1.set_xlabel("perplexity / fp32's - 1")
+    ax1.legend(fontsize=7)
+    ax2.barh(ys, [r["greedy_same_tokens"] for r in rows], color=colors)
+    ax2.axvline(TARGET_GREEDY, color="black", linestyle="--", linewidth=1, label="target 90%")
+    ax2.set_xlabel("greedy tokens equal to fp32's")
+    ax2.legend(fontsize=7)
+    ax1.set_yticks(ys, names, fontsize=7)
+    machine = result["machine"]
+    fig.suptitle(
+        f"SmolLM2-135M quantized, {result['setup']['evaluation']['scored_tokens']} held-out tokens ({machine['cpu']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(result: dict, path: Path) -> None:
+    print(f"\nresults: {path}; {result['machine']['cpu']}")
+    print(f"{'row':<24}{'ppl':>9}{'ratio':>8}{'KL':>8}{'top1':>7}{'greedy':>8}{'prefix':>8}{'MB':>8}{'linears':>9}")
+    for name, r in result["rows"].items():
+        print(
+            f"{name:<24}{r['perplexity']:>9.3f}{r['ppl_ratio']:>8.4f}{r['kl_to_fp32']:>8.4f}"
+            f"{r['next_token_agreement']:>7.3f}{r['greedy_same_tokens']:>8.3f}{r['greedy_prefix']:>8.3f}"
+            f"{r['weight_bytes'] / 1e6:>8.1f}{r['linear_bytes_ratio']:>9.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
