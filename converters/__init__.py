@@ -22,6 +22,7 @@ from converters.gguf_file import read_gguf
 from converters.hf_config import config_from_hf
 from converters.hf_source import read_hf_directory, read_state_dict, read_transformers_model
 from converters.mamba_weights import convert_mamba_weights
+from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_tokenizer
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.quant import quantize_weights
@@ -38,6 +39,12 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _read(source, config):
+    hf_config, tensors = _read_source(source, config)
+    fmt = packed_format(hf_config) if isinstance(hf_config, Mapping) else None
+    return hf_config, (tensors if fmt is None else PackedTensors(tensors, fmt))
+
+
+def _read_source(source, config):
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -66,11 +73,12 @@ def load(
     Architectures: llama, qwen2, mistral (also from GGUF), mamba and mamba2 (Hugging Face or the
     original state-spaces layout).
     `quantize`: None, or a scheme of `ssm_llm.quantize_weights` ("w8a8", "w8a16", "w4a16") for attention
-    models; the returned config says it. From a GGUF file the linears are built one tensor at a time,
-    and with `group_size="native"` a tensor stored as Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K keeps its block
-    codes exactly (groups of 32, Q6_K 16; 4-bit schemes take the 4-bit formats); other tensors are
-    rounded to nearest. group_size: "auto" ("native" for the weight-only schemes; per output channel for
-    "w8a8", whose CPU integer product wants it), "native", None (per output channel) or an int.
+    models; the returned config says it. From a GGUF file or a GPTQ / AWQ checkpoint the linears are built
+    one tensor at a time, and with `group_size="native"` a tensor stored as Q8_0 / Q4_0 / Q4_1 / Q4_K /
+    Q6_K or packed by GPTQ / AWQ keeps its codes exactly (4-bit schemes take the 4-bit formats); other
+    tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
+    group_size: "auto" ("native" for the weight-only schemes; per output channel for "w8a8", whose CPU
+    integer product wants it), "native", None (per output channel) or an int.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     if quantize is not None and quantize not in WEIGHT_BITS:
@@ -86,7 +94,7 @@ def load(
         return _quantized(model_config, params, quantize, group_size)
     hf_config, tensors = _read(source, config)
     model_config = config_from_hf(hf_config)
-    if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "codes"):
+    if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "native_bits"):
         params = convert_quantized_attention_weights(model_config, tensors, quantize, group_size, dtype, progress)
         return dataclasses.replace(model_config, quantization=quantize), params
     convert = convert_attention_weights if isinstance(model_config, ModelConfig) else convert_mamba_weights

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from converters.gguf_codes import NATIVE, as_quantized, requantized, stack
+from converters.gguf_codes import as_quantized, requantized, stack
 from converters.weight_table import convert_weights, fetch
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
@@ -80,13 +80,15 @@ class _Hidden(Mapping):
 
 
 def _linear_weight(source: Mapping, name: str, shape: tuple[int, int], bits: int, group_size) -> QuantizedWeight:
-    """One linear [in, out] as a `bits`-bit QuantizedWeight: the file's own block codes where
-    `group_size == "native"` and its format fits `bits`, else rounded to nearest from the float tensor
-    (groups of `group_size` rows; None: per output channel; "native": 32 rows at 4 bits, per channel at 8)."""
+    """One linear [in, out] as a `bits`-bit QuantizedWeight: the source's own block codes (a GGUF block
+    format, a GPTQ / AWQ packed linear) where `group_size == "native"` and they fit `bits`, else rounded to
+    nearest from the float tensor (groups of `group_size` rows; None: per output channel; "native": 32 rows
+    at 4 bits, per channel at 8)."""
     if name not in source:
         raise ValueError(f"checkpoint is missing tensor {name!r}")
     k, n = shape
-    if group_size == "native" and hasattr(source, "codes") and NATIVE.get(source.type_name(name), (0, 99))[1] <= bits:
+    needs = source.native_bits(name) if hasattr(source, "native_bits") else None
+    if group_size == "native" and needs is not None and needs <= bits:
         codes = source.codes(name)
         if codes.codes.shape != (n, k):
             raise ValueError(f"tensor {name!r} has shape {codes.codes.shape}, expected {(n, k)} for this config")

@@ -83,9 +83,11 @@ class GGUFTensors(Mapping):
                 array = unpermute_rotary_rows(array, heads)
         return array
 
-    def type_name(self, name: str) -> str:
-        """The GGUF storage type of tensor `name` ("F32", "Q4_1", ...)."""
-        return self._tensors[name].tensor_type.name
+    def native_bits(self, name: str) -> int | None:
+        """Bits the integer codes of tensor `name` need (`codes`), or None for a float or other type."""
+        from converters.gguf_codes import NATIVE
+
+        return NATIVE.get(self._tensors[name].tensor_type.name, (None, None))[1]
 
     def codes(self, name: str):
         """Tensor `name` as the integer codes of its blocks (`converters.gguf_codes.BlockCodes`), rows in

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _load(model: str | None):
+def _load(model: str | None, quantize: str | None = None):
     import converters
     from ssm_llm.default_model import default_model_path
 
     path = Path(model) if model else default_model_path()
-    print(f"loading {path}", file=sys.stderr)
-    config, params = converters.load(path, progress=True)
+    print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
+    config, params = converters.load(path, progress=True, quantize=quantize)
     return path, config, params
 
 
@@ -63,11 +63,7 @@ def _generate(args) -> int:
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
-    path, config, params = _load(args.model)
-    if args.quantize is not None:
-        from ssm_llm.quant.attention_weights import quantize_weights
-
-        params, config = quantize_weights(params, config, args.quantize)
+    path, config, params = _load(args.model, args.quantize)
     tokenizer = converters.load_tokenizer(path)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -158,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--quantize",
         choices=["w8a8", "w8a16", "w4a16"],
-        help="quantize an attention model's linear layers after loading (see ssm_llm.quantize_weights): "
-        "int8 weights and per-token int8 activations (w8a8), or int8 / int4 weights only",
+        help="load an attention model with quantized linear layers (converters.load(quantize=...)): int8 "
+        "weights and per-token int8 activations (w8a8), or int8 / int4 weights only; a GGUF file's Q8_0 / "
+        "Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
     )
     gen.set_defaults(func=_generate)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,13 +107,29 @@ def test_cli_generate_with_the_default_model():
     assert spec.stdout == result.stdout and "tokens per forward" in spec.stderr
 
 
+def test_packed_q4_1_load_is_the_float_model(smollm2):
+    """converters.load(quantize="w4a16") keeps the shipped file's Q4_1 codes (4-bit, groups of 32, with
+    offsets): the same teacher-forced logits as the dequantized float32 load and the same greedy tokens,
+    in 0.36x the bytes (tests/converters/test_gguf_codes.py checks every GGUF format on small files)."""
+    config, params, tokenizer, path = smollm2
+    qconfig, qparams = converters.load(path, quantize="w4a16")
+    ids = tokenizer(TEXT).input_ids[:64]
+    want, _ = ssm_llm.forward(params, config, jnp.asarray([ids]), ssm_llm.init_cache(config, 1, 64))
+    got, _ = ssm_llm.forward(qparams, qconfig, jnp.asarray([ids]), ssm_llm.init_cache(qconfig, 1, 64))
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    assert nbytes(qparams) <= 0.4 * nbytes(params)
+    gen = ssm_llm.GenerationConfig(max_new_tokens=16, eos_token_ids=())
+    assert ssm_llm.generate(qparams, qconfig, [ids], gen).tokens == ssm_llm.generate(params, config, [ids], gen).tokens
+
+
 def test_cli_generate_quantized():
-    """--quantize quantizes the loaded model's linear layers (ssm_llm.quantize_weights; the schemes' own
-    tests are in tests/quant/test_attention_weight_quant.py). int8 weights keep this answer."""
+    """--quantize loads the model with quantized linear layers (converters.load(quantize=...)); int8
+    weights keep this answer. The schemes' own tests: tests/quant/test_attention_weight_quant.py."""
     prompt = ("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
     result = run_cli(*prompt, "--quantize", "w8a16")
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert "Paris" in result.stdout and "as w8a16" in result.stderr
     result = run_cli(*prompt, "--quantize", "w3")
     assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
 
