@@ -22,6 +22,9 @@ Writes experiments/results/bench_speculative.json (+ .png) and prints a table la
 
     python experiments/bench_speculative.py            # full run (~30 min on 2 cores)
     python experiments/bench_speculative.py --quick    # smoke run (1 prompt per kind, the 2 default drafters)
+    python experiments/bench_speculative.py --quantize w8a8 --train-free --no-peer
+        # the W8A8 target (ssm_llm.quantize_weights), prompt lookup and Token Recycling only:
+        # experiments/results/bench_speculative_w8a8.json; exactness is checked against plain W8A8 greedy
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def warm_texts() -> list[str]:
     return WARM + [f"{pydoc_data.topics.topics[t][:1200]}\n\n{q}" for t, q in WARM_TOPICS]
 
 
-def drafters(params, config, quick: bool) -> dict[str, object]:
+def drafters(params, config, quick: bool, train_free: bool = False) -> dict[str, object]:
     """The drafters compared (name -> drafter), the sweep's larger trees first, then its smaller ones (the
     library's defaults; --quick runs only these two). Names as in the committed results: the unsuffixed
     ones are the larger trees, prompt_lookup_3 has 3 drafts, token_recycling_6 6 nodes (5 drafts). The
@@ -118,6 +121,12 @@ def drafters(params, config, quick: bool) -> dict[str, object]:
     }
     if quick:
         return small
+    if train_free:
+        return {
+            "prompt_lookup": speculative.PromptLookup(num_tokens=LARGE_LOOKUP),
+            "token_recycling": speculative.TokenRecycling(template=speculative.WIDE_TEMPLATE),
+            **small,
+        }
     draft_params, draft_config = speculative.self_speculative(params, config, SKIP_KEEP)
     return {
         "prompt_lookup": speculative.PromptLookup(num_tokens=LARGE_LOOKUP),
@@ -227,12 +236,17 @@ def main(argv=None):
         "--quick", action="store_true", help="1 prompt per kind, the 2 default drafters, 1 repeat, no peer"
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    parser.add_argument(
+        "--quantize", choices=["w8a8", "w8a16", "w4a16"], default=None, help="the target's weight quantization"
+    )
+    parser.add_argument("--train-free", action="store_true", help="only prompt lookup and Token Recycling")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON at --out")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.no_peer = 1, True
-    out_path = args.out or RESULTS / ("bench_speculative_quick.json" if args.quick else "bench_speculative.json")
+    suffix = ("_" + args.quantize if args.quantize else "") + ("_quick" if args.quick else "")
+    out_path = args.out or RESULTS / f"bench_speculative{suffix}.json"
     if args.replot:
         plot(json.loads(out_path.read_text())["summary"], out_path.with_suffix(".png"))
         return
@@ -242,6 +256,8 @@ def main(argv=None):
     tokenizer = converters.load_tokenizer(path)
     config, params = converters.load(path)
     params = ssm_llm.unstack_layers(params)  # the faster layout for CPU decode (ssm_llm.layer_layout)
+    if args.quantize:
+        params, config = ssm_llm.quantize_weights(params, config, args.quantize)
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
     def encode(message):
@@ -256,7 +272,7 @@ def main(argv=None):
     warm = [] if args.quick else [encode(m) for m in warm_texts()]
     max_len = max(len(p) for p in [*prompts.values(), *warm]) + args.new_tokens
     runners = {"plain": Runner(params, config, None, eos, args.new_tokens, max_len)}
-    for name, drafter in drafters(params, config, args.quick).items():
+    for name, drafter in drafters(params, config, args.quick, args.train_free).items():
         runners[name] = Runner(params, config, drafter, eos, args.new_tokens, max_len)
         if name.startswith("token_recycling") and warm:
             runners[f"{name}_hot"] = Runner(params, config, drafter, eos, args.new_tokens, max_len).hot(
