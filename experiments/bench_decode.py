@@ -6,12 +6,13 @@ and unstacked (unrolled loop, faster on CPU).
 Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
   * prefill time  = t(1 new token) for a 512-token prompt
-`--quantize w8a8` (or w8a16 / w4a16) adds ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`)
-in both layouts; its greedy tokens differ from float32's, so it reports the fraction of them that agree.
+`--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`) adds ssm_llm on the
+weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
+float32's, so it reports the fraction of them that agree.
 Writes experiments/results/bench_decode.json (+ .png) and prints a table of ratios last.
 
     python experiments/bench_decode.py            # full run (~10 min on 2 cores)
-    python experiments/bench_decode.py --quantize w8a8 --out experiments/results/bench_decode_w8a8.json
+    python experiments/bench_decode.py --quantize w8a8 w8a8-rot --out experiments/results/bench_decode_w8a8.json
     python experiments/bench_decode.py --quick    # smoke run
 """
 
@@ -72,7 +73,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--quantize", nargs="*", default=[], choices=list(WEIGHT_BITS))
+    parser.add_argument("--quantize", nargs="*", default=[], choices=[*WEIGHT_BITS, "w8a8-rot"])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -87,7 +88,8 @@ def main(argv=None):
     ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
     float_names = {r.name for r in ours}
     for scheme in args.quantize:
-        qparams, qconfig = ssm_llm.quantize_weights(params, config, scheme)
+        rotation = scheme.endswith("-rot")
+        qparams, qconfig = ssm_llm.quantize_weights(params, config, scheme.removesuffix("-rot"), rotation=rotation)
         ours += [
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),

@@ -16,6 +16,7 @@ Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
   w8a8                     int8 weights per output channel, dynamic per-token int8 activations
   w8a8 smooth=A            + SmoothQuant outlier migration with alpha A (--alphas)
   w8a8 smooth=A gptq       + GPTQ weights
+  w8a8 (smooth=A) rot (gptq)  + online block-Hadamard rotation of every linear's input (QuaRot-style)
   w8a16 / w8a16 gptq       int8 weights only
   w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size)
 Targets (issue 20): W8A8 perplexity within 1% of fp32, greedy agreement >= 90% of tokens.
@@ -33,6 +34,7 @@ import fnmatch
 import functools
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +69,10 @@ def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
         rows[f"w8a8 smooth={a:g}"] = {"scheme": "w8a8", "smoothing": a}
     for a in alphas:
         rows[f"w8a8 smooth={a:g} gptq"] = {"scheme": "w8a8", "smoothing": a, "gptq": True}
+    rows["w8a8 rot"] = {"scheme": "w8a8", "rotation": True}
+    for a in alphas:
+        rows[f"w8a8 smooth={a:g} rot"] = {"scheme": "w8a8", "smoothing": a, "rotation": True}
+        rows[f"w8a8 smooth={a:g} rot gptq"] = {"scheme": "w8a8", "smoothing": a, "rotation": True, "gptq": True}
     rows["w8a16"] = {"scheme": "w8a16"}
     rows["w8a16 gptq"] = {"scheme": "w8a16", "gptq": True}
     rows[f"w4a16 g{group_size}"] = {"scheme": "w4a16", "group_size": group_size}
@@ -79,29 +85,45 @@ def nbytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ref_config"))
-def _scores(params, config, ref_params, ref_config, windows):
-    """Per row of windows [B, T + 1]: summed NLL of the targets, summed KL(ref || model) over positions,
-    count of positions where both argmaxes agree."""
-    tokens, targets = windows[:, :-1], windows[:, 1:]
-
-    def logp(p, c):
-        logits, _ = ssm_llm.forward(p, c, tokens, ssm_llm.init_cache(c, *tokens.shape))
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-    lq, lr = logp(params, config), logp(ref_params, ref_config)
-    nll = -jnp.take_along_axis(lq, targets[..., None], axis=-1)[..., 0].sum(axis=1)
-    kl = (jnp.exp(lr) * (lr - lq)).sum(axis=-1).sum(axis=1)
-    same = (jnp.argmax(lq, -1) == jnp.argmax(lr, -1)).sum(axis=1)
-    return nll, kl, same
+@functools.partial(jax.jit, static_argnames="config")
+def _log_probs(params, config, tokens):
+    """Next-token log-probabilities [B, T, V] (float32) of `tokens` [B, T] from an empty cache."""
+    logits, _ = ssm_llm.forward(params, config, tokens, ssm_llm.init_cache(config, *tokens.shape))
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def scores(params, config, ref_params, ref_config, windows: np.ndarray, batch: int) -> dict:
+@jax.jit
+def _compare(lq, lr, targets):
+    """Summed NLL of `targets` under lq, summed KL(lr || lq), and the count of equal argmaxes."""
+    nll = -jnp.take_along_axis(lq, targets[..., None], axis=-1)[..., 0].sum()
+    kl = (jnp.exp(lr) * (lr - lq)).sum()
+    return nll, kl, (jnp.argmax(lq, -1) == jnp.argmax(lr, -1)).sum()
+
+
+class Reference:
+    """The float model's log-probabilities per evaluation batch, computed once and kept on disk (each
+    batch is [B, T, V] float32: ~400 MB at 4 x 512 x 49152), so every row runs one forward, not two."""
+
+    def __init__(self, params, config, directory: Path):
+        self.params, self.config, self.directory = params, config, directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, index: int, tokens) -> np.ndarray:
+        path = self.directory / f"batch{index}.npy"
+        if not path.exists():
+            np.save(path, np.asarray(_log_probs(self.params, self.config, tokens)))
+        return np.load(path, mmap_mode="r")
+
+
+def scores(params, config, reference: Reference, windows: np.ndarray, batch: int) -> dict:
     """Mean NLL, mean KL to the reference and next-token agreement over every target of `windows`."""
     sums = np.zeros(3)
-    for start in tqdm(range(0, len(windows), batch), desc="scoring", leave=False):
+    for i, start in enumerate(tqdm(range(0, len(windows), batch), desc="scoring", leave=False)):
         chunk = jnp.asarray(windows[start : start + batch])
-        sums += [float(np.asarray(v).sum()) for v in _scores(params, config, ref_params, ref_config, chunk)]
+        tokens, targets = chunk[:, :-1], chunk[:, 1:]
+        lr = reference(i, tokens)
+        lq = lr if params is reference.params else _log_probs(params, config, tokens)
+        sums += [float(v) for v in _compare(jnp.asarray(lq), jnp.asarray(lr), targets)]
     n = windows.shape[0] * (windows.shape[1] - 1)
     nll, kl, same = sums / n
     return {"nll": nll, "perplexity": float(np.exp(nll)), "kl_to_fp32": kl, "next_token_agreement": same}
@@ -162,6 +184,8 @@ def main(argv=None) -> dict:
     rows = rows_for(args.alphas, args.group_size)
     chosen = [n for n in rows if n == "fp32" or not args.rows or any(fnmatch.fnmatch(n, p) for p in args.rows)]
     ref_tokens = greedy(params, config, data["prompts"], args.new_tokens)
+    scratch = tempfile.TemporaryDirectory(prefix="quantization_eval_")
+    reference = Reference(params, config, Path(scratch.name))
     results = {}
     for name in tqdm(chosen, desc="rows"):
         kwargs = rows[name]
@@ -176,7 +200,7 @@ def main(argv=None) -> dict:
             )
             qparams, qconfig = ssm_llm.quantize_weights(params, config, **kwargs, **extra)
         quantize_s = time.perf_counter() - start
-        row = scores(qparams, qconfig, params, config, data["windows"], args.eval_batch)
+        row = scores(qparams, qconfig, reference, data["windows"], args.eval_batch)
         row.update(agreement(greedy(qparams, qconfig, data["prompts"], args.new_tokens), ref_tokens))
         linears = nbytes([qparams["layers"][n] for n in LINEARS])
         row.update(weight_bytes=nbytes(qparams), linear_bytes=linears, quantize_seconds=quantize_s, arguments=kwargs)
@@ -185,6 +209,7 @@ def main(argv=None) -> dict:
             f"{name:<24} ppl {row['perplexity']:.3f}  kl {row['kl_to_fp32']:.4f}  "
             f"greedy {row['greedy_same_tokens']:.3f}"
         )
+    scratch.cleanup()
     base = results["fp32"]
     for row in results.values():
         row["ppl_ratio"] = row["perplexity"] / base["perplexity"]

@@ -66,7 +66,9 @@ class ModelConfig:
     `layer_windows[i]` is layer i's sliding-window size (0: full causal attention); a key at position
     `s` is visible from a query at `p` when `p - window < s <= p`, as in Hugging Face. `quantization`
     says how the linear layers are stored and multiplied (one of `WEIGHT_QUANTIZATIONS`; set by
-    `ssm_llm.quantize_weights`).
+    `ssm_llm.quantize_weights`); with `activation_rotation` ("w8a8" only) every linear's input is rotated
+    by a block Hadamard matrix (`ssm_llm.hadamard.block_hadamard`) before it is rounded to int8, the
+    weights holding the same rotation.
     """
 
     vocab_size: int
@@ -89,6 +91,7 @@ class ModelConfig:
     model_type: str = "llama"
     family: str = ATTENTION_FAMILY
     quantization: str = "none"
+    activation_rotation: bool = False
 
     def __post_init__(self):
         for name in (
@@ -123,6 +126,13 @@ class ModelConfig:
         if self.quantization not in WEIGHT_QUANTIZATIONS:
             raise ValueError(
                 f"config.quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if not isinstance(self.activation_rotation, bool):
+            raise ValueError(f"config.activation_rotation must be True or False, got {self.activation_rotation!r}")
+        if self.activation_rotation and self.quantization != "w8a8":
+            raise ValueError(
+                "config.activation_rotation rotates int8 activations: it needs quantization 'w8a8', "
+                f"got {self.quantization!r}"
             )
 
     @property

@@ -28,3 +28,21 @@ def fwht(x):
         y = jnp.stack([a + b, a - b], axis=-2)
         h *= 2
     return y.reshape(*lead, n) * (1.0 / n**0.5)
+
+
+def hadamard_block(n: int) -> int:
+    """The Hadamard block size used for an axis of n channels: the largest power of two dividing n."""
+    if n < 1:
+        raise ValueError(f"hadamard_block: n must be positive, got {n}")
+    return n & -n
+
+
+def block_hadamard(x, axis: int = -1):
+    """x Q along `axis`, Q the block-diagonal matrix of normalized Hadamard blocks of size
+    `hadamard_block(n)` (the whole axis when n is a power of two; identity for odd n): symmetric and
+    orthogonal, so applying it twice gives x back. Float32 result."""
+    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+    n = x.shape[-1]
+    block = hadamard_block(n)
+    y = x.astype(jnp.float32) if block == 1 else fwht(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
+    return jnp.moveaxis(y, -1, axis)

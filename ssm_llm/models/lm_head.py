@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
+from ssm_llm.hadamard import block_hadamard
 
 # On CPU, up to this many rows (batch x tokens), tied logits are computed as `embed @ h.T` ([V, rows])
 # and transposed back: XLA then streams the [V, H] embedding once like a matrix-vector product instead
@@ -17,10 +18,13 @@ from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, q
 SMALL_ROWS = 32
 
 
-def linear(x: jax.Array, w, b: jax.Array | None = None, int8_acts: bool = False) -> jax.Array:
+def linear(x: jax.Array, w, b: jax.Array | None = None, int8_acts: bool = False, rotate: bool = False) -> jax.Array:
     """`x: [..., in] @ w: [in, out] (+ b: [out])`. A `QuantizedWeight` w multiplies through the quantized
-    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8)."""
+    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8), x first rotated
+    by `block_hadamard` if `rotate` (w then holds the rotated rows)."""
     if isinstance(w, QuantizedWeight):
+        if int8_acts and rotate:
+            x = block_hadamard(x).astype(x.dtype)
         y = int8_matmul(x, w) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
     else:
         y = x @ w

@@ -12,6 +12,9 @@ With `calibration` (token ids of real text) the layers are walked one at a time,
 computed by the already quantized layers before it, and two corrections use them:
   smoothing=alpha  SmoothQuant's outlier migration before W8A8 rounding (`ssm_llm.quant.smoothquant`);
   gptq=True        GPTQ instead of round-to-nearest for every linear (`ssm_llm.quant.gptq`).
+`rotation=True` ("w8a8", no calibration needed) rotates every linear's input by a block Hadamard matrix
+before its int8 rounding (QuaRot's online rotation, `config.activation_rotation`), spreading outlier
+channels over their block; the weights' rows hold the same rotation, so the float product is unchanged.
 The quantized model runs through the same `forward`, `generate`, KV compression and speculative decoding,
 and saves / loads with `converters.save` / `converters.load` keeping the integer codes.
 """
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.hadamard import block_hadamard
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
 from ssm_llm.param_check import check_params
@@ -46,6 +50,7 @@ def quantize_weights(
     calibration=None,
     smoothing: float | None = None,
     gptq: bool = False,
+    rotation: bool = False,
     progress: bool = True,
 ):
     """Quantize an attention model's linear layers (see the module docstring) -> (params, config).
@@ -53,7 +58,8 @@ def quantize_weights(
     scheme: "w8a8", "w8a16" or "w4a16"; group_size: rows of the input dimension sharing one scale (None:
     one scale per output channel); it must divide every linear's input size. calibration: token ids
     [B, T] of real text (no padding), needed by `smoothing` (SmoothQuant's alpha in (0, 1], "w8a8" only)
-    and `gptq`. Works on either layer layout (stacked or a list of per-layer dicts) and keeps it.
+    and `gptq`. rotation: see the module docstring ("w8a8" only). Works on either layer layout (stacked
+    or a list of per-layer dicts) and keeps it.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(
@@ -70,19 +76,21 @@ def quantize_weights(
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None (per output channel), got {group_size!r}")
     _check_corrections(scheme, calibration, smoothing, gptq)
+    if not isinstance(rotation, bool) or (rotation and scheme != "w8a8"):
+        raise ValueError(f"rotation (True or False) rotates int8 activations: scheme 'w8a8' only, got {rotation!r}")
     check_params(params, config)
     check_linear_kinds(params, config)  # float linears: a QuantizedWeight under a "none" config is refused
     bits = WEIGHT_BITS[scheme]
-    qconfig = dataclasses.replace(config, quantization=scheme)
+    qconfig = dataclasses.replace(config, quantization=scheme, activation_rotation=rotation)
     layers = params["layers"]
     if calibration is not None:
         tokens = check_calibration(calibration, config.vocab_size)
         quantized = _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, progress)
         return (stack_layers(quantized) if is_stacked(params) else quantized), qconfig
     if isinstance(layers, (list, tuple)):
-        new_layers = [_quantize_layer(layer, bits, group_size, stacked=False) for layer in layers]
+        new_layers = [_quantize_layer(_rotated(layer, rotation), bits, group_size, stacked=False) for layer in layers]
     else:
-        new_layers = _quantize_layer(layers, bits, group_size, stacked=True)
+        new_layers = _quantize_layer(_rotated(layers, rotation), bits, group_size, stacked=True)
     return {**params, "layers": new_layers}, qconfig
 
 
@@ -116,6 +124,7 @@ def _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, pr
         scales = None
         if smoothing is not None:
             layer, scales = smooth_layer(layer, config, {site: v["amax"] for site, v in stats.items()}, smoothing)
+        layer = _rotated(layer, qconfig.activation_rotation)
         hessians = None
         if gptq:
             hessians = {}
@@ -124,11 +133,21 @@ def _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, pr
                 if scales is not None:  # the smoothed layer reads x / s
                     inv = 1.0 / np.asarray(scales[site], np.float64)
                     xtx = xtx * inv[:, None] * inv[None, :]
+                if qconfig.activation_rotation:  # and then x Q: Q^T xtx Q (Q symmetric)
+                    xtx = np.asarray(block_hadamard(block_hadamard(xtx, axis=0), axis=1), np.float64)
                 hessians[site] = xtx
         qlayer = _quantize_layer(layer, bits, group_size, stacked=False, hessians=hessians)
         x, _ = layer_statistics(qconfig, qlayer, x, window)
         new_layers.append(qlayer)
     return {**params, "layers": new_layers}
+
+
+def _rotated(layer: dict, rotation: bool) -> dict:
+    """The layer's linears with their input rows rotated (Q w, Q the block Hadamard of `block_hadamard`),
+    for inputs rotated the same way (x Q)(Q w) = x w."""
+    if not rotation:
+        return layer
+    return {**layer, **{name: block_hadamard(layer[name], axis=-2) for name in LINEARS}}
 
 
 def _quantize_layer(layer: dict, bits: int, group_size: int | None, stacked: bool, hessians=None) -> dict:

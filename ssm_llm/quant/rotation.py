@@ -20,23 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.hadamard import fwht
-
-
-def hadamard_block(n: int) -> int:
-    """The Hadamard block size used for an axis of n channels: the largest power of two dividing n."""
-    if n < 1:
-        raise ValueError(f"hadamard_block: n must be positive, got {n}")
-    return n & -n
-
-
-def hadamard(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x Q along `axis` (Q symmetric and orthogonal, see the module docstring); float32 result."""
-    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
-    n = x.shape[-1]
-    block = hadamard_block(n)
-    y = x.astype(jnp.float32) if block == 1 else fwht(x.reshape(*x.shape[:-1], n // block, block)).reshape(x.shape)
-    return jnp.moveaxis(y, -1, axis)
+from ssm_llm.hadamard import block_hadamard as hadamard
+from ssm_llm.hadamard import hadamard_block  # noqa: F401  (re-exported: the block size used)
 
 
 @functools.partial(jax.jit, static_argnames="config")  # one program, not a few hundred eager ops
