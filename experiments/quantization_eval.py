@@ -18,7 +18,8 @@ Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
   w8a8 smooth=A gptq       + GPTQ weights
   w8a8 (smooth=A) rot (gptq)  + online block-Hadamard rotation of every linear's input (QuaRot-style)
   w8a16 / w8a16 gptq       int8 weights only
-  w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size)
+  w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size), re-quantized from fp32
+  w4a16 gguf codes         `converters.load(path, quantize="w4a16")`: the file's own Q4_1 codes
 Targets (issue 20): W8A8 perplexity within 1% of fp32, greedy agreement >= 90% of tokens.
 Writes experiments/results/quantization_eval.json (+ .png) and prints a table.
 
@@ -77,6 +78,7 @@ def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
     rows["w8a16 gptq"] = {"scheme": "w8a16", "gptq": True}
     rows[f"w4a16 g{group_size}"] = {"scheme": "w4a16", "group_size": group_size}
     rows[f"w4a16 g{group_size} gptq"] = {"scheme": "w4a16", "group_size": group_size, "gptq": True}
+    rows["w4a16 gguf codes"] = {"load": "w4a16"}  # converters.load keeps the file's Q4_1 blocks
     return rows
 
 
@@ -192,6 +194,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         if kwargs is None:
             qparams, qconfig = params, config
+        elif "load" in kwargs:
+            qconfig, qparams = converters.load(path, quantize=kwargs["load"])
         else:
             extra = (
                 {"calibration": data["calibration"], "progress": False}
