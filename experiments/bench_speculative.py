@@ -304,8 +304,28 @@ def main(argv=None):
         for p in prompts
         if results[name][p]["tokens"] != results["plain"][p]["tokens"]
     ]
-    if mismatches:
+    if mismatches and not args.quantize:
         raise SystemExit(f"speculative output differs from plain greedy: {mismatches}")
+    # A quantized target is exact only up to its own rounding: per-token int8 activations turn the float noise
+    # of a differently shaped forward (a verified tree vs one token) into whole rounding steps, which can flip
+    # near-tied greedy choices. So its outputs are compared, not required equal.
+    agreement = {
+        name: float(
+            np.mean(
+                [
+                    np.mean(
+                        [
+                            a == b
+                            for a, b in zip(results[name][p]["tokens"], results["plain"][p]["tokens"], strict=False)
+                        ]
+                    )
+                    for p in prompts
+                ]
+            )
+        )
+        for name in runners
+        if not name.startswith("hf_")
+    }
 
     summary = {}
     for name in runners:
@@ -352,6 +372,8 @@ def main(argv=None):
         "prompt_tokens": {p: len(ids) for p, ids in prompts.items()},
         "drafters": {name: repr(getattr(r, "gen", None) and r.gen.speculative)[:300] for name, r in runners.items()},
         "forward_seconds_by_tree_size": costs,
+        "mismatches_with_plain": mismatches,
+        "token_agreement_with_plain": agreement,
         "summary": summary,
         "raw": results,
         "total_wall_s": time.perf_counter() - wall,

@@ -19,7 +19,13 @@ def _load(model: str | None, quantize: str | None = None):
 
     path = Path(model) if model else default_model_path()
     print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
-    config, params = converters.load(path, progress=True, quantize=quantize)
+    if quantize == "w8a8-rot":  # W8A8 with rotated inputs: from the float weights
+        from ssm_llm.quant import quantize_weights
+
+        config, params = converters.load(path, progress=True)
+        params, config = quantize_weights(params, config, "w8a8", rotation=True)
+    else:
+        config, params = converters.load(path, progress=True, quantize=quantize)
     return path, config, params
 
 
@@ -153,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--quantize",
-        choices=["w8a8", "w8a16", "w4a16"],
+        choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"],
         help="load an attention model with quantized linear layers (converters.load(quantize=...)): int8 "
-        "weights and per-token int8 activations (w8a8), or int8 / int4 weights only; a GGUF file's Q8_0 / "
+        "weights and per-token int8 activations (w8a8; w8a8-rot with Hadamard-rotated inputs: +0.5%% "
+        "perplexity on SmolLM2 instead of +2.9%%), or int8 / int4 weights only; a GGUF file's Q8_0 / "
         "Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
     )
     gen.set_defaults(func=_generate)

@@ -125,11 +125,12 @@ def test_packed_q4_1_load_is_the_float_model(smollm2):
 
 def test_cli_generate_quantized():
     """--quantize loads the model with quantized linear layers (converters.load(quantize=...)); int8
-    weights keep this answer. The schemes' own tests: tests/quant/test_attention_weight_quant.py."""
+    weights, and W8A8 with rotated inputs, keep this answer. The schemes' own tests: tests/quant/."""
     prompt = ("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
-    result = run_cli(*prompt, "--quantize", "w8a16")
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout and "as w8a16" in result.stderr
+    for scheme in ("w8a16", "w8a8-rot"):
+        result = run_cli(*prompt, "--quantize", scheme)
+        assert result.returncode == 0, result.stderr
+        assert "Paris" in result.stdout and f"as {scheme}" in result.stderr
     result = run_cli(*prompt, "--quantize", "w3")
     assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
 
