@@ -69,7 +69,7 @@ def _generate(args) -> int:
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
-    path, config, params = _load(args.model, args.quantize)
+    path, config, params = _load(args.model, quantize=args.quantize)
     tokenizer = converters.load_tokenizer(path)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[2] / "experiments"))
 import quantization_eval as qe  # noqa: E402
 
-pytestmark = pytest.mark.optimized_xla  # the real model: run time, not compiling, dominates
+# The real model (~45 s): outside the default run to keep CI under 25 min; `-m slow` runs it.
+pytestmark = [pytest.mark.optimized_xla, pytest.mark.slow]
 
 
 def test_tiny_run_writes_the_json(tmp_path):
