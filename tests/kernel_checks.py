@@ -10,12 +10,18 @@ what catches unwritten elements.
 Triton lowering rejects fail here, in CI. Only the final PTX compilation needs a real GPU.
 """
 
+import os
 import sys
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The implementation the `test_<op>_gpu.py` tests run the Pallas (Triton) kernels with: the interpreter in CI
+# (any CPU), or compiled on a GPU with `SSM_LLM_KERNEL_IMPL=pallas` (what `experiments/gpu_check.sh` does).
+IMPL = os.environ.get("SSM_LLM_KERNEL_IMPL", "interpret")
+INTERPRET = IMPL == "interpret"
 
 # Tolerances per input dtype: the kernels compute in float32 and round outputs to the input dtype.
 TOL = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 2e-2}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_triton, random_attention_inputs
+from kernel_checks import IMPL, INTERPRET, assert_close, assert_lowers_to_triton, random_attention_inputs
 
 from pallas_kernels.cache_attention import (
     CacheAttentionBlockSizes,
@@ -46,7 +46,7 @@ def test_split_k_cache_attention_matches_reference(batch, steps, cache, heads, d
         dtype,
         int8,
     )
-    got = cache_attention(q, k, v, positions, lengths, window, None, ks, vs, impl="interpret")
+    got = cache_attention(q, k, v, positions, lengths, window, None, ks, vs, impl=IMPL)
     assert got.dtype == dtype
     assert_close(got, cache_attention_ref(q, k, v, positions, lengths, window, None, ks, vs), dtype)
 
@@ -55,7 +55,7 @@ def test_split_k_uses_several_splits_and_merges_them():
     q, k, v, _, _ = random_attention_inputs(np.random.default_rng(1), 1, 1, 4, 2, 200, 16, jnp.float32, False)
     lengths = jnp.array([187])
     blocks = CacheAttentionBlockSizes(block_k=16)  # 200 keys -> 13 splits of 16
-    got = cache_attention_pallas(q, k, v, lengths[:, None] - 1, lengths, block_sizes=blocks, interpret=True)
+    got = cache_attention_pallas(q, k, v, lengths[:, None] - 1, lengths, block_sizes=blocks, interpret=INTERPRET)
     assert_close(got, cache_attention_ref(q, k, v, lengths[:, None] - 1, lengths), jnp.float32)
 
 
@@ -68,7 +68,7 @@ def test_cache_attention_errors():
             cache.astype(jnp.int8),
             jnp.zeros((1, 1), int),
             jnp.array([1]),
-            impl="interpret",
+            impl=IMPL,
         )
     with pytest.raises(ValueError, match="CacheAttentionBlockSizes: max_rows must be a power of two >= 16, got 8"):
         CacheAttentionBlockSizes(max_rows=8)

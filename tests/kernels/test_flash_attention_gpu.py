@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_triton, random_prefill_inputs
+from kernel_checks import IMPL, assert_close, assert_lowers_to_triton, random_prefill_inputs
 
 from pallas_kernels.flash_attention import (
     FlashAttentionBlockSizes,
@@ -34,14 +34,14 @@ from pallas_kernels.flash_attention import (
 def test_flash_attention_kernel_matches_reference(batch, steps, heads, dim, window, dtype, blocks, data):
     lengths = jnp.array([data.draw(st.integers(0, steps)) for _ in range(batch)])
     q, k, v = random_prefill_inputs(data.draw(st.integers(0, 2**16)), batch, steps, *heads, dim, dtype)
-    got = flash_attention(q, k, v, window, lengths=lengths, block_sizes=blocks, impl="interpret")
+    got = flash_attention(q, k, v, window, lengths=lengths, block_sizes=blocks, impl=IMPL)
     assert got.dtype == dtype
     assert_close(got, flash_attention_ref(q, k, v, window, lengths=lengths), dtype)
 
 
 def test_flash_attention_runs_under_jit_with_traced_window():
     q, k, v = random_prefill_inputs(3, 1, 20, 2, 2, 16, jnp.float32)
-    run = jax.jit(lambda q, w: flash_attention(q, k, v, w, impl="interpret"))
+    run = jax.jit(lambda q, w: flash_attention(q, k, v, w, impl=IMPL))
     assert_close(run(q, 4), flash_attention_ref(q, k, v, 4), jnp.float32)
 
 
@@ -50,12 +50,12 @@ def test_flash_attention_dispatch_fallbacks_and_errors():
     k = jnp.ones((1, 2, 1, 8))
     np.testing.assert_array_equal(flash_attention(q, k, k, impl="auto"), flash_attention_ref(q, k, k))
     with pytest.raises(ValueError, match="power-of-two head_dim >= 16, got 8"):
-        flash_attention(q, k, k, impl="interpret")
+        flash_attention(q, k, k, impl=IMPL)
     q, k = jnp.ones((1, 2, 2, 16)), jnp.ones((1, 2, 1, 16))
     with pytest.raises(ValueError, match=r"lengths must be \[1\]"):
-        flash_attention(q, k, k, lengths=jnp.array([1, 2]), impl="interpret")
+        flash_attention(q, k, k, lengths=jnp.array([1, 2]), impl=IMPL)
     with pytest.raises(ValueError, match="flash_attention: block_sizes must be a FlashAttentionBlockSizes"):
-        flash_attention(q, k, k, block_sizes=FlashAttentionTPUBlockSizes(), impl="interpret")
+        flash_attention(q, k, k, block_sizes=FlashAttentionTPUBlockSizes(), impl=IMPL)
     with pytest.raises(ValueError, match="FlashAttentionBlockSizes: block_q must be a power of two >= 16, got 48"):
         FlashAttentionBlockSizes(block_q=48)
     with pytest.raises(ValueError, match="FlashAttentionBlockSizes: num_warps must be a positive int, got 0"):

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_triton, random_int8_inputs, random_quantized_weight
+from kernel_checks import (
+    IMPL,
+    INTERPRET,
+    assert_close,
+    assert_lowers_to_triton,
+    random_int8_inputs,
+    random_quantized_weight,
+)
 
 from pallas_kernels.quantized_matmul import (
     QuantizedMatmulBlockSizes,
@@ -39,11 +46,9 @@ SMALL_BLOCKS = QuantizedMatmulBlockSizes(block_n=16, block_k=32)
 # Jitted: one compile per drawn shape instead of one per eager op (several seconds on this CPU).
 quantize = jax.jit(quantize_weights, static_argnums=(1, 2, 3))
 reference = jax.jit(quantized_matmul_ref)
-kernel = jax.jit(functools.partial(quantized_matmul, impl="interpret"), static_argnames="block_sizes")
+kernel = jax.jit(functools.partial(quantized_matmul, impl=IMPL), static_argnames="block_sizes")
 int8_reference = jax.jit(quantized_matmul_int8_ref, static_argnums=3)
-int8_kernel = jax.jit(
-    functools.partial(quantized_matmul_int8, impl="interpret"), static_argnames=("out_dtype", "block_sizes")
-)
+int8_kernel = jax.jit(functools.partial(quantized_matmul_int8, impl=IMPL), static_argnames=("out_dtype", "block_sizes"))
 
 
 def _inputs(seed, lead, k, n, dtype):
@@ -105,7 +110,7 @@ def test_int4_packing_round_trips_extremes_through_reference_and_kernel():
     qw = QuantizedWeight(values, jnp.ones((1, 4), jnp.float32), bits=4, group_size=32)
     np.testing.assert_array_equal(np.asarray(dequantize_weights(qw)), np.asarray(q, np.float32))
     x = jnp.eye(32, dtype=jnp.float32)[:3]  # picks rows 0, 1, 2 of q
-    np.testing.assert_array_equal(np.asarray(quantized_matmul(x, qw, impl="interpret")), np.asarray(q[:3]))
+    np.testing.assert_array_equal(np.asarray(quantized_matmul(x, qw, impl=IMPL)), np.asarray(q[:3]))
 
 
 def test_int4_extremes_and_per_group_scales_with_int8_activations():
@@ -115,7 +120,7 @@ def test_int4_extremes_and_per_group_scales_with_int8_activations():
     xq = np.zeros((3, 128), np.int8)
     xq[0, 0], xq[1, 1], xq[2, [64, 127]] = 127, -127, (127, -127)
     want = 0.5 * np.array([127 * q[0], -127 * q[1], 2 * 127 * (q[64] - q[127])], np.float32)
-    for impl in ("xla", "interpret"):
+    for impl in ("xla", IMPL):
         np.testing.assert_array_equal(np.asarray(quantized_matmul_int8(jnp.asarray(xq), 0.5, qw, impl=impl)), want)
 
 
@@ -139,11 +144,11 @@ def test_dispatchers_run_under_jit_with_static_metadata_and_traced_scale():
     x, w = _inputs(0, (2, 3), 64, 40, jnp.bfloat16)
     qw = quantize(w, 4, 32)
     assert len(jax.tree_util.tree_leaves(qw)) == 2  # bits and group_size are metadata, not leaves
-    got = jax.jit(lambda x, qw: quantized_matmul(x, qw, impl="interpret"))(x, qw)
+    got = jax.jit(lambda x, qw: quantized_matmul(x, qw, impl=IMPL))(x, qw)
     assert got.shape == (2, 3, 40)
     assert_close(got, reference(x, qw), jnp.bfloat16)
     xq, x_scale, qw = random_int8_inputs(0, (2, 3), 128, 40, 4, 64)
-    for impl in ("xla", "interpret", "auto"):
+    for impl in ("xla", IMPL, "auto"):
         got = jax.jit(lambda xq, s, qw, impl=impl: quantized_matmul_int8(xq, s, qw, out_dtype=jnp.bfloat16, impl=impl))(
             xq, jnp.float32(x_scale), qw
         )
@@ -165,11 +170,12 @@ def test_clear_errors():
     qw = quantize(jnp.ones((64, 8)), 8, 32)
     with pytest.raises(ValueError, match=r"x must have shape \[..., 64\] \(the weight's K\), got \(2, 32\)"):
         quantized_matmul(jnp.ones((2, 32)), qw)
-    with pytest.raises(ValueError, match="no compiled Pallas kernel for backend 'cpu'"):
-        quantized_matmul(jnp.ones((2, 64)), qw, impl="pallas")
+    if jax.default_backend() == "cpu":  # on a GPU, impl="pallas" compiles
+        with pytest.raises(ValueError, match="no compiled Pallas kernel for backend 'cpu'"):
+            quantized_matmul(jnp.ones((2, 64)), qw, impl="pallas")
     small_groups = quantize(jnp.ones((64, 8)), 4, 16)  # 8 packed rows per group: below Triton's dot minimum
     with pytest.raises(ValueError, match="group_size to be a multiple of 32 for 4 bits, got 16"):
-        quantized_matmul(jnp.ones((2, 64)), small_groups, impl="interpret")
+        quantized_matmul(jnp.ones((2, 64)), small_groups, impl=IMPL)
     np.testing.assert_allclose(np.asarray(quantized_matmul(jnp.ones((2, 64)), small_groups)), 64.0, rtol=1e-6)
     with pytest.raises(ValueError, match="QuantizedMatmulBlockSizes: block_k must be a power of two >= 16, got 100"):
         QuantizedMatmulBlockSizes(block_k=100)
@@ -192,22 +198,21 @@ def test_int8_clear_errors():
         ((xq, 0.1, QuantizedWeight(qw.values.astype(jnp.uint8), qw.scales, 8, 32)), "8-bit values must be int8"),
     ]
     for args, message in cases:
-        for impl in ("xla", "interpret"):
+        for impl in ("xla", IMPL):
             with pytest.raises(ValueError, match=f"{name}: {message}"):
                 quantized_matmul_int8(*args, impl=impl)
     with pytest.raises(ValueError, match="out_dtype must be a floating-point dtype, got int32"):
         quantized_matmul_int8(xq, 0.1, qw, out_dtype=jnp.int32)
-    with pytest.raises(ValueError, match=f"{name}: no compiled Pallas kernel for backend 'cpu'"):
-        quantized_matmul_int8(xq, 0.1, qw, impl="pallas")
+    if jax.default_backend() == "cpu":  # on a GPU, impl="pallas" compiles
+        with pytest.raises(ValueError, match=f"{name}: no compiled Pallas kernel for backend 'cpu'"):
+            quantized_matmul_int8(xq, 0.1, qw, impl="pallas")
     with pytest.raises(ValueError, match=f"{name}: unknown impl 'triton'"):
         quantized_matmul_int8(xq, 0.1, qw, impl="triton")
     small_groups = random_quantized_weight(rng, 64, 8, 4, 32)
     with pytest.raises(ValueError, match="needs group_size to be a multiple of 64 for 4 bits, got 32; use impl='xla'"):
-        quantized_matmul_int8(xq, 0.1, small_groups, impl="interpret")
+        quantized_matmul_int8(xq, 0.1, small_groups, impl=IMPL)
     with pytest.raises(ValueError, match="needs group_size to be a multiple of 32 for 8 bits, got 48"):
-        quantized_matmul_int8(
-            jnp.ones((2, 96), jnp.int8), 0.1, random_quantized_weight(rng, 96, 8, 8, 48), impl="interpret"
-        )
+        quantized_matmul_int8(jnp.ones((2, 96), jnp.int8), 0.1, random_quantized_weight(rng, 96, 8, 8, 48), impl=IMPL)
 
 
 @pytest.mark.parametrize("k, n", [(576, 1536), (4096, 11008)])  # SmolLM2's MLP up, Llama-7B's MLP up
@@ -253,6 +258,6 @@ def test_offsets_asymmetric_weights_through_reference_kernel_and_int8(bits):
         np.asarray(int8_kernel(xq, 0.5, qw, out_dtype=jnp.float32)), want_int8, rtol=1e-5, atol=1e-3
     )
     with pytest.raises(ValueError, match="symmetric weights"):
-        quantized_matmul_pallas(x, qw, interpret=True)
+        quantized_matmul_pallas(x, qw, interpret=INTERPRET)
     with pytest.raises(ValueError, match="offsets must be None or of shape"):
         quantized_matmul_ref(x, QuantizedWeight(sym.values, sym.scales, bits, group, offsets[:1]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_checks import assert_close, assert_lowers_to_triton, random_attention_inputs
+from kernel_checks import IMPL, assert_close, assert_lowers_to_triton, random_attention_inputs
 
 from pallas_kernels.cache_attention import cache_attention_ref
 from pallas_kernels.tree_attention import tree_attention, tree_attention_pallas, tree_attention_ref
@@ -30,7 +30,7 @@ def test_tree_attention_kernel_matches_reference(batch, steps, prefix, heads, dt
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     q, k, v, _, _ = random_attention_inputs(rng, batch, steps, kv_heads * group, kv_heads, cache, 16, dtype, False)
     mask = jnp.asarray((rng.random((batch, steps, steps)) < 0.4) | np.eye(steps, dtype=bool))
-    got = tree_attention(q, k, v, prefixes, mask, impl="interpret")
+    got = tree_attention(q, k, v, prefixes, mask, impl=IMPL)
     assert_close(got, tree_attention_ref(q, k, v, prefixes, mask), dtype)
 
 
@@ -40,7 +40,7 @@ def test_tree_attention_of_a_chain_is_causal_cache_attention():
     chain = jnp.broadcast_to(jnp.tril(jnp.ones((5, 5), bool)), (2, 5, 5))
     want = cache_attention_ref(q, k, v, prefix[:, None] + jnp.arange(5), prefix + 5)
     assert_close(tree_attention_ref(q, k, v, prefix, chain), want, jnp.float32)
-    assert_close(tree_attention(q, k, v, prefix, chain, impl="interpret"), want, jnp.float32)
+    assert_close(tree_attention(q, k, v, prefix, chain, impl=IMPL), want, jnp.float32)
 
 
 def test_tree_attention_errors():
