@@ -82,14 +82,25 @@ BLOCK_SIZES = {
 
 # `--sweep`: other block sizes for the cases whose name starts with the key, each timed as a case of its own.
 SWEEP = {
-    "flash prefill llama3-8b": [
+    "flash prefill llama3-8b b4": [
         {"block_q": 128, "block_k": 64},
         {"block_q": 64, "block_k": 128},
         {"block_q": 128, "block_k": 128, "num_warps": 8},
+        {"num_stages": 3},
+        {"num_stages": 4},
+        {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
     ],
-    "decode attention bf16 b8 s4096": [{"block_k": 128}, {"block_k": 256, "num_warps": 8}],
-    "ssd chunked": [{"chunk": 128}, {"block_p": 64}],
-    "selective scan": [{"block_d": 64}, {"block_t": 32}],
+    "decode attention bf16 b8 s4096": [
+        {"block_k": 128},
+        {"block_k": 256},
+        {"block_k": 256, "num_warps": 8},
+        {"block_k": 512, "num_warps": 8},
+        {"block_k": 256, "num_warps": 8, "num_stages": 3},
+        {"block_k": 256, "num_warps": 8, "target_programs": 528},
+    ],
+    "tree attention": [{"block_k": 256, "num_warps": 8}],
+    "ssd chunked": [{"chunk": 128}, {"block_p": 64}, {"block_p": 16}, {"num_warps": 4}],
+    "selective scan": [{"block_d": 64}, {"block_t": 32}, {"block_d": 16}, {"block_d": 16, "num_warps": 2}],
     "int4 matmul m1": [{"block_n": 128}, {"block_k": 512}],
     "int8 matmul m1": [{"block_n": 128}],
 }
@@ -523,7 +534,9 @@ def measure(case, chosen_blocks, kernel_impl, on_gpu, input_sets, batches, per_b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (interpret mode on CPU): a smoke run")
-    parser.add_argument("--only", default="", help="run only cases whose name contains this text")
+    parser.add_argument(
+        "--only", default="", help="run only cases whose name contains this text (alternatives separated by '|')"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and the plot")
     parser.add_argument("--sweep", action="store_true", help="also time the other block sizes listed in SWEEP")
     parser.add_argument("--batches", type=int, default=10)
@@ -550,7 +563,9 @@ def main() -> None:
     device = jax.devices()[0]
     peak = ceilings(args.quick)
     cases = [
-        c for c in attention_cases(args.quick) + ssm_cases(args.quick) + matmul_cases(args.quick) if args.only in c.name
+        c
+        for c in attention_cases(args.quick) + ssm_cases(args.quick) + matmul_cases(args.quick)
+        if any(part in c.name for part in args.only.split("|"))
     ]
     if args.sweep:
         cases += sweep_cases(cases)

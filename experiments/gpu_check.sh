@@ -7,7 +7,7 @@
 #   bash experiments/gpu_check.sh "$OUT"            # on the GPU machine (the device tool's output folder)
 #   bash experiments/gpu_check.sh /tmp/out --quick  # rehearsal on a CPU: interpret mode, tiny shapes
 #
-# Time caps per step (seconds) can be set with TESTS_S, MODELS_S and BENCH_S.
+# Time caps per step (seconds) can be set with TESTS_S, MODELS_S and BENCH_S; BENCH_ONLY picks bench cases.
 set -u -o pipefail
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR [--quick]}
 QUICK=${2:-}
@@ -25,6 +25,7 @@ else
     IMPL=interpret
     BENCH_ARGS=(--quick)
 fi
+[ -n "${BENCH_ONLY:-}" ] && BENCH_ARGS+=(--only "$BENCH_ONLY") # e.g. "decode attention|ssd chunked"
 stamp() { echo "[$(date +%T)] $*"; }
 
 stamp "environment"

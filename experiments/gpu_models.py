@@ -159,8 +159,8 @@ def models(quick: bool):
     if not quick:
         chosen += [
             ("smollm2-135m-shaped llama", load("llama", SMOLLM2_SHAPE)),
-            ("smollm2-135m-shaped llama w8a8", quantized("llama", SMOLLM2_SHAPE, "w8a8")),
             ("mamba2-130m-shaped", load("mamba2", MAMBA2_130M_SHAPE)),
+            ("smollm2-135m-shaped llama w8a8", quantized("llama", SMOLLM2_SHAPE, "w8a8")),
         ]
     return chosen
 
@@ -184,6 +184,7 @@ def main() -> None:
     }
     for name, build in models(args.quick):
         print(f"--- {name}", flush=True)
+        start = time.perf_counter()
         try:
             config, params = build()
             lengths = (37, 5, 120) if not args.quick else (19, 6)
@@ -195,10 +196,14 @@ def main() -> None:
                 "error": f"{type(err).__name__}: {err}"[:2000],
                 "trace": traceback.format_exc()[-3000:],
             }
+        result["seconds"] = time.perf_counter() - start
         print(json.dumps({k: v for k, v in result.items() if k != "trace"}), flush=True)
         report["models"].append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("gpu_models_quick.json" if args.quick else "gpu_models.json")).write_text(json.dumps(report, indent=2))
+        # Written after each model, so a run stopped by a timeout keeps what it measured.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ("gpu_models_quick.json" if args.quick else "gpu_models.json")).write_text(
+            json.dumps(report, indent=2)
+        )
     print(f"\n{'model':34} {'tokens equal':>12} {'max |dlogit|':>12} {'xla tok/s':>10} {'pallas tok/s':>12}")
     for r in report["models"]:
         if "error" in r:

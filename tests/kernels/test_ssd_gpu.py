@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from kernel_checks import IMPL, assert_close, assert_lowers_to_triton, assert_step_close
+from kernel_checks import IMPL, INTERPRET, assert_close, assert_lowers_to_triton, assert_step_close
 
+from pallas_kernels.lowering import is_power_of_two
 from pallas_kernels.ssd import (
     SSDChunkedBlockSizes,
     SSDChunkedTPUBlockSizes,
@@ -138,6 +139,9 @@ def _step_inputs(seed, batch, heads, groups, head_dim, n, dtype, use_d):
     seed=st.integers(0, 2**16),
 )
 def test_ssd_step_kernel_matches_reference(batch, heads_per_group, groups, head_dim, n, dtype, use_d, seed):
+    # Compiled, the Triton step kernel takes power-of-two sizes only (the dispatcher says so; the interpreter
+    # takes any): found on the first GPU run, where impl="pallas" drew head_dim 1 and state size 5.
+    assume(INTERPRET or (is_power_of_two(head_dim) and is_power_of_two(n)))
     args = _step_inputs(seed, batch, heads_per_group * groups, groups, head_dim, n, dtype, use_d)
     assert_step_close(ssd_step(*args, impl=IMPL), ssd_step_ref(*args), args[0], dtype)
 
