@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from converters.gguf_codes import as_quantized, requantized, stack
-from converters.weight_table import convert_weights, fetch
+from converters.weight_table import TensorView, convert_weights, fetch
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.models.attention_lm import LINEARS, param_shapes
@@ -58,27 +58,6 @@ def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.fl
     )
 
 
-class _Hidden(Mapping):
-    """`source` without the tensors in `hidden` (they are converted elsewhere)."""
-
-    def __init__(self, source: Mapping, hidden: set[str]):
-        self._source, self._hidden = source, hidden
-
-    def __getitem__(self, name: str):
-        if name in self._hidden:
-            raise KeyError(name)
-        return self._source[name]
-
-    def __contains__(self, name) -> bool:
-        return name not in self._hidden and name in self._source
-
-    def __iter__(self):
-        return (n for n in self._source if n not in self._hidden)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
 def _linear_weight(source: Mapping, name: str, shape: tuple[int, int], bits: int, group_size) -> QuantizedWeight:
     """One linear [in, out] as a `bits`-bit QuantizedWeight: the source's own block codes (a GGUF block
     format, a GPTQ / AWQ packed linear) where `group_size == "native"` and they fit `bits`, else rounded to
@@ -114,7 +93,7 @@ def convert_quantized_attention_weights(
         GLOBAL_TENSORS,
         LAYER_TENSORS,
         config.num_layers,
-        _Hidden(source, hidden),
+        TensorView(source, hidden=hidden),
         dtype,
         progress,
         tied=config.tie_word_embeddings,

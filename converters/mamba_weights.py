@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 
-from converters.weight_table import AliasedTensors, convert_weights
+from converters.weight_table import TensorView, convert_weights
 from ssm_llm.models.mamba_lm import param_shapes
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
@@ -52,7 +52,7 @@ def convert_mamba_weights(
         GLOBAL_TENSORS,
         LAYER_TENSORS,
         config.num_layers,
-        AliasedTensors(source, _ORIGINAL_NAMES),
+        TensorView(source, _ORIGINAL_NAMES),
         dtype,
         progress,
         tied=config.tie_word_embeddings,

@@ -112,21 +112,28 @@ class PackedTensors(Mapping):
             )
         return q, zeros, scales, g_idx
 
-    def _contiguous(self, q: np.ndarray, scales: np.ndarray, g_idx: np.ndarray) -> bool:
+    def _contiguous(self, rows: int, groups: int, g_idx: np.ndarray) -> bool:
+        """Whether input row i is in group i // group_size (no act-order permutation), `groups` of them."""
         size = self._fmt.group_size
-        return len(scales) * size == q.shape[0] and bool((g_idx == np.arange(q.shape[0]) // size).all())
+        g_idx = np.asarray(g_idx)
+        return groups * size == rows and g_idx.shape == (rows,) and bool((g_idx == np.arange(rows) // size).all())
 
     def native_bits(self, name: str) -> int | None:
         """Bits of `name`'s codes if `codes(name)` can give them (contiguous groups), else None."""
         if name not in self._packed:
             return None
-        q, _, scales, g_idx = self._integers(name)
-        return self._fmt.bits if self._contiguous(q, scales, g_idx) else None
+        p, fmt = self._packed[name], self._fmt
+        # From shapes and g_idx alone: `codes` unpacks the words once, when the weight is converted.
+        rows = len(self._source[p + ".qweight"]) * (32 // fmt.bits if fmt.method == "gptq" else 1)
+        g_idx = np.arange(rows) // fmt.group_size
+        if fmt.method == "gptq" and p + ".g_idx" in self._source:
+            g_idx = self._source[p + ".g_idx"]
+        return fmt.bits if self._contiguous(rows, len(self._source[p + ".scales"]), g_idx) else None
 
     def codes(self, name: str) -> BlockCodes:
         """Packed weight `name` as signed codes with scales and offsets, rows = outputs ([out, in])."""
         q, zeros, scales, g_idx = self._integers(name) if name in self._packed else (None,) * 4
-        if q is None or not self._contiguous(q, scales, g_idx):
+        if q is None or not self._contiguous(q.shape[0], len(scales), g_idx):
             raise ValueError(f"{name!r} has no block layout (not packed, or act-order groups)")
         half = 2 ** (self._fmt.bits - 1)
         codes = np.ascontiguousarray((q - half).astype(np.int8).T)

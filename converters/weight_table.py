@@ -41,25 +41,31 @@ def fetch(source: Mapping, name: str, expected: tuple[int, ...], layout: str, dt
     return np.ascontiguousarray(array.astype(dtype))
 
 
-class AliasedTensors(Mapping):
-    """A view of `source` in which tensors are also (and only) reachable under new names."""
+class TensorView(Mapping):
+    """A view of `source` in which some tensors are reachable under new names only (`renames`: old name ->
+    new name) and some not at all (`hidden`: names of the view that are converted elsewhere)."""
 
-    def __init__(self, source: Mapping, renames: dict[str, str]):
-        self._source = source
-        self._to_source = {new: old for old, new in renames.items() if old in source}
+    def __init__(self, source: Mapping, renames: dict[str, str] | None = None, hidden=frozenset()):
+        self._source, self._hidden = source, frozenset(hidden)
+        self._to_source = {new: old for old, new in (renames or {}).items() if old in source}
         self._from_source = {old: new for new, old in self._to_source.items()}
 
     def __getitem__(self, name: str):
+        if name in self._hidden:
+            raise KeyError(name)
         return self._source[self._to_source.get(name, name)]
 
     def __contains__(self, name) -> bool:
+        if name in self._hidden:
+            return False
         return name in self._to_source or (name not in self._from_source and name in self._source)
 
     def __iter__(self) -> Iterator[str]:
-        return (self._from_source.get(name, name) for name in self._source)
+        names = (self._from_source.get(name, name) for name in self._source)
+        return (name for name in names if name not in self._hidden)
 
     def __len__(self) -> int:
-        return len(self._source)
+        return sum(1 for _ in self)
 
 
 def convert_weights(

@@ -16,6 +16,11 @@ import ssm_llm
 from ssm_llm.cpu_features import host_cpu
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf of `tree` (a QuantizedWeight's leaves: its integer values, scales, offsets)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
 def machine_info() -> dict:
     """CPU model and its int8-dot / bfloat16 flags, core count and library versions, for the results JSON."""
     import transformers

@@ -60,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import text_corpus  # noqa: E402
 import train_mamba2  # noqa: E402
-from bench_runners import machine_info  # noqa: E402
+from bench_runners import machine_info, tree_bytes  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import ssm_llm  # noqa: E402
@@ -231,19 +231,14 @@ def load_family(family: str, directory: Path | None, tokenizer, separator: int):
 # ---------------------------------------------------------------- measurements
 
 
-def nbytes(tree) -> int:
-    """Bytes of every array leaf of `tree` (a QuantizedWeight's leaves are its values and scales)."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
-
-
 def weight_bytes(params: dict, config) -> dict:
     """total: every param; linears: the linears Quamba quantizes (float in fp32); embed_and_lm_head:
     the float embedding and (untied in the quantized models) lm_head; other: norms, conv, SSM params,
     activation scales."""
     base = getattr(config, "base", config)
-    linears = nbytes([params["layers"][name] for name in linear_names(base)])
-    head = nbytes(params["embed"]) + nbytes(params.get("lm_head"))
-    total = nbytes(params)
+    linears = tree_bytes([params["layers"][name] for name in linear_names(base)])
+    head = tree_bytes(params["embed"]) + tree_bytes(params.get("lm_head"))
+    total = tree_bytes(params)
     return {"total": total, "linears": linears, "embed_and_lm_head": head, "other": total - linears - head}
 
 

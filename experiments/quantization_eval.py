@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import text_corpus  # noqa: E402
-from bench_runners import machine_info  # noqa: E402
+from bench_runners import machine_info, tree_bytes  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
@@ -80,11 +80,6 @@ def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
     rows[f"w4a16 g{group_size} gptq"] = {"scheme": "w4a16", "group_size": group_size, "gptq": True}
     rows["w4a16 gguf codes"] = {"load": "w4a16"}  # converters.load keeps the file's Q4_1 blocks
     return rows
-
-
-def nbytes(tree) -> int:
-    """Bytes of every array leaf (a QuantizedWeight: its integer values and scales)."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -206,8 +201,10 @@ def main(argv=None) -> dict:
         quantize_s = time.perf_counter() - start
         row = scores(qparams, qconfig, reference, data["windows"], args.eval_batch)
         row.update(agreement(greedy(qparams, qconfig, data["prompts"], args.new_tokens), ref_tokens))
-        linears = nbytes([qparams["layers"][n] for n in LINEARS])
-        row.update(weight_bytes=nbytes(qparams), linear_bytes=linears, quantize_seconds=quantize_s, arguments=kwargs)
+        linears = tree_bytes([qparams["layers"][n] for n in LINEARS])
+        row.update(
+            weight_bytes=tree_bytes(qparams), linear_bytes=linears, quantize_seconds=quantize_s, arguments=kwargs
+        )
         results[name] = row
         print(
             f"{name:<24} ppl {row['perplexity']:.3f}  kl {row['kl_to_fp32']:.4f}  "
