@@ -6,6 +6,7 @@ config, params = converters.load("hf_model_dir/")        # safetensors or pytorc
 config, params = converters.load(hf_model)               # in-memory transformers model
 config, params = converters.load(state_dict, config=hf_config)
 converters.save(params, config, "ckpt/"); converters.load("ckpt/")   # orbax, no torch needed
+config, params = converters.load("model.gguf", cache=True)   # converted once, then read from the cache
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from converters.gguf_file import read_gguf
 from converters.hf_config import config_from_hf
 from converters.hf_source import read_hf_directory, read_state_dict, read_transformers_model
 from converters.mamba_weights import convert_mamba_weights
+from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_tokenizer
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
@@ -64,7 +66,15 @@ def _read_source(source, config):
 
 
 def load(
-    source, config=None, *, dtype=jnp.float32, progress: bool = False, quantize: str | None = None, group_size="auto"
+    source,
+    config=None,
+    *,
+    dtype=jnp.float32,
+    progress: bool = False,
+    quantize: str | None = None,
+    group_size="auto",
+    cache: bool = False,
+    cache_in_background: bool = False,
 ) -> tuple[ModelConfig | MambaConfig | Mamba2Config, dict]:
     """Load a checkpoint as `(config, params)` with params in `dtype`.
 
@@ -79,6 +89,10 @@ def load(
     tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
     group_size: "auto" ("native" for the weight-only schemes; per output channel for "w8a8", whose CPU
     integer product wants it), "native", None (per output channel) or an int.
+    `cache`: for a GGUF file or a model directory, keep the converted params as a checkpoint under
+    `$SSM_LLM_CACHE/models` and read them from there next time (see `converters.model_cache`: keyed by the
+    source's content and these options; a damaged entry is rebuilt). `cache_in_background`: on a miss,
+    return the converted params at once and store them in a thread the process waits for at exit.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     if quantize is not None and quantize not in WEIGHT_BITS:
@@ -92,6 +106,18 @@ def load(
     if isinstance(source, (str, Path)) and is_checkpoint(source):
         model_config, params = load_checkpoint(source, dtype)
         return _quantized(model_config, params, quantize, group_size)
+    if cache and isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
+        convert = lambda: _convert(path, None, dtype, progress, quantize, group_size)  # noqa: E731
+        return load_cached(path, options, convert, background=cache_in_background)
+    return _convert(source, config, dtype, progress, quantize, group_size)
+
+
+def _convert(source, config, dtype, progress, quantize, group_size):
+    """`load` of a source that is not an ssm_llm checkpoint, without the cache."""
     hf_config, tensors = _read(source, config)
     model_config = config_from_hf(hf_config)
     if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "native_bits"):

@@ -95,7 +95,7 @@ def save(params: dict, config: ModelConfig, directory: str | Path, *, tokenizer=
 def _write(params: dict, config: ModelConfig, directory: Path, tokenizer) -> None:
     import orbax.checkpoint as ocp
 
-    params, quantized = _split_quantized(params)
+    params, quantized = split_quantized(params)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params)
     if tokenizer is not None:
@@ -177,7 +177,7 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
         params = jax.tree_util.tree_map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
         )
-    params = _join_quantized(jax.tree_util.tree_map(jnp.asarray, params), meta.get("quantized_weights", {}), directory)
+    params = join_quantized(jax.tree_util.tree_map(jnp.asarray, params), meta.get("quantized_weights", {}), directory)
     try:  # an edited or mismatched config file would otherwise run to garbage
         check_params(params, config)
     except ValueError as e:
@@ -185,7 +185,7 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
     return config, params
 
 
-def _split_quantized(params: dict) -> tuple[dict, dict]:
+def split_quantized(params: dict) -> tuple[dict, dict]:
     """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict (orbax stores arrays only);
     returns the new tree and {"path/to/weight": {"bits", "group_size"}}."""
     from pallas_kernels.quantized_matmul import QuantizedWeight
@@ -206,8 +206,8 @@ def _split_quantized(params: dict) -> tuple[dict, dict]:
     return walk(params, ()), found
 
 
-def _join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
-    """Invert `_split_quantized` with the layout recorded in the config file."""
+def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
+    """Invert `split_quantized` with the layout recorded in the config file."""
     from pallas_kernels.quantized_matmul import QuantizedWeight
 
     for path, layout in quantized.items():

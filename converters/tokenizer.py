@@ -7,11 +7,11 @@ cache (`$SSM_LLM_CACHE`, default `~/.cache/ssm_llm`) and reloaded from there.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from converters.cache_dir import cache_root
 from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
 
 # Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
@@ -29,11 +29,6 @@ TOKENIZER_FILES = (
 GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
 
-def cache_root() -> Path:
-    """Where converted artefacts are cached."""
-    return Path(os.environ.get("SSM_LLM_CACHE", Path.home() / ".cache" / "ssm_llm"))
-
-
 def _gguf_cache_dir(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -41,11 +36,14 @@ def _gguf_cache_dir(path: Path) -> Path:
 
 
 def _from_gguf(path: Path):
+    cached = _gguf_cache_dir(path)
+    if cached.is_dir():  # saved below as a fast tokenizer: read with its class, not AutoTokenizer, whose
+        # import pulls in torch (2.5 s against 0.9 s on the 2-core CPU, imports included)
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)
     from transformers import AutoTokenizer
 
-    cached = _gguf_cache_dir(path)
-    if cached.is_dir():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True)
     _check_gguf_has_tokenizer(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -80,8 +78,6 @@ def _check_has_tokenizer_files(directory: Path) -> None:
 
 def load_tokenizer(source):
     """The tokenizer of a GGUF file, a Hugging Face model directory or a directory written by `save`."""
-    from transformers import AutoTokenizer
-
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path)
@@ -91,6 +87,8 @@ def load_tokenizer(source):
                 raise ValueError(f"{path} holds no tokenizer; it was saved without one")
             path = path / TOKENIZER_DIR
         _check_has_tokenizer_files(path)
+        from transformers import AutoTokenizer
+
         # Never trust_remote_code: a checkpoint directory is untrusted input (its auto_map is not run).
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     raise FileNotFoundError(f"no tokenizer source at {source}: expected a .gguf file or a model directory")

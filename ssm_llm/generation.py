@@ -6,7 +6,6 @@ length, stops at its own EOS, and is returned without padding.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import numbers
@@ -17,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm import token_stream
 from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
 from ssm_llm.kv.policy import describe as describe_policy
@@ -174,41 +172,39 @@ def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
     return logits_from_hidden(params, config, last), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
-def _decode(
-    params,
-    config,
-    cache,
-    logits,
-    key,
-    sampling: Sampling,
-    stream_id,
-    *,
-    max_new_tokens: int,
-    eos: tuple[int, ...],
-    impl: str,
-):
-    """Decode up to `max_new_tokens` tokens per row after a prefill, stopping a row at any of the `eos` ids.
+def _is_eos(tok, eos: tuple[int, ...]):
+    """[B] bool: which of `tok` [B] is one of the `eos` ids."""
+    if not eos:
+        return jnp.zeros(tok.shape, bool)
+    return (tok[:, None] == jnp.asarray(eos, jnp.int32)).any(-1)
 
-    logits: [B, V] at each prompt's last token; key: PRNG key; stream_id: int32 scalar, the
-    `token_stream.TokenStream` that receives each step's tokens, or None (no streaming: a program of its
-    own). Returns (tokens [B, max_new_tokens] with -1 after a row's end, the final cache).
-    """
-    batch = logits.shape[0]
-    eos_ids = jnp.asarray(eos, jnp.int32) if eos else None
 
-    def is_eos(tok):
-        return jnp.zeros(tok.shape, bool) if eos_ids is None else (tok[:, None] == eos_ids).any(-1)
-
-    def emit(step, tok):
-        if stream_id is not None:
-            token_stream.emit(stream_id, step, tok)
-
+def _first_token(logits, key, sampling: Sampling, eos: tuple[int, ...]):
+    """The token drawn from the prefill's logits [B, V]: (token [B], done [B], key)."""
     key, sub = jax.random.split(key)
     tok = sampling.draw(logits, sub)
-    out = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(tok)
-    done = is_eos(tok)
-    emit(0, tok)
+    return tok, _is_eos(tok, eos), key
+
+
+def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str):
+    """One decode step after `tok` [B]: (new tokens [B], -1 for rows already done; the next input tokens;
+    the cache; done; key)."""
+    h, cache = family_module(config).hidden_states(
+        params, config, tok[:, None], cache, jnp.ones((tok.shape[0],), jnp.int32), impl
+    )
+    key, sub = jax.random.split(key)
+    new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
+    new = jnp.where(done, -1, new)  # finished sequences emit nothing
+    return new, jnp.where(done, tok, new), cache, done | _is_eos(new, eos), key
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
+def _decode(params, config, cache, logits, key, sampling: Sampling, *, max_new_tokens: int, eos, impl: str):
+    """Decode up to `max_new_tokens` tokens per row after a prefill, stopping a row at any of the `eos` ids,
+    in one compiled loop. logits: [B, V] at each prompt's last token; key: PRNG key. Returns (tokens
+    [B, max_new_tokens] with -1 after a row's end, the final cache)."""
+    tok, done, key = _first_token(logits, key, sampling, eos)
+    out = jnp.full((logits.shape[0], max_new_tokens), -1, jnp.int32).at[:, 0].set(tok)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -216,18 +212,33 @@ def _decode(
 
     def body(state):
         step, tok, cache, done, out, key = state
-        h, cache = family_module(config).hidden_states(
-            params, config, tok[:, None], cache, jnp.ones((batch,), jnp.int32), impl
-        )
-        key, sub = jax.random.split(key)
-        new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
-        new = jnp.where(done, -1, new)  # finished sequences emit nothing
-        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-        emit(step, new)
-        return step + 1, jnp.where(done, tok, new), cache, done | is_eos(new), out, key
+        new, tok, cache, done, key = _step(params, config, cache, tok, done, key, sampling, eos, impl)
+        return step + 1, tok, cache, done, jax.lax.dynamic_update_slice(out, new[:, None], (0, step)), key
 
     state = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out, key))
     return state[4], state[2]  # returning the cache lets XLA reuse the donated buffers in place
+
+
+_first_token_jit = jax.jit(_first_token, static_argnames="eos")
+_step_jit = jax.jit(_step, static_argnames=("config", "eos", "impl"), donate_argnames=("cache",))
+
+
+def _decode_streamed(params, config, cache, logits, key, sampling: Sampling, on_token, *, max_new_tokens, eos, impl):
+    """`_decode` one compiled step at a time, handing each step's tokens [B] (-1 for finished rows) to
+    `on_token(step, tokens)` as they are drawn. The same tokens as `_decode` (the same steps and keys);
+    the step program has no host callback, so JAX's persistent compilation cache can keep it. If
+    `on_token` raises, decoding stops there and the exception propagates."""
+    tok, done, key = _first_token_jit(logits, key, sampling, eos)
+    out = np.full((logits.shape[0], max_new_tokens), -1, np.int32)
+    out[:, 0] = np.asarray(tok)
+    on_token(0, out[:, 0].copy())
+    for step in range(1, max_new_tokens):
+        if np.asarray(done).all():
+            break
+        new, tok, cache, done, key = _step_jit(params, config, cache, tok, done, key, sampling, eos, impl)
+        out[:, step] = np.asarray(new)
+        on_token(step, out[:, step].copy())
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +271,10 @@ def generate(
 ) -> GenerationResult:
     """Generate continuations of a ragged batch of token-id prompts.
 
-    `on_token(step, tokens)` (optional) is called from inside the compiled loop as each step's tokens
-    `[B]` are drawn (-1 for finished sequences), e.g. to stream text. If it raises, the remaining tokens
-    are not delivered and `generate` re-raises its exception when the loop ends.
+    `on_token(step, tokens)` (optional) is called as each step's tokens `[B]` are drawn (-1 for finished
+    sequences), e.g. to stream text: decoding then runs one compiled step at a time (a program without
+    host callbacks, which JAX's persistent compilation cache can keep). If it raises, decoding stops and
+    `generate` re-raises its exception.
 
     Everything is checked before anything is compiled: params against `config`, prompts, EOS ids and
     sizes against the vocabulary and the model's context, and the memory of the cache, the output buffer
@@ -408,21 +420,11 @@ def _decode_request(
     )
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
     drafter = gen_config.speculative
+    if drafter is None and on_token is not None:
+        return _decode_streamed(params, config, cache, logits, key, sampling, on_token, **stop, impl=impl), None
     if drafter is None:
-        stream = token_stream.TokenStream(on_token) if on_token is not None else None
-        with stream or contextlib.nullcontext():
-            out, _ = _decode(
-                params,
-                config,
-                cache,
-                logits,
-                key,
-                sampling,
-                jnp.int32(stream.id) if stream else None,
-                **stop,
-                impl=impl,
-            )
-            return np.asarray(out), None
+        out, _ = _decode(params, config, cache, logits, key, sampling, **stop, impl=impl)
+        return np.asarray(out), None
     # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
     # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
     prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)

@@ -1,5 +1,3 @@
-import sys
+from ssm_llm_cli import run
 
-from ssm_llm_cli import main
-
-sys.exit(main())
+run()

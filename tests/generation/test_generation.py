@@ -66,6 +66,16 @@ def test_streaming_callback_sees_every_token(params):
     assert [[t[b] for _, t in seen] for b in range(2)] == out.tokens
 
 
+def test_streaming_draws_the_same_tokens_as_the_compiled_loop(params):
+    """With `on_token`, decoding runs one compiled step at a time: the same keys, so the same samples, and
+    the same early end for every row."""
+    gen = ssm_llm.GenerationConfig(max_new_tokens=9, temperature=1.3, top_k=20, seed=7, eos_token_ids=(5,))
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    plain = ssm_llm.generate(params, CONFIG, prompts, gen)
+    streamed = ssm_llm.generate(params, CONFIG, prompts, gen, on_token=lambda step, tokens: None)
+    assert streamed.tokens == plain.tokens and streamed.finish_reasons == plain.finish_reasons
+
+
 def test_default_eos_comes_from_the_model_config(params):
     free = greedy(params, [[1, 2, 3]], eos_token_ids=()).tokens[0]
     config = ssm_llm.ModelConfig(**{**CONFIG.__dict__, "eos_token_ids": (free[2],)})
