@@ -12,6 +12,7 @@ config, params = converters.load("model.gguf", cache=True)   # converted once, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def load(
     tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
     group_size: "auto" ("native" for the weight-only schemes; per output channel for "w8a8", whose CPU
     integer product wants it), "native", None (per output channel) or an int.
-    `cache`: for a GGUF file or a model directory, keep the converted params as a checkpoint under
+    `cache`: for a GGUF file or a model directory, keep the converted params as an entry under
     `$SSM_LLM_CACHE/models` and read them from there next time (see `converters.model_cache`: keyed by the
     source's content and these options; a damaged entry is rebuilt). `cache_in_background`: on a miss,
     return the converted params at once and store them in a thread the process waits for at exit.
@@ -111,7 +112,7 @@ def load(
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
-        convert = lambda: _convert(path, None, dtype, progress, quantize, group_size)  # noqa: E731
+        convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size)
         return load_cached(path, options, convert, background=cache_in_background)
     return _convert(source, config, dtype, progress, quantize, group_size)
 

@@ -123,6 +123,8 @@ class PackedTensors(Mapping):
         if name not in self._packed:
             return None
         p, fmt = self._packed[name], self._fmt
+        if any(p + part not in self._source for part in (".qweight", ".qzeros", ".scales")):
+            return None  # converting it raises the clear error of `_integers`
         # From shapes and g_idx alone: `codes` unpacks the words once, when the weight is converted.
         rows = len(self._source[p + ".qweight"]) * (32 // fmt.bits if fmt.method == "gptq" else 1)
         g_idx = np.arange(rows) // fmt.group_size

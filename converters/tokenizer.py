@@ -53,7 +53,9 @@ def _from_gguf(path: Path):
         tmp.rename(cached)
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)  # the class of a cache hit
 
 
 def _check_gguf_has_tokenizer(path: Path) -> None:

@@ -51,7 +51,7 @@ class TensorView(Mapping):
         self._from_source = {old: new for new, old in self._to_source.items()}
 
     def __getitem__(self, name: str):
-        if name in self._hidden:
+        if name in self._hidden or (name in self._from_source and name not in self._to_source):
             raise KeyError(name)
         return self._source[self._to_source.get(name, name)]
 

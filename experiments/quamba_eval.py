@@ -64,8 +64,9 @@ from bench_runners import machine_info, tree_bytes  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import ssm_llm  # noqa: E402
+from converters.cache_dir import cache_root  # noqa: E402
 from converters.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
-from converters.tokenizer import cache_root, load_tokenizer  # noqa: E402
+from converters.tokenizer import load_tokenizer  # noqa: E402
 from pallas_kernels.quantized_matmul import QuantizedWeight  # noqa: E402
 from ssm_llm.models.mamba_lm import init_params  # noqa: E402
 from ssm_llm.quant import QuantScheme, quantize_model  # noqa: E402

@@ -209,7 +209,7 @@ def load_corpus(
     tokenizer: a `transformers` tokenizer (default: SmolLM2's, from `ssm_llm.default_model_path()`);
     cache_dir: default `$SSM_LLM_CACHE/corpus`.
     """
-    from converters.tokenizer import cache_root
+    from converters.cache_dir import cache_root
 
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
     documents = corpus_documents(sources, vim_dir=vim_dir, max_chars=max_chars)

@@ -48,8 +48,9 @@ from bench_runners import machine_info  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import ssm_llm  # noqa: E402
+from converters.cache_dir import cache_root  # noqa: E402
 from converters.checkpoint import load_checkpoint, save  # noqa: E402
-from converters.tokenizer import cache_root, load_tokenizer  # noqa: E402
+from converters.tokenizer import load_tokenizer  # noqa: E402
 from ssm_llm.models.lm_head import logits_from_hidden  # noqa: E402
 from ssm_llm.models.mamba_lm import hidden_states, init_params  # noqa: E402
 from ssm_llm.ssm_cache import init_ssm_cache  # noqa: E402

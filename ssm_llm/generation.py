@@ -225,9 +225,10 @@ _step_jit = jax.jit(_step, static_argnames=("config", "eos", "impl"), donate_arg
 
 def _decode_streamed(params, config, cache, logits, key, sampling: Sampling, on_token, *, max_new_tokens, eos, impl):
     """`_decode` one compiled step at a time, handing each step's tokens [B] (-1 for finished rows) to
-    `on_token(step, tokens)` as they are drawn. The same tokens as `_decode` (the same steps and keys);
-    the step program has no host callback, so JAX's persistent compilation cache can keep it. If
-    `on_token` raises, decoding stops there and the exception propagates."""
+    `on_token(step, tokens)` as they are drawn: the same steps and keys as `_decode`, so the same tokens up
+    to floating-point differences between the two separately compiled programs (equal on the tests'
+    models). The step program has no host callback, so JAX's persistent compilation cache can keep it.
+    If `on_token` raises, decoding stops there and the exception propagates."""
     tok, done, key = _first_token_jit(logits, key, sampling, eos)
     out = np.full((logits.shape[0], max_new_tokens), -1, np.int32)
     out[:, 0] = np.asarray(tok)

@@ -1,4 +1,5 @@
-"""The `ssm-llm` command line: `generate` text (streamed as it is produced) and `convert` checkpoints."""
+"""The `ssm-llm` command line: `generate` text (streamed as it is produced), `convert` checkpoints, and
+list or clear the `cache` of converted models."""
 
 # The top layer: it imports converters and ssm_llm, and nothing below imports it (`python -m ssm_llm_cli`
 # runs it too).
@@ -73,7 +74,7 @@ class _CompileClock:
 
 
 class _TextStream:
-    """Prints the text of one growing token sequence as new tokens arrive (called from the jitted loop)."""
+    """Prints the text of one growing token sequence as new tokens arrive (`generate`'s on_token)."""
 
     def __init__(self, tokenizer, stop_ids):
         self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
@@ -139,7 +140,6 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
     # A speculative round emits several tokens at once, so its text is printed when generation ends.
     stream = None if args.no_stream or gen_config.speculative is not None else _TextStream(tokenizer, eos)
-    gen_start = time.perf_counter()
     result = generate(params, config, [ids], gen_config, on_token=stream)
     gen_end = time.perf_counter()
     if stream is None:
@@ -151,7 +151,7 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     n = len(result.tokens[0])
     # Compilation apart: compiles that ended before the prefill did belong to it, the rest to decoding.
     prefill_end = gen_end - result.decode_seconds
-    compile_prefill = clock.seconds(gen_start, prefill_end)
+    compile_prefill = clock.seconds(prefill_end - result.prefill_seconds, prefill_end)
     compile_decode = clock.seconds(prefill_end, gen_end)
     prefill = max(result.prefill_seconds - compile_prefill, 0.0)
     decode = max(result.decode_seconds - compile_decode, 1e-9)
@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_convert)
 
-    cache = sub.add_parser("cache", help="list or clear the converted models cached by generate")
+    cache = sub.add_parser(
+        "cache", help="list or clear the converted models cached by generate (tokenizers and compiled programs stay)"
+    )
     cache.add_argument("action", choices=["ls", "clear"])
     cache.set_defaults(func=_cache)
     return parser

@@ -9,9 +9,9 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-if "SSM_LLM_CACHE" not in os.environ:  # converted models and compiled programs: not in the user's cache
-    os.environ["SSM_LLM_CACHE"] = tempfile.mkdtemp(prefix="ssm_llm_test_cache_")
-    atexit.register(shutil.rmtree, os.environ["SSM_LLM_CACHE"], True)
+# Converted models, tokenizers and compiled programs go to a temporary cache, never the user's.
+os.environ["SSM_LLM_CACHE"] = tempfile.mkdtemp(prefix="ssm_llm_test_cache_")
+atexit.register(shutil.rmtree, os.environ["SSM_LLM_CACHE"], True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -90,6 +90,27 @@ def test_other_options_are_other_entries(cache, source, conversions):
     assert len(conversions) == 4  # only the last uncached load converted
 
 
+def test_dotted_names_and_other_options_keep_their_own_entries(cache, tmp_path, conversions):
+    """Entry names come from the source's name, dots and all (GGUF files, "Qwen2.5-0.5B"): each entry keeps
+    its own description, so loads with other options or of a same-named model do not evict each other."""
+    sources = [tmp_path / "a" / "Qwen2.5-0.5B", tmp_path / "b" / "Qwen2.5-0.5B"]
+    for seed, source in enumerate(sources):  # other weights (same content would share an entry)
+        tiny_hf_model("llama", seed=seed).save_pretrained(source)
+    for _ in range(2):
+        for source in sources:
+            converters.load(source, cache=True)
+            converters.load(source, cache=True, quantize="w8a16")
+    assert len(conversions) == 4 and len(model_cache.entries()) == 4
+    assert {e["source"] for e in model_cache.entries()} == {str(s.resolve()) for s in sources}
+
+
+def test_a_new_converter_version_retires_the_entries(cache, source, conversions, monkeypatch):
+    converters.load(source, cache=True)
+    monkeypatch.setattr(model_cache, "code_digest", lambda: "another converter")
+    converters.load(source, cache=True)
+    assert len(conversions) == 2 and len(model_cache.entries()) == 1  # the old entry was replaced
+
+
 def test_a_changed_source_is_converted_again_and_replaces_its_entry(cache, source, conversions):
     converters.load(source, cache=True)
     [old] = model_cache.entries()
