@@ -2,8 +2,8 @@
 
 `cache_root()` is `$SSM_LLM_CACHE` (default `~/.cache/ssm_llm`). `source_digest(path)` identifies a GGUF
 file or a model directory by its content: each file is read once and its sha256 is remembered in
-`<root>/digests.json` under the file's resolved path, size, mtime and inode (as git's index does), so a
-file that changes in any of these is hashed again and an unchanged one costs a `stat`.
+`<root>/digests.json` under the file's resolved path with its size, mtime and inode (as git's index
+does), so a file that changes in any of these is hashed again and an unchanged one costs a `stat`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("SSM_LLM_CACHE", Path.home() / ".cache" / "ssm_llm"))
 
 
-def _stat_key(path: Path) -> str:
+def _stat(path: Path) -> list[int]:
     stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def _read_memo(root: Path) -> dict:
@@ -71,15 +71,15 @@ def source_digest(path: str | Path) -> str:
     """sha256 over the names (relative to a directory) and content digests of `path`'s files."""
     path = Path(path)
     root = cache_root()
-    memo = _read_memo(root)
+    memo = _read_memo(root)  # {resolved file path: [size, mtime_ns, inode, sha256]}
     changed = False
     total = hashlib.sha256()
     for file in source_files(path):
-        key = _stat_key(file)
-        if key not in memo:
-            memo[key], changed = _hash_file(file), True
-        total.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{memo[key]}\0".encode())
+        key, stat = str(file.resolve()), _stat(file)
+        known = memo.get(key)
+        if not (isinstance(known, list) and known[:3] == stat):
+            memo[key], changed = [*stat, _hash_file(file)], True
+        total.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{memo[key][3]}\0".encode())
     if changed:
-        live = {k: v for k, v in memo.items() if Path(k.split("|")[0]).exists()}  # forget deleted files
-        _write_memo(root, live)
+        _write_memo(root, {k: v for k, v in memo.items() if Path(k).exists()})  # forget deleted files
     return total.hexdigest()

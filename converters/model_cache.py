@@ -244,8 +244,13 @@ def entries(root: Path | None = None) -> list[dict]:
 
 
 def remove_entry(path: Path) -> None:
-    """Delete one entry."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete one entry: renamed out of the way first, so no reader meets it half deleted."""
+    doomed = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"  # swept later if rmtree fails
+    try:
+        os.replace(path, doomed)
+    except OSError:  # already gone
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def sweep_staging(root: Path, max_age: float = STAGING_MAX_AGE) -> None:

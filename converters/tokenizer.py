@@ -6,12 +6,11 @@ cache (`$SSM_LLM_CACHE`, default `~/.cache/ssm_llm`) and reloaded from there.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 
-from converters.cache_dir import cache_root
+from converters.cache_dir import cache_root, source_digest
 from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
 
 # Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
@@ -30,9 +29,8 @@ GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
 
 def _gguf_cache_dir(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "tokenizers" / f"{path.stem}-{key}"
+    """Where the tokenizer built from GGUF file `path` is kept: keyed by the file's content."""
+    return cache_root() / "tokenizers" / f"{path.stem}-{source_digest(path)[:16]}"
 
 
 def _from_gguf(path: Path):
