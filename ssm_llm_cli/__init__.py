@@ -20,8 +20,13 @@ NO_CACHE_ENV = "SSM_LLM_NO_CACHE"
 MIN_CACHED_COMPILE_SECONDS = 0.2
 
 
+def _env_flag(name: str) -> bool:
+    """An environment variable set to anything but "" or "0"."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def _cache_enabled(args) -> bool:
-    return not getattr(args, "no_cache", False) and os.environ.get(NO_CACHE_ENV, "") in ("", "0")
+    return not getattr(args, "no_cache", False) and not _env_flag(NO_CACHE_ENV)
 
 
 def _load(model: str | None, quantize: str | None = None, cache: bool = False):
@@ -286,7 +291,7 @@ _DEBUG_ENV = "SSM_LLM_DEBUG"
 
 
 def _debug() -> bool:
-    return os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+    return _env_flag(_DEBUG_ENV)
 
 
 def _one_line(error: BaseException) -> str:
@@ -299,7 +304,7 @@ def use_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache in `<cache root>/xla`, so a later process reuses the compiled
     programs. For the process entry points (`ssm-llm`, `python -m ssm_llm_cli`) only: it sets process-wide
     JAX options, which `main` called from Python leaves alone. Off with SSM_LLM_NO_CACHE=1."""
-    if os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
+    if _env_flag(NO_CACHE_ENV):
         return
     import jax
 
