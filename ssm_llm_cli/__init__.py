@@ -130,15 +130,15 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     started = time.perf_counter()
     path, config, params = _load(args.model, quantize=args.quantize, cache=_cache_enabled(args))
     loaded = time.perf_counter()
-    tokenizer = converters.load_tokenizer(path)
+    tokenizer = converters.load_text_tokenizer(path)
     tokenized = time.perf_counter()
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
     else:
-        ids = tokenizer(args.prompt).input_ids
+        ids = tokenizer.encode(args.prompt)
     eos = set(config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
