@@ -7,10 +7,13 @@ list or clear the `cache` of converted models."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -317,7 +320,23 @@ def use_compilation_cache() -> None:
 def run() -> None:
     """The console script: the persistent compilation cache on, then `main`'s exit status."""
     use_compilation_cache()
-    sys.exit(main())
+    _exit_now(main())
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Leave the process without the interpreter's teardown of every module and of the XLA client, which
+    takes 0.4-0.6 s on the 2-core CPU (of a 3 s cached `generate`): flush the output, wait for the threads
+    that must finish (a background cache write), run the atexit handlers, then `os._exit`."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what a normal exit runs (logging's flush, JAX's clean-up), in the same order
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`ssm-llm ... | head`) or a closed stream
+            status = status or 1
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,34 @@ def test_content_digests_are_remembered_by_stat(cache, source, monkeypatch):
     assert cache_dir.source_digest(source) != first and [p.name for p in hashed] == ["config.json"]
 
 
+def save_word_level_tokenizer(directory):
+    """A whitespace word-level tokenizer of the tiny models' 128 ids ("w0" ... "w126"), saved to `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>").save_pretrained(directory)
+
+
+def test_the_console_script_exits_after_its_background_cache_write(cache, source):
+    """`ssm-llm` leaves through `os._exit` (no interpreter teardown), after the background write of a new
+    entry: the entry is complete once the process has ended."""
+    import os
+    import subprocess
+    import sys
+
+    save_word_level_tokenizer(source)
+    argv = ["generate", "--model", str(source), "--prompt", "w3 w1 w4", "--max-new-tokens", "4"]
+    env = {**os.environ, "SSM_LLM_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "ssm_llm_cli", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "tok/s]" in done.stderr  # the text and the speed line, flushed
+    (entry,) = model_cache.entries()
+    assert_same(model_cache.read_entry(entry["path"]), converters.load(source))
+
+
 def test_cli_cache_ls_and_clear(cache, source, capsys):
     converters.load(source, cache=True)
     assert main(["cache", "ls"]) == 0
@@ -176,13 +204,7 @@ def test_cli_speed_line_adds_up_and_the_second_run_reads_the_cache(cache, source
     breakdown's parts sum to its total; a second run reads the converted model from the cache."""
     import re
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>").save_pretrained(source)
+    save_word_level_tokenizer(source)
     argv = ["generate", "--model", str(source), "--prompt", "w3 w1 w4", "--max-new-tokens", "6", "--verbose"]
     calls = []
     real = converters._convert
