@@ -26,12 +26,19 @@ from converters.hf_source import read_hf_directory, read_state_dict, read_transf
 from converters.mamba_weights import convert_mamba_weights
 from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
-from converters.tokenizer import load_text_tokenizer, load_tokenizer
+from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.quant import quantize_weights
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
-__all__ = ["config_from_hf", "load", "load_text_tokenizer", "load_tokenizer", "save"]
+__all__ = [
+    "config_from_hf",
+    "load",
+    "load_text_tokenizer",
+    "load_tokenizer",
+    "save",
+    "tokenizer_built_aside",
+]
 
 _GGUF_MAGIC = b"GGUF"
 

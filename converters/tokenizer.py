@@ -7,7 +7,10 @@ cache (`$SSM_LLM_CACHE`, default `~/.cache/ssm_llm`) and reloaded from there.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,6 +55,33 @@ def _gguf_tokenizer_dir(path: Path) -> Path:
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return cached
+
+
+@contextlib.contextmanager
+def tokenizer_built_aside(source):
+    """Around other work (the model's conversion), build the tokenizer of GGUF file `source` in a child
+    process when it is not cached yet: transformers' conversion from GGUF metadata is pure Python (11-12 s
+    on the 2-core CPU) and in a thread it would contend for the GIL, while a process runs it on the other
+    core. On leaving, waits for the child; a later `load_tokenizer` / `load_text_tokenizer` then reads the
+    cached result (or, if the child failed, builds it again and reports the error). Does nothing for other
+    sources or a cached tokenizer."""
+    path = Path(source)
+    if not (path.is_file() and path.suffix == ".gguf") or _gguf_cache_dir(path).is_dir():
+        yield
+        return
+    child = subprocess.Popen(
+        [sys.executable, "-m", "converters.tokenizer", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    except BaseException:
+        child.kill()
+        raise
+    finally:
+        child.wait()
 
 
 def _from_gguf(path: Path):
@@ -109,3 +139,7 @@ def load_tokenizer(source):
         # Never trust_remote_code: a checkpoint directory is untrusted input (its auto_map is not run).
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     raise FileNotFoundError(f"no tokenizer source at {source}: expected a .gguf file or a model directory")
+
+
+if __name__ == "__main__":  # the child process of `tokenizer_built_aside`
+    _gguf_tokenizer_dir(Path(sys.argv[1]))

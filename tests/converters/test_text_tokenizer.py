@@ -106,3 +106,58 @@ def test_template_from_config_and_missing(tmp_path):
         none.apply_chat_template([{"role": "user", "content": "x"}])
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         TextTokenizer.from_dir(tmp_path / "c")
+
+
+def write_tiny_gguf(path, tokenizer=True):
+    """A GGUF file with one tensor and (if `tokenizer`) a byte-level BPE ("gpt2") vocabulary of 8 tokens."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["a", "b", "c", "ab", "abc", "Ġ", "Ġa", "<|endoftext|>"])
+        writer.add_token_types([1] * 7 + [3])
+        writer.add_token_merges(["a b", "ab c", "Ġ a"])
+        writer.add_bos_token_id(7)
+        writer.add_eos_token_id(7)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_tokenizer_is_built_aside_by_a_child_process(tmp_path, monkeypatch):
+    import subprocess
+
+    from converters.tokenizer import _gguf_cache_dir
+
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with converters.tokenizer_built_aside(path):
+        pass  # the model's conversion runs here; the child builds the tokenizer meanwhile
+    assert _gguf_cache_dir(path).is_dir()  # built by the child: nothing here built it
+    light, reference = converters.load_text_tokenizer(path), converters.load_tokenizer(path)
+    assert light.encode("abc ab a") == reference("abc ab a").input_ids == [4, 5, 3, 6]
+    assert light.eos_token_id == 7
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a cached tokenizer needs no child process")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    with converters.tokenizer_built_aside(path):
+        pass
+
+
+def test_a_failed_aside_build_reports_its_error_on_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    bare = write_tiny_gguf(tmp_path / "bare.gguf", tokenizer=False)
+    with converters.tokenizer_built_aside(bare):
+        pass
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        converters.load_text_tokenizer(bare)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(KeyboardInterrupt), converters.tokenizer_built_aside(path):
+        raise KeyboardInterrupt  # the child is killed, not waited for to the end
