@@ -4,6 +4,7 @@ config, params = converters.load("model.gguf")            # or ssm_llm.init_para
 cache = ssm_llm.init_cache(config, batch=4, max_len=2048)
 logits, cache = ssm_llm.forward(params, config, tokens, cache)
 out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=64))
+params = ssm_llm.shard_params(params, config, jax.make_mesh((dp, tp), ("data", "model")))   # many devices
 """
 
 from ssm_llm.cache import KVCache
@@ -15,6 +16,7 @@ from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.model import forward, init_cache, init_params
 from ssm_llm.quant.attention_weights import quantize_weights
 from ssm_llm.sampling import filter_logits, sample
+from ssm_llm.sharding import shard_params
 from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
@@ -37,6 +39,7 @@ __all__ = [
     "is_stacked",
     "quantize_weights",
     "sample",
+    "shard_params",
     "stack_layers",
     "unstack_layers",
 ]

@@ -14,6 +14,7 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.models import family_module, family_of
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.param_check import check_params
+from ssm_llm.sharding import check_mesh, shard_cache
 from ssm_llm.ssm_cache import SSMCache
 
 Cache = KVCache | SSMCache
@@ -24,13 +25,17 @@ def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:
     return family_module(config).init_params(config, key, dtype)
 
 
-def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+def init_cache(config, batch: int, max_len: int, dtype=jnp.float32, mesh=None) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens.
 
     Attention models get a `KVCache` of `max_len` positions; state-space models an `SSMCache`
-    whose size does not depend on the length (`max_len` is validated, then unused).
+    whose size does not depend on the length (`max_len` is validated, then unused). With a `mesh`
+    (`jax.sharding.Mesh`), the cache is placed on it by `ssm_llm.sharding`'s rules.
     """
-    return family_module(config).init_cache(config, batch, max_len, dtype)
+    if mesh is not None:
+        check_mesh(config, mesh, batch=batch)
+    cache = family_module(config).init_cache(config, batch, max_len, dtype)
+    return cache if mesh is None else shard_cache(cache, config, mesh)
 
 
 def _is_concrete(x) -> bool:

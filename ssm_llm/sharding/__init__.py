@@ -1,0 +1,29 @@
+"""Many devices: params and caches laid out on a `jax.sharding.Mesh` with axes ("data", "model").
+
+mesh = jax.make_mesh((dp, tp), ("data", "model"))
+params = ssm_llm.sharding.shard_params(params, config, mesh)      # Megatron layout, by `rules`
+cache = ssm_llm.init_cache(config, batch, max_len, mesh=mesh)      # batch over "data", heads over "model"
+logits, cache = ssm_llm.forward(params, config, shard_batch(tokens, mesh), cache)   # unchanged
+"""
+
+from ssm_llm.sharding.place import (
+    auto_mesh,
+    cache_specs,
+    check_mesh,
+    param_specs,
+    shard_batch,
+    shard_cache,
+    shard_params,
+    split_sizes,
+)
+
+__all__ = [
+    "auto_mesh",
+    "cache_specs",
+    "check_mesh",
+    "param_specs",
+    "shard_batch",
+    "shard_cache",
+    "shard_params",
+    "split_sizes",
+]

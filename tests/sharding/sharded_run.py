@@ -1,0 +1,136 @@
+"""Run by tests/sharding/test_sharding.py in a child process with 8 simulated CPU devices (XLA_FLAGS must be
+set before JAX starts): each model sharded on several meshes against the same model on one device. Prints
+one JSON line per case."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec  # noqa: E402
+
+import ssm_llm  # noqa: E402
+from ssm_llm.sharding import shard_batch  # noqa: E402
+
+MODELS = {
+    "llama": ssm_llm.ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=8
+    ),
+    "qwen2-gqa": ssm_llm.ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=8,
+        qkv_bias=True,
+        model_type="qwen2",
+    ),
+    "smollm2-shaped": ssm_llm.ModelConfig(  # SmolLM2-135M's heads (9 / 3), widths and vocabulary, 2 layers
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=2,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "llama-w8a8": ssm_llm.ModelConfig(  # quantized below: int8 weights and activations
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8
+    ),
+    "mamba1": ssm_llm.MambaConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128, time_step_rank=8
+    ),
+    "mamba2": ssm_llm.Mamba2Config(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        state_size=16,
+        intermediate_size=128,
+        num_heads=8,
+        head_dim=16,
+        n_groups=2,
+        chunk_size=8,
+    ),
+}
+MESHES = {
+    "llama": [(1, 8), (2, 4), (8, 1)],
+    "qwen2-gqa": [(2, 4), (4, 2)],
+    "smollm2-shaped": [(1, 3), (2, 3)],
+    "llama-w8a8": [(2, 4)],
+    "mamba1": [(1, 8), (2, 4)],
+    "mamba2": [(1, 8), (4, 2)],
+}
+BATCH, PROMPT, STEPS = 8, 10, 6
+
+
+def mesh_of(shape):
+    devices = np.array(jax.devices()[: shape[0] * shape[1]]).reshape(shape)
+    return Mesh(devices, ("data", "model"))
+
+
+def greedy(params, config, tokens, cache):
+    """Prefill logits, then STEPS greedy tokens through forward with the cache."""
+    step = jax.jit(lambda p, t, c: ssm_llm.forward(p, config, t, c))
+    logits, cache = step(params, tokens, cache)
+    out, first = [], logits
+    for _ in range(STEPS):
+        nxt = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+        out.append(np.asarray(nxt)[:, 0])
+        logits, cache = step(params, nxt, cache)
+    return np.asarray(first), np.stack(out, 1)
+
+
+def shard_shapes(tree):
+    """{path: shape of the first device's shard} of every leaf."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape) for p, x in leaves}
+
+
+def specs(tree):
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): str(PartitionSpec(*x.sharding.spec)) for p, x in leaves}
+
+
+def main():
+    for name, config in MODELS.items():
+        params = ssm_llm.init_params(config, jax.random.key(0))
+        if name.endswith("-w8a8"):
+            params, config = ssm_llm.quantize_weights(params, config, "w8a8")
+        tokens = jax.random.randint(jax.random.key(1), (BATCH, PROMPT), 0, config.vocab_size, dtype=jnp.int32)
+        ref_logits, ref_tokens = greedy(params, config, tokens, ssm_llm.init_cache(config, BATCH, 32))
+        gen_config = ssm_llm.GenerationConfig(max_new_tokens=STEPS)
+        prompts = [list(map(int, row)) for row in np.asarray(tokens[:2])]
+        ref_gen = ssm_llm.generate(params, config, prompts, gen_config).tokens
+        for shape in MESHES[name]:
+            mesh = mesh_of(shape)
+            sharded = ssm_llm.shard_params(params, config, mesh)
+            cache = ssm_llm.init_cache(config, BATCH, 32, mesh=mesh)
+            logits, toks = greedy(sharded, config, shard_batch(tokens, mesh), cache)
+            gen = ssm_llm.generate(sharded, config, prompts, gen_config).tokens
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "mesh": list(shape),
+                        "logits_diff": float(np.abs(logits - ref_logits).max()),
+                        "tokens_equal": bool((toks == ref_tokens).all()),
+                        "generate_equal": gen == ref_gen,
+                        "param_shards": shard_shapes(sharded),
+                        "param_specs": specs(sharded),
+                        "cache_shards": shard_shapes(cache),
+                        "devices": len(jax.tree.leaves(sharded)[0].sharding.device_set),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Sharded params and caches (`ssm_llm.sharding`): on 8 simulated CPU devices (a child process,
+tests/sharding/sharded_run.py), tiny Llama (float and W8A8) / Qwen2 (GQA) / Mamba-1 / Mamba-2 and a SmolLM2-shaped model
+(9 / 3 heads: tp = 3) give one device's logits (1e-5) and greedy tokens, through `forward` with a sharded
+cache and through `generate`; each device holds the shard the rules say. In this process: the rules'
+specs and the clear errors, on abstract meshes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+import ssm_llm
+from ssm_llm.sharding import cache_specs, check_mesh, param_specs
+
+RUN = Path(__file__).with_name("sharded_run.py")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, str(RUN)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {(c["model"], tuple(c["mesh"])): c for c in found}
+
+
+EXPECTED_CASES = [
+    ("llama", (1, 8)),
+    ("llama", (2, 4)),
+    ("llama", (8, 1)),
+    ("qwen2-gqa", (2, 4)),
+    ("qwen2-gqa", (4, 2)),
+    ("smollm2-shaped", (1, 3)),
+    ("smollm2-shaped", (2, 3)),
+    ("llama-w8a8", (2, 4)),
+    ("mamba1", (1, 8)),
+    ("mamba1", (2, 4)),
+    ("mamba2", (1, 8)),
+    ("mamba2", (4, 2)),
+]
+
+
+@pytest.mark.parametrize("case", EXPECTED_CASES, ids=lambda c: f"{c[0]}-{c[1][0]}x{c[1][1]}")
+def test_sharded_model_equals_one_device(cases, case):
+    c = cases[case]
+    assert c["devices"] == case[1][0] * case[1][1]
+    assert c["logits_diff"] <= 1e-5
+    assert c["tokens_equal"] and c["generate_equal"]
+
+
+# The first device's shard of some leaves, by hand from the Megatron layout (layers stacked first).
+SHARDS = {
+    ("llama", (2, 4)): {
+        "['layers']['wq']": [2, 64, 16],  # 8 heads x 8 -> 2 heads per device
+        "['layers']['wo']": [2, 16, 64],
+        "['layers']['w_down']": [2, 32, 64],
+        "['layers']['attn_norm']": [2, 64],
+        "['embed']": [32, 64],
+        "['lm_head']": [64, 32],
+    },
+    ("smollm2-shaped", (2, 3)): {
+        "['layers']['wq']": [2, 576, 192],  # 3 of 9 query heads
+        "['layers']['wk']": [2, 576, 64],  # 1 of 3 kv heads
+        "['layers']['w_gate']": [2, 576, 512],
+        "['embed']": [16384, 576],
+    },
+    ("qwen2-gqa", (4, 2)): {"['layers']['bk']": [2, 16], "['layers']['bq']": [2, 32]},
+    ("mamba1", (2, 4)): {
+        "['layers']['in_proj']": [2, 64, 256],  # fused [x | z]: replicated
+        "['layers']['conv_w']": [2, 32, 4],
+        "['layers']['A_log']": [2, 32, 16],
+        "['layers']['dt_proj']": [2, 8, 32],
+        "['layers']['out_proj']": [2, 32, 64],
+    },
+    ("mamba2", (4, 2)): {
+        "['layers']['in_proj']": [2, 64, 328],
+        "['layers']['A_log']": [2, 4],
+        "['layers']['gated_norm']": [2, 64],
+        "['layers']['out_proj']": [2, 64, 64],
+    },
+}
+CACHE_SHARDS = {
+    ("llama", (2, 4)): {".k": [2, 4, 2, 32, 8], ".lengths": [4]},  # [L, B, H_kv, S, D]
+    ("smollm2-shaped", (2, 3)): {".v": [2, 4, 1, 32, 64]},
+    ("mamba1", (2, 4)): {".ssm_state": [2, 4, 32, 16], ".conv_state": [2, 4, 32, 3]},
+    ("mamba2", (4, 2)): {".ssm_state": [2, 2, 4, 16, 16], ".conv_state": [2, 2, 192, 3]},
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDS), ids=lambda c: f"{c[0]}-{c[1][0]}x{c[1][1]}")
+def test_each_device_holds_the_shard_the_rules_say(cases, case):
+    c = cases[case]
+    for path, shape in SHARDS[case].items():
+        assert c["param_shards"][path] == shape, path
+    for path, shape in CACHE_SHARDS.get(case, {}).items():
+        assert c["cache_shards"][path] == shape, path
+
+
+SMOLLM2_SHAPED = ssm_llm.ModelConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9, num_kv_heads=3, head_dim=64
+)
+
+
+def abstract(dp, tp):
+    return AbstractMesh((dp, tp), ("data", "model"))
+
+
+def test_specs_follow_the_table():
+    config = ssm_llm.ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+    )
+    params = jax.eval_shape(lambda: ssm_llm.init_params(config, jax.random.key(0)))
+    specs = param_specs(params, config, abstract(1, 2))
+    assert specs["layers"]["wq"] == PartitionSpec(None, None, "model")
+    assert specs["layers"]["wo"] == PartitionSpec(None, "model", None)
+    assert specs["embed"] == PartitionSpec("model", None) and specs["lm_head"] == PartitionSpec(None, "model")
+    unstacked = param_specs(
+        ssm_llm.unstack_layers(ssm_llm.init_params(config, jax.random.key(0))), config, abstract(1, 2)
+    )
+    assert unstacked["layers"][1]["w_down"] == PartitionSpec("model", None)
+    cache = jax.eval_shape(lambda: ssm_llm.init_cache(config, 4, 16))
+    assert cache_specs(cache, config, abstract(2, 2)).k == PartitionSpec(None, "data", "model", None, None)
+
+
+def test_w8a8_weights_shard_like_their_float_weights():
+    config = ssm_llm.ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+    )
+    params, qconfig = ssm_llm.quantize_weights(ssm_llm.init_params(config, jax.random.key(0)), config, "w8a8")
+    specs = param_specs(params, qconfig, abstract(1, 2))
+    assert specs["layers"]["wq"].values == PartitionSpec(None, None, "model")
+    assert specs["layers"]["wq"].scales == PartitionSpec(None, None, "model")  # one scale per output column
+    assert specs["layers"]["wo"].values == PartitionSpec(None, "model", None)
+    assert specs["layers"]["wo"].scales == PartitionSpec(None, None, None)  # [L, 1, N]: the 1 stays whole
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match=r"does not divide heads \(9\).*sizes \[1, 3\]"):
+        check_mesh(SMOLLM2_SHAPED, abstract(1, 2))
+    check_mesh(SMOLLM2_SHAPED, abstract(2, 3))
+    with pytest.raises(ValueError, match=r"'data' of size 2 does not divide batch \(3\)"):
+        check_mesh(SMOLLM2_SHAPED, abstract(2, 3), batch=3)
+    params = jax.eval_shape(lambda: ssm_llm.init_params(SMOLLM2_SHAPED, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"params\['extra'\]: no sharding rule"):
+        param_specs({**params, "extra": params["final_norm"]}, SMOLLM2_SHAPED, abstract(1, 3))
+    with pytest.raises(TypeError, match="sharding supports"):
+        check_mesh({"vocab_size": 8}, abstract(1, 1))
