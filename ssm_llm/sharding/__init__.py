@@ -4,6 +4,7 @@ mesh = jax.make_mesh((dp, tp), ("data", "model"))
 params = ssm_llm.sharding.shard_params(params, config, mesh)      # Megatron layout, by `rules`
 cache = ssm_llm.init_cache(config, batch, max_len, mesh=mesh)      # batch over "data", heads over "model"
 logits, cache = ssm_llm.forward(params, config, shard_batch(tokens, mesh), cache)   # unchanged
+print(ssm_llm.sharding.plan(config, mesh, batch, max_len))   # bytes per device
 """
 
 from ssm_llm.sharding.place import (
@@ -16,12 +17,15 @@ from ssm_llm.sharding.place import (
     shard_params,
     split_sizes,
 )
+from ssm_llm.sharding.plan import MemoryPlan, plan
 
 __all__ = [
+    "MemoryPlan",
     "auto_mesh",
     "cache_specs",
     "check_mesh",
     "param_specs",
+    "plan",
     "shard_batch",
     "shard_cache",
     "shard_params",

@@ -6,6 +6,7 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -14,7 +15,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec  # noqa: E402
 
 import ssm_llm  # noqa: E402
-from ssm_llm.sharding import shard_batch  # noqa: E402
+from ssm_llm.sharding import plan, shard_batch  # noqa: E402
 
 MODELS = {
     "llama": ssm_llm.ModelConfig(
@@ -93,6 +94,11 @@ def shard_shapes(tree):
     return {jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape) for p, x in leaves}
 
 
+def held(tree) -> int:
+    """Bytes of the first device's shards of every leaf."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
 def specs(tree):
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {jax.tree_util.keystr(p): str(PartitionSpec(*x.sharding.spec)) for p, x in leaves}
@@ -125,6 +131,9 @@ def main():
                         "param_shards": shard_shapes(sharded),
                         "param_specs": specs(sharded),
                         "cache_shards": shard_shapes(cache),
+                        "planned": dataclasses.asdict(plan(config, mesh, BATCH, 32)),
+                        "held_weights": held(sharded),
+                        "held_cache": held(cache),
                         "devices": len(jax.tree.leaves(sharded)[0].sharding.device_set),
                     }
                 ),

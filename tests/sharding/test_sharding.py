@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 import ssm_llm
-from ssm_llm.sharding import cache_specs, check_mesh, param_specs
+from ssm_llm.sharding import cache_specs, check_mesh, param_specs, plan
 
 RUN = Path(__file__).with_name("sharded_run.py")
 
@@ -51,6 +51,9 @@ def test_sharded_model_equals_one_device(cases, case):
     assert c["devices"] == case[1][0] * case[1][1]
     assert c["logits_diff"] <= 1e-5
     assert c["tokens_equal"] and c["generate_equal"]
+    if not case[0].endswith("-w8a8"):  # the planner sizes float weights
+        assert c["planned"]["weights"] == c["held_weights"]
+    assert c["planned"]["cache"] == c["held_cache"]
 
 
 # The first device's shard of some leaves, by hand from the Megatron layout (layers stacked first).
@@ -150,3 +153,14 @@ def test_clear_errors():
         param_specs({**params, "extra": params["final_norm"]}, SMOLLM2_SHAPED, abstract(1, 3))
     with pytest.raises(TypeError, match="sharding supports"):
         check_mesh({"vocab_size": 8}, abstract(1, 1))
+
+
+def test_plan_scales_weights_with_tp():
+    config = SMOLLM2_SHAPED
+    one, three = plan(config, abstract(1, 1), 4, 256), plan(config, abstract(1, 3), 4, 256)
+    params = jax.eval_shape(lambda: ssm_llm.init_params(config, jax.random.key(0)))
+    assert one.weights == sum(x.size * 4 for x in jax.tree.leaves(params))
+    norms = sum(x.size * 4 for k, x in params["layers"].items() if "norm" in k) + params["final_norm"].size * 4
+    assert three.weights == (one.weights - norms) // 3 + norms  # everything but the norms split three ways
+    lengths = 4 * 4  # [B] int32, whole on every device of the model axis
+    assert three.cache == (one.cache - lengths) // 3 + lengths and "per device on data=1 x model=3" in str(three)
