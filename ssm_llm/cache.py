@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -38,9 +36,15 @@ class KVCache:
         return sum(x.size * x.dtype.itemsize for x in (self.k, self.v, self.lengths))
 
 
+def cache_shapes(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """The cache `init_cache` would make, as `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
+    shape = jax.ShapeDtypeStruct((config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim), dtype)
+    return KVCache(k=shape, v=shape, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` tokens each."""
-    batch, max_len = as_int("batch", batch, 1), as_int("max_len", max_len, 1)
-    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
-    check_fits(f"a KV cache of batch={batch}, max_len={max_len}", 2 * math.prod(shape) * jnp.dtype(dtype).itemsize)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+    shapes = cache_shapes(config, batch, max_len, dtype)
+    check_fits(f"a KV cache of batch={batch}, max_len={max_len}", shapes.k.size * shapes.k.dtype.itemsize * 2)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

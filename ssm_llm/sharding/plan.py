@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ssm_llm.cache import cache_shapes as kv_cache_shapes
 from ssm_llm.config import ModelConfig
 from ssm_llm.memory import format_bytes
 from ssm_llm.models import family_module
@@ -53,7 +54,10 @@ def plan(config, mesh, batch: int, max_len: int, dtype=jnp.float32, prefill_toke
     of `prefill_tokens` (default `max_len`) tokens per sequence, on `mesh` (a Mesh or AbstractMesh)."""
     module = family_module(config)
     params = jax.eval_shape(lambda: module.init_params(config, jax.random.key(0), dtype))
-    cache = jax.eval_shape(lambda: module.init_cache(config, batch, max_len, dtype))
+    if isinstance(config, ModelConfig):  # shapes only: init_cache refuses a cache larger than this host's memory
+        cache = kv_cache_shapes(config, batch, max_len, dtype)
+    else:
+        cache = jax.eval_shape(lambda: module.init_cache(config, batch, max_len, dtype))
     weights = _per_device(params, param_specs(params, config, mesh), mesh)
     cache_bytes = _per_device(cache, cache_specs(cache, config, mesh), mesh)
     dp, tp = mesh.shape.get("data", 1), mesh.shape.get("model", 1)
