@@ -40,10 +40,10 @@ def _layer_rules(config) -> dict:
 def split_sizes(config) -> dict[str, int]:
     """The counts a mesh axis must divide, per logical axis: whole heads, channels, vocabulary rows."""
     _layer_rules(config)
-    sizes = {"vocab": config.vocab_size, "inner": config.intermediate_size}
+    sizes = {"vocab": config.vocab_size, "inner": config.intermediate_size, "embed_rows": config.hidden_size}
     if isinstance(config, ModelConfig):
         sizes.update(heads=config.num_heads, kv_heads=config.num_kv_heads, mlp=config.intermediate_size)
-        del sizes["inner"]
+        del sizes["inner"], sizes["embed_rows"]
     elif isinstance(config, Mamba2Config):
         sizes["ssm_heads"] = config.num_heads
     return sizes

@@ -24,6 +24,7 @@ AXIS_RULES: dict[str, str | None] = {
     "inner": MODEL,  # Mamba-1 inner channels; Mamba-2 inner (heads x head_dim) features
     "ssm_heads": MODEL,  # Mamba-2 heads
     "embed": None,
+    "embed_rows": MODEL,  # the input rows of a fused projection (row-parallel)
     "fused": None,  # a fused projection's concatenated outputs
     "state": None,
     "seq": None,
@@ -52,7 +53,7 @@ ATTENTION_LAYER = {
 }
 MAMBA1_LAYER = {
     "norm": ("embed",),
-    "in_proj": ("embed", "fused"),
+    "in_proj": ("embed_rows", "fused"),
     "in_proj_b": ("fused",),
     "conv_w": ("inner", "conv"),
     "conv_b": ("inner",),
@@ -66,7 +67,7 @@ MAMBA1_LAYER = {
 }
 MAMBA2_LAYER = {
     "norm": ("embed",),
-    "in_proj": ("embed", "fused"),
+    "in_proj": ("embed_rows", "fused"),
     "in_proj_b": ("fused",),
     "conv_w": ("fused", "conv"),
     "conv_b": ("fused",),

@@ -74,14 +74,14 @@ SHARDS = {
     },
     ("qwen2-gqa", (4, 2)): {"['layers']['bk']": [2, 16], "['layers']['bq']": [2, 32]},
     ("mamba1", (2, 4)): {
-        "['layers']['in_proj']": [2, 64, 256],  # fused [x | z]: replicated
+        "['layers']['in_proj']": [2, 16, 256],  # fused [x | z]: split by its input rows
         "['layers']['conv_w']": [2, 32, 4],
         "['layers']['A_log']": [2, 32, 16],
         "['layers']['dt_proj']": [2, 8, 32],
         "['layers']['out_proj']": [2, 32, 64],
     },
     ("mamba2", (4, 2)): {
-        "['layers']['in_proj']": [2, 64, 328],
+        "['layers']['in_proj']": [2, 32, 328],
         "['layers']['A_log']": [2, 4],
         "['layers']['gated_norm']": [2, 64],
         "['layers']['out_proj']": [2, 64, 64],
