@@ -7,6 +7,7 @@ config, params = converters.load(hf_model)               # in-memory transformer
 config, params = converters.load(state_dict, config=hf_config)
 converters.save(params, config, "ckpt/"); converters.load("ckpt/")   # orbax, no torch needed
 config, params = converters.load("model.gguf", cache=True)   # converted once, then read from the cache
+config, params = converters.load("hf_model_dir/", mesh=mesh)  # each device gets only its shards
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.quant import quantize_weights
+from ssm_llm.sharding import shard_params
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = [
@@ -83,6 +85,7 @@ def load(
     group_size="auto",
     cache: bool = False,
     cache_in_background: bool = False,
+    mesh=None,
 ) -> tuple[ModelConfig | MambaConfig | Mamba2Config, dict]:
     """Load a checkpoint as `(config, params)` with params in `dtype`.
 
@@ -101,6 +104,10 @@ def load(
     `$SSM_LLM_CACHE/models` and read them from there next time (see `converters.model_cache`: keyed by the
     source's content and these options; a damaged entry is rebuilt). `cache_in_background`: on a miss,
     return the converted params at once and store them in a thread the process waits for at exit.
+    `mesh`: a `jax.sharding.Mesh`; the params are placed on it by `ssm_llm.sharding`'s rules. A float
+    conversion builds each tensor in host memory and sends each device only its shard (no device holds
+    the whole model); a cache entry (mapped from its file) is sharded the same way; an orbax checkpoint and
+    a quantized conversion are loaded, then sharded.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     if quantize is not None and quantize not in WEIGHT_BITS:
@@ -113,26 +120,33 @@ def load(
         group_size = None if quantize == "w8a8" else "native"
     if isinstance(source, (str, Path)) and is_checkpoint(source):
         model_config, params = load_checkpoint(source, dtype)
-        return _quantized(model_config, params, quantize, group_size)
-    if cache and isinstance(source, (str, Path)):
+        loaded = _quantized(model_config, params, quantize, group_size)
+    elif cache and isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
         convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size)
-        return load_cached(path, options, convert, background=cache_in_background)
-    return _convert(source, config, dtype, progress, quantize, group_size)
+        loaded = load_cached(path, options, convert, background=cache_in_background)
+    else:
+        loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None)
+    if mesh is None:
+        return loaded
+    model_config, params = loaded
+    return model_config, shard_params(params, model_config, mesh)
 
 
-def _convert(source, config, dtype, progress, quantize, group_size):
-    """`load` of a source that is not an ssm_llm checkpoint, without the cache."""
+def _convert(source, config, dtype, progress, quantize, group_size, on_host=False):
+    """`load` of a source that is not an ssm_llm checkpoint, without the cache; `on_host`: float params as
+    numpy arrays in host memory (to be sharded onto a mesh)."""
     hf_config, tensors = _read(source, config)
     model_config = config_from_hf(hf_config)
     if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "native_bits"):
         params = convert_quantized_attention_weights(model_config, tensors, quantize, group_size, dtype, progress)
         return dataclasses.replace(model_config, quantization=quantize), params
     convert = convert_attention_weights if isinstance(model_config, ModelConfig) else convert_mamba_weights
-    return _quantized(model_config, convert(model_config, tensors, dtype, progress), quantize, group_size)
+    params = convert(model_config, tensors, dtype, progress, on_host=on_host and quantize is None)
+    return _quantized(model_config, params, quantize, group_size)
 
 
 def _quantized(config, params, scheme, group_size):

@@ -43,7 +43,9 @@ LAYER_TENSORS = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.float32, progress: bool = False) -> dict:
+def convert_attention_weights(
+    config: ModelConfig, source: Mapping, dtype=jnp.float32, progress: bool = False, on_host: bool = False
+) -> dict:
     """Build the params pytree for `config` from Hugging Face-named tensors in `source` (strict)."""
     return convert_weights(
         param_shapes(config),
@@ -55,6 +57,7 @@ def convert_attention_weights(config: ModelConfig, source: Mapping, dtype=jnp.fl
         progress,
         tied=config.tie_word_embeddings,
         ignored_suffixes=_IGNORED_SUFFIXES,
+        on_host=on_host,
     )
 
 

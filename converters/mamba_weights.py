@@ -42,7 +42,11 @@ _ORIGINAL_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
 
 def convert_mamba_weights(
-    config: MambaConfig | Mamba2Config, source: Mapping, dtype=jnp.float32, progress: bool = False
+    config: MambaConfig | Mamba2Config,
+    source: Mapping,
+    dtype=jnp.float32,
+    progress: bool = False,
+    on_host: bool = False,
 ) -> dict:
     """Build the params pytree for `config` from Hugging Face- or state-spaces-named tensors (strict)."""
     if all(name in source for name in (*_ORIGINAL_NAMES, *_ORIGINAL_NAMES.values())):
@@ -56,4 +60,5 @@ def convert_mamba_weights(
         dtype,
         progress,
         tied=config.tie_word_embeddings,
+        on_host=on_host,
     )

@@ -79,13 +79,16 @@ def convert_weights(
     *,
     tied: bool = False,
     ignored_suffixes: tuple[str, ...] = (),
+    on_host: bool = False,
 ) -> dict:
     """Build params of `shapes` (with a stacked `layers` sub-dict) from `source` using the tables.
 
     tied: the output head is the embedding; a source tensor for the head (`global_table["lm_head"]`)
     is then accepted only if it equals the embedding. Source names ending in `ignored_suffixes` are
-    non-parameter buffers and may be left unused.
+    non-parameter buffers and may be left unused. on_host: leave each param a numpy array in host memory
+    (for placing it straight onto a mesh's devices) instead of a JAX array on the default device.
     """
+    place = np.asarray if on_host else jnp.asarray
     np_dtype = np.dtype(jnp.dtype(dtype))
     consumed: set[str] = set()
     total = len(shapes) - 1 + len(shapes["layers"]) * num_layers
@@ -96,7 +99,7 @@ def convert_weights(
         if ours == "layers":
             continue
         name, layout = global_table[ours]
-        params[ours] = jnp.asarray(fetch(source, name, shape, layout, np_dtype))
+        params[ours] = place(fetch(source, name, shape, layout, np_dtype))
         consumed.add(name)
         bar.update()
 
@@ -109,7 +112,7 @@ def convert_weights(
             stacked[i] = fetch(source, name, shape[1:], layout, np_dtype)
             consumed.add(name)
             bar.update()
-        layers[ours] = jnp.asarray(stacked)
+        layers[ours] = place(stacked)
     params["layers"] = layers
     bar.close()
 

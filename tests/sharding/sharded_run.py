@@ -141,5 +141,33 @@ def main():
             )
 
 
+def loading():
+    """converters.load(mesh=) of a tiny Hugging Face Llama directory, and an orbax round trip of the
+    sharded params: the leaves' shardings and values."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import converters  # before tests/ goes on the path: tests/converters would shadow the package
+
+    sys.path.append(str(Path(__file__).parents[1]))
+    from conftest import tiny_hf_model
+
+    mesh = mesh_of((4, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_hf_model("llama", vocab_size=128).save_pretrained(Path(tmp) / "hf")
+        config, reference = converters.load(Path(tmp) / "hf")
+        _, sharded = converters.load(Path(tmp) / "hf", mesh=mesh)
+        converters.save(sharded, config, Path(tmp) / "ckpt")
+        _, restored = converters.load(Path(tmp) / "ckpt", mesh=mesh)
+        for label, tree in (("load", sharded), ("restore", restored)):
+            equal = all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(tree), strict=True)
+            )
+            print(json.dumps({"loading": label, "equal": equal, "param_specs": specs(tree)}), flush=True)
+
+
 if __name__ == "__main__":
     main()
+    loading()

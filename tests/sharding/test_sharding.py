@@ -26,7 +26,7 @@ def cases():
     done = subprocess.run([sys.executable, str(RUN)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {(c["model"], tuple(c["mesh"])): c for c in found}
+    return {(c["model"], tuple(c["mesh"])) if "model" in c else c["loading"]: c for c in found}
 
 
 EXPECTED_CASES = [
@@ -102,6 +102,17 @@ def test_each_device_holds_the_shard_the_rules_say(cases, case):
         assert c["param_shards"][path] == shape, path
     for path, shape in CACHE_SHARDS.get(case, {}).items():
         assert c["cache_shards"][path] == shape, path
+
+
+@pytest.mark.parametrize("how", ["load", "restore"])
+def test_load_onto_the_mesh_and_restore_sharded(cases, how):
+    """converters.load(hf_dir, mesh=) and the orbax checkpoint saved from those sharded params, read back
+    with mesh=: the values of a plain load, each leaf with the rules' sharding."""
+    c = cases[how]
+    assert c["equal"]
+    assert c["param_specs"]["['layers']['wq']"] == "P(None, None, 'model')"
+    assert c["param_specs"]["['layers']['w_down']"] == "P(None, 'model', None)"
+    assert c["param_specs"]["['embed']"] == "P('model', None)"
 
 
 SMOLLM2_SHAPED = ssm_llm.ModelConfig(
