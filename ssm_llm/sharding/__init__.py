@@ -7,6 +7,7 @@ logits, cache = ssm_llm.forward(params, config, shard_batch(tokens, mesh), cache
 print(ssm_llm.sharding.plan(config, mesh, batch, max_len))   # bytes per device
 """
 
+from ssm_llm.sharding.distributed import initialize, is_main_process
 from ssm_llm.sharding.place import (
     auto_mesh,
     cache_specs,
@@ -24,6 +25,8 @@ __all__ = [
     "auto_mesh",
     "cache_specs",
     "check_mesh",
+    "initialize",
+    "is_main_process",
     "param_specs",
     "plan",
     "shard_batch",

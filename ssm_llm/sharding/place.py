@@ -145,8 +145,14 @@ def _placed(leaves, specs, mesh: Mesh, what: str) -> list:
                     f"{what}{jax.tree_util.keystr(path)}: dimension {dim} ({size}) does not split over mesh axis "
                     f"{axis!r} of size {mesh.shape[axis]}"
                 )
-        out.append(jax.device_put(x, NamedSharding(mesh, spec)))
+        out.append(_global_array(x, NamedSharding(mesh, spec)))
     return out
+
+
+def _global_array(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (the same full value in every process) as one array laid out by `sharding`: each process sends
+    its own devices their slices only, so this also builds arrays over several processes' devices."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def shard_params(params: dict, config, mesh: Mesh) -> dict:
@@ -182,4 +188,4 @@ def shard_batch(tokens, mesh: Mesh):
     axis, n = _mesh_size(mesh, "batch")
     if n > 1 and tokens.shape[0] % n:
         raise ValueError(f"batch {tokens.shape[0]} does not split over mesh axis {axis!r} of size {n}")
-    return jax.device_put(tokens, NamedSharding(auto_mesh(mesh), PartitionSpec(axis)))
+    return _global_array(tokens, NamedSharding(auto_mesh(mesh), PartitionSpec(axis)))
