@@ -38,18 +38,58 @@ def _model_path(model: str | None) -> Path:
     return Path(model) if model else default_model_path()
 
 
-def _load(path: Path, quantize: str | None = None, cache: bool = False):
+def _load(path: Path, quantize: str | None = None, cache: bool = False, mesh=None, verbose: bool = True):
     import converters
 
-    print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
+    if verbose:
+        print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
     if quantize == "w8a8-rot":  # W8A8 with rotated inputs: from the float weights
         from ssm_llm.quant import quantize_weights
+        from ssm_llm.sharding import shard_params
 
-        config, params = converters.load(path, progress=True, cache=cache, cache_in_background=True)
+        config, params = converters.load(path, progress=verbose, cache=cache, cache_in_background=True)
         params, config = quantize_weights(params, config, "w8a8", rotation=True)
+        if mesh is not None:
+            params = shard_params(params, config, mesh)
     else:
-        config, params = converters.load(path, progress=True, quantize=quantize, cache=cache, cache_in_background=True)
+        config, params = converters.load(
+            path, progress=verbose, quantize=quantize, cache=cache, cache_in_background=True, mesh=mesh
+        )
     return config, params
+
+
+def _parse_mesh(text: str) -> tuple[int, int]:
+    """--mesh "DPxTP" -> (dp, tp)."""
+    dp, sep, tp = text.lower().partition("x")
+    if not sep or not dp.isdigit() or not tp.isdigit() or int(dp) < 1 or int(tp) < 1:
+        raise argparse.ArgumentTypeError(f"expected DPxTP with positive sizes, e.g. 1x3 or 2x4; got {text!r}")
+    return int(dp), int(tp)
+
+
+def _join_processes(args) -> None:
+    """jax.distributed for a multi-process run (--coordinator, --num-processes, --process-id)."""
+    given = [args.num_processes is not None, args.process_id is not None]
+    if args.coordinator is None:
+        if any(given):
+            raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+        return
+    if not all(given):
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    from ssm_llm.sharding import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def _mesh(args):
+    """The ("data", "model") mesh of --mesh over every device of the run, or None."""
+    if args.mesh is None:
+        return None
+    import jax
+
+    dp, tp = args.mesh
+    if dp * tp != jax.device_count():
+        raise ValueError(f"--mesh {dp}x{tp} needs {dp * tp} devices; this run has {jax.device_count()}")
+    return jax.make_mesh((dp, tp), ("data", "model"))
 
 
 class _CompileClock:
@@ -122,6 +162,7 @@ def _generate(args) -> int:
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
     )
+    _join_processes(args)  # before anything touches JAX's devices
     with _CompileClock() as clock:
         return _run_generation(args, gen_config, clock)
 
@@ -131,13 +172,16 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
 
     import converters
     from ssm_llm.generation import generate
+    from ssm_llm.sharding import is_main_process
 
+    mesh = _mesh(args)
+    main_process = is_main_process()  # the others compute their shards and print nothing
     # A GGUF tokenizer that is not cached yet is built in a child process while the model converts (two
     # threads were slower: GIL contention, 26 s against 19.6 s); a cached one loads in 0.1 s after the model.
     started = time.perf_counter()
     path = _model_path(args.model)
     with converters.tokenizer_built_aside(path):
-        config, params = _load(path, quantize=args.quantize, cache=_cache_enabled(args))
+        config, params = _load(path, args.quantize, _cache_enabled(args), mesh, verbose=main_process)
     loaded = time.perf_counter()
     tokenizer = converters.load_text_tokenizer(path)
     tokenized = time.perf_counter()
@@ -154,8 +198,12 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
     # A speculative round emits several tokens at once, so its text is printed when generation ends.
     stream = None if args.no_stream or gen_config.speculative is not None else _TextStream(tokenizer, eos)
+    if not main_process:
+        stream = None
     result = generate(params, config, [ids], gen_config, on_token=stream)
     gen_end = time.perf_counter()
+    if not main_process:
+        return 0
     if stream is None:
         sys.stdout.write(tokenizer.decode(result.tokens[0], skip_special_tokens=True))
     else:
@@ -259,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"~/.cache/ssm_llm; {NO_CACHE_ENV}=1 does the same)",
     )
     gen.add_argument("--verbose", action="store_true", help="also print where the time went")
+    gen.add_argument(
+        "--mesh",
+        type=_parse_mesh,
+        metavar="DPxTP",
+        help="shard the model over every device of the run: DP data-parallel x TP tensor-parallel (e.g. 1x3; "
+        "TP must divide the heads; on one CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices)",
+    )
+    gen.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="run as one of several processes (hosts) joined through jax.distributed; process 0 serves the "
+        "coordination service at HOST:PORT and prints the text; every process runs the same command",
+    )
+    gen.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
+    gen.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 to N-1")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to an orbax ssm-llm checkpoint")

@@ -91,6 +91,17 @@ def tiny_hf_model(kind: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def save_word_level_tokenizer(directory):
+    """A whitespace word-level tokenizer of the tiny models' 128 ids ("w0" ... "w126"), saved to `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>").save_pretrained(directory)
+
+
 TINY_SSM = dict(vocab_size=101, hidden_size=48, state_size=8, num_hidden_layers=3, expand=2)
 
 

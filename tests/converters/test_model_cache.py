@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_hf_model
+from conftest import save_word_level_tokenizer, tiny_hf_model
 
 import converters
 from converters import cache_dir, model_cache
@@ -160,17 +160,6 @@ def test_content_digests_are_remembered_by_stat(cache, source, monkeypatch):
     assert cache_dir.source_digest(source) == first and hashed == []
     (source / "config.json").write_text((source / "config.json").read_text() + " ")
     assert cache_dir.source_digest(source) != first and [p.name for p in hashed] == ["config.json"]
-
-
-def save_word_level_tokenizer(directory):
-    """A whitespace word-level tokenizer of the tiny models' 128 ids ("w0" ... "w126"), saved to `directory`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>").save_pretrained(directory)
 
 
 def test_the_console_script_exits_after_its_background_cache_write(cache, source):

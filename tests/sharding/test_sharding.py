@@ -236,3 +236,44 @@ def test_initialize_refuses_bad_arguments():
         initialize("127.0.0.1:1234", 2, 2)
     with pytest.raises(ValueError, match="num_processes must be a positive int"):
         initialize("127.0.0.1:1234", 0, 0)
+
+
+def test_cli_generates_the_same_text_over_two_processes(tmp_path):
+    """`ssm-llm generate --mesh 1x4 --coordinator ...` in two processes of 2 CPU devices each prints, from
+    process 0 only, the text of a plain single-device run."""
+    from conftest import save_word_level_tokenizer, tiny_hf_model
+
+    model = tmp_path / "model"
+    tiny_hf_model(
+        "llama", vocab_size=128, num_attention_heads=8, num_key_value_heads=4, hidden_size=64
+    ).save_pretrained(model)
+    save_word_level_tokenizer(model)
+    argv = [sys.executable, "-m", "ssm_llm_cli", "generate", "--model", str(model), "--prompt", "w3 w1 w4 w9"]
+    argv += ["--max-new-tokens", "8", "--no-cache"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SSM_LLM_CACHE": str(tmp_path / "cache")}
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    port = free_port()
+    multi_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [
+        subprocess.Popen(
+            argv
+            + ["--mesh", "1x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=multi_env,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    text = [line for line in outputs[0][0].splitlines() if not line.startswith("[Gloo]")]
+    assert text and text == [line for line in plain.stdout.splitlines()]
+    assert all(line.startswith("[Gloo]") for line in outputs[1][0].splitlines())  # process 1 prints no text
+    assert "tok/s]" in outputs[0][1] and "tok/s]" not in outputs[1][1]
