@@ -35,9 +35,9 @@ def conversions(monkeypatch):
     calls = []
     real = converters._convert
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(args[0])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(converters, "_convert", counting)
     return calls
@@ -197,7 +197,7 @@ def test_cli_speed_line_adds_up_and_the_second_run_reads_the_cache(cache, source
     argv = ["generate", "--model", str(source), "--prompt", "w3 w1 w4", "--max-new-tokens", "6", "--verbose"]
     calls = []
     real = converters._convert
-    monkeypatch.setattr(converters, "_convert", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(converters, "_convert", lambda *a, **k: calls.append(a) or real(*a, **k))
     for _ in range(2):
         assert main(argv) == 0
         join_cache_writers()  # the CLI stores a new entry in the background
