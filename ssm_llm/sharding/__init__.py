@@ -5,6 +5,7 @@ params = ssm_llm.sharding.shard_params(params, config, mesh)      # Megatron lay
 cache = ssm_llm.init_cache(config, batch, max_len, mesh=mesh)      # batch over "data", heads over "model"
 logits, cache = ssm_llm.forward(params, config, shard_batch(tokens, mesh), cache)   # unchanged
 print(ssm_llm.sharding.plan(config, mesh, batch, max_len))   # bytes per device
+out = ring_attention(q, k, v, jax.make_mesh((8,), ("seq",)))      # a long prompt's causal attention
 """
 
 from ssm_llm.sharding.distributed import initialize, is_main_process
@@ -19,6 +20,7 @@ from ssm_llm.sharding.place import (
     split_sizes,
 )
 from ssm_llm.sharding.plan import MemoryPlan, plan
+from ssm_llm.sharding.ring_attention import ring_attention, zigzag_order
 
 __all__ = [
     "MemoryPlan",
@@ -29,8 +31,10 @@ __all__ = [
     "is_main_process",
     "param_specs",
     "plan",
+    "ring_attention",
     "shard_batch",
     "shard_cache",
     "shard_params",
     "split_sizes",
+    "zigzag_order",
 ]
