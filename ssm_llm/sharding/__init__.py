@@ -21,6 +21,7 @@ from ssm_llm.sharding.place import (
 )
 from ssm_llm.sharding.plan import MemoryPlan, plan
 from ssm_llm.sharding.ring_attention import ring_attention, zigzag_order
+from ssm_llm.sharding.sequence_ssd import ssd_sequence_parallel
 
 __all__ = [
     "MemoryPlan",
@@ -36,5 +37,6 @@ __all__ = [
     "shard_cache",
     "shard_params",
     "split_sizes",
+    "ssd_sequence_parallel",
     "zigzag_order",
 ]
