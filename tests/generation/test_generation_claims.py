@@ -18,7 +18,7 @@ def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
     from ssm_llm import generation
 
     config, params, _, path = smollm2
-    monkeypatch.setattr(cli, "_load", lambda model, **options: (path, config, params))
+    monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
     policies = []
 
     def spy(params, config, prompts, gen_config, **kw):
