@@ -97,7 +97,7 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
 
     def place(logical_axes, leaf, stacked, where):
         if isinstance(leaf, QuantizedWeight):
-            float_spec = _weight_spec(logical_axes, (None,) * (len(logical_axes) + stacked), mesh, stacked)
+            float_spec = _spec(((None,) if stacked else ()) + tuple(logical_axes), mesh)
             return dataclasses.replace(
                 leaf,
                 **{

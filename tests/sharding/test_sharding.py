@@ -217,6 +217,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_processes(commands: list[list[str]], env: dict, timeout: int = 300) -> list[tuple[str, str]]:
+    """Start the processes of one multi-process run together, wait for all (each bounded by `timeout`),
+    kill any left over, and return their (stdout, stderr); every one must have succeeded."""
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for command in commands
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
 def test_two_processes_give_the_single_process_output():
     """Two local processes x 4 CPU devices, joined by jax.distributed on 127.0.0.1 (gloo collectives), run
     a tiny Llama and Mamba-2 sharded over a (2, 4) mesh of all 8 devices: the greedy tokens of one process
@@ -227,23 +244,7 @@ def test_two_processes_give_the_single_process_output():
     single = subprocess.run([sys.executable, script, "single"], capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(i), "2", str(port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outputs = run_processes([[sys.executable, script, str(i), "2", str(port)] for i in range(2)], env)
 
     def results(stdout):  # gloo writes its own lines to stdout too
         return {d["model"]: d for d in (json.loads(line) for line in stdout.splitlines() if line.startswith("{"))}
@@ -286,24 +287,8 @@ def test_cli_generates_the_same_text_over_two_processes(tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     port = free_port()
     multi_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [
-        subprocess.Popen(
-            argv
-            + ["--mesh", "1x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=multi_env,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    joined = ["--mesh", "1x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    outputs = run_processes([argv + joined + [str(i)] for i in range(2)], multi_env)
     text = [line for line in outputs[0][0].splitlines() if not line.startswith("[Gloo]")]
     assert text and text == [line for line in plain.stdout.splitlines()]
     assert all(line.startswith("[Gloo]") for line in outputs[1][0].splitlines())  # process 1 prints no text
