@@ -23,11 +23,12 @@ from ssm_llm.kv.policy import memory_bound
 from ssm_llm.kv.prefill import prefill as kv_prefill
 from ssm_llm.length_plan import LengthPlan, plan_lengths
 from ssm_llm.memory import check_fits
-from ssm_llm.model import init_cache
+from ssm_llm.model import check_sequence_parallel, init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
+from ssm_llm.sharding import SequenceParallel
 from ssm_llm.speculative.decode import speculative_decode
 from ssm_llm.speculative.protocol import Drafter
 from ssm_llm.validation import as_float, as_int, as_token_ids
@@ -164,10 +165,13 @@ def _preview(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype"))
-def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype):
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype", "sequence_parallel"))
+def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequence_parallel=None):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
-    h, cache = family_module(config).hidden_states(params, config, tokens, cache, counts, impl, cache_is_empty=True)
+    extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
+    h, cache = family_module(config).hidden_states(
+        params, config, tokens, cache, counts, impl, cache_is_empty=True, **extra
+    )
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), cache
 
@@ -269,6 +273,7 @@ def generate(
     *,
     on_token: Callable[[int, np.ndarray], None] | None = None,
     impl: str = "auto",
+    sequence_parallel: SequenceParallel | None = None,
 ) -> GenerationResult:
     """Generate continuations of a ragged batch of token-id prompts.
 
@@ -280,11 +285,17 @@ def generate(
     Everything is checked before anything is compiled: params against `config`, prompts, EOS ids and
     sizes against the vocabulary and the model's context, and the memory of the cache, the output buffer
     and draft trees against the device's free memory (a MemoryError names the option responsible).
+
+    `sequence_parallel` (an `ssm_llm.sharding.SequenceParallel`): the prompts' prefill split over a mesh
+    axis (RingAttention / sequence-parallel SSD), for long prompts; decoding runs as usual.
     """
     request = _validate(params, config, prompts, gen_config, on_token)
+    check_sequence_parallel(config, sequence_parallel, cache_is_empty=True)
+    if sequence_parallel is not None and gen_config.kv_compression is not None:
+        raise ValueError("sequence_parallel does not combine with kv_compression yet (its prefill observes queries)")
     plan = _plan(params, config, gen_config, request)
     start = time.perf_counter()
-    logits, cache = _prefill_request(params, config, gen_config.kv_compression, request, plan, impl)
+    logits, cache = _prefill_request(params, config, gen_config.kv_compression, request, plan, impl, sequence_parallel)
     prefill_seconds = time.perf_counter() - start
     out, stats = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
     decode_seconds = time.perf_counter() - start - prefill_seconds
@@ -386,7 +397,9 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: Length
     check_fits(what, cache_bytes + out_bytes)
 
 
-def _prefill_request(params, config, policy: KVPolicy | None, request: _Request, plan: LengthPlan, impl):
+def _prefill_request(
+    params, config, policy: KVPolicy | None, request: _Request, plan: LengthPlan, impl, sequence_parallel=None
+):
     """The prompts' prefill, dense or compressed by `policy`, finished (not only dispatched): (logits [B, V]
     at each prompt's last token, the cache)."""
     tokens, lengths = request.padded(plan.prompt_len), request.lengths
@@ -399,6 +412,7 @@ def _prefill_request(params, config, policy: KVPolicy | None, request: _Request,
             plan.cache_len,
             impl,
             jnp.dtype(params["embed"].dtype),
+            sequence_parallel,
         )
     else:
         logits, cache = kv_prefill(params, config, tokens, policy, plan.max_len, token_counts=lengths, impl=impl)

@@ -14,8 +14,9 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.models import family_module, family_of
 from ssm_llm.models.lm_head import logits_from_hidden
 from ssm_llm.param_check import check_params
-from ssm_llm.sharding import check_mesh, shard_cache
+from ssm_llm.sharding import SequenceParallel, check_mesh, shard_cache
 from ssm_llm.ssm_cache import SSMCache
+from ssm_llm.ssm_config import Mamba2Config
 
 Cache = KVCache | SSMCache
 
@@ -137,8 +138,11 @@ def runtime_invalid_rows(config, tokens, cache: Cache, token_counts) -> tuple[ja
     return bad_ids, overflow
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "cache_is_empty", "checkify_errors"))
-def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, checkify_errors):
+_STATIC = ("config", "impl", "cache_is_empty", "checkify_errors", "sequence_parallel")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, checkify_errors, sequence_parallel):
     bad_ids, overflow = runtime_invalid_rows(config, tokens, cache, token_counts)
     if checkify_errors:
         from jax.experimental import checkify
@@ -152,7 +156,10 @@ def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, 
         checkify.check(
             ~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache", row=jnp.argmax(overflow)
         )
-    h, cache = family_module(config).hidden_states(params, config, tokens, cache, token_counts, impl, cache_is_empty)
+    extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
+    h, cache = family_module(config).hidden_states(
+        params, config, tokens, cache, token_counts, impl, cache_is_empty, **extra
+    )
     logits = logits_from_hidden(params, config, h)
     # Traced inputs skip the Python checks: a row that failed them gets NaN logits instead of a silent,
     # plausible wrong answer (gathers clamp bad ids; cache writes clamp past the end).
@@ -191,6 +198,7 @@ def forward(
     token_counts: jax.Array | None = None,
     impl: str = "auto",
     checkify_errors: bool = False,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> tuple[jax.Array, Cache]:
     """Append `tokens: [B, T]` to `cache` and return `(logits [B, T, V], new_cache)`.
 
@@ -204,6 +212,10 @@ def forward(
     Under `jax.jit` the last two cannot be checked in Python: such a row gets NaN logits (and its cache
     row is invalid). `checkify_errors=True` turns them into `jax.experimental.checkify` errors instead:
     `err, out = checkify.checkify(jax.jit(f))(...); err.throw()` with `f` calling forward with it.
+
+    `sequence_parallel` (an `ssm_llm.sharding.SequenceParallel`): a long prompt split over a mesh axis —
+    RingAttention for attention models (a fresh prefill: the cache must be empty), the sequence-parallel
+    SSD for Mamba-2 (from any state).
     """
     family_module(config)  # a TypeError naming what config should be
     check_params(params, config)
@@ -217,6 +229,7 @@ def forward(
         not isinstance(cache, CompressedCache) and _is_concrete(cache.lengths) and not np.asarray(cache.lengths).any()
     )
     traced = not all(_is_concrete(x) for x in (tokens, token_counts, cache.lengths))
+    check_sequence_parallel(config, sequence_parallel, cache_is_empty)
     return _forward(
         params,
         config,
@@ -226,4 +239,26 @@ def forward(
         impl,
         cache_is_empty,
         checkify_errors and traced,
+        sequence_parallel,
     )
+
+
+def check_sequence_parallel(config, sequence_parallel, cache_is_empty: bool) -> None:
+    """Raise unless `sequence_parallel` is None or a `SequenceParallel` this model and cache can use: an
+    attention model's fresh prefill (an empty dense cache), or any Mamba-2 step."""
+    if sequence_parallel is None:
+        return
+    if not isinstance(sequence_parallel, SequenceParallel):
+        raise TypeError(
+            f"sequence_parallel must be an ssm_llm.sharding.SequenceParallel, got {type(sequence_parallel).__name__}"
+        )
+    if type(config) not in (ModelConfig, Mamba2Config):
+        raise ValueError(
+            f"sequence_parallel runs attention models (RingAttention) and Mamba-2 (sequence-parallel SSD), "
+            f"not {type(config).__name__}"
+        )
+    if type(config) is ModelConfig and not cache_is_empty:
+        raise ValueError(
+            "sequence_parallel splits an attention model's fresh prefill: pass an empty dense cache "
+            "(ssm_llm.init_cache(...)); later steps run without it"
+        )

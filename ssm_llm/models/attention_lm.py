@@ -134,10 +134,14 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
                 )
 
 
-def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str):
+def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str, sequence_parallel=None):
     """Attention into an empty dense cache: among the new tokens only, which are then stored at
-    positions 0..T-1. q, k, v rotated; kv = (k, v) `[L, B, H_kv, S, D]` of every layer."""
-    attn = flash_attention(q, k, v, step.window, lengths=step.token_counts, impl=impl)
+    positions 0..T-1. q, k, v rotated; kv = (k, v) `[L, B, H_kv, S, D]` of every layer. With
+    `sequence_parallel` (an `ssm_llm.sharding.SequenceParallel`), RingAttention over its mesh axis."""
+    if sequence_parallel is not None:
+        attn = sequence_parallel.attention(q, k, v, step.token_counts, step.window)
+    else:
+        attn = flash_attention(q, k, v, step.window, lengths=step.token_counts, impl=impl)
     start = (step.layer, 0, 0, 0, 0)
     k_all, v_all = (
         jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3)[None], start)
@@ -168,10 +172,11 @@ def _observe_queries(observed: jax.Array, q: jax.Array, step: AttentionStep) -> 
     return observed.at[step.layer].set(rows_q.astype(observed.dtype))
 
 
-def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, step: AttentionStep, carry, layer):
+def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, sp, step: AttentionStep, carry, layer):
     """One decoder block, scanned over the layers. `carry` = (activations [B, T, H], the whole stacked
     cache — (k, v) of a dense cache, updated in place by XLA, or a compressed cache's data — and the
-    observed prompt queries or None); `layer` = this layer's (params, index, sliding window)."""
+    observed prompt queries or None); `layer` = this layer's (params, index, sliding window); `sp` a
+    `SequenceParallel` for a fresh prefill, or None."""
     x, kv, observed = carry
     p, index, window = layer
     step = step.replace(layer=index, window=window)
@@ -180,15 +185,22 @@ def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, step: A
         attn, kv = policy.attend(config, kv, step, q, k, v, impl)
     else:
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        dense_attention = _dense_prefill_attention if cache_is_empty else _dense_cache_attention
-        attn, kv = dense_attention(q, k, v, kv, step, impl)
+        if cache_is_empty:
+            attn, kv = _dense_prefill_attention(q, k, v, kv, step, impl, sp)
+        else:
+            attn, kv = _dense_cache_attention(q, k, v, kv, step, impl)
         if observed is not None:
             observed = _observe_queries(observed, q, step)
     return finish_block(config, p, x, attn), kv, observed
 
 
-def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, observe):
+def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, observe, sequence_parallel=None):
     check_linear_kinds(params, config)
+    if sequence_parallel is not None and (isinstance(cache, CompressedCache) or not cache_is_empty):
+        raise ValueError(
+            "sequence_parallel splits a fresh prefill (an empty dense cache); this cache "
+            + ("is compressed" if isinstance(cache, CompressedCache) else "may already hold tokens")
+        )
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     lengths = cache.lengths + token_counts
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
@@ -208,7 +220,7 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
     if observe:
         observed = jnp.zeros((config.num_layers, tokens.shape[0], observe, config.num_heads, config.head_dim), x.dtype)
     x, kv, observed = run_layers(
-        lambda c, layer: _block(config, impl, cache_is_empty, policy, step, c, layer),
+        lambda c, layer: _block(config, impl, cache_is_empty, policy, sequence_parallel, step, c, layer),
         (x, kv, observed),
         params["layers"],
         (config.layer_windows,),
@@ -229,15 +241,18 @@ def hidden_states(
     token_counts: jax.Array,
     impl: str = "auto",
     cache_is_empty: bool = False,
+    sequence_parallel=None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder stack on `tokens: [B, T]` appended to `cache` (dense, or compressed by a KV policy).
 
     token_counts: [B], how many of each row's T tokens are real (the rest is right padding).
     cache_is_empty (static): the cache is known to hold no token (all lengths 0), so prefill attention runs
     among the new tokens only, skipping the unused cache and most of the causal mask.
+    sequence_parallel (static): an `ssm_llm.sharding.SequenceParallel` — the prefill's attention as
+    RingAttention over its mesh axis (needs `cache_is_empty`).
     Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
     """
-    h, cache, _ = _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, 0)
+    h, cache, _ = _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, 0, sequence_parallel)
     return h, cache
 
 

@@ -17,6 +17,7 @@ with P_in = 2I (Mamba-1) or I + C + Hh (Mamba-2, C = I + 2 G N the conv channels
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -115,15 +116,24 @@ def hidden_states(
     token_counts: jax.Array,
     impl: str = "auto",
     cache_is_empty: bool = False,
+    sequence_parallel=None,
 ) -> tuple[jax.Array, SSMCache]:
     """Run the block stack on `tokens: [B, T]` continuing from `cache`'s states.
 
     token_counts: [B] real tokens per row (the rest is right padding). `cache_is_empty` is accepted
-    for the protocol (an empty SSM cache needs no special path). Returns the final-normed hidden states
-    `[B, T, H]` and the cache advanced by `token_counts`.
+    for the protocol (an empty SSM cache needs no special path). `sequence_parallel` (static, Mamba-2 only):
+    an `ssm_llm.sharding.SequenceParallel` splitting the SSD scan of a prefill over its mesh axis.
+    Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
     """
     del cache_is_empty
     mixer = _MIXERS[type(config)]
+    if sequence_parallel is not None:
+        if type(config) is not Mamba2Config:
+            raise ValueError(
+                "sequence_parallel splits Mamba-2's SSD scan; Mamba-1's selective scan has no sequence-parallel "
+                "form here yet"
+            )
+        mixer = functools.partial(mamba2_mixer, sequence_parallel=sequence_parallel)
     return run_blocks(
         params,
         config,

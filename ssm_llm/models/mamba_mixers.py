@@ -146,9 +146,12 @@ def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     return ops.linear("out_proj", y, p), conv_aux, ssm_aux
 
 
-def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts, ops=FLOAT_OPS):
+def mamba2_mixer(
+    config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_state, counts, ops=FLOAT_OPS, sequence_parallel=None
+):
     """Mamba-2 over a block of steps (`mamba2_block` with the causal conv and the chunked SSD, or their
-    single-step updates when T = 1). conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N]."""
+    single-step updates when T = 1). conv_state: [B, conv_dim, K-1]; ssm_state: [B, H, P, N].
+    `sequence_parallel` (a `SequenceParallel`): the SSD of a multi-step block split over its mesh axis."""
 
     def scan(x, dt, A, B, C, D):
         dt = _mask_dt(dt, counts)
@@ -156,6 +159,9 @@ def mamba2_mixer(config: Mamba2Config, impl: str, p: dict, h, conv_state, ssm_st
         if steps == 1:
             y, state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, impl=impl)
             return y[:, None], state
+        if sequence_parallel is not None:
+            chunk = _effective_chunk(config.chunk_size, -(-steps // sequence_parallel.devices))
+            return sequence_parallel.ssd(x, dt, A, B, C, D, ssm_state, chunk)
         return ssd_chunked(x, dt, A, B, C, D, ssm_state, _effective_chunk(config.chunk_size, steps), impl=impl)
 
     return mamba2_block(config, p, h, lambda xbc: _conv(p, xbc, conv_state, counts, impl), scan, ops)

@@ -24,6 +24,19 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def check_axes(mesh: Mesh, sizes: dict | None = None, **axes: str | None) -> None:
+    """Raise ValueError unless each named mesh axis in `axes` (None: unused) exists and, for an axis whose
+    keyword is in `sizes` (`{keyword: (count, what)}`), its size divides `count` (`what` names it)."""
+    for name, axis in axes.items():
+        if axis is None:
+            continue
+        if axis not in mesh.shape:
+            raise ValueError(f"{name}: mesh has no axis {axis!r} (axes: {', '.join(mesh.axis_names)})")
+        count, what = (sizes or {}).get(name, (0, ""))
+        if count % mesh.shape[axis]:
+            raise ValueError(f"{name} {axis!r} of size {mesh.shape[axis]} does not divide the {count} {what}")
+
+
 def _layer_rules(config) -> dict:
     if type(config) is ModelConfig:
         return rules.ATTENTION_LAYER

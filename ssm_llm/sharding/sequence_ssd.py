@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ssd import ssd_chunked_ref
 from pallas_kernels.ssd.reference import check_chunk_size, check_inputs
-from ssm_llm.sharding.place import auto_mesh
+from ssm_llm.sharding.place import auto_mesh, check_axes
 
 
 def _block(x, dt, A, B, C, D, state, *, axis: str, devices: int, chunk_size: int):
@@ -42,27 +42,46 @@ def _block(x, dt, A, B, C, D, state, *, axis: str, devices: int, chunk_size: int
     return y.astype(x.dtype), final
 
 
-def ssd_sequence_parallel(x, dt, A, B, C, D=None, state=None, *, mesh, axis: str = "seq", chunk_size: int = 256):
+def ssd_sequence_parallel(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    state=None,
+    *,
+    mesh,
+    axis: str = "seq",
+    head_axis: str | None = None,
+    batch_axis: str | None = None,
+    chunk_size: int = 256,
+):
     """`pallas_kernels.ssd.ssd_chunked_ref`'s contract (x: [Bt, T, H, P]; dt: [Bt, T, H]; A: [H]; B, C:
     [Bt, T, G, N]; D: [H] or None; state: [Bt, H, P, N] or None) with the sequence split over `mesh`'s axis
-    `axis`: returns `(y [Bt, T, H, P], final state [Bt, H, P, N] float32)`. T must split into equal
-    blocks for the axis's devices, each a multiple of `chunk_size` or shorter than it."""
+    `axis`: returns `(y [Bt, T, H, P], final state [Bt, H, P, N] float32)`. T is padded inside to equal
+    blocks for the axis's devices (padded steps get dt = 0, which leaves the state as it is). `head_axis`: a
+    mesh axis the heads and groups are split over (it must divide G); `batch_axis`: one the batch is split
+    over."""
     check_inputs(x, dt, A, B, C, D, state)
     check_chunk_size(chunk_size)
-    if axis not in mesh.shape:
-        raise ValueError(f"mesh has no axis {axis!r} (axes: {', '.join(mesh.axis_names)})")
+    check_axes(mesh, axis=axis)
     devices = mesh.shape[axis]
     batch, steps, heads, head_dim = x.shape
-    if steps % devices:
-        raise ValueError(f"sequence-parallel SSD splits the sequence over {devices} devices; {steps} tokens do not")
+    sizes = {"head_axis": (B.shape[2], "groups"), "batch_axis": (batch, "sequences")}
+    check_axes(mesh, sizes, head_axis=head_axis, batch_axis=batch_axis)
+    pad = -steps % devices
+    if pad:
+        x, dt, B, C = (jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (x, dt, B, C))
     state = jnp.zeros((batch, heads, head_dim, B.shape[3]), jnp.float32) if state is None else state
     D = jnp.zeros((heads,), jnp.float32) if D is None else D
-    seq = P(None, axis)
+    seq, heads_only, states = P(batch_axis, axis, head_axis), P(head_axis), P(batch_axis, head_axis)
     block = functools.partial(_block, axis=axis, devices=devices, chunk_size=chunk_size)
-    return jax.shard_map(
+    y, final = jax.shard_map(
         block,
         mesh=auto_mesh(mesh),
-        in_specs=(seq, seq, P(), seq, seq, P(), P()),
-        out_specs=(seq, P()),
+        in_specs=(seq, seq, heads_only, seq, seq, heads_only, states),
+        out_specs=(seq, states),
         check_vma=False,
     )(x, dt, A, B, C, D, state)
+    return y[:, :steps], final

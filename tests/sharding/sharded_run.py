@@ -236,8 +236,71 @@ def sequence_ssd():
     )
 
 
+SEQUENCE_MODELS = {
+    "llama-window": dataclasses.replace(MODELS["qwen2-gqa"], layer_windows=(0, 6)),  # one sliding-window layer
+    "mamba2": MODELS["mamba2"],
+}
+SEQUENCE_MESHES = [(1, 8, 1), (2, 2, 2), (1, 4, 2)]  # ("data", "seq", "model")
+
+
+def sequence_parallel():
+    """A ragged prefill with `sequence_parallel=SequenceParallel(mesh)` (RingAttention / sequence-parallel
+    SSD), composed with data and tensor parallelism, then greedy decoding without it; and `generate` with it:
+    against one device. Mamba-2 also continues a second prefill chunk from the first one's state."""
+    from ssm_llm.sharding import SequenceParallel
+
+    batch, steps = 4, 29  # 29 tokens: padded inside to 8 / 16 equal blocks
+    counts = np.array([29, 17, 29, 3], np.int32)
+    for name, config in SEQUENCE_MODELS.items():
+        params = ssm_llm.init_params(config, jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(4), (batch, steps), 0, config.vocab_size, dtype=jnp.int32)
+        tokens = jnp.where(jnp.arange(steps)[None, :] < counts[:, None], tokens, 0)
+        real = np.arange(steps)[None, :] < counts[:, None]
+        prompts = [list(map(int, row[:n])) for row, n in zip(np.asarray(tokens), counts, strict=True)]
+        gen_config = ssm_llm.GenerationConfig(max_new_tokens=STEPS)
+        ref_gen = ssm_llm.generate(params, config, prompts, gen_config).tokens
+
+        def run(params, mesh=None, sp=None, config=config, tokens=tokens):
+            cache = ssm_llm.init_cache(config, batch, 48, mesh=mesh)
+            logits, cache = ssm_llm.forward(params, config, tokens, cache, token_counts=counts, sequence_parallel=sp)
+            first = np.asarray(logits)
+            nxt = jnp.argmax(logits[jnp.arange(batch), counts - 1], -1)[:, None].astype(jnp.int32)
+            out = [np.asarray(nxt)[:, 0]]
+            for _ in range(STEPS - 1):
+                logits, cache = ssm_llm.forward(params, config, nxt, cache)
+                nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+                out.append(np.asarray(nxt)[:, 0])
+            return first, np.stack(out, 1)
+
+        def two_chunks(params, mesh=None, sp=None, config=config, tokens=tokens):
+            cache = ssm_llm.init_cache(config, batch, 48, mesh=mesh)
+            _, cache = ssm_llm.forward(params, config, tokens[:, :13], cache, sequence_parallel=sp)
+            logits, _ = ssm_llm.forward(params, config, tokens[:, 13:], cache, sequence_parallel=sp)
+            return np.asarray(logits)
+
+        ref_logits, ref_tokens = run(params)
+        ref_chunked = two_chunks(params) if name == "mamba2" else None
+        for shape in SEQUENCE_MESHES:
+            mesh = Mesh(np.array(jax.devices()[: np.prod(shape)]).reshape(shape), ("data", "seq", "model"))
+            sp = SequenceParallel(mesh)
+            sharded = ssm_llm.shard_params(params, config, mesh)
+            logits, toks = run(sharded, mesh, sp)
+            gen = ssm_llm.generate(sharded, config, prompts, gen_config, sequence_parallel=sp).tokens
+            case = {
+                "sequence": name,
+                "mesh": list(shape),
+                "logits_diff": float(np.abs(logits - ref_logits)[real].max()),
+                "tokens_equal": bool((toks == ref_tokens).all()),
+                "generate_equal": gen == ref_gen,
+            }
+            if ref_chunked is not None:
+                case["chunked_diff"] = float(np.abs(two_chunks(sharded, mesh, sp) - ref_chunked).max())
+            print(json.dumps(case), flush=True)
+
+
 if __name__ == "__main__":
     main()
     loading()
     ring()
     sequence_ssd()
+    sequence_parallel()

@@ -27,10 +27,13 @@ def cases():
     done = subprocess.run([sys.executable, str(RUN)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {
-        (c["model"], tuple(c["mesh"])) if "model" in c else c.get("loading") or c.get("ring") or c["ssd"]: c
-        for c in found
-    }
+
+    def key(c):
+        if "model" in c or "sequence" in c:
+            return c.get("model") or f"sequence {c['sequence']}", tuple(c["mesh"])
+        return c.get("loading") or c.get("ring") or c["ssd"]
+
+    return {key(c): c for c in found}
 
 
 EXPECTED_CASES = [
@@ -133,6 +136,59 @@ def test_sequence_parallel_ssd_equals_the_single_device_scan(cases):
     assert c["y_rel"] <= 1e-6 and c["state_rel"] <= 1e-6
 
 
+@pytest.mark.parametrize("model", ["llama-window", "mamba2"])
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (1, 4, 2)], ids=lambda m: "x".join(map(str, m)))
+def test_sequence_parallel_prefill_equals_one_device(cases, model, mesh):
+    """`forward(..., sequence_parallel=SequenceParallel(mesh))` on a ("data", "seq", "model") mesh — a ragged
+    29-token prefill (padded inside to the ring's blocks) of a GQA model with a sliding-window layer
+    (RingAttention) and of Mamba-2 (sequence-parallel SSD), composed with data and tensor parallelism —
+    gives one device's logits (1e-5 on the real rows) and greedy tokens; so does `generate(...,
+    sequence_parallel=sp)`; Mamba-2 also continues a second prefill chunk from the state the first left."""
+    c = cases[(f"sequence {model}", mesh)]
+    assert c["logits_diff"] <= 1e-5
+    assert c["tokens_equal"] and c["generate_equal"]
+    if model == "mamba2":
+        assert c["chunked_diff"] <= 1e-5
+
+
+def test_sequence_parallel_refuses_what_it_cannot_split():
+    from ssm_llm.sharding import SequenceParallel
+
+    mesh = jax.make_mesh((1, 1), ("data", "seq"))
+    with pytest.raises(ValueError, match="mesh has no axis 'ring'"):
+        SequenceParallel(mesh, axis="ring")
+    with pytest.raises(ValueError, match="already holds the batch"):
+        SequenceParallel(mesh, axis="data")
+    sp = SequenceParallel(mesh)
+    tokens = np.ones((1, 4), np.int32)
+    mamba1 = ssm_llm.MambaConfig(vocab_size=16, hidden_size=8, num_layers=1, state_size=4, intermediate_size=16)
+    with pytest.raises(ValueError, match="not MambaConfig"):
+        ssm_llm.forward(
+            ssm_llm.init_params(mamba1, jax.random.key(0)),
+            mamba1,
+            tokens,
+            ssm_llm.init_cache(mamba1, 1, 8),
+            sequence_parallel=sp,
+        )
+    llama = ssm_llm.ModelConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4
+    )
+    params = ssm_llm.init_params(llama, jax.random.key(0))
+    _, cache = ssm_llm.forward(params, llama, tokens, ssm_llm.init_cache(llama, 1, 16))
+    with pytest.raises(ValueError, match="fresh prefill: pass an empty dense cache"):
+        ssm_llm.forward(params, llama, tokens, cache, sequence_parallel=sp)
+    with pytest.raises(TypeError, match="must be an ssm_llm.sharding.SequenceParallel"):
+        ssm_llm.forward(params, llama, tokens, ssm_llm.init_cache(llama, 1, 16), sequence_parallel=mesh)
+    with pytest.raises(ValueError, match="does not combine with kv_compression"):
+        ssm_llm.generate(
+            params,
+            llama,
+            [[1, 2, 3]],
+            ssm_llm.GenerationConfig(max_new_tokens=2, kv_compression=ssm_llm.kv.StreamingLLM(budget=4, sinks=1)),
+            sequence_parallel=sp,
+        )
+
+
 def test_ring_attention_refuses_what_does_not_split():
     from jax.sharding import AbstractMesh
 
@@ -143,7 +199,7 @@ def test_ring_attention_refuses_what_does_not_split():
         zigzag_order(12, 8)
     with pytest.raises(ValueError, match="mesh has no axis 'seq'"):
         ring_attention(x, x, x, AbstractMesh((1,), ("model",)))
-    with pytest.raises(ValueError, match="must be a mesh axis whose size divides the 2 kv heads"):
+    with pytest.raises(ValueError, match="head_axis .model. of size 4 does not divide the 2 kv heads"):
         ring_attention(x, x, x, AbstractMesh((2, 4), ("seq", "model")), head_axis="model")
 
 
