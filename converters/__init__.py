@@ -106,8 +106,8 @@ def load(
     return the converted params at once and store them in a thread the process waits for at exit.
     `mesh`: a `jax.sharding.Mesh`; the params are placed on it by `ssm_llm.sharding`'s rules. A float
     conversion builds each tensor in host memory and sends each device only its shard (no device holds
-    the whole model); a cache entry (mapped from its file) is sharded the same way; an orbax checkpoint and
-    a quantized conversion are loaded, then sharded.
+    the whole model); a cache entry (mapped from its file) is sharded the same way; an orbax checkpoint is
+    restored straight into its shards; a quantized conversion is loaded, then sharded.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     if quantize is not None and quantize not in WEIGHT_BITS:
@@ -119,8 +119,10 @@ def load(
     if group_size == "auto":
         group_size = None if quantize == "w8a8" else "native"
     if isinstance(source, (str, Path)) and is_checkpoint(source):
-        model_config, params = load_checkpoint(source, dtype)
+        model_config, params = load_checkpoint(source, dtype, mesh=mesh)
         loaded = _quantized(model_config, params, quantize, group_size)
+        if mesh is not None and loaded[1] is params:  # restored straight into its shards
+            return loaded
     elif cache and isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():

@@ -106,12 +106,23 @@ def _write(params: dict, config: ModelConfig, directory: Path, tokenizer) -> Non
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _host_value(leaf) -> np.ndarray:
+    """The whole value of `leaf` in this process's memory: an array sharded over several processes' devices
+    is gathered (every process gets it)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+
 def _digests(tree) -> dict[str, str]:
     """{leaf path: sha256 of its dtype, shape and bytes}: orbax stores no checksum of its own, so a flipped
-    byte in params/ would otherwise load as a silently different weight (about 0.3 s per 500 MB)."""
+    byte in params/ would otherwise load as a silently different weight (about 0.3 s per 500 MB). Sharded
+    leaves are gathered to the host one at a time."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.ascontiguousarray(np.asarray(leaf))
+        arr = np.ascontiguousarray(_host_value(leaf))
         digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
         digest.update(arr.view(np.uint8).reshape(-1).data)
         out[jax.tree_util.keystr(path)] = digest.hexdigest()
@@ -155,8 +166,10 @@ def _swap_in(staging: Path, directory: Path, backup: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)  # the new checkpoint is in place: a leftover is no failure
 
 
-def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dict]:
-    """Read a directory written by `save`; `dtype` (optional) casts floating params."""
+def load_checkpoint(directory: str | Path, dtype=None, mesh=None) -> tuple[ModelConfig, dict]:
+    """Read a directory written by `save`; `dtype` (optional) casts floating params. With `mesh` (a
+    `jax.sharding.Mesh`), each leaf is restored straight into the shards `ssm_llm.sharding`'s rules give it:
+    no device reads the whole model."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -169,7 +182,11 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
         raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format_version')!r}")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(directory / PARAMS_DIR)
+            target = None
+            if mesh is not None:
+                stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata
+                target = _sharded_target(getattr(stored, "tree", stored), meta, config, mesh, directory)
+            params = checkpointer.restore(directory / PARAMS_DIR, target)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise ValueError(f"{directory}: cannot restore params ({type(e).__name__}: {e})") from None
     _check_digests(params, meta.get("sha256"), directory)
@@ -183,6 +200,30 @@ def load_checkpoint(directory: str | Path, dtype=None) -> tuple[ModelConfig, dic
     except ValueError as e:
         raise ValueError(f"{directory}: the params do not match {CONFIG_FILE}: {e}") from None
     return config, params
+
+
+def _sharded_target(stored, meta: dict, config, mesh, directory: Path):
+    """The abstract tree orbax restores into: each stored leaf's shape and dtype with the `NamedSharding`
+    the rules give it (quantized weights take their float weight's layout, as `shard_params` does)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ssm_llm.sharding import auto_mesh, param_specs
+
+    def abstract():
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+
+    joined = join_quantized(abstract(), meta.get("quantized_weights", {}), directory)
+    try:
+        specs, _ = split_quantized(param_specs(joined, config, mesh))
+    except ValueError as e:
+        raise ValueError(f"{directory}: the params do not match {CONFIG_FILE}: {e}") from None
+    mesh = auto_mesh(mesh)
+    return jax.tree.map(
+        lambda leaf, spec: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec)),
+        abstract(),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def split_quantized(params: dict) -> tuple[dict, dict]:

@@ -37,7 +37,15 @@ def check_axes(mesh: Mesh, sizes: dict | None = None, **axes: str | None) -> Non
             raise ValueError(f"{name} {axis!r} of size {mesh.shape[axis]} does not divide the {count} {what}")
 
 
+def _base(config):
+    """The float model's config of a Quamba-quantized one (a config with a `base`), else `config`."""
+    base = getattr(config, "base", None)
+    return base if type(base) in (MambaConfig, Mamba2Config) else config
+
+
 def _layer_rules(config) -> dict:
+    if _base(config) is not config:  # Quamba: the float layout, plus the static activation scales replicated
+        return {**_layer_rules(_base(config)), "scales": rules.REPLICATED}
     if type(config) is ModelConfig:
         return rules.ATTENTION_LAYER
     if type(config) is MambaConfig:
@@ -45,14 +53,15 @@ def _layer_rules(config) -> dict:
     if type(config) is Mamba2Config:
         return rules.MAMBA2_LAYER
     raise TypeError(
-        f"sharding supports ModelConfig, MambaConfig and Mamba2Config models, not {type(config).__name__} "
-        "(Quamba-quantized state-space models are not sharded yet)"
+        f"sharding supports ModelConfig, MambaConfig and Mamba2Config models and their quantized forms, "
+        f"not {type(config).__name__}"
     )
 
 
 def split_sizes(config) -> dict[str, int]:
     """The counts a mesh axis must divide, per logical axis: whole heads, channels, vocabulary rows."""
     _layer_rules(config)
+    config = _base(config)
     sizes = {"vocab": config.vocab_size, "inner": config.intermediate_size, "embed_rows": config.hidden_size}
     if isinstance(config, ModelConfig):
         sizes.update(heads=config.num_heads, kv_heads=config.num_kv_heads, mlp=config.intermediate_size)
@@ -109,6 +118,8 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
     check_mesh(config, mesh)
 
     def place(logical_axes, leaf, stacked, where):
+        if logical_axes is rules.REPLICATED:  # a whole subtree (Quamba's activation scales)
+            return jax.tree.map(lambda _: PartitionSpec(), leaf)
         if isinstance(leaf, QuantizedWeight):
             float_spec = _spec(((None,) if stacked else ()) + tuple(logical_axes), mesh)
             return dataclasses.replace(
@@ -181,7 +192,7 @@ def cache_specs(cache, config, mesh: Mesh):
     if isinstance(cache, KVCache):
         table = rules.KV_CACHE
     elif isinstance(cache, SSMCache):
-        table = rules.MAMBA2_CACHE if isinstance(config, Mamba2Config) else rules.MAMBA1_CACHE
+        table = rules.MAMBA2_CACHE if isinstance(_base(config), Mamba2Config) else rules.MAMBA1_CACHE
     else:
         raise TypeError(f"sharding supports KVCache and SSMCache, not {type(cache).__name__} (compressed caches)")
     check_mesh(config, mesh, batch=cache.lengths.shape[0])

@@ -78,6 +78,7 @@ MAMBA2_LAYER = {
     "out_proj": ("inner", "embed"),
     "out_proj_b": ("embed",),
 }
+REPLICATED = "replicated"  # a rule for a whole subtree of small leaves, each kept whole on every device
 GLOBAL = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("embed",)}
 
 # Cache leaves, with their layer axis.

@@ -60,6 +60,8 @@ MODELS = {
         chunk_size=8,
     ),
 }
+MODELS["mamba2-quamba2"] = MODELS["mamba2"]  # quantized below: Quamba2 W8A8 (int8 weights, activations, states)
+MODELS["mamba1-quamba"] = MODELS["mamba1"]  # Quamba W4A8 (4-bit group-wise weights)
 MESHES = {
     "llama": [(1, 8), (2, 4), (8, 1)],
     "qwen2-gqa": [(2, 4), (4, 2)],
@@ -67,8 +69,15 @@ MESHES = {
     "llama-w8a8": [(2, 4)],
     "mamba1": [(1, 8), (2, 4)],
     "mamba2": [(1, 8), (4, 2)],
+    "mamba2-quamba2": [(2, 4)],
+    "mamba1-quamba": [(2, 4)],
 }
 BATCH, PROMPT, STEPS = 8, 10, 6
+OPTIONS = {  # generation options that run on sharded params unchanged (checked on one model)
+    "snapkv": ssm_llm.GenerationConfig(max_new_tokens=STEPS, kv_compression=ssm_llm.kv.SnapKV(budget=6, window=4)),
+    "kivi": ssm_llm.GenerationConfig(max_new_tokens=STEPS, kv_compression=ssm_llm.kv.KIVI()),
+    "prompt lookup": ssm_llm.GenerationConfig(max_new_tokens=STEPS, speculative=ssm_llm.speculative.PromptLookup()),
+}
 
 
 def mesh_of(shape):
@@ -109,17 +118,32 @@ def main():
         params = ssm_llm.init_params(config, jax.random.key(0))
         if name.endswith("-w8a8"):
             params, config = ssm_llm.quantize_weights(params, config, "w8a8")
+        if "-quamba" in name:
+            from ssm_llm.quant import QuantScheme, quantize_model
+
+            calibration = jax.random.randint(jax.random.key(5), (4, 32), 0, config.vocab_size, dtype=jnp.int32)
+            scheme = (
+                QuantScheme.quamba2("W8A8", quantize_state=True)
+                if "2" in name
+                else QuantScheme.quamba("W4A8", group_size=16)
+            )
+            params, config = quantize_model(params, config, calibration, scheme)
         tokens = jax.random.randint(jax.random.key(1), (BATCH, PROMPT), 0, config.vocab_size, dtype=jnp.int32)
         ref_logits, ref_tokens = greedy(params, config, tokens, ssm_llm.init_cache(config, BATCH, 32))
         gen_config = ssm_llm.GenerationConfig(max_new_tokens=STEPS)
         prompts = [list(map(int, row)) for row in np.asarray(tokens[:2])]
         ref_gen = ssm_llm.generate(params, config, prompts, gen_config).tokens
+        options = OPTIONS if name == "qwen2-gqa" else {}
+        ref_options = {k: ssm_llm.generate(params, config, prompts, v).tokens for k, v in options.items()}
         for shape in MESHES[name]:
             mesh = mesh_of(shape)
             sharded = ssm_llm.shard_params(params, config, mesh)
             cache = ssm_llm.init_cache(config, BATCH, 32, mesh=mesh)
             logits, toks = greedy(sharded, config, shard_batch(tokens, mesh), cache)
             gen = ssm_llm.generate(sharded, config, prompts, gen_config).tokens
+            options_equal = {
+                k: ssm_llm.generate(sharded, config, prompts, v).tokens == ref_options[k] for k, v in options.items()
+            }
             print(
                 json.dumps(
                     {
@@ -128,10 +152,11 @@ def main():
                         "logits_diff": float(np.abs(logits - ref_logits).max()),
                         "tokens_equal": bool((toks == ref_tokens).all()),
                         "generate_equal": gen == ref_gen,
+                        "options_equal": options_equal,
                         "param_shards": shard_shapes(sharded),
                         "param_specs": specs(sharded),
                         "cache_shards": shard_shapes(cache),
-                        "planned": dataclasses.asdict(plan(config, mesh, BATCH, 32)),
+                        "planned": None if "-quamba" in name else dataclasses.asdict(plan(config, mesh, BATCH, 32)),
                         "held_weights": held(sharded),
                         "held_cache": held(cache),
                         "devices": len(jax.tree.leaves(sharded)[0].sharding.device_set),
@@ -159,11 +184,20 @@ def loading():
         config, reference = converters.load(Path(tmp) / "hf")
         _, sharded = converters.load(Path(tmp) / "hf", mesh=mesh)
         converters.save(sharded, config, Path(tmp) / "ckpt")
-        _, restored = converters.load(Path(tmp) / "ckpt", mesh=mesh)
-        for label, tree in (("load", sharded), ("restore", restored)):
+        w8a8, w8a8_config = ssm_llm.quantize_weights(reference, config, "w8a8")
+        converters.save(ssm_llm.shard_params(w8a8, w8a8_config, mesh), w8a8_config, Path(tmp) / "w8a8")
+        place_whole = converters.shard_params
+        converters.shard_params = None  # a restore must read each shard itself, not place a whole tree
+        try:
+            _, restored = converters.load(Path(tmp) / "ckpt", mesh=mesh)
+            _, restored_w8a8 = converters.load(Path(tmp) / "w8a8", mesh=mesh)
+        finally:
+            converters.shard_params = place_whole
+        cases = (("load", reference, sharded), ("restore", reference, restored), ("restore w8a8", w8a8, restored_w8a8))
+        for label, expected, tree in cases:
             equal = all(
                 np.array_equal(np.asarray(a), np.asarray(b))
-                for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(tree), strict=True)
+                for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(tree), strict=True)
             )
             print(json.dumps({"loading": label, "equal": equal, "param_specs": specs(tree)}), flush=True)
 

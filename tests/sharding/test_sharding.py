@@ -1,5 +1,6 @@
 """Sharded params and caches (`ssm_llm.sharding`): on 8 simulated CPU devices (a child process,
-tests/sharding/sharded_run.py), tiny Llama (float and W8A8) / Qwen2 (GQA) / Mamba-1 / Mamba-2 and a SmolLM2-shaped model
+tests/sharding/sharded_run.py), tiny Llama (float and W8A8) / Qwen2 (GQA) / Mamba-1 / Mamba-2 (float and Quamba /
+Quamba2 quantized) and a SmolLM2-shaped model
 (9 / 3 heads: tp = 3) give one device's logits (1e-5) and greedy tokens, through `forward` with a sharded
 cache and through `generate`; each device holds the shard the rules say. In this process: the rules'
 specs and the clear errors, on abstract meshes."""
@@ -49,6 +50,8 @@ EXPECTED_CASES = [
     ("mamba1", (2, 4)),
     ("mamba2", (1, 8)),
     ("mamba2", (4, 2)),
+    ("mamba2-quamba2", (2, 4)),
+    ("mamba1-quamba", (2, 4)),
 ]
 
 
@@ -58,9 +61,13 @@ def test_sharded_model_equals_one_device(cases, case):
     assert c["devices"] == case[1][0] * case[1][1]
     assert c["logits_diff"] <= 1e-5
     assert c["tokens_equal"] and c["generate_equal"]
-    if not case[0].endswith("-w8a8"):  # the planner sizes float weights
-        assert c["planned"]["weights"] == c["held_weights"]
-    assert c["planned"]["cache"] == c["held_cache"]
+    assert all(c["options_equal"].values()), c["options_equal"]  # KV policies, speculative decoding
+    if case[0] == "qwen2-gqa":
+        assert set(c["options_equal"]) == {"snapkv", "kivi", "prompt lookup"}
+    if c["planned"] is not None:  # the planner sizes float models (and their caches)
+        if not case[0].endswith("-w8a8"):
+            assert c["planned"]["weights"] == c["held_weights"]
+        assert c["planned"]["cache"] == c["held_cache"]
 
 
 # The first device's shard of some leaves, by hand from the Megatron layout (layers stacked first).
@@ -93,12 +100,23 @@ SHARDS = {
         "['layers']['gated_norm']": [2, 64],
         "['layers']['out_proj']": [2, 64, 64],
     },
+    ("mamba2-quamba2", (2, 4)): {  # int8 codes split like the float weights; activation scales whole
+        "['layers']['in_proj'].values": [2, 16, 328],
+        "['layers']['out_proj'].values": [2, 32, 64],
+        "['layers']['out_proj'].scales": [2, 1, 64],
+        "['layers']['scales']['x']": [2, 128],
+    },
+    ("mamba1-quamba", (2, 4)): {  # 4-bit codes, two rows per byte; group scales split with their rows
+        "['layers']['out_proj'].values": [2, 16, 64],
+        "['layers']['out_proj'].scales": [2, 2, 64],
+    },
 }
 CACHE_SHARDS = {
     ("llama", (2, 4)): {".k": [2, 4, 2, 32, 8], ".lengths": [4]},  # [L, B, H_kv, S, D]
     ("smollm2-shaped", (2, 3)): {".v": [2, 4, 1, 32, 64]},
     ("mamba1", (2, 4)): {".ssm_state": [2, 4, 32, 16], ".conv_state": [2, 4, 32, 3]},
     ("mamba2", (4, 2)): {".ssm_state": [2, 2, 4, 16, 16], ".conv_state": [2, 2, 192, 3]},
+    ("mamba2-quamba2", (2, 4)): {".ssm_state": [2, 4, 2, 16, 16]},  # int8 state codes
 }
 
 
@@ -120,6 +138,16 @@ def test_load_onto_the_mesh_and_restore_sharded(cases, how):
     assert c["param_specs"]["['layers']['wq']"] == "P(None, None, 'model')"
     assert c["param_specs"]["['layers']['w_down']"] == "P(None, 'model', None)"
     assert c["param_specs"]["['embed']"] == "P('model', None)"
+
+
+def test_restore_a_quantized_checkpoint_into_its_shards(cases):
+    """A W8A8 checkpoint saved from sharded params and read back with mesh=: restored leaf by leaf into the
+    rules' shards (the child disables converters.shard_params while restoring), codes and scales equal."""
+    c = cases["restore w8a8"]
+    assert c["equal"]
+    assert c["param_specs"]["['layers']['wq'].values"] == "P(None, None, 'model')"
+    assert c["param_specs"]["['layers']['wo'].values"] == "P(None, 'model', None)"
+    assert c["param_specs"]["['layers']['wq'].scales"] == "P(None, None, 'model')"
 
 
 @pytest.mark.parametrize("name", ["contiguous 8", "zigzag 8", "zigzag 4 x heads 2"])
