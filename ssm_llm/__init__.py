@@ -5,8 +5,10 @@ cache = ssm_llm.init_cache(config, batch=4, max_len=2048)
 logits, cache = ssm_llm.forward(params, config, tokens, cache)
 out = ssm_llm.generate(params, config, prompts, ssm_llm.GenerationConfig(max_new_tokens=64))
 params = ssm_llm.shard_params(params, config, jax.make_mesh((dp, tp), ("data", "model")))   # many devices
+engine = ssm_llm.serving.Engine(params, config, max_slots=8)   # requests arriving at any time
 """
 
+from ssm_llm import serving
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig, RopeConfig
 from ssm_llm.config_io import config_from_dict
@@ -39,6 +41,7 @@ __all__ = [
     "is_stacked",
     "quantize_weights",
     "sample",
+    "serving",
     "shard_params",
     "stack_layers",
     "unstack_layers",

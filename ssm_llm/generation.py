@@ -132,7 +132,9 @@ class GenerationResult:
     speculative: SpeculativeStats | None = None
 
 
-def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    """`prompts` (token-id lists, or a [B, T] array) as lists of ints; ValueError naming a bad prompt
+    (empty, not flat ints, an id outside the vocabulary)."""
     if isinstance(prompts, jax.Array):  # a [B, T] device array of ids: read it like a numpy one
         prompts = np.asarray(prompts)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or not len(prompts):
@@ -310,20 +312,20 @@ def _validate(params, config, prompts, gen_config, on_token) -> _Request:
     check_params(params, config)
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token must be callable(step, tokens), got {on_token!r}")
-    prompts = _check_prompts(prompts, config.vocab_size)
+    prompts = check_prompts(prompts, config.vocab_size)
     lengths = [len(p) for p in prompts]
     eos = as_token_ids(
         "eos_token_ids",
         gen_config.eos_token_ids if gen_config.eos_token_ids is not None else config.eos_token_ids,
         config.vocab_size,
     )
-    _check_options(config, gen_config, max(lengths), on_token)
+    check_options(config, gen_config, max(lengths), on_token)
     if gen_config.kv_compression is not None:  # the policy's own limits first: clearer than a memory estimate
         gen_config.kv_compression.check(config, tuple(sorted(set(lengths))))
     return _Request(prompts, eos)
 
 
-def _check_options(config, gen_config: GenerationConfig, longest: int, on_token) -> None:
+def check_options(config, gen_config: GenerationConfig, longest: int, on_token) -> None:
     """The options that depend on the model: context, KV compression, speculative decoding."""
     needed = longest + gen_config.max_new_tokens
     if gen_config.max_len is not None and needed > gen_config.max_len:

@@ -1,0 +1,380 @@
+"""The serving engine: requests come and go between steps; each step runs one compiled function over every
+slot (continuous batching), mixing decode tokens of running requests with prefill chunks of new ones.
+
+Attention models keep K/V in a pool of pages with a block table per request and share the pages of common
+prompt prefixes (`PageTable`); when pages run out the youngest request is preempted (its pages freed, its
+tokens recomputed later). Mamba models keep one state per slot. Each request's tokens are what `generate`
+gives for that request alone (greedy), and a sampled request draws its i-th token with
+`fold_in(key(seed), i)`, whatever else runs.
+
+engine = Engine(params, config, max_slots=8)
+rid = engine.submit(prompt_ids, ssm_llm.GenerationConfig(max_new_tokens=32))
+for event in engine.step(): ...          # (rid, new_token_ids, finished, finish_reason)
+outputs = engine.run()                   # steps until idle: {rid: tokens}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections import deque
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.config import ModelConfig
+from ssm_llm.generation import GenerationConfig, check_options, check_prompts
+from ssm_llm.model import init_cache
+from ssm_llm.models import family_module
+from ssm_llm.param_check import check_params
+from ssm_llm.sampling import Sampling
+from ssm_llm.serving.model_step import init_pages, reset_slots, step
+from ssm_llm.serving.page_table import PageTable
+from ssm_llm.validation import as_int, as_token_ids
+
+
+class Event(NamedTuple):
+    """What one request emitted in a step. finish_reason: None while running, else "eos", "length"
+    (max_new_tokens) or "cancelled"."""
+
+    rid: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class _Request:
+    rid: int
+    prompt: list[int]
+    max_new_tokens: int
+    eos: frozenset
+    sampling: Sampling | None  # None: greedy
+    seed: int
+    arrival: int
+    out: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    computed: int = 0  # tokens of prompt + out held in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    prefix_key: tuple | None = None  # the key of the last registered full page
+    registered: int = 0  # full pages registered in the prefix cache
+    first_token_at: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+
+COMPILATIONS = {"step": 0}  # traces of the engine step (each new shape or config compiles once)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("state",))
+def _step(params, config, state, tokens, block_tables, starts, counts, impl):
+    COMPILATIONS["step"] += 1
+    return step(params, config, state, tokens, block_tables, starts, counts, impl)
+
+
+_reset = jax.jit(reset_slots, donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, static_argnames=("sampling_static",))
+def _draw(logits, temperature, top_p, min_p, key, sampling_static):
+    greedy, top_k, use_top_p, use_min_p = sampling_static
+    rule = Sampling(temperature, top_p, min_p, greedy, top_k, use_top_p, use_min_p)
+    return rule.draw(logits[None], key)[0]
+
+
+class Engine:
+    """A continuous-batching engine over `params` / `config` (attention or Mamba families).
+
+    max_slots: requests running at once. page_size / num_pages: the K/V pool of attention models (default:
+    room for every slot at `max_len`). max_len: the longest prompt + output a request may ask for (default:
+    the model's context, else 2048). chunk: prefill tokens per slot per step (a step's shape is [max_slots,
+    1] when every slot decodes, else [max_slots, chunk]: two compiled programs). prefix_caching: share full
+    pages of common prompt prefixes.
+    """
+
+    def __init__(
+        self,
+        params: dict,
+        config,
+        *,
+        max_slots: int = 8,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_len: int | None = None,
+        chunk: int = 64,
+        prefix_caching: bool = True,
+        impl: str = "auto",
+    ):
+        family_module(config)
+        check_params(params, config)
+        self.params, self.config, self.impl = params, config, impl
+        self.max_slots = as_int("max_slots", max_slots, 1)
+        self.chunk = as_int("chunk", chunk, 1)
+        context = getattr(config, "max_position_embeddings", None)
+        self.max_len = as_int("max_len", max_len if max_len is not None else (context or 2048), 2)
+        if context is not None and self.max_len > context:
+            raise ValueError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
+        self.paged = isinstance(config, ModelConfig)
+        if self.paged:
+            self.page_size = as_int("page_size", page_size, 1)
+            self.pages_per_slot = math.ceil(self.max_len / self.page_size)
+            pages = self.max_slots * self.pages_per_slot if num_pages is None else num_pages
+            self.num_pages = as_int("num_pages", pages, 1)
+            self.table = PageTable(self.num_pages, self.page_size, prefix_caching)
+            self.state = init_pages(config, self.num_pages, self.page_size, params["embed"].dtype)
+            self.block_tables = np.zeros((self.max_slots, self.pages_per_slot), np.int32)
+        else:
+            self.table = None
+            self.state = init_cache(config, self.max_slots, self.max_len, params["embed"].dtype)
+            self.block_tables = np.zeros((self.max_slots, 1), np.int32)
+        self.slots: list[_Request | None] = [None] * self.max_slots
+        self.waiting: deque[_Request] = deque()
+        self.requests: dict[int, _Request] = {}
+        self._cancelled: list[Event] = []
+        self._next_rid = self._arrivals = 0
+        self._generated = 0
+        self._busy_seconds = 0.0
+        self.preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> int:
+        """Queue a request (`gen_config`: its options, default `GenerationConfig()`); returns its id. A bad
+        request raises ValueError here, naming the problem, and nothing else is affected."""
+        gen_config = GenerationConfig() if gen_config is None else gen_config
+        if not isinstance(gen_config, GenerationConfig):
+            raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
+        if gen_config.kv_compression is not None or gen_config.speculative is not None:
+            raise ValueError("the engine runs plain decoding: kv_compression and speculative are not supported")
+        (prompt,) = check_prompts([prompt_ids], self.config.vocab_size)
+        check_options(self.config, gen_config, len(prompt), None)
+        needed = len(prompt) + gen_config.max_new_tokens
+        if needed > self.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) = {needed} exceeds "
+                f"the engine's max_len of {self.max_len}"
+            )
+        if self.paged and math.ceil(needed / self.page_size) > self.num_pages:
+            raise ValueError(
+                f"prompt + max_new_tokens = {needed} tokens need {math.ceil(needed / self.page_size)} pages; the "
+                f"pool holds {self.num_pages}"
+            )
+        eos = gen_config.eos_token_ids if gen_config.eos_token_ids is not None else self.config.eos_token_ids
+        eos = frozenset(as_token_ids("eos_token_ids", eos, self.config.vocab_size))
+        sampling = None
+        if gen_config.temperature > 0:
+            sampling = Sampling.create(
+                vocab_size=self.config.vocab_size,
+                temperature=gen_config.temperature,
+                top_k=gen_config.top_k,
+                top_p=gen_config.top_p,
+                min_p=gen_config.min_p,
+            )
+        rid = self._next_rid
+        self._next_rid += 1
+        request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
+        self._arrivals += 1
+        self.requests[rid] = request
+        self.waiting.append(request)
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Stop request `rid` and free what it holds; False if it is unknown or already finished."""
+        request = self.requests.get(rid)
+        if request is None:
+            return False
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request)
+        self._cancelled.append(Event(rid, [], True, "cancelled"))
+        return True
+
+    def _finish(self, request: _Request) -> None:
+        self._release(request)
+        del self.requests[request.rid]
+
+    def _release(self, request: _Request) -> None:
+        if request.slot is not None:
+            self.slots[request.slot] = None
+            request.slot = None
+        if self.paged and request.pages:
+            self.table.release(request.pages)
+        request.pages, request.computed, request.prefix_key, request.registered = [], 0, None, 0
+
+    # -- scheduling -------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[int]:
+        """Move waiting requests into free slots (oldest first) while their first chunk fits the pool."""
+        fresh = []
+        while self.waiting and None in self.slots:
+            request = self.waiting[0]
+            if self.paged:
+                tokens = request.tokens
+                pages, key = self.table.match(tokens, len(tokens) - 1)  # the last token is always computed
+                need = math.ceil(min(len(tokens), len(pages) * self.page_size + self.chunk) / self.page_size)
+                if need - len(pages) > self.table.available:
+                    self.table.release(pages)
+                    break
+                request.pages, request.prefix_key, request.registered = pages, key, len(pages)
+                request.computed = len(pages) * self.page_size
+            self.waiting.popleft()
+            slot = self.slots.index(None)
+            self.slots[slot], request.slot = request, slot
+            fresh.append(slot)
+        return fresh
+
+    def _preempt_youngest(self, keep: _Request) -> bool:
+        """Free the youngest running request other than `keep` (it goes back to the front of the queue, to
+        be recomputed); False if there is none."""
+        running = [r for r in self.slots if r is not None and r is not keep]
+        if not running:
+            return False
+        victim = max(running, key=lambda r: r.arrival)
+        self._release(victim)
+        self.waiting.appendleft(victim)
+        self.preemptions += 1
+        return True
+
+    def _reserve(self, request: _Request, end: int) -> bool:
+        """Pages for positions < `end`, preempting younger requests if the pool is short; False if even that
+        does not make room (then `request` itself is preempted)."""
+        while len(request.pages) * self.page_size < end:
+            page = self.table.allocate()
+            if page is None:
+                if request.arrival == max(r.arrival for r in self.slots if r is not None) or not (
+                    self._preempt_youngest(request)
+                ):
+                    self._release(request)
+                    self.waiting.appendleft(request)
+                    self.preemptions += 1
+                    return False
+                continue
+            request.pages.append(page)
+        return True
+
+    def _plan(self) -> dict[int, int]:
+        """{slot: tokens to feed this step} for every running request that gets pages for them."""
+        feed = {}
+        for slot, request in sorted(enumerate(self.slots), key=lambda s: s[1].arrival if s[1] else -1):
+            if request is None or request.slot is None:
+                continue
+            n = min(len(request.tokens) - request.computed, self.chunk)
+            if self.paged and not self._reserve(request, request.computed + n):
+                continue
+            feed[slot] = n
+        return {slot: n for slot, n in feed.items() if self.slots[slot] is not None}
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Admit what fits, run one compiled step over all slots, sample, and report what each request
+        emitted (finished ones included)."""
+        events, self._cancelled = self._cancelled, []
+        fresh = self._admit()
+        if not self.paged and fresh:
+            mask = np.zeros(self.max_slots, bool)
+            mask[fresh] = True
+            self.state = _reset(self.state, jnp.asarray(mask))
+        feed = self._plan()
+        if not feed:
+            return events
+        width = 1 if max(feed.values()) == 1 else self.chunk
+        tokens = np.zeros((self.max_slots, width), np.int32)
+        starts = np.zeros(self.max_slots, np.int32)
+        counts = np.zeros(self.max_slots, np.int32)
+        for slot, n in feed.items():
+            request = self.slots[slot]
+            tokens[slot, :n] = request.tokens[request.computed : request.computed + n]
+            starts[slot], counts[slot] = request.computed, n
+            if self.paged:
+                self.block_tables[slot, : len(request.pages)] = request.pages
+        start = time.perf_counter()
+        logits, self.state = _step(
+            self.params,
+            self.config,
+            self.state,
+            jnp.asarray(tokens),
+            jnp.asarray(self.block_tables),
+            jnp.asarray(starts),
+            jnp.asarray(counts),
+            self.impl,
+        )
+        logits = np.asarray(logits)
+        self._busy_seconds += time.perf_counter() - start
+        for slot, n in feed.items():
+            request = self.slots[slot]
+            request.computed += n
+            if self.paged:
+                self._register_full_pages(request)
+            if request.computed < len(request.tokens):
+                continue  # a prefill chunk: no token yet
+            token = self._sample(request, logits[slot])
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
+            self._generated += 1
+            if token in request.eos:
+                self._finish(request)
+                events.append(Event(request.rid, [], True, "eos"))
+                continue
+            request.out.append(token)
+            done = len(request.out) >= request.max_new_tokens
+            if done:
+                self._finish(request)
+            events.append(Event(request.rid, [token], done, "length" if done else None))
+        return events
+
+    def _register_full_pages(self, request: _Request) -> None:
+        """Enter the request's newly filled pages of its prompt into the prefix cache."""
+        full = min(request.computed, len(request.prompt)) // self.page_size
+        for i in range(request.registered, full):
+            chunk = request.prompt[i * self.page_size : (i + 1) * self.page_size]
+            request.prefix_key = self.table.register(request.pages[i], request.prefix_key, chunk)
+        request.registered = max(request.registered, full)
+
+    def _sample(self, request: _Request, logits: np.ndarray) -> int:
+        if request.sampling is None:
+            return int(np.argmax(logits))
+        rule = request.sampling
+        key = jax.random.fold_in(jax.random.key(request.seed), len(request.out))
+        static = (rule.greedy, rule.top_k, rule.use_top_p, rule.use_min_p)
+        return int(_draw(jnp.asarray(logits), rule.temperature, rule.top_p, rule.min_p, key, static))
+
+    # -- driving it -------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self.requests)
+
+    def run(self, max_steps: int | None = None) -> dict[int, list[int]]:
+        """Step until every request has finished (or `max_steps` steps); returns {rid: tokens} of the
+        requests that finished meanwhile."""
+        done: dict[int, list[int]] = {}
+        outputs: dict[int, list[int]] = {rid: list(r.out) for rid, r in self.requests.items()}
+        steps = 0
+        while self.has_work() and (max_steps is None or steps < max_steps):
+            for event in self.step():
+                outputs.setdefault(event.rid, []).extend(event.new_token_ids)
+                if event.finished:
+                    done[event.rid] = outputs.pop(event.rid)
+            steps += 1
+        return done
+
+    def stats(self) -> dict:
+        """Running / waiting requests, pages used and free, prefix-cache hits (prompt tokens not recomputed),
+        preemptions, tokens generated and tokens per second of step time."""
+        return {
+            "running": sum(r is not None for r in self.slots),
+            "waiting": len(self.waiting),
+            "pages_used": self.table.used if self.paged else 0,
+            "pages_free": self.table.available if self.paged else 0,
+            "prefix_cache_hit_tokens": self.table.hits if self.paged else 0,
+            "preemptions": self.preemptions,
+            "generated_tokens": self._generated,
+            "tokens_per_second": self._generated / self._busy_seconds if self._busy_seconds else 0.0,
+        }

@@ -1,0 +1,105 @@
+"""The engine's one compiled step: a ragged batch of slots, each feeding 0..C new tokens (a prefill chunk, a
+decode token, or nothing), through the model, returning the logits at each slot's last fed token.
+
+Attention models keep K/V in a page pool `[L, pages, H_kv, page_size, D]` addressed by per-slot block
+tables (`pallas_kernels.ragged_paged_attention`); state-space models keep one conv + SSM state per slot (an
+`SSMCache` whose batch is the slot count), advanced by the family's own `hidden_states`.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import page_slots, ragged_paged_attention
+from ssm_llm.config import ModelConfig
+from ssm_llm.layer_layout import run_layers
+from ssm_llm.models import family_module
+from ssm_llm.models.attention_lm import check_linear_kinds, finish_block, project_qkv
+from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.norm import rms_norm
+from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
+from ssm_llm.ssm_cache import SSMCache
+
+
+@flax.struct.dataclass
+class PagePool:
+    """The K/V pages of every layer: k, v `[L, pages, H_kv, page_size, D]`."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+
+def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> PagePool:
+    """A zeroed pool of `num_pages` pages of `page_size` positions."""
+    shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
+    return PagePool(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tables, starts, counts, impl):
+    """The decoder stack over `tokens [S, C]` (row s: `counts[s]` real tokens at positions starts[s]...),
+    writing their K/V into the pool. Returns final-normed hidden states [S, C, H] and the pool."""
+    check_linear_kinds(params, config)
+    steps = tokens.shape[1]
+    positions = starts[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(steps)[None, :] < counts[:, None]
+    lengths = starts + counts
+    cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
+    page_ids, offsets = page_slots(block_tables, positions, valid, pool.page_size, pool.num_pages)
+
+    def block(carry, layer):
+        x, k_all, v_all = carry
+        p, index, window = layer
+        q, k, v = project_qkv(config, p, x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = k_all.at[index, page_ids, :, offsets].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[index, page_ids, :, offsets].set(v.astype(v_all.dtype), mode="drop")
+        attn = ragged_paged_attention(
+            q, k_all[index], v_all[index], block_tables, positions, lengths, window, impl=impl
+        )
+        return finish_block(config, p, x, attn), k_all, v_all
+
+    x, k_all, v_all = run_layers(
+        block, (params["embed"][tokens], pool.k, pool.v), params["layers"], (config.layer_windows,)
+    )
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), PagePool(k=k_all, v=v_all)
+
+
+def _last_logits(params, config, h, counts):
+    """Logits at each row's last real token: [S, V] (rows with no token: row 0's position, ignored)."""
+    last = jnp.take_along_axis(h, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
+    return logits_from_hidden(params, config, last).astype(jnp.float32)
+
+
+def step(params, config, state, tokens, block_tables, starts, counts, impl: str = "auto"):
+    """One engine step. `state`: a `PagePool` (attention) or an `SSMCache` with one row per slot (Mamba);
+    tokens [S, C] int32; block_tables [S, M] (unused for Mamba); starts [S] tokens already cached per slot;
+    counts [S] real tokens this step. Returns (logits [S, V] float32 at each row's last real token, state)."""
+    if isinstance(state, PagePool):
+        h, state = _paged_hidden(params, config, tokens, state, block_tables, starts, counts, impl)
+    else:
+        h, state = family_module(config).hidden_states(params, config, tokens, state, counts, impl)
+    return _last_logits(params, config, h, counts), state
+
+
+def reset_slots(state: SSMCache, fresh) -> SSMCache:
+    """Zero the states of the slots where `fresh` [S] is True (new requests start from the empty state)."""
+    keep = ~fresh
+
+    def clear(x, axis):
+        shape = [1] * x.ndim
+        shape[axis] = x.shape[axis]
+        return jnp.where(keep.reshape(shape), x, jnp.zeros((), x.dtype))
+
+    return state.replace(
+        conv_state=clear(state.conv_state, 1), ssm_state=clear(state.ssm_state, 1), lengths=clear(state.lengths, 0)
+    )
