@@ -1,0 +1,190 @@
+"""The serving engine against `generate` of each request alone: random arrival schedules (requests joining
+mid-flight, ragged prompts, shared prefixes, a cancellation, preemption under a small page pool) on tiny
+Llama, Qwen2 with a sliding-window layer, Mamba-1 and Mamba-2, and SmolLM2; bounded compilations; sampled
+requests reproducible whatever else runs; bad requests refused alone."""
+
+import jax
+import numpy as np
+import pytest
+
+import ssm_llm
+from ssm_llm.serving import COMPILATIONS, Engine
+
+MODELS = {
+    "llama": ssm_llm.ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8
+    ),
+    "qwen2-window": ssm_llm.ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        qkv_bias=True,
+        model_type="qwen2",
+        layer_windows=(0, 5),
+    ),
+    "mamba1": ssm_llm.MambaConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128, time_step_rank=8
+    ),
+    "mamba2": ssm_llm.Mamba2Config(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        state_size=16,
+        intermediate_size=128,
+        num_heads=8,
+        head_dim=16,
+        n_groups=2,
+        chunk_size=8,
+    ),
+}
+
+
+def workload(rng, vocab: int, count: int):
+    """Ragged prompts, a third of them extending an earlier prompt's first 9-20 tokens (shared prefixes)."""
+    prompts = []
+    for i in range(count):
+        prompt = rng.integers(0, vocab, rng.integers(1, 36)).tolist()
+        if i >= 2 and rng.random() < 0.35:
+            base = prompts[rng.integers(0, i)]
+            prompt = base[: rng.integers(9, 21)] + prompt[:6]
+        prompts.append(prompt)
+    return prompts
+
+
+def alone(params, config, prompt, gen_config):
+    return ssm_llm.generate(params, config, [prompt], gen_config).tokens[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_schedules_give_each_request_its_own_output(name):
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    prompts = workload(rng, config.vocab_size, 12)
+    configs = [ssm_llm.GenerationConfig(max_new_tokens=int(rng.integers(1, 12)), eos_token_ids=()) for _ in prompts]
+    # One request stops at an EOS: the token `generate` would give third.
+    third = alone(params, config, prompts[3], ssm_llm.GenerationConfig(max_new_tokens=3, eos_token_ids=()))[2]
+    configs[3] = ssm_llm.GenerationConfig(max_new_tokens=8, eos_token_ids=(third,))
+    engine = Engine(params, config, max_slots=4, page_size=4, num_pages=20, max_len=64, chunk=8)
+    outputs, reasons, rids = {}, {}, []
+    cancel_at = None
+    for i, (prompt, gen_config) in enumerate(zip(prompts, configs, strict=True)):
+        rids.append(engine.submit(prompt, gen_config))
+        for _ in range(int(rng.integers(0, 3))):  # requests join while others run
+            for event in engine.step():
+                outputs.setdefault(event.rid, []).extend(event.new_token_ids)
+                if event.finished:
+                    reasons[event.rid] = event.finish_reason
+        if i == 6:
+            cancel_at = rids[5]
+            engine.cancel(cancel_at)
+    steps = 0
+    while engine.has_work():
+        for event in engine.step():
+            outputs.setdefault(event.rid, []).extend(event.new_token_ids)
+            if event.finished:
+                reasons[event.rid] = event.finish_reason
+        steps += 1
+        assert steps < 500
+    assert reasons[cancel_at] == "cancelled"
+    for rid, prompt, gen_config in zip(rids, prompts, configs, strict=True):
+        if rid == cancel_at:
+            continue
+        assert outputs.get(rid, []) == alone(params, config, prompt, gen_config), rid
+        assert reasons[rid] == ("eos" if rid == rids[3] else "length")
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    if isinstance(config, ssm_llm.ModelConfig):
+        assert stats["pages_used"] == 0  # every page released (cached prefix pages count as free)
+        assert stats["prefix_cache_hit_tokens"] > 0
+        assert stats["preemptions"] > 0  # 20 pages of 4 tokens for 4 slots: the pool runs out
+
+
+def test_steady_state_compiles_nothing_new():
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    engine = Engine(params, config, max_slots=3, page_size=4, max_len=48, chunk=8)
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=4, eos_token_ids=())
+    engine.submit(list(range(1, 12)), gen_config)
+    engine.run()  # both shapes: [3, 8] (a prefill chunk) and [3, 1] (decode only)
+    before = COMPILATIONS["step"]
+    rng = np.random.default_rng(2)
+    for _ in range(6):
+        engine.submit(rng.integers(0, 128, rng.integers(1, 30)).tolist(), gen_config)
+    engine.run()
+    assert COMPILATIONS["step"] == before
+
+
+def test_sampled_requests_do_not_depend_on_other_traffic():
+    config = MODELS["qwen2-window"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    sampled = ssm_llm.GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7, eos_token_ids=())
+    prompt = list(range(3, 20))
+
+    def run(others: int, seed: int = 7):
+        engine = Engine(params, config, max_slots=4, page_size=4, max_len=48, chunk=8)
+        rng = np.random.default_rng(others)
+        for _ in range(others):
+            engine.submit(rng.integers(0, 128, 9).tolist(), ssm_llm.GenerationConfig(max_new_tokens=5, temperature=0.7))
+        rid = engine.submit(prompt, sampled.__class__(**{**sampled.__dict__, "seed": seed}))
+        return engine.run()[rid]
+
+    alone_tokens = run(0)
+    assert run(3) == alone_tokens and run(5) == alone_tokens
+    assert run(0, seed=8) != alone_tokens
+
+
+def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    engine = Engine(params, config, max_slots=2, page_size=4, num_pages=6, max_len=32, chunk=8)
+    good = ssm_llm.GenerationConfig(max_new_tokens=3, eos_token_ids=())
+    rid = engine.submit([1, 2, 3], good)
+    with pytest.raises(ValueError, match="exceeds the engine's max_len of 32"):
+        engine.submit(list(range(40)), good)
+    with pytest.raises(ValueError, match="need 7 pages; the pool holds 6"):
+        engine.submit(list(range(25)), good)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([1, 500], good)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], good)
+    with pytest.raises(TypeError, match="GenerationConfig"):
+        engine.submit([1, 2], {"max_new_tokens": 3})
+    with pytest.raises(ValueError, match="kv_compression and speculative are not supported"):
+        engine.submit([1, 2], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(budget=8)))
+    assert engine.run() == {rid: alone(params, config, [1, 2, 3], good)}
+    assert not engine.cancel(rid)  # finished: nothing to cancel
+    with pytest.raises(ValueError, match="max_len 4096 exceeds the model's context"):
+        Engine(params, ssm_llm.ModelConfig(**{**config.__dict__, "max_position_embeddings": 64}), max_len=4096)
+
+
+def test_cancelling_frees_the_pages():
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    engine = Engine(params, config, max_slots=2, page_size=4, max_len=48, chunk=8, prefix_caching=False)
+    rid = engine.submit(list(range(1, 30)), ssm_llm.GenerationConfig(max_new_tokens=10, eos_token_ids=()))
+    engine.step()
+    engine.step()
+    assert engine.stats()["pages_used"] > 0
+    assert engine.cancel(rid)
+    assert engine.stats()["pages_used"] == 0 and not engine.has_work()
+    assert [e.finish_reason for e in engine.step()] == ["cancelled"]
+
+
+def test_smollm2_requests_with_a_shared_chat_prefix(smollm2):
+    config, params, tokenizer, _ = smollm2
+    questions = ["What is the capital of France?", "Name a prime number.", "What colour is the sky?"]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=6)
+    engine = Engine(params, config, max_slots=2, page_size=16, max_len=128, chunk=32)
+    rids = [engine.submit(p, gen_config) for p in prompts]
+    out = engine.run()
+    for rid, prompt in zip(rids, prompts, strict=True):
+        assert out[rid] == alone(params, config, prompt, gen_config)
+    assert engine.stats()["prefix_cache_hit_tokens"] >= 16  # the system prompt's first page, at least
