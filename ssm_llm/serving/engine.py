@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections import deque
 from typing import NamedTuple
@@ -137,6 +138,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
         self._cancelled: list[Event] = []
+        self._final: dict[int, list[int]] = {}  # the whole output of each request finished in the last step
         self._next_rid = self._arrivals = 0
         self._generated = 0
         self._busy_seconds = 0.0
@@ -198,6 +200,7 @@ class Engine:
     def _finish(self, request: _Request) -> None:
         self._release(request)
         del self.requests[request.rid]
+        self._final[request.rid] = list(request.out)
 
     def _release(self, request: _Request) -> None:
         if request.slot is not None:
@@ -276,6 +279,7 @@ class Engine:
         """Admit what fits, run one compiled step over all slots, sample, and report what each request
         emitted (finished ones included)."""
         events, self._cancelled = self._cancelled, []
+        self._final = {rid: out for rid, out in self._final.items() if any(e.rid == rid for e in events)}
         fresh = self._admit()
         if not self.paged and fresh:
             mask = np.zeros(self.max_slots, bool)
@@ -355,15 +359,42 @@ class Engine:
         """Step until every request has finished (or `max_steps` steps); returns {rid: tokens} of the
         requests that finished meanwhile."""
         done: dict[int, list[int]] = {}
-        outputs: dict[int, list[int]] = {rid: list(r.out) for rid, r in self.requests.items()}
         steps = 0
         while self.has_work() and (max_steps is None or steps < max_steps):
-            for event in self.step():
-                outputs.setdefault(event.rid, []).extend(event.new_token_ids)
-                if event.finished:
-                    done[event.rid] = outputs.pop(event.rid)
+            self._collect(done)
             steps += 1
         return done
+
+    def _collect(self, done: dict[int, list[int]]) -> None:
+        """One step; the whole output of each request that finishes in it (not cancelled) goes into `done`."""
+        for event in self.step():
+            if event.finished and event.finish_reason != "cancelled":
+                done[event.rid] = self._final[event.rid]
+
+    def run_batch(self, prompts, gen_config: GenerationConfig | None = None) -> list[list[int]]:
+        """Generate for a large offline batch, scheduled for prefix reuse (BatchLLM's global prefix sharing):
+        prompts are ordered so shared prefixes are adjacent, the first prompt of each group of prompts sharing
+        at least a page runs first, and the rest join once its prefix pages are cached. Returns each prompt's
+        tokens, in the given order."""
+        prompts = [list(p) for p in check_prompts(prompts, self.config.vocab_size)]
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+        leaders, followers = [], []
+        for position, i in enumerate(order):
+            previous = prompts[order[position - 1]] if position else []
+            shared = len(os.path.commonprefix([previous, prompts[i]]))
+            (followers if self.paged and shared >= self.page_size else leaders).append(i)
+        rids = {i: self.submit(prompts[i], gen_config) for i in leaders}
+        done: dict[int, list[int]] = {}
+
+        def prefilling():
+            live = (self.requests.get(rid) for rid in rids.values())
+            return any(r is not None and r.computed < len(r.prompt) for r in live)
+
+        while followers and prefilling():
+            self._collect(done)
+        rids.update({i: self.submit(prompts[i], gen_config) for i in followers})
+        done.update(self.run())
+        return [done[rids[i]] for i in range(len(prompts))]
 
     def stats(self) -> dict:
         """Running / waiting requests, pages used and free, prefix-cache hits (prompt tokens not recomputed),

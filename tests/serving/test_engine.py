@@ -188,3 +188,54 @@ def test_smollm2_requests_with_a_shared_chat_prefix(smollm2):
     for rid, prompt in zip(rids, prompts, strict=True):
         assert out[rid] == alone(params, config, prompt, gen_config)
     assert engine.stats()["prefix_cache_hit_tokens"] >= 16  # the system prompt's first page, at least
+
+
+def test_run_batch_shares_prefix_pages_and_keeps_the_order():
+    config = MODELS["qwen2-window"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(3)
+    systems = [rng.integers(0, 128, 20).tolist() for _ in range(3)]
+    prompts = [systems[i % 3] + rng.integers(0, 128, rng.integers(1, 6)).tolist() for i in range(10)]
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=4, eos_token_ids=())
+    engine = Engine(params, config, max_slots=4, page_size=4, max_len=48, chunk=8)
+    out = engine.run_batch(prompts, gen_config)
+    assert out == [alone(params, config, p, gen_config) for p in prompts]
+    # 3 leaders compute their 20-token prefixes; the 7 followers find all 5 pages of it cached.
+    assert engine.stats()["prefix_cache_hit_tokens"] == 7 * 20
+
+
+def test_async_streams_with_a_client_that_leaves():
+    import asyncio
+
+    from ssm_llm.serving import AsyncEngine
+
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 128, rng.integers(2, 30)).tolist() for _ in range(8)]
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=8, eos_token_ids=())
+    front = AsyncEngine(Engine(params, config, max_slots=3, page_size=4, max_len=48, chunk=8))
+
+    async def leave_early():
+        async for tokens in front.stream(
+            list(range(5, 25)), ssm_llm.GenerationConfig(max_new_tokens=20, eos_token_ids=())
+        ):
+            return tokens  # the client goes away after its first tokens
+
+    async def bad():
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await front.generate([1, 999], gen_config)
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(*(front.generate(p, gen_config) for p in prompts), leave_early(), bad()), timeout=300
+        )
+
+    try:
+        results = asyncio.run(main())
+        assert results[:8] == [alone(params, config, p, gen_config) for p in prompts]
+        assert len(results[8]) == 1
+        stats = front.stats()
+        assert stats["running"] == stats["waiting"] == stats["pages_used"] == 0  # the leaver's pages came back
+    finally:
+        front.close()

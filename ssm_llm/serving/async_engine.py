@@ -1,0 +1,131 @@
+"""An asyncio front for the `Engine`: one background thread steps the engine while requests are live, and
+each request's tokens arrive on its own async stream.
+
+engine = AsyncEngine(Engine(params, config, max_slots=8))
+async for tokens in engine.stream(prompt_ids, gen_config):   # lists of new token ids, as they come
+    ...
+engine.close()
+
+Leaving the `async for` early (a client that disconnects) cancels the request and frees its slot and pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator
+
+from ssm_llm.generation import GenerationConfig
+from ssm_llm.serving.engine import Engine, Event
+
+
+class AsyncEngine:
+    """Asyncio-friendly access to one `Engine`. Only its own thread touches the engine: submissions and
+    cancellations are handed to it and applied between steps, so a caller's event loop never waits for a
+    step to finish."""
+
+    def __init__(self, engine: Engine):
+        if not isinstance(engine, Engine):
+            raise TypeError(f"AsyncEngine wraps an Engine, got {type(engine).__name__}")
+        self.engine = engine
+        self._wake = threading.Condition()
+        self._inbox: list[tuple] = []
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="ssm_llm-engine", daemon=True)
+        self._thread.start()
+
+    def _call(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the engine's thread before its next step; its result (or exception) as a future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the AsyncEngine is closed")
+            self._inbox.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._inbox and not self.engine.has_work():
+                    self._wake.wait()
+                if self._closed:
+                    return
+                work, self._inbox = self._inbox, []
+            for fn, future in work:
+                try:
+                    future.set_result(fn())
+                except Exception as err:  # a bad request fails alone, in its caller
+                    future.set_exception(err)
+            if self.engine.has_work():
+                self._deliver(self._step())
+
+    def _step(self) -> list[Event]:
+        try:
+            return self.engine.step()
+        except Exception as err:  # an engine failure ends every live stream with it; the engine is reset
+            self.error = err
+            for rid in list(self.engine.requests):
+                self.engine.cancel(rid)
+            self.engine.step()  # drain the cancellations
+            return [Event(rid, [], True, "error") for rid in self._listeners]
+
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            target = self._listeners.get(event.rid)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+                if event.finished:
+                    del self._listeners[event.rid]
+
+    async def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> tuple[int, asyncio.Queue]:
+        """Queue a request: (its id, the queue its `Event`s arrive on). A bad request raises here
+        (ValueError / TypeError, as `Engine.submit` does)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def register():
+            rid = self.engine.submit(prompt_ids, gen_config)
+            self._listeners[rid] = (loop, queue)
+            return rid
+
+        return await asyncio.wrap_future(self._call(register)), queue
+
+    def cancel(self, rid: int) -> None:
+        """Cancel request `rid` before the next step (its stream ends with finish_reason "cancelled")."""
+        self._call(lambda: self.engine.cancel(rid))
+
+    async def stream(self, prompt_ids, gen_config: GenerationConfig | None = None) -> AsyncIterator[list[int]]:
+        """Yield the request's new token ids as each step produces them; ends when it finishes. Closing the
+        iterator early (a client that went away) cancels the request."""
+        rid, queue = await self.submit(prompt_ids, gen_config)
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finished
+                if event.finish_reason == "error":
+                    raise RuntimeError(f"the engine failed: {self.error!r}") from self.error
+                if event.new_token_ids:
+                    yield event.new_token_ids
+        finally:
+            if not finished and not self._closed:
+                self.cancel(rid)
+
+    async def generate(self, prompt_ids, gen_config: GenerationConfig | None = None) -> list[int]:
+        """All of the request's tokens, once it has finished."""
+        return [token async for tokens in self.stream(prompt_ids, gen_config) for token in tokens]
+
+    def stats(self) -> dict:
+        """`Engine.stats()`, read on the engine's thread (waits for the current step)."""
+        return self._call(self.engine.stats).result(timeout=600)
+
+    def close(self) -> None:
+        """Stop the engine's thread (after its current step; requests still running are left as they are)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=600)
