@@ -95,8 +95,9 @@ class Engine:
     max_slots: requests running at once. page_size / num_pages: the K/V pool of attention models (default:
     room for every slot at `max_len`). max_len: the longest prompt + output a request may ask for (default:
     the model's context, else 2048). chunk: prefill tokens per slot per step (a step's shape is [max_slots,
-    1] when every slot decodes, else [max_slots, chunk]: two compiled programs). prefix_caching: share full
-    pages of common prompt prefixes.
+    1] when every slot decodes, else [max_slots, chunk]; attention attends over the pages the longest row
+    needs, rounded up to a power of two: a few compiled programs in all, none new in steady state).
+    prefix_caching: share full pages of common prompt prefixes.
     """
 
     def __init__(
@@ -298,13 +299,17 @@ class Engine:
             starts[slot], counts[slot] = request.computed, n
             if self.paged:
                 self.block_tables[slot, : len(request.pages)] = request.pages
+        tables = self.block_tables
+        if self.paged:  # attend over as many pages as the longest row needs, in power-of-two buckets
+            needed = max(math.ceil((starts[slot] + n) / self.page_size) for slot, n in feed.items())
+            tables = tables[:, : min(1 << (needed - 1).bit_length(), self.pages_per_slot)]
         start = time.perf_counter()
         logits, self.state = _step(
             self.params,
             self.config,
             self.state,
             jnp.asarray(tokens),
-            jnp.asarray(self.block_tables),
+            jnp.asarray(tables),
             jnp.asarray(starts),
             jnp.asarray(counts),
             self.impl,

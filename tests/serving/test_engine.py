@@ -109,14 +109,22 @@ def test_steady_state_compiles_nothing_new():
     params = ssm_llm.init_params(config, jax.random.key(0))
     engine = Engine(params, config, max_slots=3, page_size=4, max_len=48, chunk=8)
     gen_config = ssm_llm.GenerationConfig(max_new_tokens=4, eos_token_ids=())
-    engine.submit(list(range(1, 12)), gen_config)
-    engine.run()  # both shapes: [3, 8] (a prefill chunk) and [3, 1] (decode only)
-    before = COMPILATIONS["step"]
-    rng = np.random.default_rng(2)
-    for _ in range(6):
-        engine.submit(rng.integers(0, 128, rng.integers(1, 30)).tolist(), gen_config)
-    engine.run()
-    assert COMPILATIONS["step"] == before
+
+    def workload(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(6):
+            engine.submit(rng.integers(0, 128, rng.integers(1, 40)).tolist(), gen_config)
+        engine.run()
+
+    start = COMPILATIONS["step"]
+    for seed in range(2, 7):
+        workload(seed)
+    compiled = COMPILATIONS["step"] - start
+    # [3, 8] (prefill chunks) and [3, 1] (decode only), times page buckets 1, 2, 4, 8, 12: at most 10 programs
+    assert 2 <= compiled <= 10
+    workload(2)  # the same traffic again: every shape is compiled already
+    workload(5)
+    assert COMPILATIONS["step"] - start == compiled
 
 
 def test_sampled_requests_do_not_depend_on_other_traffic():
