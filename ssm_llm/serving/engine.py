@@ -33,7 +33,7 @@ from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
-from ssm_llm.serving.model_step import init_pages, reset_slots, step
+from ssm_llm.serving.model_step import Rows, init_pages, reset_slots, step
 from ssm_llm.serving.page_table import PageTable
 from ssm_llm.validation import as_int, as_token_ids
 
@@ -73,10 +73,11 @@ class _Request:
 COMPILATIONS = {"step": 0}  # traces of the engine step (each new shape or config compiles once)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("state",))
-def _step(params, config, state, tokens, block_tables, starts, counts, impl):
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "impl"), donate_argnames=("state",))
+def _step(params, config, state, decode, prefill, num_slots, impl):
     COMPILATIONS["step"] += 1
-    return step(params, config, state, tokens, block_tables, starts, counts, impl)
+    logits, state = step(params, config, state, decode, prefill, num_slots, impl)
+    return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), state
 
 
 _reset = jax.jit(reset_slots, donate_argnames=("state",))
@@ -89,15 +90,21 @@ def _draw(logits, temperature, top_p, min_p, key, sampling_static):
     return rule.draw(logits[None], key)[0]
 
 
+def _bucket(n: int, cap: int) -> int:
+    """`n` rounded up to a power of two, at most `cap` (compiled shapes come in few sizes)."""
+    return min(1 << (n - 1).bit_length(), cap)
+
+
 class Engine:
     """A continuous-batching engine over `params` / `config` (attention or Mamba families).
 
     max_slots: requests running at once. page_size / num_pages: the K/V pool of attention models (default:
     room for every slot at `max_len`). max_len: the longest prompt + output a request may ask for (default:
-    the model's context, else 2048). chunk: prefill tokens per slot per step (a step's shape is [max_slots,
-    1] when every slot decodes, else [max_slots, chunk]; attention attends over the pages the longest row
-    needs, rounded up to a power of two: a few compiled programs in all, none new in steady state).
-    prefix_caching: share full pages of common prompt prefixes.
+    the model's context, else 2048). chunk / prefill_rows: a step feeds one token to every decoding request
+    and a chunk of `chunk` prompt tokens to each of the `prefill_rows` oldest prefilling ones, as two passes
+    of one compiled program ([max_slots, 1] and [1, 2, ... prefill_rows, chunk]); attention attends over the
+    pages the longest row needs, rounded up to a power of two (`programs()` bounds the compiled variants;
+    none is new in steady state). prefix_caching: share full pages of common prompt prefixes.
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class Engine:
         num_pages: int | None = None,
         max_len: int | None = None,
         chunk: int = 64,
+        prefill_rows: int = 2,
         prefix_caching: bool = True,
         impl: str = "auto",
     ):
@@ -118,6 +126,7 @@ class Engine:
         self.params, self.config, self.impl = params, config, impl
         self.max_slots = as_int("max_slots", max_slots, 1)
         self.chunk = as_int("chunk", chunk, 1)
+        self.prefill_rows = as_int("prefill_rows", prefill_rows, 1, self.max_slots)
         context = getattr(config, "max_position_embeddings", None)
         self.max_len = as_int("max_len", max_len if max_len is not None else (context or 2048), 2)
         if context is not None and self.max_len > context:
@@ -131,6 +140,7 @@ class Engine:
             self.table = PageTable(self.num_pages, self.page_size, prefix_caching)
             self.state = init_pages(config, self.num_pages, self.page_size, params["embed"].dtype)
             self.block_tables = np.zeros((self.max_slots, self.pages_per_slot), np.int32)
+            self.min_pages = max(1, self.pages_per_slot // 8)  # the smallest attended page bucket
         else:
             self.table = None
             self.state = init_cache(config, self.max_slots, self.max_len, params["embed"].dtype)
@@ -263,12 +273,17 @@ class Engine:
         return True
 
     def _plan(self) -> dict[int, int]:
-        """{slot: tokens to feed this step} for every running request that gets pages for them."""
-        feed = {}
+        """{slot: tokens to feed this step} for every running request that gets pages for them: one token
+        for each decoding request, a chunk for each of the `prefill_rows` oldest prefilling ones."""
+        feed, prefilling = {}, 0
         for slot, request in sorted(enumerate(self.slots), key=lambda s: s[1].arrival if s[1] else -1):
             if request is None or request.slot is None:
                 continue
             n = min(len(request.tokens) - request.computed, self.chunk)
+            if n > 1:
+                if prefilling == self.prefill_rows:
+                    continue  # waits for a later step
+                prefilling += 1
             if self.paged and not self._reserve(request, request.computed + n):
                 continue
             feed[slot] = n
@@ -289,32 +304,20 @@ class Engine:
         feed = self._plan()
         if not feed:
             return events
-        width = 1 if max(feed.values()) == 1 else self.chunk
-        tokens = np.zeros((self.max_slots, width), np.int32)
-        starts = np.zeros(self.max_slots, np.int32)
-        counts = np.zeros(self.max_slots, np.int32)
-        for slot, n in feed.items():
-            request = self.slots[slot]
-            tokens[slot, :n] = request.tokens[request.computed : request.computed + n]
-            starts[slot], counts[slot] = request.computed, n
-            if self.paged:
-                self.block_tables[slot, : len(request.pages)] = request.pages
-        tables = self.block_tables
-        if self.paged:  # attend over as many pages as the longest row needs, in power-of-two buckets
-            needed = max(math.ceil((starts[slot] + n) / self.page_size) for slot, n in feed.items())
-            tables = tables[:, : min(1 << (needed - 1).bit_length(), self.pages_per_slot)]
+        decode = {slot: n for slot, n in feed.items() if n == 1}
+        prefill = {slot: n for slot, n in feed.items() if n > 1}
+        pages = self._page_bucket(feed)
         start = time.perf_counter()
-        logits, self.state = _step(
+        logits, greedy, self.state = _step(
             self.params,
             self.config,
             self.state,
-            jnp.asarray(tokens),
-            jnp.asarray(tables),
-            jnp.asarray(starts),
-            jnp.asarray(counts),
+            self._rows(decode, self.max_slots, 1, pages) if decode else None,
+            self._rows(prefill, _bucket(len(prefill), self.prefill_rows), self.chunk, pages) if prefill else None,
+            self.max_slots,
             self.impl,
         )
-        logits = np.asarray(logits)
+        greedy = np.asarray(greedy)  # the logits stay on the device unless a sampled request needs them
         self._busy_seconds += time.perf_counter() - start
         for slot, n in feed.items():
             request = self.slots[slot]
@@ -323,7 +326,7 @@ class Engine:
                 self._register_full_pages(request)
             if request.computed < len(request.tokens):
                 continue  # a prefill chunk: no token yet
-            token = self._sample(request, logits[slot])
+            token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
             if request.first_token_at is None:
                 request.first_token_at = time.perf_counter()
             self._generated += 1
@@ -338,6 +341,38 @@ class Engine:
             events.append(Event(request.rid, [token], done, "length" if done else None))
         return events
 
+    def _page_bucket(self, feed: dict[int, int]) -> int:
+        """The pages every row of this step attends over: what the longest row needs, rounded up to a power
+        of two (at least `min_pages`, at most a slot's table); 1 for state-space models."""
+        if not self.paged:
+            return 1
+        needed = max(math.ceil((self.slots[slot].computed + n) / self.page_size) for slot, n in feed.items())
+        return _bucket(max(needed, self.min_pages), self.pages_per_slot)
+
+    def programs(self) -> int:
+        """An upper bound on the step programs this engine compiles: decode pass or not, times prefill row
+        buckets (or none), times attended page buckets."""
+        row_buckets = len({_bucket(n, self.prefill_rows) for n in range(1, self.prefill_rows + 1)})
+        pages = {1}
+        if self.paged:
+            pages = {_bucket(max(n, self.min_pages), self.pages_per_slot) for n in range(1, self.pages_per_slot + 1)}
+        return (2 * (row_buckets + 1) - 1) * len(pages)
+
+    def _rows(self, feed: dict[int, int], rows: int, width: int, pages: int) -> Rows:
+        """`feed` ({slot: tokens}) as `rows` rows of `width` tokens (padding rows name no slot) with the
+        first `pages` entries of their block tables."""
+        tokens = np.zeros((rows, width), np.int32)
+        starts, counts = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        slots = np.full(rows, self.max_slots, np.int32)
+        for row, (slot, n) in enumerate(sorted(feed.items())):
+            request = self.slots[slot]
+            tokens[row, :n] = request.tokens[request.computed : request.computed + n]
+            starts[row], counts[row], slots[row] = request.computed, n, slot
+            if self.paged:
+                self.block_tables[slot, : len(request.pages)] = request.pages
+        tables = self.block_tables[np.minimum(slots, self.max_slots - 1)][:, :pages]
+        return Rows(*(jnp.asarray(a) for a in (tokens, tables, starts, counts, slots)))
+
     def _register_full_pages(self, request: _Request) -> None:
         """Enter the request's newly filled pages of its prompt into the prefix cache."""
         full = min(request.computed, len(request.prompt)) // self.page_size
@@ -346,13 +381,11 @@ class Engine:
             request.prefix_key = self.table.register(request.pages[i], request.prefix_key, chunk)
         request.registered = max(request.registered, full)
 
-    def _sample(self, request: _Request, logits: np.ndarray) -> int:
-        if request.sampling is None:
-            return int(np.argmax(logits))
+    def _sample(self, request: _Request, logits: jax.Array) -> int:
         rule = request.sampling
         key = jax.random.fold_in(jax.random.key(request.seed), len(request.out))
         static = (rule.greedy, rule.top_k, rule.use_top_p, rule.use_min_p)
-        return int(_draw(jnp.asarray(logits), rule.temperature, rule.top_p, rule.min_p, key, static))
+        return int(_draw(logits, rule.temperature, rule.top_p, rule.min_p, key, static))
 
     # -- driving it -------------------------------------------------------------------------------------
 

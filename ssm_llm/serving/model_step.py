@@ -80,15 +80,47 @@ def _last_logits(params, config, h, counts):
     return logits_from_hidden(params, config, last).astype(jnp.float32)
 
 
-def step(params, config, state, tokens, block_tables, starts, counts, impl: str = "auto"):
-    """One engine step. `state`: a `PagePool` (attention) or an `SSMCache` with one row per slot (Mamba);
-    tokens [S, C] int32; block_tables [S, M] (unused for Mamba); starts [S] tokens already cached per slot;
-    counts [S] real tokens this step. Returns (logits [S, V] float32 at each row's last real token, state)."""
+@flax.struct.dataclass
+class Rows:
+    """Some slots' tokens for one pass: tokens [R, C] (row r: `counts[r]` real tokens at positions
+    starts[r]...), their block tables [R, M] (attention) and `slots` [R], the slot of each row (a padding
+    row names slot S, out of range, and has no tokens)."""
+
+    tokens: jax.Array
+    block_tables: jax.Array
+    starts: jax.Array
+    counts: jax.Array
+    slots: jax.Array
+
+
+def _pass(params, config, state, rows: Rows, impl):
+    """The model over `rows`; returns (logits [R, V] at each row's last real token, state)."""
     if isinstance(state, PagePool):
-        h, state = _paged_hidden(params, config, tokens, state, block_tables, starts, counts, impl)
-    else:
-        h, state = family_module(config).hidden_states(params, config, tokens, state, counts, impl)
-    return _last_logits(params, config, h, counts), state
+        h, state = _paged_hidden(params, config, rows.tokens, state, rows.block_tables, rows.starts, rows.counts, impl)
+        return _last_logits(params, config, h, rows.counts), state
+    slots = jnp.minimum(rows.slots, state.lengths.shape[0] - 1)  # padding rows read any slot, write none
+    mine = SSMCache(conv_state=state.conv_state[:, slots], ssm_state=state.ssm_state[:, slots], lengths=rows.starts)
+    h, mine = family_module(config).hidden_states(params, config, rows.tokens, mine, rows.counts, impl)
+    state = state.replace(
+        conv_state=state.conv_state.at[:, rows.slots].set(mine.conv_state, mode="drop"),
+        ssm_state=state.ssm_state.at[:, rows.slots].set(mine.ssm_state, mode="drop"),
+        lengths=state.lengths.at[rows.slots].set(mine.lengths, mode="drop"),
+    )
+    return _last_logits(params, config, h, rows.counts), state
+
+
+def step(params, config, state, decode: Rows | None, prefill: Rows | None, num_slots: int, impl: str = "auto"):
+    """One engine step: `decode` rows of one token each and `prefill` rows of a chunk each (either may be
+    None; the two hold different slots), as two passes of one compiled program, so decode rows do not pay
+    for the prefill chunk's width. `state`: a `PagePool` (attention) or an `SSMCache` with one row per slot
+    (Mamba). Returns (logits [num_slots, V] float32 at each fed slot's last token (other slots: zeros),
+    state)."""
+    logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
+    for rows in (prefill, decode):
+        if rows is not None:
+            out, state = _pass(params, config, state, rows, impl)
+            logits = logits.at[rows.slots].set(out, mode="drop")
+    return logits, state
 
 
 def reset_slots(state: SSMCache, fresh) -> SSMCache:
