@@ -49,7 +49,7 @@ def percentiles(values) -> dict:
 def run_engine(engine: Engine, prompts, arrivals, gen_config) -> dict:
     """Submit each prompt at its arrival time (seconds from the start) and step until all finish."""
     start = time.perf_counter()
-    submitted, first, last, gaps, tokens = {}, {}, {}, [], 0
+    submitted, first, last, gaps, tokens, page_ratio = {}, {}, {}, [], 0, 0.0
     pending = list(range(len(prompts)))
     while pending or engine.has_work():
         now = time.perf_counter() - start
@@ -61,6 +61,9 @@ def run_engine(engine: Engine, prompts, arrivals, gen_config) -> dict:
             continue
         events = engine.step()
         now = time.perf_counter() - start
+        stats = engine.stats()
+        if engine.paged and stats["tokens_held"]:
+            page_ratio = max(page_ratio, stats["pages_used"] * engine.page_size / stats["tokens_held"])
         for event in events:
             if not event.new_token_ids:
                 continue
@@ -77,6 +80,7 @@ def run_engine(engine: Engine, prompts, arrivals, gen_config) -> dict:
         "tokens_per_s": tokens / wall,
         "ttft_s": percentiles(list(first.values())),
         "itl_s": percentiles(gaps),
+        "peak_page_positions_per_held_token": page_ratio,
         "stats": engine.stats(),
     }
 
@@ -180,7 +184,8 @@ def main() -> None:
         prompts = real_prompts(tokenizer, count, rng)
         arrivals = np.cumsum(rng.exponential(1 / args.rate, count))
         make = lambda c=concurrency: Engine(params, config, max_slots=c, page_size=16, max_len=512, chunk=64)  # noqa: E731
-        run_engine(make(), prompts, np.zeros(count), gen_config)  # warm-up: every shape of this workload
+        for warm in (np.zeros(count), arrivals):  # warm-up: the shapes of this workload (all at once; as timed)
+            run_engine(make(), prompts, warm, gen_config)
         for prompt in prompts:  # warm-up of generate's shapes
             ssm_llm.generate(params, config, [prompt], gen_config)
         for at in range(0, count, concurrency):
@@ -225,7 +230,7 @@ def plot(result: dict, path: Path) -> None:
     ax[0].set(xlabel="concurrent requests", ylabel="tokens / s", xscale="log", title="throughput")
     ax[1].set(xlabel="concurrent requests", ylabel="seconds", xscale="log", yscale="log", title="TTFT p50")
     ax[0].legend()
-    fig.suptitle(f"SmolLM2-135M serving, {result['machine'].get('cpu_model', '')}")
+    fig.suptitle(f"SmolLM2-135M serving, {result['machine'].get('cpu', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

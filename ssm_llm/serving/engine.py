@@ -126,7 +126,7 @@ class Engine:
         self.params, self.config, self.impl = params, config, impl
         self.max_slots = as_int("max_slots", max_slots, 1)
         self.chunk = as_int("chunk", chunk, 1)
-        self.prefill_rows = as_int("prefill_rows", prefill_rows, 1, self.max_slots)
+        self.prefill_rows = min(as_int("prefill_rows", prefill_rows, 1), self.max_slots)
         context = getattr(config, "max_position_embeddings", None)
         self.max_len = as_int("max_len", max_len if max_len is not None else (context or 2048), 2)
         if context is not None and self.max_len > context:
@@ -435,13 +435,15 @@ class Engine:
         return [done[rids[i]] for i in range(len(prompts))]
 
     def stats(self) -> dict:
-        """Running / waiting requests, pages used and free, prefix-cache hits (prompt tokens not recomputed),
-        preemptions, tokens generated and tokens per second of step time."""
+        """Running / waiting requests, pages used and free, tokens held in the cache by running requests,
+        prefix-cache hits (prompt tokens not recomputed), preemptions, tokens generated and tokens per second
+        of step time."""
         return {
             "running": sum(r is not None for r in self.slots),
             "waiting": len(self.waiting),
             "pages_used": self.table.used if self.paged else 0,
             "pages_free": self.table.available if self.paged else 0,
+            "tokens_held": sum(r.computed for r in self.slots if r is not None),
             "prefix_cache_hit_tokens": self.table.hits if self.paged else 0,
             "preemptions": self.preemptions,
             "generated_tokens": self._generated,
