@@ -53,34 +53,49 @@ class AsyncEngine:
                 while not self._closed and not self._inbox and not self.engine.has_work():
                     self._wake.wait()
                 if self._closed:
-                    return
+                    break
                 work, self._inbox = self._inbox, []
             for fn, future in work:
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller gave up before it ran
                 try:
                     future.set_result(fn())
                 except Exception as err:  # a bad request fails alone, in its caller
                     future.set_exception(err)
             if self.engine.has_work():
                 self._deliver(self._step())
+        self._shut_down()
 
     def _step(self) -> list[Event]:
         try:
             return self.engine.step()
-        except Exception as err:  # an engine failure ends every live stream with it; the engine is reset
+        except Exception as err:  # a failed step ends every live stream with it; the engine starts over
             self.error = err
-            for rid in list(self.engine.requests):
-                self.engine.cancel(rid)
-            self.engine.step()  # drain the cancellations
+            self.engine.abort()
             return [Event(rid, [], True, "error") for rid in self._listeners]
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:
             target = self._listeners.get(event.rid)
-            if target is not None:
-                loop, queue = target
+            if target is None:
+                continue
+            loop, queue = target
+            if event.finished:
+                del self._listeners[event.rid]
+            try:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
-                if event.finished:
-                    del self._listeners[event.rid]
+            except RuntimeError:  # the listener's event loop is closed: nobody will read this request
+                self._listeners.pop(event.rid, None)
+                self.engine.cancel(event.rid)
+
+    def _shut_down(self) -> None:
+        """After close(): fail what was still queued and end every live stream (finish_reason "cancelled")."""
+        with self._wake:
+            work, self._inbox = self._inbox, []
+        for _, future in work:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the AsyncEngine is closed"))
+        self._deliver([Event(rid, [], True, "cancelled") for rid in list(self._listeners)])
 
     async def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> tuple[int, asyncio.Queue]:
         """Queue a request: (its id, the queue its `Event`s arrive on). A bad request raises here
@@ -92,11 +107,19 @@ class AsyncEngine:
             self._listeners[rid] = (loop, queue)
             return rid
 
-        return await asyncio.wrap_future(self._call(register)), queue
+        future = self._call(register)
+        try:
+            return await asyncio.wrap_future(future), queue
+        except asyncio.CancelledError:  # the caller gave up; a request submitted meanwhile is cancelled
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.cancel(f.result()))
+            raise
 
     def cancel(self, rid: int) -> None:
         """Cancel request `rid` before the next step (its stream ends with finish_reason "cancelled")."""
-        self._call(lambda: self.engine.cancel(rid))
+        try:
+            self._call(lambda: self.engine.cancel(rid))
+        except RuntimeError:  # closed: every stream has ended already
+            pass
 
     async def stream(self, prompt_ids, gen_config: GenerationConfig | None = None) -> AsyncIterator[list[int]]:
         """Yield the request's new token ids as each step produces them; ends when it finishes. Closing the
@@ -112,7 +135,7 @@ class AsyncEngine:
                 if event.new_token_ids:
                     yield event.new_token_ids
         finally:
-            if not finished and not self._closed:
+            if not finished:
                 self.cancel(rid)
 
     async def generate(self, prompt_ids, gen_config: GenerationConfig | None = None) -> list[int]:
@@ -124,7 +147,8 @@ class AsyncEngine:
         return self._call(self.engine.stats).result(timeout=600)
 
     def close(self) -> None:
-        """Stop the engine's thread (after its current step; requests still running are left as they are)."""
+        """Stop the engine's thread after its current step; live streams end (finish_reason "cancelled") and
+        calls still queued fail with RuntimeError."""
         with self._wake:
             self._closed = True
             self._wake.notify()

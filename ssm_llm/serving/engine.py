@@ -137,14 +137,13 @@ class Engine:
             self.pages_per_slot = math.ceil(self.max_len / self.page_size)
             pages = self.max_slots * self.pages_per_slot if num_pages is None else num_pages
             self.num_pages = as_int("num_pages", pages, 1)
-            self.table = PageTable(self.num_pages, self.page_size, prefix_caching)
-            self.state = init_pages(config, self.num_pages, self.page_size, params["embed"].dtype)
+            self.prefix_caching = prefix_caching
             self.block_tables = np.zeros((self.max_slots, self.pages_per_slot), np.int32)
             self.min_pages = max(1, self.pages_per_slot // 8)  # the smallest attended page bucket
         else:
             self.table = None
-            self.state = init_cache(config, self.max_slots, self.max_len, params["embed"].dtype)
             self.block_tables = np.zeros((self.max_slots, 1), np.int32)
+        self._new_state()
         self.slots: list[_Request | None] = [None] * self.max_slots
         self.waiting: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
@@ -155,12 +154,32 @@ class Engine:
         self._busy_seconds = 0.0
         self.preemptions = 0
 
+    def _new_state(self) -> None:
+        """An empty page pool and page table (attention), or zero states for every slot (Mamba)."""
+        dtype = self.params["embed"].dtype
+        if self.paged:
+            self.table = PageTable(self.num_pages, self.page_size, self.prefix_caching)
+            self.state = init_pages(self.config, self.num_pages, self.page_size, dtype)
+        else:
+            self.state = init_cache(self.config, self.max_slots, self.max_len, dtype)
+
     # -- requests ---------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> int:
         """Queue a request (`gen_config`: its options, default `GenerationConfig()`); returns its id. A bad
         request raises ValueError here, naming the problem, and nothing else is affected."""
         gen_config = GenerationConfig() if gen_config is None else gen_config
+        prompt, eos, sampling = self._checked(prompt_ids, gen_config)
+        rid = self._next_rid
+        self._next_rid += 1
+        request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
+        self._arrivals += 1
+        self.requests[rid] = request
+        self.waiting.append(request)
+        return rid
+
+    def _checked(self, prompt_ids, gen_config: GenerationConfig):
+        """(prompt ids, EOS ids, Sampling or None for greedy) of a request, or ValueError / TypeError."""
         if not isinstance(gen_config, GenerationConfig):
             raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
         if gen_config.kv_compression is not None or gen_config.speculative is not None:
@@ -189,13 +208,7 @@ class Engine:
                 top_p=gen_config.top_p,
                 min_p=gen_config.min_p,
             )
-        rid = self._next_rid
-        self._next_rid += 1
-        request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
-        self._arrivals += 1
-        self.requests[rid] = request
-        self.waiting.append(request)
-        return rid
+        return prompt, eos, sampling
 
     def cancel(self, rid: int) -> bool:
         """Stop request `rid` and free what it holds; False if it is unknown or already finished."""
@@ -237,6 +250,7 @@ class Engine:
                     break
                 request.pages, request.prefix_key, request.registered = pages, key, len(pages)
                 request.computed = len(pages) * self.page_size
+                self.table.hits += request.computed
             self.waiting.popleft()
             slot = self.slots.index(None)
             self.slots[slot], request.slot = request, slot
@@ -390,8 +404,19 @@ class Engine:
     # -- driving it -------------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        """Whether any request is waiting or running."""
-        return bool(self.requests)
+        """Whether any request is waiting or running, or a cancellation is still to be reported."""
+        return bool(self.requests or self._cancelled)
+
+    def abort(self) -> list[int]:
+        """Drop every request and start over with an empty pool or fresh states (after a failed step, whose
+        donated state may be gone); returns the dropped ids. Nothing is reported for them."""
+        dropped = list(self.requests)
+        self.requests.clear()
+        self.waiting.clear()
+        self.slots = [None] * self.max_slots
+        self._cancelled, self._final = [], {}
+        self._new_state()
+        return dropped
 
     def run(self, max_steps: int | None = None) -> dict[int, list[int]]:
         """Step until every request has finished (or `max_steps` steps); returns {rid: tokens} of the
@@ -414,7 +439,8 @@ class Engine:
         prompts are ordered so shared prefixes are adjacent, the first prompt of each group of prompts sharing
         at least a page runs first, and the rest join once its prefix pages are cached. Returns each prompt's
         tokens, in the given order."""
-        prompts = [list(p) for p in check_prompts(prompts, self.config.vocab_size)]
+        gen_config = GenerationConfig() if gen_config is None else gen_config
+        prompts = [self._checked(p, gen_config)[0] for p in prompts]  # every prompt checked before any runs
         order = sorted(range(len(prompts)), key=lambda i: prompts[i])
         leaders, followers = [], []
         for position, i in enumerate(order):
@@ -431,7 +457,8 @@ class Engine:
         while followers and prefilling():
             self._collect(done)
         rids.update({i: self.submit(prompts[i], gen_config) for i in followers})
-        done.update(self.run())
+        while any(rid in self.requests for rid in rids.values()):
+            self._collect(done)
         return [done[rids[i]] for i in range(len(prompts))]
 
     def stats(self) -> dict:

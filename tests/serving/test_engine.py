@@ -180,8 +180,9 @@ def test_cancelling_frees_the_pages():
     engine.step()
     assert engine.stats()["pages_used"] > 0
     assert engine.cancel(rid)
-    assert engine.stats()["pages_used"] == 0 and not engine.has_work()
+    assert engine.stats()["pages_used"] == 0 and engine.has_work()  # the cancellation is still to be reported
     assert [e.finish_reason for e in engine.step()] == ["cancelled"]
+    assert not engine.has_work()
 
 
 def test_smollm2_requests_with_a_shared_chat_prefix(smollm2):
@@ -248,3 +249,39 @@ def test_async_streams_with_a_client_that_leaves():
         assert stats["running"] == stats["waiting"] == stats["pages_used"] == 0  # the leaver's pages came back
     finally:
         front.close()
+
+
+def test_async_front_survives_callers_that_give_up_and_closes_cleanly():
+    import asyncio
+
+    from ssm_llm.serving import AsyncEngine
+
+    config = MODELS["mamba2"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=6, eos_token_ids=())
+    front = AsyncEngine(Engine(params, config, max_slots=2, max_len=64, chunk=8))
+    prompt = list(range(1, 15))
+
+    async def main():
+        for _ in range(3):  # callers that time out at once, while submitting or streaming
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(front.generate(prompt, ssm_llm.GenerationConfig(max_new_tokens=40)), 0.001)
+        answer = await asyncio.wait_for(front.generate(prompt, gen_config), 300)  # the thread is still alive
+        rid, queue = await front.submit(prompt, ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=()))
+        front.cancel(rid)  # the only live request: its cancellation is still reported
+        while not (event := await asyncio.wait_for(queue.get(), 300)).finished:
+            pass
+        return answer, event.finish_reason
+
+    answer, reason = asyncio.run(main())
+    assert answer == alone(params, config, prompt, gen_config) and reason == "cancelled"
+
+    async def closed_mid_stream():
+        tokens = []
+        async for new_ids in front.stream(prompt, ssm_llm.GenerationConfig(max_new_tokens=40, eos_token_ids=())):
+            tokens += new_ids
+            if len(tokens) == 2:
+                await asyncio.get_running_loop().run_in_executor(None, front.close)
+        return tokens  # the stream ended instead of waiting forever
+
+    assert 2 <= len(asyncio.run(asyncio.wait_for(closed_mid_stream(), 300))) < 40
