@@ -261,6 +261,28 @@ def _convert(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import uvicorn
+
+    import converters
+    from ssm_llm.serving import AsyncEngine, Engine
+    from ssm_llm_cli.server import build_app
+
+    use_compilation_cache()
+    path = _model_path(args.model)
+    config, params = _load(path, args.quantize, cache=_cache_enabled(args))
+    tokenizer = converters.load_text_tokenizer(path)
+    max_len = min(args.max_len, config.max_position_embeddings or args.max_len)
+    front = AsyncEngine(Engine(params, config, max_slots=args.max_slots, max_len=max_len))
+    app = build_app(front, tokenizer, path.name, args.max_waiting)
+    print(f"serving {path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # SIGTERM: a graceful shutdown
+    finally:
+        front.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssm-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_convert)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", help="GGUF file, Hugging Face directory or ssm-llm checkpoint (default: SmolLM2)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-slots", type=int, default=8, help="requests decoded at once")
+    srv.add_argument("--max-len", type=int, default=2048, help="the longest prompt + completion a request may ask for")
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
+    srv.add_argument("--quantize", choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"], help="as for generate")
+    srv.add_argument("--no-cache", action="store_true", help="convert the model again (as for generate)")
+    srv.set_defaults(func=_serve)
 
     cache = sub.add_parser(
         "cache", help="list or clear the converted models cached by generate (tokenizers and compiled programs stay)"

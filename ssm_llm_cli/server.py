@@ -1,0 +1,215 @@
+"""`ssm-llm serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over the serving engine.
+
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events with "stream": true),
+GET /v1/models, /health and /metrics (Prometheus text). Unknown request fields are ignored, as OpenAI does;
+wrong types and bad values are 400s with an OpenAI-style error body; a full queue is a 429 with
+Retry-After; a client that disconnects from a stream cancels its request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+import ssm_llm
+from ssm_llm.serving import AsyncEngine
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+
+
+class CompletionRequest(_Options):
+    prompt: str | list[int]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatRequest(_Options):
+    messages: list[Message] = Field(min_length=1)
+
+
+class _Metrics:
+    """Counters for /metrics."""
+
+    def __init__(self):
+        self.requests = {"completions": 0, "chat": 0}
+        self.errors = 0
+        self.tokens = 0
+        self.ttft: list[float] = []
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int = 256) -> FastAPI:
+    """The FastAPI application serving `front` (an `AsyncEngine`) with `tokenizer` (encode / decode /
+    apply_chat_template) under the model id `model_name`; more than `max_waiting` queued requests is 429."""
+    app = FastAPI(title="ssm-llm", docs_url=None, redoc_url=None)
+    metrics = _Metrics()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        metrics.errors += 1
+        where = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in exc.errors())
+        return _error(400, where or "malformed request")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "ssm-llm"}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        stats = front.engine.stats()  # plain reads of counters: no lock needed for a snapshot
+        lines = [f'ssm_llm_requests_total{{endpoint="{k}"}} {v}' for k, v in metrics.requests.items()] + [
+            f"ssm_llm_request_errors_total {metrics.errors}",
+            f"ssm_llm_generated_tokens_total {metrics.tokens}",
+            f"ssm_llm_running_requests {stats['running']}",
+            f"ssm_llm_waiting_requests {stats['waiting']}",
+            f"ssm_llm_pages_used {stats['pages_used']}",
+            f"ssm_llm_pages_free {stats['pages_free']}",
+            f"ssm_llm_prefix_cache_hit_tokens_total {stats['prefix_cache_hit_tokens']}",
+        ]
+        if metrics.ttft:
+            lines.append(f"ssm_llm_time_to_first_token_seconds_sum {sum(metrics.ttft)}")
+            lines.append(f"ssm_llm_time_to_first_token_seconds_count {len(metrics.ttft)}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def run(body: _Options, prompt_ids: list[int], kind: str):
+        if body.model not in (None, model_name):
+            metrics.errors += 1
+            return _error(404, f"model {body.model!r} does not exist; this server has {model_name!r}", "not_found")
+        if front.engine.stats()["waiting"] >= max_waiting:
+            metrics.errors += 1
+            full = f"the queue is full ({max_waiting} requests waiting)"
+            return _error(429, full, "rate_limit", {"Retry-After": "1"})
+        gen_config = ssm_llm.GenerationConfig(
+            max_new_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k or None,
+            min_p=body.min_p,
+            seed=body.seed,
+        )
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        started = time.perf_counter()
+        try:
+            stream = front.stream(prompt_ids, gen_config)
+            first = await anext(stream, None)  # a bad request raises here, before any response starts
+        except (ValueError, TypeError) as err:
+            metrics.errors += 1
+            return _error(400, str(err))
+        metrics.requests[kind] += 1
+        metrics.ttft.append(time.perf_counter() - started)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        produced = []  # the completion's token ids
+
+        async def pieces():
+            """(text delta, finish_reason or None) as the tokens come, cut at a stop string."""
+            tokens, sent = produced, ""
+            chunks = [] if first is None else [first]
+            finish = "length"
+            try:
+                while True:
+                    for new_ids in chunks:
+                        tokens += new_ids
+                        metrics.tokens += len(new_ids)
+                    text = tokenizer.decode(tokens)
+                    cut = _stop_at(text, stops)
+                    if cut is not None:
+                        yield text[len(sent) : cut], "stop"
+                        return
+                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+                        text = text[:-1]
+                    if len(text) > len(sent):
+                        yield text[len(sent) :], None
+                        sent = text
+                    nxt = await anext(stream, None)
+                    if nxt is None:
+                        break
+                    chunks = [nxt]
+                if len(tokens) < body.max_tokens:
+                    finish = "stop"  # an EOS token
+                yield tokenizer.decode(tokens)[len(sent) :], finish
+            finally:
+                await stream.aclose()
+
+        def envelope(delta: str, finish):
+            if kind == "chat":
+                content = (
+                    {"delta": {"content": delta}}
+                    if body.stream
+                    else {"message": {"role": "assistant", "content": delta}}
+                )
+                choice = {"index": 0, **content, "finish_reason": finish}
+                obj = "chat.completion.chunk" if body.stream else "chat.completion"
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+
+        if body.stream:
+
+            async def events():
+                async for delta, finish in pieces():
+                    yield f"data: {json.dumps(envelope(delta, finish))}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, finish = "", "length"
+        async for delta, reason in pieces():
+            text += delta
+            finish = reason or finish
+        out = envelope(text, finish)
+        used = len(produced)
+        total = len(prompt_ids) + used
+        out["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": used, "total_tokens": total}
+        return out
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        ids = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt, add_special_tokens=False)
+        return await run(body, ids, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        return await run(body, tokenizer.encode(rendered, add_special_tokens=False), "chat")
+
+    return app

@@ -1,0 +1,190 @@
+"""`ssm-llm serve`'s application on 127.0.0.1 (a free port, started and stopped here) with the embedded
+SmolLM2: the official `openai` client, streaming and not, completions and chat, gives `generate`'s greedy
+text; concurrent clients each get their own answer; bad requests are JSON 4xx errors and the server keeps
+answering; a client that leaves mid-stream frees its slot and pages (seen on /metrics)."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import converters
+import ssm_llm
+from ssm_llm.serving import AsyncEngine, Engine
+from ssm_llm_cli.server import build_app
+
+pytestmark = pytest.mark.optimized_xla
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    import uvicorn
+
+    config, params, _, path = smollm2
+    tokenizer = converters.load_text_tokenizer(path)
+    front = AsyncEngine(Engine(params, config, max_slots=4, page_size=16, max_len=256, chunk=64))
+    app = build_app(front, tokenizer, "smollm2", max_waiting=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(300):
+        if srv.started:
+            break
+        time.sleep(0.1)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", config, params, tokenizer
+    srv.should_exit = True
+    thread.join(timeout=60)
+    front.close()
+
+
+def greedy_text(config, params, tokenizer, ids, n):
+    tokens = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=n)).tokens[0]
+    return tokenizer.decode(tokens)
+
+
+def chat_ids(tokenizer, question):
+    return tokenizer.encode(
+        tokenizer.apply_chat_template([{"role": "user", "content": question}]), add_special_tokens=False
+    )
+
+
+def test_openai_client_gets_generates_text(server):
+    import openai
+
+    url, config, params, tokenizer = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    prompt = "The capital of France is"
+    expected = greedy_text(config, params, tokenizer, tokenizer.encode(prompt, add_special_tokens=False), 8)
+    done = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
+    assert done.choices[0].text == expected and done.usage.completion_tokens == 8
+    streamed = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    question = "What is 2 + 2?"
+    expected = greedy_text(config, params, tokenizer, chat_ids(tokenizer, question), 10)
+    messages = [{"role": "user", "content": question}]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == expected
+    streamed = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_concurrent_clients_each_get_their_own_answer(server):
+    import openai
+
+    url, config, params, tokenizer = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(12)]
+
+    def ask(prompt):
+        return client.completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == greedy_text(config, params, tokenizer, tokenizer.encode(prompt, add_special_tokens=False), 6)
+
+
+def request(url, method, path, body=None, raw=None):
+    """(status, parsed JSON or text) of one HTTP request with the standard library's client."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    try:
+        return response.status, json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, text
+
+
+def test_bad_requests_are_json_4xx_and_the_server_keeps_serving(server):
+    url, *_ = server
+    cases = [
+        (b"{not json", 400),
+        (json.dumps({"prompt": "hi", "max_tokens": "many"}).encode(), 400),
+        (json.dumps({"prompt": "hi", "max_tokens": -3}).encode(), 400),
+        (json.dumps({"prompt": 5}).encode(), 400),
+        (json.dumps({"prompt": "word " * 400, "max_tokens": 4}).encode(), 400),  # past the engine's max_len
+        (json.dumps({"prompt": [1, 10**9]}).encode(), 400),
+        (json.dumps({"prompt": "hi", "model": "gpt-9"}).encode(), 404),
+    ]
+    for raw, expected in cases:
+        status, answer = request(url, "POST", "/v1/completions", raw=raw)
+        assert status == expected, (raw[:40], answer)
+        assert answer["error"]["message"]
+    _, long = request(url, "POST", "/v1/completions", {"prompt": "word " * 400, "max_tokens": 4})
+    assert "max_len of 256" in long["error"]["message"]
+    status, ok = request(url, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "temperature": 0, "x": 1})
+    assert status == 200 and ok["choices"][0]["finish_reason"] == "length"
+    assert request(url, "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    url, *_ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    body = {"prompt": "Tell me a long story.", "max_tokens": 200, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # one event, then the client goes away
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    for _ in range(600):
+        _, text = request(url, "GET", "/metrics")
+        metrics = dict(line.rsplit(" ", 1) for line in text.splitlines())
+        if metrics["ssm_llm_running_requests"] == "0" and metrics["ssm_llm_waiting_requests"] == "0":
+            break
+        time.sleep(0.1)
+    assert metrics["ssm_llm_running_requests"] == "0" and metrics["ssm_llm_pages_used"] == "0"
+
+
+def test_the_serve_command_starts_answers_and_stops_on_sigterm():
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssm_llm_cli", "serve", "--port", str(port), "--max-slots", "2", "--max-len", "128"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(1200):  # converting the model on a first run takes a while
+            try:
+                if request(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        status, answer = request(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0},
+        )
+        assert status == 200 and answer["object"] == "chat.completion"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: the exit is -SIGTERM, not a crash
+    assert proc.returncode in (0, -signal.SIGTERM), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
