@@ -90,6 +90,13 @@ def _draw(logits, temperature, top_p, min_p, key, sampling_static):
     return rule.draw(logits[None], key)[0]
 
 
+# The decode pass computes a power-of-two number of rows, at least this many: fewer buckets mean fewer compiled
+# programs, and small row counts cost alike on CPU (SmolLM2's 210 float32 products, issue 20: 35 ms for 1 row,
+# 63 for 4, 75 for 8, 85 for 16), while 32 rows for one request halve its speed (bench_server, one client of a
+# 32-slot engine: 10 tok/s with 32 decode rows, 21 with 8).
+_DECODE_ROWS_MIN = 8
+
+
 def _bucket(n: int, cap: int) -> int:
     """`n` rounded up to a power of two, at most `cap` (compiled shapes come in few sizes)."""
     return min(1 << (n - 1).bit_length(), cap)
@@ -326,7 +333,7 @@ class Engine:
             self.params,
             self.config,
             self.state,
-            self._rows(decode, self.max_slots, 1, pages) if decode else None,
+            self._rows(decode, self._decode_rows(len(decode)), 1, pages) if decode else None,
             self._rows(prefill, _bucket(len(prefill), self.prefill_rows), self.chunk, pages) if prefill else None,
             self.max_slots,
             self.impl,
@@ -363,14 +370,19 @@ class Engine:
         needed = max(math.ceil((self.slots[slot].computed + n) / self.page_size) for slot, n in feed.items())
         return _bucket(max(needed, self.min_pages), self.pages_per_slot)
 
+    def _decode_rows(self, n: int) -> int:
+        """Rows of the decode pass for `n` decoding requests: a power of two, at least 8 (or `max_slots`)."""
+        return _bucket(max(n, min(_DECODE_ROWS_MIN, self.max_slots)), self.max_slots)
+
     def programs(self) -> int:
-        """An upper bound on the step programs this engine compiles: decode pass or not, times prefill row
-        buckets (or none), times attended page buckets."""
-        row_buckets = len({_bucket(n, self.prefill_rows) for n in range(1, self.prefill_rows + 1)})
+        """An upper bound on the step programs this engine compiles: decode row buckets (or no decode pass),
+        times prefill row buckets (or none), times attended page buckets (less the empty step)."""
+        prefill = len({_bucket(n, self.prefill_rows) for n in range(1, self.prefill_rows + 1)})
+        decode = len({self._decode_rows(n) for n in range(1, self.max_slots + 1)})
         pages = {1}
         if self.paged:
             pages = {_bucket(max(n, self.min_pages), self.pages_per_slot) for n in range(1, self.pages_per_slot + 1)}
-        return (2 * (row_buckets + 1) - 1) * len(pages)
+        return ((decode + 1) * (prefill + 1) - 1) * len(pages)
 
     def _rows(self, feed: dict[int, int], rows: int, width: int, pages: int) -> Rows:
         """`feed` ({slot: tokens}) as `rows` rows of `width` tokens (padding rows name no slot) with the
