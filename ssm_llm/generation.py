@@ -170,9 +170,8 @@ def _preview(value, limit: int = 60) -> str:
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype", "sequence_parallel"))
 def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequence_parallel=None):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
-    extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
     h, cache = family_module(config).hidden_states(
-        params, config, tokens, cache, counts, impl, cache_is_empty=True, **extra
+        params, config, tokens, cache, counts, impl, cache_is_empty=True, sequence_parallel=sequence_parallel
     )
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), cache

@@ -156,9 +156,8 @@ def _forward(params, config, tokens, cache, token_counts, impl, cache_is_empty, 
         checkify.check(
             ~overflow.any(), "forward: cache overflow in row {row}: allocate a larger cache", row=jnp.argmax(overflow)
         )
-    extra = {} if sequence_parallel is None else {"sequence_parallel": sequence_parallel}
     h, cache = family_module(config).hidden_states(
-        params, config, tokens, cache, token_counts, impl, cache_is_empty, **extra
+        params, config, tokens, cache, token_counts, impl, cache_is_empty, sequence_parallel
     )
     logits = logits_from_hidden(params, config, h)
     # Traced inputs skip the Python checks: a row that failed them gets NaN logits instead of a silent,

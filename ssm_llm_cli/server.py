@@ -59,7 +59,7 @@ class _Metrics:
         self.requests = {"completions": 0, "chat": 0}
         self.errors = 0
         self.tokens = 0
-        self.ttft: list[float] = []
+        self.ttft_sum, self.ttft_count = 0.0, 0  # a running total: memory does not grow with requests
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
@@ -104,9 +104,9 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
             f"ssm_llm_pages_free {stats['pages_free']}",
             f"ssm_llm_prefix_cache_hit_tokens_total {stats['prefix_cache_hit_tokens']}",
         ]
-        if metrics.ttft:
-            lines.append(f"ssm_llm_time_to_first_token_seconds_sum {sum(metrics.ttft)}")
-            lines.append(f"ssm_llm_time_to_first_token_seconds_count {len(metrics.ttft)}")
+        if metrics.ttft_count:
+            lines.append(f"ssm_llm_time_to_first_token_seconds_sum {metrics.ttft_sum}")
+            lines.append(f"ssm_llm_time_to_first_token_seconds_count {metrics.ttft_count}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def run(body: _Options, prompt_ids: list[int], kind: str):
@@ -134,7 +134,8 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
             metrics.errors += 1
             return _error(400, str(err))
         metrics.requests[kind] += 1
-        metrics.ttft.append(time.perf_counter() - started)
+        metrics.ttft_sum += time.perf_counter() - started
+        metrics.ttft_count += 1
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
 

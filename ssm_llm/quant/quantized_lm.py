@@ -109,9 +109,11 @@ def hidden_states(
     token_counts: jax.Array,
     impl: str = "auto",
     cache_is_empty: bool = False,
+    sequence_parallel=None,
 ) -> tuple[jax.Array, SSMCache]:
-    """`mamba_lm.hidden_states` for a quantized model (same contract)."""
-    del cache_is_empty
+    """`mamba_lm.hidden_states` for a quantized model (same contract; no sequence-parallel form, which
+    `ssm_llm.model.check_sequence_parallel` refuses before any tracing)."""
+    del cache_is_empty, sequence_parallel
     base, scheme = config.base, config.scheme
     ops = QuantOps(scheme.quantizes_acts, scheme.hadamard, config.simulated, impl)
     mixer = mamba2_mixer if isinstance(base, Mamba2Config) else mamba1_mixer

@@ -63,7 +63,6 @@ class _Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     prefix_key: tuple | None = None  # the key of the last registered full page
     registered: int = 0  # full pages registered in the prefix cache
-    first_token_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -316,7 +315,7 @@ class Engine:
         """Admit what fits, run one compiled step over all slots, sample, and report what each request
         emitted (finished ones included)."""
         events, self._cancelled = self._cancelled, []
-        self._final = {rid: out for rid, out in self._final.items() if any(e.rid == rid for e in events)}
+        self._final = {}  # `_collect` reads it for requests finishing in this step only
         fresh = self._admit()
         if not self.paged and fresh:
             mask = np.zeros(self.max_slots, bool)
@@ -348,8 +347,6 @@ class Engine:
             if request.computed < len(request.tokens):
                 continue  # a prefill chunk: no token yet
             token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
-            if request.first_token_at is None:
-                request.first_token_at = time.perf_counter()
             self._generated += 1
             if token in request.eos:
                 self._finish(request)
