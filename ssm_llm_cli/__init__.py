@@ -277,7 +277,11 @@ def _serve(args) -> int:
     app = build_app(front, tokenizer, path.name, args.max_waiting)
     print(f"serving {path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # SIGTERM: a graceful shutdown
+        # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (streams included) for up to
+        # --shutdown-timeout seconds, then cancel what is left; uvicorn re-raises the signal afterwards.
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout
+        )
     finally:
         front.close()
     return 0
@@ -362,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     srv.add_argument("--quantize", choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"], help="as for generate")
     srv.add_argument("--no-cache", action="store_true", help="convert the model again (as for generate)")
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM before they are cancelled",
+    )
     srv.set_defaults(func=_serve)
 
     cache = sub.add_parser(

@@ -3,7 +3,9 @@
 POST /v1/completions and /v1/chat/completions (streamed as server-sent events with "stream": true),
 GET /v1/models, /health and /metrics (Prometheus text). Unknown request fields are ignored, as OpenAI does;
 wrong types and bad values are 400s with an OpenAI-style error body; a full queue is a 429 with
-Retry-After; a client that disconnects from a stream cancels its request.
+Retry-After; a client that disconnects from a stream cancels its request; a request that fails inside the
+engine is a 500 (or an error event in its stream) by itself while the others carry on. /metrics has request,
+token, queue and page counters and time-to-first-token / inter-token-latency histograms.
 """
 
 from __future__ import annotations
@@ -52,14 +54,42 @@ class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
 
 
+class _Histogram:
+    """A Prometheus histogram: counts per upper bound, a sum and a count (memory does not grow with use)."""
+
+    def __init__(self, name: str, bounds: tuple[float, ...]):
+        self.name, self.bounds = name, bounds
+        self.counts = [0] * len(bounds)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def lines(self) -> list[str]:
+        buckets = [f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.bounds, self.counts, strict=True)]
+        return [
+            f"# TYPE {self.name} histogram",
+            *buckets,
+            f'{self.name}_bucket{{le="+Inf"}} {self.count}',
+            f"{self.name}_sum {self.sum}",
+            f"{self.name}_count {self.count}",
+        ]
+
+
 class _Metrics:
-    """Counters for /metrics."""
+    """Counters and latency histograms for /metrics."""
 
     def __init__(self):
         self.requests = {"completions": 0, "chat": 0}
         self.errors = 0
+        self.failures = 0  # requests that failed inside the engine (500s)
         self.tokens = 0
-        self.ttft_sum, self.ttft_count = 0.0, 0  # a running total: memory does not grow with requests
+        self.ttft = _Histogram("ssm_llm_time_to_first_token_seconds", (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = _Histogram("ssm_llm_inter_token_latency_seconds", (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
@@ -97,16 +127,16 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
         stats = front.engine.stats()  # plain reads of counters: no lock needed for a snapshot
         lines = [f'ssm_llm_requests_total{{endpoint="{k}"}} {v}' for k, v in metrics.requests.items()] + [
             f"ssm_llm_request_errors_total {metrics.errors}",
+            f"ssm_llm_request_failures_total {metrics.failures}",
             f"ssm_llm_generated_tokens_total {metrics.tokens}",
             f"ssm_llm_running_requests {stats['running']}",
             f"ssm_llm_waiting_requests {stats['waiting']}",
             f"ssm_llm_pages_used {stats['pages_used']}",
             f"ssm_llm_pages_free {stats['pages_free']}",
             f"ssm_llm_prefix_cache_hit_tokens_total {stats['prefix_cache_hit_tokens']}",
+            *metrics.ttft.lines(),
+            *metrics.itl.lines(),
         ]
-        if metrics.ttft_count:
-            lines.append(f"ssm_llm_time_to_first_token_seconds_sum {metrics.ttft_sum}")
-            lines.append(f"ssm_llm_time_to_first_token_seconds_count {metrics.ttft_count}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def run(body: _Options, prompt_ids: list[int], kind: str):
@@ -133,9 +163,11 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
         except (ValueError, TypeError) as err:
             metrics.errors += 1
             return _error(400, str(err))
+        except RuntimeError as err:  # the request failed inside the engine; the others carry on
+            metrics.failures += 1
+            return _error(500, str(err), "server_error")
         metrics.requests[kind] += 1
-        metrics.ttft_sum += time.perf_counter() - started
-        metrics.ttft_count += 1
+        metrics.ttft.observe(time.perf_counter() - started)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -161,9 +193,11 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
                     if len(text) > len(sent):
                         yield text[len(sent) :], None
                         sent = text
+                    before = time.perf_counter()
                     nxt = await anext(stream, None)
                     if nxt is None:
                         break
+                    metrics.itl.observe(time.perf_counter() - before)
                     chunks = [nxt]
                 if len(tokens) < body.max_tokens:
                     finish = "stop"  # an EOS token
@@ -188,15 +222,24 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
         if body.stream:
 
             async def events():
-                async for delta, finish in pieces():
-                    yield f"data: {json.dumps(envelope(delta, finish))}\n\n"
+                try:
+                    async for delta, finish in pieces():
+                        yield f"data: {json.dumps(envelope(delta, finish))}\n\n"
+                except RuntimeError as err:  # failed inside the engine after the stream began
+                    metrics.failures += 1
+                    failure = {"error": {"message": str(err), "type": "server_error", "code": 500}}
+                    yield f"data: {json.dumps(failure)}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
         text, finish = "", "length"
-        async for delta, reason in pieces():
-            text += delta
-            finish = reason or finish
+        try:
+            async for delta, reason in pieces():
+                text += delta
+                finish = reason or finish
+        except RuntimeError as err:
+            metrics.failures += 1
+            return _error(500, str(err), "server_error")
         out = envelope(text, finish)
         used = len(produced)
         total = len(prompt_ids) + used

@@ -69,10 +69,10 @@ class AsyncEngine:
     def _step(self) -> list[Event]:
         try:
             return self.engine.step()
-        except Exception as err:  # a failed step ends every live stream with it; the engine starts over
-            self.error = err
+        except Exception as err:  # the engine's own bookkeeping broke (a failing request is isolated inside
+            self.error = err  # `step`): every live stream ends with it and the engine starts over
             self.engine.abort()
-            return [Event(rid, [], True, "error") for rid in self._listeners]
+            return [Event(rid, [], True, "error", f"{type(err).__name__}: {err}") for rid in self._listeners]
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:
@@ -122,8 +122,9 @@ class AsyncEngine:
             pass
 
     async def stream(self, prompt_ids, gen_config: GenerationConfig | None = None) -> AsyncIterator[list[int]]:
-        """Yield the request's new token ids as each step produces them; ends when it finishes. Closing the
-        iterator early (a client that went away) cancels the request."""
+        """Yield the request's new token ids as each step produces them; ends when it finishes, or raises
+        RuntimeError if the request failed inside the engine (the others carry on). Closing the iterator
+        early (a client that went away) cancels the request."""
         rid, queue = await self.submit(prompt_ids, gen_config)
         finished = False
         try:
@@ -131,7 +132,7 @@ class AsyncEngine:
                 event = await queue.get()
                 finished = event.finished
                 if event.finish_reason == "error":
-                    raise RuntimeError(f"the engine failed: {self.error!r}") from self.error
+                    raise RuntimeError(f"the request failed in the engine: {event.error}")
                 if event.new_token_ids:
                     yield event.new_token_ids
         finally:

@@ -40,12 +40,13 @@ from ssm_llm.validation import as_int, as_token_ids
 
 class Event(NamedTuple):
     """What one request emitted in a step. finish_reason: None while running, else "eos", "length"
-    (max_new_tokens) or "cancelled"."""
+    (max_new_tokens), "cancelled" or "error" (the request failed inside the engine; `error` says why)."""
 
     rid: int
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    error: str | None = None
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class _Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     prefix_key: tuple | None = None  # the key of the last registered full page
     registered: int = 0  # full pages registered in the prefix cache
+    failures: int = 0  # failed steps this request was part of
 
     @property
     def tokens(self) -> list[int]:
@@ -94,6 +96,9 @@ def _draw(logits, temperature, top_p, min_p, key, sampling_static):
 # 63 for 4, 75 for 8, 85 for 16), while 32 rows for one request halve its speed (bench_server, one client of a
 # 32-slot engine: 10 tok/s with 32 decode rows, 21 with 8).
 _DECODE_ROWS_MIN = 8
+
+# A request in this many failed steps fails, even if it never failed alone (a failure only under load).
+_MAX_FAILURES = 3
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -159,6 +164,9 @@ class Engine:
         self._generated = 0
         self._busy_seconds = 0.0
         self.preemptions = 0
+        self.failed_steps = 0
+        self.errors: dict[int, str] = {}  # why each request that failed in `run` / `run_batch` failed
+        self._suspects: set[int] = set()  # requests of a failed step, each to be run alone once
 
     def _new_state(self) -> None:
         """An empty page pool and page table (attention), or zero states for every slot (Mamba)."""
@@ -229,6 +237,7 @@ class Engine:
 
     def _finish(self, request: _Request) -> None:
         self._release(request)
+        self._suspects.discard(request.rid)
         del self.requests[request.rid]
         self._final[request.rid] = list(request.out)
 
@@ -296,7 +305,9 @@ class Engine:
         """{slot: tokens to feed this step} for every running request that gets pages for them: one token
         for each decoding request, a chunk for each of the `prefill_rows` oldest prefilling ones."""
         feed, prefilling = {}, 0
-        for slot, request in sorted(enumerate(self.slots), key=lambda s: s[1].arrival if s[1] else -1):
+        running = sorted(enumerate(self.slots), key=lambda s: s[1].arrival if s[1] else -1)
+        suspects = [(slot, r) for slot, r in running if r is not None and r.rid in self._suspects]
+        for slot, request in suspects[:1] or running:  # after a failed step: one of its requests alone
             if request is None or request.slot is None:
                 continue
             n = min(len(request.tokens) - request.computed, self.chunk)
@@ -328,25 +339,34 @@ class Engine:
         prefill = {slot: n for slot, n in feed.items() if n > 1}
         pages = self._page_bucket(feed)
         start = time.perf_counter()
-        logits, greedy, self.state = _step(
-            self.params,
-            self.config,
-            self.state,
-            self._rows(decode, self._decode_rows(len(decode)), 1, pages) if decode else None,
-            self._rows(prefill, _bucket(len(prefill), self.prefill_rows), self.chunk, pages) if prefill else None,
-            self.max_slots,
-            self.impl,
-        )
-        greedy = np.asarray(greedy)  # the logits stay on the device unless a sampled request needs them
+        try:
+            logits, greedy, self.state = _step(
+                self.params,
+                self.config,
+                self.state,
+                self._rows(decode, self._decode_rows(len(decode)), 1, pages) if decode else None,
+                self._rows(prefill, _bucket(len(prefill), self.prefill_rows), self.chunk, pages) if prefill else None,
+                self.max_slots,
+                self.impl,
+            )
+            greedy = np.asarray(greedy)  # the logits stay on the device unless a sampled request needs them
+        except Exception as err:  # noqa: BLE001 - any failure of the step is isolated, then reported per request
+            return events + self._failed([self.slots[slot] for slot in feed], err)
         self._busy_seconds += time.perf_counter() - start
         for slot, n in feed.items():
             request = self.slots[slot]
+            self._suspects.discard(request.rid)  # it ran (alone, if it was a suspect) without failing
             request.computed += n
             if self.paged:
                 self._register_full_pages(request)
             if request.computed < len(request.tokens):
                 continue  # a prefill chunk: no token yet
-            token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
+            try:
+                token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
+            except Exception as err:  # noqa: BLE001 - this request's own failure
+                self._finish(request)
+                events.append(Event(request.rid, [], True, "error", f"{type(err).__name__}: {err}"))
+                continue
             self._generated += 1
             if token in request.eos:
                 self._finish(request)
@@ -357,6 +377,31 @@ class Engine:
             if done:
                 self._finish(request)
             events.append(Event(request.rid, [token], done, "length" if done else None))
+        return events
+
+    def _failed(self, involved: list[_Request], err: Exception) -> list[Event]:
+        """After a step over `involved` raised `err`: a request that failed alone (or in `_MAX_FAILURES`
+        steps) fails with "error"; the others become suspects, each run alone in a later step, so a request
+        that breaks the step fails by itself and the rest carry on. If the step consumed the cache (donated
+        buffers), every running request goes back to the queue and is recomputed, as after preemption."""
+        self.failed_steps += 1
+        message = f"{type(err).__name__}: {err}"
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.state)):
+            running = sorted((r for r in self.slots if r is not None), key=lambda r: r.arrival)
+            for request in running:
+                self._release(request)
+            self._new_state()  # cached prefix pages were in the lost pool too
+            self.waiting.extendleft(reversed(running))
+        events = []
+        for request in involved:
+            request.failures += 1
+            if len(involved) == 1 or request.failures >= _MAX_FAILURES:
+                if request in self.waiting:
+                    self.waiting.remove(request)
+                self._finish(request)
+                events.append(Event(request.rid, [], True, "error", message))
+            else:
+                self._suspects.add(request.rid)
         return events
 
     def _page_bucket(self, feed: dict[int, int]) -> int:
@@ -424,12 +469,13 @@ class Engine:
         self.waiting.clear()
         self.slots = [None] * self.max_slots
         self._cancelled, self._final = [], {}
+        self._suspects.clear()
         self._new_state()
         return dropped
 
     def run(self, max_steps: int | None = None) -> dict[int, list[int]]:
         """Step until every request has finished (or `max_steps` steps); returns {rid: tokens} of the
-        requests that finished meanwhile."""
+        requests that finished meanwhile (one that failed is left out; `errors[rid]` says why)."""
         done: dict[int, list[int]] = {}
         steps = 0
         while self.has_work() and (max_steps is None or steps < max_steps):
@@ -438,9 +484,12 @@ class Engine:
         return done
 
     def _collect(self, done: dict[int, list[int]]) -> None:
-        """One step; the whole output of each request that finishes in it (not cancelled) goes into `done`."""
+        """One step; the whole output of each request that finishes in it (not cancelled, not failed) goes
+        into `done`, and each failure into `self.errors`."""
         for event in self.step():
-            if event.finished and event.finish_reason != "cancelled":
+            if event.finish_reason == "error":
+                self.errors[event.rid] = event.error
+            elif event.finished and event.finish_reason != "cancelled":
                 done[event.rid] = self._final[event.rid]
 
     def run_batch(self, prompts, gen_config: GenerationConfig | None = None) -> list[list[int]]:
@@ -468,12 +517,15 @@ class Engine:
         rids.update({i: self.submit(prompts[i], gen_config) for i in followers})
         while any(rid in self.requests for rid in rids.values()):
             self._collect(done)
+        failed = [i for i in range(len(prompts)) if rids[i] not in done]
+        if failed:
+            raise RuntimeError(f"prompt {failed[0]} failed in the engine: {self.errors.get(rids[failed[0]])}")
         return [done[rids[i]] for i in range(len(prompts))]
 
     def stats(self) -> dict:
         """Running / waiting requests, pages used and free, tokens held in the cache by running requests,
-        prefix-cache hits (prompt tokens not recomputed), preemptions, tokens generated and tokens per second
-        of step time."""
+        prefix-cache hits (prompt tokens not recomputed), preemptions, failed steps, tokens generated and
+        tokens per second of step time."""
         return {
             "running": sum(r is not None for r in self.slots),
             "waiting": len(self.waiting),
@@ -482,6 +534,7 @@ class Engine:
             "tokens_held": sum(r.computed for r in self.slots if r is not None),
             "prefix_cache_hit_tokens": self.table.hits if self.paged else 0,
             "preemptions": self.preemptions,
+            "failed_steps": self.failed_steps,
             "generated_tokens": self._generated,
             "tokens_per_second": self._generated / self._busy_seconds if self._busy_seconds else 0.0,
         }

@@ -171,6 +171,42 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
         Engine(params, ssm_llm.ModelConfig(**{**config.__dict__, "max_position_embeddings": 64}), max_len=4096)
 
 
+@pytest.mark.parametrize("name", ["llama", "mamba2"])
+@pytest.mark.parametrize("how", ["raises", "consumes the cache"])
+def test_a_request_that_breaks_the_step_fails_alone(monkeypatch, name, how):
+    """A step that fails whenever one request's token is fed (before running, or after its donated cache is
+    gone): that request fails with "error" by itself; the others still give `generate`'s tokens."""
+    import ssm_llm.serving.engine as engine_module
+
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(5)
+    good = [rng.integers(0, 128, rng.integers(3, 20)).tolist() for _ in range(5)]
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=5, eos_token_ids=())
+    expected = [alone(params, config, p, gen_config) for p in good]
+    poison = min(set(range(1, 128)) - {t for seq in good + expected for t in seq})  # fed by one request only
+    real = engine_module._step
+
+    def broken(params, config, state, decode, prefill, num_slots, impl):
+        fed = [np.asarray(r.tokens) for r in (decode, prefill) if r is not None]
+        if any((t == poison).any() for t in fed):
+            if how == "consumes the cache":
+                jax.tree.map(lambda x: x.delete(), state)
+            raise FloatingPointError("poisoned")
+        return real(params, config, state, decode, prefill, num_slots, impl)
+
+    monkeypatch.setattr(engine_module, "_step", broken)
+    engine = Engine(params, config, max_slots=3, page_size=4, max_len=48, chunk=8)
+    rids = [engine.submit(p, gen_config) for p in good[:2]]
+    bad = engine.submit(good[2][:2] + [poison] + good[2][2:], gen_config)
+    rids += [engine.submit(p, gen_config) for p in good[2:]]
+    out = engine.run()
+    assert [out[rid] for rid in rids] == expected
+    assert bad not in out and engine.errors[bad] == "FloatingPointError: poisoned"
+    assert engine.stats()["failed_steps"] >= 2  # with the others, then alone
+    assert engine.stats()["running"] == engine.stats()["waiting"] == engine.stats()["pages_used"] == 0
+
+
 def test_cancelling_frees_the_pages():
     config = MODELS["llama"]
     params = ssm_llm.init_params(config, jax.random.key(0))

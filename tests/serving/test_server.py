@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 import converters
@@ -132,11 +133,62 @@ def test_bad_requests_are_json_4xx_and_the_server_keeps_serving(server):
     assert request(url, "GET", "/health") == (200, {"status": "ok"})
 
 
+def test_a_request_that_fails_in_the_engine_is_a_500_alone(server, monkeypatch):
+    import ssm_llm.serving.engine as engine_module
+
+    url, config, params, tokenizer = server
+    ids = tokenizer.encode("Once upon a time", add_special_tokens=False)
+    expected = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=6)).tokens[0]
+    poison = config.vocab_size - 1
+    assert poison not in ids + expected
+    real = engine_module._step
+
+    def broken(params, config, state, decode, prefill, num_slots, impl):
+        if any((np.asarray(r.tokens) == poison).any() for r in (decode, prefill) if r is not None):
+            raise FloatingPointError("poisoned")
+        return real(params, config, state, decode, prefill, num_slots, impl)
+
+    monkeypatch.setattr(engine_module, "_step", broken)
+    good = {"prompt": ids, "max_tokens": 6, "temperature": 0}
+    bad = {"prompt": [1, 2, poison], "max_tokens": 6, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(request, url, "POST", "/v1/completions", body) for body in (good, bad, good)]
+        (ok, fine), (status, failed), (ok2, fine2) = [c.result() for c in calls]
+    assert ok == ok2 == 200 and fine["choices"][0]["text"] == fine2["choices"][0]["text"] == tokenizer.decode(expected)
+    assert status == 500 and "FloatingPointError: poisoned" in failed["error"]["message"]
+    _, early = request(url, "POST", "/v1/completions", {**bad, "stream": True})
+    assert "poisoned" in early["error"]["message"]  # failed before its first token: a plain 500
+
+    def late(params, config, state, decode, prefill, num_slots, impl):  # fails once a request is 6 tokens long
+        if decode is not None and int(np.asarray(decode.starts).max()) >= 6:
+            raise FloatingPointError("late")
+        return real(params, config, state, decode, prefill, num_slots, impl)
+
+    monkeypatch.setattr(engine_module, "_step", late)
+    status, streamed = request(url, "POST", "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 9, "stream": True})
+    events = [json.loads(e.removeprefix("data: ")) for e in streamed.strip().split("\n\n")[:-1]]
+    assert status == 200 and streamed.endswith("data: [DONE]\n\n")
+    assert all("choices" in e for e in events[:-1]) and "late" in events[-1]["error"]["message"]
+    _, text = request(url, "GET", "/metrics")
+    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines())
+    assert int(metrics["ssm_llm_request_failures_total"]) >= 2
+    assert int(metrics["ssm_llm_time_to_first_token_seconds_count"]) >= 2
+    assert (
+        metrics['ssm_llm_inter_token_latency_seconds_bucket{le="+Inf"}']
+        == metrics["ssm_llm_inter_token_latency_seconds_count"]
+    )
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     url, *_ = server
+    before = int(
+        dict(line.rsplit(" ", 1) for line in request(url, "GET", "/metrics")[1].splitlines())[
+            "ssm_llm_generated_tokens_total"
+        ]
+    )
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=300)
-    body = {"prompt": "Tell me a long story.", "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"content-type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
@@ -150,9 +202,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
             break
         time.sleep(0.1)
     assert metrics["ssm_llm_running_requests"] == "0" and metrics["ssm_llm_pages_used"] == "0"
+    assert int(metrics["ssm_llm_generated_tokens_total"]) - before < 200  # cancelled, not run to its end
 
 
-def test_the_serve_command_starts_answers_and_stops_on_sigterm():
+def test_the_serve_command_starts_answers_and_finishes_its_streams_on_sigterm():
     import os
     import signal
     import subprocess
@@ -182,9 +235,23 @@ def test_the_serve_command_starts_answers_and_stops_on_sigterm():
             {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0},
         )
         assert status == 200 and answer["object"] == "chat.completion"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+        response = conn.getresponse()
+        first = response.readline()
+        assert first.startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still runs to its end
+        rest = response.read().decode()
+        conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
+    events = [json.loads(e.removeprefix("data: ")) for e in (first.decode() + rest).strip().split("\n\n")[:-1]]
+    assert rest.endswith("data: [DONE]\n\n") and events[-1]["choices"][0]["finish_reason"] == "length", (
+        first + rest.encode(),
+        err[-3000:],
+    )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: the exit is -SIGTERM, not a crash
     assert proc.returncode in (0, -signal.SIGTERM), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
