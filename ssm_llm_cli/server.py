@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import ssm_llm
-from ssm_llm.serving import AsyncEngine
+from ssm_llm.serving import MAX_TOP_LOGPROBS, AsyncEngine
 
 
 class _Options(BaseModel):
@@ -41,6 +41,7 @@ class _Options(BaseModel):
 
 class CompletionRequest(_Options):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class Message(BaseModel):
@@ -52,6 +53,8 @@ class Message(BaseModel):
 
 class ChatRequest(_Options):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class _Histogram:
@@ -100,6 +103,29 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
     """Where the earliest stop string starts in `text`, or None."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
+
+
+def _logprobs_field(kind: str, scored: list, tokenizer, offset: int) -> dict:
+    """OpenAI's `logprobs` of a choice for `scored` [(token id, TokenLogprobs)]: the completions layout
+    (tokens, token_logprobs, top_logprobs, text_offset from `offset`) or the chat layout (content)."""
+    texts = [tokenizer.decode([token]) for token, _ in scored]
+    if kind == "chat":
+
+        def entry(text, logprob):
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [
+            {**entry(text, lp.logprob), "top_logprobs": [entry(tokenizer.decode([i]), v) for i, v in lp.top]}
+            for text, (_, lp) in zip(texts, scored, strict=True)
+        ]
+        return {"content": content}
+    offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {
+        "tokens": texts,
+        "token_logprobs": [lp.logprob for _, lp in scored],
+        "top_logprobs": [{tokenizer.decode([i]): v for i, v in lp.top} for _, lp in scored],
+        "text_offset": offsets,
+    }
 
 
 def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int = 256) -> FastAPI:
@@ -156,9 +182,10 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
             seed=body.seed,
         )
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        want = body.logprobs if kind == "completions" else (body.top_logprobs or 0) if body.logprobs else None
         started = time.perf_counter()
         try:
-            stream = front.stream(prompt_ids, gen_config)
+            stream = front.events(prompt_ids, gen_config, logprobs=want)
             first = await anext(stream, None)  # a bad request raises here, before any response starts
         except (ValueError, TypeError) as err:
             metrics.errors += 1
@@ -174,25 +201,27 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
         produced = []  # the completion's token ids
 
         async def pieces():
-            """(text delta, finish_reason or None) as the tokens come, cut at a stop string."""
-            tokens, sent = produced, ""
+            """(text delta, finish_reason or None, [(token id, TokenLogprobs)] behind the delta) as the
+            tokens come, cut at a stop string."""
+            tokens, sent, scored = produced, "", []
             chunks = [] if first is None else [first]
             finish = "length"
             try:
                 while True:
-                    for new_ids in chunks:
-                        tokens += new_ids
-                        metrics.tokens += len(new_ids)
+                    for event in chunks:
+                        tokens += event.new_token_ids
+                        metrics.tokens += len(event.new_token_ids)
+                        scored += zip(event.new_token_ids, event.logprobs or [], strict=False)
                     text = tokenizer.decode(tokens)
                     cut = _stop_at(text, stops)
                     if cut is not None:
-                        yield text[len(sent) : cut], "stop"
+                        yield text[len(sent) : cut], "stop", scored
                         return
                     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
                         text = text[:-1]
                     if len(text) > len(sent):
-                        yield text[len(sent) :], None
-                        sent = text
+                        yield text[len(sent) :], None, scored
+                        sent, scored = text, []
                     before = time.perf_counter()
                     nxt = await anext(stream, None)
                     if nxt is None:
@@ -201,30 +230,33 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
                     chunks = [nxt]
                 if len(tokens) < body.max_tokens:
                     finish = "stop"  # an EOS token
-                yield tokenizer.decode(tokens)[len(sent) :], finish
+                yield tokenizer.decode(tokens)[len(sent) :], finish, scored
             finally:
                 await stream.aclose()
 
-        def envelope(delta: str, finish):
+        def envelope(delta: str, finish, scored: list, offset: int = 0):
+            logprobs = None if want is None else _logprobs_field(kind, scored, tokenizer, offset)
             if kind == "chat":
                 content = (
                     {"delta": {"content": delta}}
                     if body.stream
                     else {"message": {"role": "assistant", "content": delta}}
                 )
-                choice = {"index": 0, **content, "finish_reason": finish}
+                choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish}
                 obj = "chat.completion.chunk" if body.stream else "chat.completion"
             else:
-                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
                 obj = "text_completion"
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
 
         if body.stream:
 
             async def events():
+                offset = 0
                 try:
-                    async for delta, finish in pieces():
-                        yield f"data: {json.dumps(envelope(delta, finish))}\n\n"
+                    async for delta, finish, scored in pieces():
+                        yield f"data: {json.dumps(envelope(delta, finish, scored, offset))}\n\n"
+                        offset += len(delta)
                 except RuntimeError as err:  # failed inside the engine after the stream began
                     metrics.failures += 1
                     failure = {"error": {"message": str(err), "type": "server_error", "code": 500}}
@@ -232,15 +264,16 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, finish = "", "length"
+        text, finish, scored = "", "length", []
         try:
-            async for delta, reason in pieces():
+            async for delta, reason, more in pieces():
                 text += delta
                 finish = reason or finish
+                scored += more
         except RuntimeError as err:
             metrics.failures += 1
             return _error(500, str(err), "server_error")
-        out = envelope(text, finish)
+        out = envelope(text, finish, scored)
         used = len(produced)
         total = len(prompt_ids) + used
         out["usage"] = {"prompt_tokens": len(prompt_ids), "completion_tokens": used, "total_tokens": total}

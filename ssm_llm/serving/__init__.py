@@ -10,8 +10,18 @@ async for new_ids in AsyncEngine(engine).stream(prompt_ids, gen_config): ...   #
 """
 
 from ssm_llm.serving.async_engine import AsyncEngine
-from ssm_llm.serving.engine import COMPILATIONS, Engine, Event
+from ssm_llm.serving.engine import COMPILATIONS, MAX_TOP_LOGPROBS, Engine, Event, TokenLogprobs
 from ssm_llm.serving.model_step import PagePool, init_pages
 from ssm_llm.serving.page_table import PageTable
 
-__all__ = ["AsyncEngine", "COMPILATIONS", "Engine", "Event", "PagePool", "PageTable", "init_pages"]
+__all__ = [
+    "AsyncEngine",
+    "COMPILATIONS",
+    "Engine",
+    "Event",
+    "MAX_TOP_LOGPROBS",
+    "PagePool",
+    "PageTable",
+    "TokenLogprobs",
+    "init_pages",
+]

@@ -97,13 +97,15 @@ class AsyncEngine:
                 future.set_exception(RuntimeError("the AsyncEngine is closed"))
         self._deliver([Event(rid, [], True, "cancelled") for rid in list(self._listeners)])
 
-    async def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> tuple[int, asyncio.Queue]:
+    async def submit(
+        self, prompt_ids, gen_config: GenerationConfig | None = None, *, logprobs: int | None = None
+    ) -> tuple[int, asyncio.Queue]:
         """Queue a request: (its id, the queue its `Event`s arrive on). A bad request raises here
         (ValueError / TypeError, as `Engine.submit` does)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def register():
-            rid = self.engine.submit(prompt_ids, gen_config)
+            rid = self.engine.submit(prompt_ids, gen_config, logprobs=logprobs)
             self._listeners[rid] = (loop, queue)
             return rid
 
@@ -121,11 +123,14 @@ class AsyncEngine:
         except RuntimeError:  # closed: every stream has ended already
             pass
 
-    async def stream(self, prompt_ids, gen_config: GenerationConfig | None = None) -> AsyncIterator[list[int]]:
-        """Yield the request's new token ids as each step produces them; ends when it finishes, or raises
-        RuntimeError if the request failed inside the engine (the others carry on). Closing the iterator
-        early (a client that went away) cancels the request."""
-        rid, queue = await self.submit(prompt_ids, gen_config)
+    async def events(
+        self, prompt_ids, gen_config: GenerationConfig | None = None, *, logprobs: int | None = None
+    ) -> AsyncIterator[Event]:
+        """Yield the request's `Event`s that carry tokens, as each step produces them (with log-probabilities
+        if `logprobs` is given, as for `Engine.submit`); ends when it finishes, or raises RuntimeError if
+        the request failed inside the engine (the others carry on). Closing the iterator early (a client
+        that went away) cancels the request."""
+        rid, queue = await self.submit(prompt_ids, gen_config, logprobs=logprobs)
         finished = False
         try:
             while not finished:
@@ -134,10 +139,19 @@ class AsyncEngine:
                 if event.finish_reason == "error":
                     raise RuntimeError(f"the request failed in the engine: {event.error}")
                 if event.new_token_ids:
-                    yield event.new_token_ids
+                    yield event
         finally:
             if not finished:
                 self.cancel(rid)
+
+    async def stream(self, prompt_ids, gen_config: GenerationConfig | None = None) -> AsyncIterator[list[int]]:
+        """Yield the request's new token ids as each step produces them (`events`, tokens only)."""
+        events = self.events(prompt_ids, gen_config)
+        try:
+            async for event in events:
+                yield event.new_token_ids
+        finally:
+            await events.aclose()
 
     async def generate(self, prompt_ids, gen_config: GenerationConfig | None = None) -> list[int]:
         """All of the request's tokens, once it has finished."""

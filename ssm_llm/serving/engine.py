@@ -47,6 +47,15 @@ class Event(NamedTuple):
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, for a request that asked for them
+
+
+class TokenLogprobs(NamedTuple):
+    """A generated token's log-probability under the model (the raw softmax of its logits, before
+    temperature or top-k/p) and the `top` most likely tokens as ((token id, log-probability), ...)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass
@@ -65,6 +74,7 @@ class _Request:
     prefix_key: tuple | None = None  # the key of the last registered full page
     registered: int = 0  # full pages registered in the prefix cache
     failures: int = 0  # failed steps this request was part of
+    logprobs: int | None = None  # alternatives to report with each token (None: no log-probabilities)
 
     @property
     def tokens(self) -> list[int]:
@@ -74,11 +84,23 @@ class _Request:
 COMPILATIONS = {"step": 0}  # traces of the engine step (each new shape or config compiles once)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots", "impl"), donate_argnames=("state",))
-def _step(params, config, state, decode, prefill, num_slots, impl):
+# The most alternatives a request may ask for with each token (OpenAI's limit for completions).
+MAX_TOP_LOGPROBS = 5
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "impl", "logprobs"), donate_argnames=("state",))
+def _step(params, config, state, decode, prefill, num_slots, impl, logprobs=False):
+    """(logits, greedy tokens, log-probability tables or None, state). With `logprobs`: (logsumexp [S],
+    the top `MAX_TOP_LOGPROBS` log-probabilities [S, K] and their ids), only in steps that need them."""
     COMPILATIONS["step"] += 1
     logits, state = step(params, config, state, decode, prefill, num_slots, impl)
-    return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), state
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tables = None
+    if logprobs:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        top, ids = jax.lax.top_k(logits, MAX_TOP_LOGPROBS)
+        tables = (lse, top - lse[:, None], ids)
+    return logits, greedy, tables, state
 
 
 _reset = jax.jit(reset_slots, donate_argnames=("state",))
@@ -179,14 +201,20 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids, gen_config: GenerationConfig | None = None) -> int:
-        """Queue a request (`gen_config`: its options, default `GenerationConfig()`); returns its id. A bad
-        request raises ValueError here, naming the problem, and nothing else is affected."""
+    def submit(self, prompt_ids, gen_config: GenerationConfig | None = None, *, logprobs: int | None = None) -> int:
+        """Queue a request (`gen_config`: its options, default `GenerationConfig()`); returns its id. With
+        `logprobs` (0..MAX_TOP_LOGPROBS) its events carry each token's log-probability and that many
+        alternatives. A bad request raises ValueError here, naming the problem, and nothing else is affected."""
         gen_config = GenerationConfig() if gen_config is None else gen_config
+        if logprobs is not None:
+            logprobs = as_int("logprobs", logprobs, 0)
+            if logprobs > MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs is {logprobs}; at most {MAX_TOP_LOGPROBS} alternatives are reported")
         prompt, eos, sampling = self._checked(prompt_ids, gen_config)
         rid = self._next_rid
         self._next_rid += 1
         request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
+        request.logprobs = logprobs
         self._arrivals += 1
         self.requests[rid] = request
         self.waiting.append(request)
@@ -339,8 +367,9 @@ class Engine:
         prefill = {slot: n for slot, n in feed.items() if n > 1}
         pages = self._page_bucket(feed)
         start = time.perf_counter()
+        wants = any(self.slots[slot].logprobs is not None for slot in feed)
         try:
-            logits, greedy, self.state = _step(
+            logits, greedy, tables, self.state = _step(
                 self.params,
                 self.config,
                 self.state,
@@ -348,8 +377,10 @@ class Engine:
                 self._rows(prefill, _bucket(len(prefill), self.prefill_rows), self.chunk, pages) if prefill else None,
                 self.max_slots,
                 self.impl,
+                wants,
             )
             greedy = np.asarray(greedy)  # the logits stay on the device unless a sampled request needs them
+            tables = None if tables is None else [np.asarray(t) for t in tables]
         except Exception as err:  # noqa: BLE001 - any failure of the step is isolated, then reported per request
             return events + self._failed([self.slots[slot] for slot in feed], err)
         self._busy_seconds += time.perf_counter() - start
@@ -376,8 +407,16 @@ class Engine:
             done = len(request.out) >= request.max_new_tokens
             if done:
                 self._finish(request)
-            events.append(Event(request.rid, [token], done, "length" if done else None))
+            scored = None if request.logprobs is None else [self._logprobs(request, slot, token, logits, tables)]
+            events.append(Event(request.rid, [token], done, "length" if done else None, logprobs=scored))
         return events
+
+    @staticmethod
+    def _logprobs(request: _Request, slot: int, token: int, logits, tables) -> TokenLogprobs:
+        lse, top, ids = (t[slot] for t in tables)
+        k = request.logprobs
+        chosen = float(top[0]) if token == int(ids[0]) else float(logits[slot, token]) - float(lse)
+        return TokenLogprobs(chosen, tuple((int(i), float(v)) for i, v in zip(ids[:k], top[:k], strict=True)))
 
     def _failed(self, involved: list[_Request], err: Exception) -> list[Event]:
         """After a step over `involved` raised `err`: a request that failed alone (or in `_MAX_FAILURES`
@@ -418,7 +457,8 @@ class Engine:
 
     def programs(self) -> int:
         """An upper bound on the step programs this engine compiles: decode row buckets (or no decode pass),
-        times prefill row buckets (or none), times attended page buckets (less the empty step)."""
+        times prefill row buckets (or none), times attended page buckets (less the empty step). Steps with a
+        request that asked for log-probabilities use a second variant of each (not counted here)."""
         prefill = len({_bucket(n, self.prefill_rows) for n in range(1, self.prefill_rows + 1)})
         decode = len({self._decode_rows(n) for n in range(1, self.max_slots + 1)})
         pages = {1}

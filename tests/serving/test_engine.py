@@ -187,13 +187,13 @@ def test_a_request_that_breaks_the_step_fails_alone(monkeypatch, name, how):
     poison = min(set(range(1, 128)) - {t for seq in good + expected for t in seq})  # fed by one request only
     real = engine_module._step
 
-    def broken(params, config, state, decode, prefill, num_slots, impl):
+    def broken(params, config, state, decode, prefill, *rest):
         fed = [np.asarray(r.tokens) for r in (decode, prefill) if r is not None]
         if any((t == poison).any() for t in fed):
             if how == "consumes the cache":
                 jax.tree.map(lambda x: x.delete(), state)
             raise FloatingPointError("poisoned")
-        return real(params, config, state, decode, prefill, num_slots, impl)
+        return real(params, config, state, decode, prefill, *rest)
 
     monkeypatch.setattr(engine_module, "_step", broken)
     engine = Engine(params, config, max_slots=3, page_size=4, max_len=48, chunk=8)
@@ -205,6 +205,39 @@ def test_a_request_that_breaks_the_step_fails_alone(monkeypatch, name, how):
     assert bad not in out and engine.errors[bad] == "FloatingPointError: poisoned"
     assert engine.stats()["failed_steps"] >= 2  # with the others, then alone
     assert engine.stats()["running"] == engine.stats()["waiting"] == engine.stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "mamba1"])
+def test_logprobs_are_the_models_log_softmax(name):
+    """Each token's log-probability and its top alternatives equal the log-softmax of a plain forward over
+    prompt + output, for greedy and sampled requests running together."""
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    prompts = [[5, 9, 14, 2], [7, 7, 1, 30, 31, 32, 3, 8, 9]]
+    configs = [
+        ssm_llm.GenerationConfig(max_new_tokens=5, eos_token_ids=()),
+        ssm_llm.GenerationConfig(max_new_tokens=5, eos_token_ids=(), temperature=1.5, seed=3),
+    ]
+    engine = Engine(params, config, max_slots=2, page_size=4, max_len=32, chunk=8)
+    rids = [engine.submit(p, c, logprobs=k) for p, c, k in zip(prompts, configs, (3, 0), strict=True)]
+    plain = engine.submit(prompts[0], configs[0])
+    scored = {}
+    while engine.has_work():
+        for event in engine.step():
+            assert (event.logprobs is None) == (event.rid == plain or not event.new_token_ids)
+            if event.logprobs is not None:
+                scored.setdefault(event.rid, []).extend(zip(event.new_token_ids, event.logprobs, strict=True))
+    for rid, prompt, k in zip(rids, prompts, (3, 0), strict=True):
+        tokens = prompt + [t for t, _ in scored[rid]]
+        cache = ssm_llm.init_cache(config, 1, len(tokens))
+        logits, _ = ssm_llm.forward(params, config, jax.numpy.asarray([tokens]), cache)
+        table = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1 : -1]))
+        for row, (token, lp) in zip(table, scored[rid], strict=True):
+            np.testing.assert_allclose(lp.logprob, row[token], atol=2e-5)
+            assert [i for i, _ in lp.top] == np.argsort(-row)[:k].tolist()
+            np.testing.assert_allclose([v for _, v in lp.top], np.sort(row)[::-1][:k], atol=2e-5)
+    with pytest.raises(ValueError, match="at most 5 alternatives"):
+        engine.submit([1], configs[0], logprobs=6)
 
 
 def test_cancelling_frees_the_pages():

@@ -80,6 +80,35 @@ def test_openai_client_gets_generates_text(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
 
 
+def test_logprobs_through_the_openai_client(server):
+    import jax
+    import openai
+
+    url, config, params, tokenizer = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    ids = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    expected = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=4)).tokens[0]
+    tokens = ids + expected
+    logits, _ = ssm_llm.forward(params, config, jax.numpy.asarray([tokens]), ssm_llm.init_cache(config, 1, 64))
+    table = np.asarray(jax.nn.log_softmax(logits[0, len(ids) - 1 : -1]))
+    chosen = [row[t] for row, t in zip(table, expected, strict=True)]
+    done = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+    got = done.choices[0].logprobs
+    assert got.tokens == [tokenizer.decode([t]) for t in expected]
+    np.testing.assert_allclose(got.token_logprobs, chosen, atol=1e-4)
+    assert [list(top) for top in got.top_logprobs] == [
+        [tokenizer.decode([i]) for i in np.argsort(-row)[:2]] for row in table
+    ]
+    assert got.text_offset[0] == 0 and got.text_offset == sorted(got.text_offset)
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=3, temperature=0, logprobs=True, top_logprobs=1, stream=True
+    )
+    content = [entry for chunk in reply if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert len(content) == 3 and all(e.logprob <= 0 and len(e.top_logprobs) == 1 for e in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].logprob
+
+
 def test_concurrent_clients_each_get_their_own_answer(server):
     import openai
 
@@ -120,6 +149,7 @@ def test_bad_requests_are_json_4xx_and_the_server_keeps_serving(server):
         (json.dumps({"prompt": 5}).encode(), 400),
         (json.dumps({"prompt": "word " * 400, "max_tokens": 4}).encode(), 400),  # past the engine's max_len
         (json.dumps({"prompt": [1, 10**9]}).encode(), 400),
+        (json.dumps({"prompt": "hi", "logprobs": 9}).encode(), 400),  # at most 5 alternatives
         (json.dumps({"prompt": "hi", "model": "gpt-9"}).encode(), 404),
     ]
     for raw, expected in cases:
@@ -143,10 +173,10 @@ def test_a_request_that_fails_in_the_engine_is_a_500_alone(server, monkeypatch):
     assert poison not in ids + expected
     real = engine_module._step
 
-    def broken(params, config, state, decode, prefill, num_slots, impl):
+    def broken(params, config, state, decode, prefill, *rest):
         if any((np.asarray(r.tokens) == poison).any() for r in (decode, prefill) if r is not None):
             raise FloatingPointError("poisoned")
-        return real(params, config, state, decode, prefill, num_slots, impl)
+        return real(params, config, state, decode, prefill, *rest)
 
     monkeypatch.setattr(engine_module, "_step", broken)
     good = {"prompt": ids, "max_tokens": 6, "temperature": 0}
@@ -159,10 +189,10 @@ def test_a_request_that_fails_in_the_engine_is_a_500_alone(server, monkeypatch):
     _, early = request(url, "POST", "/v1/completions", {**bad, "stream": True})
     assert "poisoned" in early["error"]["message"]  # failed before its first token: a plain 500
 
-    def late(params, config, state, decode, prefill, num_slots, impl):  # fails once a request is 6 tokens long
+    def late(params, config, state, decode, prefill, *rest):  # fails once a request is 6 tokens long
         if decode is not None and int(np.asarray(decode.starts).max()) >= 6:
             raise FloatingPointError("late")
-        return real(params, config, state, decode, prefill, num_slots, impl)
+        return real(params, config, state, decode, prefill, *rest)
 
     monkeypatch.setattr(engine_module, "_step", late)
     status, streamed = request(url, "POST", "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 9, "stream": True})
