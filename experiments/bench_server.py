@@ -3,17 +3,21 @@
 throughput, time to first token and inter-token latency (p50 / p99) per N. The server runs in this process
 on 127.0.0.1 (a free port) with the embedded SmolLM2. Writes experiments/results/bench_server.{json,png}.
 
-llama.cpp's server as a peer is not run: `llama-cpp-python[server]` compiles llama.cpp from source, which
-this 2-core machine's time budget does not allow here.
+The peer: llama.cpp's OpenAI server (`llama-cpp-python[server]`, built from source into its own virtual
+environment, whose python `--peer-python` names) on the same Q4_1 GGUF file, 2 threads, under the same load in
+the same run. Completion tokens per second are counted the same way for both: the streamed text of each
+request re-tokenized with SmolLM2's tokenizer.
 
-python experiments/bench_server.py [--clients 1 8 32 64] [--seconds 20] [--max-tokens 32]
+python experiments/bench_server.py [--clients 1 8 32 64] [--seconds 20] [--max-tokens 32] [--peer-python PY]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -56,10 +60,35 @@ def start_server(max_slots: int):
     return server, front, f"http://127.0.0.1:{port}/v1"
 
 
-def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    """`clients` threads in a closed loop for `seconds`; every streamed token timed."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_peer(python: str, threads: int):
+    """llama.cpp's OpenAI server on the embedded GGUF file: (process, url), once it answers."""
+    port = free_port()
+    command = [python, "-m", "llama_cpp.server", "--model", str(ssm_llm.default_model_path())]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)]
+    command += ["--model_alias", "smollm2", "--interrupt_requests", "False"]  # queue, do not cut, concurrent ones
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5).models.list()
+            return proc, url
+        except openai.APIError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("llama.cpp's server did not start")
+
+
+def load(url: str, clients: int, seconds: float, max_tokens: int, tokenizer) -> dict:
+    """`clients` threads in a closed loop for `seconds`; every streamed chunk timed, every answer's text
+    re-tokenized (completion tokens counted alike for any server)."""
     stop_at = time.perf_counter() + seconds
-    ttft, itl, requests, errors = [], [], [0], [0]
+    ttft, itl, requests, errors, tokens = [], [], [0], [0], [0]
     lock = threading.Lock()
 
     def client(index: int):
@@ -69,7 +98,7 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
             question = QUESTIONS[(index + turn) % len(QUESTIONS)]
             turn += 1
             start = last = time.perf_counter()
-            got = []
+            got, text = [], []
             try:
                 stream = api.chat.completions.create(
                     model="smollm2",
@@ -82,13 +111,16 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
                     now = time.perf_counter()
                     if chunk.choices and chunk.choices[0].delta.content:
                         got.append(now - (start if not got else last))
+                        text.append(chunk.choices[0].delta.content)
                         last = now
             except openai.APIError:
                 with lock:
                     errors[0] += 1
                 continue
+            count = len(tokenizer.encode("".join(text), add_special_tokens=False))
             with lock:
                 requests[0] += 1
+                tokens[0] += count
                 if got:
                     ttft.append(got[0])
                     itl.extend(got[1:])
@@ -108,6 +140,7 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
         "ttft_s": _pct(ttft),
         "itl_s": _pct(itl),
         "text_chunks_per_s": (len(ttft) + len(itl)) / wall,
+        "completion_tokens_per_s": tokens[0] / wall,
     }
 
 
@@ -123,26 +156,41 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-slots", type=int, default=32)
+    parser.add_argument("--peer-python", help="python of a virtual environment with llama-cpp-python[server]")
     args = parser.parse_args()
+    tokenizer = converters.load_text_tokenizer(ssm_llm.default_model_path())
     server, front, url = start_server(args.max_slots)
     try:
-        load(url, min(8, max(args.clients)), 10, args.max_tokens)  # warm-up: the engine's compiled shapes
+        load(url, min(8, max(args.clients)), 10, args.max_tokens, tokenizer)  # warm-up: compiled shapes
         runs = []
         for clients in args.clients:
             before = front.stats()["generated_tokens"]
-            row = load(url, clients, args.seconds, args.max_tokens)
+            row = load(url, clients, args.seconds, args.max_tokens, tokenizer)
             row["generated_tokens_per_s"] = (front.stats()["generated_tokens"] - before) / row["wall_s"]
             print(json.dumps(row), flush=True)
             runs.append(row)
     finally:
         server.should_exit = True
         front.close()
+    peer_runs = []
+    if args.peer_python:
+        proc, peer_url = start_peer(args.peer_python, threads=os.cpu_count() or 2)
+        try:
+            load(peer_url, 1, 5, args.max_tokens, tokenizer)  # warm-up
+            for clients in args.clients:
+                row = load(peer_url, clients, args.seconds, args.max_tokens, tokenizer)
+                print("llama.cpp", json.dumps(row), flush=True)
+                peer_runs.append(row)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     result = {
         "machine": machine_info(),
         "max_tokens": args.max_tokens,
         "max_slots": args.max_slots,
         "seconds": args.seconds,
         "runs": runs,
+        "peer": {"name": "llama.cpp server (llama-cpp-python, Q4_1 GGUF)", "runs": peer_runs} if peer_runs else None,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_server.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -158,11 +206,17 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     x = [r["clients"] for r in runs]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(x, [r["generated_tokens_per_s"] for r in runs], "o-")
-    ax[0].set(xlabel="concurrent streaming clients", ylabel="generated tokens / s", xscale="log", title="throughput")
+    peer = (result.get("peer") or {}).get("runs", [])
+    ax[0].plot(x, [r["completion_tokens_per_s"] for r in runs], "o-", label="ssm-llm serve")
+    if peer:
+        ax[0].plot([r["clients"] for r in peer], [r["completion_tokens_per_s"] for r in peer], "s--", label="llama.cpp")
+    ax[0].set(xlabel="concurrent streaming clients", ylabel="completion tokens / s", xscale="log", title="throughput")
+    ax[0].legend()
     for key in ("ttft_s", "itl_s"):
         for q in ("p50", "p99"):
             ax[1].plot(x, [r[key][q] for r in runs], "o-", label=f"{key[:-2].upper()} {q}")
+            if peer:
+                ax[1].plot(x, [r[key][q] for r in peer], "s--", label=f"llama.cpp {key[:-2].upper()} {q}")
     ax[1].set(xlabel="concurrent streaming clients", ylabel="seconds", xscale="log", yscale="log", title="latency")
     ax[1].legend()
     fig.suptitle(f"ssm-llm serve, SmolLM2-135M, {result['machine'].get('cpu', '')}")

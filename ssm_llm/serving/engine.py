@@ -3,7 +3,8 @@ slot (continuous batching), mixing decode tokens of running requests with prefil
 
 Attention models keep K/V in a pool of pages with a block table per request and share the pages of common
 prompt prefixes (`PageTable`); when pages run out the youngest request is preempted (its pages freed, its
-tokens recomputed later). Mamba models keep one state per slot. Each request's tokens are what `generate`
+tokens recomputed later). Mamba models keep one state per slot, and snapshots of it at every `page_size`-th
+prompt token (`SnapshotTable`) serve later prompts with the same prefix. Each request's tokens are what `generate`
 gives for that request alone (greedy), and a sampled request draws its i-th token with
 `fold_in(key(seed), i)`, whatever else runs.
 
@@ -33,8 +34,10 @@ from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
+from ssm_llm.serving import state_snapshots
 from ssm_llm.serving.model_step import Rows, init_pages, reset_slots, step
 from ssm_llm.serving.page_table import PageTable
+from ssm_llm.serving.state_snapshots import SnapshotTable
 from ssm_llm.validation import as_int, as_token_ids
 
 
@@ -152,6 +155,7 @@ class Engine:
         chunk: int = 64,
         prefill_rows: int = 2,
         prefix_caching: bool = True,
+        num_snapshots: int | None = None,
         impl: str = "auto",
     ):
         family_module(config)
@@ -165,16 +169,17 @@ class Engine:
         if context is not None and self.max_len > context:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
         self.paged = isinstance(config, ModelConfig)
+        self.page_size = as_int("page_size", page_size, 1)
+        self.prefix_caching = prefix_caching
+        snapshots = 2 * self.max_slots if num_snapshots is None else num_snapshots
+        self.num_snapshots = as_int("num_snapshots", snapshots, 0) if prefix_caching else 0
         if self.paged:
-            self.page_size = as_int("page_size", page_size, 1)
             self.pages_per_slot = math.ceil(self.max_len / self.page_size)
             pages = self.max_slots * self.pages_per_slot if num_pages is None else num_pages
             self.num_pages = as_int("num_pages", pages, 1)
-            self.prefix_caching = prefix_caching
             self.block_tables = np.zeros((self.max_slots, self.pages_per_slot), np.int32)
             self.min_pages = max(1, self.pages_per_slot // 8)  # the smallest attended page bucket
         else:
-            self.table = None
             self.block_tables = np.zeros((self.max_slots, 1), np.int32)
         self._new_state()
         self.slots: list[_Request | None] = [None] * self.max_slots
@@ -198,6 +203,9 @@ class Engine:
             self.state = init_pages(self.config, self.num_pages, self.page_size, dtype)
         else:
             self.state = init_cache(self.config, self.max_slots, self.max_len, dtype)
+            self.table = SnapshotTable(self.num_snapshots, self.page_size)
+            self.store = state_snapshots.init_store(self.state, self.num_snapshots)
+        self._restores: list[tuple[int, int]] = []  # (slot, store entry) of requests starting from a snapshot
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -298,6 +306,13 @@ class Engine:
             slot = self.slots.index(None)
             self.slots[slot], request.slot = request, slot
             fresh.append(slot)
+            if not self.paged:
+                tokens = request.tokens
+                end, key, entry = self.table.match(tokens, min(len(request.prompt), len(tokens) - 1))
+                if entry is not None:
+                    self._restores.append((slot, entry))
+                    request.computed, request.prefix_key, request.registered = end, key, end // self.page_size
+                    self.table.hits += end
         return fresh
 
     def _preempt_youngest(self, keep: _Request) -> bool:
@@ -339,6 +354,10 @@ class Engine:
             if request is None or request.slot is None:
                 continue
             n = min(len(request.tokens) - request.computed, self.chunk)
+            if not self.paged and self.num_snapshots:  # end a prompt chunk on a boundary (a snapshot there)
+                boundary = min(request.computed + n, len(request.prompt) - 1) // self.page_size * self.page_size
+                if boundary > request.computed:
+                    n = boundary - request.computed
             if n > 1:
                 if prefilling == self.prefill_rows:
                     continue  # waits for a later step
@@ -360,6 +379,9 @@ class Engine:
             mask = np.zeros(self.max_slots, bool)
             mask[fresh] = True
             self.state = _reset(self.state, jnp.asarray(mask))
+            for slot, entry in self._restores:
+                self.state = state_snapshots.load(self.state, self.store, slot, entry)
+        self._restores = []
         feed = self._plan()
         if not feed:
             return events
@@ -390,6 +412,8 @@ class Engine:
             request.computed += n
             if self.paged:
                 self._register_full_pages(request)
+            elif self.num_snapshots:
+                self._snapshot(request)
             if request.computed < len(request.tokens):
                 continue  # a prefill chunk: no token yet
             try:
@@ -489,6 +513,17 @@ class Engine:
             request.prefix_key = self.table.register(request.pages[i], request.prefix_key, chunk)
         request.registered = max(request.registered, full)
 
+    def _snapshot(self, request: _Request) -> None:
+        """Key the request's newly passed prompt boundaries; keep its state if it stands on one."""
+        limit = min(request.computed, len(request.prompt) - 1)
+        start = request.registered * self.page_size
+        for end, key in self.table.keys(request.tokens, limit, request.prefix_key, start):
+            request.prefix_key, request.registered = key, end // self.page_size
+            if end == request.computed:
+                entry = self.table.claim(key)
+                if entry is not None:
+                    self.store = state_snapshots.save(self.store, self.state, request.slot, entry)
+
     def _sample(self, request: _Request, logits: jax.Array) -> int:
         rule = request.sampling
         key = jax.random.fold_in(jax.random.key(request.seed), len(request.out))
@@ -544,7 +579,8 @@ class Engine:
         for position, i in enumerate(order):
             previous = prompts[order[position - 1]] if position else []
             shared = len(os.path.commonprefix([previous, prompts[i]]))
-            (followers if self.paged and shared >= self.page_size else leaders).append(i)
+            reuse = self.prefix_caching and (self.paged or self.num_snapshots) and shared >= self.page_size
+            (followers if reuse else leaders).append(i)
         rids = {i: self.submit(prompts[i], gen_config) for i in leaders}
         done: dict[int, list[int]] = {}
 
@@ -564,15 +600,16 @@ class Engine:
 
     def stats(self) -> dict:
         """Running / waiting requests, pages used and free, tokens held in the cache by running requests,
-        prefix-cache hits (prompt tokens not recomputed), preemptions, failed steps, tokens generated and
-        tokens per second of step time."""
+        prefix-cache hits (prompt tokens not recomputed), state snapshots held (Mamba), preemptions, failed
+        steps, tokens generated and tokens per second of step time."""
         return {
             "running": sum(r is not None for r in self.slots),
             "waiting": len(self.waiting),
             "pages_used": self.table.used if self.paged else 0,
             "pages_free": self.table.available if self.paged else 0,
             "tokens_held": sum(r.computed for r in self.slots if r is not None),
-            "prefix_cache_hit_tokens": self.table.hits if self.paged else 0,
+            "prefix_cache_hit_tokens": self.table.hits,
+            "state_snapshots": 0 if self.paged else len(self.table),
             "preemptions": self.preemptions,
             "failed_steps": self.failed_steps,
             "generated_tokens": self._generated,

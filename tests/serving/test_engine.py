@@ -98,9 +98,9 @@ def test_random_schedules_give_each_request_its_own_output(name):
         assert reasons[rid] == ("eos" if rid == rids[3] else "length")
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == 0
+    assert stats["prefix_cache_hit_tokens"] > 0  # shared pages, or Mamba states snapshotted at page boundaries
     if isinstance(config, ssm_llm.ModelConfig):
         assert stats["pages_used"] == 0  # every page released (cached prefix pages count as free)
-        assert stats["prefix_cache_hit_tokens"] > 0
         assert stats["preemptions"] > 0  # 20 pages of 4 tokens for 4 slots: the pool runs out
 
 
@@ -240,6 +240,30 @@ def test_logprobs_are_the_models_log_softmax(name):
         engine.submit([1], configs[0], logprobs=6)
 
 
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_mamba_prompts_start_from_snapshotted_prefix_states(name):
+    """A shared 21-token prefix: later requests start from the state after its 20 first tokens (the last page
+    boundary), kept while other prompts' snapshots push older ones out of a store of three (least recently
+    used first), and give `generate`'s tokens."""
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(11)
+    system = rng.integers(0, 128, 21).tolist()
+    prompts = [system + rng.integers(0, 128, k).tolist() for k in (0, 3, 1, 6)]
+    others = [rng.integers(0, 128, 9).tolist() for _ in range(3)]  # one snapshot each, between them
+    gen_config = ssm_llm.GenerationConfig(max_new_tokens=4, eos_token_ids=())
+    engine = Engine(params, config, max_slots=2, page_size=4, max_len=64, chunk=8, num_snapshots=3)
+    outputs = {}
+    for prompt, other in zip(prompts, others + [None], strict=True):
+        rid = engine.submit(prompt, gen_config)
+        outputs.update(engine.run())
+        assert outputs[rid] == alone(params, config, prompt, gen_config)
+        if other is not None:
+            engine.run_batch([other], gen_config)  # its snapshot at 8 evicts the least recently used one
+    assert engine.stats()["prefix_cache_hit_tokens"] == 3 * 20
+    assert engine.stats()["state_snapshots"] == 3
+
+
 def test_cancelling_frees_the_pages():
     config = MODELS["llama"]
     params = ssm_llm.init_params(config, jax.random.key(0))
@@ -269,8 +293,9 @@ def test_smollm2_requests_with_a_shared_chat_prefix(smollm2):
     assert engine.stats()["prefix_cache_hit_tokens"] >= 16  # the system prompt's first page, at least
 
 
-def test_run_batch_shares_prefix_pages_and_keeps_the_order():
-    config = MODELS["qwen2-window"]
+@pytest.mark.parametrize("name", ["qwen2-window", "mamba2"])
+def test_run_batch_shares_prefixes_and_keeps_the_order(name):
+    config = MODELS[name]
     params = ssm_llm.init_params(config, jax.random.key(0))
     rng = np.random.default_rng(3)
     systems = [rng.integers(0, 128, 20).tolist() for _ in range(3)]
@@ -279,8 +304,11 @@ def test_run_batch_shares_prefix_pages_and_keeps_the_order():
     engine = Engine(params, config, max_slots=4, page_size=4, max_len=48, chunk=8)
     out = engine.run_batch(prompts, gen_config)
     assert out == [alone(params, config, p, gen_config) for p in prompts]
-    # 3 leaders compute their 20-token prefixes; the 7 followers find all 5 pages of it cached.
-    assert engine.stats()["prefix_cache_hit_tokens"] == 7 * 20
+    # 3 leaders compute their 20-token prefixes; the 7 followers find all 5 pages of it cached (attention),
+    # or the state after its 16 or 20 first tokens (Mamba: snapshots where a chunk ends on a page boundary,
+    # and at the prompt's last one).
+    hits = engine.stats()["prefix_cache_hit_tokens"]
+    assert hits == 7 * 20 if name == "qwen2-window" else 7 * 16 <= hits <= 7 * 20
 
 
 def test_async_streams_with_a_client_that_leaves():
