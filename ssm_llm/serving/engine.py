@@ -156,6 +156,7 @@ class Engine:
         prefill_rows: int = 2,
         prefix_caching: bool = True,
         num_snapshots: int | None = None,
+        page_dtype=None,
         impl: str = "auto",
     ):
         family_module(config)
@@ -169,6 +170,11 @@ class Engine:
         if context is not None and self.max_len > context:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
         self.paged = isinstance(config, ModelConfig)
+        self.page_dtype = jnp.dtype(params["embed"].dtype if page_dtype is None else page_dtype)
+        if page_dtype is not None and not self.paged:
+            raise ValueError("page_dtype is for attention models' pages; Mamba models keep float states")
+        if not (jnp.issubdtype(self.page_dtype, jnp.floating) or self.page_dtype == jnp.int8):
+            raise ValueError(f"page_dtype must be a float dtype or int8, got {self.page_dtype}")
         self.page_size = as_int("page_size", page_size, 1)
         self.prefix_caching = prefix_caching
         snapshots = 2 * self.max_slots if num_snapshots is None else num_snapshots
@@ -197,12 +203,11 @@ class Engine:
 
     def _new_state(self) -> None:
         """An empty page pool and page table (attention), or zero states for every slot (Mamba)."""
-        dtype = self.params["embed"].dtype
         if self.paged:
             self.table = PageTable(self.num_pages, self.page_size, self.prefix_caching)
-            self.state = init_pages(self.config, self.num_pages, self.page_size, dtype)
+            self.state = init_pages(self.config, self.num_pages, self.page_size, self.page_dtype)
         else:
-            self.state = init_cache(self.config, self.max_slots, self.max_len, dtype)
+            self.state = init_cache(self.config, self.max_slots, self.max_len, self.params["embed"].dtype)
             self.table = SnapshotTable(self.num_snapshots, self.page_size)
             self.store = state_snapshots.init_store(self.state, self.num_snapshots)
         self._restores: list[tuple[int, int]] = []  # (slot, store entry) of requests starting from a snapshot
@@ -599,14 +604,15 @@ class Engine:
         return [done[rids[i]] for i in range(len(prompts))]
 
     def stats(self) -> dict:
-        """Running / waiting requests, pages used and free, tokens held in the cache by running requests,
-        prefix-cache hits (prompt tokens not recomputed), state snapshots held (Mamba), preemptions, failed
-        steps, tokens generated and tokens per second of step time."""
+        """Running / waiting requests, pages used and free, bytes of the page pool (or states), tokens held
+        in the cache by running requests, prefix-cache hits (prompt tokens not recomputed), state snapshots
+        held (Mamba), preemptions, failed steps, tokens generated and tokens per second of step time."""
         return {
             "running": sum(r is not None for r in self.slots),
             "waiting": len(self.waiting),
             "pages_used": self.table.used if self.paged else 0,
             "pages_free": self.table.available if self.paged else 0,
+            "cache_bytes": sum(x.nbytes for x in jax.tree.leaves(self.state)),
             "tokens_held": sum(r.computed for r in self.slots if r is not None),
             "prefix_cache_hit_tokens": self.table.hits,
             "state_snapshots": 0 if self.paged else len(self.table),

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import page_slots, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import kv_groups, page_slots, quantize_kv, ragged_paged_attention
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models import family_module
@@ -25,10 +25,13 @@ from ssm_llm.ssm_cache import SSMCache
 
 @flax.struct.dataclass
 class PagePool:
-    """The K/V pages of every layer: k, v `[L, pages, H_kv, page_size, D]`."""
+    """The K/V pages of every layer: k, v `[L, pages, H_kv, page_size, D]`; int8 pages have float32 scales
+    per position, head and channel group in k_scale, v_scale `[L, pages, H_kv, page_size, G]` (else None)."""
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @property
     def num_pages(self) -> int:
@@ -40,9 +43,14 @@ class PagePool:
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> PagePool:
-    """A zeroed pool of `num_pages` pages of `page_size` positions."""
+    """A zeroed pool of `num_pages` pages of `page_size` positions; `dtype` int8 keeps codes and scales."""
     shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
-    return PagePool(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    if jnp.dtype(dtype) != jnp.int8:
+        return PagePool(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    k, v = jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8)
+    scales = (*shape[:-1], kv_groups(config.head_dim))
+    # Two buffers, not one shared: the engine step donates the pool, and a buffer cannot be donated twice.
+    return PagePool(k=k, v=v, k_scale=jnp.ones(scales, jnp.float32), v_scale=jnp.ones(scales, jnp.float32))
 
 
 def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tables, starts, counts, impl):
@@ -56,22 +64,33 @@ def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tab
     cos, sin = rope_tables(positions, inverse_frequencies(config.rope, config.head_dim))
     page_ids, offsets = page_slots(block_tables, positions, valid, pool.page_size, pool.num_pages)
 
+    def write(pages, index, values):
+        return pages.at[index, page_ids, :, offsets].set(values.astype(pages.dtype), mode="drop")
+
     def block(carry, layer):
-        x, k_all, v_all = carry
+        x, pool = carry
         p, index, window = layer
         q, k, v = project_qkv(config, p, x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all = k_all.at[index, page_ids, :, offsets].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[index, page_ids, :, offsets].set(v.astype(v_all.dtype), mode="drop")
+        if pool.k_scale is None:
+            pool = pool.replace(k=write(pool.k, index, k), v=write(pool.v, index, v))
+            scales = (None, None)
+        else:  # int8 pages: codes and a scale per position and head
+            (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+            pool = PagePool(
+                k=write(pool.k, index, k),
+                v=write(pool.v, index, v),
+                k_scale=write(pool.k_scale, index, k_scale),
+                v_scale=write(pool.v_scale, index, v_scale),
+            )
+            scales = (pool.k_scale[index], pool.v_scale[index])
         attn = ragged_paged_attention(
-            q, k_all[index], v_all[index], block_tables, positions, lengths, window, impl=impl
+            q, pool.k[index], pool.v[index], block_tables, positions, lengths, window, None, *scales, impl=impl
         )
-        return finish_block(config, p, x, attn), k_all, v_all
+        return finish_block(config, p, x, attn), pool
 
-    x, k_all, v_all = run_layers(
-        block, (params["embed"][tokens], pool.k, pool.v), params["layers"], (config.layer_windows,)
-    )
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), PagePool(k=k_all, v=v_all)
+    x, pool = run_layers(block, (params["embed"][tokens], pool), params["layers"], (config.layer_windows,))
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), pool
 
 
 def _last_logits(params, config, h, counts):

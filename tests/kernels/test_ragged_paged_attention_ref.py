@@ -11,6 +11,7 @@ from kernel_checks import naive_attention
 
 from pallas_kernels.ragged_paged_attention import (
     page_slots,
+    quantize_kv,
     ragged_paged_attention,
     ragged_paged_attention_ref,
 )
@@ -69,6 +70,35 @@ def test_dispatcher_in_interpret_mode_matches_the_reference():
         np.asarray(ragged_paged_attention(*args, impl="interpret")), np.asarray(expected), atol=2e-5, rtol=1e-4
     )
     np.testing.assert_array_equal(np.asarray(ragged_paged_attention(*args, impl="xla")), np.asarray(expected))
+
+
+def test_int8_pages_are_attention_over_their_dequantized_values():
+    """Int8 pages with scales per position, head and 32 channels: the reference and the dispatcher
+    (interpret mode) equal a naive float64 attention over codes x scales, and those values are within half
+    a step of the float ones."""
+    rng = np.random.default_rng(2)
+    q, _, _, k_pages, v_pages, tables, positions, lengths = paged_case(rng, 2, 2, 2, 64, 4, 4, 2, [3, 12])
+    k_pages[..., 5] *= 30  # an outlier channel: it sets the scale of its own group only
+    (k_codes, k_scales), (v_codes, v_scales) = quantize_kv(jnp.asarray(k_pages)), quantize_kv(jnp.asarray(v_pages))
+    assert k_codes.dtype == jnp.int8 and k_scales.shape == (*k_pages.shape[:3], 2)
+
+    def back(codes, scales):
+        grouped = np.asarray(codes, np.float64).reshape(*codes.shape[:-1], 2, 32) * np.asarray(scales)[..., None]
+        return grouped.reshape(codes.shape)
+
+    k_back, v_back = back(k_codes, k_scales), back(v_codes, v_scales)
+    step = np.repeat(np.asarray(k_scales), 32, axis=-1)
+    assert (np.abs(k_back - k_pages) <= step / 2 + 1e-6).all()
+    assert np.abs(k_back - k_pages)[..., 32:].max() < np.abs(k_back - k_pages)[..., :32].max() / 10
+    dense = [np.stack([np.concatenate(list(x[t]), axis=1) for t in tables]) for x in (k_back, v_back)]
+    expected = naive_attention(q, *dense, positions, lengths, 0)
+    args = [jnp.asarray(a) for a in (q, k_codes, v_codes, tables, positions, lengths)]
+    for impl in ("xla", "interpret"):
+        out = ragged_paged_attention(*args, 0, None, k_scales, v_scales, impl=impl)
+        np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="int8 pages need k_scales"):
+        ragged_paged_attention_ref(*args)
+    assert np.asarray(quantize_kv(jnp.zeros((2, 4)))[1]).tolist() == [[1.0], [1.0]]  # all-zero vectors
 
 
 def test_page_slots_address_each_new_token_and_drop_padding():
