@@ -1,6 +1,7 @@
 """Attention over a paged KV cache: the reference against a naive float64 loop over each sequence's dense
 cache, with the pages scattered over the pool by random block tables (hypothesis-drawn ragged lengths); the
-dispatcher in Pallas interpret mode against the reference; the page addressing of new tokens."""
+dispatcher's gathered path in Pallas interpret mode; int8 pages; the page addressing of new tokens. The
+in-place kernel: test_ragged_paged_attention_gpu.py."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,14 +1,14 @@
-"""Attention over a paged KV cache: each sequence's keys and values live in fixed-size pages of a shared pool,
-found through its row of a block table (vLLM's PagedAttention layout), for a ragged batch of new tokens.
+"""The pure-jnp reference of attention over a paged KV cache, the page addressing and int8 page codes.
+
+Each sequence's keys and values live in fixed-size pages of a shared pool, found through its row of a block
+table (vLLM's PagedAttention layout), for a ragged batch of new tokens.
 
 k_pages, v_pages: [P, H_kv, page, D] (one layer of the pool); block_tables: [B, M] page ids, so sequence b's
 position s lives in page block_tables[b, s // page] at offset s % page. Entries past a sequence's length may
 name any page (they are masked).
 
 The reference gathers each sequence's pages into a dense [B, H_kv, M * page, D] cache and runs
-`cache_attention_ref` on it; the dispatcher runs the same gather and then the `cache_attention` kernels
-(split-K Triton / Mosaic TPU) on the gathered cache. A kernel that reads the pages in place (no gathered
-copy) is not built yet.
+`cache_attention_ref` on it.
 
 Int8 pages: k_pages / v_pages hold int8 codes and k_scales / v_scales [P, H_kv, page, G] one float scale per
 position, head and group of D / G channels (`quantize_kv`, symmetric); the gathered cache is dequantized
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.cache_attention import cache_attention, cache_attention_ref
+from pallas_kernels.cache_attention import cache_attention_ref
 
 
 def check_paged_inputs(q, k_pages, v_pages, block_tables) -> None:
@@ -70,7 +70,7 @@ def dequantize_kv(codes, scales, dtype=jnp.float32):
     return grouped.reshape(codes.shape).astype(dtype)
 
 
-def _gathered(pages, scales, block_tables, dtype):
+def gathered_cache(pages, scales, block_tables, dtype):
     """A sequence-dense cache from pages; int8 pages (with `scales` [P, H_kv, page, G]) dequantized."""
     dense = gather_pages(pages, block_tables)
     if scales is None:
@@ -78,7 +78,7 @@ def _gathered(pages, scales, block_tables, dtype):
     return dequantize_kv(dense, gather_pages(scales, block_tables), dtype)
 
 
-def _check_scales(k_pages, k_scales, v_scales) -> None:
+def check_page_scales(k_pages, k_scales, v_scales) -> None:
     int8 = k_pages.dtype == jnp.int8
     if int8 != (k_scales is not None) or (k_scales is None) != (v_scales is None):
         raise ValueError("ragged_paged_attention: int8 pages need k_scales and v_scales, float pages take none")
@@ -99,37 +99,10 @@ def ragged_paged_attention_ref(
     s < kv_length and (window == 0 or s > p - window); a query that sees no key gives zeros. Returns
     [B, T, H, D] in q's dtype."""
     check_paged_inputs(q, k_pages, v_pages, block_tables)
-    _check_scales(k_pages, k_scales, v_scales)
-    k = _gathered(k_pages, k_scales, block_tables, q.dtype)
-    v = _gathered(v_pages, v_scales, block_tables, q.dtype)
+    check_page_scales(k_pages, k_scales, v_scales)
+    k = gathered_cache(k_pages, k_scales, block_tables, q.dtype)
+    v = gathered_cache(v_pages, v_scales, block_tables, q.dtype)
     return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale)
-
-
-def ragged_paged_attention(
-    q,
-    k_pages,
-    v_pages,
-    block_tables,
-    q_positions,
-    kv_lengths,
-    window=0,
-    scale=None,
-    k_scales=None,
-    v_scales=None,
-    *,
-    impl="auto",
-):
-    """Dispatcher for `ragged_paged_attention_ref`'s contract: the pages gathered (and dequantized), then
-    `cache_attention` with `impl` ("auto", "xla", "pallas", "interpret")."""
-    check_paged_inputs(q, k_pages, v_pages, block_tables)
-    _check_scales(k_pages, k_scales, v_scales)
-    if impl == "xla":
-        return ragged_paged_attention_ref(
-            q, k_pages, v_pages, block_tables, q_positions, kv_lengths, window, scale, k_scales, v_scales
-        )
-    k = _gathered(k_pages, k_scales, block_tables, q.dtype)
-    v = _gathered(v_pages, v_scales, block_tables, q.dtype)
-    return cache_attention(q, k, v, q_positions, kv_lengths, window, scale, impl=impl)
 
 
 def page_slots(block_tables, positions, valid, page_size: int, num_pages: int):
