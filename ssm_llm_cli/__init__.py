@@ -274,7 +274,7 @@ def _serve(args) -> int:
     tokenizer = converters.load_text_tokenizer(path)
     max_len = min(args.max_len, config.max_position_embeddings or args.max_len)
     front = AsyncEngine(Engine(params, config, max_slots=args.max_slots, max_len=max_len))
-    app = build_app(front, tokenizer, path.name, args.max_waiting)
+    app = build_app(front, tokenizer, path.name, args.max_waiting, args.prompt_lookup)
     print(f"serving {path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (streams included) for up to
@@ -366,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
     srv.add_argument("--quantize", choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"], help="as for generate")
     srv.add_argument("--no-cache", action="store_true", help="convert the model again (as for generate)")
+    srv.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="greedy requests speculate with N prompt-lookup draft tokens (attention models; 0: off)",
+    )
     srv.add_argument(
         "--shutdown-timeout",
         type=float,

@@ -128,9 +128,13 @@ def _logprobs_field(kind: str, scored: list, tokenizer, offset: int) -> dict:
     }
 
 
-def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int = 256) -> FastAPI:
+def build_app(
+    front: AsyncEngine, tokenizer, model_name: str, max_waiting: int = 256, prompt_lookup: int = 0
+) -> FastAPI:
     """The FastAPI application serving `front` (an `AsyncEngine`) with `tokenizer` (encode / decode /
-    apply_chat_template) under the model id `model_name`; more than `max_waiting` queued requests is 429."""
+    apply_chat_template) under the model id `model_name`; more than `max_waiting` queued requests is 429.
+    `prompt_lookup` > 0: greedy requests without logprobs speculate with that many prompt-lookup drafts
+    (attention models; the engine lets drafts ride only while few requests decode)."""
     app = FastAPI(title="ssm-llm", docs_url=None, redoc_url=None)
     metrics = _Metrics()
 
@@ -173,6 +177,9 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
             metrics.errors += 1
             full = f"the queue is full ({max_waiting} requests waiting)"
             return _error(429, full, "rate_limit", {"Retry-After": "1"})
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        want = body.logprobs if kind == "completions" else (body.top_logprobs or 0) if body.logprobs else None
+        speculate = prompt_lookup > 0 and body.temperature == 0 and want is None and front.engine.paged
         gen_config = ssm_llm.GenerationConfig(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -180,9 +187,8 @@ def build_app(front: AsyncEngine, tokenizer, model_name: str, max_waiting: int =
             top_k=body.top_k or None,
             min_p=body.min_p,
             seed=body.seed,
+            speculative=ssm_llm.speculative.PromptLookup(num_tokens=prompt_lookup) if speculate else None,
         )
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        want = body.logprobs if kind == "completions" else (body.top_logprobs or 0) if body.logprobs else None
         started = time.perf_counter()
         try:
             stream = front.events(prompt_ids, gen_config, logprobs=want)

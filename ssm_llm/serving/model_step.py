@@ -128,18 +128,38 @@ def _pass(params, config, state, rows: Rows, impl):
     return _last_logits(params, config, h, rows.counts), state
 
 
-def step(params, config, state, decode: Rows | None, prefill: Rows | None, num_slots: int, impl: str = "auto"):
-    """One engine step: `decode` rows of one token each and `prefill` rows of a chunk each (either may be
-    None; the two hold different slots), as two passes of one compiled program, so decode rows do not pay
-    for the prefill chunk's width. `state`: a `PagePool` (attention) or an `SSMCache` with one row per slot
-    (Mamba). Returns (logits [num_slots, V] float32 at each fed slot's last token (other slots: zeros),
-    state)."""
+def _verify_pass(params, config, pool: PagePool, rows: Rows, impl):
+    """The model over `rows` of a token and its drafts; returns (the greedy token after each position [R, W],
+    pool)."""
+    h, pool = _paged_hidden(params, config, rows.tokens, pool, rows.block_tables, rows.starts, rows.counts, impl)
+    return jnp.argmax(logits_from_hidden(params, config, h), axis=-1).astype(jnp.int32), pool
+
+
+def step(
+    params,
+    config,
+    state,
+    decode: Rows | None,
+    prefill: Rows | None,
+    num_slots: int,
+    impl: str = "auto",
+    verify: Rows | None = None,
+):
+    """One engine step: `decode` rows of one token each, `prefill` rows of a chunk each and `verify` rows of a
+    token and its draft tokens (speculative decoding; attention models), any of them None, each holding
+    different slots, as passes of one compiled program, so decode rows do not pay for a wider row's width.
+    `state`: a `PagePool` (attention) or an `SSMCache` with one row per slot (Mamba). Returns (logits
+    [num_slots, V] float32 at each decode / prefill slot's last token (other slots: zeros), the greedy token
+    after each verify row's position [R_v, W] (or None), state)."""
     logits = jnp.zeros((num_slots, config.vocab_size), jnp.float32)
     for rows in (prefill, decode):
         if rows is not None:
             out, state = _pass(params, config, state, rows, impl)
             logits = logits.at[rows.slots].set(out, mode="drop")
-    return logits, state
+    checked = None
+    if verify is not None:
+        checked, state = _verify_pass(params, config, state, verify, impl)
+    return logits, checked, state
 
 
 def reset_slots(state: SSMCache, fresh) -> SSMCache:

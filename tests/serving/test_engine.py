@@ -3,6 +3,8 @@ mid-flight, ragged prompts, shared prefixes, a cancellation, preemption under a 
 Llama, Qwen2 with a sliding-window layer, Mamba-1 and Mamba-2, and SmolLM2; bounded compilations; sampled
 requests reproducible whatever else runs; bad requests refused alone."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -163,7 +165,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
         engine.submit([], good)
     with pytest.raises(TypeError, match="GenerationConfig"):
         engine.submit([1, 2], {"max_new_tokens": 3})
-    with pytest.raises(ValueError, match="kv_compression and speculative are not supported"):
+    with pytest.raises(ValueError, match="kv_compression is not supported"):
         engine.submit([1, 2], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(budget=8)))
     assert engine.run() == {rid: alone(params, config, [1, 2, 3], good)}
     assert not engine.cancel(rid)  # finished: nothing to cancel
@@ -311,6 +313,43 @@ def test_smollm2_with_int8_pages_keeps_float_pages_next_tokens(smollm2):
         agree += (full.argmax(-1) == int8.argmax(-1)).tolist()
         kl += (np.exp(full) * (full - int8)).sum(-1).tolist()
     assert np.mean(agree) >= 0.95 and np.mean(kl) < 1e-3, (np.mean(agree), np.mean(kl))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-window"])
+def test_prompt_lookup_requests_give_plain_greedy_tokens(name):
+    """Greedy requests with `speculative=PromptLookup(...)` among plain and sampled ones, under a small pool
+    (preemption) with shared prefixes: each gets `generate`'s plain greedy tokens, and drafts are accepted."""
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(8)
+    motif = rng.integers(0, 128, 5).tolist()
+    prompts = [(motif * 6)[: int(rng.integers(8, 30))] + rng.integers(0, 128, 3).tolist() for _ in range(6)]
+    prompts += workload(rng, config.vocab_size, 4)
+    spec = ssm_llm.speculative.PromptLookup(num_tokens=3, max_ngram=3)
+    configs = [
+        ssm_llm.GenerationConfig(max_new_tokens=int(rng.integers(6, 16)), eos_token_ids=(), speculative=spec)
+        for _ in prompts
+    ]
+    configs[7] = ssm_llm.GenerationConfig(max_new_tokens=9, eos_token_ids=())
+    configs[8] = ssm_llm.GenerationConfig(max_new_tokens=9, eos_token_ids=(), temperature=1.0, seed=2)
+    # Two slots: drafts ride along while at most 8 tokens are fed in all (2 requests x (1 + 3)).
+    engine = Engine(params, config, max_slots=2, page_size=4, num_pages=12, max_len=64, chunk=8)
+    rids = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+    out = engine.run()
+    for rid, prompt, gen_config in zip(rids, prompts, configs, strict=True):
+        plain = dataclasses.replace(gen_config, speculative=None)
+        if gen_config.temperature > 0:  # sampled: what the engine draws for it alone
+            assert out[rid] == Engine(params, config, max_len=64).run_batch([prompt], gen_config)[0]
+        else:
+            assert out[rid] == alone(params, config, prompt, plain), rid
+    stats = engine.stats()
+    assert stats["accepted_draft_tokens"] > 0 and stats["draft_tokens"] >= stats["accepted_draft_tokens"], stats
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0, stats
+    assert stats["pages_used"] == 0
+    with pytest.raises(ValueError, match="speculates only with PromptLookup, for greedy requests"):
+        engine.submit([1, 2], ssm_llm.GenerationConfig(temperature=0.5, speculative=spec))
+    with pytest.raises(ValueError, match="logprobs are not reported for speculative requests"):
+        engine.submit([1, 2], configs[0], logprobs=1)
 
 
 def test_cancelling_frees_the_pages():

@@ -109,6 +109,23 @@ def test_logprobs_through_the_openai_client(server):
     assert content[0].top_logprobs[0].logprob >= content[0].logprob
 
 
+def test_prompt_lookup_serving_gives_plain_greedy_text(server):
+    from fastapi.testclient import TestClient
+
+    _, config, params, tokenizer = server
+    front = AsyncEngine(Engine(params, config, max_slots=2, page_size=16, max_len=256, chunk=64))
+    try:
+        client = TestClient(build_app(front, tokenizer, "smollm2", prompt_lookup=3))
+        prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+        answer = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["text"] == greedy_text(config, params, tokenizer, ids, 12)
+        assert front.engine.stats()["draft_tokens"] > 0
+    finally:
+        front.close()
+
+
 def test_concurrent_clients_each_get_their_own_answer(server):
     import openai
 
