@@ -42,16 +42,23 @@ from ssm_llm.speculative import PromptLookup
 from ssm_llm.validation import as_int, as_token_ids
 
 
-class Event(NamedTuple):
-    """What one request emitted in a step. finish_reason: None while running, else "eos", "length"
-    (max_new_tokens), "cancelled" or "error" (the request failed inside the engine; `error` says why)."""
-
+class _EventFields(NamedTuple):
     rid: int
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
-    error: str | None = None
-    logprobs: list[TokenLogprobs] | None = None  # one per new token, for a request that asked for them
+
+
+class Event(_EventFields):
+    """What one request emitted in a step: (rid, new_token_ids, finished, finish_reason), which unpacks as
+    those four; finish_reason is None while running, else "eos", "length" (max_new_tokens), "cancelled" or
+    "error". Two attributes besides: `error` (why a request failed) and `logprobs` (a `TokenLogprobs` per new
+    token, for a request that asked for them), both None otherwise."""
+
+    def __new__(cls, rid, new_token_ids, finished, finish_reason, error=None, logprobs=None):
+        event = super().__new__(cls, rid, new_token_ids, finished, finish_reason)
+        event.error, event.logprobs = error, logprobs
+        return event
 
 
 class TokenLogprobs(NamedTuple):

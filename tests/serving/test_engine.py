@@ -226,7 +226,8 @@ def test_logprobs_are_the_models_log_softmax(name):
     scored = {}
     while engine.has_work():
         for event in engine.step():
-            assert (event.logprobs is None) == (event.rid == plain or not event.new_token_ids)
+            rid, new_ids, _, _ = event  # an event still unpacks as its four fields
+            assert (event.logprobs is None) == (rid == plain or not new_ids)
             if event.logprobs is not None:
                 scored.setdefault(event.rid, []).extend(zip(event.new_token_ids, event.logprobs, strict=True))
     for rid, prompt, k in zip(rids, prompts, (3, 0), strict=True):
