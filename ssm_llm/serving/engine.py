@@ -387,7 +387,8 @@ class Engine:
             if request is None or request.slot is None:
                 continue
             n = min(len(request.tokens) - request.computed, self.chunk)
-            drafts = self._propose(request) if speculate and n == 1 and request.drafter is not None else []
+            decoding_now = request.computed == len(request.tokens) - 1  # not a 1-token prompt chunk (chunk=1)
+            drafts = self._propose(request) if speculate and decoding_now and request.drafter is not None else []
             if not self.paged and self.num_snapshots:  # end a prompt chunk on a boundary (a snapshot there)
                 boundary = min(request.computed + n, len(request.prompt) - 1) // self.page_size * self.page_size
                 if boundary > request.computed:
