@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.cache_attention import cache_attention, use_pallas
-from pallas_kernels.lowering import is_power_of_two
 from pallas_kernels.ragged_paged_attention.reference import (
     KV_GROUP,
     check_page_scales,
@@ -24,7 +23,11 @@ from pallas_kernels.ragged_paged_attention.reference import (
     quantize_kv,
     ragged_paged_attention_ref,
 )
-from pallas_kernels.ragged_paged_attention.triton import PagedAttentionBlockSizes, ragged_paged_attention_pallas
+from pallas_kernels.ragged_paged_attention.triton import (
+    PagedAttentionBlockSizes,
+    fits_in_place,
+    ragged_paged_attention_pallas,
+)
 
 __all__ = [
     "KV_GROUP",
@@ -45,7 +48,7 @@ def _in_place(kind: str, k_pages, k_scales) -> bool:
     """Whether the in-place kernel runs: float pages, GPU (or interpret mode off TPU), and the shapes
     Triton's dot needs (power-of-two head_dim and page_size >= 16)."""
     _, _, page, dim = k_pages.shape
-    shapes = is_power_of_two(dim) and dim >= 16 and is_power_of_two(page) and page >= 16
+    shapes = fits_in_place(dim, page)
     on_gpu = (kind == "pallas" and jax.default_backend() == "gpu") or (
         kind == "interpret" and jax.default_backend() != "tpu"
     )

@@ -23,6 +23,11 @@ from pallas_kernels.online_softmax import initial_state, online_softmax_step
 from pallas_kernels.ragged_paged_attention.reference import check_paged_inputs
 
 
+def fits_in_place(dim: int, page: int) -> bool:
+    """Whether the kernel takes these shapes: Triton's dot needs a power-of-two head_dim and page >= 16."""
+    return is_power_of_two(dim) and dim >= 16 and is_power_of_two(page) and page >= 16
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionBlockSizes(BlockSizes):
     """In-place paged attention (`ragged_paged_attention_pallas`): query rows (T x group) per program at most
@@ -110,7 +115,7 @@ def ragged_paged_attention_pallas(
     batch, steps, heads, dim = q.shape
     num_pages, kv_heads, page, _ = k_pages.shape
     num_blocks = block_tables.shape[1]
-    if not (is_power_of_two(dim) and dim >= 16 and is_power_of_two(page) and page >= 16):
+    if not fits_in_place(dim, page):
         raise ValueError(
             f"ragged_paged_attention: the Pallas kernel needs a power-of-two head_dim and page_size >= 16, got "
             f"{dim} and {page}"
