@@ -137,6 +137,7 @@ def build_app(
     (attention models; the engine lets drafts ride only while few requests decode)."""
     app = FastAPI(title="ssm-llm", docs_url=None, redoc_url=None)
     metrics = _Metrics()
+    drafter = ssm_llm.speculative.PromptLookup(num_tokens=prompt_lookup) if prompt_lookup else None  # checked now
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -179,7 +180,7 @@ def build_app(
             return _error(429, full, "rate_limit", {"Retry-After": "1"})
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         want = body.logprobs if kind == "completions" else (body.top_logprobs or 0) if body.logprobs else None
-        speculate = prompt_lookup > 0 and body.temperature == 0 and want is None and front.engine.paged
+        speculate = drafter is not None and body.temperature == 0 and want is None and front.engine.paged
         gen_config = ssm_llm.GenerationConfig(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -187,7 +188,7 @@ def build_app(
             top_k=body.top_k or None,
             min_p=body.min_p,
             seed=body.seed,
-            speculative=ssm_llm.speculative.PromptLookup(num_tokens=prompt_lookup) if speculate else None,
+            speculative=drafter if speculate else None,
         )
         started = time.perf_counter()
         try:

@@ -138,7 +138,8 @@ _DECODE_ROWS_MIN = 8
 # (0.89x: two requests x 7 drafts; 0.94x: four x 3) and more (0.70-0.78x at eight requests).
 _SPECULATION_TOKENS = 8
 
-# A request in this many failed steps fails, even if it never failed alone (a failure only under load).
+# A request in this many failed steps in a row fails, even if it never failed alone (a failure only under
+# load); a step it runs in without failing resets its count.
 _MAX_FAILURES = 3
 
 
@@ -447,7 +448,7 @@ class Engine:
         start = time.perf_counter()
         wants = any(self.slots[slot].logprobs is not None for slot in feed)
         try:
-            logits, greedy, tables, checked, self.state = _step(
+            logits, greedy, tables, checked, state = _step(
                 self.params,
                 self.config,
                 self.state,
@@ -463,6 +464,7 @@ class Engine:
             greedy = np.asarray(greedy)  # the logits stay on the device unless a sampled request needs them
             checked = None if checked is None else np.asarray(checked)
             tables = None if tables is None else [np.asarray(t) for t in tables]
+            self.state = state  # only once the step ran: a failure surfacing at the sync leaves the old state
         except Exception as err:  # noqa: BLE001 - any failure of the step is isolated, then reported per request
             return events + self._failed([self.slots[slot] for slot in feed], err)
         self._busy_seconds += time.perf_counter() - start
@@ -473,6 +475,7 @@ class Engine:
                 continue
             request = self.slots[slot]
             self._suspects.discard(request.rid)  # it ran (alone, if it was a suspect) without failing
+            request.failures = 0
             request.computed += n
             if self.paged:
                 self._register_full_pages(request)
@@ -503,6 +506,7 @@ class Engine:
         """A verify row's outcome: the drafts that equal the model's greedy tokens, then its own next token
         (what plain greedy decoding gives, one token at a time), cut at EOS or max_new_tokens."""
         self._suspects.discard(request.rid)
+        request.failures = 0
         drafts = self._drafts[request.slot]
         accepted = 0
         while accepted < len(drafts) and drafts[accepted] == int(greedy[accepted]):
