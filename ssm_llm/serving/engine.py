@@ -5,8 +5,8 @@ Attention models keep K/V in a pool of pages with a block table per request and 
 prompt prefixes (`PageTable`); when pages run out the youngest request is preempted (its pages freed, its
 tokens recomputed later). Mamba models keep one state per slot, and snapshots of it where a prompt chunk ends
 on a page boundary (every such chunk, and the prompt's last boundary; `SnapshotTable`) serve later prompts
-with the same prefix. Each request's tokens are what `generate` gives for that request alone (greedy), and a sampled request draws its i-th token with
-`fold_in(key(seed), i)`, whatever else runs.
+with the same prefix. Each request's tokens are what `generate` gives for that request alone (greedy), and a
+sampled request draws its i-th token with `fold_in(key(seed), i)`, whatever else runs.
 
 engine = Engine(params, config, max_slots=8)
 rid = engine.submit(prompt_ids, ssm_llm.GenerationConfig(max_new_tokens=32))
