@@ -33,6 +33,30 @@ def _clean_up_spaces(text: str) -> str:
     return text
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character that stands for each of the 256 bytes in its vocabulary
+    (printable Latin-1 bytes stand for themselves, the others for chr(256 + n) in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(extra)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes:
+    """The bytes a vocabulary entry stands for: through GPT-2's alphabet for byte-level BPE, else a
+    SentencePiece byte-fallback piece "<0xAB>" is that byte and "\u2581" a space."""
+    if byte_level and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode()
+
+
 def _compile_chat_template(source: str):
     """The template compiled in the sandboxed environment transformers uses (trim_blocks, lstrip_blocks, loop
     controls, a `tojson` that keeps non-ASCII text, `raise_exception` and `strftime_now`). Chat templates
@@ -95,6 +119,11 @@ class TextTokenizer:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self._clean_up else text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for (part of a UTF-8 character for some tokens)."""
+        byte_level = type(self._tokenizer.decoder).__name__ == "ByteLevel"
+        return piece_bytes(self._tokenizer.id_to_token(int(token_id)) or "", byte_level)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat `messages` ([{"role", "content"}, ...]) rendered by the tokenizer's chat template."""
         if self._chat_source is None:
@@ -121,6 +150,14 @@ class TransformersText:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """The text of token ids `ids`."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        byte_level = hasattr(self.tokenizer, "byte_decoder") or (
+            backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        )
+        return piece_bytes(self.tokenizer.convert_ids_to_tokens(int(token_id)) or "", byte_level)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat rendered by the tokenizer's chat template."""

@@ -9,10 +9,14 @@ Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
 `--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`) adds ssm_llm on the
 weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
 float32's, so it reports the fraction of them that agree.
+`--peer-python PY` adds llama.cpp (llama-cpp-python in the virtual environment of PY, on the shipped Q4_1
+GGUF file itself, as many threads as cores) to the batch-1 cases, timed by `llama_cpp_decode.py` in a child
+process after the others, and reports each ssm_llm runner's ratio to it.
 Writes experiments/results/bench_decode.json (+ .png) and prints a table of ratios last.
 
     python experiments/bench_decode.py            # full run (~10 min on 2 cores)
     python experiments/bench_decode.py --quantize w8a8 w8a8-rot --out experiments/results/bench_decode_w8a8.json
+    python experiments/bench_decode.py --quantize w8a8-rot --peer-python /tmp/llamavenv/bin/python
     python experiments/bench_decode.py --quick    # smoke run
 """
 
@@ -75,6 +79,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--quantize", nargs="*", default=[], choices=[*WEIGHT_BITS, "w8a8-rot"])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
+    parser.add_argument("--peer-python", help="python of a virtual environment with llama-cpp-python")
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats, args.batch = 8, 1, 2
@@ -115,6 +120,13 @@ def main(argv=None):
                 ]
                 rows[label][r.name]["greedy_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
 
+    if args.peer_python:
+        for label, ctx, batch, n in cases:
+            if batch == 1:
+                rows[label]["llama.cpp"] = llama_cpp_measure(
+                    args.peer_python, path, prompts_of(tokenizer, ctx, 1), n, args
+                )
+
     summary = {}
     for label in rows:
         peer = rows[label]["transformers"]["decode_tok_s"]
@@ -122,6 +134,11 @@ def main(argv=None):
         for r in ours:
             summary[label][f"{r.name}_tok_s"] = rows[label][r.name]["decode_tok_s"]
             summary[label][f"{r.name}_speedup"] = rows[label][r.name]["decode_tok_s"] / peer
+        if "llama.cpp" in rows[label]:
+            llama = rows[label]["llama.cpp"]["decode_tok_s"]
+            summary[label]["llama.cpp_tok_s"] = llama
+            for r in ours:
+                summary[label][f"{r.name}_vs_llama.cpp"] = rows[label][r.name]["decode_tok_s"] / llama
     pre = rows["decode b=1 ctx=512"]
     summary["prefill 512 tokens"] = {"transformers_s": pre["transformers"]["t_1_token_s"]}
     for r in ours:
@@ -159,6 +176,23 @@ def main(argv=None):
     cells = "".join(f"{s[n + '_s']:>12.3f} s ({s[n + '_speedup']:.2f}x)" for n in names)
     print(f"{'prefill 512 tokens':<22}{cells}{s['transformers_s']:>12.3f} s")
     print(f"batch-{args.batch} throughput / batch-1: " + ", ".join(f"{n} {g:.1f}x" for n, g in batch_gain.items()))
+    for label in rows:
+        if "llama.cpp_tok_s" in summary[label]:
+            s = summary[label]
+            ratios = ", ".join(f"{n} {s[n + '_vs_llama.cpp']:.2f}x" for n in names)
+            print(f"{label}: llama.cpp (Q4_1) {s['llama.cpp_tok_s']:.1f} t/s; ours / llama.cpp: {ratios}")
+
+
+def llama_cpp_measure(python: str, model: Path, prompts: list[list[int]], n: int, args) -> dict:
+    """llama.cpp's `measure` for batch-1 `prompts`, by `llama_cpp_decode.py` under the peer's python."""
+    import subprocess
+
+    job = {"model": str(model), "threads": os.cpu_count() or 2, "prompts": prompts, "n": n, "repeats": args.repeats}
+    script = Path(__file__).with_name("llama_cpp_decode.py")
+    done = subprocess.run([python, str(script)], input=json.dumps(job), capture_output=True, text=True, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    t1, tn = got["t_1_token_s"], got["t_n_tokens_s"]
+    return {"t_1_token_s": t1, "t_n_tokens_s": tn, "n": n, "batch": 1, "decode_tok_s": (n - 1) / (tn - t1)}
 
 
 def plot(summary, path):

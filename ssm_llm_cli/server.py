@@ -105,26 +105,31 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
     return min(found) if found else None
 
 
-def _logprobs_field(kind: str, scored: list, tokenizer, offset: int) -> dict:
-    """OpenAI's `logprobs` of a choice for `scored` [(token id, TokenLogprobs)]: the completions layout
-    (tokens, token_logprobs, top_logprobs, text_offset from `offset`) or the chat layout (content)."""
-    texts = [tokenizer.decode([token]) for token, _ in scored]
+def _logprobs_field(kind: str, scored: list, tokenizer) -> dict:
+    """OpenAI's `logprobs` of a choice for `scored` [(token id, TokenLogprobs, where its text starts in the
+    completion)]: the completions layout (tokens, token_logprobs, top_logprobs keyed by text, the likelier
+    kept where two alternatives decode alike, text_offset) or the chat layout (content, each token's own
+    bytes: a token holding part of a UTF-8 character has those bytes, not its replacement character's)."""
     if kind == "chat":
 
-        def entry(text, logprob):
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        def entry(token, logprob):
+            return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
         content = [
-            {**entry(text, lp.logprob), "top_logprobs": [entry(tokenizer.decode([i]), v) for i, v in lp.top]}
-            for text, (_, lp) in zip(texts, scored, strict=True)
+            {**entry(token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for token, lp, _ in scored
         ]
         return {"content": content}
-    offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    tops = []
+    for _, lp, _ in scored:
+        top = {}
+        for i, v in lp.top:  # most likely first: a later alternative with the same text does not replace it
+            top.setdefault(tokenizer.decode([i]), v)
+        tops.append(top)
     return {
-        "tokens": texts,
-        "token_logprobs": [lp.logprob for _, lp in scored],
-        "top_logprobs": [{tokenizer.decode([i]): v for i, v in lp.top} for _, lp in scored],
-        "text_offset": offsets,
+        "tokens": [tokenizer.decode([token]) for token, _, _ in scored],
+        "token_logprobs": [lp.logprob for _, lp, _ in scored],
+        "top_logprobs": tops,
+        "text_offset": [offset for _, _, offset in scored],
     }
 
 
@@ -210,30 +215,34 @@ def build_app(
         async def pieces():
             """(text delta, finish_reason or None, [(token id, TokenLogprobs)] behind the delta) as the
             tokens come, cut at a stop string."""
-            tokens, sent, scored = produced, "", []
+            tokens, sent, scored, text = produced, "", [], ""
             chunks = [] if first is None else [first]
             finish = "length"
             try:
                 while True:
                     for event in chunks:
+                        for j, lp in enumerate(event.logprobs or []):  # where each token's text starts
+                            before = text if j == 0 else tokenizer.decode(tokens + event.new_token_ids[:j])
+                            scored.append((event.new_token_ids[j], lp, len(before.rstrip("\ufffd"))))
                         tokens += event.new_token_ids
                         metrics.tokens += len(event.new_token_ids)
-                        scored += zip(event.new_token_ids, event.logprobs or [], strict=False)
                     text = tokenizer.decode(tokens)
                     cut = _stop_at(text, stops)
-                    if cut is not None:
-                        yield text[len(sent) : cut], "stop", scored
+                    if cut is not None:  # the tokens whose text starts past the stop string are not reported
+                        yield text[len(sent) : cut], "stop", [s for s in scored if s[2] < cut]
                         return
-                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                        text = text[:-1]
-                    if len(text) > len(sent):
-                        yield text[len(sent) :], None, scored
-                        sent, scored = text, []
-                    before = time.perf_counter()
+                    shown = text[:-1] if text.endswith("\ufffd") else text  # an incomplete UTF-8 sequence waits
+                    if len(shown) > len(sent):
+                        yield shown[len(sent) :], None, scored
+                        sent, scored = shown, []
                     nxt = await anext(stream, None)
                     if nxt is None:
                         break
-                    metrics.itl.observe(time.perf_counter() - before)
+                    # The engine's own emission times: queued events do not read as instant, and the tokens of
+                    # one event (speculation) share its gap.
+                    gap = (nxt.emitted_at - chunks[-1].emitted_at) / len(nxt.new_token_ids)
+                    for _ in nxt.new_token_ids:
+                        metrics.itl.observe(gap)
                     chunks = [nxt]
                 if len(tokens) < body.max_tokens:
                     finish = "stop"  # an EOS token
@@ -241,8 +250,8 @@ def build_app(
             finally:
                 await stream.aclose()
 
-        def envelope(delta: str, finish, scored: list, offset: int = 0):
-            logprobs = None if want is None else _logprobs_field(kind, scored, tokenizer, offset)
+        def envelope(delta: str, finish, scored: list):
+            logprobs = None if want is None else _logprobs_field(kind, scored, tokenizer)
             if kind == "chat":
                 content = (
                     {"delta": {"content": delta}}
@@ -259,11 +268,9 @@ def build_app(
         if body.stream:
 
             async def events():
-                offset = 0
                 try:
                     async for delta, finish, scored in pieces():
-                        yield f"data: {json.dumps(envelope(delta, finish, scored, offset))}\n\n"
-                        offset += len(delta)
+                        yield f"data: {json.dumps(envelope(delta, finish, scored))}\n\n"
                 except RuntimeError as err:  # failed inside the engine after the stream began
                     metrics.failures += 1
                     failure = {"error": {"message": str(err), "type": "server_error", "code": 500}}

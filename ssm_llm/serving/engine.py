@@ -52,12 +52,13 @@ class _EventFields(NamedTuple):
 class Event(_EventFields):
     """What one request emitted in a step: (rid, new_token_ids, finished, finish_reason), which unpacks as
     those four; finish_reason is None while running, else "eos", "length" (max_new_tokens), "cancelled" or
-    "error". Two attributes besides: `error` (why a request failed) and `logprobs` (a `TokenLogprobs` per new
-    token, for a request that asked for them), both None otherwise."""
+    "error". Attributes besides: `error` (why a request failed) and `logprobs` (a `TokenLogprobs` per new
+    token, for a request that asked for them), both None otherwise, and `emitted_at` (`time.perf_counter()`
+    when the engine made it: inter-token latencies measured from it do not include the reader's delays)."""
 
     def __new__(cls, rid, new_token_ids, finished, finish_reason, error=None, logprobs=None):
         event = super().__new__(cls, rid, new_token_ids, finished, finish_reason)
-        event.error, event.logprobs = error, logprobs
+        event.error, event.logprobs, event.emitted_at = error, logprobs, time.perf_counter()
         return event
 
 
@@ -133,7 +134,8 @@ def _draw(logits, temperature, top_p, min_p, key, sampling_static):
 _DECODE_ROWS_MIN = 8
 
 # Draft tokens ride along only while the decoding requests feed at most this many tokens in all (each its
-# token plus its drafts): bench_engine_speculative (SmolLM2, 2-core AMD EPYC, quoting prompts) gained 1.15x /
+# token plus its drafts; each request's drafts are cut to its equal share: 7 for one, 3 each for two, none
+# from eight on): bench_engine_speculative (SmolLM2, 2-core AMD EPYC, quoting prompts) gained 1.15x /
 # 1.34x with 3 / 7 drafts at one request (4 / 8 tokens) and 1.20x with 3 at two (8), but lost at 16 tokens
 # (0.89x: two requests x 7 drafts; 0.94x: four x 3) and more (0.70-0.78x at eight requests).
 _SPECULATION_TOKENS = 8
@@ -215,6 +217,7 @@ class Engine:
         self._busy_seconds = 0.0
         self.preemptions = 0
         self.failed_steps = 0
+        self.prefix_hits = 0  # prompt tokens served from cached pages or snapshots (kept when the cache is rebuilt)
         self.drafted = self.accepted = 0  # speculative draft tokens proposed / accepted
         self._drafts: dict[int, list[int]] = {}  # slot -> this step's draft tokens
         self.errors: dict[int, str] = {}  # why each request that failed in `run` / `run_batch` failed
@@ -333,7 +336,7 @@ class Engine:
                     break
                 request.pages, request.prefix_key, request.registered = pages, key, len(pages)
                 request.computed = len(pages) * self.page_size
-                self.table.hits += request.computed
+                self.prefix_hits += request.computed
             self.waiting.popleft()
             slot = self.slots.index(None)
             self.slots[slot], request.slot = request, slot
@@ -344,7 +347,7 @@ class Engine:
                 if entry is not None:
                     self._restores.append((slot, entry))
                     request.computed, request.prefix_key, request.registered = end, key, end // self.page_size
-                    self.table.hits += end
+                    self.prefix_hits += end
         return fresh
 
     def _preempt_youngest(self, keep: _Request) -> bool:
@@ -382,14 +385,14 @@ class Engine:
         feed, prefilling, self._drafts = {}, 0, {}
         running = sorted(enumerate(self.slots), key=lambda s: s[1].arrival if s[1] else -1)
         decoding = [r for _, r in running if r is not None and r.computed == len(r.tokens) - 1]
-        speculate = sum(1 + (r.drafter.num_tokens if r.drafter else 0) for r in decoding) <= _SPECULATION_TOKENS
+        share = _SPECULATION_TOKENS // max(len(decoding), 1) - 1  # drafts each decoding request may feed
         suspects = [(slot, r) for slot, r in running if r is not None and r.rid in self._suspects]
         for slot, request in suspects[:1] or running:  # after a failed step: one of its requests alone
             if request is None or request.slot is None:
                 continue
             n = min(len(request.tokens) - request.computed, self.chunk)
             decoding_now = request.computed == len(request.tokens) - 1  # not a 1-token prompt chunk (chunk=1)
-            drafts = self._propose(request) if speculate and decoding_now and request.drafter is not None else []
+            drafts = self._propose(request, share) if share > 0 and decoding_now and request.drafter else []
             if not self.paged and self.num_snapshots:  # end a prompt chunk on a boundary (a snapshot there)
                 boundary = min(request.computed + n, len(request.prompt) - 1) // self.page_size * self.page_size
                 if boundary > request.computed:
@@ -407,12 +410,12 @@ class Engine:
         self._drafts = {slot: d for slot, d in self._drafts.items() if slot in feed}
         return feed
 
-    def _propose(self, request: _Request) -> list[int]:
+    def _propose(self, request: _Request, share: int) -> list[int]:
         """Prompt lookup's draft for a decoding request: the tokens that followed the latest earlier occurrence
-        of its longest repeated suffix (n-grams from max_ngram down to min_ngram), at most num_tokens, and
-        no more than its remaining tokens and `max_len` allow."""
+        of its longest repeated suffix (n-grams from max_ngram down to min_ngram), at most num_tokens and
+        `share`, and no more than its remaining tokens and `max_len` allow."""
         drafter, tokens = request.drafter, request.tokens
-        room = min(drafter.num_tokens, request.max_new_tokens - len(request.out) - 1, self.max_len - len(tokens))
+        room = min(drafter.num_tokens, share, request.max_new_tokens - len(request.out) - 1, self.max_len - len(tokens))
         if room <= 0:
             return []
         size = len(tokens)
@@ -705,7 +708,7 @@ class Engine:
             "pages_free": self.table.available if self.paged else 0,
             "cache_bytes": sum(x.nbytes for x in jax.tree.leaves(self.state)),
             "tokens_held": sum(r.computed for r in self.slots if r is not None),
-            "prefix_cache_hit_tokens": self.table.hits,
+            "prefix_cache_hit_tokens": self.prefix_hits,
             "state_snapshots": 0 if self.paged else len(self.table),
             "preemptions": self.preemptions,
             "failed_steps": self.failed_steps,

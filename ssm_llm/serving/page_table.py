@@ -20,7 +20,6 @@ class PageTable:
         self._key_of: dict[int, tuple] = {}  # page -> its prefix key (full, registered pages)
         self._page_of: dict[tuple, int] = {}  # prefix key -> page
         self._cached: OrderedDict[int, None] = OrderedDict()  # unheld registered pages, oldest first
-        self.hits = 0  # prompt tokens served from cached pages (counted by the engine on admission)
 
     @property
     def available(self) -> int:

@@ -23,7 +23,6 @@ class SnapshotTable:
         self.capacity, self.interval = capacity, interval
         self._entry: OrderedDict[tuple, int] = OrderedDict()  # prefix key -> store entry, least recent first
         self._free = list(range(capacity - 1, -1, -1))
-        self.hits = 0  # prompt tokens served from snapshots (counted by the engine on admission)
 
     def __len__(self) -> int:
         return len(self._entry)

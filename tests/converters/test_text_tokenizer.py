@@ -7,7 +7,7 @@ import pytest
 
 import converters
 import ssm_llm
-from converters.text_tokenizer import TextTokenizer, TransformersText
+from converters.text_tokenizer import TextTokenizer, TransformersText, piece_bytes
 from converters.tokenizer import _gguf_tokenizer_dir
 
 TEXTS = [
@@ -161,3 +161,20 @@ def test_a_failed_aside_build_reports_its_error_on_load(tmp_path, monkeypatch):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     with pytest.raises(KeyboardInterrupt), converters.tokenizer_built_aside(path):
         raise KeyboardInterrupt  # the child is killed, not waited for to the end
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_spell_the_text(pair, text):
+    """Each token's own bytes (the server's chat logprobs "bytes"), joined, are the text's UTF-8 bytes, also
+    where a token holds only part of a character (the emoji and CJK texts)."""
+    light, reference = pair
+    ids = light.encode(text, add_special_tokens=False)
+    for tokenizer in (light, TransformersText(reference)):
+        assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_sentencepiece_pieces_give_their_bytes():
+    assert piece_bytes("<0xE6>", byte_level=False) == b"\xe6"
+    assert piece_bytes("\u2581hello", byte_level=False) == b" hello"
+    assert piece_bytes("<0xZZ>", byte_level=False) == b"<0xZZ>"
+    assert piece_bytes("\u0120hi\u010a", byte_level=True) == b" hi\n"  # GPT-2's stand-ins for space and newline

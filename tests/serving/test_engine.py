@@ -353,6 +353,26 @@ def test_prompt_lookup_requests_give_plain_greedy_tokens(name):
         engine.submit([1, 2], configs[0], logprobs=1)
 
 
+def test_a_long_draft_is_cut_to_the_share_instead_of_turning_speculation_off():
+    """A drafter asking for more tokens than a step lets ride (12 > 8 - 1) still speculates, cut to 7 drafts a
+    step for one request (the gate used to count the asked-for tokens and never drafted), with plain output."""
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    prompt = list(range(3, 11)) * 4
+    gen_config = ssm_llm.GenerationConfig(
+        max_new_tokens=24, eos_token_ids=(), speculative=ssm_llm.speculative.PromptLookup(num_tokens=12)
+    )
+    engine = Engine(params, config, max_slots=2, page_size=4, max_len=64, chunk=8)
+    rid = engine.submit(prompt, gen_config)
+    tokens, drafted = [], 0
+    while engine.stats()["running"] or engine.stats()["waiting"]:
+        before = engine.stats()["draft_tokens"]
+        tokens += [t for event in engine.step() if event.rid == rid for t in event.new_token_ids]
+        drafted = max(drafted, engine.stats()["draft_tokens"] - before)
+    assert 0 < drafted <= 7, drafted
+    assert tokens == alone(params, config, prompt, dataclasses.replace(gen_config, speculative=None))
+
+
 def test_cancelling_frees_the_pages():
     config = MODELS["llama"]
     params = ssm_llm.init_params(config, jax.random.key(0))

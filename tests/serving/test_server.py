@@ -109,6 +109,49 @@ def test_logprobs_through_the_openai_client(server):
     assert content[0].top_logprobs[0].logprob >= content[0].logprob
 
 
+def test_logprobs_offsets_follow_the_text_and_stop_at_a_stop_string(server):
+    """text_offset is where each token's text starts in the completion (prefix decodes, right for any
+    tokenizer), and the tokens after a stop string's start are not reported; streamed alike."""
+    import openai
+
+    url, config, params, tokenizer = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    ids = tokenizer.encode("The capital of France is", add_special_tokens=False)
+    expected = ssm_llm.generate(params, config, [ids], ssm_llm.GenerationConfig(max_new_tokens=10)).tokens[0]
+    full = tokenizer.decode(expected)
+    starts = [len(tokenizer.decode(expected[:i])) for i in range(len(expected))]
+    stop = full[starts[3] + 1 : starts[3] + 3]  # inside the 4th token's text
+    cut = full.find(stop)
+    kept = [i for i in range(len(expected)) if starts[i] < cut]
+    done = client.completions.create(model="smollm2", prompt=ids, max_tokens=10, temperature=0, logprobs=1, stop=stop)
+    got = done.choices[0]
+    assert got.text == full[:cut] and got.finish_reason == "stop"
+    assert got.logprobs.text_offset == [starts[i] for i in kept]
+    assert got.logprobs.tokens == [tokenizer.decode([expected[i]]) for i in kept]
+    streamed = client.completions.create(
+        model="smollm2", prompt=ids, max_tokens=10, temperature=0, logprobs=1, stop=stop, stream=True
+    )
+    offsets = [o for chunk in streamed if chunk.choices[0].logprobs for o in chunk.choices[0].logprobs.text_offset]
+    assert offsets == [starts[i] for i in kept]
+
+
+def test_top_logprobs_keep_the_likelier_of_two_alternatives_with_one_text():
+    from ssm_llm.serving import TokenLogprobs
+    from ssm_llm_cli.server import _logprobs_field
+
+    class Spelled:  # tokens 5 and 6 both read "a"
+        def decode(self, ids):
+            return {5: "a", 6: "a", 7: "b"}[ids[0]]
+
+        def token_bytes(self, token):
+            return b"\xe6" if token == 7 else b"a"
+
+    scored = [(7, TokenLogprobs(-0.5, ((5, -1.0), (6, -2.0), (7, -0.5))), 0)]
+    assert _logprobs_field("completions", scored, Spelled())["top_logprobs"] == [{"a": -1.0, "b": -0.5}]
+    content = _logprobs_field("chat", scored, Spelled())["content"]
+    assert content[0]["bytes"] == [0xE6] and content[0]["top_logprobs"][1]["bytes"] == [97]
+
+
 def test_prompt_lookup_serving_gives_plain_greedy_text(server):
     from fastapi.testclient import TestClient
 
@@ -302,3 +345,13 @@ def test_the_serve_command_starts_answers_and_finishes_its_streams_on_sigterm():
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: the exit is -SIGTERM, not a crash
     assert proc.returncode in (0, -signal.SIGTERM), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
+
+
+def test_serve_refuses_a_bad_prompt_lookup_before_loading_the_model(capsys, monkeypatch):
+    import ssm_llm_cli
+
+    monkeypatch.setattr(ssm_llm_cli, "_load", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(ssm_llm_cli, "use_compilation_cache", lambda: pytest.fail("set process-wide options"))
+    for bad in ("-2", "100000"):
+        assert ssm_llm_cli.main(["serve", "--prompt-lookup", bad]) == 2
+        assert "num_tokens" in capsys.readouterr().err
