@@ -6,8 +6,8 @@ and unstacked (unrolled loop, faster on CPU).
 Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
   * prefill time  = t(1 new token) for a 512-token prompt
-`--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`) adds ssm_llm on the
-weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
+`--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`; -emb: with `embedding=True`) adds
+ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
 float32's, so it reports the fraction of them that agree.
 `--peer-python PY` adds llama.cpp (llama-cpp-python in the virtual environment of PY, on the shipped Q4_1
 GGUF file itself, as many threads as cores) to the batch-1 cases, timed by `llama_cpp_decode.py` in a child
@@ -40,6 +40,12 @@ import ssm_llm  # noqa: E402
 from ssm_llm.config import WEIGHT_BITS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+# --quantize names beyond the plain schemes: (scheme, quantize_weights options).
+VARIANTS = {
+    "w8a8-rot": ("w8a8", {"rotation": True}),
+    "w8a8-emb": ("w8a8", {"embedding": True}),
+    "w8a8-rot-emb": ("w8a8", {"rotation": True, "embedding": True}),
+}
 
 
 def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
@@ -77,7 +83,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--quantize", nargs="*", default=[], choices=[*WEIGHT_BITS, "w8a8-rot"])
+    parser.add_argument("--quantize", nargs="*", default=[], choices=[*WEIGHT_BITS, *VARIANTS])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     parser.add_argument("--peer-python", help="python of a virtual environment with llama-cpp-python")
     args = parser.parse_args(argv)
@@ -93,8 +99,7 @@ def main(argv=None):
     ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
     float_names = {r.name for r in ours}
     for scheme in args.quantize:
-        rotation = scheme.endswith("-rot")
-        qparams, qconfig = ssm_llm.quantize_weights(params, config, scheme.removesuffix("-rot"), rotation=rotation)
+        qparams, qconfig = ssm_llm.quantize_weights(params, config, *VARIANTS.get(scheme, (scheme, {})))
         ours += [
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),

@@ -17,6 +17,7 @@ Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
   w8a8 smooth=A            + SmoothQuant outlier migration with alpha A (--alphas)
   w8a8 smooth=A gptq       + GPTQ weights
   w8a8 (smooth=A) rot (gptq)  + online block-Hadamard rotation of every linear's input (QuaRot-style)
+  ... emb                  + the embedding / tied output projection int8 per vocabulary row (W8A8 logits)
   w8a16 / w8a16 gptq       int8 weights only
   w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size), re-quantized from fp32
   w4a16 gguf codes         `converters.load(path, quantize="w4a16")`: the file's own Q4_1 codes
@@ -74,6 +75,15 @@ def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
     for a in alphas:
         rows[f"w8a8 smooth={a:g} rot"] = {"scheme": "w8a8", "smoothing": a, "rotation": True}
         rows[f"w8a8 smooth={a:g} rot gptq"] = {"scheme": "w8a8", "smoothing": a, "rotation": True, "gptq": True}
+    rows["w8a8 rot emb"] = {"scheme": "w8a8", "rotation": True, "embedding": True}
+    for a in alphas:
+        rows[f"w8a8 smooth={a:g} rot gptq emb"] = {
+            "scheme": "w8a8",
+            "smoothing": a,
+            "rotation": True,
+            "gptq": True,
+            "embedding": True,
+        }
     rows["w8a16"] = {"scheme": "w8a16"}
     rows["w8a16 gptq"] = {"scheme": "w8a16", "gptq": True}
     rows[f"w4a16 g{group_size}"] = {"scheme": "w4a16", "group_size": group_size}

@@ -68,7 +68,9 @@ class ModelConfig:
     says how the linear layers are stored and multiplied (one of `WEIGHT_QUANTIZATIONS`; set by
     `ssm_llm.quantize_weights`); with `activation_rotation` ("w8a8" only) every linear's input is rotated
     by a block Hadamard matrix (`ssm_llm.hadamard.block_hadamard`) before it is rounded to int8, the
-    weights holding the same rotation.
+    weights holding the same rotation. `int8_embedding` ("w8a8" only): the embedding (and an untied
+    lm_head) is int8 with one scale per vocabulary row, stored as the tied output projection's
+    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product.
     """
 
     vocab_size: int
@@ -92,6 +94,7 @@ class ModelConfig:
     family: str = ATTENTION_FAMILY
     quantization: str = "none"
     activation_rotation: bool = False
+    int8_embedding: bool = False
 
     def __post_init__(self):
         for name in (
@@ -129,6 +132,13 @@ class ModelConfig:
             )
         if not isinstance(self.activation_rotation, bool):
             raise ValueError(f"config.activation_rotation must be True or False, got {self.activation_rotation!r}")
+        if not isinstance(self.int8_embedding, bool):
+            raise ValueError(f"config.int8_embedding must be True or False, got {self.int8_embedding!r}")
+        if self.int8_embedding and self.quantization != "w8a8":
+            raise ValueError(
+                "config.int8_embedding makes the logits a W8A8 product: it needs quantization 'w8a8', "
+                f"got {self.quantization!r}"
+            )
         if self.activation_rotation and self.quantization != "w8a8":
             raise ValueError(
                 "config.activation_rotation rotates int8 activations: it needs quantization 'w8a8', "

@@ -25,7 +25,7 @@ from ssm_llm.length_plan import LengthPlan, plan_lengths
 from ssm_llm.memory import check_fits
 from ssm_llm.model import check_sequence_parallel, init_cache
 from ssm_llm.models import family_module
-from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.models.lm_head import activation_dtype, logits_from_hidden
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
 from ssm_llm.sharding import SequenceParallel
@@ -368,7 +368,7 @@ def _plan(params, config, gen_config: GenerationConfig, request: _Request) -> Le
         compressed=gen_config.kv_compression is not None,
         tree_size=None if drafter is None else drafter.tree_size,
     )
-    _check_memory(config, gen_config, len(request.prompts), plan, jnp.dtype(params["embed"].dtype))
+    _check_memory(config, gen_config, len(request.prompts), plan, activation_dtype(params))
     return plan
 
 
@@ -412,7 +412,7 @@ def _prefill_request(
             jnp.asarray(lengths, jnp.int32),
             plan.cache_len,
             impl,
-            jnp.dtype(params["embed"].dtype),
+            activation_dtype(params),
             sequence_parallel,
         )
     else:

@@ -38,17 +38,23 @@ def _model_path(model: str | None) -> Path:
     return Path(model) if model else default_model_path()
 
 
+# --quantize choices made from the float weights by `quantize_weights(params, config, "w8a8", **options)`; the
+# others are `converters.load(quantize=...)`'s.
+_W8A8_VARIANTS = {"w8a8-rot": {"rotation": True}, "w8a8-rot-emb": {"rotation": True, "embedding": True}}
+QUANTIZE_CHOICES = ["w8a8", *_W8A8_VARIANTS, "w8a16", "w4a16"]
+
+
 def _load(path: Path, quantize: str | None = None, cache: bool = False, mesh=None, verbose: bool = True):
     import converters
 
     if verbose:
         print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
-    if quantize == "w8a8-rot":  # W8A8 with rotated inputs: from the float weights
+    if quantize in _W8A8_VARIANTS:
         from ssm_llm.quant import quantize_weights
         from ssm_llm.sharding import shard_params
 
         config, params = converters.load(path, progress=verbose, cache=cache, cache_in_background=True)
-        params, config = quantize_weights(params, config, "w8a8", rotation=True)
+        params, config = quantize_weights(params, config, "w8a8", **_W8A8_VARIANTS[quantize])
         if mesh is not None:
             params = shard_params(params, config, mesh)
     else:
@@ -323,10 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--quantize",
-        choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"],
+        choices=QUANTIZE_CHOICES,
         help="load an attention model with quantized linear layers (converters.load(quantize=...)): int8 "
         "weights and per-token int8 activations (w8a8; w8a8-rot with Hadamard-rotated inputs: +0.5%% "
-        "perplexity on SmolLM2 instead of +2.9%%), or int8 / int4 weights only; a GGUF file's Q8_0 / "
+        "perplexity on SmolLM2 instead of +2.9%%; w8a8-rot-emb also an int8 embedding and output "
+        "projection), or int8 / int4 weights only; a GGUF file's Q8_0 / "
         "Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
     )
     gen.add_argument(
@@ -367,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-slots", type=int, default=8, help="requests decoded at once")
     srv.add_argument("--max-len", type=int, default=2048, help="the longest prompt + completion a request may ask for")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
-    srv.add_argument("--quantize", choices=["w8a8", "w8a8-rot", "w8a16", "w4a16"], help="as for generate")
+    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="as for generate")
     srv.add_argument("--no-cache", action="store_true", help="convert the model again (as for generate)")
     srv.add_argument(
         "--prompt-lookup",

@@ -11,7 +11,7 @@ from ssm_llm.cache import init_cache
 from ssm_llm.kv.policy import CompressedCache, KVPolicy, compress_cache, describe, memory_bound, prompt_lengths
 from ssm_llm.memory import check_fits
 from ssm_llm.models import attention_lm
-from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.models.lm_head import activation_dtype, logits_from_hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "impl", "cache_dtype"))
@@ -48,9 +48,9 @@ def prefill(
     if not isinstance(policy, KVPolicy):
         raise TypeError(f"policy must be a KV policy from ssm_llm.kv, got {policy!r}")
     policy.check(config, prompt_lengths(counts, tokens.shape[1]))  # each row's length is known here, not in the jit
-    dtype = jnp.dtype(params["embed"].dtype)
+    dtype = activation_dtype(params)
     check_fits(
         f"kv_compression={describe(policy)} with max_len={max_len}",
         memory_bound(config, policy, tokens.shape[0], tokens.shape[1], max_len, dtype),
     )
-    return _prefill(params, config, tokens, counts, policy, max_len, impl, jnp.dtype(params["embed"].dtype))
+    return _prefill(params, config, tokens, counts, policy, max_len, impl, activation_dtype(params))

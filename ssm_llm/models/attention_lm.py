@@ -28,7 +28,7 @@ from ssm_llm.cache import init_cache as init_kv_cache
 from ssm_llm.compressed_cache import AttentionStep, CompressedCache, PrefillObservation
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.layer_layout import run_layers
-from ssm_llm.models.lm_head import linear
+from ssm_llm.models.lm_head import embed_tokens, linear
 from ssm_llm.models.registry import Family, register
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
@@ -55,7 +55,8 @@ def param_shapes(config: ModelConfig) -> dict:
         layers.update(bo=(L, H))
     if config.mlp_bias:
         layers.update(b_gate=(L, I), b_up=(L, I), b_down=(L, H))
-    shapes = {"embed": (V, H), "final_norm": (H,), "layers": layers}
+    # An int8 embedding is stored as the tied output projection's QuantizedWeight [H, V] (one scale per row).
+    shapes = {"embed": (H, V) if config.int8_embedding else (V, H), "final_norm": (H,), "layers": layers}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (H, V)
     return shapes
@@ -132,6 +133,13 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
                     f"{where} holds {got}, but config.quantization is {config.quantization!r} "
                     "(quantize with ssm_llm.quantize_weights, which returns the matching config)"
                 )
+    for name in ("embed", *(() if config.tie_word_embeddings else ("lm_head",))):
+        if isinstance(params[name], QuantizedWeight) != config.int8_embedding:
+            raise ValueError(
+                f"params[{name!r}] is {'an int8' if isinstance(params[name], QuantizedWeight) else 'a float'} "
+                f"table, but config.int8_embedding is {config.int8_embedding} (quantize_weights(..., embedding=True) "
+                "returns the matching config)"
+            )
 
 
 def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str, sequence_parallel=None):
@@ -214,7 +222,7 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
         cos=cos,
         sin=sin,
     )
-    x = params["embed"][tokens]
+    x = embed_tokens(params, tokens)
     kv = cache.data if compressed else (cache.k, cache.v)
     observed = None
     if observe:

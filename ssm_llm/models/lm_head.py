@@ -58,8 +58,28 @@ def _cpu_int8_dot(xq: jax.Array, codes: jax.Array) -> jax.Array:
     return acc[:rows]
 
 
+def embed_tokens(params: dict, tokens: jax.Array) -> jax.Array:
+    """The embedding rows of `tokens` `[...]` -> `[..., H]`: a float table [V, H], or an int8 one stored as the
+    tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row), dequantized row by row."""
+    table = params["embed"]
+    if isinstance(table, QuantizedWeight):
+        codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
+        return codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
+    return table[tokens]
+
+
+def activation_dtype(params: dict):
+    """The dtype hidden states and caches take for `params`: the embedding's (its scales' if it is int8)."""
+    table = params["embed"]
+    return jnp.dtype(table.scales.dtype if isinstance(table, QuantizedWeight) else table.dtype)
+
+
 def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
-    """Project final hidden states `[..., H]` to vocabulary logits `[..., V]` (tied: the embedding)."""
+    """Project final hidden states `[..., H]` to vocabulary logits `[..., V]` (tied: the embedding); an int8
+    output projection multiplies as W8A8 (`int8_matmul`)."""
+    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    if isinstance(head, QuantizedWeight):
+        return int8_matmul(h, head)
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":
             return jnp.moveaxis(jnp.einsum("vh,...h->v...", params["embed"], h), 0, -1)

@@ -33,6 +33,7 @@ from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.hadamard import block_hadamard
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
+from ssm_llm.models.lm_head import embed_tokens
 from ssm_llm.param_check import check_params
 from ssm_llm.quant.attention_calibration import SITES, check_calibration, layer_statistics
 from ssm_llm.quant.gptq import gptq_quantize
@@ -51,6 +52,7 @@ def quantize_weights(
     smoothing: float | None = None,
     gptq: bool = False,
     rotation: bool = False,
+    embedding: bool = False,
     progress: bool = True,
 ):
     """Quantize an attention model's linear layers (see the module docstring) -> (params, config).
@@ -58,8 +60,10 @@ def quantize_weights(
     scheme: "w8a8", "w8a16" or "w4a16"; group_size: rows of the input dimension sharing one scale (None:
     one scale per output channel); it must divide every linear's input size. calibration: token ids
     [B, T] of real text (no padding), needed by `smoothing` (SmoothQuant's alpha in (0, 1], "w8a8" only)
-    and `gptq`. rotation: see the module docstring ("w8a8" only). Works on either layer layout (stacked
-    or a list of per-layer dicts) and keeps it.
+    and `gptq`. rotation: see the module docstring ("w8a8" only). embedding ("w8a8" only): the embedding
+    (and an untied lm_head) becomes int8 too, one scale per vocabulary row (`config.int8_embedding`; the
+    logits then a W8A8 product). Works on either layer layout (stacked or a list of per-layer dicts) and
+    keeps it.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(
@@ -78,20 +82,29 @@ def quantize_weights(
     _check_corrections(scheme, calibration, smoothing, gptq)
     if not isinstance(rotation, bool) or (rotation and scheme != "w8a8"):
         raise ValueError(f"rotation (True or False) rotates int8 activations: scheme 'w8a8' only, got {rotation!r}")
+    if not isinstance(embedding, bool) or (embedding and scheme != "w8a8"):
+        raise ValueError(
+            f"embedding (True or False) makes the logits a W8A8 product: scheme 'w8a8' only, got {embedding!r}"
+        )
     check_params(params, config)
     check_linear_kinds(params, config)  # float linears: a QuantizedWeight under a "none" config is refused
     bits = WEIGHT_BITS[scheme]
-    qconfig = dataclasses.replace(config, quantization=scheme, activation_rotation=rotation)
+    qconfig = dataclasses.replace(config, quantization=scheme, activation_rotation=rotation, int8_embedding=embedding)
     layers = params["layers"]
     if calibration is not None:
         tokens = check_calibration(calibration, config.vocab_size)
         quantized = _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, progress)
-        return (stack_layers(quantized) if is_stacked(params) else quantized), qconfig
-    if isinstance(layers, (list, tuple)):
+        new_layers = (stack_layers(quantized) if is_stacked(params) else quantized)["layers"]
+    elif isinstance(layers, (list, tuple)):
         new_layers = [_quantize_layer(_rotated(layer, rotation), bits, group_size, stacked=False) for layer in layers]
     else:
         new_layers = _quantize_layer(_rotated(layers, rotation), bits, group_size, stacked=True)
-    return {**params, "layers": new_layers}, qconfig
+    out = {**params, "layers": new_layers}
+    if embedding:  # int8 per vocabulary row, laid out as the output projection [H, V]
+        out["embed"] = quantize_matrix(params["embed"].T, bits=8, group_size=config.hidden_size)
+        if not config.tie_word_embeddings:
+            out["lm_head"] = quantize_matrix(params["lm_head"], bits=8, group_size=config.hidden_size)
+    return out, qconfig
 
 
 def _check_corrections(scheme: str, calibration, smoothing, gptq) -> None:
@@ -116,7 +129,7 @@ def _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, pr
     """Quantize layer by layer: statistics of layer i's inputs come from the quantized layers 0..i-1."""
     layers = unstack_layers(params)["layers"]
     bits = WEIGHT_BITS[qconfig.quantization]
-    x = params["embed"][tokens]
+    x = embed_tokens(params, tokens)
     new_layers = []
     for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress, leave=False)):
         window = config.layer_windows[i]

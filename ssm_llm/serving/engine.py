@@ -32,6 +32,7 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.generation import GenerationConfig, check_options, check_prompts
 from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
+from ssm_llm.models.lm_head import activation_dtype
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
 from ssm_llm.serving import state_snapshots
@@ -189,7 +190,7 @@ class Engine:
         if context is not None and self.max_len > context:
             raise ValueError(f"max_len {self.max_len} exceeds the model's context of {context} positions")
         self.paged = isinstance(config, ModelConfig)
-        self.page_dtype = jnp.dtype(params["embed"].dtype if page_dtype is None else page_dtype)
+        self.page_dtype = activation_dtype(params) if page_dtype is None else jnp.dtype(page_dtype)
         if page_dtype is not None and not self.paged:
             raise ValueError("page_dtype is for attention models' pages; Mamba models keep float states")
         if not (jnp.issubdtype(self.page_dtype, jnp.floating) or self.page_dtype == jnp.int8):
@@ -229,7 +230,7 @@ class Engine:
             self.table = PageTable(self.num_pages, self.page_size, self.prefix_caching)
             self.state = init_pages(self.config, self.num_pages, self.page_size, self.page_dtype)
         else:
-            self.state = init_cache(self.config, self.max_slots, self.max_len, self.params["embed"].dtype)
+            self.state = init_cache(self.config, self.max_slots, self.max_len, activation_dtype(self.params))
             self.table = SnapshotTable(self.num_snapshots, self.page_size)
             self.store = state_snapshots.init_store(self.state, self.num_snapshots)
         self._restores: list[tuple[int, int]] = []  # (slot, store entry) of requests starting from a snapshot

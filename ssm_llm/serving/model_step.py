@@ -17,7 +17,7 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models import family_module
 from ssm_llm.models.attention_lm import check_linear_kinds, finish_block, project_qkv
-from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 from ssm_llm.ssm_cache import SSMCache
@@ -89,7 +89,7 @@ def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tab
         )
         return finish_block(config, p, x, attn), pool
 
-    x, pool = run_layers(block, (params["embed"][tokens], pool), params["layers"], (config.layer_windows,))
+    x, pool = run_layers(block, (embed_tokens(params, tokens), pool), params["layers"], (config.layer_windows,))
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), pool
 
 

@@ -151,7 +151,9 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
             else:
                 specs[name] = layer(value, True, "['layers']")
         elif name in rules.GLOBAL:
-            specs[name] = place(rules.GLOBAL[name], value, False, f"[{name!r}]")
+            # An int8 embedding is stored as the output projection [H, V]: it splits like lm_head.
+            axes = rules.GLOBAL["lm_head" if name == "embed" and isinstance(value, QuantizedWeight) else name]
+            specs[name] = place(axes, value, False, f"[{name!r}]")
         else:
             raise ValueError(f"params[{name!r}]: no sharding rule for this {type(config).__name__} leaf")
     return specs

@@ -25,7 +25,7 @@ from ssm_llm.compressed_cache import CompressedCache
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.attention_lm import finish_block, project_qkv
-from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 from ssm_llm.speculative.tree import DraftTree, ancestor_mask, check_tree, depths
@@ -185,7 +185,7 @@ def tree_logits(
     else:
         visible, distance = _cache_visibility(lengths, nodes, mask, depth, cache.max_len)
     inputs = (lengths, slots, mask, visible, distance, cos, sin)
-    x = params["embed"][jnp.take_along_axis(tree.tokens, nodes, axis=1)]
+    x = embed_tokens(params, jnp.take_along_axis(tree.tokens, nodes, axis=1))
     x, (k_all, v_all) = run_layers(
         lambda c, layer: _tree_layer(config, impl, kernel, inputs, c, layer),
         (x, (scratch.k, scratch.v)),

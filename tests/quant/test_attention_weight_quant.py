@@ -161,3 +161,76 @@ def test_bad_uses_are_clear_errors(params):
     mamba = ssm_llm.MambaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, state_size=4)
     with pytest.raises(TypeError, match="Mamba / Mamba-2 are quantized with ssm_llm.quant.quantize_model"):
         ssm_llm.quantize_weights(ssm_llm.init_params(mamba, jax.random.PRNGKey(0)), mamba, "w8a8")
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_int8_embedding_is_its_int8_simulation(tie):
+    """embedding=True: the embedding (and an untied lm_head) is int8 per vocabulary row, stored as the output
+    projection [H, V]; its rows are the dequantized codes, the logits the W8A8 product (numpy int64), and the
+    model still decodes consistently, in both layer layouts, through generate and the serving engine."""
+    from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
+    from ssm_llm.serving import Engine
+
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tie)
+    fparams = ssm_llm.init_params(config, jax.random.PRNGKey(1))
+    qparams, qconfig = ssm_llm.quantize_weights(fparams, config, "w8a8", embedding=True)
+    table = qparams["embed"]
+    assert qconfig.int8_embedding and isinstance(table, QuantizedWeight) and table.shape == (64, 101)
+    assert table.values.nbytes + table.scales.nbytes == 64 * 101 + 4 * 101  # a quarter of float32, plus scales
+    rows = np.asarray(embed_tokens(qparams, IDS))
+    np.testing.assert_array_equal(rows, np.asarray(dequantize_weights(table)).T[np.asarray(IDS)])
+    scale = np.asarray(table.scales[0])[np.asarray(IDS)][..., None]
+    assert (np.abs(rows - np.asarray(fparams["embed"])[np.asarray(IDS)]) <= scale / 2 + 1e-7).all()
+    h = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 64)))
+    head = table if tie else qparams["lm_head"]
+    want, bound = numpy_w8a8(h, head)
+    assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
+    full, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    float_logits, _ = ssm_llm.forward(fparams, config, IDS, ssm_llm.init_cache(config, 1, 16))
+    assert np.abs(np.asarray(full - float_logits)).max() < 0.05 * np.abs(np.asarray(float_logits)).max()
+    logits, cache = ssm_llm.forward(qparams, qconfig, IDS[:, :4], ssm_llm.init_cache(qconfig, 1, 16))
+    steps = [logits]
+    for t in range(4, IDS.shape[1]):
+        logits, cache = ssm_llm.forward(qparams, qconfig, IDS[:, t : t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-4)
+    unstacked, _ = ssm_llm.forward(ssm_llm.unstack_layers(qparams), qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    np.testing.assert_allclose(np.asarray(unstacked), np.asarray(full), atol=1e-5)
+    prompt = [5, 1, 4, 1, 5, 9]
+    tokens = ssm_llm.generate(qparams, qconfig, [prompt], GREEDY).tokens[0]
+    assert Engine(qparams, qconfig, max_slots=2, page_size=4, max_len=32, chunk=8).run_batch([prompt], GREEDY) == [
+        tokens
+    ]
+
+
+def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8", embedding=True, rotation=True)
+    converters.save(qparams, qconfig, tmp_path / "ckpt")
+    config, loaded = converters.load(tmp_path / "ckpt")
+    assert config == qconfig and isinstance(loaded["embed"], QuantizedWeight)
+    np.testing.assert_array_equal(np.asarray(loaded["embed"].values), np.asarray(qparams["embed"].values))
+    a, _ = ssm_llm.forward(loaded, config, IDS, ssm_llm.init_cache(config, 1, 16))
+    b, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="embedding \\(True or False\\) makes the logits a W8A8 product"):
+        ssm_llm.quantize_weights(params, CONFIG, "w8a16", embedding=True)
+    with pytest.raises(ValueError, match="config.int8_embedding makes the logits a W8A8 product"):
+        dataclasses.replace(CONFIG, int8_embedding=True)
+    plain, plain_config = ssm_llm.quantize_weights(params, CONFIG, "w8a8")
+    cache = ssm_llm.init_cache(CONFIG, 1, 16)
+    with pytest.raises(ValueError, match="has shape \\(101, 64\\), but the ModelConfig needs \\(64, 101\\)"):
+        ssm_llm.forward(plain, qconfig, IDS, cache)  # a float table under an int8-embedding config
+    with pytest.raises(ValueError, match="has shape \\(64, 101\\), but the ModelConfig needs \\(101, 64\\)"):
+        ssm_llm.forward({**plain, "embed": qparams["embed"]}, plain_config, IDS, cache)
+
+
+def test_int8_embedding_splits_like_the_output_projection(params):
+    from jax.sharding import Mesh, PartitionSpec
+
+    from ssm_llm.sharding import param_specs
+
+    qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8", embedding=True)
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    specs = param_specs(qparams, qconfig, mesh)
+    assert specs["embed"].values == specs["lm_head"].values == PartitionSpec(None, "model")
+    assert specs["embed"].scales == PartitionSpec(None, "model")
