@@ -99,7 +99,8 @@ def main(argv=None):
     ours = [Ours(params, config, "ssm_llm"), Ours(ssm_llm.unstack_layers(params), config, "ssm_llm unrolled")]
     float_names = {r.name for r in ours}
     for scheme in args.quantize:
-        qparams, qconfig = ssm_llm.quantize_weights(params, config, *VARIANTS.get(scheme, (scheme, {})))
+        base, options = VARIANTS.get(scheme, (scheme, {}))
+        qparams, qconfig = ssm_llm.quantize_weights(params, config, base, **options)
         ours += [
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),

@@ -188,6 +188,10 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     path = _model_path(args.model)
     with converters.tokenizer_built_aside(path):
         config, params = _load(path, args.quantize, _cache_enabled(args), mesh, verbose=main_process)
+    if args.layers == "unrolled":
+        from ssm_llm.layer_layout import unstack_layers
+
+        params = unstack_layers(params)
     loaded = time.perf_counter()
     tokenizer = converters.load_text_tokenizer(path)
     tokenized = time.perf_counter()
@@ -326,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
         "CPU it pays off mainly when the answer copies the prompt)",
+    )
+    gen.add_argument(
+        "--layers",
+        choices=["stacked", "unrolled"],
+        default="stacked",
+        help="the layer layout: one scanned layer body (stacked; compiles fastest) or every layer unrolled "
+        "(ssm_llm.unstack_layers; decodes faster on CPU, compiles longer)",
     )
     gen.add_argument(
         "--quantize",

@@ -222,7 +222,7 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
         cos=cos,
         sin=sin,
     )
-    x = embed_tokens(params, tokens)
+    x = embed_tokens(params, config, tokens)
     kv = cache.data if compressed else (cache.k, cache.v)
     observed = None
     if observe:

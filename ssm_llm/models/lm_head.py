@@ -58,13 +58,16 @@ def _cpu_int8_dot(xq: jax.Array, codes: jax.Array) -> jax.Array:
     return acc[:rows]
 
 
-def embed_tokens(params: dict, tokens: jax.Array) -> jax.Array:
+def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
     """The embedding rows of `tokens` `[...]` -> `[..., H]`: a float table [V, H], or an int8 one stored as the
-    tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row), dequantized row by row."""
+    tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row), dequantized row by row;
+    under `activation_rotation` a tied table holds the rotated rows (E Q, the head's weight Q E^T), which
+    `block_hadamard` turns back (Q Q = I)."""
     table = params["embed"]
     if isinstance(table, QuantizedWeight):
         codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
-        return codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
+        rows = codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
+        return block_hadamard(rows) if config.activation_rotation and config.tie_word_embeddings else rows
     return table[tokens]
 
 
@@ -76,10 +79,10 @@ def activation_dtype(params: dict):
 
 def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
     """Project final hidden states `[..., H]` to vocabulary logits `[..., V]` (tied: the embedding); an int8
-    output projection multiplies as W8A8 (`int8_matmul`)."""
+    output projection multiplies as W8A8 (`int8_matmul`), its input rotated under `activation_rotation`."""
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
     if isinstance(head, QuantizedWeight):
-        return int8_matmul(h, head)
+        return linear(h, head, int8_acts=True, rotate=config.activation_rotation)
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":
             return jnp.moveaxis(jnp.einsum("vh,...h->v...", params["embed"], h), 0, -1)

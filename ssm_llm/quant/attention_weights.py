@@ -100,10 +100,16 @@ def quantize_weights(
     else:
         new_layers = _quantize_layer(_rotated(layers, rotation), bits, group_size, stacked=True)
     out = {**params, "layers": new_layers}
-    if embedding:  # int8 per vocabulary row, laid out as the output projection [H, V]
-        out["embed"] = quantize_matrix(params["embed"].T, bits=8, group_size=config.hidden_size)
+    if embedding:  # int8 per vocabulary row, laid out as the output projection [H, V], its rows rotated like
+        # every linear's under `rotation`: on SmolLM2 (W8A8 rotated layers) the int8 head took the model's KL to
+        # float32 from 0.0034 to 0.0175 with its input unrotated, to 0.0046 rotated; int8 rows alone cost nothing
+        head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+        head = block_hadamard(head, axis=0) if rotation else head
+        out["lm_head" if not config.tie_word_embeddings else "embed"] = quantize_matrix(
+            head, bits=8, group_size=config.hidden_size
+        )
         if not config.tie_word_embeddings:
-            out["lm_head"] = quantize_matrix(params["lm_head"], bits=8, group_size=config.hidden_size)
+            out["embed"] = quantize_matrix(params["embed"].T, bits=8, group_size=config.hidden_size)
     return out, qconfig
 
 
@@ -129,7 +135,7 @@ def _calibrated(params, config, qconfig, tokens, group_size, smoothing, gptq, pr
     """Quantize layer by layer: statistics of layer i's inputs come from the quantized layers 0..i-1."""
     layers = unstack_layers(params)["layers"]
     bits = WEIGHT_BITS[qconfig.quantization]
-    x = embed_tokens(params, tokens)
+    x = embed_tokens(params, config, tokens)
     new_layers = []
     for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress, leave=False)):
         window = config.layer_windows[i]

@@ -89,7 +89,7 @@ def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tab
         )
         return finish_block(config, p, x, attn), pool
 
-    x, pool = run_layers(block, (embed_tokens(params, tokens), pool), params["layers"], (config.layer_windows,))
+    x, pool = run_layers(block, (embed_tokens(params, config, tokens), pool), params["layers"], (config.layer_windows,))
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), pool
 
 

@@ -185,7 +185,7 @@ def tree_logits(
     else:
         visible, distance = _cache_visibility(lengths, nodes, mask, depth, cache.max_len)
     inputs = (lengths, slots, mask, visible, distance, cos, sin)
-    x = embed_tokens(params, jnp.take_along_axis(tree.tokens, nodes, axis=1))
+    x = embed_tokens(params, config, jnp.take_along_axis(tree.tokens, nodes, axis=1))
     x, (k_all, v_all) = run_layers(
         lambda c, layer: _tree_layer(config, impl, kernel, inputs, c, layer),
         (x, (scratch.k, scratch.v)),

@@ -45,6 +45,30 @@ def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
     assert policies == [StreamingLLM(budget=32)]
 
 
+def test_cli_generate_with_unrolled_layers(smollm2, monkeypatch, capsys):
+    """`--layers unrolled` hands `generate` one dict per layer (`unstack_layers`) and prints the same greedy
+    text as the stacked layout."""
+    import ssm_llm_cli as cli
+    from ssm_llm import generation
+
+    config, params, _, path = smollm2
+    monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
+    layouts = []
+
+    def spy(params, config, prompts, gen_config, **kw):
+        layouts.append(type(params["layers"]).__name__)
+        return real(params, config, prompts, gen_config, **kw)
+
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", spy)
+    texts = []
+    for layout in ("stacked", "unrolled"):
+        argv = ["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--no-stream"]
+        assert cli.main([*argv, "--layers", layout]) == 0
+        texts.append(capsys.readouterr().out)
+    assert layouts == ["dict", "list"] and texts[0] == texts[1] and texts[0].strip()
+
+
 TINY = ssm_llm.ModelConfig(
     vocab_size=64,
     hidden_size=32,

@@ -177,7 +177,7 @@ def test_int8_embedding_is_its_int8_simulation(tie):
     table = qparams["embed"]
     assert qconfig.int8_embedding and isinstance(table, QuantizedWeight) and table.shape == (64, 101)
     assert table.values.nbytes + table.scales.nbytes == 64 * 101 + 4 * 101  # a quarter of float32, plus scales
-    rows = np.asarray(embed_tokens(qparams, IDS))
+    rows = np.asarray(embed_tokens(qparams, qconfig, IDS))
     np.testing.assert_array_equal(rows, np.asarray(dequantize_weights(table)).T[np.asarray(IDS)])
     scale = np.asarray(table.scales[0])[np.asarray(IDS)][..., None]
     assert (np.abs(rows - np.asarray(fparams["embed"])[np.asarray(IDS)]) <= scale / 2 + 1e-7).all()
@@ -204,7 +204,25 @@ def test_int8_embedding_is_its_int8_simulation(tie):
 
 
 def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
+    from ssm_llm.hadamard import block_hadamard
+    from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
+
     qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8", embedding=True, rotation=True)
+    # Rotated: the head's rows hold Q w and its input is rotated; the (untied) embedding is not.
+    h = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 64)))
+    want, bound = numpy_w8a8(np.asarray(block_hadamard(h)), qparams["lm_head"])
+    assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
+    rows = np.asarray(embed_tokens(qparams, qconfig, IDS))
+    np.testing.assert_allclose(rows, np.asarray(params["embed"])[np.asarray(IDS)], atol=0.01)
+    tied = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+    tparams = {k: v for k, v in params.items() if k != "lm_head"}
+    tq, tconfig = ssm_llm.quantize_weights(tparams, tied, "w8a8", embedding=True, rotation=True)
+    rows = np.asarray(embed_tokens(tq, tconfig, IDS))  # stored as the rotated head, turned back on lookup
+    err = np.linalg.norm(rows - np.asarray(params["embed"])[np.asarray(IDS)], axis=-1)
+    scale = np.asarray(tq["embed"].scales[0])[np.asarray(IDS)]
+    assert (err <= scale * np.sqrt(64) / 2 + 1e-6).all()
+    want, bound = numpy_w8a8(np.asarray(block_hadamard(h)), tq["embed"])
+    assert (np.abs(np.asarray(logits_from_hidden(tq, tconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     converters.save(qparams, qconfig, tmp_path / "ckpt")
     config, loaded = converters.load(tmp_path / "ckpt")
     assert config == qconfig and isinstance(loaded["embed"], QuantizedWeight)
