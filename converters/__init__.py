@@ -2,6 +2,7 @@
 
 config, params = converters.load("model.gguf")          # GGUF (dequantized)
 config, params = converters.load("model.gguf", quantize="w4a16")   # GGUF blocks kept as integer codes
+config, params = converters.load("model.gguf", quantize="auto")    # int8 where it is faster on this host
 config, params = converters.load("hf_model_dir/")        # safetensors or pytorch_model.bin
 config, params = converters.load(hf_model)               # in-memory transformers model
 config, params = converters.load(state_dict, config=hf_config)
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 
 from converters.attention_weights import convert_attention_weights, convert_quantized_attention_weights
+from converters.cache_dir import cache_root
 from converters.checkpoint import is_checkpoint, load_checkpoint, save
 from converters.gguf_file import read_gguf
 from converters.hf_config import config_from_hf
@@ -28,10 +31,17 @@ from converters.mamba_weights import convert_mamba_weights
 from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
-from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.config import ModelConfig
+from ssm_llm.int8_choice import int8_pays
 from ssm_llm.quant import quantize_weights
+from ssm_llm.quant.presets import AUTO_PRESET, preset, preset_of
 from ssm_llm.sharding import shard_params
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
+
+# Where quantize="auto" records this host's int8 measurement (`ssm_llm.int8_choice`), under the cache root.
+INT8_RECORD = "int8_choice.json"
+# Set to 0 or 1, this environment variable decides quantize="auto" without measuring (1: int8 on any backend).
+INT8_ENV = "SSM_LLM_INT8"
 
 __all__ = [
     "config_from_hf",
@@ -93,11 +103,15 @@ def load(
     `transformers` model, or a state dict (then `config`: a transformers config or dict is required).
     Architectures: llama, qwen2, mistral (also from GGUF), mamba and mamba2 (Hugging Face or the
     original state-spaces layout).
-    `quantize`: None, or a scheme of `ssm_llm.quantize_weights` ("w8a8", "w8a16", "w4a16") for attention
-    models; the returned config says it. From a GGUF file or a GPTQ / AWQ checkpoint the linears are built
-    one tensor at a time, and with `group_size="native"` a tensor stored as Q8_0 / Q4_0 / Q4_1 / Q4_K /
-    Q6_K or packed by GPTQ / AWQ keeps its codes exactly (4-bit schemes take the 4-bit formats); other
-    tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
+    `quantize`: None, or a preset of `ssm_llm.quant.presets` for attention models: a scheme of
+    `ssm_llm.quantize_weights` ("w8a8", "w8a16", "w4a16") or "w8a8-rot" / "w8a8-rot-emb" (W8A8 with rotated
+    inputs, and an int8 embedding); the returned config says it. "auto": "w8a8-rot-emb" where int8 products
+    are faster than float32 on this host (`ssm_llm.int8_choice`, measured once and recorded in the cache
+    directory; $SSM_LLM_INT8=0 / 1 decides instead), None elsewhere and for Mamba models; an already
+    quantized checkpoint is kept as it is. From a GGUF file or a GPTQ / AWQ checkpoint the linears are built
+    one tensor at a time (presets without options), and with `group_size="native"` a tensor stored as
+    Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K or packed by GPTQ / AWQ keeps its codes exactly (4-bit schemes take the
+    4-bit formats); other tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
     group_size: "auto" ("native" for the weight-only schemes; per output channel for "w8a8", whose CPU
     integer product wants it), "native", None (per output channel) or an int.
     `cache`: for a GGUF file or a model directory, keep the converted params as an entry under
@@ -110,17 +124,20 @@ def load(
     restored straight into its shards; a quantized conversion is loaded, then sharded.
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
-    if quantize is not None and quantize not in WEIGHT_BITS:
-        raise ValueError(f"quantize must be None or one of {', '.join(WEIGHT_BITS)}, got {quantize!r}")
+    auto = quantize == "auto"
+    if auto:
+        quantize = AUTO_PRESET if _int8_pays() else None
+    if quantize is not None:
+        preset(quantize)  # a clear error for an unknown name
     if group_size not in ("auto", "native", None) and (
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"group_size must be 'auto', 'native', None or a positive int, got {group_size!r}")
     if group_size == "auto":
-        group_size = None if quantize == "w8a8" else "native"
+        group_size = None if quantize is not None and quantize.startswith("w8a8") else "native"
     if isinstance(source, (str, Path)) and is_checkpoint(source):
         model_config, params = load_checkpoint(source, dtype, mesh=mesh)
-        loaded = _quantized(model_config, params, quantize, group_size)
+        loaded = _quantized(model_config, params, quantize, group_size, auto)
         if mesh is not None and loaded[1] is params:  # restored straight into its shards
             return loaded
     elif cache and isinstance(source, (str, Path)):
@@ -128,37 +145,53 @@ def load(
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
-        convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size)
+        convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size, auto=auto)
         loaded = load_cached(path, options, convert, background=cache_in_background)
     else:
-        loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None)
+        loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None, auto=auto)
     if mesh is None:
         return loaded
     model_config, params = loaded
     return model_config, shard_params(params, model_config, mesh)
 
 
-def _convert(source, config, dtype, progress, quantize, group_size, on_host=False):
+def _int8_pays() -> bool:
+    """quantize="auto"'s choice: $SSM_LLM_INT8 when it is set, else this host's recorded measurement."""
+    forced = os.environ.get(INT8_ENV, "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"${INT8_ENV} must be 0 or 1 (or unset: measure), got {forced!r}")
+    return forced == "1" if forced else int8_pays(cache_root() / INT8_RECORD)
+
+
+def _convert(source, config, dtype, progress, quantize, group_size, on_host=False, auto=False):
     """`load` of a source that is not an ssm_llm checkpoint, without the cache; `on_host`: float params as
     numpy arrays in host memory (to be sharded onto a mesh)."""
     hf_config, tensors = _read(source, config)
     model_config = config_from_hf(hf_config)
-    if quantize is not None and isinstance(model_config, ModelConfig) and hasattr(tensors, "native_bits"):
-        params = convert_quantized_attention_weights(model_config, tensors, quantize, group_size, dtype, progress)
-        return dataclasses.replace(model_config, quantization=quantize), params
+    scheme, options = preset(quantize) if quantize is not None else (None, {})
+    if scheme is not None and not options and isinstance(model_config, ModelConfig) and hasattr(tensors, "native_bits"):
+        params = convert_quantized_attention_weights(model_config, tensors, scheme, group_size, dtype, progress)
+        return dataclasses.replace(model_config, quantization=scheme), params
     convert = convert_attention_weights if isinstance(model_config, ModelConfig) else convert_mamba_weights
     params = convert(model_config, tensors, dtype, progress, on_host=on_host and quantize is None)
-    return _quantized(model_config, params, quantize, group_size)
+    return _quantized(model_config, params, quantize, group_size, auto)
 
 
-def _quantized(config, params, scheme, group_size):
-    """Float params quantized with `quantize_weights` (a float checkpoint asked for `scheme`)."""
-    if scheme is None or getattr(config, "quantization", None) == scheme:
+def _quantized(config, params, name, group_size, auto=False):
+    """Float params quantized with `quantize_weights` (a float checkpoint asked for the preset `name`); under
+    "auto" (`auto`) Mamba models and quantized checkpoints are kept as they are."""
+    if name is None or (isinstance(config, ModelConfig) and preset_of(config) == name):
         return config, params
     if not isinstance(config, ModelConfig):
+        if auto:
+            return config, params
         raise ValueError(
             f"quantize= applies to attention models; this is a {type(config).__name__} "
             "(quantize Mamba models with ssm_llm.quant.quantize_model)"
         )
-    params, config = quantize_weights(params, config, scheme, None if group_size == "native" else group_size)
+    if auto and config.quantization != "none":
+        return config, params
+    scheme, options = preset(name)
+    group_size = None if group_size == "native" else group_size
+    params, config = quantize_weights(params, config, scheme, group_size, progress=False, **options)
     return config, params

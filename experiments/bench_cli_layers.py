@@ -2,7 +2,8 @@
 again and again: fresh processes sharing one cache (the converted model and the compiled programs), after
 one warm-up run per layout, for several output lengths (a chat prompt asking for a long story, streamed,
 as the CLI prints by default). Unrolled layers decode faster on CPU but compile
-longer; this measures whether a cached CLI run wins that back, which decides the CLI's default layout.
+longer; this measures whether a cached CLI run wins that back, which decides the CLI's default layout (float32
+weights, `--quantize none`).
 
     python experiments/bench_cli_layers.py            # -> results/bench_cli_layers.json (~4 min on 2 cores)
 """
@@ -34,12 +35,14 @@ def main() -> None:
         cache = Path(tmp)
         for layout in LAYOUTS:  # warm-up: convert the model once, compile each layout's programs once
             for n in args.new_tokens:
-                run_cli(cache, ["--prompt", PROMPT, "--layers", layout], n)
+                run_cli(cache, ["--prompt", PROMPT, "--layers", layout, "--quantize", "none"], n)
         for n in args.new_tokens:
             runs = {layout: [] for layout in LAYOUTS}
             for _ in range(args.repeats):  # interleaved
                 for layout in LAYOUTS:
-                    runs[layout].append(run_cli(cache, ["--prompt", PROMPT, "--layers", layout], n))
+                    runs[layout].append(
+                        run_cli(cache, ["--prompt", PROMPT, "--layers", layout, "--quantize", "none"], n)
+                    )
             rows[n] = {
                 layout: {
                     "wall_s": statistics.median(r["wall_s"] for r in got),

@@ -17,6 +17,8 @@ from typing import NoReturn
 
 import numpy as np
 
+from ssm_llm.quant.presets import PRESETS
+
 NO_CACHE_ENV = "SSM_LLM_NO_CACHE"
 # The smallest compile (seconds) worth a persistent-cache entry: the CLI's prefill and decode programs
 # take 0.5-2 s on the 2-core CPU; the many tiny helper programs are cheaper to recompile than to store.
@@ -38,30 +40,47 @@ def _model_path(model: str | None) -> Path:
     return Path(model) if model else default_model_path()
 
 
-# --quantize choices made from the float weights by `quantize_weights(params, config, "w8a8", **options)`; the
-# others are `converters.load(quantize=...)`'s.
-_W8A8_VARIANTS = {"w8a8-rot": {"rotation": True}, "w8a8-rot-emb": {"rotation": True, "embedding": True}}
-QUANTIZE_CHOICES = ["w8a8", *_W8A8_VARIANTS, "w8a16", "w4a16"]
+# --quantize: "none", "auto" (int8 where its products are faster here, measured once) or a preset of
+# ssm_llm.quant.presets; `converters.load(quantize=...)` resolves all of them.
+QUANTIZE_CHOICES = ["none", "auto", *PRESETS]
 
 
 def _load(path: Path, quantize: str | None = None, cache: bool = False, mesh=None, verbose: bool = True):
     import converters
 
+    quantize = None if quantize == "none" else quantize
     if verbose:
         print(f"loading {path}" + (f" as {quantize}" if quantize else ""), file=sys.stderr)
-    if quantize in _W8A8_VARIANTS:
-        from ssm_llm.quant import quantize_weights
-        from ssm_llm.sharding import shard_params
-
-        config, params = converters.load(path, progress=verbose, cache=cache, cache_in_background=True)
-        params, config = quantize_weights(params, config, "w8a8", **_W8A8_VARIANTS[quantize])
-        if mesh is not None:
-            params = shard_params(params, config, mesh)
-    else:
-        config, params = converters.load(
-            path, progress=verbose, quantize=quantize, cache=cache, cache_in_background=True, mesh=mesh
-        )
+    config, params = converters.load(
+        path, progress=verbose, quantize=quantize, cache=cache, cache_in_background=True, mesh=mesh
+    )
+    if verbose and quantize == "auto":
+        print(f"[--quantize auto: {_auto_outcome(config)}]", file=sys.stderr)
     return config, params
+
+
+def _auto_outcome(config) -> str:
+    """What --quantize auto chose, and the measurement behind it (already recorded by the load)."""
+    import jax
+
+    from converters import INT8_ENV, INT8_RECORD
+    from converters.cache_dir import cache_root
+    from ssm_llm.config import ModelConfig
+    from ssm_llm.int8_choice import int8_choice
+    from ssm_llm.quant.presets import preset_of
+
+    if os.environ.get(INT8_ENV):
+        measured = f"${INT8_ENV}={os.environ[INT8_ENV]}"
+    elif jax.default_backend() != "cpu":
+        return f"float32 on {jax.default_backend()}"
+    else:
+        choice = int8_choice(cache_root() / INT8_RECORD)
+        measured = f"int8 products {choice.speedup:.2f}x float32's on this CPU"
+    if not isinstance(config, ModelConfig):
+        return f"float32 (a {type(config).__name__}: int8 inference is for attention models)"
+    if config.quantization == "none":
+        return f"float32 ({measured})"
+    return f"{preset_of(config) or config.quantization} ({measured}; --quantize none for float32)"
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:
@@ -341,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--quantize",
         choices=QUANTIZE_CHOICES,
-        help="load an attention model with quantized linear layers (converters.load(quantize=...)): int8 "
-        "weights and per-token int8 activations (w8a8; w8a8-rot with Hadamard-rotated inputs: +0.5%% "
-        "perplexity on SmolLM2 instead of +2.9%%; w8a8-rot-emb also an int8 embedding and output "
-        "projection), or int8 / int4 weights only; a GGUF file's Q8_0 / "
+        default="auto",
+        help="the weights of an attention model (converters.load(quantize=...)): auto (default) = w8a8-rot-emb "
+        "where int8 products are faster than float32 on this CPU (measured once, recorded in the cache), "
+        "float32 elsewhere; none = float32; int8 weights and per-token int8 activations (w8a8; w8a8-rot with "
+        "Hadamard-rotated inputs: +0.5%% perplexity on SmolLM2 instead of +2.9%%; w8a8-rot-emb also an int8 "
+        "embedding and output projection), or int8 / int4 weights only; a GGUF file's Q8_0 / "
         "Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
     )
     gen.add_argument(
@@ -385,7 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-slots", type=int, default=8, help="requests decoded at once")
     srv.add_argument("--max-len", type=int, default=2048, help="the longest prompt + completion a request may ask for")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429")
-    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="as for generate")
+    srv.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="as for generate, but float32 by default: a W8A8 model's rounding follows the batch's shape, so "
+        "only float32 keeps every request's tokens equal to generating it alone",
+    )
     srv.add_argument("--no-cache", action="store_true", help="convert the model again (as for generate)")
     srv.add_argument(
         "--prompt-lookup",

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Converted models, tokenizers and compiled programs go to a temporary cache, never the user's.
 os.environ["SSM_LLM_CACHE"] = tempfile.mkdtemp(prefix="ssm_llm_test_cache_")
+# quantize="auto" (the CLI's default) decided as on a CPU where int8 does not pay, so outputs do not depend on the
+# CI host's CPU; the tests of the choice itself set or delete it (tests/converters/test_int8_choice.py).
+os.environ["SSM_LLM_INT8"] = "0"
 atexit.register(shutil.rmtree, os.environ["SSM_LLM_CACHE"], True)
 
 import numpy as np  # noqa: E402

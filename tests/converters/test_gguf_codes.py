@@ -166,7 +166,7 @@ def test_quantize_on_other_sources_and_errors(tmp_path):
     model = tiny_hf_model("llama")
     config, params = converters.load(model, quantize="w8a16")
     assert config.quantization == "w8a16" and params["layers"]["wq"].bits == 8
-    with pytest.raises(ValueError, match="quantize must be None or one of"):
+    with pytest.raises(ValueError, match="quantize must be None, .auto. or one of"):
         converters.load(model, quantize="int8")
     with pytest.raises(ValueError, match="group_size must be"):
         converters.load(model, quantize="w8a8", group_size=0)
