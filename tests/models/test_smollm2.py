@@ -80,8 +80,8 @@ def test_default_model_missing_names_the_install_command(monkeypatch):
         ssm_llm.default_model_path()
 
 
-def run_cli(*args, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+def run_cli(*args, timeout=600, **env_vars):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "ssm_llm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -124,13 +124,13 @@ def test_packed_q4_1_load_is_the_float_model(smollm2):
 
 
 def test_cli_generate_quantized():
-    """--quantize loads the model with quantized linear layers (converters.load(quantize=...)); int8
-    weights keep this answer. The schemes' own tests: tests/quant/."""
+    """The default --quantize auto, on a host where int8 pays (decided by $SSM_LLM_INT8=1 here; the tests pin
+    it to 0), loads the rotated W8A8 model with the int8 embedding (converters.load(quantize="auto")), which
+    keeps this answer. The schemes' own tests: tests/quant/; the choice's: tests/converters/test_int8_choice.py."""
     prompt = ("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
-    for scheme in ("w8a16",):
-        result = run_cli(*prompt, "--quantize", scheme)
-        assert result.returncode == 0, result.stderr
-        assert "Paris" in result.stdout and f"as {scheme}" in result.stderr
+    result = run_cli(*prompt, SSM_LLM_INT8="1")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "[--quantize auto: w8a8-rot-emb ($SSM_LLM_INT8=1" in result.stderr
     result = run_cli(*prompt, "--quantize", "w3")
     assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
 
