@@ -25,6 +25,7 @@ Writes experiments/results/bench_speculative.json (+ .png) and prints a table la
     python experiments/bench_speculative.py --quantize w8a8 --train-free --no-peer
         # the W8A8 target (ssm_llm.quantize_weights), prompt lookup and Token Recycling only:
         # experiments/results/bench_speculative_w8a8.json; exactness is checked against plain W8A8 greedy
+        # (--quantize takes the presets of ssm_llm.quant.presets: w8a8-rot-emb is the CLI's auto choice)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
 from ssm_llm import speculative  # noqa: E402
+from ssm_llm.quant.presets import PRESETS, preset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -237,7 +239,7 @@ def main(argv=None):
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
     parser.add_argument(
-        "--quantize", choices=["w8a8", "w8a16", "w4a16"], default=None, help="the target's weight quantization"
+        "--quantize", choices=list(PRESETS), default=None, help="the target's weight quantization (a preset)"
     )
     parser.add_argument("--train-free", action="store_true", help="only prompt lookup and Token Recycling")
     parser.add_argument("--out", type=Path, default=None)
@@ -257,7 +259,8 @@ def main(argv=None):
     config, params = converters.load(path)
     params = ssm_llm.unstack_layers(params)  # the faster layout for CPU decode (ssm_llm.layer_layout)
     if args.quantize:
-        params, config = ssm_llm.quantize_weights(params, config, args.quantize)
+        scheme, options = preset(args.quantize)
+        params, config = ssm_llm.quantize_weights(params, config, scheme, **options)
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
     def encode(message):
