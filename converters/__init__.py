@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from converters.attention_weights import convert_attention_weights, convert_quantized_attention_weights
@@ -125,14 +126,21 @@ def load(
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     auto = quantize == "auto"
-    if auto:
-        quantize = AUTO_PRESET if _int8_pays() else None
-    if quantize is not None:
+    if quantize is not None and not auto:
         preset(quantize)  # a clear error for an unknown name
     if group_size not in ("auto", "native", None) and (
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"group_size must be 'auto', 'native', None or a positive int, got {group_size!r}")
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise FileNotFoundError(f"no checkpoint at {source}")
+    if auto:  # after the checks above: the first call on a host times int8 against float32
+        quantize = AUTO_PRESET if int8_pays_here() else None
+    if group_size == "native" and quantize is not None and preset(quantize)[1]:
+        raise ValueError(
+            f"group_size='native' keeps a file's own codes, which {quantize!r} (rotated or with an int8 "
+            "embedding) cannot: its weights are rounded from the float model"
+        )
     if group_size == "auto":
         group_size = None if quantize is not None and quantize.startswith("w8a8") else "native"
     if isinstance(source, (str, Path)) and is_checkpoint(source):
@@ -146,7 +154,10 @@ def load(
             raise FileNotFoundError(f"no checkpoint at {path}")
         options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
         convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size, auto=auto)
-        loaded = load_cached(path, options, convert, background=cache_in_background)
+        # an entry written under "auto" for a Mamba model holds the float model: refused again if asked for a preset
+        loaded = _quantized(
+            *load_cached(path, options, convert, background=cache_in_background), quantize, group_size, auto
+        )
     else:
         loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None, auto=auto)
     if mesh is None:
@@ -155,12 +166,16 @@ def load(
     return model_config, shard_params(params, model_config, mesh)
 
 
-def _int8_pays() -> bool:
-    """quantize="auto"'s choice: $SSM_LLM_INT8 when it is set, else this host's recorded measurement."""
+def int8_pays_here() -> bool:
+    """quantize="auto"'s choice: $SSM_LLM_INT8 when it is set; else float32 in a multi-process run (each
+    process would time its own host, and all must load the same model); else this host's measurement,
+    taken once and recorded at `$SSM_LLM_CACHE/int8_choice.json` (`ssm_llm.int8_choice`)."""
     forced = os.environ.get(INT8_ENV, "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"${INT8_ENV} must be 0 or 1 (or unset: measure), got {forced!r}")
-    return forced == "1" if forced else int8_pays(cache_root() / INT8_RECORD)
+    if forced:
+        return forced == "1"
+    return jax.process_count() == 1 and int8_pays(cache_root() / INT8_RECORD)
 
 
 def _convert(source, config, dtype, progress, quantize, group_size, on_host=False, auto=False):
@@ -173,15 +188,16 @@ def _convert(source, config, dtype, progress, quantize, group_size, on_host=Fals
         params = convert_quantized_attention_weights(model_config, tensors, scheme, group_size, dtype, progress)
         return dataclasses.replace(model_config, quantization=scheme), params
     convert = convert_attention_weights if isinstance(model_config, ModelConfig) else convert_mamba_weights
-    params = convert(model_config, tensors, dtype, progress, on_host=on_host and quantize is None)
+    floats = quantize is None or not isinstance(model_config, ModelConfig)  # auto keeps Mamba models float
+    params = convert(model_config, tensors, dtype, progress, on_host=on_host and floats)
     return _quantized(model_config, params, quantize, group_size, auto)
 
 
 def _quantized(config, params, name, group_size, auto=False):
     """Float params quantized with `quantize_weights` (a float checkpoint asked for the preset `name`); under
     "auto" (`auto`) Mamba models and quantized checkpoints are kept as they are."""
-    if name is None or (isinstance(config, ModelConfig) and preset_of(config) == name):
-        return config, params
+    if name is None or (isinstance(config, ModelConfig) and name in (preset_of(config), config.quantization)):
+        return config, params  # (a plain scheme name accepts its rotated variants too, as it always has)
     if not isinstance(config, ModelConfig):
         if auto:
             return config, params
@@ -189,8 +205,13 @@ def _quantized(config, params, name, group_size, auto=False):
             f"quantize= applies to attention models; this is a {type(config).__name__} "
             "(quantize Mamba models with ssm_llm.quant.quantize_model)"
         )
-    if auto and config.quantization != "none":
-        return config, params
+    if config.quantization != "none":
+        if auto:
+            return config, params
+        raise ValueError(
+            f"this checkpoint is already quantized ({preset_of(config) or config.quantization!r}); quantize={name!r} "
+            "needs the float model"
+        )
     scheme, options = preset(name)
     group_size = None if group_size == "native" else group_size
     params, config = quantize_weights(params, config, scheme, group_size, progress=False, **options)

@@ -6,7 +6,8 @@ SmolLM2's layer products at two rows 1.4x faster on an AVX2-only EPYC, 1.9x with
 a property of the CPU and of XLA's CPU backend, not something the flags alone promise (an AVX2 CPU emulates
 the integer dot and still wins; a future XLA may change either side). So `converters.load(quantize="auto")`
 and the CLI time both products once on the host, shaped like a small model's decode step, and keep the
-result in a JSON record keyed by the CPU, its flags and the JAX version: a new CPU or JAX measures again.
+result in a JSON record keyed by the CPU, its flags, the usable cores and the JAX / jaxlib versions: another
+host or version measures again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import secrets
 import statistics
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from ssm_llm.cpu_features import host_cpu
@@ -43,9 +46,11 @@ class Int8Choice:
 
     cpu: str
     flags: tuple[str, ...]
-    jax_version: str
+    jax_version: str  # "jax/jaxlib"
     float32_ms: float
     int8_ms: float
+    cores: int = 0  # the cores this process may run on (float32 products use them all)
+    machine: str = ""  # platform.machine(): the model name alone is vague on Arm
 
     @property
     def speedup(self) -> float:
@@ -58,9 +63,15 @@ class Int8Choice:
         return self.speedup >= PAYS_AT
 
     def matches_host(self) -> bool:
-        """Taken on this CPU (model and flags) with this JAX version."""
-        cpu = host_cpu()
-        return (self.cpu, self.flags, self.jax_version) == (cpu.model, tuple(sorted(cpu.flags)), jax.__version__)
+        """Taken on this CPU (model, flags, architecture, usable cores) with this JAX and jaxlib version."""
+        return (self.cpu, self.flags, self.jax_version, self.cores, self.machine) == _host_key()
+
+
+def _host_key() -> tuple:
+    cpu = host_cpu()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    versions = f"{jax.__version__}/{jaxlib.__version__}"
+    return cpu.model, tuple(sorted(cpu.flags)), versions, cores, platform.machine()
 
 
 def _products(rows: int, k: int, n: int, count: int):
@@ -101,7 +112,7 @@ def _median_ms(fn, args, repeats: int) -> float:
 
 
 def measure(repeats: int = 15, *, rows: int = ROWS, k: int = K, n: int = N, count: int = COUNT) -> Int8Choice:
-    """Time the float32 and the W8A8 step on this host (about a second on 2 cores), interleaved in rounds."""
+    """Time the float32 and the W8A8 step on this host (about half a second on 2 cores), interleaved in rounds."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     (f_fn, f_args), (i_fn, i_args) = _products(rows, k, n, count)
@@ -109,10 +120,8 @@ def measure(repeats: int = 15, *, rows: int = ROWS, k: int = K, n: int = N, coun
     for _ in range(3):  # interleaved, so a slow spell of a shared host hits both
         f_ms.append(_median_ms(f_fn, f_args, max(repeats // 3, 1)))
         i_ms.append(_median_ms(i_fn, i_args, max(repeats // 3, 1)))
-    cpu = host_cpu()
-    return Int8Choice(
-        cpu.model, tuple(sorted(cpu.flags)), jax.__version__, statistics.median(f_ms), statistics.median(i_ms)
-    )
+    model, flags, versions, cores, machine = _host_key()
+    return Int8Choice(model, flags, versions, statistics.median(f_ms), statistics.median(i_ms), cores, machine)
 
 
 def read_record(path: Path) -> Int8Choice | None:
@@ -120,9 +129,9 @@ def read_record(path: Path) -> Int8Choice | None:
     try:
         data = json.loads(Path(path).read_text())
         fields = {f.name for f in dataclasses.fields(Int8Choice)}
-        if not isinstance(data, dict) or set(data) != fields:
+        if not isinstance(data, dict) or not fields <= set(data):  # extra keys: a later version's record
             return None
-        choice = Int8Choice(**{**data, "flags": tuple(data["flags"])})
+        choice = Int8Choice(**{**{k: data[k] for k in fields}, "flags": tuple(data["flags"])})
         if not (choice.float32_ms > 0 and choice.int8_ms > 0):
             return None
         return choice
@@ -134,13 +143,13 @@ def write_record(path: Path, choice: Int8Choice) -> None:
     """Record `choice` at `path` (atomic: a temporary file renamed over it; best effort: a record that cannot
     be written only costs a new measurement next time)."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         tmp.write_text(json.dumps(dataclasses.asdict(choice), indent=1))
         os.replace(tmp, path)
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
 
 
 def int8_choice(record: Path) -> Int8Choice:

@@ -55,32 +55,37 @@ def _load(path: Path, quantize: str | None = None, cache: bool = False, mesh=Non
         path, progress=verbose, quantize=quantize, cache=cache, cache_in_background=True, mesh=mesh
     )
     if verbose and quantize == "auto":
-        print(f"[--quantize auto: {_auto_outcome(config)}]", file=sys.stderr)
+        print(f"[--quantize auto: {_auto_outcome(config, path)}]", file=sys.stderr)
     return config, params
 
 
-def _auto_outcome(config) -> str:
-    """What --quantize auto chose, and the measurement behind it (already recorded by the load)."""
+def _auto_outcome(config, path: Path) -> str:
+    """What --quantize auto chose, and why (the measurement was recorded by the load)."""
     import jax
 
     from converters import INT8_ENV, INT8_RECORD
     from converters.cache_dir import cache_root
+    from converters.checkpoint import is_checkpoint
     from ssm_llm.config import ModelConfig
-    from ssm_llm.int8_choice import int8_choice
-    from ssm_llm.quant.presets import preset_of
+    from ssm_llm.int8_choice import read_record
+    from ssm_llm.quant.presets import AUTO_PRESET, preset_of
 
-    if os.environ.get(INT8_ENV):
-        measured = f"${INT8_ENV}={os.environ[INT8_ENV]}"
-    elif jax.default_backend() != "cpu":
-        return f"float32 on {jax.default_backend()}"
-    else:
-        choice = int8_choice(cache_root() / INT8_RECORD)
-        measured = f"int8 products {choice.speedup:.2f}x float32's on this CPU"
     if not isinstance(config, ModelConfig):
         return f"float32 (a {type(config).__name__}: int8 inference is for attention models)"
+    if config.quantization != "none" and (is_checkpoint(path) or preset_of(config) != AUTO_PRESET):
+        return f"the checkpoint's own {preset_of(config) or config.quantization} weights, kept"
+    if os.environ.get(INT8_ENV):
+        why = f"${INT8_ENV}={os.environ[INT8_ENV]}"
+    elif jax.default_backend() != "cpu":
+        return f"float32 on {jax.default_backend()}"
+    elif jax.process_count() > 1:
+        why = f"a multi-process run decides int8 only through ${INT8_ENV}"
+    else:
+        choice = read_record(cache_root() / INT8_RECORD)
+        why = f"int8 products {choice.speedup:.2f}x float32's on this CPU" if choice else "measured"
     if config.quantization == "none":
-        return f"float32 ({measured})"
-    return f"{preset_of(config) or config.quantization} ({measured}; --quantize none for float32)"
+        return f"float32 ({why})"
+    return f"{AUTO_PRESET} ({why}; --quantize none for float32)"
 
 
 def _parse_mesh(text: str) -> tuple[int, int]:
@@ -205,8 +210,15 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     # threads were slower: GIL contention, 26 s against 19.6 s); a cached one loads in 0.1 s after the model.
     started = time.perf_counter()
     path = _model_path(args.model)
+    quantize = args.quantize
+    if quantize == "auto" and gen_config.speculative is not None:
+        quantize = "none"  # lossless only on float32: a W8A8 model's rounding follows the forward's shape
+        if main_process:
+            print("[--quantize auto: float32 (--speculative is exact on float32 weights only)]", file=sys.stderr)
+    if quantize == "auto" and path.exists():
+        converters.int8_pays_here()  # a first measurement before the tokenizer's child process loads a core
     with converters.tokenizer_built_aside(path):
-        config, params = _load(path, args.quantize, _cache_enabled(args), mesh, verbose=main_process)
+        config, params = _load(path, quantize, _cache_enabled(args), mesh, verbose=main_process)
     if args.layers == "unrolled":
         from ssm_llm.layer_layout import unstack_layers
 
@@ -279,7 +291,8 @@ def _convert(args) -> int:
 
     # Before the slow load: refuse a destination that holds anything but a checkpoint, or the source.
     dest = check_destination(args.dest, overwrite=args.overwrite, source=args.source, flag="--overwrite")
-    config, params = converters.load(args.source, dtype=jnp.dtype(args.dtype), progress=True)
+    quantize = None if args.quantize == "none" else args.quantize
+    config, params = converters.load(args.source, dtype=jnp.dtype(args.dtype), progress=True, quantize=quantize)
     try:
         tokenizer = converters.load_tokenizer(args.source)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -397,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dest", help="output directory")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="save quantized weights (as for generate; a quantized checkpoint then loads as it is, without "
+        "quantizing on each run)",
+    )
     conv.set_defaults(func=_convert)
 
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -439,11 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache(args) -> int:
-    from converters import model_cache
+    from converters import INT8_RECORD, model_cache
+    from converters.cache_dir import cache_root
     from ssm_llm.memory import format_bytes
 
     if args.action == "clear":
         count, size = model_cache.clear()
+        (cache_root() / INT8_RECORD).unlink(missing_ok=True)  # --quantize auto measures again
         print(f"removed {count} cached model(s), {format_bytes(size)}", file=sys.stderr)
         return 0
     found = model_cache.entries()

@@ -27,8 +27,8 @@ def assert_same(a, b):
 
 
 def host_choice(float32_ms: float, int8_ms: float) -> Int8Choice:
-    cpu = int8_choice.host_cpu()
-    return Int8Choice(cpu.model, tuple(sorted(cpu.flags)), jax.__version__, float32_ms, int8_ms)
+    model, flags, versions, cores, machine = int8_choice._host_key()
+    return Int8Choice(model, flags, versions, float32_ms, int8_ms, cores, machine)
 
 
 @pytest.fixture
@@ -64,15 +64,25 @@ def test_the_record_is_reused_on_this_host_and_measured_again_elsewhere(tmp_path
     first = int8_choice.int8_choice(record)
     assert len(measurements) == 1 and int8_choice.read_record(record) == first
     assert int8_choice.int8_choice(record) == first and len(measurements) == 1  # read, not measured
-    for field, other in (("cpu", "another CPU"), ("jax_version", "0.0.1"), ("flags", ["avx2"])):
+    others = (
+        ("cpu", "another CPU"),
+        ("jax_version", "0.0.1/0.0.1"),
+        ("flags", ["avx2"]),
+        ("cores", 96),
+        ("machine", "arm64"),
+    )
+    for field, other in others:
         record.write_text(json.dumps({**dataclasses.asdict(first), field: other}))
         assert int8_choice.int8_choice(record) == first  # another host's record: measured again, replaced
-    assert len(measurements) == 4 and int8_choice.read_record(record) == first
+    assert len(measurements) == 1 + len(others) and int8_choice.read_record(record) == first
+    record.write_text(json.dumps({**dataclasses.asdict(first), "from_a_later_version": 1}))
+    assert int8_choice.int8_choice(record) == first and len(measurements) == 1 + len(others)  # extra keys: read
     for damaged in ("{", "[]", json.dumps({"cpu": "x"}), json.dumps({**dataclasses.asdict(first), "int8_ms": 0})):
         record.write_text(damaged)
         assert int8_choice.read_record(record) is None
         assert int8_choice.int8_choice(record) == first
-    assert len(measurements) == 8
+    assert len(measurements) == 5 + len(others)
+    assert [p.name for p in record.parent.iterdir()] == ["record.json"]  # no temporary files left
 
 
 def test_presets_name_their_configs():
@@ -116,8 +126,25 @@ def test_auto_keeps_mamba_models_and_quantized_checkpoints(monkeypatch, tmp_path
     config, params = converters.load(tiny_hf_model("llama"), quantize="w8a16")
     converters.save(params, config, tmp_path / "ckpt")
     assert converters.load(tmp_path / "ckpt", quantize="auto")[0].quantization == "w8a16"
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(ValueError, match=r"already quantized \('w8a16'\); quantize='w8a8-rot' needs the float"):
         converters.load(tmp_path / "ckpt", quantize="w8a8-rot")
+    config, params = converters.load(tiny_hf_model("llama"), quantize="w8a8-rot")
+    converters.save(params, config, tmp_path / "rot")
+    assert converters.load(tmp_path / "rot", quantize="w8a8")[0].activation_rotation  # a scheme accepts its variants
+    with pytest.raises(ValueError, match="group_size='native' keeps a file's own codes"):
+        converters.load(tmp_path / "rot", quantize="w8a8-rot", group_size="native")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        converters.load(tmp_path / "missing.gguf", quantize="auto")
+
+
+def test_a_mamba_entry_written_under_auto_is_refused_to_a_preset(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSM_LLM_INT8", "1")
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "mamba"
+    tiny_hf_ssm_model("mamba").save_pretrained(source)
+    assert_same(converters.load(source, cache=True, quantize="auto"), converters.load(source))
+    with pytest.raises(ValueError, match="quantize= applies to attention models"):
+        converters.load(source, cache=True, quantize="w8a8-rot-emb")
 
 
 def test_auto_is_cached_as_its_preset(monkeypatch, tmp_path):
@@ -144,10 +171,41 @@ def test_cli_generate_defaults_to_auto(monkeypatch, tmp_path, capsys):
     assert "[--quantize auto: w8a8-rot-emb ($SSM_LLM_INT8=1; --quantize none for float32)]" in err
     assert main([*argv, "--quantize", "w8a8-rot-emb"]) == 0
     assert capsys.readouterr().out == auto_out
+    assert main([*argv, "--speculative", "prompt_lookup"]) == 0  # exact on float32 only: auto loads float32
+    spec_out, err = capsys.readouterr()
+    assert "[--quantize auto: float32 (--speculative is exact on float32 weights only)]" in err
     monkeypatch.setenv("SSM_LLM_INT8", "0")
     assert main(argv) == 0
     float_out, err = capsys.readouterr()
-    assert "[--quantize auto: float32 ($SSM_LLM_INT8=0)]" in err
+    assert "[--quantize auto: float32 ($SSM_LLM_INT8=0)]" in err and spec_out == float_out
     assert main([*argv, "--quantize", "none"]) == 0
     none_out, err = capsys.readouterr()
     assert none_out == float_out and "--quantize auto" not in err
+
+
+def test_cli_measures_once_and_cache_clear_forgets_the_measurement(monkeypatch, tmp_path, capsys, measurements):
+    monkeypatch.delenv("SSM_LLM_INT8")
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    tiny_hf_model("llama").save_pretrained(source)
+    save_word_level_tokenizer(source)
+    argv = ["generate", "--model", str(source), "--prompt", "w3 w1 w4", "--max-new-tokens", "3", "--no-cache"]
+    for _ in range(2):
+        assert main(argv) == 0
+        assert "[--quantize auto: w8a8-rot-emb (int8 products 2.00x float32's on this CPU;" in capsys.readouterr().err
+    assert len(measurements) == 1
+    assert main(["cache", "clear"]) == 0 and not (tmp_path / "cache" / converters.INT8_RECORD).exists()
+    assert main(argv) == 0 and len(measurements) == 2
+
+
+def test_cli_convert_saves_a_quantized_checkpoint_that_auto_keeps(monkeypatch, tmp_path, capsys):
+    source = tmp_path / "model"
+    tiny_hf_model("llama").save_pretrained(source)
+    save_word_level_tokenizer(source)
+    assert main(["convert", str(source), str(tmp_path / "ckpt"), "--quantize", "w8a8-rot-emb"]) == 0
+    config, _ = converters.load(tmp_path / "ckpt")
+    assert preset_of(config) == "w8a8-rot-emb"
+    monkeypatch.setenv("SSM_LLM_INT8", "0")  # auto keeps a quantized checkpoint whatever it would choose
+    argv = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "w3 w1", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert "[--quantize auto: the checkpoint's own w8a8-rot-emb weights, kept]" in capsys.readouterr().err

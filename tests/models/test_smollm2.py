@@ -131,6 +131,11 @@ def test_cli_generate_quantized():
     result = run_cli(*prompt, SSM_LLM_INT8="1")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "[--quantize auto: w8a8-rot-emb ($SSM_LLM_INT8=1" in result.stderr
+    result = run_cli(*prompt, "--quantize", "w8a16")  # the GGUF's Q4_1 / Q6_K blocks read into int8 codes
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "as w8a16" in result.stderr
+    result = run_cli(*prompt, "--quantize", "w3")
+    assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
     result = run_cli(*prompt, "--quantize", "w3")
     assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
 
