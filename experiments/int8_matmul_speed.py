@@ -6,6 +6,7 @@ every layer its own weights, chained so nothing is skipped), for 1-16 rows:
   float32    x @ w
   w8a8       x rounded per row to int8 (dynamic absmax scale), int8 x int8 -> int32 `lax.dot_general`,
              rescaled by the row scale and the per-output-channel weight scale
+  w8a8_nk    the same with the codes stored transposed, [N, K] (each output channel's K codes contiguous)
   w8_convert weight-only int8, converted to float32 inside the product
   bfloat16   x and w in bfloat16, float32 accumulation
 and, apart, the tied lm_head (49152 x 576) in float32 and w8a8. Medians of --repeats calls after a warm-up;
@@ -44,7 +45,7 @@ LAYER_SHAPES = {  # name: (K, N) of x [rows, K] @ w [K, N]
     "up": (HIDDEN, INTERMEDIATE),
     "down": (INTERMEDIATE, HIDDEN),
 }
-VARIANTS = ("float32", "w8a8", "w8_convert", "bfloat16")
+VARIANTS = ("float32", "w8a8", "w8a8_nk", "w8_convert", "bfloat16")
 OUT = Path(__file__).parent / "results" / "int8_matmul_speed.json"
 
 
@@ -55,11 +56,12 @@ def quantize_weight(w):
     return qw.values, qw.scales[0]
 
 
-def w8a8_product(x, codes, scale):
-    """x float32 [rows, K] -> x @ (codes * scale) with x rounded per row to int8: one integer product."""
+def w8a8_product(x, codes, scale, codes_axis: int = 0):
+    """x float32 [rows, K] -> x @ (codes * scale) with x rounded per row to int8: one integer product;
+    `codes_axis`: the axis of `codes` that is K (0: [K, N], 1: [N, K])."""
     x_scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-12) / 127.0
     xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
-    acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = jax.lax.dot_general(xq, codes, (((1,), (codes_axis,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * x_scale * scale
 
 
@@ -69,6 +71,8 @@ def product(variant: str, x, weight):
         return x @ weight
     if variant == "w8a8":
         return w8a8_product(x, *weight)
+    if variant == "w8a8_nk":
+        return w8a8_product(x, *weight, codes_axis=1)
     if variant == "w8_convert":
         codes, scale = weight
         return (x @ codes.astype(jnp.float32)) * scale
@@ -83,7 +87,8 @@ def stored(variant: str, w: np.ndarray):
         return jnp.asarray(w)
     if variant == "bfloat16":
         return jnp.asarray(w, jnp.bfloat16)
-    return quantize_weight(w)
+    codes, scale = quantize_weight(w)
+    return (codes.T.copy(), scale) if variant == "w8a8_nk" else (codes, scale)
 
 
 def layers_fn(variant: str):
@@ -142,7 +147,7 @@ def main(argv=None) -> dict:
     head_ms = {}
     if not args.skip_lm_head:
         embed = (0.05 * rng.standard_normal((HIDDEN, VOCAB))).astype(np.float32)
-        for variant in ("float32", "w8a8"):
+        for variant in ("float32", "w8a8", "w8a8_nk"):
             head = stored(variant, embed)
             fn = jax.jit(lambda x, w, v=variant: product(v, x, w))
             head_ms[variant] = {
