@@ -33,7 +33,7 @@ from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
 from ssm_llm.config import ModelConfig
-from ssm_llm.int8_choice import int8_pays
+from ssm_llm.int8_choice import int8_choice
 from ssm_llm.quant import quantize_weights
 from ssm_llm.quant.presets import AUTO_PRESET, preset, preset_of
 from ssm_llm.sharding import shard_params
@@ -135,7 +135,7 @@ def load(
     if isinstance(source, (str, Path)) and not Path(source).exists():
         raise FileNotFoundError(f"no checkpoint at {source}")
     if auto:  # after the checks above: the first call on a host times int8 against float32
-        quantize = AUTO_PRESET if int8_pays_here() else None
+        quantize = AUTO_PRESET if int8_decision()[0] else None
     if group_size == "native" and quantize is not None and preset(quantize)[1]:
         raise ValueError(
             f"group_size='native' keeps a file's own codes, which {quantize!r} (rotated or with an int8 "
@@ -149,9 +149,7 @@ def load(
         if mesh is not None and loaded[1] is params:  # restored straight into its shards
             return loaded
     elif cache and isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path}")
+        path = Path(source)  # (its existence is checked above)
         options = {"dtype": jnp.dtype(dtype).name, "quantize": quantize, "group_size": group_size}
         convert = functools.partial(_convert, path, None, dtype, progress, quantize, group_size, auto=auto)
         # an entry written under "auto" for a Mamba model holds the float model: refused again if asked for a preset
@@ -166,16 +164,22 @@ def load(
     return model_config, shard_params(params, model_config, mesh)
 
 
-def int8_pays_here() -> bool:
-    """quantize="auto"'s choice: $SSM_LLM_INT8 when it is set; else float32 in a multi-process run (each
-    process would time its own host, and all must load the same model); else this host's measurement,
-    taken once and recorded at `$SSM_LLM_CACHE/int8_choice.json` (`ssm_llm.int8_choice`)."""
+def int8_decision() -> tuple[bool, str]:
+    """quantize="auto"'s choice, and why: $SSM_LLM_INT8 when it is set; else float32 on GPU / TPU (whose fast
+    quantized path is another one) and in a multi-process run (each process would time its own host, and all
+    must load the same model); else this host's measurement, taken once and recorded at
+    `$SSM_LLM_CACHE/int8_choice.json` (`ssm_llm.int8_choice`)."""
     forced = os.environ.get(INT8_ENV, "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"${INT8_ENV} must be 0 or 1 (or unset: measure), got {forced!r}")
     if forced:
-        return forced == "1"
-    return jax.process_count() == 1 and int8_pays(cache_root() / INT8_RECORD)
+        return forced == "1", f"${INT8_ENV}={forced}"
+    if jax.default_backend() != "cpu":
+        return False, f"a {jax.default_backend()} backend"
+    if jax.process_count() > 1:
+        return False, f"a multi-process run decides int8 only through ${INT8_ENV}"
+    choice = int8_choice(cache_root() / INT8_RECORD)
+    return choice.pays, f"int8 products {choice.speedup:.2f}x float32's on this CPU"
 
 
 def _convert(source, config, dtype, progress, quantize, group_size, on_host=False, auto=False):

@@ -5,9 +5,9 @@ so far, with or without int8 dot-product instructions (`experiments/results/int8
 SmolLM2's layer products at two rows 1.4x faster on an AVX2-only EPYC, 1.9x with AVX-512 VNNI), but that is
 a property of the CPU and of XLA's CPU backend, not something the flags alone promise (an AVX2 CPU emulates
 the integer dot and still wins; a future XLA may change either side). So `converters.load(quantize="auto")`
-and the CLI time both products once on the host, shaped like a small model's decode step, and keep the
-result in a JSON record keyed by the CPU, its flags, the usable cores and the JAX / jaxlib versions: another
-host or version measures again.
+(`converters.int8_decision`, which keeps GPU / TPU backends float32) and the CLI time both products once
+on the host, shaped like a small model's decode step, and keep the result in a JSON record keyed by the
+CPU, its flags, the usable cores and the JAX / jaxlib versions: another host or version measures again.
 """
 
 from __future__ import annotations
@@ -160,9 +160,3 @@ def int8_choice(record: Path) -> Int8Choice:
         choice = measure()
         write_record(record, choice)
     return choice
-
-
-def int8_pays(record: Path) -> bool:
-    """Whether to run attention models with int8 products here: on a CPU backend, when the measurement
-    (recorded at `record`) says so; never on GPU / TPU, whose fast quantized path is another one."""
-    return jax.default_backend() == "cpu" and int8_choice(record).pays

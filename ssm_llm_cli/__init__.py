@@ -61,28 +61,16 @@ def _load(path: Path, quantize: str | None = None, cache: bool = False, mesh=Non
 
 def _auto_outcome(config, path: Path) -> str:
     """What --quantize auto chose, and why (the measurement was recorded by the load)."""
-    import jax
-
-    from converters import INT8_ENV, INT8_RECORD
-    from converters.cache_dir import cache_root
+    import converters
     from converters.checkpoint import is_checkpoint
     from ssm_llm.config import ModelConfig
-    from ssm_llm.int8_choice import read_record
     from ssm_llm.quant.presets import AUTO_PRESET, preset_of
 
     if not isinstance(config, ModelConfig):
         return f"float32 (a {type(config).__name__}: int8 inference is for attention models)"
     if config.quantization != "none" and (is_checkpoint(path) or preset_of(config) != AUTO_PRESET):
         return f"the checkpoint's own {preset_of(config) or config.quantization} weights, kept"
-    if os.environ.get(INT8_ENV):
-        why = f"${INT8_ENV}={os.environ[INT8_ENV]}"
-    elif jax.default_backend() != "cpu":
-        return f"float32 on {jax.default_backend()}"
-    elif jax.process_count() > 1:
-        why = f"a multi-process run decides int8 only through ${INT8_ENV}"
-    else:
-        choice = read_record(cache_root() / INT8_RECORD)
-        why = f"int8 products {choice.speedup:.2f}x float32's on this CPU" if choice else "measured"
+    _, why = converters.int8_decision()
     if config.quantization == "none":
         return f"float32 ({why})"
     return f"{AUTO_PRESET} ({why}; --quantize none for float32)"
@@ -216,7 +204,7 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
         if main_process:
             print("[--quantize auto: float32 (--speculative is exact on float32 weights only)]", file=sys.stderr)
     if quantize == "auto" and path.exists():
-        converters.int8_pays_here()  # a first measurement before the tokenizer's child process loads a core
+        converters.int8_decision()  # a first measurement before the tokenizer's child process loads a core
     with converters.tokenizer_built_aside(path):
         config, params = _load(path, quantize, _cache_enabled(args), mesh, verbose=main_process)
     if args.layers == "unrolled":

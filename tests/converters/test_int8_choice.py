@@ -54,9 +54,11 @@ def test_measure_times_both_products_on_this_host():
 
 def test_pays_from_the_threshold_and_only_on_a_cpu_backend(tmp_path, measurements, monkeypatch):
     assert not host_choice(1.0, 1.0).pays and host_choice(PAYS_AT, 1.0).pays
-    assert int8_choice.int8_pays(tmp_path / "record.json")
+    monkeypatch.delenv("SSM_LLM_INT8")
+    monkeypatch.setenv("SSM_LLM_CACHE", str(tmp_path / "cache"))
+    assert converters.int8_decision() == (True, "int8 products 2.00x float32's on this CPU")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not int8_choice.int8_pays(tmp_path / "record.json")
+    assert converters.int8_decision() == (False, "a gpu backend")
 
 
 def test_the_record_is_reused_on_this_host_and_measured_again_elsewhere(tmp_path, measurements):
