@@ -104,8 +104,10 @@ def dispatch_on_tpu(dispatcher, variant: str, *args, impls=("pallas", "auto"), e
     return outputs[0]
 
 
-def naive_attention(q, k, v, q_positions, kv_lengths, window):
-    """q: [B, T, H, D]; k, v: [B, H_kv, S, D]; loops over everything in float64."""
+def naive_attention(q, k, v, q_positions, kv_lengths, window, streaming=None):
+    """q: [B, T, H, D]; k, v: [B, H_kv, S, D]; loops over everything in float64. `streaming`: None or per
+    sequence (start, sinks, window) lists: from position start on, only the first `sinks` keys and the last
+    `window` positions are seen (StreamingLLM)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     batch, steps, heads, dim = q.shape
     group = heads // k.shape[1]
@@ -114,6 +116,8 @@ def naive_attention(q, k, v, q_positions, kv_lengths, window):
         for t in range(steps):
             p = q_positions[b][t]
             keys = [s for s in range(k.shape[2]) if s <= p and s < kv_lengths[b] and (window == 0 or s > p - window)]
+            if streaming is not None and p >= streaming[0][b]:
+                keys = [s for s in keys if s < streaming[1][b] or s > p - streaming[2][b]]
             for h in range(heads):
                 kh, vh = k[b, h // group], v[b, h // group]
                 scores = np.array([q[b, t, h] @ kh[s] for s in keys]) / np.sqrt(dim)

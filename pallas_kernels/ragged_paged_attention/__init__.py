@@ -3,7 +3,9 @@
 `reference.py` holds the pure-jnp reference (pages gathered into a dense cache, then `cache_attention_ref`),
 the page addressing of new tokens and the int8 page codes; `triton.py` (GPU) a split-K kernel that reads
 each sequence's pages in place through its block table. On TPU, and for int8 pages, the dispatcher gathers
-the pages (dequantizing int8 ones) and runs the `cache_attention` kernels on the gathered cache.
+the pages (dequantizing int8 ones) and runs the `cache_attention` kernels on the gathered cache. Streaming
+rows (`StreamingMask`: StreamingLLM's sinks and window) run the reference on every backend: the kernels
+take a sliding window, not sinks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax
 from pallas_kernels.cache_attention import cache_attention, use_pallas
 from pallas_kernels.ragged_paged_attention.reference import (
     KV_GROUP,
+    StreamingMask,
     check_page_scales,
     check_paged_inputs,
     dequantize_kv,
@@ -32,6 +35,7 @@ from pallas_kernels.ragged_paged_attention.triton import (
 __all__ = [
     "KV_GROUP",
     "PagedAttentionBlockSizes",
+    "StreamingMask",
     "check_paged_inputs",
     "dequantize_kv",
     "gather_pages",
@@ -66,19 +70,21 @@ def ragged_paged_attention(
     scale=None,
     k_scales=None,
     v_scales=None,
+    streaming: StreamingMask | None = None,
     *,
     block_sizes: PagedAttentionBlockSizes | None = None,
     impl="auto",
 ):
     """Dispatcher for `ragged_paged_attention_ref`'s contract; `impl` ("auto", "xla", "pallas", "interpret")
     as in `pallas_kernels.dispatch`. Float pages on GPU (power-of-two head_dim and page_size >= 16): the
-    in-place kernel; otherwise the pages gathered (int8 ones dequantized), then `cache_attention`."""
+    in-place kernel; otherwise the pages gathered (int8 ones dequantized), then `cache_attention`; with
+    `streaming`, the reference."""
     check_paged_inputs(q, k_pages, v_pages, block_tables)
     check_page_scales(k_pages, k_scales, v_scales)
     kind = use_pallas(impl, "ragged_paged_attention", q.shape[-1])
-    if kind == "xla":
+    if kind == "xla" or streaming is not None:
         return ragged_paged_attention_ref(
-            q, k_pages, v_pages, block_tables, q_positions, kv_lengths, window, scale, k_scales, v_scales
+            q, k_pages, v_pages, block_tables, q_positions, kv_lengths, window, scale, k_scales, v_scales, streaming
         )
     if _in_place(kind, k_pages, k_scales):
         return ragged_paged_attention_pallas(

@@ -10,6 +10,10 @@ name any page (they are masked).
 The reference gathers each sequence's pages into a dense [B, H_kv, M * page, D] cache and runs
 `cache_attention_ref` on it.
 
+Streaming rows (`StreamingMask`, StreamingLLM's attention sinks and recent window): from position
+`start[b]` on, sequence b's queries see only keys s < sinks[b] and s > p - window[b] (besides the rules above),
+so pages wholly between the two can be freed.
+
 Int8 pages: k_pages / v_pages hold int8 codes and k_scales / v_scales [P, H_kv, page, G] one float scale per
 position, head and group of D / G channels (`quantize_kv`, symmetric); the gathered cache is dequantized
 before attention.
@@ -17,9 +21,12 @@ before attention.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import cache_attention_ref
+from pallas_kernels.cache_attention.reference import key_ranges, masked_attention
 
 
 def check_paged_inputs(q, k_pages, v_pages, block_tables) -> None:
@@ -90,19 +97,53 @@ def check_page_scales(k_pages, k_scales, v_scales) -> None:
         )
 
 
+class StreamingMask(NamedTuple):
+    """Per sequence [B] int32: queries at positions >= start see only the first `sinks` keys and those within
+    `window` of them (StreamingLLM); a sequence that does not stream has start >= its length."""
+
+    start: jnp.ndarray
+    sinks: jnp.ndarray
+    window: jnp.ndarray
+
+
+def streaming_visible(q_positions, keys: int, streaming: StreamingMask):
+    """[B, T, keys] bool: key s is visible to the query at position p under `streaming` (before the causal,
+    length and sliding-window rules, which still apply)."""
+    p = q_positions[:, :, None]
+    s = jnp.arange(keys)[None, None, :]
+    start, sinks, window = (x[:, None, None] for x in streaming)
+    return (p < start) | (s < sinks) | (s > p - window)
+
+
 def ragged_paged_attention_ref(
-    q, k_pages, v_pages, block_tables, q_positions, kv_lengths, window=0, scale=None, k_scales=None, v_scales=None
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    q_positions,
+    kv_lengths,
+    window=0,
+    scale=None,
+    k_scales=None,
+    v_scales=None,
+    streaming: StreamingMask | None = None,
 ):
     """q: [B, T, H, D] (the new tokens, already written to the pages); q_positions: [B, T] their absolute
     positions; kv_lengths: [B] valid positions per sequence; window: 0 or a sliding-window size; k_scales,
-    v_scales: the scales of int8 pages (else None). Key s is visible from query position p when s <= p,
-    s < kv_length and (window == 0 or s > p - window); a query that sees no key gives zeros. Returns
+    v_scales: the scales of int8 pages (else None); streaming: sinks and a recent window per sequence (see
+    `StreamingMask`), or None. Key s is visible from query position p when s <= p, s < kv_length and
+    (window == 0 or s > p - window), and streaming allows it; a query that sees no key gives zeros. Returns
     [B, T, H, D] in q's dtype."""
     check_paged_inputs(q, k_pages, v_pages, block_tables)
     check_page_scales(k_pages, k_scales, v_scales)
     k = gathered_cache(k_pages, k_scales, block_tables, q.dtype)
     v = gathered_cache(v_pages, v_scales, block_tables, q.dtype)
-    return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale)
+    if streaming is None:
+        return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale)
+    lo, hi = key_ranges(q_positions, kv_lengths, window)
+    s = jnp.arange(k.shape[2])[None, None, :]
+    visible = (s >= lo[..., None]) & (s < hi[..., None]) & streaming_visible(q_positions, k.shape[2], streaming)
+    return masked_attention(q, k, v, visible, scale)
 
 
 def page_slots(block_tables, positions, valid, page_size: int, num_pages: int):

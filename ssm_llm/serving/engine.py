@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ragged_paged_attention import StreamingMask
 from ssm_llm.config import ModelConfig
 from ssm_llm.generation import GenerationConfig, check_options, check_prompts
+from ssm_llm.kv import StreamingLLM
 from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import activation_dtype
@@ -89,6 +91,7 @@ class _Request:
     failures: int = 0  # failed steps this request was part of
     logprobs: int | None = None  # alternatives to report with each token (None: no log-probabilities)
     drafter: PromptLookup | None = None  # speculative decoding (greedy, attention models)
+    streaming: StreamingLLM | None = None  # sinks + recent window once the prompt is in; pages between them freed
 
     @property
     def tokens(self) -> list[int]:
@@ -253,6 +256,7 @@ class Engine:
             raise ValueError("logprobs are not reported for speculative requests; ask for one or the other")
         request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
         request.logprobs, request.drafter = logprobs, gen_config.speculative
+        request.streaming = gen_config.kv_compression
         self._arrivals += 1
         self.requests[rid] = request
         self.waiting.append(request)
@@ -262,8 +266,7 @@ class Engine:
         """(prompt ids, EOS ids, Sampling or None for greedy) of a request, or ValueError / TypeError."""
         if not isinstance(gen_config, GenerationConfig):
             raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
-        if gen_config.kv_compression is not None:
-            raise ValueError("the engine keeps whole K/V pages: kv_compression is not supported")
+        self._check_kv_policy(gen_config.kv_compression)
         spec = gen_config.speculative
         if spec is not None and not (isinstance(spec, PromptLookup) and self.paged and gen_config.temperature == 0):
             raise ValueError(
@@ -278,10 +281,12 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({gen_config.max_new_tokens}) = {needed} exceeds "
                 f"the engine's max_len of {self.max_len}"
             )
-        if self.paged and math.ceil(needed / self.page_size) > self.num_pages:
+        if gen_config.kv_compression is not None:
+            gen_config.kv_compression.check(self.config, np.array([len(prompt)]))
+        pages = self._pages_needed(len(prompt), needed, gen_config.kv_compression)
+        if self.paged and pages > self.num_pages:
             raise ValueError(
-                f"prompt + max_new_tokens = {needed} tokens need {math.ceil(needed / self.page_size)} pages; the "
-                f"pool holds {self.num_pages}"
+                f"prompt + max_new_tokens = {needed} tokens need {pages} pages; the pool holds {self.num_pages}"
             )
         eos = gen_config.eos_token_ids if gen_config.eos_token_ids is not None else self.config.eos_token_ids
         eos = frozenset(as_token_ids("eos_token_ids", eos, self.config.vocab_size))
@@ -295,6 +300,45 @@ class Engine:
                 min_p=gen_config.min_p,
             )
         return prompt, eos, sampling
+
+    def _check_kv_policy(self, policy) -> None:
+        """Refuse a KV policy the paged layout cannot run (only StreamingLLM at the tokens' own positions)."""
+        if policy is None:
+            return
+        if not self.paged:
+            raise ValueError(f"kv_compression is for attention models; {type(self.config).__name__} keeps a state")
+        if not isinstance(policy, StreamingLLM):
+            raise ValueError(
+                f"the engine runs one KV policy, StreamingLLM(positions='original') (sinks and a recent window of "
+                f"pages); got {type(policy).__name__} (int8 pages: Engine(page_dtype='int8'))"
+            )
+        if policy.positions != "original" or policy.distance_ceiling is not None:
+            raise ValueError(
+                "the engine's pages hold keys rotated at their positions in the text: StreamingLLM needs "
+                f"positions='original' and no distance_ceiling there, got positions={policy.positions!r}, "
+                f"distance_ceiling={policy.distance_ceiling}"
+            )
+
+    def _pages_needed(self, prompt_len: int, needed: int, policy: StreamingLLM | None) -> int:
+        """The most pages a request holds at once: all its tokens' pages, or with StreamingLLM the prompt's,
+        then its sinks' and those of the window before a chunk (`_chunk`) and the chunk's."""
+        whole = math.ceil(needed / self.page_size)
+        if policy is None:
+            return whole
+        span = policy.window - 1 + min(self.chunk, policy.window)
+        ring = math.ceil(policy.sinks / self.page_size) + math.ceil(span / self.page_size) + 1
+        return min(whole, max(math.ceil(prompt_len / self.page_size), ring))
+
+    def _chunk(self, request: _Request) -> int:
+        """The tokens `request` may feed next: up to `chunk`; a StreamingLLM request's chunks (recomputed after
+        preemption) stop at its prompt's end and past it span at most its window, so its pages stay bounded."""
+        n = min(len(request.tokens) - request.computed, self.chunk)
+        policy = request.streaming
+        if policy is None:
+            return n
+        if request.computed < len(request.prompt):
+            return min(n, len(request.prompt) - request.computed)
+        return min(n, policy.window)
 
     def cancel(self, rid: int) -> bool:
         """Stop request `rid` and free what it holds; False if it is unknown or already finished."""
@@ -318,7 +362,7 @@ class Engine:
             self.slots[request.slot] = None
             request.slot = None
         if self.paged and request.pages:
-            self.table.release(request.pages)
+            self.table.release([page for page in request.pages if page >= 0])
         request.pages, request.computed, request.prefix_key, request.registered = [], 0, None, 0
 
     # -- scheduling -------------------------------------------------------------------------------------
@@ -391,7 +435,7 @@ class Engine:
         for slot, request in suspects[:1] or running:  # after a failed step: one of its requests alone
             if request is None or request.slot is None:
                 continue
-            n = min(len(request.tokens) - request.computed, self.chunk)
+            n = self._chunk(request)
             decoding_now = request.computed == len(request.tokens) - 1  # not a 1-token prompt chunk (chunk=1)
             drafts = self._propose(request, share) if share > 0 and decoding_now and request.drafter else []
             if not self.paged and self.num_snapshots:  # end a prompt chunk on a boundary (a snapshot there)
@@ -483,6 +527,7 @@ class Engine:
             request.computed += n
             if self.paged:
                 self._register_full_pages(request)
+                self._free_passed_pages(request)
             elif self.num_snapshots:
                 self._snapshot(request)
             if request.computed < len(request.tokens):
@@ -595,14 +640,20 @@ class Engine:
         tokens = np.zeros((rows, width), np.int32)
         starts, counts = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         slots = np.full(rows, self.max_slots, np.int32)
+        stream = np.zeros((3, rows), np.int32)  # StreamingMask: start, sinks, window
+        stream[0] = np.iinfo(np.int32).max
         for row, (slot, n) in enumerate(sorted(feed.items())):
             request = self.slots[slot]
             tokens[row, :n] = (request.tokens[request.computed :] + self._drafts.get(slot, []))[:n]
             starts[row], counts[row], slots[row] = request.computed, n, slot
-            if self.paged:
-                self.block_tables[slot, : len(request.pages)] = request.pages
+            if self.paged:  # a freed page (-1) is never attended; any id will do
+                self.block_tables[slot, : len(request.pages)] = np.maximum(request.pages, 0)
+            if request.streaming is not None:
+                stream[:, row] = len(request.prompt), request.streaming.sinks, request.streaming.window
         tables = self.block_tables[np.minimum(slots, self.max_slots - 1)][:, :pages]
-        return Rows(*(jnp.asarray(a) for a in (tokens, tables, starts, counts, slots)))
+        streams = (stream[0] < np.iinfo(np.int32).max).any()
+        streaming = StreamingMask(*(jnp.asarray(a) for a in stream)) if streams else None
+        return Rows(*(jnp.asarray(a) for a in (tokens, tables, starts, counts, slots)), streaming)
 
     def _register_full_pages(self, request: _Request) -> None:
         """Enter the request's newly filled pages of its prompt into the prefix cache."""
@@ -611,6 +662,19 @@ class Engine:
             chunk = request.prompt[i * self.page_size : (i + 1) * self.page_size]
             request.prefix_key = self.table.register(request.pages[i], request.prefix_key, chunk)
         request.registered = max(request.registered, full)
+
+    def _free_passed_pages(self, request: _Request) -> None:
+        """StreamingLLM: once the prompt is in, release the pages no later query sees (every position in them
+        past the sinks and before the window of the next position); their table entries become -1."""
+        policy = request.streaming
+        if policy is None or request.computed < len(request.prompt):
+            return
+        first = math.ceil(policy.sinks / self.page_size)  # pages from here on hold no sink
+        last = (request.computed - policy.window + 1) // self.page_size  # pages before it end before the window
+        passed = [i for i in range(first, min(last, len(request.pages))) if request.pages[i] >= 0]
+        self.table.release([request.pages[i] for i in passed])
+        for i in passed:
+            request.pages[i] = -1
 
     def _snapshot(self, request: _Request) -> None:
         """Key the request's newly passed prompt boundaries; keep its state if it stands on one."""
@@ -708,7 +772,7 @@ class Engine:
             "pages_used": self.table.used if self.paged else 0,
             "pages_free": self.table.available if self.paged else 0,
             "cache_bytes": sum(x.nbytes for x in jax.tree.leaves(self.state)),
-            "tokens_held": sum(r.computed for r in self.slots if r is not None),
+            "tokens_held": sum(r.computed - self.page_size * r.pages.count(-1) for r in self.slots if r is not None),
             "prefix_cache_hit_tokens": self.prefix_hits,
             "state_snapshots": 0 if self.paged else len(self.table),
             "preemptions": self.preemptions,

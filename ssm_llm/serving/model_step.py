@@ -12,7 +12,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import kv_groups, page_slots, quantize_kv, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import (
+    StreamingMask,
+    kv_groups,
+    page_slots,
+    quantize_kv,
+    ragged_paged_attention,
+)
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models import family_module
@@ -53,9 +59,12 @@ def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.fl
     return PagePool(k=k, v=v, k_scale=jnp.ones(scales, jnp.float32), v_scale=jnp.ones(scales, jnp.float32))
 
 
-def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tables, starts, counts, impl):
+def _paged_hidden(
+    params, config: ModelConfig, tokens, pool: PagePool, block_tables, starts, counts, impl, streaming=None
+):
     """The decoder stack over `tokens [S, C]` (row s: `counts[s]` real tokens at positions starts[s]...),
-    writing their K/V into the pool. Returns final-normed hidden states [S, C, H] and the pool."""
+    writing their K/V into the pool; `streaming`: a `StreamingMask` of the rows, or None. Returns
+    final-normed hidden states [S, C, H] and the pool."""
     check_linear_kinds(params, config)
     steps = tokens.shape[1]
     positions = starts[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
@@ -85,7 +94,17 @@ def _paged_hidden(params, config: ModelConfig, tokens, pool: PagePool, block_tab
             )
             scales = (pool.k_scale[index], pool.v_scale[index])
         attn = ragged_paged_attention(
-            q, pool.k[index], pool.v[index], block_tables, positions, lengths, window, None, *scales, impl=impl
+            q,
+            pool.k[index],
+            pool.v[index],
+            block_tables,
+            positions,
+            lengths,
+            window,
+            None,
+            *scales,
+            streaming,
+            impl=impl,
         )
         return finish_block(config, p, x, attn), pool
 
@@ -103,19 +122,23 @@ def _last_logits(params, config, h, counts):
 class Rows:
     """Some slots' tokens for one pass: tokens [R, C] (row r: `counts[r]` real tokens at positions
     starts[r]...), their block tables [R, M] (attention) and `slots` [R], the slot of each row (a padding
-    row names slot S, out of range, and has no tokens)."""
+    row names slot S, out of range, and has no tokens); `streaming`: the rows' `StreamingMask` when one of
+    them streams (StreamingLLM pages), else None."""
 
     tokens: jax.Array
     block_tables: jax.Array
     starts: jax.Array
     counts: jax.Array
     slots: jax.Array
+    streaming: StreamingMask | None = None
 
 
 def _pass(params, config, state, rows: Rows, impl):
     """The model over `rows`; returns (logits [R, V] at each row's last real token, state)."""
     if isinstance(state, PagePool):
-        h, state = _paged_hidden(params, config, rows.tokens, state, rows.block_tables, rows.starts, rows.counts, impl)
+        h, state = _paged_hidden(
+            params, config, rows.tokens, state, rows.block_tables, rows.starts, rows.counts, impl, rows.streaming
+        )
         return _last_logits(params, config, h, rows.counts), state
     slots = jnp.minimum(rows.slots, state.lengths.shape[0] - 1)  # padding rows read any slot, write none
     mine = SSMCache(conv_state=state.conv_state[:, slots], ssm_state=state.ssm_state[:, slots], lengths=rows.starts)

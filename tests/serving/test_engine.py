@@ -165,7 +165,7 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving():
         engine.submit([], good)
     with pytest.raises(TypeError, match="GenerationConfig"):
         engine.submit([1, 2], {"max_new_tokens": 3})
-    with pytest.raises(ValueError, match="kv_compression is not supported"):
+    with pytest.raises(ValueError, match="needs positions='original'"):
         engine.submit([1, 2], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(budget=8)))
     assert engine.run() == {rid: alone(params, config, [1, 2, 3], good)}
     assert not engine.cancel(rid)  # finished: nothing to cancel
@@ -286,6 +286,70 @@ def test_int8_pages_keep_each_request_independent_of_the_others():
     assert engine.stats()["cache_bytes"] < float_bytes / 2.5  # head_dim 8: 8 int8 + one float32 scale vs 32
     with pytest.raises(ValueError, match="page_dtype is for attention models"):
         Engine(ssm_llm.init_params(MODELS["mamba1"], jax.random.key(0)), MODELS["mamba1"], page_dtype="int8")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-window"])
+def test_streaming_llm_requests_get_generates_output_in_a_few_pages(name):
+    """StreamingLLM(positions="original") requests among plain ones, under a small pool (preemption) with
+    shared prefixes: each gets what `generate` with the same policy gives it alone (the policy changes their
+    output), and once its prompt is in, a streaming request holds only the pages of its sinks and window."""
+    config = MODELS[name]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(3)
+    prompts = workload(rng, config.vocab_size, 10)
+    policy = ssm_llm.kv.StreamingLLM(budget=10, sinks=3, positions="original")  # a window of 7
+    configs = [
+        ssm_llm.GenerationConfig(
+            max_new_tokens=int(rng.integers(10, 28)), eos_token_ids=(), kv_compression=policy if i % 2 == 0 else None
+        )
+        for i in range(len(prompts))
+    ]
+    engine = Engine(params, config, max_slots=4, page_size=4, num_pages=24, max_len=64, chunk=8)
+    rids = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+    outputs, most_held, longest = {}, 0, 0
+    for _ in range(500):
+        if not engine.has_work():
+            break
+        for event in engine.step():
+            outputs.setdefault(event.rid, []).extend(event.new_token_ids)
+        for request in engine.requests.values():
+            if request.streaming is not None and request.slot is not None and request.computed > len(request.prompt):
+                most_held = max(most_held, sum(page >= 0 for page in request.pages))
+                longest = max(longest, request.computed)
+    changed = 0
+    for rid, prompt, gen_config in zip(rids, prompts, configs, strict=True):
+        assert outputs[rid] == alone(params, config, prompt, gen_config), rid
+        if gen_config.kv_compression is not None:
+            plain = dataclasses.replace(gen_config, kv_compression=None)
+            changed += outputs[rid] != alone(params, config, prompt, plain)
+    assert changed > 0
+    # One page for the 3 sinks, at most 3 for the 6 positions before the next one (window 7); 40+ positions held.
+    assert most_held <= 4 and longest >= 40, (most_held, longest)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0 and stats["pages_used"] == 0, stats
+
+
+def test_kv_policies_the_pages_cannot_run_are_refused():
+    config = MODELS["llama"]
+    engine = Engine(ssm_llm.init_params(config, jax.random.key(0)), config, max_len=64)
+    with pytest.raises(ValueError, match="runs one KV policy, StreamingLLM"):
+        engine.submit([1, 2, 3], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.SnapKV(budget=16, window=4)))
+    with pytest.raises(ValueError, match="needs positions='original'"):
+        engine.submit([1, 2, 3], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(budget=16)))
+    mamba = MODELS["mamba2"]
+    with pytest.raises(ValueError, match="kv_compression is for attention models"):
+        Engine(ssm_llm.init_params(mamba, jax.random.key(0)), mamba, max_len=64).submit(
+            [1, 2], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(16, positions="original"))
+        )
+    # A streaming request's peak is its prompt's pages, or its sinks' and window's, not all its tokens'.
+    small = Engine(ssm_llm.init_params(config, jax.random.key(0)), config, page_size=4, num_pages=6, max_len=64)
+    streaming = ssm_llm.GenerationConfig(
+        max_new_tokens=40, kv_compression=ssm_llm.kv.StreamingLLM(8, sinks=2, positions="original")
+    )
+    rid = small.submit(list(range(10)), streaming)
+    with pytest.raises(ValueError, match="need 13 pages; the pool holds 6"):
+        small.submit(list(range(10)), dataclasses.replace(streaming, kv_compression=None))
+    assert small.run(max_steps=100)[rid] == alone(small.params, config, list(range(10)), streaming)
 
 
 def test_smollm2_with_int8_pages_keeps_float_pages_next_tokens(smollm2):
