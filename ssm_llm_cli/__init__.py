@@ -295,19 +295,30 @@ def _serve(args) -> int:
     import uvicorn
 
     import converters
+    from ssm_llm.config import ModelConfig
+    from ssm_llm.kv import StreamingLLM
     from ssm_llm.serving import AsyncEngine, Engine
     from ssm_llm.speculative import PromptLookup
     from ssm_llm_cli.server import build_app
 
     if args.prompt_lookup:  # a bad N is refused before the slow load
         PromptLookup(num_tokens=args.prompt_lookup)
+    policy = None
+    if args.streaming_llm:
+        if args.prompt_lookup:
+            raise ValueError("--streaming-llm and --prompt-lookup do not combine: a streaming request cannot speculate")
+        policy = StreamingLLM(budget=args.streaming_llm, sinks=args.streaming_sinks, positions="original")
     use_compilation_cache()
     path = _model_path(args.model)
     config, params = _load(path, args.quantize, cache=_cache_enabled(args))
+    if policy is not None:
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"--streaming-llm is for attention models; {path.name} is a {type(config).__name__}")
+        policy.check(config, None)
     tokenizer = converters.load_text_tokenizer(path)
     max_len = min(args.max_len, config.max_position_embeddings or args.max_len)
     front = AsyncEngine(Engine(params, config, max_slots=args.max_slots, max_len=max_len))
-    app = build_app(front, tokenizer, path.name, args.max_waiting, args.prompt_lookup)
+    app = build_app(front, tokenizer, path.name, args.max_waiting, args.prompt_lookup, policy)
     print(f"serving {path.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         # SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (streams included) for up to
@@ -430,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy requests speculate with up to N prompt-lookup draft tokens (attention models; 0: off); a step "
         "lets at most 7 ride for one decoding request, 3 each for two, none from eight on",
     )
+    srv.add_argument(
+        "--streaming-llm",
+        type=int,
+        default=0,
+        metavar="BUDGET",
+        help="every request keeps its first --streaming-sinks positions and its latest BUDGET - sinks ones once its "
+        "prompt is in, and gives the pages between back (StreamingLLM at the tokens' own positions; attention "
+        "models; 0: off): bounded memory for long generations, at the cost of what falls out of the window",
+    )
+    srv.add_argument("--streaming-sinks", type=int, default=4, help="attention sinks kept with --streaming-llm")
     srv.add_argument(
         "--shutdown-timeout",
         type=float,

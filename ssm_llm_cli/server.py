@@ -134,12 +134,21 @@ def _logprobs_field(kind: str, scored: list, tokenizer) -> dict:
 
 
 def build_app(
-    front: AsyncEngine, tokenizer, model_name: str, max_waiting: int = 256, prompt_lookup: int = 0
+    front: AsyncEngine,
+    tokenizer,
+    model_name: str,
+    max_waiting: int = 256,
+    prompt_lookup: int = 0,
+    kv_policy: ssm_llm.kv.StreamingLLM | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `front` (an `AsyncEngine`) with `tokenizer` (encode / decode /
     apply_chat_template) under the model id `model_name`; more than `max_waiting` queued requests is 429.
     `prompt_lookup` > 0: greedy requests without logprobs speculate with that many prompt-lookup drafts
-    (attention models; the engine lets drafts ride only while few requests decode)."""
+    (attention models; the engine lets drafts ride only while few requests decode). `kv_policy`: every request
+    keeps its attention sinks and recent window only (StreamingLLM with positions="original"; not with
+    `prompt_lookup`)."""
+    if kv_policy is not None and prompt_lookup:
+        raise ValueError("prompt lookup does not combine with StreamingLLM: a streaming request cannot speculate")
     app = FastAPI(title="ssm-llm", docs_url=None, redoc_url=None)
     metrics = _Metrics()
     drafter = ssm_llm.speculative.PromptLookup(num_tokens=prompt_lookup) if prompt_lookup else None  # checked now
@@ -194,6 +203,7 @@ def build_app(
             min_p=body.min_p,
             seed=body.seed,
             speculative=drafter if speculate else None,
+            kv_compression=kv_policy,
         )
         started = time.perf_counter()
         try:

@@ -169,6 +169,29 @@ def test_prompt_lookup_serving_gives_plain_greedy_text(server):
         front.close()
 
 
+def test_streaming_llm_serving_gives_generates_text(server):
+    """`kv_policy=StreamingLLM(...)`: each request keeps its sinks and window; the text is `generate`'s with
+    the same policy (a prompt longer than the budget, so the policy acts from the first decoded token)."""
+    from fastapi.testclient import TestClient
+
+    _, config, params, tokenizer = server
+    policy = ssm_llm.kv.StreamingLLM(budget=16, sinks=4, positions="original")
+    with pytest.raises(ValueError, match="does not combine with StreamingLLM"):
+        build_app(None, tokenizer, "smollm2", prompt_lookup=3, kv_policy=policy)
+    front = AsyncEngine(Engine(params, config, max_slots=2, page_size=4, max_len=256, chunk=64))
+    try:
+        client = TestClient(build_app(front, tokenizer, "smollm2", kv_policy=policy))
+        prompt = "Here is a list of fruits: apple, banana, cherry, date, elderberry, fig, grape, and then"
+        answer = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        assert answer.status_code == 200 and len(ids) > 16
+        gen_config = ssm_llm.GenerationConfig(max_new_tokens=12, kv_compression=policy)
+        expected = tokenizer.decode(ssm_llm.generate(params, config, [ids], gen_config).tokens[0])
+        assert answer.json()["choices"][0]["text"] == expected
+    finally:
+        front.close()
+
+
 def test_concurrent_clients_each_get_their_own_answer(server):
     import openai
 
@@ -355,3 +378,7 @@ def test_serve_refuses_a_bad_prompt_lookup_before_loading_the_model(capsys, monk
     for bad in ("-2", "100000"):
         assert ssm_llm_cli.main(["serve", "--prompt-lookup", bad]) == 2
         assert "num_tokens" in capsys.readouterr().err
+    assert ssm_llm_cli.main(["serve", "--streaming-llm", "4"]) == 2  # no room for a window past 4 sinks
+    assert "sinks (4) must be smaller than budget (4)" in capsys.readouterr().err
+    assert ssm_llm_cli.main(["serve", "--streaming-llm", "64", "--prompt-lookup", "3"]) == 2
+    assert "do not combine" in capsys.readouterr().err
