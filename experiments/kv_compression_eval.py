@@ -100,7 +100,8 @@ def kv_class(method: str, name: str):
 
 def _grid() -> dict[str, list[Config]]:
     """method -> its configs, written against the constructors of the `ssm_llm.kv` classes as they were
-    being written (SnapKV(budget, window, kernel_size, pyramid), TokenSelect(k, sinks, local), KIVI(bits,
+    being written (SnapKV(budget, window, kernel_size, pyramid), TokenSelect(k, sinks, local), InfLLM(blocks,
+    block_size, representatives, sinks, local), KIVI(bits,
     group_size, residual), RotateKV(bits), MixedPrecisionKV(high_bits, low_bits, important), GEAR(bits,
     rank, outlier_fraction), MiniCache(start_layer), XKV(rank, group_size)): adjust the arguments here
     if a constructor changes."""
@@ -125,6 +126,26 @@ def _grid() -> dict[str, list[Config]]:
             "TokenSelect",
             [
                 (f"attend 1/{r}", lambda c, n, r=r: c(k=n // r - n // (4 * r) - 16, sinks=16, local=n // (4 * r)))
+                for r in keep
+            ],
+        ),
+        # InfLLM keeps every token too; the label is the attended fraction: 16 sinks, a local window of a
+        # quarter of it, and as many 32-token units (4 representatives each) as the rest holds, less the
+        # block filling behind the window (at least one unit).
+        "infllm": entry(
+            "infllm",
+            "InfLLM",
+            [
+                (
+                    f"attend 1/{r}",
+                    lambda c, n, r=r: c(
+                        blocks=max(1, (n // r - 16 - n // (4 * r) - 32) // 32),
+                        block_size=32,
+                        representatives=4,
+                        sinks=16,
+                        local=n // (4 * r),
+                    ),
+                )
                 for r in keep
             ],
         ),
@@ -295,8 +316,9 @@ def timed(fn) -> float:
 
 
 def observed_prefill(params, config, policies: dict, tokens: np.ndarray):
-    """`prefill` keeping as many last queries as the most demanding policy observes (at least 1)."""
-    window = max([1] + [p.observation_window for p in policies.values() if p is not None])
+    """`prefill` keeping as many last queries as the most demanding policy observes (at least 1, at most the
+    prompt: InfLLM observes all of it)."""
+    window = min(max([1] + [p.observation_window for p in policies.values() if p is not None]), tokens.shape[1])
     start = time.perf_counter()
     out = jax.block_until_ready(prefill(params, config, jnp.asarray(tokens), window))
     return out, time.perf_counter() - start

@@ -5,6 +5,7 @@ the group-wise quantizers the storage methods build on and `cache_bytes`, which 
 
 from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.gear import GEAR
+from ssm_llm.kv.infllm import InfLLM, InfLLMCache
 from ssm_llm.kv.kivi import KIVI
 from ssm_llm.kv.minicache import MiniCache
 from ssm_llm.kv.mixed_precision import MixedPrecisionKV
@@ -30,6 +31,8 @@ from ssm_llm.kv.xkv import XKV
 __all__ = [
     "BITS",
     "GEAR",
+    "InfLLM",
+    "InfLLMCache",
     "KIVI",
     "XKV",
     "AttentionStep",
