@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="BUDGET",
         help="every request keeps its first --streaming-sinks positions and its latest BUDGET - sinks ones once its "
-        "prompt is in, and gives the pages between back (StreamingLLM at the tokens' own positions; attention "
-        "models; 0: off): bounded memory for long generations, at the cost of what falls out of the window",
+        "prompt is in, and gives the pages between back to the pool for other requests (StreamingLLM at the tokens' "
+        "own positions; attention models; 0: off); the pool keeps its size, so more long requests fit in it, at the "
+        "cost of what falls out of the window",
     )
     srv.add_argument("--streaming-sinks", type=int, default=4, help="attention sinks kept with --streaming-llm")
     srv.add_argument(

@@ -285,8 +285,9 @@ class Engine:
             gen_config.kv_compression.check(self.config, np.array([len(prompt)]))
         pages = self._pages_needed(len(prompt), needed, gen_config.kv_compression)
         if self.paged and pages > self.num_pages:
+            ring = " at the peak of its StreamingLLM ring" if gen_config.kv_compression is not None else ""
             raise ValueError(
-                f"prompt + max_new_tokens = {needed} tokens need {pages} pages; the pool holds {self.num_pages}"
+                f"prompt + max_new_tokens = {needed} tokens need {pages} pages{ring}; the pool holds {self.num_pages}"
             )
         eos = gen_config.eos_token_ids if gen_config.eos_token_ids is not None else self.config.eos_token_ids
         eos = frozenset(as_token_ids("eos_token_ids", eos, self.config.vocab_size))
@@ -329,15 +330,17 @@ class Engine:
         ring = math.ceil(policy.sinks / self.page_size) + math.ceil(span / self.page_size) + 1
         return min(whole, max(math.ceil(prompt_len / self.page_size), ring))
 
-    def _chunk(self, request: _Request) -> int:
-        """The tokens `request` may feed next: up to `chunk`; a StreamingLLM request's chunks (recomputed after
-        preemption) stop at its prompt's end and past it span at most its window, so its pages stay bounded."""
-        n = min(len(request.tokens) - request.computed, self.chunk)
+    def _chunk(self, request: _Request, computed: int | None = None) -> int:
+        """The tokens `request` may feed next from `computed` (default: what it has computed): up to `chunk`; a
+        StreamingLLM request's chunks (recomputed after preemption) stop at its prompt's end and past it span
+        at most its window, so its pages stay bounded."""
+        computed = request.computed if computed is None else computed
+        n = min(len(request.tokens) - computed, self.chunk)
         policy = request.streaming
         if policy is None:
             return n
-        if request.computed < len(request.prompt):
-            return min(n, len(request.prompt) - request.computed)
+        if computed < len(request.prompt):
+            return min(n, len(request.prompt) - computed)
         return min(n, policy.window)
 
     def cancel(self, rid: int) -> bool:
@@ -374,8 +377,12 @@ class Engine:
             request = self.waiting[0]
             if self.paged:
                 tokens = request.tokens
-                pages, key = self.table.match(tokens, len(tokens) - 1)  # the last token is always computed
-                need = math.ceil(min(len(tokens), len(pages) * self.page_size + self.chunk) / self.page_size)
+                # The last token is always computed; a streaming request's generated tokens were computed with
+                # its mask, so no other request's full-attention pages may stand in for them.
+                limit = len(tokens) - 1 if request.streaming is None else min(len(tokens) - 1, len(request.prompt))
+                pages, key = self.table.match(tokens, limit)
+                start = len(pages) * self.page_size
+                need = math.ceil((start + self._chunk(request, start)) / self.page_size)
                 if need - len(pages) > self.table.available:
                     self.table.release(pages)
                     break
@@ -564,6 +571,7 @@ class Engine:
         self.accepted += accepted
         request.computed += 1 + accepted  # the fed token and the accepted drafts; the rest is overwritten later
         self._register_full_pages(request)
+        self._free_passed_pages(request)
         emitted = []
         for token in (int(t) for t in greedy[: accepted + 1]):
             self._generated += 1
@@ -624,8 +632,9 @@ class Engine:
     def programs(self) -> int:
         """An upper bound on the step programs this engine compiles: decode row buckets (or no decode pass),
         times prefill row buckets (or none), times attended page buckets (less the empty step). Steps with a
-        request that asked for log-probabilities use a second variant of each, and speculative requests add a
-        verify pass (draft widths and rows in powers of two); neither is counted here."""
+        request that asked for log-probabilities use a second variant of each, passes with a StreamingLLM
+        request another (its mask), and speculative requests add a verify pass (draft widths and rows in powers
+        of two); none of these is counted here."""
         prefill = len({_bucket(n, self.prefill_rows) for n in range(1, self.prefill_rows + 1)})
         decode = len({self._decode_rows(n) for n in range(1, self.max_slots + 1)})
         pages = {1}

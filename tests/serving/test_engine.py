@@ -329,6 +329,36 @@ def test_streaming_llm_requests_get_generates_output_in_a_few_pages(name):
     assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0 and stats["pages_used"] == 0, stats
 
 
+def test_a_preempted_streaming_request_comes_back_and_ignores_full_attention_pages():
+    """A preempted StreamingLLM request is readmitted by the chunk it will feed (up to its prompt's end), not by
+    its whole prompt + output, which may pass the pool (it used to wait forever with every page free); and its
+    prefix match stops at its prompt: another request's pages computed with full attention over the same
+    prompt + output must not stand in for tokens it computed with its mask."""
+    config = MODELS["llama"]
+    params = ssm_llm.init_params(config, jax.random.key(0))
+    policy = ssm_llm.kv.StreamingLLM(8, sinks=2, positions="original")
+    streaming = ssm_llm.GenerationConfig(max_new_tokens=30, eos_token_ids=(), kv_compression=policy)
+    plain = ssm_llm.GenerationConfig(max_new_tokens=25, eos_token_ids=())
+    prompt = list(range(3, 27))
+    engine = Engine(params, config, max_slots=2, page_size=4, num_pages=8, max_len=64)
+    first, second = engine.submit([1], plain), engine.submit(prompt, streaming)
+    out = engine.run(max_steps=300)
+    assert engine.stats()["preemptions"] > 0 and not engine.has_work()
+    assert out[first] == alone(params, config, [1], plain)
+    assert out[second] == alone(params, config, prompt, streaming)
+
+    # The older request's prompt is the streaming one's prompt and first 16 outputs: when the streaming one is
+    # preempted (after ~20 outputs) and readmitted, those 10 full-attention pages are in the prefix cache.
+    want = out[second]
+    engine = Engine(params, config, max_slots=2, page_size=4, num_pages=18, max_len=80)
+    older = ssm_llm.GenerationConfig(max_new_tokens=30, eos_token_ids=())
+    first, second = engine.submit(prompt + want[:16], older), engine.submit(prompt, streaming)
+    out = engine.run(max_steps=300)
+    assert engine.stats()["preemptions"] > 0
+    assert out[first] == alone(params, config, prompt + want[:16], older)
+    assert out[second] == want
+
+
 def test_kv_policies_the_pages_cannot_run_are_refused():
     config = MODELS["llama"]
     engine = Engine(ssm_llm.init_params(config, jax.random.key(0)), config, max_len=64)
