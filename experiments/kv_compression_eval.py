@@ -101,7 +101,8 @@ def kv_class(method: str, name: str):
 def _grid() -> dict[str, list[Config]]:
     """method -> its configs, written against the constructors of the `ssm_llm.kv` classes as they were
     being written (SnapKV(budget, window, kernel_size, pyramid), TokenSelect(k, sinks, local), InfLLM(blocks,
-    block_size, representatives, sinks, local), KIVI(bits,
+    block_size, representatives, sinks, local), ShadowKV(budget, chunk_size, rank, local_chunks, outlier_chunks),
+    KIVI(bits,
     group_size, residual), RotateKV(bits), MixedPrecisionKV(high_bits, low_bits, important), GEAR(bits,
     rank, outlier_fraction), MiniCache(start_layer), XKV(rank, group_size)): adjust the arguments here
     if a constructor changes."""
@@ -144,6 +145,44 @@ def _grid() -> dict[str, list[Config]]:
                         representatives=4,
                         sinks=16,
                         local=n // (4 * r),
+                    ),
+                )
+                for r in keep
+            ],
+        ),
+        # ShadowKV keeps every value and a rank-64 SVD of the 192-wide pre-RoPE keys (the paper: 160 of 1024);
+        # the label is the attended fraction: 8-token chunks, 4 local chunks, an eighth of it in outlier
+        # chunks (at least one), the rest rebuilt per step.
+        "shadowkv": entry(
+            "shadowkv",
+            "ShadowKV",
+            [
+                (
+                    f"attend 1/{r}",
+                    lambda c, n, r=r: c(
+                        budget=max(8, (n // r - 32 - 8 * max(1, n // (64 * r))) // 8 * 8),
+                        chunk_size=8,
+                        rank=64,
+                        local_chunks=4,
+                        outlier_chunks=max(1, n // (64 * r)),
+                    ),
+                )
+                for r in keep
+            ],
+        ),
+        # The same with exact keys (rank=None): what the rank-64 keys cost, apart from the sparsity.
+        "shadowkv-exact": entry(
+            "shadowkv-exact",
+            "ShadowKV",
+            [
+                (
+                    f"attend 1/{r}",
+                    lambda c, n, r=r: c(
+                        budget=max(8, (n // r - 32 - 8 * max(1, n // (64 * r))) // 8 * 8),
+                        chunk_size=8,
+                        rank=None,
+                        local_chunks=4,
+                        outlier_chunks=max(1, n // (64 * r)),
                     ),
                 )
                 for r in keep

@@ -92,6 +92,11 @@ class KVPolicy:
         `prompt_lengths` tokens (each row's length where known, else the padded length). `compress_cache`
         and `ssm_llm.kv.prefill` call it before any array is built; the default accepts everything."""
 
+    def work_bytes(self, config: ModelConfig, batch: int, prompt_len: int, max_len: int) -> int:
+        """Bytes the prefill and `compress` need besides the dense prefill cache and `capacity` dense slots
+        (observed queries, factorizations, side tables); counted by the memory check before a prefill."""
+        return 0
+
     def capacity(self, prompt_len: int, max_len: int) -> int:
         """Token slots per sequence after a prefill into a dense cache of `prompt_len` positions, for
         sequences reaching `max_len` positions (so a row may decode `max_len - prompt_len` tokens even

@@ -23,6 +23,7 @@ from ssm_llm.kv.quantization import (
     unpack_codes,
 )
 from ssm_llm.kv.rotate_kv import RotateKV
+from ssm_llm.kv.shadow_kv import ShadowKV, ShadowKVCache
 from ssm_llm.kv.snapkv import SnapKV
 from ssm_llm.kv.streaming_llm import StreamingLLM
 from ssm_llm.kv.token_select import TokenSelect, TokenSelectCache
@@ -43,6 +44,8 @@ __all__ = [
     "PrefillObservation",
     "QuantizedTensor",
     "RotateKV",
+    "ShadowKV",
+    "ShadowKVCache",
     "SnapKV",
     "StreamingLLM",
     "TokenSelect",

@@ -105,26 +105,38 @@ class InfLLM(KVPolicy):
 
     def prompt_scores(self, keys, observation):
         """r_m [L, B, H_q, S] of the prompt's tokens from its queries: q_{m+1} ... q_{m+local} (those there
-        are) summed per head through a running sum, dotted with k_m."""
-        queries, positions = observation.queries, observation.positions  # [L, B, W, H_q, D], [B, W]
-        W = queries.shape[2]
-        kv_heads, seq = keys.shape[2], keys.shape[3]
-        queries = jnp.where((positions >= 0)[None, :, :, None, None], queries.astype(jnp.float32), 0.0)
-        running = jnp.pad(jnp.cumsum(queries, axis=2), [(0, 0), (0, 0), (1, 0), (0, 0), (0, 0)])  # [L, B, W+1, ..]
-        # Observation slot w holds position positions[b, w] = w - (W - n_b); the queries after m are slots
-        # m + 1 + shift ... m + local + shift (clipped to the prompt), with shift = W - n_b.
+        are) summed per head through a running sum, dotted with k_m; one layer at a time (the running sums
+        are as large as the observed queries)."""
+        positions = observation.positions  # [B, W]; slot w holds position w - (W - n_b) (right-aligned)
+        W = positions.shape[1]
+        seq = keys.shape[3]
+        # The queries after m are slots m + 1 + shift ... m + local + shift (clipped), with shift = W - n_b.
         shift = W - (positions[:, -1] + 1)  # [B]
         m = jnp.arange(seq)[None, :]
         first = jnp.clip(m + 1 + shift[:, None], 0, W)
         last = jnp.clip(m + self.local + 1 + shift[:, None], 0, W)
 
-        def at(index):  # running sums at [B, S] slot indices -> [L, B, S, H_q, D]
-            return jnp.take_along_axis(running, index[None, :, :, None, None], axis=2)
+        def layer(args):
+            k, q = args  # [B, H_kv, S, D], [B, W, H_q, D]
+            q = jnp.where((positions >= 0)[:, :, None, None], q.astype(jnp.float32), 0.0)
+            running = jnp.pad(jnp.cumsum(q, axis=1), [(0, 0), (1, 0), (0, 0), (0, 0)])  # [B, W + 1, H_q, D]
+            window = jnp.take_along_axis(running, last[:, :, None, None], axis=1) - jnp.take_along_axis(
+                running, first[:, :, None, None], axis=1
+            )  # [B, S, H_q, D]
+            batch, _, heads, dim = window.shape
+            window = window.reshape(batch, seq, k.shape[1], heads // k.shape[1], dim)
+            return jnp.einsum("bksd,bskgd->bkgs", k.astype(jnp.float32), window).reshape(batch, heads, seq)
 
-        window = at(last) - at(first)
-        L, B, _, heads, dim = window.shape
-        window = window.reshape(L, B, seq, kv_heads, heads // kv_heads, dim)
-        return jnp.einsum("lbksd,lbskgd->lbkgs", keys.astype(jnp.float32), window).reshape(L, B, heads, seq)
+        return jax.lax.map(layer, (keys, observation.queries))
+
+    def work_bytes(self, config, batch: int, prompt_len: int, max_len: int) -> int:
+        """The observed queries of every prompt token and layer, one layer's running sums, and the scores and
+        unit keys kept beside the K/V."""
+        per_token = batch * config.num_heads * config.head_dim * 4
+        units = self.num_units(max_len) * per_token
+        return (config.num_layers + 4) * prompt_len * per_token + config.num_layers * (
+            batch * config.num_heads * max_len * 4 + units
+        )
 
     def unit_keys(self, keys, scores, inv_freq):
         """Each block's representatives per query head: keys [B, H_kv, S, D] (rotated), scores [B, H_q, S]

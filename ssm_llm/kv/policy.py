@@ -107,9 +107,11 @@ def prompt_lengths(lengths, padded: int) -> tuple[int, ...]:
 
 def memory_bound(config: ModelConfig, policy: KVPolicy, batch: int, prompt_len: int, max_len: int, dtype) -> int:
     """An upper bound of the bytes a compressed cache needs while it is built: the dense prefill cache of
-    `prompt_len` positions plus `policy.capacity` dense slots (quantized and low-rank storage is smaller)."""
+    `prompt_len` positions plus `policy.capacity` dense slots (quantized and low-rank storage is smaller), plus
+    the policy's own working memory (`work_bytes`)."""
     per_slot = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
-    return per_slot * (prompt_len + policy.capacity(prompt_len, max_len))
+    extra = policy.work_bytes(config, batch, prompt_len, max_len)
+    return per_slot * (prompt_len + policy.capacity(prompt_len, max_len)) + extra
 
 
 def compress_cache(
