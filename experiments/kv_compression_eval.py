@@ -102,7 +102,7 @@ def _grid() -> dict[str, list[Config]]:
     """method -> its configs, written against the constructors of the `ssm_llm.kv` classes as they were
     being written (SnapKV(budget, window, kernel_size, pyramid), TokenSelect(k, sinks, local), InfLLM(blocks,
     block_size, representatives, sinks, local), ShadowKV(budget, chunk_size, rank, local_chunks, outlier_chunks),
-    KIVI(bits,
+    SqueezedAttention(budget, clusters, local, iterations), KIVI(bits,
     group_size, residual), RotateKV(bits), MixedPrecisionKV(high_bits, low_bits, important), GEAR(bits,
     rank, outlier_fraction), MiniCache(start_layer), XKV(rank, group_size)): adjust the arguments here
     if a constructor changes."""
@@ -165,6 +165,21 @@ def _grid() -> dict[str, list[Config]]:
                         rank=64,
                         local_chunks=4,
                         outlier_chunks=max(1, n // (64 * r)),
+                    ),
+                )
+                for r in keep
+            ],
+        ),
+        # Squeezed Attention keeps every token; the label is the attended fraction: a local window of a quarter
+        # of it and the rest from the best of n / 64 k-means clusters per kv head.
+        "squeezed": entry(
+            "squeezed",
+            "SqueezedAttention",
+            [
+                (
+                    f"attend 1/{r}",
+                    lambda c, n, r=r: c(
+                        budget=n // r - n // (4 * r), clusters=max(4, n // 64), local=n // (4 * r), iterations=8
                     ),
                 )
                 for r in keep

@@ -25,6 +25,7 @@ from ssm_llm.kv.quantization import (
 from ssm_llm.kv.rotate_kv import RotateKV
 from ssm_llm.kv.shadow_kv import ShadowKV, ShadowKVCache
 from ssm_llm.kv.snapkv import SnapKV
+from ssm_llm.kv.squeezed_attention import SqueezedAttention, SqueezedCache
 from ssm_llm.kv.streaming_llm import StreamingLLM
 from ssm_llm.kv.token_select import TokenSelect, TokenSelectCache
 from ssm_llm.kv.xkv import XKV
@@ -47,6 +48,8 @@ __all__ = [
     "ShadowKV",
     "ShadowKVCache",
     "SnapKV",
+    "SqueezedAttention",
+    "SqueezedCache",
     "StreamingLLM",
     "TokenSelect",
     "TokenSelectCache",

@@ -31,6 +31,7 @@ LOSSLESS = {
     "PyramidKV": kv.SnapKV(budget=1000, window=4, pyramid=True),  # the top layer keeps ~50
     "TokenSelect": kv.TokenSelect(k=64, sinks=4, local=16),
     "InfLLM": kv.InfLLM(blocks=16, block_size=4, sinks=4, local=16),
+    "SqueezedAttention": kv.SqueezedAttention(budget=64, clusters=4, local=4),
     "ShadowKV": kv.ShadowKV(budget=64, chunk_size=4, rank=None, local_chunks=1, outlier_chunks=1),
     "KIVI": kv.KIVI(bits=16, group_size=8, residual=16),
     "RotateKV": kv.RotateKV(bits=16, group_size=16),
