@@ -29,6 +29,7 @@ from ssm_llm.models.lm_head import activation_dtype, logits_from_hidden
 from ssm_llm.param_check import check_params
 from ssm_llm.sampling import Sampling
 from ssm_llm.sharding import SequenceParallel
+from ssm_llm.sparse_prefill import SparsePrefill
 from ssm_llm.speculative.decode import speculative_decode
 from ssm_llm.speculative.protocol import Drafter
 from ssm_llm.validation import as_float, as_int, as_token_ids
@@ -55,6 +56,9 @@ class GenerationConfig:
     `speculative`: a drafter from `ssm_llm.speculative` (e.g. `PromptLookup()`, `TokenRecycling()`,
     `DraftModel(draft_params, draft_config)`); the target verifies each draft tree in one forward and
     the output is exactly that of plain decoding (greedy: the same tokens; sampling: the same law).
+    `sparse_prefill`: a sparse prefill method (attention models), e.g. `ssm_llm.kv.MInference()` or
+    `MInference.load(patterns_json)`: the prompt's attention on a per-head sparse pattern, for long prompts
+    (an approximation: the output may differ from full attention's).
     """
 
     max_new_tokens: int = 64
@@ -67,6 +71,7 @@ class GenerationConfig:
     max_len: int | None = None
     kv_compression: KVPolicy | None = None
     speculative: Drafter | None = None
+    sparse_prefill: SparsePrefill | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -92,6 +97,11 @@ class GenerationConfig:
             raise ValueError(
                 f"speculative must be None or a drafter from ssm_llm.speculative (e.g. PromptLookup()), "
                 f"got {self.speculative!r}"
+            )
+        if self.sparse_prefill is not None and not isinstance(self.sparse_prefill, SparsePrefill):
+            raise ValueError(
+                f"sparse_prefill must be None or a sparse prefill method from ssm_llm.kv (e.g. MInference()), "
+                f"got {self.sparse_prefill!r}"
             )
         if self.speculative is not None and self.kv_compression is not None:
             raise ValueError(
@@ -167,11 +177,14 @@ def _preview(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype", "sequence_parallel"))
-def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequence_parallel=None):
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_len", "impl", "cache_dtype", "sequence_parallel", "sparse_prefill")
+)
+def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequence_parallel=None, sparse_prefill=None):
     cache = init_cache(config, tokens.shape[0], max_len, cache_dtype)
+    sparse = {} if sparse_prefill is None else {"sparse_prefill": sparse_prefill}  # attention models only
     h, cache = family_module(config).hidden_states(
-        params, config, tokens, cache, counts, impl, cache_is_empty=True, sequence_parallel=sequence_parallel
+        params, config, tokens, cache, counts, impl, cache_is_empty=True, sequence_parallel=sequence_parallel, **sparse
     )
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), cache
@@ -294,9 +307,11 @@ def generate(
     check_sequence_parallel(config, sequence_parallel, cache_is_empty=True)
     if sequence_parallel is not None and gen_config.kv_compression is not None:
         raise ValueError("sequence_parallel does not combine with kv_compression yet (its prefill observes queries)")
+    if sequence_parallel is not None and gen_config.sparse_prefill is not None:
+        raise ValueError("sequence_parallel and sparse_prefill are two ways to run a long prefill: pick one")
     plan = _plan(params, config, gen_config, request)
     start = time.perf_counter()
-    logits, cache = _prefill_request(params, config, gen_config.kv_compression, request, plan, impl, sequence_parallel)
+    logits, cache = _prefill_request(params, config, gen_config, request, plan, impl, sequence_parallel)
     prefill_seconds = time.perf_counter() - start
     out, stats = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
     decode_seconds = time.perf_counter() - start - prefill_seconds
@@ -335,6 +350,10 @@ def check_options(config, gen_config: GenerationConfig, longest: int, on_token) 
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     if policy is not None and not isinstance(config, ModelConfig):
         raise ValueError(f"kv_compression compresses attention caches; {type(config).__name__} models have none")
+    if gen_config.sparse_prefill is not None:
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"sparse_prefill sparsifies attention; {type(config).__name__} models have none")
+        gen_config.sparse_prefill.check(config)
     context = config.max_position_embeddings  # None: no limit (state-space models)
     if context is not None and longest > context:
         raise ValueError(f"the longest prompt ({longest} tokens) exceeds the model's context of {context} positions")
@@ -399,10 +418,11 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: Length
 
 
 def _prefill_request(
-    params, config, policy: KVPolicy | None, request: _Request, plan: LengthPlan, impl, sequence_parallel=None
+    params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, impl, sequence_parallel=None
 ):
-    """The prompts' prefill, dense or compressed by `policy`, finished (not only dispatched): (logits [B, V]
-    at each prompt's last token, the cache)."""
+    """The prompts' prefill, dense or compressed by the config's policy, finished (not only dispatched):
+    (logits [B, V] at each prompt's last token, the cache)."""
+    policy, sparse = gen_config.kv_compression, gen_config.sparse_prefill
     tokens, lengths = request.padded(plan.prompt_len), request.lengths
     if policy is None:
         logits, cache = _prefill(
@@ -414,9 +434,12 @@ def _prefill_request(
             impl,
             activation_dtype(params),
             sequence_parallel,
+            sparse,
         )
     else:
-        logits, cache = kv_prefill(params, config, tokens, policy, plan.max_len, token_counts=lengths, impl=impl)
+        logits, cache = kv_prefill(
+            params, config, tokens, policy, plan.max_len, token_counts=lengths, impl=impl, sparse_prefill=sparse
+        )
     logits.block_until_ready()
     return logits, cache
 

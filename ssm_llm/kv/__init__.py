@@ -1,12 +1,13 @@
 """KV-cache compression: policies that transform the attention cache, composable with `generate` through
 `GenerationConfig(kv_compression=...)` (a policy implements `ssm_llm.compressed_cache.KVPolicy`), plus
 the group-wise quantizers the storage methods build on and `cache_bytes`, which measures what a
-(compressed) cache really holds."""
+(compressed) cache really holds. Also MInference, a sparse prefill (`GenerationConfig(sparse_prefill=...)`)."""
 
 from ssm_llm.compressed_cache import AttentionStep
 from ssm_llm.kv.gear import GEAR
 from ssm_llm.kv.infllm import InfLLM, InfLLMCache
 from ssm_llm.kv.kivi import KIVI
+from ssm_llm.kv.minference import MInference
 from ssm_llm.kv.minicache import MiniCache
 from ssm_llm.kv.mixed_precision import MixedPrecisionKV
 from ssm_llm.kv.policy import CompressedCache, KVPolicy, PrefillObservation, compress_cache, describe
@@ -40,6 +41,7 @@ __all__ = [
     "AttentionStep",
     "CompressedCache",
     "KVPolicy",
+    "MInference",
     "MiniCache",
     "MixedPrecisionKV",
     "PrefillObservation",

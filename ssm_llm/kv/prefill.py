@@ -14,28 +14,41 @@ from ssm_llm.models import attention_lm
 from ssm_llm.models.lm_head import activation_dtype, logits_from_hidden
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "impl", "cache_dtype"))
-def _prefill(params, config, tokens, counts, policy, max_len, impl, cache_dtype):
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "impl", "cache_dtype", "sparse_prefill"))
+def _prefill(params, config, tokens, counts, policy, max_len, impl, cache_dtype, sparse_prefill=None):
     cache = init_cache(config, tokens.shape[0], tokens.shape[1], cache_dtype)
     if policy.observation_window:
         # A window past the prompt observes every query: the same observation, in T rows rather than W.
         window = min(policy.observation_window, tokens.shape[1])
-        h, cache, observation = attention_lm.prefill_observed(params, config, tokens, cache, counts, window, impl)
+        h, cache, observation = attention_lm.prefill_observed(
+            params, config, tokens, cache, counts, window, impl, sparse_prefill
+        )
     else:
-        h, cache = attention_lm.hidden_states(params, config, tokens, cache, counts, impl, cache_is_empty=True)
+        h, cache = attention_lm.hidden_states(
+            params, config, tokens, cache, counts, impl, cache_is_empty=True, sparse_prefill=sparse_prefill
+        )
         observation = None
     last = jnp.take_along_axis(h, (counts - 1)[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, config, last), compress_cache(config, cache, policy, max_len, observation)
 
 
 def prefill(
-    params: dict, config, tokens, policy: KVPolicy, max_len: int, *, token_counts=None, impl: str = "auto"
+    params: dict,
+    config,
+    tokens,
+    policy: KVPolicy,
+    max_len: int,
+    *,
+    token_counts=None,
+    impl: str = "auto",
+    sparse_prefill=None,
 ) -> tuple[jax.Array, CompressedCache]:
     """Prefill `tokens: [B, T]` (right-padded; `token_counts: [B]` real tokens per row, default T) with
     full attention, then compress the cache with `policy` (giving it the last prompt queries it needs).
 
     Returns the next-token logits `[B, V]` of each row's last real token and a `CompressedCache` with
-    room to decode `max_len - T` tokens per row with `ssm_llm.forward`.
+    room to decode `max_len - T` tokens per row with `ssm_llm.forward`. `sparse_prefill` (e.g.
+    `kv.MInference()`): the prompt's attention on that method's sparse pattern instead of full attention.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
@@ -53,4 +66,4 @@ def prefill(
         f"kv_compression={describe(policy)} with max_len={max_len}",
         memory_bound(config, policy, tokens.shape[0], tokens.shape[1], max_len, dtype),
     )
-    return _prefill(params, config, tokens, counts, policy, max_len, impl, activation_dtype(params))
+    return _prefill(params, config, tokens, counts, policy, max_len, impl, activation_dtype(params), sparse_prefill)

@@ -142,12 +142,15 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
             )
 
 
-def _dense_prefill_attention(q, k, v, kv, step: AttentionStep, impl: str, sequence_parallel=None):
+def _dense_prefill_attention(config, q, k, v, kv, step: AttentionStep, impl: str, sequence_parallel, sparse):
     """Attention into an empty dense cache: among the new tokens only, which are then stored at
     positions 0..T-1. q, k, v rotated; kv = (k, v) `[L, B, H_kv, S, D]` of every layer. With
-    `sequence_parallel` (an `ssm_llm.sharding.SequenceParallel`), RingAttention over its mesh axis."""
+    `sequence_parallel` (an `ssm_llm.sharding.SequenceParallel`), RingAttention over its mesh axis; with
+    `sparse` (an `ssm_llm.sparse_prefill.SparsePrefill`, e.g. `kv.MInference`), that method's sparse attention."""
     if sequence_parallel is not None:
         attn = sequence_parallel.attention(q, k, v, step.token_counts, step.window)
+    elif sparse is not None:
+        attn = sparse.attend(config, q, k, v, step, impl)
     else:
         attn = flash_attention(q, k, v, step.window, lengths=step.token_counts, impl=impl)
     start = (step.layer, 0, 0, 0, 0)
@@ -180,11 +183,11 @@ def _observe_queries(observed: jax.Array, q: jax.Array, step: AttentionStep) -> 
     return observed.at[step.layer].set(rows_q.astype(observed.dtype))
 
 
-def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, sp, step: AttentionStep, carry, layer):
+def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, sp, sparse, step: AttentionStep, carry, layer):
     """One decoder block, scanned over the layers. `carry` = (activations [B, T, H], the whole stacked
     cache — (k, v) of a dense cache, updated in place by XLA, or a compressed cache's data — and the
     observed prompt queries or None); `layer` = this layer's (params, index, sliding window); `sp` a
-    `SequenceParallel` for a fresh prefill, or None."""
+    `SequenceParallel` for a fresh prefill, or None; `sparse` a `SparsePrefill` for a fresh prefill, or None."""
     x, kv, observed = carry
     p, index, window = layer
     step = step.replace(layer=index, window=window)
@@ -194,7 +197,7 @@ def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, sp, ste
     else:
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if cache_is_empty:
-            attn, kv = _dense_prefill_attention(q, k, v, kv, step, impl, sp)
+            attn, kv = _dense_prefill_attention(config, q, k, v, kv, step, impl, sp, sparse)
         else:
             attn, kv = _dense_cache_attention(q, k, v, kv, step, impl)
         if observed is not None:
@@ -202,8 +205,17 @@ def _block(config: ModelConfig, impl: str, cache_is_empty: bool, policy, sp, ste
     return finish_block(config, p, x, attn), kv, observed
 
 
-def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, observe, sequence_parallel=None):
+def _run(
+    params, config, tokens, cache, token_counts, impl, cache_is_empty, observe, sequence_parallel=None, sparse=None
+):
     check_linear_kinds(params, config)
+    if sparse is not None and (isinstance(cache, CompressedCache) or not cache_is_empty or sequence_parallel):
+        raise ValueError(
+            "sparse_prefill computes a fresh prefill's attention among the prompt's tokens: it needs an empty "
+            "dense cache (cache_is_empty=True) and no sequence_parallel"
+        )
+    if sparse is not None:
+        sparse.check(config)
     if sequence_parallel is not None and (isinstance(cache, CompressedCache) or not cache_is_empty):
         raise ValueError(
             "sequence_parallel splits a fresh prefill (an empty dense cache); this cache "
@@ -228,7 +240,7 @@ def _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, obse
     if observe:
         observed = jnp.zeros((config.num_layers, tokens.shape[0], observe, config.num_heads, config.head_dim), x.dtype)
     x, kv, observed = run_layers(
-        lambda c, layer: _block(config, impl, cache_is_empty, policy, sequence_parallel, step, c, layer),
+        lambda c, layer: _block(config, impl, cache_is_empty, policy, sequence_parallel, sparse, step, c, layer),
         (x, kv, observed),
         params["layers"],
         (config.layer_windows,),
@@ -250,6 +262,7 @@ def hidden_states(
     impl: str = "auto",
     cache_is_empty: bool = False,
     sequence_parallel=None,
+    sparse_prefill=None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder stack on `tokens: [B, T]` appended to `cache` (dense, or compressed by a KV policy).
 
@@ -258,9 +271,13 @@ def hidden_states(
     among the new tokens only, skipping the unused cache and most of the causal mask.
     sequence_parallel (static): an `ssm_llm.sharding.SequenceParallel` — the prefill's attention as
     RingAttention over its mesh axis (needs `cache_is_empty`).
+    sparse_prefill (static): an `ssm_llm.sparse_prefill.SparsePrefill` (e.g. `ssm_llm.kv.MInference`) — the
+    prefill's attention computed on a sparse, per-head pattern (needs `cache_is_empty`).
     Returns the final-normed hidden states `[B, T, H]` and the cache advanced by `token_counts`.
     """
-    h, cache, _ = _run(params, config, tokens, cache, token_counts, impl, cache_is_empty, 0, sequence_parallel)
+    h, cache, _ = _run(
+        params, config, tokens, cache, token_counts, impl, cache_is_empty, 0, sequence_parallel, sparse_prefill
+    )
     return h, cache
 
 
@@ -272,10 +289,11 @@ def prefill_observed(
     token_counts: jax.Array,
     window: int,
     impl: str = "auto",
+    sparse_prefill=None,
 ) -> tuple[jax.Array, KVCache, PrefillObservation]:
     """A fresh prefill (empty `cache`) that also returns each row's last `window` rotated queries per
-    layer, for query-aware KV compression (SnapKV & co.)."""
-    h, cache, observed = _run(params, config, tokens, cache, token_counts, impl, True, window)
+    layer, for query-aware KV compression (SnapKV & co.); `sparse_prefill` as in `hidden_states`."""
+    h, cache, observed = _run(params, config, tokens, cache, token_counts, impl, True, window, None, sparse_prefill)
     last = token_counts[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
     return h, cache, PrefillObservation(queries=observed, positions=jnp.where(last >= 0, last, -1))
 
