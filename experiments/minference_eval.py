@@ -2,7 +2,8 @@
 
   (a) passkey retrieval at several lengths up to the 8k context and several depths (the haystack, needle and
       question of `kv_compression_eval.py`): greedy answer after the prefill, correct if its first number is
-      the key. Decoding is the same for every config (a dense cache); only the prefill differs.
+      the key; and RULER-style multi-key needle and variable tracking (`long_context_tasks.py`). Decoding is
+      the same for every config (a dense cache); only the prefill differs.
   (b) perplexity, KL(dense || sparse) and top-1 agreement over the last `--ppl-last` positions of a long real
       document (Python's language reference from half way in), scored from the prefill itself: those positions
       attend to the whole document through the sparse pattern.
@@ -22,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import long_context_tasks as tasks  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_runners import machine_info  # noqa: E402
 from kv_compression_eval import continuation_metrics, passkey_prompt, text_ids  # noqa: E402
@@ -86,24 +87,38 @@ def prefill_last_logits(params, config, tokens, sparse):
     return logits_from_hidden(params, config, h[:, -1])
 
 
-def run_passkey(params, config, tokenizer, cfgs, args, rng):
-    hay = text_ids(tokenizer, max(args.lengths), start=0.0)
-    hay_text = tokenizer.batch_decode([[t] for t in hay])
-    rows = {}
-    for length in tqdm(args.lengths, desc="passkey lengths"):
+def task_prompts(task: str, tokenizer, hay, hay_text, length: int, args, rng):
+    """(prompts, what each answer must hold, scorer, answer tokens) of one task at one length."""
+    if task == "passkey":
         keys = [int(k) for k in rng.integers(10_000, 100_000, len(args.depths))]
         prompts = [
             passkey_prompt(tokenizer, hay, hay_text, length, d, k) for d, k in zip(args.depths, keys, strict=True)
         ]
-        row = {"keys": keys, "configs": {}}
-        for name, sparse in tqdm(cfgs.items(), desc=f"{length} tokens", leave=False):
-            gen = ssm_llm.GenerationConfig(max_new_tokens=args.answer_tokens, eos_token_ids=(), sparse_prefill=sparse)
-            texts = tokenizer.batch_decode(ssm_llm.generate(params, config, prompts, gen).tokens)
-            found = [re.search(r"\d+", t) for t in texts]
-            correct = [m is not None and m.group() == str(k) for m, k in zip(found, keys, strict=True)]
-            row["configs"][name] = {"answers": texts, "correct": correct, "accuracy": float(np.mean(correct))}
-        rows[length] = row
-    return rows
+        return prompts, keys, tasks.multikey_score, args.answer_tokens
+    build, score, answer = {
+        "multikey": (tasks.multikey_prompt, tasks.multikey_score, 12),
+        "variables": (tasks.variables_prompt, tasks.variables_score, 24),
+    }[task]
+    built = [build(tokenizer, hay, length, rng) for _ in range(args.samples)]
+    return [p for p, _ in built], [e for _, e in built], score, answer
+
+
+def run_tasks(params, config, tokenizer, cfgs, args, rng):
+    """Every task at every length: one batch of prompts, each config's greedy answers and scores."""
+    hay = text_ids(tokenizer, max(args.lengths), start=0.0)
+    hay_text = tokenizer.batch_decode([[t] for t in hay])
+    out = {}
+    for task in args.tasks:
+        rows = out[task] = {}
+        for length in tqdm(args.lengths, desc=task):
+            prompts, expected, score, answer_tokens = task_prompts(task, tokenizer, hay, hay_text, length, args, rng)
+            row = rows[length] = {"expected": expected, "configs": {}}
+            for name, sparse in tqdm(cfgs.items(), desc=f"{length} tokens", leave=False):
+                gen = ssm_llm.GenerationConfig(max_new_tokens=answer_tokens, eos_token_ids=(), sparse_prefill=sparse)
+                texts = tokenizer.batch_decode(ssm_llm.generate(params, config, prompts, gen).tokens)
+                scores = [score(t, e) for t, e in zip(texts, expected, strict=True)]
+                row["configs"][name] = {"answers": texts, "scores": scores, "score": float(np.sum(scores))}
+    return out
 
 
 def run_perplexity(params, config, tokenizer, cfgs, args):
@@ -144,27 +159,29 @@ def plot(summary, path, model):
     import matplotlib.pyplot as plt
 
     names = list(summary["configs"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for i, length in enumerate(summary["speed"]):
-        secs = [summary["speed"][length][n]["seconds"] for n in names]
-        axes[0].bar(np.arange(len(names)) + 0.4 * i, secs, width=0.4, label=f"{length} tokens")
-    axes[0].set_title("prefill seconds (batch 1)")
-    axes[0].legend(fontsize=8)
-    for i, length in enumerate(summary["passkey"]):
-        acc = [summary["passkey"][length]["configs"][n]["accuracy"] for n in names]
-        axes[1].bar(
-            np.arange(len(names)) + 0.8 * i / len(summary["passkey"]),
-            acc,
-            width=0.8 / len(summary["passkey"]),
-            label=f"{length}",
-        )
-    axes[1].set_title("passkey accuracy by prompt length")
-    axes[1].legend(fontsize=8)
-    ppl = [summary["perplexity"]["configs"][n]["perplexity"] for n in names]
-    axes[2].bar(np.arange(len(names)), ppl)
-    axes[2].set_title(f"perplexity, last {summary['perplexity']['scored_last']} of {summary['perplexity']['length']}")
-    for ax in axes:
-        ax.set_xticks(np.arange(len(names)), names, rotation=20, fontsize=8)
+    x = np.arange(len(names))
+    panels = [("speed", None)] * bool(summary["speed"]) + [("task", t) for t in summary["tasks"]]
+    panels += [("perplexity", None)] * bool(summary["perplexity"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), squeeze=False)
+    for ax, (kind, task) in zip(axes[0], panels, strict=True):
+        if kind == "speed":
+            for i, length in enumerate(summary["speed"]):
+                secs = [summary["speed"][length][n]["seconds"] for n in names]
+                ax.bar(x + 0.4 * i, secs, width=0.4, label=f"{length} tokens")
+            ax.set_title("prefill seconds (batch 1)")
+        elif kind == "task":
+            rows = summary["tasks"][task]
+            for i, (length, row) in enumerate(rows.items()):
+                scores = [row["configs"][n]["score"] / len(row["expected"]) for n in names]
+                ax.bar(x + 0.8 * i / len(rows), scores, width=0.8 / len(rows), label=f"{length} tokens")
+            ax.set_title(f"{task}: score by prompt length")
+        else:
+            ax.bar(x, [summary["perplexity"]["configs"][n]["perplexity"] for n in names])
+            p = summary["perplexity"]
+            ax.set_title(f"perplexity, last {p['scored_last']} of {p['length']}")
+        if kind != "perplexity":
+            ax.legend(fontsize=8)
+        ax.set_xticks(x, names, rotation=20, fontsize=8)
     fig.suptitle(f"MInference sparse prefill, {model}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -175,10 +192,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8160])
     parser.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--answer-tokens", type=int, default=8, help="greedy tokens of a passkey answer")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["passkey", "multikey", "variables"],
+        choices=["passkey", "multikey", "variables"],
+        help="passkey (one prompt per depth), RULER-style multi-key needle and variable tracking "
+        "(experiments/long_context_tasks.py, --samples prompts each)",
+    )
+    parser.add_argument("--samples", type=int, default=3, help="prompts per length of multikey / variables")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip (b)")
     parser.add_argument("--ppl-length", type=int, default=8192)
     parser.add_argument("--ppl-last", type=int, default=1024)
-    parser.add_argument("--speed-lengths", nargs="+", type=int, default=[4096, 8192])
+    parser.add_argument("--speed-lengths", nargs="*", type=int, default=[4096, 8192], help="none: skip (c)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=None, help="a subset of the configs (full is always run)")
     parser.add_argument("--quick", action="store_true", help="short prompts, 2 depths: checks the script works")
@@ -186,7 +213,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.depths, args.ppl_length, args.ppl_last = [1024], [0.3, 0.7], 1024, 128
-        args.speed_lengths, args.repeats = [1024], 1
+        args.speed_lengths, args.repeats, args.samples = [1024], 1, 1
     out = args.out or RESULTS / ("minference_eval_quick.json" if args.quick else "minference_eval.json")
     path = ssm_llm.default_model_path()
     config, params = converters.load(path)
@@ -196,29 +223,33 @@ def main(argv=None):
         cfgs = {n: s for n, s in cfgs.items() if n == "full" or n in args.configs}
     start = time.perf_counter()
     speed = run_speed(params, config, tokenizer, cfgs, args)
-    passkey = run_passkey(params, config, tokenizer, cfgs, args, np.random.default_rng(0))
-    perplexity = run_perplexity(params, config, tokenizer, cfgs, args)
+    task_rows = run_tasks(params, config, tokenizer, cfgs, args, np.random.default_rng(0))
+    perplexity = None if args.no_perplexity else run_perplexity(params, config, tokenizer, cfgs, args)
     summary = {
         "model": path.name,
         "machine": machine_info(),
         "minutes": (time.perf_counter() - start) / 60,
         "configs": {n: budget(s) for n, s in cfgs.items()},
         "speed": speed,
-        "passkey": passkey,
+        "tasks": task_rows,
         "perplexity": perplexity,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, out.with_suffix(".png"), path.name)
     print(f"\n{out} ({summary['minutes']:.1f} min)")
-    header = ["config", *(f"prefill {n}" for n in speed), *(f"passkey {n}" for n in passkey), "perplexity", "KL"]
+    header = ["config", *(f"prefill {n}" for n in speed)]
+    header += [f"{task} {n}" for task, rows in task_rows.items() for n in rows]
+    header += ["perplexity", "KL"] if perplexity else []
     print(" | ".join(header))
     for name in cfgs:
-        ppl = perplexity["configs"][name]
         cells = [name]
         cells += [f"{speed[n][name]['seconds']:.1f} s ({speed[n][name]['speedup_vs_full']:.2f}x)" for n in speed]
-        cells += [f"{sum(passkey[n]['configs'][name]['correct'])}/{len(args.depths)}" for n in passkey]
-        cells += [f"{ppl['perplexity']:.2f}", f"{ppl.get('kl', 0.0):.4f}"]
+        for rows in task_rows.values():
+            cells += [f"{r['configs'][name]['score']:g}/{len(r['expected'])}" for r in rows.values()]
+        if perplexity:
+            ppl = perplexity["configs"][name]
+            cells += [f"{ppl['perplexity']:.2f}", f"{ppl.get('kl', 0.0):.4f}"]
         print(" | ".join(cells))
 
 

@@ -267,6 +267,11 @@ class Engine:
         if not isinstance(gen_config, GenerationConfig):
             raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
         self._check_kv_policy(gen_config.kv_compression)
+        if gen_config.sparse_prefill is not None:
+            raise ValueError(
+                "the engine prefills in chunks over pages; sparse_prefill (MInference) needs the whole prompt at once: "
+                "use ssm_llm.generate for it"
+            )
         spec = gen_config.speculative
         if spec is not None and not (isinstance(spec, PromptLookup) and self.paged and gen_config.temperature == 0):
             raise ValueError(

@@ -224,9 +224,10 @@ def test_misuse_is_refused_by_name():
         )
 
 
-def test_smollm2_finds_a_passkey_with_the_shipped_patterns(smollm2):
-    """A 1,600-token passkey prompt through SmolLM2's fitted patterns at a budget well under the prompt (4
-    blocks of 64 + 64 columns per query block of 25): the same answer as full attention."""
+def test_smollm2_finds_a_passkey_through_a_sparse_prefill(smollm2):
+    """A 1,715-token passkey prompt, every head vertical-slash at a budget well under the prompt (4 blocks of 64
+    + 64 columns per query block of 27) with layer 0 dense: the same answer as full attention (with layer 0
+    sparse too, this budget loses it: SmolLM2's first layer attends broadly). The shipped patterns fit SmolLM2."""
     config, params, tokenizer, _ = smollm2
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     text = (
@@ -236,10 +237,12 @@ def test_smollm2_finds_a_passkey_with_the_shipped_patterns(smollm2):
         + "What is the pass key? The pass key is"
     )
     prompt = tokenizer(text).input_ids
-    sparse = MInference.fitted("SmolLM2-135M-Instruct", blocks=4, columns=64)
-
-    def answer(sparse):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=8, sparse_prefill=sparse)
-        return tokenizer.decode(ssm_llm.generate(params, config, [prompt], gen).tokens[0])
-
-    assert "71432" in answer(sparse)
+    assert len(prompt) == 1715
+    sparse = MInference(blocks=4, columns=64, dense_layers=(0,))
+    gen = ssm_llm.GenerationConfig(max_new_tokens=8, sparse_prefill=sparse)
+    assert "71432" in tokenizer.decode(ssm_llm.generate(params, config, [prompt], gen).tokens[0])
+    fitted = MInference.fitted("SmolLM2-135M-Instruct")
+    fitted.check(config)
+    assert (fitted.block, fitted.blocks, fitted.columns) == (64, 8, 256)
+    with pytest.raises(ValueError, match=r"no MInference patterns shipped for 'Llama-9B' \(shipped: \['SmolLM2"):
+        MInference.fitted("Llama-9B")
