@@ -140,6 +140,18 @@ def test_settings_that_keep_every_key_are_full_attention():
     assert run(MInference(MIXED, block=16, blocks=1, columns=4)) != full
 
 
+def test_composes_with_kv_compression_and_speculative_decoding():
+    """The sparse prefill feeds a compressed cache (SnapKV observes its last queries) and a speculative decode:
+    with every key a column, each gives exactly what it gives after a full prefill."""
+    from ssm_llm.speculative import PromptLookup
+
+    exact = MInference(WITH_COLUMNS, block=16, blocks=2, columns=128)
+    for option in (dict(kv_compression=ssm_llm.kv.SnapKV(budget=40, window=8)), dict(speculative=PromptLookup())):
+        gen = ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=(), **option)
+        alone = ssm_llm.generate(PARAMS, CONFIG, PROMPTS, gen).tokens
+        assert ssm_llm.generate(PARAMS, CONFIG, PROMPTS, dataclasses.replace(gen, sparse_prefill=exact)).tokens == alone
+
+
 def test_dense_layers_keep_full_attention_in_both_layer_layouts():
     """Layers named in dense_layers run flash attention: all of them is full attention, whether the layers are
     scanned (a traced layer index: lax.cond) or unrolled (a Python choice); some of them is in between."""
@@ -217,6 +229,12 @@ def test_misuse_is_refused_by_name():
     mamba_params = ssm_llm.init_params(mamba, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="sparse_prefill sparsifies attention; MambaConfig models have none"):
         ssm_llm.generate(mamba_params, mamba, [[1, 2, 3]], ssm_llm.GenerationConfig(sparse_prefill=MInference()))
+    from ssm_llm.sharding import SequenceParallel
+
+    ring = SequenceParallel(jax.make_mesh((1, 1), ("data", "seq")))
+    with pytest.raises(ValueError, match="sequence_parallel and sparse_prefill are two ways to run a long prefill"):
+        gen = ssm_llm.GenerationConfig(max_new_tokens=2, sparse_prefill=MInference())
+        ssm_llm.generate(PARAMS, CONFIG, PROMPTS, gen, sequence_parallel=ring)
     cache = ssm_llm.init_cache(CONFIG, 1, 8)
     with pytest.raises(ValueError, match="sparse_prefill computes a fresh prefill's attention"):
         attention_lm.hidden_states(
