@@ -40,6 +40,10 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=MInference.block)
     parser.add_argument("--blocks", type=int, default=MInference.blocks)
     parser.add_argument("--columns", type=int, default=MInference.columns)
+    parser.add_argument(
+        "--scored", type=int, default=None, help="score the recall on the sample's last N queries (default: all)"
+    )
+    parser.add_argument("--min-recall", type=float, default=None, help="layers below it stay dense")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     path = ssm_llm.default_model_path()
@@ -47,7 +51,7 @@ def main(argv=None):
     tokens = text_ids(converters.load_tokenizer(path), args.length, args.start)[: args.length]
     start = time.perf_counter()
     settings = MInference(block=args.block, blocks=args.blocks, columns=args.columns)
-    fitted, recalls = fit_patterns(params, config, tokens, settings)
+    fitted, recalls = fit_patterns(params, config, tokens, settings, min_recall=args.min_recall, scored=args.scored)
     seconds = time.perf_counter() - start
     counts = {p: sum(layer.count(p) for layer in fitted.patterns) for p in PATTERNS}
     best = recalls.max(-1)
@@ -56,6 +60,8 @@ def main(argv=None):
         model=path.name,
         sample=f"Python's language reference (pydoc_data.topics), {args.length} tokens from {args.start:.0%} on",
         seconds=round(seconds, 1),
+        scored_queries=args.scored or args.length,
+        min_recall=args.min_recall,
         machine=machine_info(),
         heads_per_pattern=counts,
         mean_recall={p: round(float(recalls[..., i].mean()), 4) for i, p in enumerate(PATTERNS)},

@@ -44,10 +44,11 @@ def pattern_mask(blocks, columns, n_keys: int, block: int):
     return mask | in_columns[:, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("settings",))
-def layer_recalls(q, k, settings: MInference):
+@functools.partial(jax.jit, static_argnames=("settings", "scored"))
+def layer_recalls(q, k, settings: MInference, scored: int | None = None):
     """Recall [H, len(PATTERNS)] of every pattern for one layer and one unpadded sequence: q [T, H, D], k [T,
-    H_kv, D] rotated. Recall = the dense causal softmax weight inside the pattern's mask, averaged over queries."""
+    H_kv, D] rotated. Recall = the dense causal softmax weight inside the pattern's mask, averaged over the last
+    `scored` queries (None: all)."""
     steps, heads, dim = q.shape
     kv_heads = k.shape[1]
     block = settings.block
@@ -77,10 +78,11 @@ def layer_recalls(q, k, settings: MInference):
         mask = jax.lax.dynamic_slice_in_dim(masks, i * per_step, per_step, 2)  # [P, H, per_step, T]
         mask = jnp.repeat(mask, block, axis=2)  # [P, H, rows, T]
         kept = jnp.sum(jnp.where(mask, probs[None], 0.0), axis=-1)  # [P, H, rows]
-        return jnp.sum(jnp.where(rows < steps, kept, 0.0), axis=-1)  # [P, H]
+        return jnp.sum(jnp.where((rows < steps) & (rows >= first), kept, 0.0), axis=-1)  # [P, H]
 
+    first = 0 if scored is None else max(0, steps - scored)
     total = jnp.sum(jax.lax.map(one, jnp.arange(n_steps)), axis=0)
-    return (total / steps).T
+    return (total / (steps - first)).T
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -98,18 +100,21 @@ def fit_patterns(
     settings: MInference | None = None,
     *,
     min_recall: float | None = None,
+    scored: int | None = None,
     progress: bool = True,
 ) -> tuple[MInference, np.ndarray]:
     """MInference's offline search on one sample `tokens` (a list of ids, ideally as long as the prompts it will
     serve): returns `settings` (default `MInference()`) with each head's best pattern, and the recalls
     [L, H, len(PATTERNS)].
-    `min_recall`: layers whose heads' best recalls average below it keep dense attention (`dense_layers`)."""
+    `min_recall`: layers whose heads' best recalls average below it keep dense attention (`dense_layers`).
+    `scored`: the recall is averaged over the sample's last `scored` queries only (None: all of them), the
+    queries of a long prompt that see most of it (and the ones the answer is read from)."""
     settings = MInference() if settings is None else settings
     tokens = jnp.asarray([list(tokens)], jnp.int32)
     queries, keys = _queries_and_keys(params, config, tokens)
     recalls = np.stack(
         [
-            np.asarray(layer_recalls(queries[layer], keys[layer], settings))
+            np.asarray(layer_recalls(queries[layer], keys[layer], settings, scored))
             for layer in tqdm(range(config.num_layers), desc="MInference pattern search", disable=not progress)
         ]
     )
