@@ -46,10 +46,12 @@ from ssm_llm.models.lm_head import logits_from_hidden  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def configs(model: str) -> dict:
+def configs(model: str, patterns_file: Path | None = None) -> dict:
     fitted = MInference.fitted(model)
+    extra = {} if patterns_file is None else {"patterns_file": MInference.load(patterns_file)}
     return {
         "full": None,
+        **extra,
         "minference": fitted,
         "minference_2x": MInference.fitted(model, blocks=2 * fitted.blocks, columns=2 * fitted.columns),
         "vertical_slash": MInference(block=fitted.block, blocks=fitted.blocks, columns=fitted.columns),
@@ -208,6 +210,9 @@ def main(argv=None):
     parser.add_argument("--speed-lengths", nargs="*", type=int, default=[4096, 8192], help="none: skip (c)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=None, help="a subset of the configs (full is always run)")
+    parser.add_argument(
+        "--patterns", type=Path, default=None, help="also run the patterns saved in this JSON (config patterns_file)"
+    )
     parser.add_argument("--quick", action="store_true", help="short prompts, 2 depths: checks the script works")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -218,7 +223,7 @@ def main(argv=None):
     path = ssm_llm.default_model_path()
     config, params = converters.load(path)
     tokenizer = converters.load_tokenizer(path)
-    cfgs = configs("SmolLM2-135M-Instruct")
+    cfgs = configs("SmolLM2-135M-Instruct", args.patterns)
     if args.configs:
         cfgs = {n: s for n, s in cfgs.items() if n == "full" or n in args.configs}
     start = time.perf_counter()
