@@ -179,10 +179,21 @@ def _generate(args) -> int:
         seed=args.seed,
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
+        sparse_prefill=_sparse_prefill(args.sparse_prefill),
     )
     _join_processes(args)  # before anything touches JAX's devices
     with _CompileClock() as clock:
         return _run_generation(args, gen_config, clock)
+
+
+def _sparse_prefill(spec: str | None):
+    """`--sparse-prefill SPEC` -> a sparse prefill method (None: dense prefill)."""
+    if spec is None:
+        return None
+    from ssm_llm.kv.minference import MInference
+    from ssm_llm.option_spec import parse_spec
+
+    return parse_spec(spec, {"minference": MInference}, "sparse prefill method")
 
 
 def _run_generation(args, gen_config, clock: _CompileClock) -> int:
@@ -354,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="compress the KV cache, e.g. 'streamingllm:budget=256,sinks=4' or 'snapkv:budget=0.25' "
         "(a method of ssm_llm.kv and its parameters)",
+    )
+    gen.add_argument(
+        "--sparse-prefill",
+        metavar="SPEC",
+        help="a long prompt's prefill on MInference's sparse attention: 'minference' (every head vertical-slash, "
+        "8 blocks of 64 + 256 columns per query block) or e.g. 'minference:blocks=16,columns=512,dense_layers=(0,)'",
     )
     gen.add_argument(
         "--speculative",

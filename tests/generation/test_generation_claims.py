@@ -45,6 +45,32 @@ def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
     assert policies == [StreamingLLM(budget=32)]
 
 
+def test_cli_generate_with_sparse_prefill(smollm2, monkeypatch, capsys):
+    """`ssm-llm generate --sparse-prefill SPEC`: the spec is parsed into an MInference that reaches `generate`;
+    an unknown method is refused by name."""
+    import ssm_llm_cli as cli
+    from ssm_llm import generation
+    from ssm_llm.kv import MInference
+
+    config, params, _, path = smollm2
+    monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
+    seen = []
+
+    def spy(params, config, prompts, gen_config, **kw):
+        seen.append(gen_config.sparse_prefill)
+        return real(params, config, prompts, gen_config, **kw)
+
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", spy)
+    argv = ["generate", "--prompt", "The history of the printing press", "--max-new-tokens", "4", "--no-stream"]
+    code = cli.main([*argv, "--sparse-prefill", "minference:block=16,blocks=1,columns=4,dense_layers=(0,)"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() and seen == [MInference(block=16, blocks=1, columns=4, dense_layers=(0,))]
+    assert cli.main([*argv, "--sparse-prefill", "flashprefill"]) != 0
+    assert "unknown sparse prefill method 'flashprefill'; choose one of ['minference']" in capsys.readouterr().err
+
+
 def test_cli_generate_with_unrolled_layers(smollm2, monkeypatch, capsys):
     """`--layers unrolled` hands `generate` one dict per layer (`unstack_layers`) and prints the same greedy
     text as the stacked layout."""
