@@ -70,23 +70,24 @@ def budget(sparse) -> str:
     return f"{patterns}: {sparse.blocks} blocks of {sparse.block} + {sparse.columns} columns per query block{dense}"
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sparse", "last"))
-def prompt_logprobs(params, config, tokens, sparse, last: int):
-    """Log-probs [B, last, V] of the next token at the prompt's last `last` positions (one prefill)."""
+def prompt_hidden(params, config, tokens, sparse):
+    """The final-normed hidden states [B, T, H] of one (dense or sparse) prefill of unpadded `tokens`."""
     cache = ssm_llm.init_cache(config, tokens.shape[0], tokens.shape[1])
     counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     extra = {} if sparse is None else {"sparse_prefill": sparse}
-    h, _ = attention_lm.hidden_states(params, config, tokens, cache, counts, cache_is_empty=True, **extra)
+    return attention_lm.hidden_states(params, config, tokens, cache, counts, cache_is_empty=True, **extra)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sparse", "last"))
+def prompt_logprobs(params, config, tokens, sparse, last: int):
+    """Log-probs [B, last, V] of the next token at the prompt's last `last` positions (one prefill)."""
+    h = prompt_hidden(params, config, tokens, sparse)
     return jax.nn.log_softmax(logits_from_hidden(params, config, h[:, -last:]).astype(jnp.float32), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sparse"))
 def prefill_last_logits(params, config, tokens, sparse):
-    cache = ssm_llm.init_cache(config, tokens.shape[0], tokens.shape[1])
-    counts = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    extra = {} if sparse is None else {"sparse_prefill": sparse}
-    h, _ = attention_lm.hidden_states(params, config, tokens, cache, counts, cache_is_empty=True, **extra)
-    return logits_from_hidden(params, config, h[:, -1])
+    return logits_from_hidden(params, config, prompt_hidden(params, config, tokens, sparse)[:, -1])
 
 
 def task_prompts(task: str, tokenizer, hay, hay_text, length: int, args, rng):
