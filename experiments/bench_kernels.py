@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pallas_kernels.block_sparse_attention import BlockSparseBlockSizes, block_sparse_attention
 from pallas_kernels.cache_attention import CacheAttentionBlockSizes, cache_attention
 from pallas_kernels.causal_conv1d import (
     CausalConv1dBlockSizes,
@@ -68,6 +69,7 @@ SEED = 0
 # The GPU (Triton) kernels' block sizes by kernel name (ssd_step has none), for `--block-sizes`.
 BLOCK_SIZES = {
     "flash_attention": FlashAttentionBlockSizes,
+    "block_sparse_attention": BlockSparseBlockSizes,
     "cache_attention": CacheAttentionBlockSizes,
     "tree_attention": CacheAttentionBlockSizes,
     "selective_scan": SelectiveScanBlockSizes,
@@ -192,6 +194,31 @@ def attention_cases(quick: bool) -> list[Case]:
                 cudnn=cudnn if dtype == jnp.bfloat16 else None,
             )
         )
+    # MInference's sparse prefill at SmolLM2's full context: each query block attends to its 8 nearest key blocks
+    # of 64 and the first 256 keys (A-shape indices, the same work as vertical-slash's); cuDNN: dense causal.
+    b, t, h, hk, d, block, width, cols = (1, 100, 4, 2, 16, 16, 2, 8) if quick else (1, 8192, 9, 3, 64, 64, 8, 256)
+    n_blocks = -(-t // block)
+    sparse_blocks = jnp.broadcast_to(jnp.arange(n_blocks)[:, None] - jnp.arange(width), (b, h, n_blocks, width))
+    sparse_columns = jnp.broadcast_to(jnp.arange(cols), (b, h, cols))
+
+    def make_sparse(key, b=b, t=t, h=h, hk=hk, d=d):  # bound now: the decode cases below reuse these names
+        k = jax.random.split(key, 3)
+        qkv = _n(k[0], (b, t, h, d)), _n(k[1], (b, t, hk, d)), _n(k[2], (b, t, hk, d))
+        return (*qkv, sparse_blocks.astype(jnp.int32), sparse_columns.astype(jnp.int32))
+
+    cases.append(
+        Case(
+            f"block-sparse prefill smollm2 b{b} t{t} ({width} blocks + {cols} columns)",
+            "block_sparse_attention",
+            make_sparse,
+            lambda kw, block=block: (
+                lambda q, k, v, blocks, columns: block_sparse_attention(q, k, v, blocks, columns, block=block, **kw)
+            ),
+            bytes=2 * (2 * b * t * h * d + 2 * b * t * hk * d),
+            flops=4 * b * h * t * (width * block + cols) * d,
+            cudnn=lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        )
+    )
     # Decode (one token) against a cache: 4k context at batch 8 (the issue's target) and 16, bf16, int8
     # K/V and float32; one 32k-token cache at batch 1.
     h, hk, d = (4, 2, 16) if quick else (32, 8, 128)
