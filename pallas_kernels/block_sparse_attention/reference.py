@@ -58,6 +58,21 @@ def canonical_indices(blocks, columns, n_blocks: int, steps: int):
     return unique(blocks, n_blocks), None if columns is None else unique(columns, steps)
 
 
+def kernel_indices(k, v, blocks, columns, steps: int, tile: int):
+    """What both Pallas kernels take: canonical block ids [B, H, N, K], and the canonical columns padded with -1
+    to a positive multiple of `tile` [B, H, C'] with each query head's keys and values at them [B, H, C', D]
+    (kv head h // (H / H_kv))."""
+    batch, heads, n_blocks, _ = blocks.shape
+    if columns is None:
+        columns = jnp.full((batch, heads, 0), -1, jnp.int32)
+    blocks, columns = canonical_indices(blocks, columns, n_blocks, steps)
+    padded = max(1, -(-columns.shape[2] // tile)) * tile  # one all -1 tile when none are listed
+    columns = jnp.pad(columns, ((0, 0), (0, 0), (0, padded - columns.shape[2])), constant_values=-1)
+    head_kv = jnp.arange(heads) // (heads // k.shape[2])
+    at = (jnp.arange(batch)[:, None, None], jnp.maximum(columns, 0), head_kv[None, :, None])
+    return blocks, columns, k[at], v[at]
+
+
 def _visible(t, s, length, window):
     """Causal, within the row's length and the sliding window (0: none)."""
     return (s <= t) & (s < length) & ((window <= 0) | (s > t - window))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse_attention.reference import canonical_indices, check_sparse_inputs
+from pallas_kernels.block_sparse_attention.reference import check_sparse_inputs, kernel_indices
 from pallas_kernels.lowering import tpu_interpret, tpu_params
 from pallas_kernels.online_softmax import scratch_init, scratch_output, scratch_step
 
@@ -94,17 +94,10 @@ def block_sparse_attention_pallas_tpu(
     padded = n_blocks * block
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     window = jnp.asarray(window, jnp.int32).reshape(1)
-    if columns is None:
-        columns = jnp.full((batch, heads, 0), -1, jnp.int32)
-    blocks, columns = canonical_indices(blocks, columns, n_blocks, steps)
+    listed = 0 if columns is None else columns.shape[2]
+    blocks, columns, ck, cv = kernel_indices(k, v, blocks, columns, steps, COLUMN_TILE)
     slots = blocks.shape[3]
-    n_cols = -(-columns.shape[2] // COLUMN_TILE) * COLUMN_TILE
-    columns = jnp.pad(columns, ((0, 0), (0, 0), (0, n_cols - columns.shape[2])), constant_values=-1)
-    head_kv = jnp.arange(heads) // rep
-    ck, cv = (x[jnp.arange(batch)[:, None, None], jnp.maximum(columns, 0), head_kv[None, :, None]] for x in (k, v))
-    ck, cv = (jnp.pad(x, ((0, 0), (0, 0), (0, max(n_cols, COLUMN_TILE) - n_cols), (0, 0))) for x in (ck, cv))
-    columns = jnp.pad(columns, ((0, 0), (0, 0), (0, max(n_cols, COLUMN_TILE) - n_cols)), constant_values=-1)
-    col_steps = n_cols // COLUMN_TILE
+    col_steps = -(-listed // COLUMN_TILE)  # no column step when none are listed (the one -1 tile is never read)
     q, k, v = (jnp.pad(x, ((0, 0), (0, padded - steps), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (q, k, v))
 
     def kv_index(b, h, i, j, lengths_ref, window_ref, blocks_ref):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import BlockSizes
-from pallas_kernels.block_sparse_attention.reference import canonical_indices, check_sparse_inputs
+from pallas_kernels.block_sparse_attention.reference import check_sparse_inputs, kernel_indices
 from pallas_kernels.lowering import is_power_of_two, triton_params
 from pallas_kernels.online_softmax import initial_state, online_softmax_step
 
@@ -116,17 +116,10 @@ def block_sparse_attention_pallas(
     padded = n_blocks * block
     lengths = jnp.full((batch,), steps, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     window = jnp.asarray(window, jnp.int32).reshape(1)
-    if columns is None:
-        columns = jnp.full((batch, heads, 0), -1, jnp.int32)
-    blocks, columns = canonical_indices(blocks, columns, n_blocks, steps)
+    blocks, columns, ck, cv = kernel_indices(k, v, blocks, columns, steps, sizes.block_c)
     slots = _next_power_of_two(blocks.shape[3])
     blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, 0), (0, slots - blocks.shape[3])), constant_values=-1)
-    n_cols = max(1, -(-columns.shape[2] // sizes.block_c)) * sizes.block_c  # one all -1 block when none are listed
-    columns = jnp.pad(columns, ((0, 0), (0, 0), (0, n_cols - columns.shape[2])), constant_values=-1)
-    head_kv = jnp.arange(heads) // rep
-    ck, cv = (
-        x[jnp.arange(batch)[:, None, None], jnp.maximum(columns, 0), head_kv[None, :, None]] for x in (k, v)
-    )  # [B, H, C, D]
+    n_cols = columns.shape[2]
     pad = ((0, 0), (0, padded - steps), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     per_head = pl.BlockSpec((None, padded, None, dim), lambda b, h, i: (b, 0, h, 0))
