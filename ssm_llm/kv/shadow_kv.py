@@ -5,8 +5,8 @@ the prompt is prefilled with full attention:
 
   low-rank keys   the prompt's keys before RoPE, [T, H_kv * D] per sequence and layer, are kept as a rank-r
                   SVD (U [T, r] and S V^T [r, H_kv * D]); a selected key is rebuilt from them and rotated at
-                  its position when it is needed (values are kept whole: the paper offloads them to host
-                  memory and gathers the selected ones, which on a CPU is the same memory);
+                  its position when it is needed; values are kept whole (with `offload_values`, in host
+                  memory, as the paper does: see below);
   landmarks       the prompt (less its last `local_chunks` chunks and the remainder) is cut into chunks of
                   `chunk_size` tokens; each chunk's landmark, per kv head, is the mean of its rotated keys;
   outliers        per kv head, the `outlier_chunks` chunks whose keys are least like their landmark (lowest
@@ -15,6 +15,12 @@ the prompt is prefilled with full attention:
                   over the query heads of a kv head, and the top `budget / chunk_size` chunks per kv head
                   are rebuilt and attended, with the exact keys above.
 With `budget` covering every chunk and `rank=None` (exact keys instead of the SVD) ShadowKV is full attention.
+
+Value offload (`offload_values=True`): the value cache lives in the platform's `pinned_host` memory (JAX
+memory kinds): each step writes the new token's values and gathers the attended ones on the host
+(`compute_on("device_host")`), and only the gathered values [B, H_kv, E + N, D] move to the accelerator.
+On a CPU both memories are the same RAM (the code path is the same, and its outputs equal the on-device
+cache's); on a GPU it frees the values' device memory at the cost of one small transfer per layer and step.
 `cache_bytes` counts what is stored: U and S V^T (or the exact pre-RoPE keys), landmarks, the exact keys
 (outliers, local, decoded), and every value.
 """
@@ -26,6 +32,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 from pallas_kernels.cache_attention import masked_attention
 from ssm_llm.compressed_cache import AttentionStep
@@ -51,18 +58,42 @@ class ShadowKVCache:
     prompt_lengths: jax.Array
 
 
+_WRITE = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(1, 2), inserted_window_dims=(0, 1, 3), scatter_dims_to_operand_dims=(0, 1, 3)
+)
+
+
+def write_and_gather(values, where, new, gather):
+    """values [L, B, H_kv, S, D]: write new [B, H_kv, D] at where [B, 3] = (layer, row, position) (out of
+    range: dropped) and return (values, values[layer] gathered at gather [B, H_kv, N] (clipped) -> [B, H_kv,
+    N, D]). Written with no constant index arrays, so it runs on the host as it is (`compute_on`)."""
+    values = jax.lax.scatter(values, where, new, _WRITE, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+    layer = jax.lax.dynamic_index_in_dim(values, where[0, 0], keepdims=False)
+    return values, jnp.take_along_axis(layer, gather[..., None], axis=2, mode="clip")
+
+
+write_and_gather_on_host = compute_on("device_host")(jax.jit(write_and_gather))
+
+
+def has_host_memory() -> bool:
+    """Whether the default device can address `pinned_host` memory (JAX memory kinds)."""
+    return any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
+
+
 @dataclasses.dataclass(frozen=True)
 class ShadowKV(KVPolicy):
     """Low-rank keys, chunk landmarks, static outlier chunks and a per-step sparse budget (see the module
     docstring). budget: tokens of rebuilt chunks attended per step (a multiple of chunk_size); chunk_size
     (paper: 8); rank: of the pre-RoPE key SVD (paper: 160 of 1024; None: exact keys); local_chunks: the
-    prompt's last chunks kept exact (4); outlier_chunks: per kv head (paper: 48)."""
+    prompt's last chunks kept exact (4); outlier_chunks: per kv head (paper: 48); offload_values: keep the
+    values in `pinned_host` memory and gather the attended ones per step."""
 
     budget: int
     chunk_size: int = 8
     rank: int | None = 160
     local_chunks: int = 4
     outlier_chunks: int = 48
+    offload_values: bool = False
 
     def __post_init__(self):
         check_positive_int("ShadowKV", "budget", self.budget)
@@ -78,6 +109,11 @@ class ShadowKV(KVPolicy):
         width = config.num_kv_heads * config.head_dim
         if self.rank is not None and self.rank > width:
             raise ValueError(f"ShadowKV: rank ({self.rank}) exceeds the keys' width H_kv * D = {width}")
+        if self.offload_values and not has_host_memory():
+            raise ValueError(
+                f"ShadowKV: offload_values needs pinned_host memory, which {jax.devices()[0].platform} devices here"
+                " do not address; use offload_values=False"
+            )
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return max_len
@@ -133,6 +169,9 @@ class ShadowKV(KVPolicy):
             left, s, right = jnp.linalg.svd(flat, full_matrices=False)
             u, sv = left[..., :rank], s[..., :rank, None] * right[..., :rank, :]
         pad = [(0, 0)] * 3 + [(0, capacity - prompt_len), (0, 0)]
+        values = jnp.pad(cache.v, pad)
+        if self.offload_values:
+            values = jax.device_put(values, jax.memory.Space.Host)
         data = ShadowKVCache(
             u=u,
             sv=sv,
@@ -140,7 +179,7 @@ class ShadowKV(KVPolicy):
             eligible=eligible,
             exact_k=exact_k,
             exact_pos=exact_pos,
-            v=jnp.pad(cache.v, pad),
+            v=values,
             prompt_lengths=n,
         )
         return data, n
@@ -158,8 +197,7 @@ class ShadowKV(KVPolicy):
         slot = (self.outlier_chunks + self.local_chunks + 1) * cs + p - data.prompt_lengths  # decoded token's slot
         exact_k = data.exact_k.at[index, rows, :, slot].set(new_k, mode="drop")
         exact_pos = data.exact_pos.at[index, rows, :, slot].set(p[:, None], mode="drop")
-        values = data.v.at[index, rows, :, p].set(v[:, 0].astype(data.v.dtype))
-        data = data.replace(exact_k=exact_k, exact_pos=exact_pos, v=values)
+        data = data.replace(exact_k=exact_k, exact_pos=exact_pos)
         q_rot = rotate(q, p[:, None, None], inv_freq)[:, 0]  # [B, H_q, D]
 
         # Chunk selection per kv head: softmax over its landmarks per query head, max over the group.
@@ -181,7 +219,14 @@ class ShadowKV(KVPolicy):
 
         keys = jnp.concatenate([data.exact_k[index].astype(jnp.float32), rebuilt], axis=2)
         pos = jnp.concatenate([data.exact_pos[index], chunk_pos], axis=2)  # [B, H_kv, E + N]
-        vals = jnp.take_along_axis(data.v[index], jnp.maximum(pos, 0)[..., None], axis=2)
+        where = jnp.stack([jnp.full_like(rows, index), rows, p], axis=1)  # [B, 3]: (layer, row, position)
+        step_args = (where, v[:, 0].astype(data.v.dtype), jnp.maximum(pos, 0))
+        if self.offload_values:
+            values, vals = write_and_gather_on_host(data.v, *jax.device_put(step_args, jax.memory.Space.Host))
+            vals = jax.device_put(vals, jax.memory.Space.Device)
+        else:
+            values, vals = write_and_gather(data.v, *step_args)
+        data = data.replace(v=values)
         visible = (pos >= 0) & (pos <= p[:, None, None])
         visible &= jnp.where(window > 0, pos > (p - window)[:, None, None], True)
         out = masked_attention(q_rot[:, None].astype(q.dtype), keys.astype(q.dtype), vals, visible[:, :, None, :])

@@ -80,6 +80,45 @@ def test_exact_keys_and_a_whole_budget_are_full_attention():
     assert low < exact
 
 
+def test_offloaded_values_live_on_the_host_and_change_nothing():
+    """offload_values keeps the value cache in pinned_host memory through prefill and cached decode steps
+    (layers stacked and unstacked), with the same logits and greedy tokens as the on-device cache."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from test_kv_token_select import PARAMS
+
+    from ssm_llm.layer_layout import unstack_layers
+
+    prompts = [np.random.default_rng(1).integers(0, 97, 40).tolist(), [7, 70, 4, 9]]
+    policy = ShadowKV(budget=8, chunk_size=4, rank=8, local_chunks=1, outlier_chunks=1)
+    offload = dataclasses.replace(policy, offload_values=True)
+    tokens = np.zeros((2, 40), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    counts = jnp.array([len(p) for p in prompts])
+    for params in (PARAMS, unstack_layers(PARAMS)):
+        (logits, cache), (want_logits, want_cache) = (
+            ssm_llm.kv.prefill(params, CONFIG, tokens, p, max_len=64, token_counts=counts) for p in (offload, policy)
+        )
+        assert cache.data.v.sharding.memory_kind == "pinned_host"
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))
+        for token in (3, 50, 8):
+            step = jnp.full((2, 1), token)
+            (logits, cache), (want_logits, want_cache) = (
+                ssm_llm.forward(params, CONFIG, step, c) for c in (cache, want_cache)
+            )
+            np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))
+        assert cache.data.v.sharding.memory_kind == "pinned_host"
+        np.testing.assert_array_equal(np.asarray(cache.data.v), np.asarray(want_cache.data.v))
+
+    def run(p):
+        gen = ssm_llm.GenerationConfig(max_new_tokens=12, eos_token_ids=(), kv_compression=p)
+        return ssm_llm.generate(PARAMS, CONFIG, prompts, gen).tokens
+
+    assert run(offload) == run(policy)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
