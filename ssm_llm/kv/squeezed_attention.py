@@ -8,7 +8,16 @@ attention mass of every cluster as its size times exp(q . centroid / sqrt(D)), n
 takes the max over the query heads of a kv head; and attends exactly to the `budget` fixed-context tokens of
 the best clusters (whole clusters in order of their estimate, the last one cut), plus the last `local`
 prompt tokens and every decoded token. The paper keeps the clusters above a calibrated threshold; a fixed
-budget keeps the shapes static here. Its hierarchical lookup (centroids of centroids) is not built.
+budget keeps the shapes static here.
+
+Hierarchical lookup (`coarse`, `coarse_keep`; the paper's centroids of centroids, HiP's tree search over key
+groups): the fixed context is first split into `coarse` k-means clusters, and each of them into
+`clusters // coarse` clusters of its own members, a tree with a fixed branching. Each step scores the coarse
+centroids the same way, keeps the `coarse_keep` coarse clusters of highest mass, and scores only their
+children (softmax over them): coarse + coarse_keep * clusters / coarse centroid products instead of
+`clusters`. The paper builds its coarse level bottom-up (k-means over the fine centroids) and keeps the
+centroids above thresholds; a top-down tree with fixed branching keeps the shapes static here. With
+`coarse_keep == coarse` the ranking is the flat lookup's over the same clusters.
 
 The whole cache is kept (it saves attention work, not memory): `cache_bytes` is the full cache's plus the
 centroids and each token's cluster. With a budget covering the fixed context it is full attention.
@@ -32,7 +41,8 @@ from ssm_llm.rope import rotate
 class SqueezedCache:
     """k, v: [L, B, H_kv, S, D] every token (keys rotated); cluster: [L, B, H_kv, T] each fixed-context
     token's cluster (-1: not clustered); centroids: [L, B, H_kv, C, D] float32 the mean key of each cluster
-    and sizes [L, B, H_kv, C] its members; prompt_lengths: [B]."""
+    and sizes [L, B, H_kv, C] its members; prompt_lengths: [B]. With a hierarchy, coarse_centroids [L, B,
+    H_kv, C1, D] and coarse_sizes [L, B, H_kv, C1] (cluster c's parent is c // (C / C1)); else None."""
 
     k: jax.Array
     v: jax.Array
@@ -40,6 +50,8 @@ class SqueezedCache:
     centroids: jax.Array
     sizes: jax.Array
     prompt_lengths: jax.Array
+    coarse_centroids: jax.Array | None = None
+    coarse_sizes: jax.Array | None = None
 
 
 def spherical_kmeans(keys, valid, clusters: int, iterations: int):
@@ -66,21 +78,57 @@ def spherical_kmeans(keys, valid, clusters: int, iterations: int):
     return cluster, (members.T @ keys) / jnp.maximum(sizes, 1)[:, None], sizes
 
 
+def tree_kmeans(keys, valid, coarse: int, branch: int, iterations: int):
+    """keys [N, D], valid [N] -> (fine cluster of each key [N] (-1: not valid), fine mean keys [coarse * branch,
+    D] and sizes, coarse mean keys [coarse, D] and sizes): spherical k-means into `coarse` clusters, then
+    each of them into `branch` clusters of its own members (fine cluster c * branch + j)."""
+    parent, coarse_centroids, coarse_sizes = spherical_kmeans(keys, valid, coarse, iterations)
+    split = lambda c: spherical_kmeans(keys, parent == c, branch, iterations)  # noqa: E731
+    child, centroids, sizes = jax.vmap(split)(jnp.arange(coarse))  # [C1, N], [C1, b, D], [C1, b]
+    own = jnp.take_along_axis(child, jnp.maximum(parent, 0)[None], axis=0)[0]
+    cluster = jnp.where(parent >= 0, parent * branch + own, -1)
+    return cluster, centroids.reshape(coarse * branch, -1), sizes.reshape(-1), coarse_centroids, coarse_sizes
+
+
+def cluster_mass(grouped, centroids, sizes):
+    """grouped [B, H_kv, G, D] queries (scaled), centroids [B, H_kv, C, D], sizes [B, H_kv, C] -> [B, H_kv, C]:
+    each cluster's estimated attention mass, softmax of size x exp(q . centroid) per query head, max over
+    the kv head's query heads (empty clusters: 0)."""
+    logits = jnp.einsum("bkgd,bkcd->bkgc", grouped, centroids)
+    logits = jnp.where(sizes[:, :, None] > 0, logits + jnp.log(jnp.maximum(sizes, 1))[:, :, None], -jnp.inf)
+    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SqueezedAttention(KVPolicy):
     """K-means clusters of the prompt's keys, looked up by centroid each step (see the module docstring).
     budget: fixed-context tokens attended per step; clusters: per kv head; local: the prompt's last tokens,
-    always attended; iterations: k-means steps."""
+    always attended; iterations: k-means steps; coarse: clusters of the hierarchy's first level (None: flat;
+    must divide `clusters`); coarse_keep: coarse clusters whose children are scored per step."""
 
     budget: int
     clusters: int
     local: int = 64
     iterations: int = 8
+    coarse: int | None = None
+    coarse_keep: int | None = None
 
     def __post_init__(self):
         for name in ("budget", "clusters", "iterations"):
             check_positive_int("SqueezedAttention", name, getattr(self, name))
         check_positive_int("SqueezedAttention", "local", self.local, minimum=0)
+        if (self.coarse is None) != (self.coarse_keep is None):
+            raise ValueError("SqueezedAttention: coarse and coarse_keep go together (a hierarchy needs both)")
+        if self.coarse is not None:
+            check_positive_int("SqueezedAttention", "coarse", self.coarse)
+            check_positive_int("SqueezedAttention", "coarse_keep", self.coarse_keep)
+            if self.clusters % self.coarse:
+                raise ValueError(
+                    f"SqueezedAttention: coarse ({self.coarse}) must divide clusters ({self.clusters}): each coarse"
+                    " cluster splits into clusters // coarse"
+                )
+            if self.coarse_keep > self.coarse:
+                raise ValueError(f"SqueezedAttention: coarse_keep ({self.coarse_keep}) exceeds coarse ({self.coarse})")
 
     def capacity(self, prompt_len: int, max_len: int) -> int:
         return max_len
@@ -91,10 +139,14 @@ class SqueezedAttention(KVPolicy):
         fixed = jnp.arange(prompt_len)[None, :] < (n - self.local)[:, None]  # [B, T]
         keys = cache.k.astype(jnp.float32)
         valid = jnp.broadcast_to(fixed[None, :, None], (L, B, kv_heads, prompt_len))
-        cluster_fn = lambda k, ok: spherical_kmeans(k, ok, self.clusters, self.iterations)  # noqa: E731
+        if self.coarse is None:
+            cluster_fn = lambda k, ok: spherical_kmeans(k, ok, self.clusters, self.iterations) + (None, None)  # noqa: E731
+        else:
+            branch = self.clusters // self.coarse
+            cluster_fn = lambda k, ok: tree_kmeans(k, ok, self.coarse, branch, self.iterations)  # noqa: E731
         for _ in range(3):  # over kv heads, rows, layers
             cluster_fn = jax.vmap(cluster_fn)
-        cluster, centroids, sizes = cluster_fn(keys, valid)
+        cluster, centroids, sizes, coarse_centroids, coarse_sizes = cluster_fn(keys, valid)
         pad = [(0, 0)] * 3 + [(0, capacity - prompt_len), (0, 0)]
         data = SqueezedCache(
             k=jnp.pad(cache.k, pad),
@@ -103,8 +155,26 @@ class SqueezedAttention(KVPolicy):
             centroids=centroids,
             sizes=sizes,
             prompt_lengths=n,
+            coarse_centroids=coarse_centroids,
+            coarse_sizes=coarse_sizes,
         )
         return data, n
+
+    def masses(self, data: SqueezedCache, index, grouped):
+        """grouped [B, H_kv, G, D] scaled queries -> [B, H_kv, C] each cluster's estimated mass (flat), or, with
+        a hierarchy, that of the kept coarse clusters' children among themselves and -1 elsewhere."""
+        centroids, sizes = data.centroids[index], data.sizes[index]  # [B, H_kv, C, D], [B, H_kv, C]
+        if self.coarse is None:
+            return cluster_mass(grouped, centroids, sizes)
+        batch, kv_heads, clusters, dim = centroids.shape
+        branch = clusters // self.coarse
+        coarse_mass = cluster_mass(grouped, data.coarse_centroids[index], data.coarse_sizes[index])
+        _, kept = jax.lax.top_k(coarse_mass, self.coarse_keep)  # [B, H_kv, K]
+        children = (kept[..., None] * branch + jnp.arange(branch)).reshape(batch, kv_heads, -1)  # [B, H_kv, K*b]
+        child_centroids = jnp.take_along_axis(centroids, children[..., None], axis=2)
+        child_mass = cluster_mass(grouped, child_centroids, jnp.take_along_axis(sizes, children, axis=2))
+        rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None]
+        return jnp.full((batch, kv_heads, clusters), -1.0).at[rows, heads, children].set(child_mass)
 
     def attend(self, config, data: SqueezedCache, step: AttentionStep, q, k, v, impl):
         index, positions, window = step.layer, step.positions, step.window
@@ -123,11 +193,8 @@ class SqueezedAttention(KVPolicy):
         q_rot = rotate(q, p[:, None, None], inv_freq)
 
         # Each cluster's estimated attention mass per query head, max over each kv head's query heads.
-        centroids, sizes = data.centroids[index], data.sizes[index]  # [B, H_kv, C, D], [B, H_kv, C]
-        grouped = q_rot[:, 0].reshape(batch, kv_heads, heads // kv_heads, dim).astype(jnp.float32)
-        logits = jnp.einsum("bkgd,bkcd->bkgc", grouped, centroids) * dim**-0.5
-        logits = jnp.where(sizes[:, :, None] > 0, logits + jnp.log(jnp.maximum(sizes, 1))[:, :, None], -jnp.inf)
-        mass = jnp.max(jax.nn.softmax(logits, axis=-1), axis=2)  # [B, H_kv, C]
+        grouped = q_rot[:, 0].reshape(batch, kv_heads, heads // kv_heads, dim).astype(jnp.float32) * dim**-0.5
+        mass = self.masses(data, index, grouped)  # [B, H_kv, C]
 
         # The fixed context's tokens ranked by their cluster's mass (whole clusters first, ties by position).
         cluster = data.cluster[index]  # [B, H_kv, T]

@@ -4,11 +4,12 @@ through `generate`, and on SmolLM2."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import passkey_answer
 from test_kv_token_select import CONFIG, attend_step, numpy_rope, random_step
 
 import ssm_llm
 from ssm_llm.kv import SqueezedAttention, StreamingLLM
-from ssm_llm.kv.squeezed_attention import spherical_kmeans
+from ssm_llm.kv.squeezed_attention import spherical_kmeans, tree_kmeans
 
 
 def test_kmeans_finds_separated_directions():
@@ -28,18 +29,53 @@ def test_kmeans_finds_separated_directions():
         assert sizes[c] == (cluster == c).sum()
 
 
-@pytest.mark.parametrize("window", [0, 20])
-def test_one_step_matches_numpy(window):
+def test_tree_kmeans_splits_each_coarse_cluster_among_its_members():
+    """Fine cluster c * branch + j holds only members of coarse cluster c; both levels' centroids are their
+    members' mean keys and the sizes add up; invalid keys get -1."""
+    rng = np.random.default_rng(1)
+    keys, valid = rng.normal(size=(90, 8)), np.arange(90) < 80
+    cluster, centroids, sizes, coarse_centroids, coarse_sizes = map(
+        np.asarray, tree_kmeans(jnp.asarray(keys), jnp.asarray(valid), 3, 4, 6)
+    )
+    assert (cluster[80:] == -1).all() and (cluster[:80] >= 0).all() and cluster.max() < 12
+    parent, _, _ = map(np.asarray, spherical_kmeans(jnp.asarray(keys), jnp.asarray(valid), 3, 6))
+    np.testing.assert_array_equal(cluster[:80] // 4, parent[:80])
+    for c in range(3):
+        members = parent[:80] == c
+        np.testing.assert_allclose(coarse_centroids[c], keys[:80][members].mean(0), atol=1e-5)
+        assert coarse_sizes[c] == members.sum() == sizes[4 * c : 4 * c + 4].sum()
+    for f in np.unique(cluster[:80]):
+        np.testing.assert_allclose(centroids[f], keys[:80][cluster[:80] == f].mean(0), atol=1e-5)
+
+
+def numpy_mass(qr, group, centroids, sizes, dim):
+    """The max over a kv head's query heads of softmax(log size + q . centroid / sqrt(D)) over clusters."""
+    mass = np.zeros(len(sizes))
+    for g in group:
+        logits = np.where(sizes > 0, centroids @ qr[g] / np.sqrt(dim), -np.inf)
+        e = sizes * np.exp(logits - logits.max())
+        mass = np.maximum(mass, e / e.sum())
+    return mass
+
+
+@pytest.mark.parametrize(
+    "window,hierarchy", [(0, None), (20, None), (0, dict(coarse=2, coarse_keep=1)), (20, dict(coarse=4, coarse_keep=2))]
+)
+def test_one_step_matches_numpy(window, hierarchy):
     """Per query head softmax of size x exp(q . centroid / sqrt(D)) over clusters, max over each kv head's
     query heads, the budget's best fixed-context tokens by their cluster's mass (ties by position), attended
-    with the prompt's last `local` tokens and the new one (ragged rows, optional sliding window)."""
-    policy = SqueezedAttention(budget=7, clusters=4, local=3)
+    with the prompt's last `local` tokens and the new one (ragged rows, optional sliding window). With a
+    hierarchy: the same over the coarse centroids, then over the kept coarse clusters' children only."""
+    policy = SqueezedAttention(budget=7, clusters=4, local=3, **(hierarchy or {}))
     rng = np.random.default_rng(6)
     lengths, slots, H, Hkv, D = np.array([29, 17]), 32, 4, 2, 16
     cache, (q, k, v), (keys, values, inv_freq) = random_step(rng, lengths, slots)
     data, _ = policy.compress(CONFIG, cache, None, slots + 4)
     out, _ = attend_step(policy, data, q, k, v, lengths, window)
     cluster, centroids, sizes = (np.asarray(x[0]) for x in (data.cluster, data.centroids, data.sizes))
+    if hierarchy:
+        coarse_centroids, coarse_sizes = np.asarray(data.coarse_centroids[0]), np.asarray(data.coarse_sizes[0])
+        branch = policy.clusters // policy.coarse
     for b, n in enumerate(lengths):
         p = n
         qr = numpy_rope(q[b, 0], np.full(H, p), inv_freq)
@@ -52,13 +88,18 @@ def test_one_step_matches_numpy(window):
                 assert sizes[b, kv, c] == members.sum()
                 if members.any():
                     np.testing.assert_allclose(centroids[b, kv, c], keys[b, kv, :slots][members].mean(0), atol=1e-5)
-            mass = np.zeros(policy.clusters)
-            for g in (2 * kv, 2 * kv + 1):
-                logits = np.where(sizes[b, kv] > 0, centroids[b, kv] @ qr[g] / np.sqrt(D), -np.inf)
-                e = sizes[b, kv] * np.exp(logits - logits.max())
-                mass = np.maximum(mass, e / e.sum())
+            group = (2 * kv, 2 * kv + 1)
+            if hierarchy:
+                coarse_mass = numpy_mass(qr, group, coarse_centroids[b, kv], coarse_sizes[b, kv], D)
+                kept = np.argsort(-coarse_mass, kind="stable")[: policy.coarse_keep]
+                children = (kept[:, None] * branch + np.arange(branch)).ravel()
+                mass = np.full(policy.clusters, -1.0)
+                mass[children] = numpy_mass(qr, group, centroids[b, kv, children], sizes[b, kv, children], D)
+            else:
+                mass = numpy_mass(qr, group, centroids[b, kv], sizes[b, kv], D)
             rank = mass[cluster[b, kv, :fixed]]
             chosen = np.argsort(-rank, kind="stable")[: policy.budget]
+            chosen = chosen[rank[chosen] >= 0]
             pos = np.concatenate([chosen, np.arange(fixed, n)])
             kk = np.concatenate([keys[b, kv, pos], new_k[kv][None]])
             vv = np.concatenate([values[b, kv, pos], v[b, 0, kv][None]])
@@ -81,6 +122,7 @@ def test_a_budget_over_the_fixed_context_is_full_attention():
 
     full = run(None)
     assert run(SqueezedAttention(budget=64, clusters=4, local=4)) == full
+    assert run(SqueezedAttention(budget=64, clusters=4, local=4, coarse=2, coarse_keep=2)) == full
     assert run(SqueezedAttention(budget=2, clusters=4, local=2)) != full
 
 
@@ -91,6 +133,10 @@ def test_a_budget_over_the_fixed_context_is_full_attention():
         (dict(budget=8, clusters=0), "clusters"),
         (dict(budget=8, clusters=4, local=-1), "local"),
         (dict(budget=8, clusters=4, iterations=0), "iterations"),
+        (dict(budget=8, clusters=4, coarse=2), "go together"),
+        (dict(budget=8, clusters=6, coarse=4, coarse_keep=2), "divide"),
+        (dict(budget=8, clusters=4, coarse=2, coarse_keep=3), "exceeds"),
+        (dict(budget=8, clusters=4, coarse=0, coarse_keep=0), "coarse"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
@@ -100,20 +146,25 @@ def test_bad_options_raise(kwargs, match):
 
 def test_smollm2_retrieves_a_passkey_outside_the_window(smollm2):
     """A 419-token prompt with a passkey in the middle: 64 fixed-context tokens per step from 32 clusters per
-    kv head, beside the last 32 prompt tokens, find the key; a sinks + window cache of the same size cannot."""
-    config, params, tokenizer, _ = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (
-        filler * 8
-        + "The pass key is 71432. Remember it. 71432 is the pass key. "
-        + filler * 8
-        + "What is the pass key? The pass key is"
-    )
-    prompt = tokenizer(text).input_ids
+    kv head (flat, or 4 in each of 8 coarse clusters, 4 of them looked into per step), beside the last 32
+    prompt tokens, find the key; a sinks + window cache of the same size cannot. (Looking into 2 of 4 or 2
+    of 8 coarse clusters misses it: a coarse centroid averages the passkey's keys away.)"""
+    assert "71432" in passkey_answer(smollm2, SqueezedAttention(budget=64, clusters=32, local=32))
+    tree = SqueezedAttention(budget=64, clusters=32, local=32, coarse=8, coarse_keep=4)
+    assert "71432" in passkey_answer(smollm2, tree)
+    assert "71432" not in passkey_answer(smollm2, StreamingLLM(budget=96, sinks=4, positions="original"))
 
-    def answer(policy):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=8, kv_compression=policy)
-        return tokenizer.decode(ssm_llm.generate(params, config, [prompt], gen).tokens[0])
 
-    assert "71432" in answer(SqueezedAttention(budget=64, clusters=32, local=32))
-    assert "71432" not in answer(StreamingLLM(budget=96, sinks=4, positions="original"))
+def test_keeping_every_coarse_cluster_ranks_as_the_flat_lookup():
+    """With coarse_keep == coarse the children of every coarse cluster are scored together: the same masses
+    as a flat lookup over the tree's fine clusters, so the same output."""
+    rng = np.random.default_rng(3)
+    lengths, slots = np.array([30, 21]), 32
+    cache, (q, k, v), _ = random_step(rng, lengths, slots)
+    tree = SqueezedAttention(budget=9, clusters=6, local=3, coarse=3, coarse_keep=3)
+    data, _ = tree.compress(CONFIG, cache, None, slots + 4)
+    flat_data = data.replace(coarse_centroids=None, coarse_sizes=None)
+    flat = SqueezedAttention(budget=9, clusters=6, local=3)
+    out, _ = attend_step(tree, data, q, k, v, lengths, 0)
+    expected, _ = attend_step(flat, flat_data, q, k, v, lengths, 0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
