@@ -4,6 +4,7 @@ window; against numpy, through `generate`, and on SmolLM2."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import passkey_answer, passkey_prompt
 from test_kv_token_select import CONFIG, attend_step, numpy_rope, random_step
 
 import ssm_llm
@@ -116,21 +117,7 @@ def test_bad_options_raise(kwargs, match):
 def test_smollm2_retrieves_a_passkey_outside_the_window(smollm2):
     """A 419-token prompt with a passkey in the middle: attending to at most 100 tokens per step, InfLLM's
     units bring the key back (the full model answers the same); a sinks + window cache of 100 cannot."""
-    config, params, tokenizer, _ = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (
-        filler * 8
-        + "The pass key is 71432. Remember it. 71432 is the pass key. "
-        + filler * 8
-        + "What is the pass key? The pass key is"
-    )
-    prompt = tokenizer(text).input_ids
-
-    def answer(policy):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=8, kv_compression=policy)
-        return tokenizer.decode(ssm_llm.generate(params, config, [prompt], gen).tokens[0])
-
     policy = InfLLM(blocks=3, block_size=16, sinks=4, local=32)
-    assert policy.attended == 100 and len(prompt) > 400
-    assert "71432" in answer(policy)
-    assert "71432" not in answer(StreamingLLM(budget=100, sinks=4, positions="original"))
+    assert policy.attended == 100 and len(passkey_prompt(smollm2[2])) > 400
+    assert "71432" in passkey_answer(smollm2, policy)
+    assert "71432" not in passkey_answer(smollm2, StreamingLLM(budget=100, sinks=4, positions="original"))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kv_checks import passkey_prompt
 from test_kv_token_select import CONFIG, PARAMS
 
 import ssm_llm
@@ -249,14 +250,7 @@ def test_smollm2_finds_a_passkey_through_a_sparse_prefill(smollm2):
     + 64 columns per query block of 27) with layer 0 dense: the same answer as full attention (with layer 0
     sparse too, this budget loses it: SmolLM2's first layer attends broadly). The shipped patterns fit SmolLM2."""
     config, params, tokenizer, _ = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (
-        filler * 35
-        + "The pass key is 71432. Remember it. 71432 is the pass key. "
-        + filler * 35
-        + "What is the pass key? The pass key is"
-    )
-    prompt = tokenizer(text).input_ids
+    prompt = passkey_prompt(tokenizer, 35)
     assert len(prompt) == 1715
     sparse = MInference(blocks=4, columns=64, dense_layers=(0,))
     gen = ssm_llm.GenerationConfig(max_new_tokens=8, sparse_prefill=sparse)

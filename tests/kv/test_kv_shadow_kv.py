@@ -3,6 +3,7 @@ numpy, through `generate`, and on SmolLM2."""
 
 import numpy as np
 import pytest
+from kv_checks import passkey_answer
 from test_kv_token_select import CONFIG, attend_step, numpy_rope, random_step
 
 import ssm_llm
@@ -145,19 +146,6 @@ def test_smollm2_retrieves_a_passkey_outside_the_window(smollm2):
     """A 419-token prompt with a passkey in the middle: with rank-96 keys (half of SmolLM2's 192-wide keys)
     and 48 rebuilt tokens per step besides its exact ones (4 outlier chunks, the local tail), ShadowKV
     answers; a sinks + window cache of the same size cannot."""
-    config, params, tokenizer, _ = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (
-        filler * 8
-        + "The pass key is 71432. Remember it. 71432 is the pass key. "
-        + filler * 8
-        + "What is the pass key? The pass key is"
-    )
-    prompt = tokenizer(text).input_ids
-
-    def answer(policy):
-        gen = ssm_llm.GenerationConfig(max_new_tokens=8, kv_compression=policy)
-        return tokenizer.decode(ssm_llm.generate(params, config, [prompt], gen).tokens[0])
-
-    assert "71432" in answer(ShadowKV(budget=48, chunk_size=8, rank=96, local_chunks=4, outlier_chunks=4))
-    assert "71432" not in answer(StreamingLLM(budget=48 + 9 * 8, sinks=4, positions="original"))
+    policy = ShadowKV(budget=48, chunk_size=8, rank=96, local_chunks=4, outlier_chunks=4)
+    assert "71432" in passkey_answer(smollm2, policy)
+    assert "71432" not in passkey_answer(smollm2, StreamingLLM(budget=48 + 9 * 8, sinks=4, positions="original"))

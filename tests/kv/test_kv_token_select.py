@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kv_checks import assert_decode_matches
+from kv_checks import assert_decode_matches, passkey_answer
 
 import ssm_llm
 from ssm_llm.cache import KVCache
@@ -233,21 +233,5 @@ def test_bad_options_raise(kwargs, match):
 def test_smollm2_retrieves_a_passkey_outside_the_window(smollm2):
     """A 419-token prompt with a passkey in the middle: attending to 68 tokens per step, TokenSelect's
     vote finds the key (the full model answers the same), a sinks + window cache of 68 cannot."""
-    config, params, tokenizer, _ = smollm2
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    text = (
-        filler * 8
-        + "The pass key is 71432. Remember it. 71432 is the pass key. "
-        + filler * 8
-        + "What is the pass key? The pass key is"
-    )
-    prompt = tokenizer(text).input_ids
-
-    def answer(policy):
-        result = ssm_llm.generate(
-            params, config, [prompt], ssm_llm.GenerationConfig(max_new_tokens=8, kv_compression=policy)
-        )
-        return tokenizer.decode(result.tokens[0])
-
-    assert "71432" in answer(TokenSelect(k=32, sinks=4, local=32))
-    assert "71432" not in answer(StreamingLLM(budget=68, sinks=4, positions="original"))
+    assert "71432" in passkey_answer(smollm2, TokenSelect(k=32, sinks=4, local=32))
+    assert "71432" not in passkey_answer(smollm2, StreamingLLM(budget=68, sinks=4, positions="original"))
