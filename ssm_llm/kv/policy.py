@@ -41,6 +41,16 @@ def observed_attention(keys, queries, q_positions):
     return probs.sum(axis=-2)
 
 
+def group_mass(grouped, centroids, sizes):
+    """grouped [B, H_kv, G, D] queries (scaled), centroids [B, H_kv, C, D] (cluster means, chunk landmarks),
+    sizes [B, H_kv, C] tokens each stands for -> [B, H_kv, C]: each one's estimated attention mass, softmax of
+    size x exp(q . centroid) per query head, max over the kv head's query heads (size 0: mass 0; NaN where
+    every size is 0)."""
+    logits = jnp.einsum("bkgd,bkcd->bkgc", grouped, centroids)
+    logits = jnp.where(sizes[:, :, None] > 0, logits + jnp.log(jnp.maximum(sizes, 1))[:, :, None], -jnp.inf)
+    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=2)
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple

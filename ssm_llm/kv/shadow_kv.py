@@ -36,7 +36,7 @@ from jax.experimental.compute_on import compute_on
 
 from pallas_kernels.cache_attention import masked_attention
 from ssm_llm.compressed_cache import AttentionStep
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, group_mass, rope_frequencies
 from ssm_llm.rope import rotate
 
 
@@ -202,10 +202,8 @@ class ShadowKV(KVPolicy):
 
         # Chunk selection per kv head: softmax over its landmarks per query head, max over the group.
         landmarks, eligible = data.landmarks[index].astype(jnp.float32), data.eligible[index]
-        grouped = q_rot.reshape(batch, kv_heads, heads // kv_heads, dim).astype(jnp.float32)
-        logits = jnp.einsum("bkgd,bkcd->bkgc", grouped, landmarks) * dim**-0.5
-        probs = jax.nn.softmax(jnp.where(eligible[:, :, None], logits, -jnp.inf), axis=-1)
-        score = jnp.where(eligible, jnp.max(jnp.nan_to_num(probs), axis=2), -1.0)  # [B, H_kv, C]
+        grouped = q_rot.reshape(batch, kv_heads, heads // kv_heads, dim).astype(jnp.float32) * dim**-0.5
+        score = jnp.where(eligible, jnp.nan_to_num(group_mass(grouped, landmarks, eligible)), -1.0)  # [B, H_kv, C]
         best, top = jax.lax.top_k(score, min(self.budget // cs, score.shape[-1]))
         chunk_pos = jnp.where(best[..., None] >= 0, top[..., None] * cs + jnp.arange(cs), -1).reshape(
             batch, kv_heads, -1

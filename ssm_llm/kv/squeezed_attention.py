@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import masked_attention
 from ssm_llm.compressed_cache import AttentionStep
-from ssm_llm.kv.policy import KVPolicy, check_positive_int, rope_frequencies
+from ssm_llm.kv.policy import KVPolicy, check_positive_int, group_mass, rope_frequencies
 from ssm_llm.rope import rotate
 
 
@@ -88,15 +88,6 @@ def tree_kmeans(keys, valid, coarse: int, branch: int, iterations: int):
     own = jnp.take_along_axis(child, jnp.maximum(parent, 0)[None], axis=0)[0]
     cluster = jnp.where(parent >= 0, parent * branch + own, -1)
     return cluster, centroids.reshape(coarse * branch, -1), sizes.reshape(-1), coarse_centroids, coarse_sizes
-
-
-def cluster_mass(grouped, centroids, sizes):
-    """grouped [B, H_kv, G, D] queries (scaled), centroids [B, H_kv, C, D], sizes [B, H_kv, C] -> [B, H_kv, C]:
-    each cluster's estimated attention mass, softmax of size x exp(q . centroid) per query head, max over
-    the kv head's query heads (empty clusters: 0)."""
-    logits = jnp.einsum("bkgd,bkcd->bkgc", grouped, centroids)
-    logits = jnp.where(sizes[:, :, None] > 0, logits + jnp.log(jnp.maximum(sizes, 1))[:, :, None], -jnp.inf)
-    return jnp.max(jax.nn.softmax(logits, axis=-1), axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +156,14 @@ class SqueezedAttention(KVPolicy):
         a hierarchy, that of the kept coarse clusters' children among themselves and -1 elsewhere."""
         centroids, sizes = data.centroids[index], data.sizes[index]  # [B, H_kv, C, D], [B, H_kv, C]
         if self.coarse is None:
-            return cluster_mass(grouped, centroids, sizes)
+            return group_mass(grouped, centroids, sizes)
         batch, kv_heads, clusters, dim = centroids.shape
         branch = clusters // self.coarse
-        coarse_mass = cluster_mass(grouped, data.coarse_centroids[index], data.coarse_sizes[index])
+        coarse_mass = group_mass(grouped, data.coarse_centroids[index], data.coarse_sizes[index])
         _, kept = jax.lax.top_k(coarse_mass, self.coarse_keep)  # [B, H_kv, K]
         children = (kept[..., None] * branch + jnp.arange(branch)).reshape(batch, kv_heads, -1)  # [B, H_kv, K*b]
         child_centroids = jnp.take_along_axis(centroids, children[..., None], axis=2)
-        child_mass = cluster_mass(grouped, child_centroids, jnp.take_along_axis(sizes, children, axis=2))
+        child_mass = group_mass(grouped, child_centroids, jnp.take_along_axis(sizes, children, axis=2))
         rows, heads = jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None]
         return jnp.full((batch, kv_heads, clusters), -1.0).at[rows, heads, children].set(child_mass)
 

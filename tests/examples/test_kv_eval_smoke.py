@@ -38,6 +38,13 @@ ARGS = [
     "3",
     "--repeats",
     "1",
+    "--tasks",
+    "multikey",
+    "variables",
+    "--task-lengths",
+    "256",
+    "--samples",
+    "2",
 ]
 
 
@@ -69,6 +76,15 @@ def test_script_runs_and_measures(tmp_path):
         timing = result["decode_speed"]["configs"][name]  # tiny-model timings are noise: only their presence
         assert len(timing["t_1"]) == len(timing["t_n"]) == 1 and "decode_tok_s" in summary[name]
     assert all(summary[name]["kl"] >= 0 for name in names[1:])
+
+    # (e) each task: 2 prompts of 256 tokens, every config's answers and scores.
+    for task in ("multikey", "variables"):
+        row = result["tasks"][task]["256"]
+        assert len(row["expected"]) == 2
+        for name in names:
+            got = row["configs"][name]
+            assert len(got["answers"]) == len(got["scores"]) == 2 and 0 <= got["score"] <= 2
+            assert summary[name]["tasks"][task] == {"256": got["score"]}
 
     # (b) the full cache's teacher-forced perplexity = one dense forward over the same 2 documents: 64
     # prefix tokens, then tokens 64..71 fed one by one, each predicting the next (65..72).

@@ -11,22 +11,28 @@ from ssm_llm.kv import StreamingLLM
 from ssm_llm.kv.policy import rope_frequencies
 
 
-def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
-    """`ssm-llm generate --kv-compression SPEC` in-process on SmolLM2: the spec is parsed, the policy reaches
-    `generate`, text comes out. The load is the session's (the CLI's own load is covered in test_smollm2.py)."""
+def spy_cli_generate(smollm2, monkeypatch, record):
+    """The CLI module with the session's SmolLM2 as its load and `generate` wrapped: each call appends
+    `record(params, gen_config)` to the returned list, then generates."""
     import ssm_llm_cli as cli
     from ssm_llm import generation
 
-    config, params, _, path = smollm2
+    config, params, _, _ = smollm2
     monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
-    policies = []
+    seen, real = [], generation.generate
 
     def spy(params, config, prompts, gen_config, **kw):
-        policies.append(gen_config.kv_compression)
+        seen.append(record(params, gen_config))
         return real(params, config, prompts, gen_config, **kw)
 
-    real = generation.generate
     monkeypatch.setattr(generation, "generate", spy)
+    return cli, seen
+
+
+def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
+    """`ssm-llm generate --kv-compression SPEC` in-process on SmolLM2: the spec is parsed, the policy reaches
+    `generate`, text comes out. The load is the session's (the CLI's own load is covered in test_smollm2.py)."""
+    cli, policies = spy_cli_generate(smollm2, monkeypatch, lambda params, gen: gen.kv_compression)
     code = cli.main(
         [
             "generate",
@@ -48,20 +54,9 @@ def test_cli_generate_with_kv_compression(smollm2, monkeypatch, capsys):
 def test_cli_generate_with_sparse_prefill(smollm2, monkeypatch, capsys):
     """`ssm-llm generate --sparse-prefill SPEC`: the spec is parsed into an MInference that reaches `generate`;
     an unknown method is refused by name."""
-    import ssm_llm_cli as cli
-    from ssm_llm import generation
     from ssm_llm.kv import MInference
 
-    config, params, _, path = smollm2
-    monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
-    seen = []
-
-    def spy(params, config, prompts, gen_config, **kw):
-        seen.append(gen_config.sparse_prefill)
-        return real(params, config, prompts, gen_config, **kw)
-
-    real = generation.generate
-    monkeypatch.setattr(generation, "generate", spy)
+    cli, seen = spy_cli_generate(smollm2, monkeypatch, lambda params, gen: gen.sparse_prefill)
     argv = ["generate", "--prompt", "The history of the printing press", "--max-new-tokens", "4", "--no-stream"]
     code = cli.main([*argv, "--sparse-prefill", "minference:block=16,blocks=1,columns=4,dense_layers=(0,)"])
     out, err = capsys.readouterr()
@@ -74,19 +69,7 @@ def test_cli_generate_with_sparse_prefill(smollm2, monkeypatch, capsys):
 def test_cli_generate_with_unrolled_layers(smollm2, monkeypatch, capsys):
     """`--layers unrolled` hands `generate` one dict per layer (`unstack_layers`) and prints the same greedy
     text as the stacked layout."""
-    import ssm_llm_cli as cli
-    from ssm_llm import generation
-
-    config, params, _, path = smollm2
-    monkeypatch.setattr(cli, "_load", lambda *args, **options: (config, params))
-    layouts = []
-
-    def spy(params, config, prompts, gen_config, **kw):
-        layouts.append(type(params["layers"]).__name__)
-        return real(params, config, prompts, gen_config, **kw)
-
-    real = generation.generate
-    monkeypatch.setattr(generation, "generate", spy)
+    cli, layouts = spy_cli_generate(smollm2, monkeypatch, lambda params, gen: type(params["layers"]).__name__)
     texts = []
     for layout in ("stacked", "unrolled"):
         argv = ["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--no-stream"]
