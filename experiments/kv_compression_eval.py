@@ -17,6 +17,9 @@ the weights, so 8-bit storage is ~1/4 of it); the plots use that ratio, not the 
   (d) decode tokens/s at a long prompt (--speed-length), every config timed side by side in this run,
       interleaved repeat by repeat, each from its ready (compressed) cache:
       (N - 1) * batch / (t(N steps) - t(1 step)), medians (the call overhead and first step cancel out).
+  (e) with --tasks: RULER-style multi-key needle and variable tracking (`long_context_tasks.py`, from the
+      same text) at --task-lengths, --samples prompts each, prefilled once and answered greedily by every
+      config (scores: a needle's number right; the fraction of a chain's variables named).
 Work is shared: each prompt batch (all depths of one length) is prefilled ONCE with full attention
 (`prefill_observed`, which also keeps the last queries that SnapKV-like methods score with), and that
 dense cache is compressed by every config (`ssm_llm.kv.compress_cache`); decoding is a jitted loop of
@@ -47,6 +50,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import long_context_tasks  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_runners import machine_info  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -112,6 +116,26 @@ def _grid() -> dict[str, list[Config]]:
 
     keep = (2, 4, 8)  # keep 1/2, 1/4, 1/8 of the prompt
     bits = (8, 4, 2)
+
+    def shadowkv(method, **options):
+        return entry(
+            method,
+            "ShadowKV",
+            [
+                (
+                    f"attend 1/{r}",
+                    lambda c, n, r=r: c(
+                        budget=max(8, (n // r - 32 - 8 * max(1, n // (64 * r))) // 8 * 8),
+                        chunk_size=8,
+                        local_chunks=4,
+                        outlier_chunks=max(1, n // (64 * r)),
+                        **options,
+                    ),
+                )
+                for r in keep
+            ],
+        )
+
     return {
         "streamingllm": entry(
             "streamingllm", "StreamingLLM", [(f"1/{r}", lambda c, n, r=r: c(budget=n // r, sinks=4)) for r in keep]
@@ -153,23 +177,7 @@ def _grid() -> dict[str, list[Config]]:
         # ShadowKV keeps every value and a rank-64 SVD of the 192-wide pre-RoPE keys (the paper: 160 of 1024);
         # the label is the attended fraction: 8-token chunks, 4 local chunks, an eighth of it in outlier
         # chunks (at least one), the rest rebuilt per step.
-        "shadowkv": entry(
-            "shadowkv",
-            "ShadowKV",
-            [
-                (
-                    f"attend 1/{r}",
-                    lambda c, n, r=r: c(
-                        budget=max(8, (n // r - 32 - 8 * max(1, n // (64 * r))) // 8 * 8),
-                        chunk_size=8,
-                        rank=64,
-                        local_chunks=4,
-                        outlier_chunks=max(1, n // (64 * r)),
-                    ),
-                )
-                for r in keep
-            ],
-        ),
+        "shadowkv": shadowkv("shadowkv", rank=64),
         # Squeezed Attention keeps every token; the label is the attended fraction: a local window of a quarter
         # of it and the rest from the best of n / 64 k-means clusters per kv head.
         "squeezed": entry(
@@ -185,24 +193,32 @@ def _grid() -> dict[str, list[Config]]:
                 for r in keep
             ],
         ),
-        # The same with exact keys (rank=None): what the rank-64 keys cost, apart from the sparsity.
-        "shadowkv-exact": entry(
-            "shadowkv-exact",
-            "ShadowKV",
+        # The same budgets and clusters looked up through a tree (the paper's hierarchical lookup): n / 512
+        # coarse clusters of 8 children each; per step the coarse clusters whose children hold ~4x the budget
+        # (at an average of 64 tokens per child) have their children scored.
+        "squeezed-tree": entry(
+            "squeezed-tree",
+            "SqueezedAttention",
             [
                 (
                     f"attend 1/{r}",
                     lambda c, n, r=r: c(
-                        budget=max(8, (n // r - 32 - 8 * max(1, n // (64 * r))) // 8 * 8),
-                        chunk_size=8,
-                        rank=None,
-                        local_chunks=4,
-                        outlier_chunks=max(1, n // (64 * r)),
+                        budget=n // r - n // (4 * r),
+                        clusters=max(8, n // 64 // 8 * 8),
+                        local=n // (4 * r),
+                        iterations=8,
+                        coarse=max(1, n // 512),
+                        coarse_keep=min(max(1, n // 512), -(-4 * (n // r - n // (4 * r)) // 512)),
                     ),
                 )
                 for r in keep
             ],
         ),
+        # The same with exact keys (rank=None): what the rank-64 keys cost, apart from the sparsity.
+        "shadowkv-exact": shadowkv("shadowkv-exact", rank=None),
+        # The same as "shadowkv" with the values in pinned_host memory, gathered there each step (on a CPU
+        # the same RAM: what the host-side gather costs).
+        "shadowkv-host": shadowkv("shadowkv-host", rank=64, offload_values=True),
         "kivi": entry(
             "kivi", "KIVI", [(f"{b}-bit", lambda c, n, b=b: c(bits=b, group_size=32, residual=128)) for b in bits]
         ),
@@ -421,6 +437,33 @@ def run_passkey(params, config, tokenizer, configs, args, rng, checkpoint=lambda
     return rows, speed
 
 
+def run_tasks(params, config, tokenizer, configs, args, rng):
+    """(e): each task at each length, one prefill of its --samples prompts, every config's greedy answers
+    from its own compressed cache, scored."""
+    hay = text_ids(tokenizer, max(args.task_lengths), start=0.0)
+    out = {}
+    for task in args.tasks:
+        build, score, answer_tokens = long_context_tasks.TASKS[task]
+        rows = out[task] = {}
+        for length in tqdm(args.task_lengths, desc=task):
+            built = [build(tokenizer, hay, length, rng) for _ in range(args.samples)]
+            expected = [e for _, e in built]
+            policies = {c.name: c.policy(length) for c in configs}
+            (logits, dense, observation), _ = observed_prefill(
+                params, config, policies, np.asarray([p for p, _ in built])
+            )
+            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            row = rows[length] = {"expected": expected, "configs": {}}
+            for c in tqdm(configs, desc=f"{length} tokens", leave=False):
+                cache = decode_cache(config, policies[c.name], length + answer_tokens, dense, observation)
+                tokens = greedy(params, config, cache, first, answer_tokens - 1, answer_tokens - 1)
+                texts = tokenizer.batch_decode(np.asarray(tokens).tolist())
+                scores = [score(t, e) for t, e in zip(texts, expected, strict=True)]
+                row["configs"][c.name] = {"answers": texts, "scores": scores, "score": float(np.sum(scores))}
+            del dense, observation
+    return out
+
+
 def measure_speed(params, config, policies, max_len, dense, observation, first, max_steps, args):
     """(d): decode tok/s of every config on one prompt batch, interleaved repeat by repeat."""
     n, batch = args.speed_steps, first.shape[0]
@@ -481,7 +524,7 @@ def estimate_minutes(args, n_configs: int) -> float:
     """A rough cost model of a SmolLM2 run on an idle 2-core CPU, fitted to measured timings: prefill of
     one row of k * 1024 tokens ~0.7 k + 0.9 k^2 s; ~2.5 s to compile one config per shape; a decode step
     of a batch of b rows at k * 1024 tokens ~0.06 + 0.012 k b s with the full cache (compressed caches
-    are faster, their compression itself is not counted)."""
+    are faster, their compression itself is not counted); --tasks alike."""
     k = np.asarray(args.lengths + [args.ppl_prefix]) / 1024
     rows = np.asarray([len(args.depths)] * len(args.lengths) + [args.ppl_docs])
     step = 0.06 + 0.012 * k * rows
@@ -493,6 +536,12 @@ def estimate_minutes(args, n_configs: int) -> float:
         + args.ppl_tokens * step[-1]
         + args.repeats * (args.speed_steps + 1) * speed_step
     )
+    for task in args.tasks:
+        answer = long_context_tasks.TASKS[task][2]
+        for k in np.asarray(args.task_lengths) / 1024:
+            prefill_s += args.samples * (0.7 * k + 0.9 * k**2) + 10
+            decode_s += n_configs * answer * (0.06 + 0.012 * k * args.samples)
+            compile_s += 2.5 * n_configs
     return (prefill_s + compile_s + decode_s) / 60
 
 
@@ -543,6 +592,17 @@ def main(argv=None):
     parser.add_argument("--speed-steps", type=int, default=16, help="N of the decode speed measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the decode speed measurement")
     parser.add_argument(
+        "--tasks",
+        nargs="*",
+        default=[],
+        choices=sorted(long_context_tasks.TASKS),
+        help="RULER-style tasks to add (default: none; each costs a prefill per length and a decode per config)",
+    )
+    parser.add_argument(
+        "--task-lengths", nargs="+", type=int, default=[4096, 8160], help="prompt lengths of the --tasks"
+    )
+    parser.add_argument("--samples", type=int, default=3, help="prompts per task and length")
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="256/512-token prompts at 2 depths and a short perplexity window, to check the script "
@@ -561,6 +621,7 @@ def main(argv=None):
     if args.quick:
         args.lengths, args.depths, args.speed_length = [256, 512], [0.25, 0.75], 512
         args.ppl_prefix, args.ppl_tokens, args.repeats, args.speed_steps = 256, 16, 2, 8
+        args.task_lengths, args.samples = [512], 2
     if args.speed_length not in args.lengths:
         parser.error(f"--speed-length {args.speed_length} must be one of --lengths {args.lengths}")
     if min(args.answer_tokens, args.speed_steps, args.ppl_docs, args.repeats) < 1 or args.speed_steps < 2:
@@ -580,6 +641,8 @@ def main(argv=None):
     config, params = tiny_model(len(tokenizer)) if args.tiny_model else converters.load(path)
     model_name = "tiny random (2 layers)" if args.tiny_model else path.name
     longest = max(args.lengths) + max(args.answer_tokens - 1, args.speed_steps) + 1
+    if args.tasks:
+        longest = max(longest, max(args.task_lengths) + max(long_context_tasks.TASKS[t][2] for t in args.tasks))
     if longest > config.max_position_embeddings or args.ppl_prefix + args.ppl_tokens > config.max_position_embeddings:
         parser.error(
             f"the longest prompt plus its decoded tokens ({longest}) or the perplexity window "
@@ -605,7 +668,8 @@ def main(argv=None):
 
     passkey, speed = run_passkey(params, config, tokenizer, configs, args, rng, checkpoint)
     perplexity = run_perplexity(params, config, tokenizer, configs, args)
-    summary = summarize(configs, passkey, perplexity, speed)
+    task_rows = run_tasks(params, config, tokenizer, configs, args, rng)
+    summary = summarize(configs, passkey, perplexity, speed, task_rows)
 
     machine = machine_info()
     result = {
@@ -619,6 +683,7 @@ def main(argv=None):
         "passkey": {str(k): v for k, v in passkey.items()},
         "perplexity": perplexity,
         "decode_speed": speed,
+        "tasks": {t: {str(k): v for k, v in rows.items()} for t, rows in task_rows.items()},
         "summary": summary,
         "total_wall_s": time.perf_counter() - wall_start,
     }
@@ -647,12 +712,18 @@ def main(argv=None):
             f"{s.get('kl', 0.0):>9.4f}{s.get('top1_agreement', 1.0):>7.0%}{s['decode_tok_s']:>8.1f}"
             f"{s['speed_vs_full']:>7.2f}x   {by_length}"
         )
+    for task, rows in task_rows.items():
+        lengths = list(rows)
+        print(f"{task} ({args.samples} prompts per length; score by length {'/'.join(map(str, lengths))})")
+        for c in configs:
+            print(f"  {c.name:<30}" + " / ".join(f"{rows[n]['configs'][c.name]['score']:.2f}" for n in lengths))
     print(f"total {result['total_wall_s'] / 60:.1f} min")
 
 
-def summarize(configs, passkey, perplexity, speed) -> dict:
+def summarize(configs, passkey, perplexity, speed, task_rows=None) -> dict:
     """Per config: bytes ratio (mean over the passkey lengths), passkey accuracy (all lengths and
-    depths), perplexity / KL / top-1 agreement, decode tok/s and its ratio to the full cache."""
+    depths), perplexity / KL / top-1 agreement, decode tok/s and its ratio to the full cache, and each
+    task's summed score by length."""
     out = {}
     for c in configs:
         rows = [passkey[length]["configs"][c.name] for length in passkey]
@@ -668,6 +739,10 @@ def summarize(configs, passkey, perplexity, speed) -> dict:
             "decode_tok_s": s["decode_tok_s"],
             "speed_vs_full": s["vs_full"],
             **{k: p[k] for k in ("kl", "top1_agreement") if k in p},
+            "tasks": {
+                t: {str(n): r["configs"][c.name]["score"] for n, r in rows.items()}
+                for t, rows in (task_rows or {}).items()
+            },
         }
     return out
 

@@ -100,3 +100,10 @@ def variables_score(answer: str, names: tuple[list[str], list[str]]) -> float:
     if said & set(other):
         return 0.0
     return len(said & set(chain)) / len(chain)
+
+
+# task -> (prompt builder, scorer, greedy answer tokens)
+TASKS = {
+    "multikey": (multikey_prompt, multikey_score, 12),
+    "variables": (variables_prompt, variables_score, 24),
+}

@@ -98,10 +98,7 @@ def task_prompts(task: str, tokenizer, hay, hay_text, length: int, args, rng):
             passkey_prompt(tokenizer, hay, hay_text, length, d, k) for d, k in zip(args.depths, keys, strict=True)
         ]
         return prompts, keys, tasks.multikey_score, args.answer_tokens
-    build, score, answer = {
-        "multikey": (tasks.multikey_prompt, tasks.multikey_score, 12),
-        "variables": (tasks.variables_prompt, tasks.variables_score, 24),
-    }[task]
+    build, score, answer = tasks.TASKS[task]
     built = [build(tokenizer, hay, length, rng) for _ in range(args.samples)]
     return [p for p, _ in built], [e for _, e in built], score, answer
 
