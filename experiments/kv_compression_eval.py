@@ -136,6 +136,20 @@ def _grid() -> dict[str, list[Config]]:
             ],
         )
 
+    def squeezed(method, tree=False):
+        def make(c, n, r):
+            budget, local = n // r - n // (4 * r), n // (4 * r)
+            if not tree:
+                return c(budget=budget, clusters=max(4, n // 64), local=local, iterations=8)
+            coarse = max(1, n // 512)
+            clusters = max(8, n // 64 // 8 * 8)
+            keep_coarse = min(coarse, -(-4 * budget // 512))
+            return c(
+                budget=budget, clusters=clusters, local=local, iterations=8, coarse=coarse, coarse_keep=keep_coarse
+            )
+
+        return entry(method, "SqueezedAttention", [(f"attend 1/{r}", lambda c, n, r=r: make(c, n, r)) for r in keep])
+
     return {
         "streamingllm": entry(
             "streamingllm", "StreamingLLM", [(f"1/{r}", lambda c, n, r=r: c(budget=n // r, sinks=4)) for r in keep]
@@ -180,40 +194,11 @@ def _grid() -> dict[str, list[Config]]:
         "shadowkv": shadowkv("shadowkv", rank=64),
         # Squeezed Attention keeps every token; the label is the attended fraction: a local window of a quarter
         # of it and the rest from the best of n / 64 k-means clusters per kv head.
-        "squeezed": entry(
-            "squeezed",
-            "SqueezedAttention",
-            [
-                (
-                    f"attend 1/{r}",
-                    lambda c, n, r=r: c(
-                        budget=n // r - n // (4 * r), clusters=max(4, n // 64), local=n // (4 * r), iterations=8
-                    ),
-                )
-                for r in keep
-            ],
-        ),
-        # The same budgets and clusters looked up through a tree (the paper's hierarchical lookup): n / 512
-        # coarse clusters of 8 children each; per step the coarse clusters whose children hold ~4x the budget
-        # (at an average of 64 tokens per child) have their children scored.
-        "squeezed-tree": entry(
-            "squeezed-tree",
-            "SqueezedAttention",
-            [
-                (
-                    f"attend 1/{r}",
-                    lambda c, n, r=r: c(
-                        budget=n // r - n // (4 * r),
-                        clusters=max(8, n // 64 // 8 * 8),
-                        local=n // (4 * r),
-                        iterations=8,
-                        coarse=max(1, n // 512),
-                        coarse_keep=min(max(1, n // 512), -(-4 * (n // r - n // (4 * r)) // 512)),
-                    ),
-                )
-                for r in keep
-            ],
-        ),
+        "squeezed": squeezed("squeezed"),
+        # The same budgets looked up through a tree (the paper's hierarchical lookup): n / 512 coarse clusters
+        # of 8 children each; per step the coarse clusters whose children hold ~4x the budget (at an average of
+        # 64 tokens per child) have their children scored.
+        "squeezed-tree": squeezed("squeezed-tree", tree=True),
         # The same with exact keys (rank=None): what the rank-64 keys cost, apart from the sparsity.
         "shadowkv-exact": shadowkv("shadowkv-exact", rank=None),
         # The same as "shadowkv" with the values in pinned_host memory, gathered there each step (on a CPU
