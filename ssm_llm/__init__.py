@@ -13,7 +13,7 @@ from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig, RopeConfig
 from ssm_llm.config_io import config_from_dict
 from ssm_llm.default_model import default_model_path
-from ssm_llm.generation import GenerationConfig, GenerationResult, generate
+from ssm_llm.generation import BeamHypotheses, GenerationConfig, GenerationResult, generate
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.model import forward, init_cache, init_params
 from ssm_llm.quant.attention_weights import quantize_weights
@@ -23,6 +23,7 @@ from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = [
+    "BeamHypotheses",
     "GenerationConfig",
     "GenerationResult",
     "KVCache",

@@ -35,6 +35,11 @@ class KVCache:
         """Bytes held by the cache buffers."""
         return sum(x.size * x.dtype.itemsize for x in (self.k, self.v, self.lengths))
 
+    def rows(self, index: jax.Array) -> KVCache:
+        """The cache of sequences `index` [B'] of this one, in that order (rows may repeat): beam search's
+        copying and reordering of beams."""
+        return KVCache(k=self.k[:, index], v=self.v[:, index], lengths=self.lengths[index])
+
 
 def cache_shapes(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """The cache `init_cache` would make, as `jax.ShapeDtypeStruct` leaves (nothing allocated)."""

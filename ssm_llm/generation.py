@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm.beam_search import BeamSearch, beam_search
 from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
 from ssm_llm.kv.policy import describe as describe_policy
@@ -27,7 +28,7 @@ from ssm_llm.model import check_sequence_parallel, init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import activation_dtype, logits_from_hidden
 from ssm_llm.param_check import check_params
-from ssm_llm.sampling import Sampling
+from ssm_llm.sampling import Sampling, is_eos
 from ssm_llm.sharding import SequenceParallel
 from ssm_llm.sparse_prefill import SparsePrefill
 from ssm_llm.speculative.decode import speculative_decode
@@ -59,6 +60,12 @@ class GenerationConfig:
     `sparse_prefill`: a sparse prefill method (attention models), e.g. `ssm_llm.kv.MInference()` or
     `MInference.load(patterns_json)`: the prompt's attention on a per-head sparse pattern, for long prompts
     (an approximation: the output may differ from full attention's).
+    `num_beams` > 1: beam search (greedy, temperature 0), transformers' rules: finished hypotheses are scored
+    sum of log-probabilities / length ** `length_penalty`; `early_stopping` False (stop when no running beam
+    can beat the worst finished one at the current length), True (as soon as num_beams are finished) or
+    "never". `num_beam_groups` > 1 with `diversity_penalty` > 0: diverse beam search (groups choose in turn,
+    each token's log-probability lowered by the penalty times the times earlier groups chose it this step).
+    The result's `tokens` hold the best hypothesis; `beams` all of them.
     """
 
     max_new_tokens: int = 64
@@ -72,6 +79,11 @@ class GenerationConfig:
     kv_compression: KVPolicy | None = None
     speculative: Drafter | None = None
     sparse_prefill: SparsePrefill | None = None
+    num_beams: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self):
         def put(name, value):
@@ -103,11 +115,59 @@ class GenerationConfig:
                 f"sparse_prefill must be None or a sparse prefill method from ssm_llm.kv (e.g. MInference()), "
                 f"got {self.sparse_prefill!r}"
             )
+        self._check_beams(put)
         if self.speculative is not None and self.kv_compression is not None:
             raise ValueError(
                 "speculative decoding verifies draft trees on a dense cache; it does not combine with "
                 "kv_compression yet"
             )
+
+    def _check_beams(self, put) -> None:
+        put("num_beams", as_int("num_beams", self.num_beams, 1))
+        put("num_beam_groups", as_int("num_beam_groups", self.num_beam_groups, 1, self.num_beams))
+        put("diversity_penalty", as_float("diversity_penalty", self.diversity_penalty, 0.0))
+        put("length_penalty", as_float("length_penalty", self.length_penalty))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams % self.num_beam_groups:
+            raise ValueError(
+                f"num_beam_groups ({self.num_beam_groups}) must divide num_beams ({self.num_beams}): "
+                f"every group has the same number of beams"
+            )
+        if self.num_beam_groups > 1 and self.diversity_penalty == 0:
+            raise ValueError("num_beam_groups > 1 needs diversity_penalty > 0: without it the groups search alike")
+        if self.diversity_penalty > 0 and self.num_beam_groups == 1:
+            raise ValueError("diversity_penalty acts between beam groups: set num_beam_groups > 1")
+        if self.num_beams == 1:
+            return
+        clashes = {
+            "temperature > 0": self.temperature > 0,
+            "speculative": self.speculative is not None,
+            "kv_compression": self.kv_compression is not None,
+        }
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(f"beam search (num_beams > 1) does not combine with {name} yet")
+
+    @property
+    def beam_search(self) -> BeamSearch | None:
+        """The beam search rule, or None for plain decoding (num_beams 1)."""
+        if self.num_beams == 1:
+            return None
+        return BeamSearch(
+            self.num_beams, self.num_beam_groups, self.diversity_penalty, self.length_penalty, self.early_stopping
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamHypotheses:
+    """Beam search's finished hypotheses, per prompt and best first: sequences[i][j] the new tokens (EOS
+    excluded), scores[i][j] the sum of their log-probabilities / length ** length_penalty (the length
+    counts the EOS), finish_reasons[i][j] "eos" or "length"."""
+
+    sequences: list[list[list[int]]]
+    scores: list[list[float]]
+    finish_reasons: list[list[str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +193,7 @@ class GenerationResult:
 
     prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
     on a first call with new shapes). speculative: acceptance statistics when a drafter was used.
+    beams: every finished hypothesis of a beam search (`tokens` holds the best of each prompt).
     """
 
     tokens: list[list[int]]
@@ -140,6 +201,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     speculative: SpeculativeStats | None = None
+    beams: BeamHypotheses | None = None
 
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -190,18 +252,11 @@ def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequenc
     return logits_from_hidden(params, config, last), cache
 
 
-def _is_eos(tok, eos: tuple[int, ...]):
-    """[B] bool: which of `tok` [B] is one of the `eos` ids."""
-    if not eos:
-        return jnp.zeros(tok.shape, bool)
-    return (tok[:, None] == jnp.asarray(eos, jnp.int32)).any(-1)
-
-
 def _first_token(logits, key, sampling: Sampling, eos: tuple[int, ...]):
     """The token drawn from the prefill's logits [B, V]: (token [B], done [B], key)."""
     key, sub = jax.random.split(key)
     tok = sampling.draw(logits, sub)
-    return tok, _is_eos(tok, eos), key
+    return tok, is_eos(tok, eos), key
 
 
 def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str):
@@ -213,7 +268,7 @@ def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[
     key, sub = jax.random.split(key)
     new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
     new = jnp.where(done, -1, new)  # finished sequences emit nothing
-    return new, jnp.where(done, tok, new), cache, done | _is_eos(new, eos), key
+    return new, jnp.where(done, tok, new), cache, done | is_eos(new, eos), key
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
@@ -313,6 +368,11 @@ def generate(
     start = time.perf_counter()
     logits, cache = _prefill_request(params, config, gen_config, request, plan, impl, sequence_parallel)
     prefill_seconds = time.perf_counter() - start
+    if gen_config.num_beams > 1:
+        beams = _beam_request(params, config, gen_config, request, cache, logits, impl)
+        tokens, reasons = [seqs[0] for seqs in beams.sequences], [why[0] for why in beams.finish_reasons]
+        seconds = time.perf_counter() - start - prefill_seconds
+        return GenerationResult(tokens, reasons, prefill_seconds, seconds, beams=beams)
     out, stats = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
     decode_seconds = time.perf_counter() - start - prefill_seconds
     return GenerationResult(*_split_at_eos(out, set(request.eos)), prefill_seconds, decode_seconds, stats)
@@ -368,6 +428,10 @@ def check_options(config, gen_config: GenerationConfig, longest: int, on_token) 
             "speculative decoding does not support quantized (Quamba) targets yet: its per-node "
             "SSM states are float; generate without speculative="
         )
+    if gen_config.num_beams > 1 and on_token is not None:
+        raise ValueError(
+            "on_token streaming is not supported with beam search (beams are reordered); pass on_token=None"
+        )
     if drafter is not None and on_token is not None:
         raise ValueError(
             "on_token streaming is not supported with speculative decoding (a round emits several "
@@ -387,7 +451,7 @@ def _plan(params, config, gen_config: GenerationConfig, request: _Request) -> Le
         compressed=gen_config.kv_compression is not None,
         tree_size=None if drafter is None else drafter.tree_size,
     )
-    _check_memory(config, gen_config, len(request.prompts), plan, activation_dtype(params))
+    _check_memory(config, gen_config, len(request.prompts) * gen_config.num_beams, plan, activation_dtype(params))
     return plan
 
 
@@ -397,7 +461,9 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: Length
     `capacity` dense slots; quantized storage is smaller)."""
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     max_len = plan.max_len
-    out_bytes = 4 * batch * gen_config.max_new_tokens
+    # beam search (batch counts every beam) keeps the running and finished hypotheses and each step's
+    # candidates and merge: under 8 token buffers per beam
+    out_bytes = 4 * batch * gen_config.max_new_tokens * (1 if gen_config.num_beams == 1 else 8)
     if isinstance(config, ModelConfig) and policy is not None:
         what = f"kv_compression={describe_policy(policy)}"
         cache_bytes = memory_bound(config, policy, batch, plan.prompt_len, max_len, dtype)
@@ -473,6 +539,24 @@ def _decode_request(
         params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
     )
     return np.asarray(out), SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
+
+
+def _beam_request(
+    params, config, gen_config: GenerationConfig, request: _Request, cache, logits, impl
+) -> BeamHypotheses:
+    """Beam search after the prefill: every prompt's finished hypotheses, best first."""
+    hypotheses, scores = beam_search(
+        params,
+        config,
+        cache,
+        logits,
+        gen_config.beam_search,
+        max_new_tokens=gen_config.max_new_tokens,
+        eos=request.eos,
+        impl=impl,
+    )
+    split = [_split_at_eos(rows, set(request.eos)) for rows in np.asarray(hypotheses)]
+    return BeamHypotheses([s for s, _ in split], np.asarray(scores).tolist(), [r for _, r in split])
 
 
 def _split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[str]]:

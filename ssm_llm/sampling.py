@@ -17,6 +17,13 @@ NEG_INF = -jnp.inf
 _TOP_P_CANDIDATES = 256
 
 
+def is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
+    """Which of `tokens` (int, any shape) is one of the `eos` ids (a static tuple; empty: none)."""
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return (tokens[..., None] == jnp.asarray(eos, jnp.int32)).any(-1)
+
+
 def _top_k_filter(logits, k: int):
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits < kth, NEG_INF, logits)

@@ -34,6 +34,13 @@ class SSMCache:
         """Bytes held by the cache buffers."""
         return sum(x.size * x.dtype.itemsize for x in (self.conv_state, self.ssm_state, self.lengths))
 
+    def rows(self, index: jax.Array) -> SSMCache:
+        """The states of sequences `index` [B'] of this one, in that order (rows may repeat): beam search's
+        copying and reordering of beams."""
+        return SSMCache(
+            conv_state=self.conv_state[:, index], ssm_state=self.ssm_state[:, index], lengths=self.lengths[index]
+        )
+
 
 def init_ssm_cache(config: MambaConfig | Mamba2Config, batch: int, dtype=jnp.float32) -> SSMCache:
     """Zero states for `batch` sequences. The SSM state is always float32 (it accumulates over the

@@ -180,6 +180,10 @@ def _generate(args) -> int:
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
         speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
         sparse_prefill=_sparse_prefill(args.sparse_prefill),
+        num_beams=args.num_beams,
+        num_beam_groups=args.num_beam_groups,
+        diversity_penalty=args.diversity_penalty,
+        length_penalty=args.length_penalty,
     )
     _join_processes(args)  # before anything touches JAX's devices
     with _CompileClock() as clock:
@@ -236,8 +240,9 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
-    # A speculative round emits several tokens at once, so its text is printed when generation ends.
-    stream = None if args.no_stream or gen_config.speculative is not None else _TextStream(tokenizer, eos)
+    # A speculative round emits several tokens at once and beams are reordered, so their text is printed at the end.
+    whole = args.no_stream or gen_config.speculative is not None or gen_config.num_beams > 1
+    stream = None if whole else _TextStream(tokenizer, eos)
     if not main_process:
         stream = None
     result = generate(params, config, [ids], gen_config, on_token=stream)
@@ -378,6 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
         "CPU it pays off mainly when the answer copies the prompt)",
+    )
+    gen.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams (temperature 0; the best hypothesis is printed at the end)",
+    )
+    gen.add_argument(
+        "--num-beam-groups", type=int, default=1, help="diverse beam search: the beams split into this many groups"
+    )
+    gen.add_argument(
+        "--diversity-penalty", type=float, default=0.0, help="diverse beam search: the penalty between groups"
+    )
+    gen.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam search: finished hypotheses score log-probability / length ** this",
     )
     gen.add_argument(
         "--layers",
