@@ -19,6 +19,7 @@ import numpy as np
 from ssm_llm.beam_search import BeamSearch, beam_search
 from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
+from ssm_llm.constraints import Constraint, Matchers
 from ssm_llm.kv.policy import describe as describe_policy
 from ssm_llm.kv.policy import memory_bound
 from ssm_llm.kv.prefill import prefill as kv_prefill
@@ -66,6 +67,12 @@ class GenerationConfig:
     "never". `num_beam_groups` > 1 with `diversity_penalty` > 0: diverse beam search (groups choose in turn,
     each token's log-probability lowered by the penalty times the times earlier groups chose it this step).
     The result's `tokens` hold the best hypothesis; `beams` all of them.
+    `constraint`: structured output, e.g. `ssm_llm.constraints.JSONSchema(schema, tokenizer)`, `Regex(...)`
+    or `Grammar(lark)`: each step draws only among the tokens whose text keeps the output in the language
+    (masked logits; the law is the model's renormalised over the allowed tokens); EOS ids are allowed once
+    the output is complete. A row whose grammar can take nothing more ends there (finish reason "eos" by
+    its EOS, or "constraint" without EOS ids). Decodes one compiled step at a time (masks are computed
+    on the host between steps).
     """
 
     max_new_tokens: int = 64
@@ -84,6 +91,7 @@ class GenerationConfig:
     diversity_penalty: float = 0.0
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -116,6 +124,14 @@ class GenerationConfig:
                 f"got {self.sparse_prefill!r}"
             )
         self._check_beams(put)
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(
+                f"constraint must be None or one of ssm_llm.constraints' Regex, JSONSchema or Grammar, got "
+                f"{self.constraint!r}"
+            )
+        for name, clash in (("speculative", self.speculative), ("num_beams > 1", self.num_beams > 1)):
+            if self.constraint is not None and clash:
+                raise ValueError(f"constraint does not combine with {name} yet")
         if self.speculative is not None and self.kv_compression is not None:
             raise ValueError(
                 "speculative decoding verifies draft trees on a dense cache; it does not combine with "
@@ -189,7 +205,8 @@ class SpeculativeStats:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """tokens[i]: the new tokens of prompt i (EOS excluded); finish_reasons[i]: "eos" or "length".
+    """tokens[i]: the new tokens of prompt i (EOS excluded); finish_reasons[i]: "eos", "length" or (a
+    constraint's grammar complete with no EOS id to end it) "constraint".
 
     prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
     on a first call with new shapes). speculative: acceptance statistics when a drafter was used.
@@ -252,21 +269,26 @@ def _prefill(params, config, tokens, counts, max_len, impl, cache_dtype, sequenc
     return logits_from_hidden(params, config, last), cache
 
 
-def _first_token(logits, key, sampling: Sampling, eos: tuple[int, ...]):
-    """The token drawn from the prefill's logits [B, V]: (token [B], done [B], key)."""
+def _allowed(logits, mask):
+    """logits [B, V] with the tokens outside `mask` [B, V] bool (a constraint's; None: every token) at -inf."""
+    return logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+
+
+def _first_token(logits, key, sampling: Sampling, eos: tuple[int, ...], mask=None):
+    """The token drawn from the prefill's logits [B, V] (among `mask`'s tokens): (token [B], done [B], key)."""
     key, sub = jax.random.split(key)
-    tok = sampling.draw(logits, sub)
+    tok = sampling.draw(_allowed(logits, mask), sub)
     return tok, is_eos(tok, eos), key
 
 
-def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str):
-    """One decode step after `tok` [B]: (new tokens [B], -1 for rows already done; the next input tokens;
-    the cache; done; key)."""
+def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str, mask=None):
+    """One decode step after `tok` [B], drawing among `mask`'s tokens [B, V] (None: all): (new tokens [B], -1
+    for rows already done; the next input tokens; the cache; done; key)."""
     h, cache = family_module(config).hidden_states(
         params, config, tok[:, None], cache, jnp.ones((tok.shape[0],), jnp.int32), impl
     )
     key, sub = jax.random.split(key)
-    new = sampling.draw(logits_from_hidden(params, config, h[:, 0]), sub)
+    new = sampling.draw(_allowed(logits_from_hidden(params, config, h[:, 0]), mask), sub)
     new = jnp.where(done, -1, new)  # finished sequences emit nothing
     return new, jnp.where(done, tok, new), cache, done | is_eos(new, eos), key
 
@@ -296,23 +318,42 @@ _first_token_jit = jax.jit(_first_token, static_argnames="eos")
 _step_jit = jax.jit(_step, static_argnames=("config", "eos", "impl"), donate_argnames=("cache",))
 
 
-def _decode_streamed(params, config, cache, logits, key, sampling: Sampling, on_token, *, max_new_tokens, eos, impl):
+def _decode_streamed(
+    params, config, cache, logits, key, sampling: Sampling, on_token, *, max_new_tokens, eos, impl, matchers=None
+):
     """`_decode` one compiled step at a time, handing each step's tokens [B] (-1 for finished rows) to
-    `on_token(step, tokens)` as they are drawn: the same steps and keys as `_decode`, so the same tokens up
-    to floating-point differences between the two separately compiled programs (equal on the tests'
+    `on_token(step, tokens)` (if given) as they are drawn: the same steps and keys as `_decode`, so the same
+    tokens up to floating-point differences between the two separately compiled programs (equal on the tests'
     models). The step program has no host callback, so JAX's persistent compilation cache can keep it.
-    If `on_token` raises, decoding stops there and the exception propagates."""
-    tok, done, key = _first_token_jit(logits, key, sampling, eos)
-    out = np.full((logits.shape[0], max_new_tokens), -1, np.int32)
+    If `on_token` raises, decoding stops there and the exception propagates.
+
+    `matchers` (a constraint's `Matchers`): each step draws among the tokens its grammar allows (masks computed
+    here, on the host, between steps); a row whose grammar is complete and has no EOS id to end with stops.
+    Returns (tokens [B, max_new_tokens], -1 after a row's end; [B] rows stopped by their grammar)."""
+    batch = logits.shape[0]
+    stopped = np.zeros(batch, bool)
+    mask = None if matchers is None else jnp.asarray(matchers.masks(stopped))
+    tok, done, key = _first_token_jit(logits, key, sampling, eos, mask)
+    out = np.full((batch, max_new_tokens), -1, np.int32)
     out[:, 0] = np.asarray(tok)
-    on_token(0, out[:, 0].copy())
+    if on_token is not None:
+        on_token(0, out[:, 0].copy())
     for step in range(1, max_new_tokens):
+        if matchers is not None:
+            matchers.advance(out[:, step - 1])
+            stopped |= matchers.finished() & ~np.asarray(done)
+            done = done | jnp.asarray(stopped)
+            mask = jnp.asarray(matchers.masks(np.asarray(done)))
         if np.asarray(done).all():
             break
-        new, tok, cache, done, key = _step_jit(params, config, cache, tok, done, key, sampling, eos, impl)
+        new, tok, cache, done, key = _step_jit(params, config, cache, tok, done, key, sampling, eos, impl, mask)
         out[:, step] = np.asarray(new)
-        on_token(step, out[:, step].copy())
-    return out
+        if on_token is not None:
+            on_token(step, out[:, step].copy())
+    if matchers is not None:  # the last token: a grammar it completes ends the row too
+        matchers.advance(out[:, max_new_tokens - 1])
+        stopped |= matchers.finished() & ~np.asarray(done)
+    return out, stopped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,9 +414,11 @@ def generate(
         tokens, reasons = [seqs[0] for seqs in beams.sequences], [why[0] for why in beams.finish_reasons]
         seconds = time.perf_counter() - start - prefill_seconds
         return GenerationResult(tokens, reasons, prefill_seconds, seconds, beams=beams)
-    out, stats = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
+    out, stats, stopped = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
     decode_seconds = time.perf_counter() - start - prefill_seconds
-    return GenerationResult(*_split_at_eos(out, set(request.eos)), prefill_seconds, decode_seconds, stats)
+    tokens, reasons = _split_at_eos(out, set(request.eos))
+    reasons = ["constraint" if end else why for why, end in zip(reasons, stopped, strict=True)]
+    return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats)
 
 
 def _validate(params, config, prompts, gen_config, on_token) -> _Request:
@@ -512,9 +555,9 @@ def _prefill_request(
 
 def _decode_request(
     params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, cache, logits, on_token, impl
-) -> tuple[np.ndarray, SpeculativeStats | None]:
-    """The decode loop after the prefill, plain or speculative: (tokens [B, max_new_tokens], -1 after a
-    row's end; the speculative statistics or None)."""
+) -> tuple[np.ndarray, SpeculativeStats | None, np.ndarray]:
+    """The decode loop after the prefill, plain, constrained or speculative: (tokens [B, max_new_tokens], -1
+    after a row's end; the speculative statistics or None; [B] rows ended by their constraint's grammar)."""
     key = jax.random.PRNGKey(gen_config.seed)
     sampling = Sampling.create(
         vocab_size=config.vocab_size,
@@ -524,12 +567,19 @@ def _decode_request(
         min_p=gen_config.min_p,
     )
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
-    drafter = gen_config.speculative
-    if drafter is None and on_token is not None:
-        return _decode_streamed(params, config, cache, logits, key, sampling, on_token, **stop, impl=impl), None
+    drafter, constraint = gen_config.speculative, gen_config.constraint
+    none = np.zeros(len(request.prompts), bool)
+    if drafter is None and (on_token is not None or constraint is not None):
+        matchers = (
+            None if constraint is None else Matchers(constraint, len(request.prompts), config.vocab_size, request.eos)
+        )
+        out, stopped = _decode_streamed(
+            params, config, cache, logits, key, sampling, on_token, **stop, impl=impl, matchers=matchers
+        )
+        return out, None, stopped
     if drafter is None:
         out, _ = _decode(params, config, cache, logits, key, sampling, **stop, impl=impl)
-        return np.asarray(out), None
+        return np.asarray(out), None, none
     # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
     # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
     prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
@@ -538,7 +588,8 @@ def _decode_request(
     out, _, rounds, accepted, state = speculative_decode(
         params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
     )
-    return np.asarray(out), SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
+    stats = SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
+    return np.asarray(out), stats, none
 
 
 def _beam_request(

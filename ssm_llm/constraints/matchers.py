@@ -1,0 +1,59 @@
+"""The host side of constrained decoding: one llguidance matcher per sequence, its next-token mask, and
+which sequences the grammar has finished."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ssm_llm.constraints.spec import Constraint
+
+
+class Matchers:
+    """Each row's position in the constraint's grammar.
+
+    `masks(done)` gives the tokens each row may emit next ([B, vocab_size] bool): what the grammar allows,
+    plus the `eos` ids once the text so far is complete (the tokenizer's own end token only if it is one of
+    them). `advance(tokens)` moves every row past its new token (-1 or an EOS: nothing). A row whose grammar
+    can take no more tokens is `finished` when there is no EOS id to end it with.
+    """
+
+    def __init__(self, constraint: Constraint, batch: int, vocab_size: int, eos: tuple[int, ...]):
+        self.rows = [constraint.matcher() for _ in range(batch)]
+        self.constraint, self.vocab_size, self.eos = constraint, vocab_size, list(eos)
+        self.known = min(vocab_size, constraint.tokenizer.vocab_size)  # ids past the tokenizer's: never allowed
+        self.tokenizer_eos = [t for t in constraint.tokenizer.eos_tokens if t < self.known]
+
+    def masks(self, done: np.ndarray) -> np.ndarray:
+        """[B, vocab_size] bool: the tokens each row may emit next (every token for rows already done)."""
+        out = np.zeros((len(self.rows), self.vocab_size), bool)
+        for row, matcher in enumerate(self.rows):
+            if done[row]:
+                out[row] = True
+                continue
+            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+            out[row, : self.known] = bits[: self.known]
+            out[row, self.tokenizer_eos] = False
+            out[row, self.eos] = matcher.is_accepting()
+            self._check(row, matcher)
+            if not out[row].any():
+                raise ValueError(
+                    f"{self.constraint!r} allows no next token for sequence {row} (the vocabulary cannot spell "
+                    "any continuation of its text so far)"
+                )
+        return out
+
+    def advance(self, tokens: np.ndarray) -> None:
+        """Consume each row's new token (rows with -1 or an EOS id emit nothing to the grammar)."""
+        for row, token in enumerate(np.asarray(tokens).tolist()):
+            if token < 0 or token in self.eos:
+                continue
+            self.rows[row].consume_token(token)
+            self._check(row, self.rows[row])
+
+    def finished(self) -> np.ndarray:
+        """[B] bool: rows whose grammar takes no more tokens and that have no EOS id to end with."""
+        return np.asarray([not self.eos and m.is_stopped() for m in self.rows], bool)
+
+    def _check(self, row: int, matcher) -> None:
+        if matcher.is_error():
+            raise RuntimeError(f"{self.constraint!r}, sequence {row}: {matcher.get_error()}")

@@ -1,0 +1,178 @@
+"""Structured output: constrained outputs always match their regex / validate against their JSON schema /
+parse in their grammar (hypothesis over patterns and schemas, a random model so nothing is learned), the
+sampling law is the masked softmax (chi-square), and clear errors."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import converters
+import ssm_llm
+from ssm_llm import constraints
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2's real byte-level BPE tokenizer (49152 tokens) and llguidance's view of it, built once."""
+    hf = converters.load_tokenizer(ssm_llm.default_model_path())
+    return hf, constraints.tokenizer(hf)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random Llama over SmolLM2's vocabulary: its choices are arbitrary, only the masks keep outputs valid."""
+    config = ssm_llm.ModelConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
+    return config, ssm_llm.init_params(config, jax.random.PRNGKey(0))
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # ragged
+EOS = (0,)
+
+
+def run(model, constraint, n=48, prompts=PROMPTS, **kw):
+    config, params = model
+    gen = ssm_llm.GenerationConfig(max_new_tokens=n, constraint=constraint, **{"eos_token_ids": EOS, **kw})
+    return ssm_llm.generate(params, config, prompts, gen)
+
+
+def text(tokenizer, ids):
+    return tokenizer[0].decode(ids)
+
+
+PIECES = ["[a-z]{1,3}", "[0-9]{2}", "(cat|dog|bird)", "-", "[A-Z]?", "x+y?", r"\.", "(ab){1,2}", "[a-c0-2]{3}"]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(PIECES), min_size=1, max_size=4), temperature=st.sampled_from([0.0, 1.0]))
+def test_outputs_match_the_regex(model, tokenizer, parts, temperature):
+    pattern = "".join(parts)
+    out = run(model, constraints.Regex(pattern, tokenizer[1]), temperature=temperature)
+    for ids, why in zip(out.tokens, out.finish_reasons, strict=True):
+        if why == "length":  # x+ may run on: what was written is still a prefix the grammar accepts
+            assert constraints.Regex(pattern, tokenizer[1]).matcher().validate_tokens(ids) == len(ids)
+        else:
+            assert why == "eos" and re.fullmatch(pattern, text(tokenizer, ids)), (pattern, text(tokenizer, ids))
+
+
+def _property():
+    return st.one_of(
+        st.just({"type": "boolean"}),
+        st.builds(
+            lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+            st.integers(-50, 50),
+            st.integers(0, 500),
+        ),
+        st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+        st.builds(
+            lambda words: {"enum": words},
+            st.lists(st.sampled_from(["red", "green", "blue", "42", "null"]), min_size=1, max_size=3, unique=True),
+        ),
+        st.just({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3}),
+    )
+
+
+SCHEMAS = st.dictionaries(
+    st.sampled_from(["a", "name", "count", "ok", "tags"]), _property(), min_size=1, max_size=4
+).map(lambda props: {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=SCHEMAS, temperature=st.sampled_from([0.0, 1.0]))
+def test_outputs_validate_against_the_json_schema(model, tokenizer, schema, temperature):
+    out = run(model, constraints.JSONSchema(schema, tokenizer[1]), n=96, temperature=temperature)
+    for ids, why in zip(out.tokens, out.finish_reasons, strict=True):
+        value = text(tokenizer, ids)
+        assert why == "eos", (schema, value)  # bounded schemas: every output completes
+        jsonschema.validate(json.loads(value), schema)
+
+
+def test_a_grammar_is_followed_and_without_eos_ids_the_grammar_ends_the_row(model, tokenizer):
+    lark = 'start: item ("," item)*\nitem: "yes" | "no" | "(" item ")"'
+    out = run(model, constraints.Grammar(lark, tokenizer[1]), n=24)
+    word = re.compile(r"\(*(yes|no)\)*")
+    for ids, why in zip(out.tokens, out.finish_reasons, strict=True):
+        value = text(tokenizer, ids)
+        items = value.split(",")
+        assert all(word.fullmatch(i) and i.count("(") == i.count(")") for i in items[:-1]), value
+        if why == "eos":
+            assert word.fullmatch(items[-1]) and items[-1].count("(") == items[-1].count(")")
+    finite = constraints.Grammar('start: "yes" | "no" | "maybe"', tokenizer[1])
+    out = run(model, finite, n=8, eos_token_ids=())
+    assert out.finish_reasons == ["constraint"] * 3
+    assert all(text(tokenizer, ids) in ("yes", "no", "maybe") for ids in out.tokens)
+
+
+def test_the_sampled_law_is_the_masked_softmax(model, tokenizer):
+    """First tokens of 1000 rows against the model's softmax renormalised over the allowed tokens."""
+    from scipy.stats import chisquare
+
+    config, params = model
+    constraint = constraints.Regex("(cat|dog|bird|cow)s?", tokenizer[1])
+    prompt = [3, 1, 4, 1, 5]
+    out = run(model, constraint, n=1, prompts=[prompt] * 1000, temperature=1.0, seed=7)
+    first = np.asarray([ids[0] for ids in out.tokens])
+    allowed = constraints.Matchers(constraint, 1, config.vocab_size, EOS).masks(np.zeros(1, bool))[0]
+    assert np.isin(first, np.flatnonzero(allowed)).all()
+    logits, _ = ssm_llm.forward(params, config, jnp.asarray([prompt]), ssm_llm.init_cache(config, 1, 8))
+    logits = np.asarray(logits[0, -1], np.float64)
+    p = np.exp(logits[allowed] - logits[allowed].max())
+    p /= p.sum()
+    counts = np.bincount(np.searchsorted(np.flatnonzero(allowed), first), minlength=allowed.sum())
+    keep = p * 1000 >= 5  # chi-square needs expected counts >= 5: pool the rare tokens
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(p[keep], p[~keep].sum()) * 1000
+    assert chisquare(observed[expected > 0], expected[expected > 0]).pvalue > 1e-3
+
+
+def test_streaming_and_kv_compression_keep_the_constraint(model, tokenizer):
+    constraint = constraints.Regex("[a-z]{2,5}-[0-9]{3}", tokenizer[1])
+    plain = run(model, constraint, n=16)
+    seen = []
+    streamed = ssm_llm.generate(
+        model[1],
+        model[0],
+        PROMPTS,
+        ssm_llm.GenerationConfig(max_new_tokens=16, constraint=constraint, eos_token_ids=EOS),
+        on_token=lambda step, tokens: seen.append(tokens),
+    )
+    assert streamed.tokens == plain.tokens and len(seen) >= max(len(t) for t in plain.tokens)
+    compressed = run(model, constraint, n=16, kv_compression=ssm_llm.kv.StreamingLLM(budget=8, sinks=2))
+    for ids in compressed.tokens:
+        assert re.fullmatch("[a-z]{2,5}-[0-9]{3}", text(tokenizer, ids))
+
+
+def test_bad_constraints_are_refused_by_name(tokenizer):
+    llt = tokenizer[1]
+    with pytest.raises(ValueError, match="(?s)regex '\\(' is not a valid constraint.*unclosed group"):
+        constraints.Regex("(", llt)
+    with pytest.raises(ValueError, match="JSON schema .* is not a valid constraint"):
+        constraints.JSONSchema({"type": "bogus"}, llt)
+    with pytest.raises(ValueError, match="the schema text is not JSON"):
+        constraints.JSONSchema("{not json", llt)
+    with pytest.raises(ValueError, match="grammar .* is not a valid constraint"):
+        constraints.Grammar("start: missing_rule", llt)
+    with pytest.raises(TypeError, match="needs a fast tokenizer"):
+        constraints.Regex("a", object())
+    with pytest.raises(ValueError, match="constraint must be None or one of"):
+        ssm_llm.GenerationConfig(constraint="[a-z]+")
+    regex = constraints.Regex("a+", llt)
+    with pytest.raises(ValueError, match="does not combine with speculative"):
+        ssm_llm.GenerationConfig(constraint=regex, speculative=ssm_llm.speculative.PromptLookup())
+    with pytest.raises(ValueError, match="does not combine with num_beams"):
+        ssm_llm.GenerationConfig(constraint=regex, num_beams=2)
