@@ -106,6 +106,11 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(directory / TOKENIZER_JSON)), config, template)
 
     @property
+    def backend_tokenizer(self):
+        """The `tokenizers.Tokenizer` underneath (transformers' name for it), e.g. for `ssm_llm.constraints`."""
+        return self._tokenizer
+
+    @property
     def eos_token_id(self) -> int | None:
         eos = self._special.get("eos_token")
         return None if eos is None else self._tokenizer.token_to_id(eos)
@@ -142,6 +147,11 @@ class TransformersText:
     @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
+
+    @property
+    def backend_tokenizer(self):
+        """The wrapped tokenizer's `tokenizers.Tokenizer` (None for a slow tokenizer)."""
+        return getattr(self.tokenizer, "backend_tokenizer", None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`."""

@@ -185,6 +185,11 @@ def _generate(args) -> int:
         diversity_penalty=args.diversity_penalty,
         length_penalty=args.length_penalty,
     )
+    args.constraint_source = _constraint_source(args)
+    if args.constraint_source is not None and (gen_config.speculative is not None or gen_config.num_beams > 1):
+        raise ValueError(
+            "a constraint (--regex / --json-schema / --grammar) does not combine with --speculative or --num-beams yet"
+        )
     _join_processes(args)  # before anything touches JAX's devices
     with _CompileClock() as clock:
         return _run_generation(args, gen_config, clock)
@@ -198,6 +203,38 @@ def _sparse_prefill(spec: str | None):
     from ssm_llm.option_spec import parse_spec
 
     return parse_spec(spec, {"minference": MInference}, "sparse prefill method")
+
+
+def _constraint_source(args) -> tuple[str, str] | None:
+    """`--regex` / `--json-schema` / `--grammar` -> (kind, text), read and checked before the model loads
+    (compiled once the tokenizer is known)."""
+    given = [
+        (kind, value)
+        for kind, value in (("regex", args.regex), ("json", args.json_schema), ("lark", args.grammar))
+        if value
+    ]
+    if len(given) > 1:
+        raise ValueError("--regex, --json-schema and --grammar are three kinds of constraint: give one")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind != "regex" and not value.lstrip().startswith("{" if kind == "json" else "start"):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"--{'json-schema' if kind == 'json' else 'grammar'}: no file {value}")
+        value = path.read_text(encoding="utf-8")
+    return kind, value
+
+
+def _constraint(source: tuple[str, str] | None, tokenizer, eos):
+    """The compiled constraint of `_constraint_source`'s (kind, text) for this tokenizer (None: none)."""
+    if source is None:
+        return None
+    from ssm_llm import constraints
+
+    kind, text = source
+    bound = constraints.tokenizer(tokenizer, sorted(eos))
+    return {"regex": constraints.Regex, "json": constraints.JSONSchema, "lark": constraints.Grammar}[kind](text, bound)
 
 
 def _run_generation(args, gen_config, clock: _CompileClock) -> int:
@@ -239,7 +276,8 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     eos = set(config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)))
+    constraint = _constraint(args.constraint_source, tokenizer, eos)
+    gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)), constraint=constraint)
     # A speculative round emits several tokens at once and beams are reordered, so their text is printed at the end.
     whole = args.no_stream or gen_config.speculative is not None or gen_config.num_beams > 1
     stream = None if whole else _TextStream(tokenizer, eos)
@@ -383,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
         "CPU it pays off mainly when the answer copies the prompt)",
+    )
+    gen.add_argument("--regex", help="structured output: the text must match this regular expression")
+    gen.add_argument(
+        "--json-schema",
+        metavar="FILE_OR_JSON",
+        help="structured output: one JSON value valid under this schema (a file or the schema's JSON text)",
+    )
+    gen.add_argument(
+        "--grammar", metavar="FILE_OR_LARK", help="structured output: a Lark context-free grammar (rule `start`)"
     )
     gen.add_argument(
         "--num-beams",

@@ -78,6 +78,36 @@ def test_cli_generate_with_unrolled_layers(smollm2, monkeypatch, capsys):
     assert layouts == ["dict", "list"] and texts[0] == texts[1] and texts[0].strip()
 
 
+def test_cli_generate_with_a_constraint_and_with_beams(smollm2, monkeypatch, capsys, tmp_path):
+    """`--regex` / `--json-schema FILE` reach `generate` as compiled constraints and the printed text follows them;
+    `--num-beams` runs beam search; two kinds of constraint at once are refused before the model loads."""
+    import json
+    import re
+
+    cli, seen = spy_cli_generate(smollm2, monkeypatch, lambda params, gen: (gen.constraint, gen.num_beams))
+    argv = ["generate", "--prompt", "The phone number is", "--max-new-tokens", "12", "--no-stream"]
+    assert cli.main([*argv, "--regex", "[0-9]{3}-[0-9]{4}"]) == 0
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", capsys.readouterr().out.strip())
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            }
+        )
+    )
+    assert cli.main([*argv, "--json-schema", str(schema)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed) in ({"ok": True}, {"ok": False}), printed
+    assert cli.main([*argv, "--num-beams", "3"]) == 0 and capsys.readouterr().out.strip()
+    assert [type(c).__name__ for c, _ in seen] == ["Regex", "JSONSchema", "NoneType"] and seen[2][1] == 3
+    assert cli.main([*argv, "--regex", "a", "--grammar", 'start: "a"']) != 0
+    assert "three kinds of constraint: give one" in capsys.readouterr().err
+
+
 TINY = ssm_llm.ModelConfig(
     vocab_size=64,
     hidden_size=32,
