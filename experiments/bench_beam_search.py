@@ -45,7 +45,7 @@ def main() -> None:
     path = ssm_llm.default_model_path()
     tokenizer = converters.load_tokenizer(path)
     config, params = converters.load(path)
-    params = ssm_llm.unstack_layers(params)  # the faster layout for CPU decode
+    # The default (stacked) layout, as `generate` and the CLI use it.
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
