@@ -50,6 +50,12 @@ class BeamSearch:
     def group_size(self) -> int:
         return self.num_beams // self.num_beam_groups
 
+    def token_buffers(self, eos_count: int) -> int:
+        """How many [B * num_beams, N] token buffers the search holds at most: the running and finished
+        hypotheses, before and after a step, each step's candidates and the finished merge."""
+        keep = max(2, 1 + eos_count)  # candidates per beam
+        return 4 + keep + (1 + keep)
+
 
 @flax.struct.dataclass
 class Beams:
@@ -148,8 +154,8 @@ def select(beams: Beams, logits, t, spec: BeamSearch, eos: tuple[int, ...]):
         parents.append(parent + g * k)
         stuck.append(ended)
     state = Beams(**{f: jnp.stack(out[f], axis=1) for f in fields}, stuck=jnp.all(jnp.stack(stuck)))
-    rows = (jnp.stack(parents, axis=1) + jnp.arange(batch)[:, None, None] * groups * k).reshape(-1)
-    return state, rows, state.tokens[..., t].reshape(-1)
+    parent_rows = (jnp.stack(parents, axis=1) + jnp.arange(batch)[:, None, None] * groups * k).reshape(-1)
+    return state, parent_rows, state.tokens[..., t].reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "max_new_tokens", "eos", "impl"))
@@ -160,20 +166,22 @@ def beam_search(params, config, cache, logits, spec: BeamSearch, *, max_new_toke
     sums of log-probabilities)."""
     batch = logits.shape[0]
     groups, k = spec.num_beam_groups, spec.group_size
-    rows = jnp.repeat(jnp.arange(batch), spec.num_beams)
-    cache = cache.rows(rows)
-    beams, rows, token = select(Beams.start(batch, groups, k, max_new_tokens), logits[rows], jnp.int32(0), spec, eos)
+    copies = jnp.repeat(jnp.arange(batch), spec.num_beams)  # every prompt's row once per beam
+    cache = cache.rows(copies)
+    beams, parents, token = select(
+        Beams.start(batch, groups, k, max_new_tokens), logits[copies], jnp.int32(0), spec, eos
+    )
 
     def body(state):
-        t, beams, rows, token, cache = state
-        cache = cache.rows(rows)
+        t, beams, parents, token, cache = state
+        cache = cache.rows(parents)
         h, cache = family_module(config).hidden_states(
             params, config, token[:, None], cache, jnp.ones_like(token), impl
         )
-        beams, rows, token = select(beams, logits_from_hidden(params, config, h[:, 0]), t, spec, eos)
-        return t + 1, beams, rows, token, cache
+        beams, parents, token = select(beams, logits_from_hidden(params, config, h[:, 0]), t, spec, eos)
+        return t + 1, beams, parents, token, cache
 
-    state = jax.lax.while_loop(lambda state: state[1].running(spec), body, (jnp.int32(1), beams, rows, token, cache))
+    state = jax.lax.while_loop(lambda state: state[1].running(spec), body, (jnp.int32(1), beams, parents, token, cache))
     beams = state[1]
     scores = beams.done_scores.reshape(batch, -1)
     order = jnp.argsort(-scores, axis=-1, stable=True)  # groups' hypotheses merged, best first

@@ -65,14 +65,15 @@ class GenerationConfig:
     sum of log-probabilities / length ** `length_penalty`; `early_stopping` False (stop when no running beam
     can beat the worst finished one at the current length), True (as soon as num_beams are finished) or
     "never". `num_beam_groups` > 1 with `diversity_penalty` > 0: diverse beam search (groups choose in turn,
-    each token's log-probability lowered by the penalty times the times earlier groups chose it this step).
+    each token's log-probability lowered by the penalty times the times earlier groups chose it this step;
+    hypotheses are ranked by these penalised sums).
     The result's `tokens` hold the best hypothesis; `beams` all of them.
     `constraint`: structured output, e.g. `ssm_llm.constraints.JSONSchema(schema, tokenizer)`, `Regex(...)`
     or `Grammar(lark)`: each step draws only among the tokens whose text keeps the output in the language
     (masked logits; the law is the model's renormalised over the allowed tokens); EOS ids are allowed once
     the output is complete. A row whose grammar can take nothing more ends there (finish reason "eos" by
-    its EOS, or "constraint" without EOS ids). Decodes one compiled step at a time (masks are computed
-    on the host between steps).
+    its EOS; "constraint" without EOS ids, or with no room left for one). Decodes one compiled step at a
+    time (masks are computed on the host between steps).
     """
 
     max_new_tokens: int = 64
@@ -155,6 +156,8 @@ class GenerationConfig:
         if self.diversity_penalty > 0 and self.num_beam_groups == 1:
             raise ValueError("diversity_penalty acts between beam groups: set num_beam_groups > 1")
         if self.num_beams == 1:
+            if self.length_penalty != 1.0 or self.early_stopping is not False:
+                raise ValueError("length_penalty and early_stopping act in beam search only: set num_beams > 1")
             return
         clashes = {
             "temperature > 0": self.temperature > 0,
@@ -179,7 +182,8 @@ class GenerationConfig:
 class BeamHypotheses:
     """Beam search's finished hypotheses, per prompt and best first: sequences[i][j] the new tokens (EOS
     excluded), scores[i][j] the sum of their log-probabilities / length ** length_penalty (the length
-    counts the EOS), finish_reasons[i][j] "eos" or "length"."""
+    counts the EOS; with diverse beam search the sum includes the diversity penalties the tokens took, as
+    in transformers' group beam search), finish_reasons[i][j] "eos" or "length"."""
 
     sequences: list[list[list[int]]]
     scores: list[list[float]]
@@ -206,7 +210,7 @@ class SpeculativeStats:
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """tokens[i]: the new tokens of prompt i (EOS excluded); finish_reasons[i]: "eos", "length" or (a
-    constraint's grammar complete with no EOS id to end it) "constraint".
+    constraint's grammar complete, with no EOS id or no room left to end it) "constraint".
 
     prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
     on a first call with new shapes). speculative: acceptance statistics when a drafter was used.
@@ -331,29 +335,36 @@ def _decode_streamed(
     here, on the host, between steps); a row whose grammar is complete and has no EOS id to end with stops.
     Returns (tokens [B, max_new_tokens], -1 after a row's end; [B] rows stopped by their grammar)."""
     batch = logits.shape[0]
-    stopped = np.zeros(batch, bool)
+    stopped = np.zeros(batch, bool) if matchers is None else matchers.finished()  # a grammar of "" alone
     mask = None if matchers is None else jnp.asarray(matchers.masks(stopped))
     tok, done, key = _first_token_jit(logits, key, sampling, eos, mask)
+    done = done | jnp.asarray(stopped)
     out = np.full((batch, max_new_tokens), -1, np.int32)
-    out[:, 0] = np.asarray(tok)
+    out[:, 0] = np.where(stopped, -1, np.asarray(tok))
     if on_token is not None:
         on_token(0, out[:, 0].copy())
     for step in range(1, max_new_tokens):
         if matchers is not None:
-            matchers.advance(out[:, step - 1])
-            stopped |= matchers.finished() & ~np.asarray(done)
-            done = done | jnp.asarray(stopped)
-            mask = jnp.asarray(matchers.masks(np.asarray(done)))
+            done, stopped, mask = _constrain(matchers, out[:, step - 1], done, stopped)
         if np.asarray(done).all():
             break
         new, tok, cache, done, key = _step_jit(params, config, cache, tok, done, key, sampling, eos, impl, mask)
         out[:, step] = np.asarray(new)
         if on_token is not None:
             on_token(step, out[:, step].copy())
-    if matchers is not None:  # the last token: a grammar it completes ends the row too
+    if matchers is not None:  # the last token; a row whose grammar is complete but had no room for its EOS
         matchers.advance(out[:, max_new_tokens - 1])
-        stopped |= matchers.finished() & ~np.asarray(done)
+        stopped |= matchers.complete() & ~np.asarray(done)
     return out, stopped
+
+
+def _constrain(matchers, last, done, stopped):
+    """Move the grammars past each row's `last` token [B]; rows whose grammar is complete without an EOS id to
+    end with stop. Returns (done, stopped, the next step's mask)."""
+    matchers.advance(last)
+    stopped = stopped | (matchers.finished() & ~np.asarray(done))
+    done = done | jnp.asarray(stopped)
+    return done, stopped, jnp.asarray(matchers.masks(np.asarray(done)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,16 +420,16 @@ def generate(
     start = time.perf_counter()
     logits, cache = _prefill_request(params, config, gen_config, request, plan, impl, sequence_parallel)
     prefill_seconds = time.perf_counter() - start
+    beams, stats = None, None
     if gen_config.num_beams > 1:
         beams = _beam_request(params, config, gen_config, request, cache, logits, impl)
         tokens, reasons = [seqs[0] for seqs in beams.sequences], [why[0] for why in beams.finish_reasons]
-        seconds = time.perf_counter() - start - prefill_seconds
-        return GenerationResult(tokens, reasons, prefill_seconds, seconds, beams=beams)
-    out, stats, stopped = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
+    else:
+        out, stats, stopped = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
+        tokens, reasons = _split_at_eos(out, set(request.eos))
+        reasons = ["constraint" if end else why for why, end in zip(reasons, stopped, strict=True)]
     decode_seconds = time.perf_counter() - start - prefill_seconds
-    tokens, reasons = _split_at_eos(out, set(request.eos))
-    reasons = ["constraint" if end else why for why, end in zip(reasons, stopped, strict=True)]
-    return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats)
+    return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats, beams)
 
 
 def _validate(params, config, prompts, gen_config, on_token) -> _Request:
@@ -494,19 +505,23 @@ def _plan(params, config, gen_config: GenerationConfig, request: _Request) -> Le
         compressed=gen_config.kv_compression is not None,
         tree_size=None if drafter is None else drafter.tree_size,
     )
-    _check_memory(config, gen_config, len(request.prompts) * gen_config.num_beams, plan, activation_dtype(params))
+    beams = gen_config.beam_search
+    buffers = 1 if beams is None else beams.token_buffers(len(request.eos))
+    batch = len(request.prompts) * gen_config.num_beams
+    _check_memory(config, gen_config, batch, plan, activation_dtype(params), buffers)
     return plan
 
 
-def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: LengthPlan, dtype) -> None:
+def _check_memory(
+    config, gen_config: GenerationConfig, batch: int, plan: LengthPlan, dtype, token_buffers: int = 1
+) -> None:
     """Refuse a request whose cache, output buffer or draft trees cannot fit in free memory, naming the
     option that sized them. Estimates (upper bounds for compressed caches: the dense prefill cache plus
-    `capacity` dense slots; quantized storage is smaller)."""
+    `capacity` dense slots; quantized storage is smaller). `batch` counts every beam of a beam search, and
+    `token_buffers` its [batch, max_new_tokens] token buffers."""
     policy, drafter = gen_config.kv_compression, gen_config.speculative
     max_len = plan.max_len
-    # beam search (batch counts every beam) keeps the running and finished hypotheses and each step's
-    # candidates and merge: under 8 token buffers per beam
-    out_bytes = 4 * batch * gen_config.max_new_tokens * (1 if gen_config.num_beams == 1 else 8)
+    out_bytes = 4 * batch * gen_config.max_new_tokens * token_buffers
     if isinstance(config, ModelConfig) and policy is not None:
         what = f"kv_compression={describe_policy(policy)}"
         cache_bytes = memory_bound(config, policy, batch, plan.prompt_len, max_len, dtype)
@@ -522,6 +537,9 @@ def _check_memory(config, gen_config: GenerationConfig, batch: int, plan: Length
         if drafter is not None:  # one recurrent state per tree node
             cache_bytes *= 1 + drafter.tree_size
             what = f"speculative={type(drafter).__name__} (one state per node of a {drafter.tree_size}-node tree)"
+    if gen_config.num_beams > 1:  # the prompts' cache, and the beams' before and after each step's reordering
+        cache_bytes = 2 * cache_bytes + cache_bytes // gen_config.num_beams
+        what = f"num_beams={gen_config.num_beams}: {what}, twice, for every beam"
     check_fits(f"max_new_tokens={gen_config.max_new_tokens} (the output buffer)", out_bytes)
     check_fits(what, cache_bytes + out_bytes)
 

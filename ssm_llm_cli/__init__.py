@@ -207,22 +207,18 @@ def _sparse_prefill(spec: str | None):
 
 def _constraint_source(args) -> tuple[str, str] | None:
     """`--regex` / `--json-schema` / `--grammar` -> (kind, text), read and checked before the model loads
-    (compiled once the tokenizer is known)."""
-    given = [
-        (kind, value)
-        for kind, value in (("regex", args.regex), ("json", args.json_schema), ("lark", args.grammar))
-        if value
-    ]
+    (compiled once the tokenizer is known). A schema or grammar is a file's path, or else the text itself."""
+    options = (("regex", args.regex), ("json", args.json_schema), ("lark", args.grammar))
+    given = [(kind, value) for kind, value in options if value is not None]
     if len(given) > 1:
         raise ValueError("--regex, --json-schema and --grammar are three kinds of constraint: give one")
     if not given:
         return None
     kind, value = given[0]
-    if kind != "regex" and not value.lstrip().startswith("{" if kind == "json" else "start"):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(f"--{'json-schema' if kind == 'json' else 'grammar'}: no file {value}")
-        value = path.read_text(encoding="utf-8")
+    if kind != "regex" and Path(value).is_file():
+        value = Path(value).read_text(encoding="utf-8")
+    elif kind == "json" and not value.lstrip().startswith(("{", "true", "false")):
+        raise FileNotFoundError(f"--json-schema: {value!r} is neither a file nor a JSON schema's text")
     return kind, value
 
 

@@ -18,10 +18,16 @@ class Matchers:
     """
 
     def __init__(self, constraint: Constraint, batch: int, vocab_size: int, eos: tuple[int, ...]):
+        if constraint.tokenizer.vocab_size > vocab_size:
+            raise ValueError(
+                f"{constraint!r} was built for a tokenizer of {constraint.tokenizer.vocab_size} tokens, more than the "
+                f"model's vocabulary of {vocab_size}: it belongs to another model"
+            )
         self.rows = [constraint.matcher() for _ in range(batch)]
         self.constraint, self.vocab_size, self.eos = constraint, vocab_size, list(eos)
-        self.known = min(vocab_size, constraint.tokenizer.vocab_size)  # ids past the tokenizer's: never allowed
+        self.known = constraint.tokenizer.vocab_size  # ids past the tokenizer's (padding): never allowed
         self.tokenizer_eos = [t for t in constraint.tokenizer.eos_tokens if t < self.known]
+        self._next: list[np.ndarray | None] = [None] * batch  # each row's grammar tokens, until it advances
 
     def masks(self, done: np.ndarray) -> np.ndarray:
         """[B, vocab_size] bool: the tokens each row may emit next (every token for rows already done)."""
@@ -30,11 +36,8 @@ class Matchers:
             if done[row]:
                 out[row] = True
                 continue
-            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
-            out[row, : self.known] = bits[: self.known]
-            out[row, self.tokenizer_eos] = False
+            out[row, : self.known] = self._grammar_tokens(row)
             out[row, self.eos] = matcher.is_accepting()
-            self._check(row, matcher)
             if not out[row].any():
                 raise ValueError(
                     f"{self.constraint!r} allows no next token for sequence {row} (the vocabulary cannot spell "
@@ -49,10 +52,32 @@ class Matchers:
                 continue
             self.rows[row].consume_token(token)
             self._check(row, self.rows[row])
+            self._next[row] = None
+
+    def complete(self) -> np.ndarray:
+        """[B] bool: rows whose text is complete and can take no more tokens (only an EOS id may follow)."""
+        return np.asarray(
+            [
+                m.is_stopped() or (m.is_accepting() and not self._grammar_tokens(r).any())
+                for r, m in enumerate(self.rows)
+            ],
+            bool,
+        )
 
     def finished(self) -> np.ndarray:
         """[B] bool: rows whose grammar takes no more tokens and that have no EOS id to end with."""
-        return np.asarray([not self.eos and m.is_stopped() for m in self.rows], bool)
+        return self.complete() & (not self.eos)
+
+    def _grammar_tokens(self, row: int) -> np.ndarray:
+        """[tokenizer vocabulary] bool: the tokens the row's grammar allows next, its tokenizer's EOS left out."""
+        if self._next[row] is None:
+            matcher = self.rows[row]
+            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+            self._check(row, matcher)
+            allowed = bits[: self.known].astype(bool)
+            allowed[self.tokenizer_eos] = False
+            self._next[row] = allowed
+        return self._next[row]
 
     def _check(self, row: int, matcher) -> None:
         if matcher.is_error():

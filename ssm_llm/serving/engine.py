@@ -272,6 +272,12 @@ class Engine:
                 "the engine prefills in chunks over pages; sparse_prefill (MInference) needs the whole prompt at once: "
                 "use ssm_llm.generate for it"
             )
+        for name, asked in (
+            ("constraint", gen_config.constraint is not None),
+            ("num_beams > 1", gen_config.num_beams > 1),
+        ):
+            if asked:
+                raise ValueError(f"the engine does not run {name} requests yet: use ssm_llm.generate for them")
         spec = gen_config.speculative
         if spec is not None and not (isinstance(spec, PromptLookup) and self.paged and gen_config.temperature == 0):
             raise ValueError(

@@ -1,5 +1,6 @@
-"""Beam search against transformers' `num_beams`, diverse beam search against a plain-Python reference of
-the paper's algorithm (driven by transformers' logits), cache reordering, and clear errors."""
+"""Beam search against transformers' `num_beams`, diverse beam search against a plain-Python loop over candidates
+(the paper's groups and Hamming penalty, transformers' finishing rules, driven by transformers' logits), cache
+reordering, and clear errors."""
 
 import numpy as np
 import pytest
@@ -171,6 +172,8 @@ def test_max_new_tokens_one_and_the_unstacked_layout():
         (dict(num_beams=2, num_beam_groups=3, diversity_penalty=1.0), "num_beam_groups must be an int in"),
         (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
         (dict(num_beams=2, early_stopping=1), "early_stopping must be True, False or 'never'"),
+        (dict(length_penalty=2.0), "act in beam search only"),
+        (dict(early_stopping=True), "act in beam search only"),
         (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
         (dict(num_beams=2, temperature=0.7), "does not combine with temperature > 0"),
         (dict(num_beams=2, speculative=ssm_llm.speculative.PromptLookup()), "does not combine with speculative"),

@@ -116,6 +116,14 @@ def test_a_grammar_is_followed_and_without_eos_ids_the_grammar_ends_the_row(mode
     out = run(model, finite, n=8, eos_token_ids=())
     assert out.finish_reasons == ["constraint"] * 3
     assert all(text(tokenizer, ids) in ("yes", "no", "maybe") for ids in out.tokens)
+    # One token, no room left for the EOS: a complete "yes" / "no" ends by the grammar, a partial one by length.
+    out = run(model, constraints.Grammar('start: "yes" | "no"', tokenizer[1]), n=1)
+    complete = [text(tokenizer, ids) in ("yes", "no") for ids in out.tokens]
+    assert out.finish_reasons == ["constraint" if c else "length" for c in complete] and any(complete)
+    empty = constraints.Regex("", tokenizer[1])  # only the empty text: nothing to write
+    assert run(model, empty, n=4, eos_token_ids=()).finish_reasons == ["constraint"] * 3
+    out = run(model, empty, n=4)
+    assert out.tokens == [[]] * 3 and out.finish_reasons == ["eos"] * 3
 
 
 def test_the_sampled_law_is_the_masked_softmax(model, tokenizer):
@@ -172,6 +180,16 @@ def test_bad_constraints_are_refused_by_name(tokenizer):
     with pytest.raises(ValueError, match="constraint must be None or one of"):
         ssm_llm.GenerationConfig(constraint="[a-z]+")
     regex = constraints.Regex("a+", llt)
+    small = ssm_llm.ModelConfig(
+        vocab_size=1000, hidden_size=16, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8
+    )
+    with pytest.raises(ValueError, match="tokenizer of 49152 tokens, more than the model's vocabulary of 1000"):
+        ssm_llm.generate(
+            ssm_llm.init_params(small, jax.random.PRNGKey(0)),
+            small,
+            [[1, 2]],
+            ssm_llm.GenerationConfig(constraint=regex),
+        )
     with pytest.raises(ValueError, match="does not combine with speculative"):
         ssm_llm.GenerationConfig(constraint=regex, speculative=ssm_llm.speculative.PromptLookup())
     with pytest.raises(ValueError, match="does not combine with num_beams"):

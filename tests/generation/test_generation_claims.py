@@ -106,6 +106,8 @@ def test_cli_generate_with_a_constraint_and_with_beams(smollm2, monkeypatch, cap
     assert [type(c).__name__ for c, _ in seen] == ["Regex", "JSONSchema", "NoneType"] and seen[2][1] == 3
     assert cli.main([*argv, "--regex", "a", "--grammar", 'start: "a"']) != 0
     assert "three kinds of constraint: give one" in capsys.readouterr().err
+    assert cli.main([*argv, "--json-schema", str(tmp_path / "missing.json")]) != 0
+    assert "is neither a file nor a JSON schema's text" in capsys.readouterr().err
 
 
 TINY = ssm_llm.ModelConfig(
