@@ -19,7 +19,7 @@ import numpy as np
 from ssm_llm.beam_search import BeamSearch, beam_search
 from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
-from ssm_llm.constraints import Constraint, Matchers
+from ssm_llm.constraints import Constraint, Matchers, awrs
 from ssm_llm.kv.policy import describe as describe_policy
 from ssm_llm.kv.policy import memory_bound
 from ssm_llm.kv.prefill import prefill as kv_prefill
@@ -74,6 +74,10 @@ class GenerationConfig:
     the output is complete. A row whose grammar can take nothing more ends there (finish reason "eos" by
     its EOS; "constraint" without EOS ids, or with no room left for one). Decodes one compiled step at a
     time (masks are computed on the host between steps).
+    `constrained_sampling`: how the constraint is applied. "mask" evaluates it on the whole vocabulary each
+    step; "awrs" (adaptive rejection sampling, Lipkin et al. 2025) checks the model's best perturbed tokens one
+    at a time and keeps the first allowed one: the same law (with the same seed, the same tokens) after a few
+    evaluations instead of a vocabulary's; temperature only (top-k / top-p / min-p change which tokens count).
     """
 
     max_new_tokens: int = 64
@@ -93,6 +97,7 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     constraint: Constraint | None = None
+    constrained_sampling: str = "mask"
 
     def __post_init__(self):
         def put(name, value):
@@ -130,6 +135,7 @@ class GenerationConfig:
                 f"constraint must be None or one of ssm_llm.constraints' Regex, JSONSchema or Grammar, got "
                 f"{self.constraint!r}"
             )
+        self._check_constrained_sampling()
         for name, clash in (("speculative", self.speculative), ("num_beams > 1", self.num_beams > 1)):
             if self.constraint is not None and clash:
                 raise ValueError(f"constraint does not combine with {name} yet")
@@ -137,6 +143,21 @@ class GenerationConfig:
             raise ValueError(
                 "speculative decoding verifies draft trees on a dense cache; it does not combine with "
                 "kv_compression yet"
+            )
+
+    def _check_constrained_sampling(self) -> None:
+        if self.constrained_sampling not in ("mask", "awrs"):
+            raise ValueError(f"constrained_sampling must be 'mask' or 'awrs', got {self.constrained_sampling!r}")
+        if self.constrained_sampling == "mask":
+            return
+        if self.constraint is None:
+            raise ValueError("constrained_sampling='awrs' samples under a constraint: set constraint= too")
+        filters = {"top_k": bool(self.top_k), "top_p": self.top_p < 1.0, "min_p": self.min_p > 0}
+        if any(filters.values()):
+            raise ValueError(
+                f"constrained_sampling='awrs' samples from the model's law at a temperature; "
+                f"{', '.join(k for k, v in filters.items() if v)} would be computed among the allowed tokens "
+                "only, which rejection cannot know: use constrained_sampling='mask'"
             )
 
     def _check_beams(self, put) -> None:
@@ -215,6 +236,8 @@ class GenerationResult:
     prefill_seconds / decode_seconds are wall-clock times of the two phases (compilation included
     on a first call with new shapes). speculative: acceptance statistics when a drafter was used.
     beams: every finished hypothesis of a beam search (`tokens` holds the best of each prompt).
+    constraint_evaluations: with a constraint, on how many tokens it was evaluated in all (a mask counts the
+    tokenizer's whole vocabulary, a rejection-sampling check one token).
     """
 
     tokens: list[list[int]]
@@ -223,6 +246,7 @@ class GenerationResult:
     decode_seconds: float
     speculative: SpeculativeStats | None = None
     beams: BeamHypotheses | None = None
+    constraint_evaluations: int | None = None
 
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -354,7 +378,7 @@ def _decode_streamed(
             on_token(step, out[:, step].copy())
     if matchers is not None:  # the last token; a row whose grammar is complete but had no room for its EOS
         matchers.advance(out[:, max_new_tokens - 1])
-        stopped |= matchers.complete() & ~np.asarray(done)
+        stopped |= matchers.complete(~np.asarray(done))
     return out, stopped
 
 
@@ -365,6 +389,57 @@ def _constrain(matchers, last, done, stopped):
     stopped = stopped | (matchers.finished() & ~np.asarray(done))
     done = done | jnp.asarray(stopped)
     return done, stopped, jnp.asarray(matchers.masks(np.asarray(done)))
+
+
+def _awrs_first(logits, key, sampling: Sampling):
+    """The prefill's perturbed scores [B, V] and their best candidates [B, K] (see `constraints.awrs`), key."""
+    key, sub = jax.random.split(key)
+    scores = awrs.perturbed_logits(logits, sub, sampling)
+    return scores, awrs.candidates(scores), key
+
+
+def _awrs_step(params, config, cache, tok, key, sampling: Sampling, impl: str):
+    """One forward after `tok` [B]: (perturbed scores [B, V], their best candidates [B, K], the cache, key);
+    the same key splits as `_step`, so the same noise as its draw."""
+    h, cache = family_module(config).hidden_states(
+        params, config, tok[:, None], cache, jnp.ones((tok.shape[0],), jnp.int32), impl
+    )
+    scores, best, key = _awrs_first(logits_from_hidden(params, config, h[:, 0]), key, sampling)
+    return scores, best, cache, key
+
+
+_awrs_first_jit = jax.jit(_awrs_first)
+_awrs_step_jit = jax.jit(_awrs_step, static_argnames=("config", "impl"), donate_argnames=("cache",))
+
+
+def _decode_awrs(
+    params, config, cache, logits, key, sampling: Sampling, on_token, *, max_new_tokens, eos, impl, matchers
+):
+    """`_decode_streamed` under a constraint by rejection sampling (`constraints.awrs`): each step the device
+    returns every row's best perturbed tokens and the host keeps the first its grammar accepts. Returns
+    (tokens [B, max_new_tokens], -1 after a row's end; [B] rows stopped by their grammar)."""
+    batch = logits.shape[0]
+    stopped = matchers.finished()  # a grammar of "" alone, without EOS ids
+    done = stopped.copy()
+    out = np.full((batch, max_new_tokens), -1, np.int32)
+    tok = np.zeros(batch, np.int32)
+    scores, best, key = _awrs_first_jit(logits, key, sampling)
+    for step in range(max_new_tokens):
+        if step:
+            if done.all():
+                break
+            scores, best, cache, key = _awrs_step_jit(params, config, cache, jnp.asarray(tok), key, sampling, impl)
+        new = awrs.choose(matchers, scores, np.asarray(best), done)
+        out[:, step] = new
+        if on_token is not None:
+            on_token(step, new.copy())
+        done = done | np.isin(new, eos)
+        tok = np.where(new >= 0, new, tok)  # finished rows keep feeding their last token
+        matchers.advance(new)
+        stopped |= matchers.finished() & ~done
+        done |= stopped
+    stopped |= matchers.complete(~done)  # complete, but no room was left for its EOS
+    return out, stopped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,11 +500,13 @@ def generate(
         beams = _beam_request(params, config, gen_config, request, cache, logits, impl)
         tokens, reasons = [seqs[0] for seqs in beams.sequences], [why[0] for why in beams.finish_reasons]
     else:
-        out, stats, stopped = _decode_request(params, config, gen_config, request, plan, cache, logits, on_token, impl)
+        out, stats, stopped, evaluations = _decode_request(
+            params, config, gen_config, request, plan, cache, logits, on_token, impl
+        )
         tokens, reasons = _split_at_eos(out, set(request.eos))
         reasons = ["constraint" if end else why for why, end in zip(reasons, stopped, strict=True)]
     decode_seconds = time.perf_counter() - start - prefill_seconds
-    return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats, beams)
+    return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats, beams, evaluations)
 
 
 def _validate(params, config, prompts, gen_config, on_token) -> _Request:
@@ -573,9 +650,10 @@ def _prefill_request(
 
 def _decode_request(
     params, config, gen_config: GenerationConfig, request: _Request, plan: LengthPlan, cache, logits, on_token, impl
-) -> tuple[np.ndarray, SpeculativeStats | None, np.ndarray]:
+) -> tuple[np.ndarray, SpeculativeStats | None, np.ndarray, int | None]:
     """The decode loop after the prefill, plain, constrained or speculative: (tokens [B, max_new_tokens], -1
-    after a row's end; the speculative statistics or None; [B] rows ended by their constraint's grammar)."""
+    after a row's end; the speculative statistics or None; [B] rows ended by their constraint's grammar; the
+    constraint's evaluations or None)."""
     key = jax.random.PRNGKey(gen_config.seed)
     sampling = Sampling.create(
         vocab_size=config.vocab_size,
@@ -587,17 +665,19 @@ def _decode_request(
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
     drafter, constraint = gen_config.speculative, gen_config.constraint
     none = np.zeros(len(request.prompts), bool)
-    if drafter is None and (on_token is not None or constraint is not None):
-        matchers = (
-            None if constraint is None else Matchers(constraint, len(request.prompts), config.vocab_size, request.eos)
-        )
-        out, stopped = _decode_streamed(
+    if constraint is not None:
+        matchers = Matchers(constraint, len(request.prompts), config.vocab_size, request.eos)
+        loop = _decode_awrs if gen_config.constrained_sampling == "awrs" else _decode_streamed
+        out, stopped = loop(
             params, config, cache, logits, key, sampling, on_token, **stop, impl=impl, matchers=matchers
         )
-        return out, None, stopped
+        return out, None, stopped, matchers.evaluations
+    if drafter is None and on_token is not None:
+        out, stopped = _decode_streamed(params, config, cache, logits, key, sampling, on_token, **stop, impl=impl)
+        return out, None, stopped, None
     if drafter is None:
         out, _ = _decode(params, config, cache, logits, key, sampling, **stop, impl=impl)
-        return np.asarray(out), None, none
+        return np.asarray(out), None, none, None
     # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
     # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
     prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
@@ -607,7 +687,7 @@ def _decode_request(
         params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
     )
     stats = SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
-    return np.asarray(out), stats, none
+    return np.asarray(out), stats, none, None
 
 
 def _beam_request(

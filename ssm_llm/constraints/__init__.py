@@ -2,7 +2,8 @@
 sequence must follow, enforced by token masks computed per step by llguidance (`GenerationConfig(constraint=...)`).
 """
 
+from ssm_llm.constraints import awrs
 from ssm_llm.constraints.matchers import Matchers
 from ssm_llm.constraints.spec import Constraint, Grammar, JSONSchema, Regex, tokenizer
 
-__all__ = ["Constraint", "Grammar", "JSONSchema", "Matchers", "Regex", "tokenizer"]
+__all__ = ["awrs", "Constraint", "Grammar", "JSONSchema", "Matchers", "Regex", "tokenizer"]

@@ -14,7 +14,9 @@ class Matchers:
     `masks(done)` gives the tokens each row may emit next ([B, vocab_size] bool): what the grammar allows,
     plus the `eos` ids once the text so far is complete (the tokenizer's own end token only if it is one of
     them). `advance(tokens)` moves every row past its new token (-1 or an EOS: nothing). A row whose grammar
-    can take no more tokens is `finished` when there is no EOS id to end it with.
+    can take no more tokens is `finished` when there is no EOS id to end it with. `allows(row, token)` checks
+    one token (rejection sampling's way). `evaluations` counts the tokens on which the constraint was
+    evaluated: the tokenizer's whole vocabulary per mask, one per `allows`.
     """
 
     def __init__(self, constraint: Constraint, batch: int, vocab_size: int, eos: tuple[int, ...]):
@@ -28,22 +30,41 @@ class Matchers:
         self.known = constraint.tokenizer.vocab_size  # ids past the tokenizer's (padding): never allowed
         self.tokenizer_eos = [t for t in constraint.tokenizer.eos_tokens if t < self.known]
         self._next: list[np.ndarray | None] = [None] * batch  # each row's grammar tokens, until it advances
+        self._forced: list[list[int] | None] = [None] * batch  # each row's forced token ([] if none), likewise
+        self.evaluations = 0
 
     def masks(self, done: np.ndarray) -> np.ndarray:
         """[B, vocab_size] bool: the tokens each row may emit next (every token for rows already done)."""
-        out = np.zeros((len(self.rows), self.vocab_size), bool)
-        for row, matcher in enumerate(self.rows):
-            if done[row]:
-                out[row] = True
-                continue
-            out[row, : self.known] = self._grammar_tokens(row)
-            out[row, self.eos] = matcher.is_accepting()
-            if not out[row].any():
-                raise ValueError(
-                    f"{self.constraint!r} allows no next token for sequence {row} (the vocabulary cannot spell "
-                    "any continuation of its text so far)"
-                )
+        every = np.ones(self.vocab_size, bool)
+        return np.stack([every if done[row] else self.row_mask(row) for row in range(len(done))])
+
+    def row_mask(self, row: int) -> np.ndarray:
+        """[vocab_size] bool: the tokens `row` may emit next (ValueError if there is none)."""
+        out = np.zeros(self.vocab_size, bool)
+        out[: self.known] = self._grammar_tokens(row)
+        out[self.eos] = self.rows[row].is_accepting()
+        if not out.any():
+            raise ValueError(
+                f"{self.constraint!r} allows no next token for sequence {row} (the vocabulary cannot spell "
+                "any continuation of its text so far)"
+            )
         return out
+
+    def allows(self, row: int, token: int) -> bool:
+        """Whether `row` may emit `token` next, the constraint evaluated on this one token: `row_mask(row)[token]`
+        without the mask. Where the grammar forces the next bytes, llguidance's masks allow only the first token
+        of their canonical tokenization (a subset of the tokens that could spell them); so does this."""
+        self.evaluations += 1
+        if token in self.eos:
+            return self.rows[row].is_accepting()
+        if token >= self.known or token in self.tokenizer_eos:
+            return False
+        if self._forced[row] is None:
+            self._forced[row] = self.rows[row].compute_ff_tokens()[:1]
+            self._check(row, self.rows[row])
+        if self._forced[row]:
+            return token == self._forced[row][0]
+        return self.rows[row].validate_tokens([token]) == 1
 
     def advance(self, tokens: np.ndarray) -> None:
         """Consume each row's new token (rows with -1 or an EOS id emit nothing to the grammar)."""
@@ -52,13 +73,15 @@ class Matchers:
                 continue
             self.rows[row].consume_token(token)
             self._check(row, self.rows[row])
-            self._next[row] = None
+            self._next[row] = self._forced[row] = None
 
-    def complete(self) -> np.ndarray:
-        """[B] bool: rows whose text is complete and can take no more tokens (only an EOS id may follow)."""
+    def complete(self, among: np.ndarray | None = None) -> np.ndarray:
+        """[B] bool: rows (of those `among` [B] bool, default all) whose text is complete and can take no more
+        tokens (only an EOS id may follow)."""
+        among = np.ones(len(self.rows), bool) if among is None else among
         return np.asarray(
             [
-                m.is_stopped() or (m.is_accepting() and not self._grammar_tokens(r).any())
+                bool(among[r]) and (m.is_stopped() or (m.is_accepting() and not self._grammar_tokens(r).any()))
                 for r, m in enumerate(self.rows)
             ],
             bool,
@@ -66,12 +89,15 @@ class Matchers:
 
     def finished(self) -> np.ndarray:
         """[B] bool: rows whose grammar takes no more tokens and that have no EOS id to end with."""
-        return self.complete() & (not self.eos)
+        if self.eos:
+            return np.zeros(len(self.rows), bool)
+        return self.complete()
 
     def _grammar_tokens(self, row: int) -> np.ndarray:
         """[tokenizer vocabulary] bool: the tokens the row's grammar allows next, its tokenizer's EOS left out."""
         if self._next[row] is None:
             matcher = self.rows[row]
+            self.evaluations += self.known
             bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
             self._check(row, matcher)
             allowed = bits[: self.known].astype(bool)

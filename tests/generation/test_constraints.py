@@ -63,6 +63,10 @@ PIECES = ["[a-z]{1,3}", "[0-9]{2}", "(cat|dog|bird)", "-", "[A-Z]?", "x+y?", r"\
 def test_outputs_match_the_regex(model, tokenizer, parts, temperature):
     pattern = "".join(parts)
     out = run(model, constraints.Regex(pattern, tokenizer[1]), temperature=temperature)
+    rejection = run(
+        model, constraints.Regex(pattern, tokenizer[1]), temperature=temperature, constrained_sampling="awrs"
+    )
+    assert rejection.tokens == out.tokens and rejection.finish_reasons == out.finish_reasons  # same noise, same law
     for ids, why in zip(out.tokens, out.finish_reasons, strict=True):
         if why == "length":  # x+ may run on: what was written is still a prefix the grammar accepts
             assert constraints.Regex(pattern, tokenizer[1]).matcher().validate_tokens(ids) == len(ids)
@@ -96,6 +100,10 @@ SCHEMAS = st.dictionaries(
 @given(schema=SCHEMAS, temperature=st.sampled_from([0.0, 1.0]))
 def test_outputs_validate_against_the_json_schema(model, tokenizer, schema, temperature):
     out = run(model, constraints.JSONSchema(schema, tokenizer[1]), n=96, temperature=temperature)
+    rejection = run(
+        model, constraints.JSONSchema(schema, tokenizer[1]), n=96, temperature=temperature, constrained_sampling="awrs"
+    )
+    assert rejection.tokens == out.tokens and rejection.finish_reasons == out.finish_reasons
     for ids, why in zip(out.tokens, out.finish_reasons, strict=True):
         value = text(tokenizer, ids)
         assert why == "eos", (schema, value)  # bounded schemas: every output completes
@@ -126,14 +134,16 @@ def test_a_grammar_is_followed_and_without_eos_ids_the_grammar_ends_the_row(mode
     assert out.tokens == [[]] * 3 and out.finish_reasons == ["eos"] * 3
 
 
-def test_the_sampled_law_is_the_masked_softmax(model, tokenizer):
-    """First tokens of 1000 rows against the model's softmax renormalised over the allowed tokens."""
+@pytest.mark.parametrize("how", ["mask", "awrs"])
+def test_the_sampled_law_is_the_masked_softmax(model, tokenizer, how):
+    """First tokens of 1000 rows against the model's softmax renormalised over the allowed tokens, by masking
+    and by rejection sampling."""
     from scipy.stats import chisquare
 
     config, params = model
     constraint = constraints.Regex("(cat|dog|bird|cow)s?", tokenizer[1])
     prompt = [3, 1, 4, 1, 5]
-    out = run(model, constraint, n=1, prompts=[prompt] * 1000, temperature=1.0, seed=7)
+    out = run(model, constraint, n=1, prompts=[prompt] * 1000, temperature=1.0, seed=7, constrained_sampling=how)
     first = np.asarray([ids[0] for ids in out.tokens])
     allowed = constraints.Matchers(constraint, 1, config.vocab_size, EOS).masks(np.zeros(1, bool))[0]
     assert np.isin(first, np.flatnonzero(allowed)).all()
@@ -146,6 +156,51 @@ def test_the_sampled_law_is_the_masked_softmax(model, tokenizer):
     observed = np.append(counts[keep], counts[~keep].sum())
     expected = np.append(p[keep], p[~keep].sum()) * 1000
     assert chisquare(observed[expected > 0], expected[expected > 0]).pvalue > 1e-3
+
+
+def test_rejection_takes_the_first_allowed_candidate_else_the_best_allowed_token(model, tokenizer):
+    """`awrs.choose` against the masked argmax of the same scores, with allowed tokens among the candidates
+    (one evaluation per candidate tried) and with none (the mask's fallback), and finished rows left out."""
+    config, _ = model
+    constraint = constraints.Regex("(cat|dog)[a-z0-9 ]*", tokenizer[1])
+    matchers = constraints.Matchers(constraint, 3, config.vocab_size, EOS)
+    cat = tokenizer[0]("cat").input_ids
+    matchers.advance(np.asarray([cat[0], cat[0], -1]))  # rows 0, 1 inside the free part; row 2 at the start
+    scores = jax.random.normal(jax.random.PRNGKey(3), (3, config.vocab_size))
+    best = np.asarray(constraints.awrs.candidates(scores))
+    done = np.asarray([False, True, False])
+    before = matchers.evaluations
+    chosen = constraints.awrs.choose(matchers, scores, best, done)
+    masks = constraints.Matchers(constraint, 3, config.vocab_size, EOS)
+    masks.advance(np.asarray([cat[0], cat[0], -1]))
+    expected = np.argmax(np.where(masks.masks(np.zeros(3, bool)), np.asarray(scores), -np.inf), axis=1)
+    assert chosen[1] == -1 and chosen[[0, 2]].tolist() == expected[[0, 2]].tolist()
+    assert chosen[0] in best[0]  # a free text: an allowed token among the first 16
+    assert chosen[2] not in best[2]  # "cat" or "dog" first: none among them, the mask decided
+    rank = best[0].tolist().index(chosen[0]) + 1
+    assert matchers.evaluations - before == rank + len(best[2]) + tokenizer[1].vocab_size
+
+
+def test_a_single_token_check_agrees_with_the_mask(model, tokenizer):
+    """`Matchers.allows` = `row_mask` along a JSON schema's text, in forced states (llguidance's masks keep only the
+    canonical first token of forced bytes: '{"' and not '{') and free ones, on every allowed token, the single
+    characters and 500 others."""
+    config, _ = model
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}}}
+    schema |= {"required": ["name", "n"], "additionalProperties": False}
+    matchers = constraints.Matchers(constraints.JSONSchema(schema, tokenizer[1]), 1, config.vocab_size, EOS)
+    rng = np.random.default_rng(0)
+    forced = free = 0
+    for _ in range(40):
+        mask = matchers.row_mask(0)
+        tried = np.union1d(np.flatnonzero(mask)[:2000], rng.integers(0, config.vocab_size, 500))
+        tried = np.union1d(tried, np.arange(256))  # the single characters: "{", "\"", digits
+        assert [matchers.allows(0, int(t)) for t in tried] == mask[tried].tolist()
+        forced, free = forced + (mask.sum() == 1), free + (mask.sum() > 1)
+        if mask[EOS[0]]:
+            break
+        matchers.advance(np.asarray([rng.choice(np.flatnonzero(mask))]))
+    assert forced and free
 
 
 def test_streaming_and_kv_compression_keep_the_constraint(model, tokenizer):
@@ -192,5 +247,11 @@ def test_bad_constraints_are_refused_by_name(tokenizer):
         )
     with pytest.raises(ValueError, match="does not combine with speculative"):
         ssm_llm.GenerationConfig(constraint=regex, speculative=ssm_llm.speculative.PromptLookup())
+    with pytest.raises(ValueError, match="'mask' or 'awrs'"):
+        ssm_llm.GenerationConfig(constraint=regex, constrained_sampling="reject")
+    with pytest.raises(ValueError, match="awrs' samples under a constraint: set constraint"):
+        ssm_llm.GenerationConfig(constrained_sampling="awrs")
+    with pytest.raises(ValueError, match="top_p, min_p would be computed among the allowed tokens"):
+        ssm_llm.GenerationConfig(constraint=regex, constrained_sampling="awrs", temperature=1, top_p=0.9, min_p=0.1)
     with pytest.raises(ValueError, match="does not combine with num_beams"):
         ssm_llm.GenerationConfig(constraint=regex, num_beams=2)

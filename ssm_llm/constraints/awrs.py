@@ -1,0 +1,55 @@
+"""Exact constrained sampling by rejection (AWRS: Lipkin et al., 2025, "Fast Controlled Generation from Language
+Models with Adaptive Weighted Rejection Sampling"), its sampler without the SMC weights.
+
+Sampling token after token without replacement from the model's distribution, and keeping the first one the
+constraint accepts, draws exactly from the distribution renormalised over the allowed tokens: the masked
+softmax. By the Gumbel-top-k trick, the order of sampling without replacement is the order of the perturbed
+logits `logits / temperature + Gumbel noise` (greedy: the logits), so the device hands the host the best
+`CANDIDATES` of them and the host checks them in turn, one token each. The noise is the one
+`jax.random.categorical` draws with the same key, so with the same seed the tokens are the ones masking draws.
+If every candidate is refused, the whole mask is computed and the best allowed perturbed logit is taken: the
+same draw, at a mask's cost.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.sampling import Sampling
+
+# Candidates fetched per row and step before falling back to the full mask. A trained model puts its first
+# allowed token within a few ranks almost always (experiments/constrained_eval.py reports the fallbacks);
+# top-16 of 49k logits costs well under a millisecond on CPU.
+CANDIDATES = 16
+
+
+def perturbed_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """[B, V] float32 scores whose argmax over any set of tokens is a draw from the model's law restricted to
+    that set: the logits / temperature plus the Gumbel noise `jax.random.categorical(key, ...)` adds (the
+    logits themselves when greedy). Only temperature may shape the law (no top-k / top-p / min-p)."""
+    if sampling.greedy:
+        return logits.astype(jnp.float32)
+    scaled = sampling.filter(logits)
+    return jax.random.gumbel(key, scaled.shape, jnp.float32) + scaled
+
+
+def candidates(scores: jax.Array, count: int = CANDIDATES) -> jax.Array:
+    """[B, count] int32: each row's best `count` tokens by `scores`, best first."""
+    return jax.lax.top_k(scores, min(count, scores.shape[-1]))[1].astype(jnp.int32)
+
+
+def choose(matchers, scores: jax.Array, best: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Each row's draw ([B] int32, -1 for rows `done`): the first of its candidates `best` [B, K] its grammar
+    accepts, else the best-scoring allowed token by the full mask (`scores` [B, V] read back for that row)."""
+    out = np.full(len(best), -1, np.int32)
+    for row in np.flatnonzero(~done):
+        for token in best[row].tolist():
+            if matchers.allows(row, token):
+                out[row] = token
+                break
+        else:
+            allowed = matchers.row_mask(row)
+            out[row] = int(np.argmax(np.where(allowed, np.asarray(scores[row]), -np.inf)))
+    return out
