@@ -68,6 +68,7 @@ def main() -> None:
                     constrained_sampling=how,
                     temperature=temperature,
                     seed=i,
+                    max_len=512,  # one cache shape for every prompt: one compiled decode step
                 )
                 ssm_llm.generate(params, config, [ids], gen)  # compile (or reuse) the programs
                 out = ssm_llm.generate(params, config, [ids], gen)

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from ssm_llm.jrt import read_twice
 from ssm_llm.quant.presets import PRESETS
 
 NO_CACHE_ENV = "SSM_LLM_NO_CACHE"
@@ -186,6 +187,7 @@ def _generate(args) -> int:
         length_penalty=args.length_penalty,
     )
     args.constraint_source = _constraint_source(args)
+    args.context = _read_twice_context(args.read_twice)
     if args.constraint_source is not None and (gen_config.speculative is not None or gen_config.num_beams > 1):
         raise ValueError(
             "a constraint (--regex / --json-schema / --grammar) does not combine with --speculative or --num-beams yet"
@@ -220,6 +222,17 @@ def _constraint_source(args) -> tuple[str, str] | None:
     elif kind == "json" and not value.lstrip().startswith(("{", "true", "false")):
         raise FileNotFoundError(f"--json-schema: {value!r} is neither a file nor a JSON schema's text")
     return kind, value
+
+
+def _read_twice_context(value: str | None) -> str | None:
+    """`--read-twice`'s context: a file's text when the path exists, else the text itself (checked before the
+    model loads)."""
+    if value is None:
+        return None
+    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    if not text.strip():
+        raise ValueError("--read-twice: the context is empty; there is nothing to read twice")
+    return text
 
 
 def _constraint(source: tuple[str, str] | None, tokenizer, eos):
@@ -262,13 +275,14 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     loaded = time.perf_counter()
     tokenizer = converters.load_text_tokenizer(path)
     tokenized = time.perf_counter()
+    prompt = args.prompt if args.context is None else read_twice(args.context, args.prompt)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
-        ids = tokenizer.encode(args.prompt)
+        ids = tokenizer.encode(prompt)
     eos = set(config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
@@ -417,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
         "CPU it pays off mainly when the answer copies the prompt)",
+    )
+    gen.add_argument(
+        "--read-twice",
+        metavar="FILE_OR_TEXT",
+        help="just-read-twice prompting (for recurrent models): this context written twice, led by the prompt "
+        "(the question) and followed by it: 'PROMPT CONTEXT\\nCONTEXT PROMPT'",
     )
     gen.add_argument("--regex", help="structured output: the text must match this regular expression")
     gen.add_argument(

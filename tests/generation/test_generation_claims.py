@@ -196,3 +196,28 @@ def test_streaming_original_positions_with_a_distance_ceiling_past_the_context()
         # The ceiling matters: uncapped distances would choose other tokens.
         uncapped = numpy_logits(params, TINY, prompt + new, visible, lambda t, s: s)[n - 1 : -1].argmax(-1)
         assert (uncapped != new).any()
+
+
+def test_cli_generate_reads_the_context_twice(smollm2, monkeypatch, capsys, tmp_path):
+    """`--read-twice FILE_OR_TEXT`: `generate` receives the tokens of `jrt.read_twice(context, prompt)`, from a
+    file or from the text itself; an empty context is refused before the model loads."""
+    from ssm_llm import generation, jrt
+
+    cli, _ = spy_cli_generate(smollm2, monkeypatch, lambda params, gen: None)
+    prompts, inner = [], generation.generate
+
+    def record(params, config, batch, gen_config, **kw):
+        prompts.append(list(batch[0]))
+        return inner(params, config, batch, gen_config, **kw)
+
+    monkeypatch.setattr(generation, "generate", record)
+    context, question = "Ann lives in Oslo. Bob lives in Rome.", "Where does Bob live?"
+    path = tmp_path / "context.txt"
+    path.write_text(context)
+    argv = ["generate", "--prompt", question, "--max-new-tokens", "2", "--no-stream"]
+    assert cli.main([*argv, "--read-twice", str(path)]) == 0
+    assert cli.main([*argv, "--read-twice", context]) == 0
+    expected = smollm2[2](jrt.read_twice(context, question)).input_ids
+    assert prompts == [expected, expected], capsys.readouterr().err
+    assert cli.main([*argv, "--read-twice", " "]) != 0
+    assert "--read-twice: the context is empty" in capsys.readouterr().err
