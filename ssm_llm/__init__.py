@@ -8,7 +8,7 @@ params = ssm_llm.shard_params(params, config, jax.make_mesh((dp, tp), ("data", "
 engine = ssm_llm.serving.Engine(params, config, max_slots=8)   # requests arriving at any time
 """
 
-from ssm_llm import jrt, serving
+from ssm_llm import cascade, jrt, serving
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig, RopeConfig
 from ssm_llm.config_io import config_from_dict
@@ -32,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "SSMCache",
+    "cascade",
     "config_from_dict",
     "default_model_path",
     "filter_logits",
