@@ -4,7 +4,7 @@ is written by the large model instead.
 
 Greedy. Both models keep their own caches. The large model is lazy: it reads nothing until a token is
 deferred, then reads, in one forward, every token written since its last call, and gives the deferred token
-(its argmax). Its cost is therefore the number of deferrals (forwards) rather than the number of tokens.
+(its argmax). It runs once per step at which some row defers (in a batch, any row), not once per token.
 
 Uncertainty (the paper's token-level scores; the lower, the more confident):
   "chow":    1 - max softmax probability (Chow's rule);
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.generation import check_prompts
+from ssm_llm.generation import MAX_NEW_TOKENS, check_prompts
 from ssm_llm.model import forward, init_cache
 from ssm_llm.validation import as_float, as_int, as_token_ids
 
@@ -68,6 +68,8 @@ class CascadeResult:
 def uncertainty(logits: jax.Array, how: str) -> jax.Array:
     """[B, V] logits -> [B] float32: the token-level uncertainty `how` (see the module docstring)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if how not in UNCERTAINTIES:
+        raise ValueError(f"uncertainty must be one of {list(UNCERTAINTIES)}, got {how!r}")
     if how == "chow":
         return 1.0 - jnp.exp(logp.max(-1))
     if how == "entropy":
@@ -116,9 +118,10 @@ def generate(
         )
     if not isinstance(cascade, TokenCascade):
         raise TypeError(f"cascade must be a TokenCascade, got {type(cascade).__name__}")
-    max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     prompts = check_prompts(prompts, small_config.vocab_size)
-    eos = set(as_token_ids("eos_token_ids", large_config.eos_token_ids if eos_token_ids is None else eos_token_ids))
+    eos = large_config.eos_token_ids if eos_token_ids is None else eos_token_ids
+    eos = set(as_token_ids("eos_token_ids", eos, large_config.vocab_size))
     width = _bucket(max(map(len, prompts)))
     # Room for the prompts' padded read, and for the last catch-up's padding past max_new_tokens.
     max_len = max(width, max(map(len, prompts)) + max_new_tokens + _bucket(max_new_tokens))

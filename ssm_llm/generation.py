@@ -76,8 +76,9 @@ class GenerationConfig:
     time (masks are computed on the host between steps).
     `constrained_sampling`: how the constraint is applied. "mask" evaluates it on the whole vocabulary each
     step; "awrs" (adaptive rejection sampling, Lipkin et al. 2025) checks the model's best perturbed tokens one
-    at a time and keeps the first allowed one: the same law (with the same seed, the same tokens) after a few
-    evaluations instead of a vocabulary's; temperature only (top-k / top-p / min-p change which tokens count).
+    at a time and keeps the first allowed one: the same law (with the same seed, the same tokens up to
+    floating-point differences between the two compiled steps) after a few evaluations instead of a
+    vocabulary's; temperature only (top-k / top-p / min-p change which tokens count).
     """
 
     max_new_tokens: int = 64
@@ -153,7 +154,7 @@ class GenerationConfig:
         if self.constraint is None:
             raise ValueError("constrained_sampling='awrs' samples under a constraint: set constraint= too")
         filters = {"top_k": bool(self.top_k), "top_p": self.top_p < 1.0, "min_p": self.min_p > 0}
-        if any(filters.values()):
+        if self.temperature > 0 and any(filters.values()):
             raise ValueError(
                 f"constrained_sampling='awrs' samples from the model's law at a temperature; "
                 f"{', '.join(k for k, v in filters.items() if v)} would be computed among the allowed tokens "
@@ -429,14 +430,18 @@ def _decode_awrs(
             if done.all():
                 break
             scores, best, cache, key = _awrs_step_jit(params, config, cache, jnp.asarray(tok), key, sampling, impl)
-        new = awrs.choose(matchers, scores, np.asarray(best), done)
+        new, ended = awrs.choose(matchers, scores, np.asarray(best), done)
+        stopped |= ended  # complete, nothing allowed after, no EOS id: ends as masking's `finished` would
+        done |= ended
+        if not (new >= 0).any():  # every row finished or ended
+            break
         out[:, step] = new
         if on_token is not None:
             on_token(step, new.copy())
         done = done | np.isin(new, eos)
         tok = np.where(new >= 0, new, tok)  # finished rows keep feeding their last token
         matchers.advance(new)
-        stopped |= matchers.finished() & ~done
+        stopped |= matchers.stopped() & ~done  # llguidance's own flag: cheap, no mask
         done |= stopped
     stopped |= matchers.complete(~done)  # complete, but no room was left for its EOS
     return out, stopped
@@ -495,7 +500,7 @@ def generate(
     start = time.perf_counter()
     logits, cache = _prefill_request(params, config, gen_config, request, plan, impl, sequence_parallel)
     prefill_seconds = time.perf_counter() - start
-    beams, stats = None, None
+    beams, stats, evaluations = None, None, None
     if gen_config.num_beams > 1:
         beams = _beam_request(params, config, gen_config, request, cache, logits, impl)
         tokens, reasons = [seqs[0] for seqs in beams.sequences], [why[0] for why in beams.finish_reasons]

@@ -217,11 +217,19 @@ def _constraint_source(args) -> tuple[str, str] | None:
     if not given:
         return None
     kind, value = given[0]
-    if kind != "regex" and Path(value).is_file():
+    if kind != "regex" and _is_file(value):
         value = Path(value).read_text(encoding="utf-8")
     elif kind == "json" and not value.lstrip().startswith(("{", "true", "false")):
         raise FileNotFoundError(f"--json-schema: {value!r} is neither a file nor a JSON schema's text")
     return kind, value
+
+
+def _is_file(value: str) -> bool:
+    """Whether `value` names an existing file (text too long or odd for a path is not one)."""
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _read_twice_context(value: str | None) -> str | None:
@@ -229,7 +237,7 @@ def _read_twice_context(value: str | None) -> str | None:
     model loads)."""
     if value is None:
         return None
-    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    text = Path(value).read_text(encoding="utf-8") if _is_file(value) else value
     if not text.strip():
         raise ValueError("--read-twice: the context is empty; there is nothing to read twice")
     return text

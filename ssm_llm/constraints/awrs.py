@@ -6,7 +6,9 @@ constraint accepts, draws exactly from the distribution renormalised over the al
 softmax. By the Gumbel-top-k trick, the order of sampling without replacement is the order of the perturbed
 logits `logits / temperature + Gumbel noise` (greedy: the logits), so the device hands the host the best
 `CANDIDATES` of them and the host checks them in turn, one token each. The noise is the one
-`jax.random.categorical` draws with the same key, so with the same seed the tokens are the ones masking draws.
+`jax.random.categorical` draws with the same key, so with the same seed the tokens are the ones masking draws
+(up to floating-point differences between two compiled programs; single-token checks follow llguidance's
+masks, see `Matchers.allows`).
 If every candidate is refused, the whole mask is computed and the best allowed perturbed logit is taken: the
 same draw, at a mask's cost.
 """
@@ -40,16 +42,21 @@ def candidates(scores: jax.Array, count: int = CANDIDATES) -> jax.Array:
     return jax.lax.top_k(scores, min(count, scores.shape[-1]))[1].astype(jnp.int32)
 
 
-def choose(matchers, scores: jax.Array, best: np.ndarray, done: np.ndarray) -> np.ndarray:
-    """Each row's draw ([B] int32, -1 for rows `done`): the first of its candidates `best` [B, K] its grammar
-    accepts, else the best-scoring allowed token by the full mask (`scores` [B, V] read back for that row)."""
+def choose(matchers, scores: jax.Array, best: np.ndarray, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's draw ([B] int32, -1 for rows `done` or ended): the first of its candidates `best` [B, K] its
+    grammar accepts, else the best-scoring allowed token by the full mask (`scores` [B, V] read back for that
+    row). Also [B] bool: rows that ended instead, their text complete with nothing allowed after it (no EOS id)."""
     out = np.full(len(best), -1, np.int32)
+    ended = np.zeros(len(best), bool)
     for row in np.flatnonzero(~done):
         for token in best[row].tolist():
             if matchers.allows(row, token):
                 out[row] = token
                 break
         else:
-            allowed = matchers.row_mask(row)
+            allowed = matchers.row_mask(row, complete_ok=True)
+            if not allowed.any():
+                ended[row] = True
+                continue
             out[row] = int(np.argmax(np.where(allowed, np.asarray(scores[row]), -np.inf)))
-    return out
+    return out, ended

@@ -38,12 +38,13 @@ class Matchers:
         every = np.ones(self.vocab_size, bool)
         return np.stack([every if done[row] else self.row_mask(row) for row in range(len(done))])
 
-    def row_mask(self, row: int) -> np.ndarray:
-        """[vocab_size] bool: the tokens `row` may emit next (ValueError if there is none)."""
+    def row_mask(self, row: int, *, complete_ok: bool = False) -> np.ndarray:
+        """[vocab_size] bool: the tokens `row` may emit next. None allowed: ValueError, unless `complete_ok` and
+        the row's text is complete (a grammar that takes nothing more, without EOS ids: the mask is empty)."""
         out = np.zeros(self.vocab_size, bool)
         out[: self.known] = self._grammar_tokens(row)
         out[self.eos] = self.rows[row].is_accepting()
-        if not out.any():
+        if not out.any() and not (complete_ok and self.rows[row].is_accepting()):
             raise ValueError(
                 f"{self.constraint!r} allows no next token for sequence {row} (the vocabulary cannot spell "
                 "any continuation of its text so far)"
@@ -86,6 +87,13 @@ class Matchers:
             ],
             bool,
         )
+
+    def stopped(self) -> np.ndarray:
+        """[B] bool: rows llguidance flags as unable to take more tokens, when there is no EOS id to end them
+        with (cheap: no mask; `finished` also catches complete rows whose vocabulary has nothing left)."""
+        if self.eos:
+            return np.zeros(len(self.rows), bool)
+        return np.asarray([m.is_stopped() for m in self.rows], bool)
 
     def finished(self) -> np.ndarray:
         """[B] bool: rows whose grammar takes no more tokens and that have no EOS id to end with."""

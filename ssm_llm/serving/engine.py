@@ -30,6 +30,7 @@ import numpy as np
 
 from pallas_kernels.ragged_paged_attention import StreamingMask
 from ssm_llm.config import ModelConfig
+from ssm_llm.constraints import Matchers, awrs
 from ssm_llm.generation import GenerationConfig, check_options, check_prompts
 from ssm_llm.kv import StreamingLLM
 from ssm_llm.model import init_cache
@@ -92,6 +93,8 @@ class _Request:
     logprobs: int | None = None  # alternatives to report with each token (None: no log-probabilities)
     drafter: PromptLookup | None = None  # speculative decoding (greedy, attention models)
     streaming: StreamingLLM | None = None  # sinks + recent window once the prompt is in; pages between them freed
+    matchers: Matchers | None = None  # a constraint's grammar state (structured output)
+    rejection: bool = False  # the constraint applied by rejection (AWRS) rather than masks
 
     @property
     def tokens(self) -> list[int]:
@@ -147,6 +150,13 @@ _SPECULATION_TOKENS = 8
 # A request in this many failed steps in a row fails, even if it never failed alone (a failure only under
 # load); a step it runs in without failing resets its count.
 _MAX_FAILURES = 3
+
+
+@jax.jit
+def _awrs_scores(logits, key, rule: Sampling):
+    """A constrained request's perturbed logits [1, V] and their best candidates [1, K] (`constraints.awrs`)."""
+    scores = awrs.perturbed_logits(logits, key, rule)
+    return scores, awrs.candidates(scores)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -257,6 +267,9 @@ class Engine:
         request = _Request(rid, prompt, gen_config.max_new_tokens, eos, sampling, gen_config.seed, self._arrivals)
         request.logprobs, request.drafter = logprobs, gen_config.speculative
         request.streaming = gen_config.kv_compression
+        if gen_config.constraint is not None:
+            request.matchers = Matchers(gen_config.constraint, 1, self.config.vocab_size, tuple(sorted(eos)))
+            request.rejection = gen_config.constrained_sampling == "awrs"
         self._arrivals += 1
         self.requests[rid] = request
         self.waiting.append(request)
@@ -272,12 +285,8 @@ class Engine:
                 "the engine prefills in chunks over pages; sparse_prefill (MInference) needs the whole prompt at once: "
                 "use ssm_llm.generate for it"
             )
-        for name, asked in (
-            ("constraint", gen_config.constraint is not None),
-            ("num_beams > 1", gen_config.num_beams > 1),
-        ):
-            if asked:
-                raise ValueError(f"the engine does not run {name} requests yet: use ssm_llm.generate for them")
+        if gen_config.num_beams > 1:
+            raise ValueError("the engine does not run num_beams > 1 requests yet: use ssm_llm.generate for them")
         spec = gen_config.speculative
         if spec is not None and not (isinstance(spec, PromptLookup) and self.paged and gen_config.temperature == 0):
             raise ValueError(
@@ -550,8 +559,15 @@ class Engine:
                 self._snapshot(request)
             if request.computed < len(request.tokens):
                 continue  # a prefill chunk: no token yet
+            if request.matchers is not None and request.matchers.finished()[0]:  # a grammar of "" alone
+                self._finish(request)
+                events.append(Event(request.rid, [], True, "constraint"))
+                continue
             try:
-                token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
+                if request.matchers is not None:
+                    token = self._constrained(request, logits[slot])
+                else:
+                    token = int(greedy[slot]) if request.sampling is None else self._sample(request, logits[slot])
             except Exception as err:  # noqa: BLE001 - this request's own failure
                 self._finish(request)
                 events.append(Event(request.rid, [], True, "error", f"{type(err).__name__}: {err}"))
@@ -562,11 +578,11 @@ class Engine:
                 events.append(Event(request.rid, [], True, "eos"))
                 continue
             request.out.append(token)
-            done = len(request.out) >= request.max_new_tokens
-            if done:
+            reason = self._end(request, token)
+            if reason is not None:
                 self._finish(request)
             scored = None if request.logprobs is None else [self._logprobs(request, slot, token, logits, tables)]
-            events.append(Event(request.rid, [token], done, "length" if done else None, logprobs=scored))
+            events.append(Event(request.rid, [token], reason is not None, reason, logprobs=scored))
         return events
 
     def _accept(self, request: _Request, greedy) -> Event:
@@ -707,9 +723,38 @@ class Engine:
                 if entry is not None:
                     self.store = state_snapshots.save(self.store, self.state, request.slot, entry)
 
+    @staticmethod
+    def _end(request: _Request, token: int) -> str | None:
+        """Why `request` ends after emitting `token` (not an EOS), or None: "length", or "constraint" when its
+        grammar is complete with no EOS id to end it, or no room left for one (as `generate`)."""
+        matchers = request.matchers
+        if matchers is not None:
+            matchers.advance(np.asarray([token]))
+            if matchers.finished()[0]:
+                return "constraint"
+        if len(request.out) < request.max_new_tokens:
+            return None
+        return "constraint" if matchers is not None and matchers.complete()[0] else "length"
+
+    def _constrained(self, request: _Request, logits: jax.Array) -> int:
+        """The next token of a constrained request from its logits [V]: masked (greedy argmax, or drawn with
+        the request's key as `_sample`), or by rejection over the same perturbed logits (the same token)."""
+        matchers = request.matchers
+        if request.rejection:
+            rule = request.sampling or Sampling.create(vocab_size=self.config.vocab_size)
+            scores, best = _awrs_scores(logits[None], self._key(request), rule)
+            return int(awrs.choose(matchers, scores, np.asarray(best), np.zeros(1, bool))[0][0])
+        allowed = jnp.where(jnp.asarray(matchers.row_mask(0)), logits, -jnp.inf)
+        return int(jnp.argmax(allowed)) if request.sampling is None else self._sample(request, allowed)
+
+    @staticmethod
+    def _key(request: _Request) -> jax.Array:
+        """The key of `request`'s next sampled token: fold_in(key(seed), tokens emitted so far)."""
+        return jax.random.fold_in(jax.random.key(request.seed), len(request.out))
+
     def _sample(self, request: _Request, logits: jax.Array) -> int:
         rule = request.sampling
-        key = jax.random.fold_in(jax.random.key(request.seed), len(request.out))
+        key = self._key(request)
         static = (rule.greedy, rule.top_k, rule.use_top_p, rule.use_min_p)
         return int(_draw(logits, rule.temperature, rule.top_p, rule.min_p, key, static))
 

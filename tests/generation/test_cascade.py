@@ -55,12 +55,14 @@ def scores(model, prompt, new, how):
     return np.asarray(jnp.argmax(last, -1)), np.asarray(cascade.uncertainty(last, how))
 
 
-@pytest.mark.parametrize("small", ["small", "mamba"])
-def test_threshold_zero_is_the_large_model_and_above_the_range_the_small_one(models, small):
-    n = 12
-    everything = cascade.generate(models[small], models["large"], PROMPTS, cascade.TokenCascade(0.0), max_new_tokens=n)
-    assert everything.tokens == greedy(models["large"], n) and everything.deferral_rate == 1.0
-    nothing = cascade.generate(models[small], models["large"], PROMPTS, cascade.TokenCascade(1.5), max_new_tokens=n)
+@pytest.mark.parametrize(("small", "large"), [("small", "large"), ("mamba", "large"), ("small", "mamba")])
+@pytest.mark.parametrize("n", [1, 12])
+def test_threshold_zero_is_the_large_model_and_above_the_range_the_small_one(models, small, large, n):
+    pair = models[small], models[large]
+    everything = cascade.generate(*pair, PROMPTS, cascade.TokenCascade(0.0), max_new_tokens=n)
+    assert everything.tokens == greedy(models[large], n) and everything.deferral_rate == 1.0
+    assert everything.large_forwards <= n - 1  # at most a catch-up of one token per step after the first
+    nothing = cascade.generate(*pair, PROMPTS, cascade.TokenCascade(1.5), max_new_tokens=n)
     assert nothing.tokens == greedy(models[small], n) and nothing.deferral_rate == 0.0
     assert nothing.large_forwards == 0
 
@@ -72,7 +74,9 @@ def test_every_token_is_its_writers_argmax_and_deferred_exactly_past_the_thresho
     alone = cascade.generate(models[small], models["large"], PROMPTS, cascade.TokenCascade(1e9, how), max_new_tokens=n)
     seen = np.concatenate([scores(models[small], p, t, how)[1] for p, t in zip(PROMPTS, alone.tokens, strict=True)])
     mixed = []
-    for threshold in np.quantile(seen, [0.3, 0.7]).tolist():  # random models: thresholds among their own scores
+    levels = np.unique(seen)
+    middles = (levels[1:] + levels[:-1]) / 2  # between two scores: no threshold sits on a rounding edge
+    for threshold in middles[[len(middles) * 3 // 10, len(middles) * 7 // 10]].tolist():
         out = cascade.generate(
             models[small], models["large"], PROMPTS, cascade.TokenCascade(threshold, how), max_new_tokens=n
         )
@@ -107,5 +111,9 @@ def test_bad_cascades_are_refused_by_name(models):
         cascade.generate(models["small"], models["large"], PROMPTS, 0.5)
     with pytest.raises(ValueError, match="exceeds a model's context of 128 positions"):
         cascade.generate(models["small"], models["large"], PROMPTS, cascade.TokenCascade(0.5), max_new_tokens=125)
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        cascade.generate(models["small"], models["large"], PROMPTS, cascade.TokenCascade(0.5), eos_token_ids=[VOCAB])
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        cascade.uncertainty(jnp.zeros((1, VOCAB)), "variance")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         cascade.generate(models["small"], models["large"], [[1], []], cascade.TokenCascade(0.5))

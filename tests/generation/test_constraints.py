@@ -123,13 +123,18 @@ def test_a_grammar_is_followed_and_without_eos_ids_the_grammar_ends_the_row(mode
     finite = constraints.Grammar('start: "yes" | "no" | "maybe"', tokenizer[1])
     out = run(model, finite, n=8, eos_token_ids=())
     assert out.finish_reasons == ["constraint"] * 3
+    rejection = run(model, finite, n=8, eos_token_ids=(), constrained_sampling="awrs")
+    assert (rejection.tokens, rejection.finish_reasons) == (out.tokens, out.finish_reasons)
     assert all(text(tokenizer, ids) in ("yes", "no", "maybe") for ids in out.tokens)
     # One token, no room left for the EOS: a complete "yes" / "no" ends by the grammar, a partial one by length.
     out = run(model, constraints.Grammar('start: "yes" | "no"', tokenizer[1]), n=1)
     complete = [text(tokenizer, ids) in ("yes", "no") for ids in out.tokens]
     assert out.finish_reasons == ["constraint" if c else "length" for c in complete] and any(complete)
+    rejection = run(model, constraints.Grammar('start: "yes" | "no"', tokenizer[1]), n=1, constrained_sampling="awrs")
+    assert (rejection.tokens, rejection.finish_reasons) == (out.tokens, out.finish_reasons)
     empty = constraints.Regex("", tokenizer[1])  # only the empty text: nothing to write
     assert run(model, empty, n=4, eos_token_ids=()).finish_reasons == ["constraint"] * 3
+    assert run(model, empty, n=4, eos_token_ids=(), constrained_sampling="awrs").finish_reasons == ["constraint"] * 3
     out = run(model, empty, n=4)
     assert out.tokens == [[]] * 3 and out.finish_reasons == ["eos"] * 3
 
@@ -170,7 +175,8 @@ def test_rejection_takes_the_first_allowed_candidate_else_the_best_allowed_token
     best = np.asarray(constraints.awrs.candidates(scores))
     done = np.asarray([False, True, False])
     before = matchers.evaluations
-    chosen = constraints.awrs.choose(matchers, scores, best, done)
+    chosen, ended = constraints.awrs.choose(matchers, scores, best, done)
+    assert not ended.any()
     masks = constraints.Matchers(constraint, 3, config.vocab_size, EOS)
     masks.advance(np.asarray([cat[0], cat[0], -1]))
     expected = np.argmax(np.where(masks.masks(np.zeros(3, bool)), np.asarray(scores), -np.inf), axis=1)
@@ -215,6 +221,18 @@ def test_streaming_and_kv_compression_keep_the_constraint(model, tokenizer):
         on_token=lambda step, tokens: seen.append(tokens),
     )
     assert streamed.tokens == plain.tokens and len(seen) >= max(len(t) for t in plain.tokens)
+    seen_by_rejection = []
+    rejection = ssm_llm.generate(
+        model[1],
+        model[0],
+        PROMPTS,
+        ssm_llm.GenerationConfig(
+            max_new_tokens=16, constraint=constraint, eos_token_ids=EOS, constrained_sampling="awrs"
+        ),
+        on_token=lambda step, tokens: seen_by_rejection.append(tokens),
+    )
+    assert rejection.tokens == plain.tokens
+    assert np.array_equal(np.stack(seen_by_rejection), np.stack(seen))
     compressed = run(model, constraint, n=16, kv_compression=ssm_llm.kv.StreamingLLM(budget=8, sinks=2))
     for ids in compressed.tokens:
         assert re.fullmatch("[a-z]{2,5}-[0-9]{3}", text(tokenizer, ids))
@@ -253,5 +271,6 @@ def test_bad_constraints_are_refused_by_name(tokenizer):
         ssm_llm.GenerationConfig(constrained_sampling="awrs")
     with pytest.raises(ValueError, match="top_p, min_p would be computed among the allowed tokens"):
         ssm_llm.GenerationConfig(constraint=regex, constrained_sampling="awrs", temperature=1, top_p=0.9, min_p=0.1)
+    ssm_llm.GenerationConfig(constraint=regex, constrained_sampling="awrs", top_p=0.9)  # greedy: no filter applies
     with pytest.raises(ValueError, match="does not combine with num_beams"):
         ssm_llm.GenerationConfig(constraint=regex, num_beams=2)

@@ -368,7 +368,7 @@ def test_kv_policies_the_pages_cannot_run_are_refused():
         engine.submit([1, 2, 3], ssm_llm.GenerationConfig(kv_compression=ssm_llm.kv.StreamingLLM(budget=16)))
     with pytest.raises(ValueError, match="sparse_prefill \\(MInference\\) needs the whole prompt at once"):
         engine.submit([1, 2, 3], ssm_llm.GenerationConfig(sparse_prefill=ssm_llm.kv.MInference()))
-    with pytest.raises(ValueError, match="does not run num_beams > 1 requests yet"):  # constraints: the same check
+    with pytest.raises(ValueError, match="does not run num_beams > 1 requests yet"):
         engine.submit([1, 2, 3], ssm_llm.GenerationConfig(num_beams=2))
     mamba = MODELS["mamba2"]
     with pytest.raises(ValueError, match="kv_compression is for attention models"):
