@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_runners import machine_info
-from constrained_eval import random_schema, valid
+from constrained_eval import random_schema, schema_prompt, valid
 
 import converters
 import ssm_llm
@@ -49,13 +49,7 @@ def main() -> None:
     rows = []
     for i in range(args.schemas):
         schema = random_schema(rng)
-        message = (
-            f"Reply with a JSON object with the fields {', '.join(schema['required'])}. Schema: {json.dumps(schema)}"
-        )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = schema_prompt(tokenizer, schema)
         constraint = constraints.JSONSchema(schema, bound)
         row = {"schema": schema}
         for temperature in (0.0, 1.0):

@@ -52,6 +52,15 @@ def random_schema(rng) -> dict:
     return {"type": "object", "properties": props, "required": names, "additionalProperties": False}
 
 
+def schema_prompt(tokenizer, schema: dict) -> list[int]:
+    """The chat prompt's token ids asking for a JSON object with `schema`'s fields."""
+    message = f"Reply with a JSON object with the fields {', '.join(schema['required'])}. Schema: {json.dumps(schema)}"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def valid(text: str, schema: dict) -> bool:
     try:
         jsonschema.validate(json.loads(text), schema)
@@ -85,13 +94,7 @@ def main() -> None:
     rows = []
     for i in range(args.schemas):
         schema = random_schema(rng)
-        message = (
-            f"Reply with a JSON object with the fields {', '.join(schema['required'])}. Schema: {json.dumps(schema)}"
-        )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = schema_prompt(tokenizer, schema)
         start = time.perf_counter()
         constraint = constraints.JSONSchema(schema, bound)
         compile_s = time.perf_counter() - start

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssm_llm.generation import MAX_NEW_TOKENS, check_prompts
+from ssm_llm.generation import MAX_NEW_TOKENS, check_prompts, split_at_eos
 from ssm_llm.model import forward, init_cache
 from ssm_llm.validation import as_float, as_int, as_token_ids
 
@@ -171,18 +171,7 @@ def generate(
         small_tok, small_u, small_cache = _read(
             small_params, small_config, small_cache, jnp.asarray(fed)[:, None], one, how
         )
-    tokens, flags, reasons = [], [], []
-    for row in range(batch):
-        seq, flag, reason = [], [], "length"
-        for t, d in zip(out[row].tolist(), deferred[row].tolist(), strict=True):
-            if t < 0:
-                break
-            flag.append(d)
-            if t in eos:
-                reason = "eos"
-                break
-            seq.append(t)
-        tokens.append(seq)
-        flags.append(flag)
-        reasons.append(reason)
+    tokens, reasons = split_at_eos(out, eos)
+    written = [len(seq) + (why == "eos") for seq, why in zip(tokens, reasons, strict=True)]  # the EOS too
+    flags = [deferred[row, :n].tolist() for row, n in enumerate(written)]
     return CascadeResult(tokens, flags, reasons, large_forwards, time.perf_counter() - start)

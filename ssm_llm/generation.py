@@ -310,14 +310,20 @@ def _first_token(logits, key, sampling: Sampling, eos: tuple[int, ...], mask=Non
     return tok, is_eos(tok, eos), key
 
 
-def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str, mask=None):
-    """One decode step after `tok` [B], drawing among `mask`'s tokens [B, V] (None: all): (new tokens [B], -1
-    for rows already done; the next input tokens; the cache; done; key)."""
+def _next_logits(params, config, cache, tok, impl: str):
+    """Feed one token per row `tok` [B]: (the next-token logits [B, V], the cache)."""
     h, cache = family_module(config).hidden_states(
         params, config, tok[:, None], cache, jnp.ones((tok.shape[0],), jnp.int32), impl
     )
+    return logits_from_hidden(params, config, h[:, 0]), cache
+
+
+def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[int, ...], impl: str, mask=None):
+    """One decode step after `tok` [B], drawing among `mask`'s tokens [B, V] (None: all): (new tokens [B], -1
+    for rows already done; the next input tokens; the cache; done; key)."""
+    logits, cache = _next_logits(params, config, cache, tok, impl)
     key, sub = jax.random.split(key)
-    new = sampling.draw(_allowed(logits_from_hidden(params, config, h[:, 0]), mask), sub)
+    new = sampling.draw(_allowed(logits, mask), sub)
     new = jnp.where(done, -1, new)  # finished sequences emit nothing
     return new, jnp.where(done, tok, new), cache, done | is_eos(new, eos), key
 
@@ -395,17 +401,14 @@ def _constrain(matchers, last, done, stopped):
 def _awrs_first(logits, key, sampling: Sampling):
     """The prefill's perturbed scores [B, V] and their best candidates [B, K] (see `constraints.awrs`), key."""
     key, sub = jax.random.split(key)
-    scores = awrs.perturbed_logits(logits, sub, sampling)
-    return scores, awrs.candidates(scores), key
+    return *awrs.propose(logits, sub, sampling), key
 
 
 def _awrs_step(params, config, cache, tok, key, sampling: Sampling, impl: str):
     """One forward after `tok` [B]: (perturbed scores [B, V], their best candidates [B, K], the cache, key);
     the same key splits as `_step`, so the same noise as its draw."""
-    h, cache = family_module(config).hidden_states(
-        params, config, tok[:, None], cache, jnp.ones((tok.shape[0],), jnp.int32), impl
-    )
-    scores, best, key = _awrs_first(logits_from_hidden(params, config, h[:, 0]), key, sampling)
+    logits, cache = _next_logits(params, config, cache, tok, impl)
+    scores, best, key = _awrs_first(logits, key, sampling)
     return scores, best, cache, key
 
 
@@ -508,7 +511,7 @@ def generate(
         out, stats, stopped, evaluations = _decode_request(
             params, config, gen_config, request, plan, cache, logits, on_token, impl
         )
-        tokens, reasons = _split_at_eos(out, set(request.eos))
+        tokens, reasons = split_at_eos(out, set(request.eos))
         reasons = ["constraint" if end else why for why, end in zip(reasons, stopped, strict=True)]
     decode_seconds = time.perf_counter() - start - prefill_seconds
     return GenerationResult(tokens, reasons, prefill_seconds, decode_seconds, stats, beams, evaluations)
@@ -709,11 +712,11 @@ def _beam_request(
         eos=request.eos,
         impl=impl,
     )
-    split = [_split_at_eos(rows, set(request.eos)) for rows in np.asarray(hypotheses)]
+    split = [split_at_eos(rows, set(request.eos)) for rows in np.asarray(hypotheses)]
     return BeamHypotheses([s for s, _ in split], np.asarray(scores).tolist(), [r for _, r in split])
 
 
-def _split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[str]]:
+def split_at_eos(out: np.ndarray, eos_set: set) -> tuple[list[list[int]], list[str]]:
     """Each row's tokens up to (excluding) its first EOS or -1 padding, and why it stopped."""
     new_tokens, reasons = [], []
     for row in out:

@@ -42,6 +42,13 @@ def candidates(scores: jax.Array, count: int = CANDIDATES) -> jax.Array:
     return jax.lax.top_k(scores, min(count, scores.shape[-1]))[1].astype(jnp.int32)
 
 
+def propose(logits: jax.Array, key: jax.Array, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
+    """A step's device side: (the perturbed logits [B, V] of `logits` [B, V] with `key`, their `CANDIDATES`
+    best tokens [B, K])."""
+    scores = perturbed_logits(logits, key, sampling)
+    return scores, candidates(scores)
+
+
 def choose(matchers, scores: jax.Array, best: np.ndarray, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's draw ([B] int32, -1 for rows `done` or ended): the first of its candidates `best` [B, K] its
     grammar accepts, else the best-scoring allowed token by the full mask (`scores` [B, V] read back for that

@@ -152,11 +152,7 @@ _SPECULATION_TOKENS = 8
 _MAX_FAILURES = 3
 
 
-@jax.jit
-def _awrs_scores(logits, key, rule: Sampling):
-    """A constrained request's perturbed logits [1, V] and their best candidates [1, K] (`constraints.awrs`)."""
-    scores = awrs.perturbed_logits(logits, key, rule)
-    return scores, awrs.candidates(scores)
+_awrs_propose = jax.jit(awrs.propose)  # a constrained request's perturbed logits [1, V] and best candidates [1, K]
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -742,7 +738,7 @@ class Engine:
         matchers = request.matchers
         if request.rejection:
             rule = request.sampling or Sampling.create(vocab_size=self.config.vocab_size)
-            scores, best = _awrs_scores(logits[None], self._key(request), rule)
+            scores, best = _awrs_propose(logits[None], self._key(request), rule)
             return int(awrs.choose(matchers, scores, np.asarray(best), np.zeros(1, bool))[0][0])
         allowed = jnp.where(jnp.asarray(matchers.row_mask(0)), logits, -jnp.inf)
         return int(jnp.argmax(allowed)) if request.sampling is None else self._sample(request, allowed)
