@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssm_llm import constrained_speculation
 from ssm_llm.beam_search import BeamSearch, beam_search
 from ssm_llm.compressed_cache import KVPolicy
 from ssm_llm.config import ModelConfig
@@ -137,9 +138,13 @@ class GenerationConfig:
                 f"{self.constraint!r}"
             )
         self._check_constrained_sampling()
-        for name, clash in (("speculative", self.speculative), ("num_beams > 1", self.num_beams > 1)):
-            if self.constraint is not None and clash:
-                raise ValueError(f"constraint does not combine with {name} yet")
+        if self.constraint is not None and self.num_beams > 1:
+            raise ValueError("constraint does not combine with num_beams > 1 yet")
+        if self.constraint is not None and self.speculative is not None and self.temperature > 0:
+            raise ValueError(
+                "constraint with speculative decoding is greedy only (temperature 0): the masked law at every "
+                "node of a draft tree would take a full mask per node"
+            )
         if self.speculative is not None and self.kv_compression is not None:
             raise ValueError(
                 "speculative decoding verifies draft trees on a dense cache; it does not combine with "
@@ -673,6 +678,10 @@ def _decode_request(
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
     drafter, constraint = gen_config.speculative, gen_config.constraint
     none = np.zeros(len(request.prompts), bool)
+    if constraint is not None and drafter is not None:
+        return _decode_constrained_speculative(
+            params, config, gen_config, request, plan, cache, logits, key, sampling, impl
+        )
     if constraint is not None:
         matchers = Matchers(constraint, len(request.prompts), config.vocab_size, request.eos)
         loop = _decode_awrs if gen_config.constrained_sampling == "awrs" else _decode_streamed
@@ -686,16 +695,48 @@ def _decode_request(
     if drafter is None:
         out, _ = _decode(params, config, cache, logits, key, sampling, **stop, impl=impl)
         return np.asarray(out), None, none, None
-    # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
-    # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
-    prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
-    state = drafter.init(params, config, prompts, counts, plan.capacity, impl)
-    history = jnp.asarray(request.padded(plan.max_len))
+    state, history, counts = _drafter_start(params, config, drafter, request, plan, impl)
     out, _, rounds, accepted, state = speculative_decode(
         params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
     )
     stats = SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
     return np.asarray(out), stats, none, None
+
+
+def _drafter_start(params, config, drafter, request: _Request, plan: LengthPlan, impl):
+    """The drafter's first state and the committed-tokens buffer [B, max_len] the speculative loop starts from."""
+    # The capacity is a bucketed size (not the exact need) so that nearby prompt lengths, or a fixed
+    # max_len, share one compiled loop; each row's draft tree is scored in the max_len - capacity slots after it.
+    prompts, counts = jnp.asarray(request.padded(plan.prompt_len)), jnp.asarray(request.lengths, jnp.int32)
+    state = drafter.init(params, config, prompts, counts, plan.capacity, impl)
+    return state, jnp.asarray(request.padded(plan.max_len)), counts
+
+
+def _decode_constrained_speculative(
+    params, config, gen_config, request: _Request, plan, cache, logits, key, sampling, impl
+):
+    """`_decode_request` with both a constraint and a drafter (greedy): see `constrained_speculation`."""
+    drafter = gen_config.speculative
+    matchers = Matchers(gen_config.constraint, len(request.prompts), config.vocab_size, request.eos)
+    state, history, counts = _drafter_start(params, config, drafter, request, plan, impl)
+    out, rounds, accepted, state, stopped = constrained_speculation.decode(
+        params,
+        config,
+        drafter,
+        state,
+        cache,
+        logits,
+        history,
+        counts,
+        key,
+        sampling,
+        matchers,
+        max_new_tokens=gen_config.max_new_tokens,
+        eos=request.eos,
+        impl=impl,
+    )
+    stats = SpeculativeStats(rounds.tolist(), accepted.tolist(), state)
+    return out, stats, stopped, matchers.evaluations
 
 
 def _beam_request(

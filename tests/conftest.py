@@ -184,3 +184,42 @@ def smollm2_hf():
 
     path = ssm_llm.default_model_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizers():
+    """SmolLM2's real byte-level BPE tokenizer (49152 tokens) and llguidance's view of it, built once."""
+    import converters
+    import ssm_llm
+    from ssm_llm import constraints
+
+    hf = converters.load_tokenizer(ssm_llm.default_model_path())
+    return hf, constraints.tokenizer(hf)
+
+
+def tiny_over_smollm2_vocab(family: str = "llama"):
+    """A tiny random model's config over SmolLM2's vocabulary (49152 tokens): its choices are arbitrary, so in
+    the constraint tests only the grammar keeps outputs valid."""
+    import ssm_llm
+
+    if family == "llama":
+        return ssm_llm.ModelConfig(
+            vocab_size=49152,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+        )
+    return ssm_llm.Mamba2Config(
+        vocab_size=49152,
+        hidden_size=32,
+        num_layers=2,
+        state_size=8,
+        intermediate_size=64,
+        num_heads=4,
+        head_dim=16,
+        chunk_size=8,
+    )

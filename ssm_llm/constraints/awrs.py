@@ -56,14 +56,18 @@ def choose(matchers, scores: jax.Array, best: np.ndarray, done: np.ndarray) -> t
     out = np.full(len(best), -1, np.int32)
     ended = np.zeros(len(best), bool)
     for row in np.flatnonzero(~done):
-        for token in best[row].tolist():
-            if matchers.allows(row, token):
-                out[row] = token
-                break
-        else:
-            allowed = matchers.row_mask(row, complete_ok=True)
-            if not allowed.any():
-                ended[row] = True
-                continue
-            out[row] = int(np.argmax(np.where(allowed, np.asarray(scores[row]), -np.inf)))
+        out[row], ended[row] = choose_row(matchers, row, best[row], lambda row=row: scores[row])
     return out, ended
+
+
+def choose_row(matchers, row: int, best: np.ndarray, scores) -> tuple[int, bool]:
+    """`choose` for one row in its grammar's current state: (the first of the candidates `best` [K] allowed, else
+    the best-scoring allowed token by the full mask, `scores()` giving that row's [V] scores; -1 when the row
+    ended, its text complete with nothing allowed after it) and whether it ended."""
+    for token in best.tolist():
+        if matchers.allows(row, token):
+            return token, False
+    allowed = matchers.row_mask(row, complete_ok=True)
+    if not allowed.any():
+        return -1, True
+    return int(np.argmax(np.where(allowed, np.asarray(scores()), -np.inf))), False

@@ -70,11 +70,46 @@ class Matchers:
     def advance(self, tokens: np.ndarray) -> None:
         """Consume each row's new token (rows with -1 or an EOS id emit nothing to the grammar)."""
         for row, token in enumerate(np.asarray(tokens).tolist()):
-            if token < 0 or token in self.eos:
+            self.consume(row, token)
+
+    def consume(self, row: int, token: int) -> None:
+        """Move `row` past `token` (-1 or an EOS id: nothing)."""
+        if token < 0 or token in self.eos:
+            return
+        self.rows[row].consume_token(token)
+        self._check(row, self.rows[row])
+        self._next[row] = self._forced[row] = None
+
+    def tree_allows(self, row: int, tokens: np.ndarray, parents: np.ndarray) -> np.ndarray:
+        """[N] bool: the nodes of a draft tree (`tokens`, `parents` [N] in `speculative.tree`'s layout, node 0 the
+        root, already emitted) whose path from the root the grammar accepts from `row`'s current state: each node
+        checked once, on its own token, walking the tree depth-first (llguidance's rollback restores the state).
+        An EOS id is accepted where the text is complete, and nothing after it; the row's state is unchanged."""
+        children: list[list[int]] = [[] for _ in tokens]
+        for node, parent in enumerate(parents.tolist()[1:], start=1):
+            if parent >= 0:
+                children[parent].append(node)
+        keep = np.zeros(len(tokens), bool)
+        keep[0] = True
+        matcher = self.rows[row]
+        stack = [(0, False)]  # (node, leaving): a node's children are visited between its two entries
+        while stack:
+            node, leaving = stack.pop()
+            if leaving:
+                matcher.rollback(1)
                 continue
-            self.rows[row].consume_token(token)
-            self._check(row, self.rows[row])
-            self._next[row] = self._forced[row] = None
+            if node:
+                matcher.consume_token(int(tokens[node]))
+                self._check(row, matcher)
+            for child in reversed(children[node]):
+                token = int(tokens[child])
+                self.evaluations += 1
+                if token in self.eos:
+                    keep[child] = matcher.is_accepting()
+                elif token < self.known and token not in self.tokenizer_eos and matcher.validate_tokens([token]) == 1:
+                    keep[child] = True
+                    stack += [(child, True), (child, False)]
+        return keep
 
     def complete(self, among: np.ndarray | None = None) -> np.ndarray:
         """[B] bool: rows (of those `among` [B] bool, default all) whose text is complete and can take no more

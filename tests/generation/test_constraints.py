@@ -10,34 +10,24 @@ import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import pytest
+from conftest import tiny_over_smollm2_vocab
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import converters
 import ssm_llm
 from ssm_llm import constraints
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's real byte-level BPE tokenizer (49152 tokens) and llguidance's view of it, built once."""
-    hf = converters.load_tokenizer(ssm_llm.default_model_path())
-    return hf, constraints.tokenizer(hf)
+def tokenizer(smollm2_tokenizers):
+    """SmolLM2's real tokenizer and llguidance's view of it."""
+    return smollm2_tokenizers
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model():
     """A tiny random Llama over SmolLM2's vocabulary: its choices are arbitrary, only the masks keep outputs valid."""
-    config = ssm_llm.ModelConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
+    config = tiny_over_smollm2_vocab("llama")
     return config, ssm_llm.init_params(config, jax.random.PRNGKey(0))
 
 
@@ -263,8 +253,8 @@ def test_bad_constraints_are_refused_by_name(tokenizer):
             [[1, 2]],
             ssm_llm.GenerationConfig(constraint=regex),
         )
-    with pytest.raises(ValueError, match="does not combine with speculative"):
-        ssm_llm.GenerationConfig(constraint=regex, speculative=ssm_llm.speculative.PromptLookup())
+    with pytest.raises(ValueError, match="speculative decoding is greedy only"):
+        ssm_llm.GenerationConfig(constraint=regex, speculative=ssm_llm.speculative.PromptLookup(), temperature=1.0)
     with pytest.raises(ValueError, match="'mask' or 'awrs'"):
         ssm_llm.GenerationConfig(constraint=regex, constrained_sampling="reject")
     with pytest.raises(ValueError, match="awrs' samples under a constraint: set constraint"):

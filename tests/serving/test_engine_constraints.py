@@ -8,42 +8,25 @@ import json
 import jax
 import jsonschema
 import pytest
+from conftest import tiny_over_smollm2_vocab
 
-import converters
 import ssm_llm
 from ssm_llm import constraints
 from ssm_llm.serving import Engine
 
-VOCAB = 49152  # SmolLM2's tokenizer: random models over it, so only the constraints make outputs valid
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_tokenizers):
+    return smollm2_tokenizers[0]
 
 
 @pytest.fixture(scope="module")
-def bound():
-    return constraints.tokenizer(converters.load_tokenizer(ssm_llm.default_model_path()))
+def bound(smollm2_tokenizers):
+    return smollm2_tokenizers[1]
 
 
-MODELS = {
-    "llama": ssm_llm.ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    ),
-    "mamba2": ssm_llm.Mamba2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        state_size=8,
-        intermediate_size=64,
-        num_heads=4,
-        head_dim=16,
-        chunk_size=8,
-    ),
-}
+# Random models over SmolLM2's vocabulary, so only the constraints make outputs valid.
+MODELS = {name: tiny_over_smollm2_vocab(name) for name in ("llama", "mamba2")}
 SCHEMA = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -66,7 +49,7 @@ def drain(engine):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_constrained_requests_give_generates_output_alone(bound, name):
+def test_constrained_requests_give_generates_output_alone(bound, hf_tokenizer, name):
     config = MODELS[name]
     params = ssm_llm.init_params(config, jax.random.PRNGKey(0))
     eos = (0,)
@@ -87,7 +70,7 @@ def test_constrained_requests_give_generates_output_alone(bound, name):
     for rid, (prompt, kw), gen in zip(rids[:5], requests[:5], configs[:5], strict=True):
         out = ssm_llm.generate(params, config, [prompt], gen)
         assert got[rid] == (out.tokens[0], out.finish_reasons[0]), (name, kw)
-    schema_text = converters.load_tokenizer(ssm_llm.default_model_path()).decode(got[rids[2]][0])
+    schema_text = hf_tokenizer.decode(got[rids[2]][0])
     jsonschema.validate(json.loads(schema_text), SCHEMA)
     assert got[rids[4]][1] == "constraint"
     assert got[rids[5]] == got[rids[6]]  # sampled: masks and rejection draw the same tokens with one key

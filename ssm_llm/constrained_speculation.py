@@ -1,0 +1,147 @@
+"""Greedy speculative decoding under a constraint: exactly the tokens of greedy constrained decoding, in fewer
+target forwards.
+
+Each round runs `speculative.decode`'s steps with the grammar on the host between them:
+
+1. the drafter proposes a tree (on the device);
+2. drafts the grammar refuses are pruned (`Matchers.tree_allows`: one single-token check per node, walking the
+   tree); a round where no row keeps a draft scores the root alone;
+3. the target scores the tree in one forward and hands back each node's best `awrs.CANDIDATES` tokens;
+4. the host walks each row's tree from the root: the target's token at a node is the best token the grammar
+   allows there (`awrs.choose_row`: the candidates checked one at a time, the full mask only when all are
+   refused), which is greedy masked decoding's token; the child holding it is accepted and the walk goes on,
+   otherwise it is the bonus token. The grammar advances along the emitted tokens;
+5. the target's cache keeps the accepted path and the drafter updates (on the device).
+
+A draft the grammar refuses could never be accepted (the target's token is always allowed), so pruning only
+saves work. Only greedy decoding: under sampling the masked law at every node would need a full mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssm_llm.constraints import Matchers, awrs
+from ssm_llm.sampling import Sampling
+from ssm_llm.speculative import verify
+from ssm_llm.speculative.protocol import Acceptance, DraftContext
+from ssm_llm.speculative.tree import UNUSED, DraftTree
+
+
+@jax.jit
+def _propose(drafter, state, context: DraftContext, sampling: Sampling, key):
+    return drafter.propose(state, context, sampling, key)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "drafts"))
+def _verify(params, config, cache, tree: DraftTree, impl: str, drafts: bool):
+    """The tree's logits [B, N, V] (only the root's when no row has `drafts`), the scratch, and every node's best
+    candidates [B, N, K]."""
+    score = verify.tree_logits if drafts else verify.root_logits
+    logits, scratch = score(params, config, cache, tree, impl=impl)
+    return logits, scratch, awrs.candidates(logits)
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+def _commit(config, drafter, cache, scratch, state, tree, logits, acceptance: Acceptance, context: DraftContext):
+    cache = verify.commit(config, cache, scratch, acceptance.path, acceptance.accepted, context.active)
+    return cache, drafter.update(state, context, tree, logits, acceptance)
+
+
+def _walk(matchers: Matchers, row: int, tokens, parents, best, logits, room: int, eos: tuple[int, ...]):
+    """One row's acceptance (step 4 of the module doc), at most `room` tokens: (the accepted nodes after the root,
+    the emitted tokens, whether the row's grammar ended it: complete, nothing allowed after it, no EOS id)."""
+    node, path, emitted = 0, [], []
+    while len(emitted) < room:
+        token, ended = awrs.choose_row(matchers, row, best[node], lambda n=node: logits[row, n])
+        if ended:
+            return path, emitted, True
+        emitted.append(token)
+        matchers.consume(row, token)
+        if token in eos:
+            break
+        child = next((i for i in range(1, len(tokens)) if parents[i] == node and tokens[i] == token), None)
+        if child is None:
+            break
+        path.append(child)
+        node = child
+    return path, emitted, False
+
+
+def decode(
+    params,
+    config,
+    drafter,
+    state,
+    cache,
+    logits,
+    history,
+    lengths,
+    key,
+    sampling: Sampling,
+    matchers: Matchers,
+    *,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+    impl: str,
+):
+    """`speculative.decode.speculative_decode` (same arguments) under `matchers`' constraint, greedy only.
+
+    Returns (tokens [B, max_new_tokens] with -1 after a row's end, rounds [B] target forwards per row, accepted
+    [B] accepted drafts per row, the drafter's final state, [B] rows ended by their grammar).
+    """
+    if not sampling.greedy:
+        raise ValueError("constrained speculative decoding is greedy only (temperature 0)")
+    batch, n = logits.shape[0], drafter.tree_size
+    history, lengths = np.array(history), np.array(lengths)
+    out = np.full((batch, max_new_tokens), -1, np.int32)
+    count, rounds, accepted = (np.zeros(batch, np.int64) for _ in range(3))
+    stopped = matchers.finished()  # a grammar of "" alone, without EOS ids
+    by_eos = np.zeros(batch, bool)
+
+    def emit(row, tokens):
+        out[row, count[row] : count[row] + len(tokens)] = tokens
+        history[row, lengths[row] : lengths[row] + len(tokens)] = tokens
+        count[row] += len(tokens)
+        lengths[row] += len(tokens)
+        by_eos[row] |= any(t in eos for t in tokens)
+
+    first, ended = awrs.choose(matchers, logits, np.asarray(awrs.candidates(logits)), stopped)
+    stopped |= ended
+    for row in np.flatnonzero(first >= 0):
+        emit(row, [int(first[row])])
+        matchers.consume(row, int(first[row]))
+    done = stopped | by_eos | (count >= max_new_tokens)
+    while not done.all():
+        active = ~done
+        key, sub = jax.random.split(key)
+        context = DraftContext(jnp.asarray(history), jnp.asarray(lengths, jnp.int32), jnp.asarray(active))
+        tree, state = _propose(drafter, state, context, sampling, sub)
+        tokens, parents = np.asarray(tree.tokens), np.array(tree.parents)
+        for row in np.flatnonzero(active):
+            parents[row] = np.where(matchers.tree_allows(row, tokens[row], parents[row]), parents[row], UNUSED)
+        parents[~active, 1:] = UNUSED
+        pruned = DraftTree(tree.tokens, jnp.asarray(parents), tree.child_probs, tree.draw)
+        tree_logits, scratch, best = _verify(params, config, cache, pruned, impl, bool((parents[:, 1:] >= 0).any()))
+        best = np.asarray(best)
+        path, taken, bonus = np.zeros((batch, n), np.int32), np.zeros(batch, np.int32), tokens[:, 0].copy()
+        for row in np.flatnonzero(active):
+            nodes, emitted, ended = _walk(
+                matchers, row, tokens[row], parents[row], best[row], tree_logits, max_new_tokens - count[row], eos
+            )
+            path[row, 1 : len(nodes) + 1], taken[row] = nodes, len(nodes)
+            bonus[row] = emitted[-1] if emitted else bonus[row]
+            stopped[row] |= ended
+            emit(row, emitted)
+        rounds += active
+        accepted += taken
+        acceptance = Acceptance(jnp.asarray(path), jnp.asarray(taken), jnp.asarray(bonus))
+        context = DraftContext(jnp.asarray(history), jnp.asarray(lengths, jnp.int32), jnp.asarray(active))
+        cache, state = _commit(config, drafter, cache, scratch, state, tree, tree_logits, acceptance, context)
+        done = stopped | by_eos | (count >= max_new_tokens)
+    stopped |= matchers.complete(~(stopped | by_eos))  # complete, but no room was left for its EOS
+    return out, rounds, accepted, state, stopped
