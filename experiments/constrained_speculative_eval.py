@@ -3,10 +3,12 @@ how many tokens per target forward (after the prefill's first token; EOS counted
 
 The prompts and schemas are constrained_eval.py's (the same seeded generator: chat prompts asking for a JSON
 object matching a schema of 1-4 bounded fields; the schema is in the prompt, so prompt lookup can copy its
-keys). Per schema, greedy constrained decoding by masks ("plain"), then with `PromptLookup()` and
-`TokenRecycling()` drafts (pruned by the grammar, the target's token at each node the best allowed one), up to
---new-tokens tokens, stopping at EOS. Every method runs once on the first schema to compile (max_len fixed so
-that every prompt shares the programs), then once per schema, timed. One run writes
+keys). Per schema, greedy constrained decoding by masks ("plain"), then with `PromptLookup()`,
+`TokenRecycling()` and `ForcedTokens()` (the grammar's own forced tokens) drafts, pruned by the grammar, the
+target's token at each node the best allowed one; up to --new-tokens tokens, stopping at EOS. Also counted: how
+many of plain decoding's tokens the grammar forced (`Matchers.forced` along each output), in how many runs.
+Every method runs once on the first schema to compile (max_len fixed so that every prompt shares the
+programs), then once per schema, timed. One run writes
 experiments/results/constrained_speculative_eval.{json,png} with the CPU model and its flags.
 
     .venv/bin/python experiments/constrained_speculative_eval.py [--schemas 20] [--new-tokens 96] [--quick]
@@ -26,9 +28,15 @@ from constrained_eval import random_schema, schema_prompt, valid
 import converters
 import ssm_llm
 from ssm_llm import constraints
+from ssm_llm.constrained_speculation import ForcedTokens
 from ssm_llm.speculative import PromptLookup, TokenRecycling
 
-DRAFTERS = {"plain": lambda: None, "prompt_lookup": PromptLookup, "token_recycling": TokenRecycling}
+DRAFTERS = {
+    "plain": lambda: None,
+    "prompt_lookup": PromptLookup,
+    "token_recycling": TokenRecycling,
+    "forced_tokens": ForcedTokens,
+}
 
 
 def main() -> None:
@@ -81,7 +89,17 @@ def main() -> None:
         rows.append(row)
         print(i, {how: (len(row[how]["tokens"]), row[how]["forwards"], row[how]["same_tokens"]) for how in DRAFTERS})
 
-    summary = {}
+    forced, runs = 0, 0
+    for row in rows:  # how much of each plain output the grammar forced
+        matcher = constraints.Matchers(constraints.JSONSchema(row["schema"], bound), 1, config.vocab_size, eos)
+        ids, i = row["plain"]["tokens"], 0
+        while i < len(ids):
+            run = matcher.forced(0)
+            k = next((j for j, t in enumerate(run) if i + j >= len(ids) or ids[i + j] != t), len(run))
+            for token in ids[i : i + max(k, 1)]:
+                matcher.consume(0, token)
+            forced, runs, i = forced + k, runs + (k > 0), i + max(k, 1)
+    summary = {"forced_by_grammar": {"tokens": forced, "runs": runs}}
     for how in DRAFTERS:
         tokens = sum(len(r[how]["tokens"]) for r in rows)
         seconds = sum(r[how]["decode_s"] for r in rows)
@@ -111,13 +129,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     names = list(DRAFTERS)
     for ax, key, label in zip(
         axes, ("tokens_per_forward", "tok_per_s"), ("tokens / target forward", "tokens / s"), strict=True
     ):
         values = [summary[how][key] for how in names]
-        ax.bar(names, values, color=["#888", "#3a7", "#37a"])
+        ax.bar(names, values, color=["#888", "#3a7", "#37a", "#a73"])
         for x, v in enumerate(values):
             ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel(label)

@@ -8,7 +8,7 @@ params = ssm_llm.shard_params(params, config, jax.make_mesh((dp, tp), ("data", "
 engine = ssm_llm.serving.Engine(params, config, max_slots=8)   # requests arriving at any time
 """
 
-from ssm_llm import cascade, jrt, serving
+from ssm_llm import cascade, constrained_speculation, jrt, serving
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig, RopeConfig
 from ssm_llm.config_io import config_from_dict
@@ -23,6 +23,7 @@ from ssm_llm.ssm_cache import SSMCache
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
 
 __all__ = [
+    "constrained_speculation",
     "BeamHypotheses",
     "GenerationConfig",
     "GenerationResult",

@@ -15,21 +15,65 @@ Each round runs `speculative.decode`'s steps with the grammar on the host betwee
 
 A draft the grammar refuses could never be accepted (the target's token is always allowed), so pruning only
 saves work. Only greedy decoding: under sampling the masked law at every node would need a full mask.
+
+`ForcedTokens` drafts from the grammar itself: where it forces the next bytes (a JSON key, `":`, a closing
+brace), their tokens are a chain the target verifies in one forward ("jump-forward" decoding), for any model.
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.constraints import Matchers, awrs
+from ssm_llm.option_spec import check_int
 from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
+from ssm_llm.speculative.draft_model import roots
 from ssm_llm.speculative.protocol import Acceptance, DraftContext
-from ssm_llm.speculative.tree import UNUSED, DraftTree
+from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
+
+
+@flax.struct.dataclass
+class ForcedTokens:
+    """A drafter for constrained decoding: each round, the tokens the row's grammar forces next (up to
+    `num_tokens`, llguidance's canonical tokenization, `Matchers.forced`) as a chain after the root; no draft
+    where the next bytes are free. Use it as `GenerationConfig(constraint=..., speculative=ForcedTokens())`
+    (greedy); the grammar is on the host, so on the device it proposes an empty tree that the constrained loop
+    fills in."""
+
+    num_tokens: int = flax.struct.field(pytree_node=False, default=4)
+
+    def __post_init__(self):
+        check_int("ForcedTokens", "num_tokens", self.num_tokens, 1, MAX_TREE_NODES - 1, TREE_BOUND)
+
+    @property
+    def tree_size(self) -> int:
+        return self.num_tokens + 1
+
+    def init(self, params, config, prompts, lengths, max_len, impl):
+        """No state."""
+        return ()
+
+    def propose(self, state, context: DraftContext, sampling: Sampling, key) -> tuple[DraftTree, tuple]:
+        """The root alone (`fill` adds the forced tokens on the host)."""
+        batch = context.lengths.shape[0]
+        tokens = jnp.zeros((batch, self.tree_size), jnp.int32).at[:, 0].set(roots(context))
+        parents = jnp.full((batch, self.tree_size), UNUSED, jnp.int32).at[:, 0].set(ROOT_PARENT)
+        return DraftTree(tokens, parents), state
+
+    def update(self, state, context, tree, logits, acceptance):
+        return state
+
+    def fill(self, matchers: Matchers, row: int, tokens: np.ndarray, parents: np.ndarray) -> None:
+        """Write `row`'s forced tokens into its tree (`tokens`, `parents` [N], in place) as a chain after the root."""
+        forced = matchers.forced(row)[: self.num_tokens]
+        tokens[1 : len(forced) + 1] = forced
+        parents[1 : len(forced) + 1] = np.arange(len(forced))
 
 
 @jax.jit
@@ -121,11 +165,15 @@ def decode(
         key, sub = jax.random.split(key)
         context = DraftContext(jnp.asarray(history), jnp.asarray(lengths, jnp.int32), jnp.asarray(active))
         tree, state = _propose(drafter, state, context, sampling, sub)
-        tokens, parents = np.asarray(tree.tokens), np.array(tree.parents)
+        tokens, parents = np.array(tree.tokens), np.array(tree.parents)
         for row in np.flatnonzero(active):
+            if isinstance(drafter, ForcedTokens):
+                drafter.fill(matchers, row, tokens[row], parents[row])
             parents[row] = np.where(matchers.tree_allows(row, tokens[row], parents[row]), parents[row], UNUSED)
         parents[~active, 1:] = UNUSED
-        pruned = DraftTree(tree.tokens, jnp.asarray(parents), tree.child_probs, tree.draw)
+        pruned = DraftTree(jnp.asarray(tokens), jnp.asarray(parents), tree.child_probs, tree.draw)
+        if isinstance(drafter, ForcedTokens):
+            tree = pruned  # the drafts are the host's
         tree_logits, scratch, best = _verify(params, config, cache, pruned, impl, bool((parents[:, 1:] >= 0).any()))
         best = np.asarray(best)
         path, taken, bonus = np.zeros((batch, n), np.int32), np.zeros(batch, np.int32), tokens[:, 0].copy()

@@ -59,6 +59,8 @@ class GenerationConfig:
     `speculative`: a drafter from `ssm_llm.speculative` (e.g. `PromptLookup()`, `TokenRecycling()`,
     `DraftModel(draft_params, draft_config)`); the target verifies each draft tree in one forward and
     the output is exactly that of plain decoding (greedy: the same tokens; sampling: the same law).
+    With a `constraint` (greedy only): drafts the grammar refuses are pruned, and
+    `constrained_speculation.ForcedTokens()` drafts the tokens the grammar forces.
     `sparse_prefill`: a sparse prefill method (attention models), e.g. `ssm_llm.kv.MInference()` or
     `MInference.load(patterns_json)`: the prompt's attention on a per-head sparse pattern, for long prompts
     (an approximation: the output may differ from full attention's).
@@ -140,6 +142,8 @@ class GenerationConfig:
         self._check_constrained_sampling()
         if self.constraint is not None and self.num_beams > 1:
             raise ValueError("constraint does not combine with num_beams > 1 yet")
+        if isinstance(self.speculative, constrained_speculation.ForcedTokens) and self.constraint is None:
+            raise ValueError("speculative=ForcedTokens() drafts the tokens a constraint forces: set constraint= too")
         if self.constraint is not None and self.speculative is not None and self.temperature > 0:
             raise ValueError(
                 "constraint with speculative decoding is greedy only (temperature 0): the masked law at every "

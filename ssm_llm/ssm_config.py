@@ -84,6 +84,11 @@ class Mamba2Config(_SSMBase):
 
     `time_step_limit = (lo, hi)` clamps dt after softplus (in prefill and, unlike Hugging Face's
     decode path, in decode too, so cached decode equals the full forward).
+
+    `state_decay` (in (0, 1]) and `state_input_scale` (> 0): Stuffed Mamba's train-free fix for state collapse
+    past the training length, "forget more, remember less": every step's state decay exp(dt A) is multiplied
+    by `state_decay` and its input dt x B by `state_input_scale` (1 and 1: the model as trained). A decay c
+    bounds the state's memory to about 1 / (1 - c) tokens. Set them with `dataclasses.replace(config, ...)`.
     """
 
     num_heads: int = 1
@@ -92,6 +97,8 @@ class Mamba2Config(_SSMBase):
     chunk_size: int = 256
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     tie_word_embeddings: bool = False
+    state_decay: float = 1.0
+    state_input_scale: float = 1.0
 
     family = MAMBA2_FAMILY
 
@@ -108,6 +115,14 @@ class Mamba2Config(_SSMBase):
         if not 0.0 <= lo <= hi:
             raise ValueError(f"time_step_limit must be (lo, hi) with 0 <= lo <= hi, got {self.time_step_limit}")
         object.__setattr__(self, "time_step_limit", (lo, hi))
+        object.__setattr__(
+            self, "state_decay", as_float("config.state_decay", self.state_decay, 0.0, 1.0, open_min=True)
+        )
+        object.__setattr__(
+            self,
+            "state_input_scale",
+            as_float("config.state_input_scale", self.state_input_scale, 0.0, open_min=True),
+        )
 
     @property
     def conv_dim(self) -> int:

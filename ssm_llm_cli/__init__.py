@@ -166,11 +166,31 @@ class _TextStream:
             self.printed = text
 
 
+def _drafter(spec: str | None):
+    """`--speculative`'s drafter: the train-free ones of `ssm_llm.speculative.spec`, or "forced_tokens" (the tokens
+    a constraint forces, `constrained_speculation.ForcedTokens`)."""
+    if spec is None:
+        return None
+    from ssm_llm.constrained_speculation import ForcedTokens
+    from ssm_llm.option_spec import parse_spec
+    from ssm_llm.speculative.spec import DRAFTERS
+
+    return parse_spec(spec, {**DRAFTERS, "forced_tokens": ForcedTokens}, "speculative drafter", hidden=("adjacency",))
+
+
 def _generate(args) -> int:
+    from ssm_llm.constrained_speculation import ForcedTokens
     from ssm_llm.generation import GenerationConfig
     from ssm_llm.kv.spec import parse_policy
-    from ssm_llm.speculative.spec import parse_drafter
 
+    drafter = _drafter(args.speculative)
+    args.constraint_source = _constraint_source(args)
+    if isinstance(drafter, ForcedTokens) and args.constraint_source is None:
+        raise ValueError(
+            "--speculative forced_tokens drafts what a constraint forces: give --regex, --json-schema or --grammar"
+        )
+    # a constrained run gets its drafter with its constraint, once the tokenizer has compiled it
+    args.constrained_drafter = drafter if args.constraint_source is not None else None
     gen_config = GenerationConfig(  # validate the options before the slow model load
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -179,19 +199,18 @@ def _generate(args) -> int:
         min_p=args.min_p,
         seed=args.seed,
         kv_compression=parse_policy(args.kv_compression) if args.kv_compression is not None else None,
-        speculative=parse_drafter(args.speculative) if args.speculative is not None else None,
+        speculative=None if args.constraint_source is not None else drafter,
         sparse_prefill=_sparse_prefill(args.sparse_prefill),
         num_beams=args.num_beams,
         num_beam_groups=args.num_beam_groups,
         diversity_penalty=args.diversity_penalty,
         length_penalty=args.length_penalty,
     )
-    args.constraint_source = _constraint_source(args)
     args.context = _read_twice_context(args.read_twice)
-    if args.constraint_source is not None and (gen_config.speculative is not None or gen_config.num_beams > 1):
-        raise ValueError(
-            "a constraint (--regex / --json-schema / --grammar) does not combine with --speculative or --num-beams yet"
-        )
+    if args.constraint_source is not None and gen_config.num_beams > 1:
+        raise ValueError("a constraint (--regex / --json-schema / --grammar) does not combine with --num-beams yet")
+    if args.constraint_source is not None and drafter is not None and gen_config.temperature > 0:
+        raise ValueError("a constraint (--regex / --json-schema / --grammar) with --speculative is greedy only")
     _join_processes(args)  # before anything touches JAX's devices
     with _CompileClock() as clock:
         return _run_generation(args, gen_config, clock)
@@ -268,7 +287,7 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     started = time.perf_counter()
     path = _model_path(args.model)
     quantize = args.quantize
-    if quantize == "auto" and gen_config.speculative is not None:
+    if quantize == "auto" and (gen_config.speculative is not None or args.constrained_drafter is not None):
         quantize = "none"  # lossless only on float32: a W8A8 model's rounding follows the forward's shape
         if main_process:
             print("[--quantize auto: float32 (--speculative is exact on float32 weights only)]", file=sys.stderr)
@@ -296,6 +315,8 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
         eos.add(tokenizer.eos_token_id)
     constraint = _constraint(args.constraint_source, tokenizer, eos)
     gen_config = dataclasses.replace(gen_config, eos_token_ids=tuple(sorted(eos)), constraint=constraint)
+    if args.constrained_drafter is not None:
+        gen_config = dataclasses.replace(gen_config, speculative=args.constrained_drafter)
     # A speculative round emits several tokens at once and beams are reordered, so their text is printed at the end.
     whole = args.no_stream or gen_config.speculative is not None or gen_config.num_beams > 1
     stream = None if whole else _TextStream(tokenizer, eos)
@@ -438,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="lossless speculative decoding with a train-free drafter: 'prompt_lookup', "
         "'prompt_lookup:num_tokens=8' or 'token_recycling' (the text is printed at the end; on a "
-        "CPU it pays off mainly when the answer copies the prompt)",
+        "CPU it pays off mainly when the answer copies the prompt); with a constraint (greedy) also "
+        "'forced_tokens' (the tokens the grammar forces)",
     )
     gen.add_argument(
         "--read-twice",

@@ -30,7 +30,7 @@ class Matchers:
         self.known = constraint.tokenizer.vocab_size  # ids past the tokenizer's (padding): never allowed
         self.tokenizer_eos = [t for t in constraint.tokenizer.eos_tokens if t < self.known]
         self._next: list[np.ndarray | None] = [None] * batch  # each row's grammar tokens, until it advances
-        self._forced: list[list[int] | None] = [None] * batch  # each row's forced token ([] if none), likewise
+        self._forced: list[list[int] | None] = [None] * batch  # each row's forced tokens ([] if none), likewise
         self.evaluations = 0
 
     def masks(self, done: np.ndarray) -> np.ndarray:
@@ -60,12 +60,18 @@ class Matchers:
             return self.rows[row].is_accepting()
         if token >= self.known or token in self.tokenizer_eos:
             return False
-        if self._forced[row] is None:
-            self._forced[row] = self.rows[row].compute_ff_tokens()[:1]
-            self._check(row, self.rows[row])
-        if self._forced[row]:
-            return token == self._forced[row][0]
+        forced = self.forced(row)
+        if forced:
+            return token == forced[0]
         return self.rows[row].validate_tokens([token]) == 1
+
+    def forced(self, row: int) -> list[int]:
+        """The tokens `row`'s grammar forces next, in llguidance's canonical tokenization ([] if the next bytes
+        are free): where the grammar forces bytes, the masks allow only the first of these tokens."""
+        if self._forced[row] is None:
+            self._forced[row] = list(self.rows[row].compute_ff_tokens())
+            self._check(row, self.rows[row])
+        return self._forced[row]
 
     def advance(self, tokens: np.ndarray) -> None:
         """Consume each row's new token (rows with -1 or an EOS id emit nothing to the grammar)."""

@@ -113,6 +113,17 @@ def _effective_chunk(chunk_size: int, steps: int) -> int:
     return min(chunk_size, _JNP_MAX_CHUNK, -(-steps // 16) * 16)
 
 
+def forget_more(dt, A, x, decay: float, input_scale: float):
+    """Stuffed Mamba's train-free fix for state collapse, "forget more, remember less" (Chen et al. 2024): each
+    step's state decay exp(dt A) multiplied by `decay` (<= 1) and its input dt x B by `input_scale`, expressed as
+    the inputs of an unchanged scan: dt' = dt + log(decay) / A (A < 0, so dt' >= dt and exp(dt' A) = decay *
+    exp(dt A)) and x' = x * input_scale * dt / dt' (so dt' x' B = input_scale * dt x B). The caller runs the scan
+    without its D skip and adds D x itself. dt: [B, T, Hh], A: [Hh], x: [B, T, Hh, P] -> (dt', x')."""
+    shifted = dt + jnp.log(jnp.float32(decay)) / A
+    ratio = jnp.where(shifted > 0, dt / jnp.where(shifted > 0, shifted, 1.0), 1.0)
+    return shifted, (x.astype(jnp.float32) * (input_scale * ratio)[..., None]).astype(x.dtype)
+
+
 def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     """Mamba-2's mixer with the parts that walk the sequence supplied by the caller: in_proj ->
     [z, xBC, dt] -> conv over xBC -> scan (dt_bias, softplus, time_step_limit applied before it; D skip
@@ -122,6 +133,7 @@ def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     `scan(x [B, T, Hh, P], dt [B, T, Hh], A [Hh], B, C [B, T, G, N], D [Hh]) -> (y [B, T, Hh, P], ssm_aux)`.
     Returns `(output [B, T, H], conv_aux, ssm_aux)`.
     Named activations (`ops.act`): z, conv_in (xBC), dt (before dt_bias), x, B, C (conv outputs).
+    `config.state_decay` / `state_input_scale` other than 1 apply `forget_more` before the scan.
     """
     batch, steps, _ = h.shape
     inner, heads, hd = config.intermediate_size, config.num_heads, config.head_dim
@@ -134,14 +146,19 @@ def mamba2_block(config: Mamba2Config, p: dict, h, conv, scan, ops=FLOAT_OPS):
     x, B, C = ops.act("x", x, p), ops.act("B", B, p), ops.act("C", C, p)
     dt = jnp.clip(jax.nn.softplus((dt + p["dt_bias"]).astype(jnp.float32)), *config.time_step_limit)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
+    x = x.reshape(batch, steps, heads, hd)
+    fixed = config.state_decay != 1.0 or config.state_input_scale != 1.0
+    dt_scan, x_scan = forget_more(dt, A, x, config.state_decay, config.state_input_scale) if fixed else (dt, x)
     y, ssm_aux = scan(
-        x.reshape(batch, steps, heads, hd),
-        dt,
+        x_scan,
+        dt_scan,
         A,
         B.reshape(batch, steps, groups, n),
         C.reshape(batch, steps, groups, n),
-        p["D"],
+        jnp.zeros_like(p["D"]) if fixed else p["D"],
     )
+    if fixed:  # the D skip on the unscaled input
+        y = y + (p["D"].astype(jnp.float32)[:, None] * x.astype(jnp.float32)).astype(y.dtype)
     y = gated_rms_norm(y.reshape(batch, steps, inner), z, p["gated_norm"], config.layer_norm_epsilon, groups)
     return ops.linear("out_proj", y, p), conv_aux, ssm_aux
 

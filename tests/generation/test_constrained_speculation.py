@@ -9,6 +9,7 @@ from conftest import tiny_over_smollm2_vocab
 
 import ssm_llm
 from ssm_llm import constraints
+from ssm_llm.constrained_speculation import ForcedTokens
 from ssm_llm.speculative import DraftModel, PromptLookup, TokenRecycling
 from ssm_llm.speculative.tree import UNUSED
 
@@ -46,12 +47,17 @@ def assert_same(plain, fast):
     assert fast.finish_reasons == plain.finish_reasons
 
 
-@pytest.mark.parametrize("drafter", ["self", "lookup", "recycling"])
+@pytest.mark.parametrize("drafter", ["self", "lookup", "recycling", "forced"])
 def test_same_tokens_as_constrained_greedy_decoding(model, bound, drafter):
     """A regex the random model never wants (every step falls back to the mask, most drafts pruned) and a JSON
     schema; the draft model is the target itself, so its drafts are the unconstrained argmax."""
     config, params = model
-    make = {"self": lambda: DraftModel(params, config, 4), "lookup": PromptLookup, "recycling": TokenRecycling}
+    make = {
+        "self": lambda: DraftModel(params, config, 4),
+        "lookup": PromptLookup,
+        "recycling": TokenRecycling,
+        "forced": ForcedTokens,
+    }
     for constraint in (constraints.Regex("(cat|dog)-[0-9]{2}x+", bound), constraints.JSONSchema(SCHEMA, bound)):
         assert_same(*both(model, constraint, make[drafter]()))
 
@@ -62,6 +68,23 @@ def test_drafts_the_grammar_allows_are_accepted(model, bound):
     plain, fast = both(model, constraints.Regex("[^\\n]{1,60}", bound), DraftModel(params, config, 4))
     assert_same(plain, fast)
     assert sum(fast.speculative.accepted) > sum(fast.speculative.rounds)  # over 2 tokens per forward
+
+
+def test_forced_tokens_are_drafted_and_accepted(model, bound):
+    """ForcedTokens drafts what the grammar forces (the JSON keys and punctuation), which the target always
+    accepts: several tokens per forward from a model whose own choices are random."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "temperature": {"type": "integer", "minimum": 0, "maximum": 99},
+            "description": {"type": "boolean"},
+        },
+        "required": ["temperature", "description"],
+        "additionalProperties": False,
+    }
+    plain, fast = both(model, constraints.JSONSchema(schema, bound), ForcedTokens(num_tokens=3))
+    assert_same(plain, fast)
+    assert all(a >= 3 for a in fast.speculative.accepted)  # "temperature", "description" and their quotes at least
 
 
 def test_grammar_endings_and_one_token(model, bound):
@@ -135,5 +158,9 @@ def test_tree_pruning_equals_path_checks(bound):
 def test_errors(bound):
     with pytest.raises(ValueError, match="greedy only"):
         ssm_llm.GenerationConfig(constraint=constraints.Regex("a+", bound), speculative=PromptLookup(), temperature=0.7)
+    with pytest.raises(ValueError, match="drafts the tokens a constraint forces"):
+        ssm_llm.GenerationConfig(speculative=ForcedTokens())
+    with pytest.raises(ValueError, match="num_tokens"):
+        ForcedTokens(num_tokens=0)
     with pytest.raises(ValueError, match="num_beams"):
         ssm_llm.GenerationConfig(constraint=constraints.Regex("a+", bound), num_beams=2)

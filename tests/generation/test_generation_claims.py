@@ -79,8 +79,9 @@ def test_cli_generate_with_unrolled_layers(smollm2, monkeypatch, capsys):
 
 
 def test_cli_generate_with_a_constraint_and_with_beams(smollm2, monkeypatch, capsys, tmp_path):
-    """`--regex` / `--json-schema FILE` reach `generate` as compiled constraints and the printed text follows them;
-    `--num-beams` runs beam search; two kinds of constraint at once are refused before the model loads."""
+    """`--regex` / `--json-schema FILE` reach `generate` as compiled constraints and the printed text follows them,
+    also with `--speculative forced_tokens`; `--num-beams` runs beam search; two kinds of constraint at once, and
+    forced tokens without a constraint, are refused before the model loads."""
     import json
     import re
 
@@ -102,8 +103,13 @@ def test_cli_generate_with_a_constraint_and_with_beams(smollm2, monkeypatch, cap
     assert cli.main([*argv, "--json-schema", str(schema)]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed) in ({"ok": True}, {"ok": False}), printed
+    assert cli.main([*argv, "--json-schema", str(schema), "--speculative", "forced_tokens"]) == 0
+    assert capsys.readouterr().out == printed  # the grammar's forced tokens as drafts: the same text
     assert cli.main([*argv, "--num-beams", "3"]) == 0 and capsys.readouterr().out.strip()
-    assert [type(c).__name__ for c, _ in seen] == ["Regex", "JSONSchema", "NoneType"] and seen[2][1] == 3
+    assert [type(c).__name__ for c, _ in seen] == ["Regex", "JSONSchema", "JSONSchema", "NoneType"]
+    assert seen[3][1] == 3
+    assert cli.main([*argv, "--speculative", "forced_tokens"]) != 0
+    assert "drafts what a constraint forces" in capsys.readouterr().err
     assert cli.main([*argv, "--regex", "a", "--grammar", 'start: "a"']) != 0
     assert "three kinds of constraint: give one" in capsys.readouterr().err
     assert cli.main([*argv, "--json-schema", str(tmp_path / "missing.json")]) != 0
