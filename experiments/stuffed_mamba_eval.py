@@ -126,6 +126,11 @@ def main() -> None:
     parser.add_argument("--train-len", type=int, default=256, help="the windows the model was trained on")
     parser.add_argument("--windows", type=int, default=6, help="perplexity windows of 16 x train-len tokens")
     parser.add_argument("--samples", type=int, default=6, help="recall samples per context length")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="decay:scale pairs to run, e.g. '1:1,0.99:1' (default: all of VARIANTS)",
+    )
     parser.add_argument("--quick", action="store_true", help="a random tiny Mamba-2, 2 windows, 2 samples")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "stuffed_mamba_eval.json"))
     args = parser.parse_args()
@@ -148,8 +153,11 @@ def main() -> None:
     samples = recall_samples(tokenizer, stream, lengths, args.samples)
     newline = tokenizer("\n", add_special_tokens=False).input_ids
 
+    variants = VARIANTS
+    if args.variants:
+        variants = [tuple(float(v) for v in pair.split(":")) for pair in args.variants.split(",")]
     rows = []
-    for decay, scale in tqdm(VARIANTS, desc="variants"):
+    for decay, scale in tqdm(variants, desc="variants"):
         variant = dataclasses.replace(config, state_decay=decay, state_input_scale=scale)
         row = {"state_decay": decay, "state_input_scale": scale, "name": _name(decay, scale)}
         row["perplexity"] = perplexity_buckets(params, variant, windows, args.train_len)
