@@ -116,6 +116,13 @@ def _walk(matchers: Matchers, row: int, tokens, parents, best, logits, room: int
     return path, emitted, False
 
 
+def _complete(matchers: Matchers, row: int) -> bool:
+    """Whether `row`'s grammar takes nothing more and has no EOS id to end with (`Matchers.finished` for one row)."""
+    among = np.zeros(len(matchers.rows), bool)
+    among[row] = True
+    return not matchers.eos and bool(matchers.complete(among)[row])
+
+
 def decode(
     params,
     config,
@@ -159,6 +166,7 @@ def decode(
     for row in np.flatnonzero(first >= 0):
         emit(row, [int(first[row])])
         matchers.consume(row, int(first[row]))
+        stopped[row] |= not by_eos[row] and count[row] < max_new_tokens and _complete(matchers, row)
     done = stopped | by_eos | (count >= max_new_tokens)
     while not done.all():
         active = ~done
@@ -171,10 +179,11 @@ def decode(
                 drafter.fill(matchers, row, tokens[row], parents[row])
             parents[row] = np.where(matchers.tree_allows(row, tokens[row], parents[row]), parents[row], UNUSED)
         parents[~active, 1:] = UNUSED
-        pruned = DraftTree(jnp.asarray(tokens), jnp.asarray(parents), tree.child_probs, tree.draw)
-        if isinstance(drafter, ForcedTokens):
-            tree = pruned  # the drafts are the host's
-        tree_logits, scratch, best = _verify(params, config, cache, pruned, impl, bool((parents[:, 1:] >= 0).any()))
+        # The drafter learns from the pruned tree: a pruned node's logits are not a continuation of its path (and
+        # are padding in a round scored at the root alone). Kept nodes keep their ancestors, so a draft model's
+        # scratch along an accepted path is the one it computed.
+        tree = DraftTree(jnp.asarray(tokens), jnp.asarray(parents), tree.child_probs, tree.draw)
+        tree_logits, scratch, best = _verify(params, config, cache, tree, impl, bool((parents[:, 1:] >= 0).any()))
         best = np.asarray(best)
         path, taken, bonus = np.zeros((batch, n), np.int32), np.zeros(batch, np.int32), tokens[:, 0].copy()
         for row in np.flatnonzero(active):
@@ -183,8 +192,9 @@ def decode(
             )
             path[row, 1 : len(nodes) + 1], taken[row] = nodes, len(nodes)
             bonus[row] = emitted[-1] if emitted else bonus[row]
-            stopped[row] |= ended
             emit(row, emitted)
+            # a grammar completed by this round's last token ends its row now (no EOS ids), as masking's would
+            stopped[row] |= ended or (not by_eos[row] and count[row] < max_new_tokens and _complete(matchers, row))
         rounds += active
         accepted += taken
         acceptance = Acceptance(jnp.asarray(path), jnp.asarray(taken), jnp.asarray(bonus))

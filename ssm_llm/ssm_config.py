@@ -115,9 +115,8 @@ class Mamba2Config(_SSMBase):
         if not 0.0 <= lo <= hi:
             raise ValueError(f"time_step_limit must be (lo, hi) with 0 <= lo <= hi, got {self.time_step_limit}")
         object.__setattr__(self, "time_step_limit", (lo, hi))
-        object.__setattr__(
-            self, "state_decay", as_float("config.state_decay", self.state_decay, 0.0, 1.0, open_min=True)
-        )
+        # below ~1e-38 float32's log(decay) / A under- or overflows: 1e-30 already forgets everything
+        object.__setattr__(self, "state_decay", as_float("config.state_decay", self.state_decay, 1e-30, 1.0))
         object.__setattr__(
             self,
             "state_input_scale",

@@ -102,7 +102,8 @@ class Matchers:
         while stack:
             node, leaving = stack.pop()
             if leaving:
-                matcher.rollback(1)
+                if not matcher.rollback(1):
+                    raise RuntimeError(f"{self.constraint!r}, sequence {row}: llguidance could not roll back a draft")
                 continue
             if node:
                 matcher.consume_token(int(tokens[node]))

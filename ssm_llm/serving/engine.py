@@ -284,6 +284,11 @@ class Engine:
         if gen_config.num_beams > 1:
             raise ValueError("the engine does not run num_beams > 1 requests yet: use ssm_llm.generate for them")
         spec = gen_config.speculative
+        if spec is not None and gen_config.constraint is not None:
+            raise ValueError(
+                "the engine does not check drafts against a constraint yet: use ssm_llm.generate for constrained "
+                "speculative decoding, or submit the request without speculative="
+            )
         if spec is not None and not (isinstance(spec, PromptLookup) and self.paged and gen_config.temperature == 0):
             raise ValueError(
                 f"the engine speculates only with PromptLookup, for greedy requests of attention models; got "

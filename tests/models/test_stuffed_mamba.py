@@ -93,13 +93,18 @@ def test_cached_decode_and_ragged_rows_equal_the_full_forward(params):
         pieces.append(np.asarray(logits[0]))
     np.testing.assert_allclose(np.concatenate(pieces), np.asarray(full[0]), atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(cache.ssm_state), np.asarray(full_cache.ssm_state), atol=2e-5)
-    # a padded row: the padding's steps must stay identities although dt is shifted
+    # a padded row: the padding's steps must stay identities although dt is shifted (the state after them is
+    # the state after the row's own 7 tokens), and the next step continues from there
     padded = jnp.asarray([ids[:7] + [5] * 12, ids])
-    logits, _ = ssm_llm.forward(
+    _, cache = ssm_llm.forward(
         params, FIXED, padded, ssm_llm.init_cache(FIXED, 2, 32), token_counts=jnp.asarray([7, 19], jnp.int32)
     )
-    alone, alone_cache = ssm_llm.forward(params, FIXED, jnp.asarray([ids[:7]]), ssm_llm.init_cache(FIXED, 1, 32))
-    np.testing.assert_allclose(np.asarray(logits[0, :7]), np.asarray(alone[0]), atol=2e-5)
+    _, alone = ssm_llm.forward(params, FIXED, jnp.asarray([ids[:7]]), ssm_llm.init_cache(FIXED, 1, 32))
+    np.testing.assert_allclose(np.asarray(cache.ssm_state[:, 0]), np.asarray(alone.ssm_state[:, 0]), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(cache.conv_state[:, 0]), np.asarray(alone.conv_state[:, 0]), atol=2e-6)
+    nxt, _ = ssm_llm.forward(params, FIXED, jnp.asarray([[3], [3]]), cache)
+    solo, _ = ssm_llm.forward(params, FIXED, jnp.asarray([[3]]), alone)
+    np.testing.assert_allclose(np.asarray(nxt[0]), np.asarray(solo[0]), atol=2e-5)
 
 
 def test_generate_and_speculative_decoding(params):
@@ -132,7 +137,8 @@ def test_a_tiny_decay_forgets_what_the_convolutions_cannot_reach(params):
 
 
 def test_bad_values_and_round_trip():
-    for bad in (dict(state_decay=0.0), dict(state_decay=1.5), dict(state_input_scale=0.0), dict(state_decay="x")):
+    bad_values = (dict(state_decay=1e-31), dict(state_decay=1.5), dict(state_input_scale=0.0), dict(state_decay="x"))
+    for bad in bad_values:
         with pytest.raises(ValueError, match="config.state_"):
             dataclasses.replace(BASE, **bad)
     assert ssm_llm.config_from_dict(FIXED.to_dict()) == FIXED

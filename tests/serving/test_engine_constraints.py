@@ -35,6 +35,17 @@ SCHEMA = {
 }
 
 
+def test_constrained_drafts_are_refused(bound):
+    """The engine's speculative rounds do not check drafts against a grammar yet: refused, not ignored."""
+    config = MODELS["llama"]
+    engine = Engine(ssm_llm.init_params(config, jax.random.PRNGKey(0)), config, max_slots=2, page_size=8, max_len=64)
+    gen = ssm_llm.GenerationConfig(
+        constraint=constraints.Regex("[a-z]+", bound), speculative=ssm_llm.speculative.PromptLookup()
+    )
+    with pytest.raises(ValueError, match="does not check drafts against a constraint"):
+        engine.submit([1, 2, 3], gen)
+
+
 def drain(engine):
     """Step until idle: {rid: (tokens, finish reason)}."""
     tokens, reasons = {}, {}
