@@ -227,8 +227,10 @@ def _sharded_target(stored, meta: dict, config, mesh, directory: Path):
 
 
 def split_quantized(params: dict) -> tuple[dict, dict]:
-    """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict (orbax stores arrays only);
-    returns the new tree and {"path/to/weight": {"bits", "group_size"}}."""
+    """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict and every DFloat11 weight by
+    its four arrays (orbax stores arrays only); returns the new tree and {"path/to/weight": layout}, the layout
+    {"bits", "group_size"} or {"format": "dfloat11", "block", "code_bits"}."""
+    from pallas_kernels.dfloat11 import DFloat11Weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
 
     found = {}
@@ -238,6 +240,9 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
             found["/".join(path)] = {"bits": node.bits, "group_size": node.group_size}
             arrays = {"values": node.values, "scales": node.scales}
             return arrays if node.offsets is None else {**arrays, "offsets": node.offsets}
+        if isinstance(node, DFloat11Weight):
+            found["/".join(path)] = {"format": "dfloat11", "block": node.block, "code_bits": node.code_bits}
+            return {name: getattr(node, name) for name in DFLOAT11_ARRAYS}
         if isinstance(node, dict):
             return {k: walk(v, path + (str(k),)) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
@@ -247,8 +252,12 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
     return walk(params, ()), found
 
 
+DFLOAT11_ARRAYS = ("sign_mantissa", "stream", "block_starts", "table")
+
+
 def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
     """Invert `split_quantized` with the layout recorded in the config file."""
+    from pallas_kernels.dfloat11 import DFloat11Weight, check_weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
 
     for path, layout in quantized.items():
@@ -258,6 +267,11 @@ def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
             for key in parents:
                 node = node[int(key)] if isinstance(node, list) else node[key]
             stored = node[leaf]
+            if layout.get("format") == "dfloat11":
+                arrays = [stored[name] for name in DFLOAT11_ARRAYS]
+                node[leaf] = DFloat11Weight(*arrays, int(layout["block"]), int(layout["code_bits"]))
+                check_weight(node[leaf], path)
+                continue
             node[leaf] = QuantizedWeight(
                 stored["values"],
                 stored["scales"],

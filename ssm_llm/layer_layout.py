@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dfloat11 import decompress_tree
+
 
 def is_stacked(params: dict) -> bool:
     """True if `params["layers"]` is the stacked layout."""
@@ -45,14 +47,19 @@ def run_layers(layer_fn, carry, layers, per_layer: tuple = ()):
     Stacked `layers` run under `lax.scan` (index and the `per_layer` values arrive as traced scalars);
     a list of per-layer dicts runs as an unrolled loop (index and values are Python numbers).
     `per_layer`: tuples holding one value per layer (e.g. sliding-window sizes).
+    DFloat11 weights (`ssm_llm.compress.dfloat11`) are decoded as their layer starts.
     """
     if isinstance(layers, (list, tuple)):
         for index, layer in enumerate(layers):
-            carry = layer_fn(carry, (layer, index, *(values[index] for values in per_layer)))
+            carry = layer_fn(carry, (decompress_tree(layer), index, *(values[index] for values in per_layer)))
         return carry
     count = jax.tree_util.tree_leaves(layers)[0].shape[0]
     xs = (layers, jnp.arange(count, dtype=jnp.int32), *(jnp.asarray(values) for values in per_layer))
-    carry, _ = jax.lax.scan(lambda c, x: (layer_fn(c, x), None), carry, xs)
+
+    def step(c, x):
+        return layer_fn(c, (decompress_tree(x[0]), *x[1:])), None
+
+    carry, _ = jax.lax.scan(step, carry, xs)
     return carry
 
 
@@ -68,13 +75,14 @@ def run_layers_with_states(layer_fn, carry, states, layers):
     if isinstance(layers, (list, tuple)):
         outputs = []
         for index, layer in enumerate(layers):
-            carry, new = layer_fn(carry, (layer, index), jax.tree_util.tree_map(lambda s, i=index: s[i], states))
+            state = jax.tree_util.tree_map(lambda s, i=index: s[i], states)
+            carry, new = layer_fn(carry, (decompress_tree(layer), index), state)
             outputs.append(new)
         return carry, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
     count = jax.tree_util.tree_leaves(layers)[0].shape[0]
 
     def step(c, x):
         layer, index, state = x
-        return layer_fn(c, (layer, index), state)
+        return layer_fn(c, (decompress_tree(layer), index), state)
 
     return jax.lax.scan(step, carry, (layers, jnp.arange(count, dtype=jnp.int32), states))

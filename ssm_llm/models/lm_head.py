@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dfloat11 import DFloat11Weight, decompress, take_rows
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
 from ssm_llm.hadamard import block_hadamard
 
@@ -62,8 +63,10 @@ def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
     """The embedding rows of `tokens` `[...]` -> `[..., H]`: a float table [V, H], or an int8 one stored as the
     tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row), dequantized row by row;
     under `activation_rotation` a tied table holds the rotated rows (E Q, the head's weight Q E^T), which
-    `block_hadamard` turns back (Q Q = I)."""
+    `block_hadamard` turns back (Q Q = I). A DFloat11 table decodes only the blocks holding those rows."""
     table = params["embed"]
+    if isinstance(table, DFloat11Weight):
+        return take_rows(table, tokens)
     if isinstance(table, QuantizedWeight):
         codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
         rows = codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
@@ -79,8 +82,12 @@ def activation_dtype(params: dict):
 
 def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
     """Project final hidden states `[..., H]` to vocabulary logits `[..., V]` (tied: the embedding); an int8
-    output projection multiplies as W8A8 (`int8_matmul`), its input rotated under `activation_rotation`."""
+    output projection multiplies as W8A8 (`int8_matmul`), its input rotated under `activation_rotation`; a DFloat11
+    one is decoded whole first."""
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    if isinstance(head, DFloat11Weight):
+        head = decompress(head)
+        params = {**params, "embed" if config.tie_word_embeddings else "lm_head": head}
     if isinstance(head, QuantizedWeight):
         return linear(h, head, int8_acts=True, rotate=config.activation_rotation)
     if config.tie_word_embeddings:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.layer_layout import run_layers_with_states
+from ssm_llm.models.lm_head import embed_tokens
 from ssm_llm.models.mamba_mixers import mamba1_mixer, mamba2_mixer
 from ssm_llm.models.registry import Family, register
 from ssm_llm.norm import rms_norm
@@ -163,7 +164,7 @@ def run_blocks(
         return x + out, (new_conv.astype(conv.dtype), new_ssm.astype(ssm.dtype))
 
     x, (conv_all, ssm_all) = run_layers_with_states(
-        layer, params["embed"][tokens], (cache.conv_state, cache.ssm_state), params["layers"]
+        layer, embed_tokens(params, config, tokens), (cache.conv_state, cache.ssm_state), params["layers"]
     )
     h = rms_norm(x, params["final_norm"], config.layer_norm_epsilon)
     return h, SSMCache(conv_state=conv_all, ssm_state=ssm_all, lengths=cache.lengths + token_counts)

@@ -22,7 +22,7 @@ from pallas_kernels.causal_conv1d import causal_conv1d_update
 from pallas_kernels.selective_scan import selective_state_update
 from pallas_kernels.ssd import ssd_step
 from ssm_llm.layer_layout import run_layers_with_states
-from ssm_llm.models.lm_head import logits_from_hidden
+from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
 from ssm_llm.models.mamba_mixers import mamba1_block, mamba2_block
 from ssm_llm.norm import rms_norm
 from ssm_llm.speculative.tree import DraftTree, check_tree
@@ -144,7 +144,7 @@ def _tree_logits(params, config, cache, tree, scratch, nodes, impl):
         out, conv_inputs, node_states = block(config, p, rms_norm(x, p["norm"], config.layer_norm_epsilon), conv, scan)
         return x + out, (conv_inputs, node_states)
 
-    x = params["embed"][tree.tokens[rows, nodes]]
+    x = embed_tokens(params, config, tree.tokens[rows, nodes])
     x, (conv_inputs, ssm_states) = run_layers_with_states(
         layer, x, (cache.conv_state, cache.ssm_state, scratch.conv_inputs, scratch.ssm_states), params["layers"]
     )
