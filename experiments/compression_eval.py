@@ -1,17 +1,24 @@
-"""Weight compression on SmolLM2-135M-Instruct (bfloat16 as the base): DFloat11's size and speed.
+"""Weight compression on SmolLM2-135M-Instruct: DFloat11's size and speed, BitStack's perplexity-memory curve.
 
 DFloat11 (`ssm_llm.compress.dfloat11`): bytes of the weights against bfloat16 (per kind of tensor and in all,
 tables and block starts included), the exponents' entropy and the code's mean length, whether greedy
 generation and the prompt's logits are identical, and decode speed with the weights decoded inside every
 forward, against the bfloat16 model in the same run (layers stacked and unrolled; medians of --repeats).
-One run writes experiments/results/compression_eval.json with the CPU model and its flags.
+BitStack (`ssm_llm.compress.bitstack`, float32 base): the linears decomposed once into --blocks residual blocks
+(activation-aware scales from calibration text), loaded at budgets of --bits bits per linear weight; perplexity
+on held-out real text (text_corpus's eval split, --windows x --seq-len tokens) beside round-to-nearest at 2, 3, 4
+and 8 bits and GPTQ at 4 bits (groups of 64 input rows (576 = 9 x 64), a float16 scale each: +0.25 bit per weight).
 
-    .venv/bin/python experiments/compression_eval.py [--new-tokens 16] [--repeats 3]
+One run writes experiments/results/compression_eval.json (+ compression_eval.png) with the CPU model and its
+flags; `--parts bitstack` reruns one part and keeps the other's results.
+
+    .venv/bin/python experiments/compression_eval.py [--parts dfloat11 bitstack] [--new-tokens 16] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -19,12 +26,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import text_corpus
 from bench_runners import machine_info
+from tqdm.auto import tqdm
 
 import converters
 import ssm_llm
 from pallas_kernels.dfloat11 import DFloat11Weight
-from ssm_llm.compress import compressed_bytes, dfloat11
+from ssm_llm.compress import (
+    allocate_bits,
+    bitstack,
+    compressed_bytes,
+    dfloat11,
+    layer_scores,
+    load_budget,
+    quantize_layers,
+)
 from ssm_llm.layer_layout import unstack_layers
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -72,13 +89,7 @@ def _decode_speed(params, config, ids, n, repeats):
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression_eval.json"))
-    args = parser.parse_args()
-
+def _dfloat11_part(args) -> dict:
     path = ssm_llm.default_model_path()
     config, params = converters.load(path, dtype=jnp.bfloat16)
     tokenizer = converters.load_tokenizer(path)
@@ -87,18 +98,14 @@ def main() -> None:
     packed = dfloat11(params)
     encode_s = time.perf_counter() - start
     stored, original = compressed_bytes(packed)
-    print(
-        f"DFloat11: {stored / 1e6:.1f} MB of {original / 1e6:.1f} MB bfloat16 ({stored / original:.3f}), "
-        f"encoded in {encode_s:.1f} s"
-    )
+    print(f"DFloat11: {stored / 1e6:.1f} MB of {original / 1e6:.1f} MB bfloat16 ({stored / original:.3f})")
 
     cache = ssm_llm.init_cache(config, 1, len(ids), dtype=jnp.bfloat16)
     want, _ = ssm_llm.forward(params, config, jnp.asarray([ids]), cache)
     got, _ = ssm_llm.forward(packed, config, jnp.asarray([ids]), cache)
     logits_identical = bool(np.array_equal(np.asarray(want.astype(jnp.float32)), np.asarray(got.astype(jnp.float32))))
 
-    speed = {}
-    tokens = {}
+    speed, tokens = {}, {}
     for layout, transform in (("stacked", lambda p: p), ("unrolled", unstack_layers)):
         for name, p in (("bfloat16", params), ("dfloat11", packed)):
             tokens[name, layout], speed[f"{name}_{layout}"] = _decode_speed(
@@ -106,26 +113,178 @@ def main() -> None:
             )
             print(layout, name, speed[f"{name}_{layout}"])
     identical = all(tokens["dfloat11", lay] == tokens["bfloat16", lay] for lay in ("stacked", "unrolled"))
-    result = {
-        "machine": machine_info(),
+    return {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized, cast to bfloat16)",
-        "dfloat11": {
-            "bytes": stored,
-            "bfloat16_bytes": original,
-            "ratio": stored / original,
-            "encode_s": encode_s,
-            **_exponent_stats(params),
-            "prompt_logits_identical": logits_identical,
-            "greedy_tokens_identical": identical,
-            "new_tokens": args.new_tokens,
-            "speed": speed,
-            "slowdown_stacked": speed["dfloat11_stacked"]["wall_s"] / speed["bfloat16_stacked"]["wall_s"],
-            "slowdown_unrolled": speed["dfloat11_unrolled"]["wall_s"] / speed["bfloat16_unrolled"]["wall_s"],
-            "tensors": _sizes(packed),
-        },
+        "bytes": stored,
+        "bfloat16_bytes": original,
+        "ratio": stored / original,
+        "encode_s": encode_s,
+        **_exponent_stats(params),
+        "prompt_logits_identical": logits_identical,
+        "greedy_tokens_identical": identical,
+        "new_tokens": args.new_tokens,
+        "speed": speed,
+        "slowdown_stacked": speed["dfloat11_stacked"]["wall_s"] / speed["bfloat16_stacked"]["wall_s"],
+        "slowdown_unrolled": speed["dfloat11_unrolled"]["wall_s"] / speed["bfloat16_unrolled"]["wall_s"],
+        "tensors": _sizes(packed),
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result["dfloat11"].items() if k != "tensors"}, indent=2))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _nll_sum(params, config, window):
+    logits, _ = ssm_llm.forward(params, config, window[:, :-1], ssm_llm.init_cache(config, *window[:, :-1].shape))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, window[:, 1:, None], axis=-1).sum()
+
+
+def _perplexity(params, config, windows, batch: int = 4) -> float:
+    total = sum(
+        float(_nll_sum(params, config, jnp.asarray(windows[i : i + batch]))) for i in range(0, len(windows), batch)
+    )
+    return float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def _float32_model_and_text(args):
+    """SmolLM2 in float32, calibration token ids [B, T] from the corpus's train split, evaluation windows."""
+    path = ssm_llm.default_model_path()
+    config, params = converters.load(path)
+    corpus = text_corpus.load_corpus(text_corpus.SOURCES, tokenizer=converters.load_tokenizer(path))
+    train, held_out = corpus.split_tokens("train"), corpus.split_tokens("eval")
+    calibration = next(text_corpus.batches(train, args.calib_seqs, args.seq_len, np.random.default_rng(0)))[:, :-1]
+    return config, params, calibration, text_corpus.eval_windows(held_out, args.seq_len, args.windows)
+
+
+def _recorder(config, windows, rows: dict):
+    def record(name, p, bits, **extra):
+        start = time.perf_counter()
+        rows[name] = {"bits_per_weight": bits, "perplexity": _perplexity(p, config, windows), **extra}
+        rows[name]["eval_s"] = time.perf_counter() - start
+        print(f"{name:<28} {bits:6.3f} bits/weight  ppl {rows[name]['perplexity']:.3f}")
+
+    return record
+
+
+def _mixed_part(args) -> dict:
+    """Layer-wise mixed widths (round-to-nearest, groups of 64) at 3, 3.5 and 5 average bits: layers ranked by LIM,
+    by ZD, and by reversed LIM (a control), beside uniform widths."""
+    config, params, calibration, windows = _float32_model_and_text(args)
+    rows = {}
+    record = _recorder(config, windows, rows)
+    record("float32", params, 32.0)
+    for bits in (2, 3, 4, 5, 6):
+        rounded, average = quantize_layers(params, config, (bits,) * config.num_layers)
+        record(f"uniform {bits}-bit", rounded, average, codes=bits)
+    scores = {
+        "lim": layer_scores(params, config, "lim", calibration),
+        "zd": layer_scores(params, config, "zd"),
+    }
+    scores["reversed lim"] = -scores["lim"]
+    for target, widths in ((3.0, (2, 4)), (3.5, (3, 4)), (5.0, (4, 6))):
+        for name, score in scores.items():
+            bits = allocate_bits(score, target, widths)
+            rounded, average = quantize_layers(params, config, bits)
+            record(f"mixed {target:g} {widths} {name}", rounded, average, codes=target, layer_bits=list(bits))
+    return {
+        "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "scores": {k: v.tolist() for k, v in scores.items() if k != "reversed lim"},
+        "rows": rows,
+    }
+
+
+def _bitstack_part(args) -> dict:
+    config, params, calibration, windows = _float32_model_and_text(args)
+    rows = {}
+    record = _recorder(config, windows, rows)
+    record("float32", params, 32.0)
+    for bits in (2, 3, 4, 8):
+        rounded, average = quantize_layers(params, config, (bits,) * config.num_layers)
+        record(f"rtn {bits}-bit g64", rounded, average)
+    start = time.perf_counter()
+    gptq, gptq_config = ssm_llm.quantize_weights(params, config, "w4a16", 64, calibration=calibration, gptq=True)
+    rows_time = time.perf_counter() - start
+    rows["gptq 4-bit g64"] = {
+        "bits_per_weight": 4 + 16 / 64,
+        "perplexity": _perplexity(gptq, gptq_config, windows),
+        "quantize_s": rows_time,
+    }
+    print("gptq 4-bit g64", rows["gptq 4-bit g64"])
+    start = time.perf_counter()
+    stack = bitstack(params, config, calibration, blocks=args.blocks)
+    decompose_s = time.perf_counter() - start
+    print(f"BitStack: {len(stack.matrices)} matrices x {args.blocks} blocks in {decompose_s:.0f} s")
+    for bits in tqdm(args.bits, desc="budgets"):
+        budget = int(bits * stack.weights / 8)
+        if budget < stack.bytes_for(0):
+            continue
+        loaded, info = load_budget(stack, params, budget)
+        record(f"bitstack {bits:g} bits", loaded, info["bits_per_weight"], budget_bits=bits)
+    return {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "calibration_tokens": int(calibration.size),
+        "blocks": args.blocks,
+        "decompose_s": decompose_s,
+        "linear_weights": stack.weights,
+        "floor_bits": 8 * stack.bytes_for(0) / stack.weights,
+        "rows": rows,
+    }
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [key for key in ("bitstack", "mixed_bits") if key in result]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), squeeze=False)
+    styles = {
+        "bitstack": (("bitstack", "o-"), ("rtn", "s--"), ("gptq", "^")),
+        "mixed_bits": (("uniform", "s--"), ("mixed", "o")),
+    }
+    for ax, part in zip(axes[0], parts, strict=True):
+        rows = result[part]["rows"]
+        for prefix, style in styles[part]:
+            points = sorted((r["bits_per_weight"], r["perplexity"]) for n, r in rows.items() if n.startswith(prefix))
+            ax.plot(*zip(*points, strict=True), style, label=prefix)
+        ax.axhline(rows["float32"]["perplexity"], color="gray", lw=0.8, label="float32")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per linear weight (codes + scales)")
+        ax.set_ylabel("perplexity (held-out text)")
+        ax.set_title({"bitstack": "BitStack vs quantization", "mixed_bits": "layer-wise mixed widths"}[part])
+        ax.legend()
+    fig.suptitle("SmolLM2-135M at equal memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parts = ["dfloat11", "bitstack", "mixed"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.25, 2.5, 3, 3.5, 4, 5, 6, 8])
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-seqs", type=int, default=16)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression_eval.json"))
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = machine_info()
+    if "dfloat11" in args.parts:
+        result["dfloat11"] = _dfloat11_part(args)
+    if "bitstack" in args.parts:
+        result["bitstack"] = _bitstack_part(args)
+    if "mixed" in args.parts:
+        result["mixed_bits"] = _mixed_part(args)
+    if "bitstack" in result or "mixed_bits" in result:
+        _plot(result, out.with_suffix(".png"))
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.get("dfloat11", {}).items() if k != "tensors"}, indent=2))
 
 
 if __name__ == "__main__":
