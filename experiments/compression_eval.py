@@ -1,13 +1,15 @@
 """Weight compression on SmolLM2-135M-Instruct: DFloat11's size and speed, BitStack's perplexity-memory curve.
 
 DFloat11 (`ssm_llm.compress.dfloat11`): bytes of the weights against bfloat16 (per kind of tensor and in all,
-tables and block starts included), the exponents' entropy and the code's mean length, whether greedy
-generation and the prompt's logits are identical, and decode speed with the weights decoded inside every
+tables and block starts included), the exponents' entropy and one code's mean length over the whole model,
+whether greedy generation and the prompt's logits are identical, and decode speed with the weights decoded inside every
 forward, against the bfloat16 model in the same run (layers stacked and unrolled; medians of --repeats).
 BitStack (`ssm_llm.compress.bitstack`, float32 base): the linears decomposed once into --blocks residual blocks
 (activation-aware scales from calibration text), loaded at budgets of --bits bits per linear weight; perplexity
 on held-out real text (text_corpus's eval split, --windows x --seq-len tokens) beside round-to-nearest at 2, 3, 4
 and 8 bits and GPTQ at 4 bits (groups of 64 input rows (576 = 9 x 64), a float16 scale each: +0.25 bit per weight).
+
+Also per-matrix errors ("matrix": BitStack's blocks against rounding on three of SmolLM2's matrices).
 
 One run writes experiments/results/compression_eval.json (+ compression_eval.png) with the CPU model and its
 flags; `--parts bitstack` reruns one part and keeps the other's results.
@@ -42,6 +44,9 @@ from ssm_llm.compress import (
     load_budget,
     quantize_layers,
 )
+from ssm_llm.compress.bitstack import decompose, rank_for
+from ssm_llm.compress.dfloat11 import code_lengths
+from ssm_llm.compress.mixed_bits import round_to_nearest
 from ssm_llm.layer_layout import unstack_layers
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -54,7 +59,12 @@ def _exponent_stats(params) -> dict:
         if leaf.ndim >= 2:
             counts += np.bincount((np.asarray(leaf).view(np.uint16).reshape(-1) >> 7) & 0xFF, minlength=256)
     p = counts[counts > 0] / counts.sum()
-    return {"distinct_exponents": int((counts > 0).sum()), "entropy_bits": float(-(p * np.log2(p)).sum())}
+    mean = {bits: float((code_lengths(counts, bits) * counts).sum() / counts.sum()) for bits in (10, 12, 25)}
+    return {
+        "distinct_exponents": int((counts > 0).sum()),
+        "entropy_bits": float(-(p * np.log2(p)).sum()),
+        "mean_code_bits_one_code": {"max 10 bits": mean[10], "max 12 bits (the default)": mean[12], "max 25": mean[25]},
+    }
 
 
 def _sizes(packed) -> dict:
@@ -191,6 +201,26 @@ def _mixed_part(args) -> dict:
     }
 
 
+def _matrix_part(args) -> dict:
+    """Per-matrix errors: BitStack's relative squared error after each block (unscaled, rank "auto") beside
+    round-to-nearest at 3 and 4 bits (groups of 64), on layer 5's w_gate, wq and wk."""
+    _, params = converters.load(ssm_llm.default_model_path())
+    out = {}
+    for name in ("w_gate", "wq", "wk"):
+        w = np.asarray(params["layers"][name][5], np.float32)
+        stack = decompose(w, np.ones(w.shape[0], np.float32), 4, rank_for(w.shape))
+        rtn = {b: np.asarray(round_to_nearest(jnp.asarray(w), b, 64)) for b in (3, 4)}
+        out[f"layers.5.{name}"] = {
+            "shape": list(w.shape),
+            "rank": rank_for(w.shape),
+            "bits_per_block": 8 * stack.block_bytes / w.size,
+            "bitstack_relative_error": (stack.errors / stack.errors[0]).tolist(),
+            "rtn_relative_error": {f"{b}-bit": float(np.sum((r - w) ** 2) / np.sum(w**2)) for b, r in rtn.items()},
+        }
+        print(name, out[f"layers.5.{name}"])
+    return out
+
+
 def _bitstack_part(args) -> dict:
     config, params, calibration, windows = _float32_model_and_text(args)
     rows = {}
@@ -260,7 +290,7 @@ def _plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["dfloat11", "bitstack", "mixed"]
+    parts = ["dfloat11", "bitstack", "mixed", "matrix"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -281,6 +311,8 @@ def main() -> None:
         result["bitstack"] = _bitstack_part(args)
     if "mixed" in args.parts:
         result["mixed_bits"] = _mixed_part(args)
+    if "matrix" in args.parts:
+        result["bitstack_matrices"] = _matrix_part(args)
     if "bitstack" in result or "mixed_bits" in result:
         _plot(result, out.with_suffix(".png"))
     out.write_text(json.dumps(result, indent=2))

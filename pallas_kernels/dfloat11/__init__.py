@@ -83,6 +83,10 @@ def decompress_tree(tree, impl: str = "auto", block_sizes=None):
         streams, starts, tables, bases = [], [], [], []
         word_at, table_at = 0, 0
         for stream, start, table, _ in pieces:
+            if 32 * (word_at + stream.shape[0] * stream.shape[1]) >= 2**31:
+                raise ValueError(
+                    "decompress_tree: the streams exceed int32 bit positions; decode fewer weights at once"
+                )
             for t in range(stream.shape[0]):
                 streams.append(stream[t])
                 starts.append(start[t] + 32 * word_at)
@@ -90,10 +94,6 @@ def decompress_tree(tree, impl: str = "auto", block_sizes=None):
                 bases.append(jnp.full(start.shape[1], table_at, jnp.int32))
                 word_at += stream.shape[1]
                 table_at += table.shape[1]
-        if 32 * word_at >= 2**31:
-            raise ValueError(
-                f"decompress_tree: {word_at} stream words exceed int32 bit positions; decode fewer at once"
-            )
         exponents = decode_exponents(
             jnp.concatenate(streams),
             jnp.concatenate(starts),
@@ -127,7 +127,9 @@ def take_rows(w: DFloat11Weight, rows: jax.Array, impl: str = "auto", block_size
     cols, block = w.shape[1], w.block
     span = -(-cols // block) + 1  # blocks a row can touch
     rows = jnp.asarray(rows, jnp.int32)
+    count = w.shape[0]
     flat = rows.reshape(-1)
+    flat = jnp.clip(jnp.where(flat < 0, flat + count, flat), 0, count - 1)  # as table[rows] indexes: wrap, clamp
     first = (flat * cols) // block
     blocks = jnp.minimum(first[:, None] + jnp.arange(span), w.block_starts.shape[0] - 1)
     exponents = decode_exponents(

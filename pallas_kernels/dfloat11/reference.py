@@ -12,8 +12,8 @@ def window(stream: jax.Array, pos: jax.Array, code_bits: int) -> jax.Array:
     decoding past their tensor's end get there, and their values are discarded)."""
     last = stream.shape[0] - 1
     word = pos >> 5
-    first = jnp.take(stream, jnp.minimum(word, last), mode="clip")
-    second = jnp.take(stream, jnp.minimum(word + 1, last), mode="clip")
+    first = jnp.take(stream, jnp.clip(word, 0, last))
+    second = jnp.take(stream, jnp.clip(word + 1, 0, last))
     bit = (pos & 31).astype(jnp.uint32)
     # A shift by 32 is not defined for 32-bit lanes everywhere: at bit 0 the second word adds nothing.
     spill = jnp.where(bit == 0, jnp.uint32(0), second >> jnp.where(bit == 0, jnp.uint32(1), jnp.uint32(32) - bit))

@@ -42,12 +42,12 @@ def _kernel(stream_ref, table_ref, starts_ref, base_ref, out_ref, *, lanes, word
 
     def step(s, pos):
         word = pos >> 5
-        first = plgpu.load(stream_ref.at[jnp.minimum(word, words - 1)], mask=ok, other=0)
-        second = plgpu.load(stream_ref.at[jnp.minimum(word + 1, words - 1)], mask=ok, other=0)
+        first = plgpu.load(stream_ref.at[jnp.clip(word, 0, words - 1)], mask=ok, other=0)
+        second = plgpu.load(stream_ref.at[jnp.clip(word + 1, 0, words - 1)], mask=ok, other=0)
         bit = (pos & 31).astype(jnp.uint32)
         spill = jnp.where(bit == 0, jnp.uint32(0), second >> jnp.where(bit == 0, jnp.uint32(1), jnp.uint32(32) - bit))
         index = ((first << bit) | spill) >> jnp.uint32(32 - code_bits)
-        entry = plgpu.load(table_ref.at[jnp.minimum(index.astype(jnp.int32) + base, tables - 1)], mask=ok, other=0)
+        entry = plgpu.load(table_ref.at[jnp.clip(index.astype(jnp.int32) + base, 0, tables - 1)], mask=ok, other=0)
         entry = entry.astype(jnp.int32)
         plgpu.store(out_ref.at[s, lane], (entry & 0xFF).astype(jnp.uint8), mask=ok)
         return pos + (entry >> 8)

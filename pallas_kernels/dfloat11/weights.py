@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MAX_CODE_BITS = 25  # a code and its bit offset inside a 32-bit word must fit in the two words a step reads
+MAX_CODE_BITS = 25  # the table has 2 ** code_bits entries: 25 bits is already 64 MiB of it
 
 
 @functools.partial(

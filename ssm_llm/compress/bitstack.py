@@ -31,6 +31,7 @@ from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import unstack_layers
 from ssm_llm.models.lm_head import embed_tokens
 from ssm_llm.quant.attention_calibration import SITES, check_calibration, layer_statistics
+from ssm_llm.quant.quamba import linear_names as quamba_linears
 
 TARGET_OVERHEAD_BITS = 0.125  # rank "auto": r (in + out) 16 bits ~ this many bits per weight (the paper: r=16 at 4096)
 
@@ -100,7 +101,7 @@ def rank_for(shape: tuple[int, int]) -> int:
 def decompose(w, scale, blocks: int, rank: int) -> MatrixStack:
     """`blocks` residual blocks of rank `rank` for w [in, out] scaled by `scale` [in] (see the module doc)."""
     w = np.asarray(w, np.float32)
-    scale = np.asarray(scale, np.float32)
+    scale = np.asarray(scale, np.float16).astype(np.float32)  # stored (and counted) as float16
     residual = w.astype(np.float64) * scale[:, None]
     signs, us, vs, errors = [], [], [], [float(np.sum(residual**2))]
     for _ in range(blocks):
@@ -118,12 +119,12 @@ def decompose(w, scale, blocks: int, rank: int) -> MatrixStack:
     return MatrixStack(np.stack(signs), np.stack(us), np.stack(vs), scale, tuple(w.shape), np.array(errors))
 
 
-def linear_names(config, layer: dict) -> tuple[str, ...]:
-    """The 2-D weights of a layer that BitStack decomposes and mixed bit widths round: attention models' seven
-    linears; for Mamba families every 2-D weight with both sides >= 8 (their conv taps and norms stay)."""
+def linear_names(config) -> tuple[str, ...]:
+    """The weights of a layer that BitStack decomposes and mixed bit widths round: attention models' seven
+    linears, Mamba families' projections (Quamba's list: A_log, D, conv taps and norms stay)."""
     if isinstance(config, ModelConfig):
         return tuple(name for names in SITES.values() for name in names)
-    return tuple(name for name, x in layer.items() if getattr(x, "ndim", 0) == 2 and min(x.shape) >= 8)
+    return quamba_linears(config)
 
 
 def _input_scales(params, config: ModelConfig, tokens, progress: bool) -> list[dict]:
@@ -163,7 +164,7 @@ def bitstack(params: dict, config, calibration=None, blocks: int = 16, rank="aut
     if calibration is not None:
         scales = _input_scales(params, config, check_calibration(calibration, config.vocab_size), progress)
     matrices = {}
-    names = linear_names(config, layers[0])
+    names = linear_names(config)
     steps = tqdm(total=len(layers) * len(names), desc="bitstack", disable=not progress, leave=False)
     for i, layer in enumerate(layers):
         for name in names:

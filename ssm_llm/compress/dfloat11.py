@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.dfloat11 import MAX_CODE_BITS, DFloat11Weight, is_dfloat11
+from pallas_kernels.quantized_matmul import QuantizedWeight
 
 DEFAULT_BLOCK = 256  # elements per independently decodable block: 32 bits of start per block, 0.125 bit per weight
 DEFAULT_CODE_BITS = 12  # longest code: a 4096-entry table; on SmolLM2's exponents 2.692 bits per weight against
@@ -119,8 +120,9 @@ def encode_stack(values, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_CO
 def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_CODE_BITS, min_size: int = 1 << 16):
     """`params` with every bfloat16 matrix of at least `min_size` weights (per layer) stored as a
     `DFloat11Weight`: the layers' linear weights, the embedding and an untied output head; norms, biases and
-    smaller tensors stay as they are (each tensor carries a 2 ** code_bits entry table, 8 KiB at 12 bits, so at
-    the default 65536 weights the table costs at most 0.5 bit per weight). Stacked layers keep their leading
+    smaller tensors stay as they are (each tensor carries a 2 ** code_bits entry table, 8 KiB at 12 bits: at most
+    1 bit per weight at the default 65536 weights, 0.07 bit on SmolLM2's smallest matrix); integer-quantized
+    weights (`QuantizedWeight`) stay as they are too. Stacked layers keep their leading
     axis (one code per layer and tensor). The result runs through `forward` / `generate` unchanged, with
     identical outputs.
 
@@ -129,7 +131,12 @@ def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_
     found = []
 
     def convert(path, leaf, stacked: bool):
-        if is_dfloat11(leaf) or not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        if (
+            is_dfloat11(leaf)
+            or isinstance(leaf, QuantizedWeight)
+            or not hasattr(leaf, "dtype")
+            or not jnp.issubdtype(leaf.dtype, jnp.floating)
+        ):
             return leaf
         inner = leaf.shape[1:] if stacked else leaf.shape
         if len(inner) < 2 or int(np.prod(inner)) < min_size:
@@ -147,12 +154,17 @@ def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_
     out = {}
     for key, value in params.items():
         if key == "layers" and isinstance(value, dict):
-            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, True), value, is_leaf=is_dfloat11)
+            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, True), value, is_leaf=_kept_whole)
         else:
-            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, False), value, is_leaf=is_dfloat11)
+            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, False), value, is_leaf=_kept_whole)
     if not found:
         raise ValueError(f"dfloat11: no bfloat16 matrix of at least {min_size} weights to compress in params")
     return out
+
+
+def _kept_whole(x) -> bool:
+    """Leaves `dfloat11` does not walk into: compressed weights, and integer-quantized ones (kept as they are)."""
+    return is_dfloat11(x) or isinstance(x, QuantizedWeight)
 
 
 def compressed_bytes(params) -> tuple[int, int]:

@@ -14,6 +14,8 @@ stored as floats, and the widths count what integer codes would store).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ def layer_scores(params: dict, config, score: str = "lim", calibration=None) -> 
     if score == "zd":
         out = []
         for layer in layers:
-            w = np.concatenate([np.asarray(layer[n], np.float32).reshape(-1) for n in linear_names(config, layer)])
+            w = np.concatenate([np.asarray(layer[n], np.float32).reshape(-1) for n in linear_names(config)])
             out.append(float(np.mean(np.abs(w - w.mean()) > w.std())))
         return np.array(out)
     if not isinstance(config, ModelConfig):
@@ -59,8 +61,8 @@ def allocate_bits(scores, target: float, widths: tuple[int, int]) -> tuple[int, 
     the rest widths[0]. Raises ValueError when no count of layers gives `target` exactly (the message names
     the nearest averages that exist)."""
     low, high = widths
-    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low < high <= 8):
-        raise ValueError(f"allocate_bits: widths must be two ints 1 <= low < high <= 8, got {widths!r}")
+    if not (isinstance(low, int) and isinstance(high, int) and 2 <= low < high <= 8):
+        raise ValueError(f"allocate_bits: widths must be two ints 2 <= low < high <= 8, got {widths!r}")
     scores = np.asarray(scores, np.float64)
     count = len(scores)
     if not low <= target <= high:
@@ -80,7 +82,7 @@ def allocate_bits(scores, target: float, widths: tuple[int, int]) -> tuple[int, 
 
 def round_to_nearest(w, bits: int, group: int):
     """w [in, out] rounded to symmetric `bits`-bit codes (+-(2^(bits-1) - 1)), one scale per `group` input rows
-    and output column; returned as floats in w's dtype."""
+    and output column (`group` must divide the rows); returned as floats in w's dtype."""
     rows = w.shape[0]
     if rows % group:
         raise ValueError(f"round_to_nearest: group {group} must divide the input size {rows}")
@@ -93,7 +95,8 @@ def round_to_nearest(w, bits: int, group: int):
 
 def quantize_layers(params: dict, config, bits: tuple[int, ...], group: int = 64) -> tuple[dict, float]:
     """`params` with layer i's linears rounded to bits[i] (see `round_to_nearest`) in the stacked layout, and the
-    average bits per linear weight (codes plus a 16-bit scale per group)."""
+    average bits per linear weight (codes plus a 16-bit scale per group; a matrix whose rows `group` does not
+    divide takes the largest group dividing both)."""
     layers = [dict(layer) for layer in unstack_layers(params)["layers"]]
     if len(bits) != len(layers):
         raise ValueError(f"quantize_layers: {len(bits)} widths for {len(layers)} layers")
@@ -101,9 +104,11 @@ def quantize_layers(params: dict, config, bits: tuple[int, ...], group: int = 64
         raise ValueError(f"quantize_layers: widths must be ints in [2, 8], got {bits!r}")
     total = weights = 0
     for layer, width in zip(layers, bits, strict=True):
-        for name in linear_names(config, layer):
-            layer[name] = round_to_nearest(layer[name], width, group)
+        for name in linear_names(config):
+            rows = layer[name].shape[0]
+            here = math.gcd(rows, group)  # e.g. Mamba-1's dt_proj reads time_step_rank = 48 rows
+            layer[name] = round_to_nearest(layer[name], width, here)
             size = int(np.prod(layer[name].shape))
-            total += size * (width + 16 / group)
+            total += size * (width + 16 / here)
             weights += size
     return stack_layers({**params, "layers": layers}), total / weights

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.dfloat11 import DFloat11Weight
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
@@ -119,6 +120,8 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
 
     def place(logical_axes, leaf, stacked, where):
         if logical_axes is rules.REPLICATED:  # a whole subtree (Quamba's activation scales)
+            return jax.tree.map(lambda _: PartitionSpec(), leaf)
+        if isinstance(leaf, DFloat11Weight):  # a Huffman stream cannot be cut along the weight's axes: replicated
             return jax.tree.map(lambda _: PartitionSpec(), leaf)
         if isinstance(leaf, QuantizedWeight):
             float_spec = _spec(((None,) if stacked else ()) + tuple(logical_axes), mesh)

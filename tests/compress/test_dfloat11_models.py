@@ -112,6 +112,36 @@ def test_beam_search_and_the_serving_engine_are_identical(model):
     assert served(packed) == served(params)
 
 
+def test_sharded_on_a_one_device_mesh_gives_the_same_logits(model):
+    """The streams are replicated (a Huffman stream cannot be cut along the weight's axes)."""
+    from jax.sharding import Mesh
+
+    from ssm_llm.sharding import param_specs, shard_params
+
+    _, config, params, packed = model
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    specs = param_specs(packed, config, mesh)
+    weights = [x for x in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, DFloat11Weight))]
+    assert any(isinstance(x, DFloat11Weight) for x in weights)
+    tokens = jnp.asarray([[3, 4, 5, 6]], jnp.int32)
+    want = _logits(packed, config, tokens)
+    for a, b in zip(want, _logits(shard_params(packed, config, mesh), config, tokens), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_quantized_weights_are_left_as_they_are():
+    config = CONFIGS["llama"]
+    params = _bf16(ssm_llm.init_params(config, jax.random.PRNGKey(2)))
+    quantized, qconfig = ssm_llm.quantize_weights(params, config, "w8a16", progress=False)
+    packed = dfloat11(quantized, min_size=256)
+    for name in ("wq", "w_up"):
+        assert packed["layers"][name] is quantized["layers"][name]
+    assert isinstance(packed["embed"], DFloat11Weight)
+    tokens = jnp.asarray([[3, 4, 5, 6]], jnp.int32)
+    for a, b in zip(_logits(quantized, qconfig, tokens), _logits(packed, qconfig, tokens), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoint_round_trip(model, tmp_path):
     _, config, params, packed = model
     converters.save(packed, config, tmp_path / "ckpt")

@@ -88,6 +88,22 @@ def test_unreachable_averages_and_bad_widths_are_refused():
         layer_scores({}, LLAMA, "hessian")
 
 
+def test_mamba1_rounds_its_projections_only():
+    """Quamba's list: in_proj, x_proj, dt_proj, out_proj; A_log, D and the conv taps stay. dt_proj reads
+    time_step_rank (here 4) rows, which a group of 64 does not divide: it takes groups of 4."""
+    config = ssm_llm.MambaConfig(vocab_size=64, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128)
+    params = ssm_llm.init_params(config, jax.random.PRNGKey(0))
+    rounded, average = quantize_layers(params, config, (4, 4), group=64)
+    for name, x in params["layers"].items():
+        same = np.array_equal(np.asarray(rounded["layers"][name]), np.asarray(x))
+        assert same == (name not in ("in_proj", "x_proj", "dt_proj", "out_proj")), name
+    sizes = {n: int(np.prod(params["layers"][n].shape[1:])) for n in ("in_proj", "x_proj", "dt_proj", "out_proj")}
+    rows = {n: params["layers"][n].shape[1] for n in sizes}
+    want = sum(sizes[n] * (4 + 16 / np.gcd(rows[n], 64)) for n in sizes) / sum(sizes.values())
+    assert np.isclose(average, want)
+    assert len(layer_scores(params, config, "zd")) == 2
+
+
 def test_rounding_against_numpy(params):
     w = np.asarray(params["layers"]["wq"][0])
     got = np.asarray(round_to_nearest(jnp.asarray(w), 3, 16))

@@ -14,8 +14,9 @@ from pallas_kernels.dfloat11 import (
     decode_exponents_pallas,
     decode_exponents_ref,
     decompress,
+    decompress_tree,
 )
-from ssm_llm.compress.dfloat11 import encode
+from ssm_llm.compress.dfloat11 import encode, encode_stack
 
 
 @settings(max_examples=10, deadline=None)
@@ -37,6 +38,24 @@ def test_kernel_equals_reference(size, block, lanes, seed):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # the whole tensor through the dispatcher: the very bits encoded
     np.testing.assert_array_equal(np.asarray(decompress(w, impl=IMPL)).view(np.uint16), x.view(np.uint16))
+
+
+def test_tensors_with_different_codes_decode_together():
+    """Several tables side by side (non-zero table bases) and a stacked weight, through the dispatcher."""
+    rng = np.random.default_rng(0)
+    xs = {
+        "a": (rng.standard_normal((70, 33)) * 0.02).astype(jnp.bfloat16),
+        "b": rng.integers(0, 1 << 16, (5, 300), dtype=np.uint16).view(jnp.bfloat16),
+        "c": (rng.standard_normal((3, 20, 9)) * 3).astype(jnp.bfloat16),
+    }
+    tree = {
+        "a": jax.tree_util.tree_map(jnp.asarray, encode(xs["a"], block=16)),
+        "b": jax.tree_util.tree_map(jnp.asarray, encode(xs["b"], block=16)),
+        "c": jax.tree_util.tree_map(jnp.asarray, encode_stack(xs["c"], block=16)),
+    }
+    out = decompress_tree(tree, impl=IMPL, block_sizes=DFloat11BlockSizes(block_lanes=8))
+    for name, x in xs.items():
+        np.testing.assert_array_equal(np.asarray(out[name]).view(np.uint16), x.view(np.uint16))
 
 
 def test_lowers_to_triton():
