@@ -14,11 +14,16 @@ def window(stream: jax.Array, pos: jax.Array, code_bits: int) -> jax.Array:
     word = pos >> 5
     first = jnp.take(stream, jnp.clip(word, 0, last))
     second = jnp.take(stream, jnp.clip(word + 1, 0, last))
+    return join_words(first, second, pos, code_bits)
+
+
+def join_words(first: jax.Array, second: jax.Array, pos: jax.Array, code_bits: int) -> jax.Array:
+    """The `code_bits` bits starting at bit `pos % 32` of the 64 bits `first | second` (uint32 words holding
+    bit `pos`, and the next), as int32."""
     bit = (pos & 31).astype(jnp.uint32)
     # A shift by 32 is not defined for 32-bit lanes everywhere: at bit 0 the second word adds nothing.
     spill = jnp.where(bit == 0, jnp.uint32(0), second >> jnp.where(bit == 0, jnp.uint32(1), jnp.uint32(32) - bit))
-    bits = (first << bit) | spill
-    return (bits >> jnp.uint32(32 - code_bits)).astype(jnp.int32)
+    return (((first << bit) | spill) >> jnp.uint32(32 - code_bits)).astype(jnp.int32)
 
 
 def decode_exponents_ref(

@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.dfloat11.reference import join_words
 from pallas_kernels.lowering import triton_params
 
 
@@ -44,10 +45,8 @@ def _kernel(stream_ref, table_ref, starts_ref, base_ref, out_ref, *, lanes, word
         word = pos >> 5
         first = plgpu.load(stream_ref.at[jnp.clip(word, 0, words - 1)], mask=ok, other=0)
         second = plgpu.load(stream_ref.at[jnp.clip(word + 1, 0, words - 1)], mask=ok, other=0)
-        bit = (pos & 31).astype(jnp.uint32)
-        spill = jnp.where(bit == 0, jnp.uint32(0), second >> jnp.where(bit == 0, jnp.uint32(1), jnp.uint32(32) - bit))
-        index = ((first << bit) | spill) >> jnp.uint32(32 - code_bits)
-        entry = plgpu.load(table_ref.at[jnp.clip(index.astype(jnp.int32) + base, 0, tables - 1)], mask=ok, other=0)
+        index = join_words(first, second, pos, code_bits)
+        entry = plgpu.load(table_ref.at[jnp.clip(index + base, 0, tables - 1)], mask=ok, other=0)
         entry = entry.astype(jnp.int32)
         plgpu.store(out_ref.at[s, lane], (entry & 0xFF).astype(jnp.uint8), mask=ok)
         return pos + (entry >> 8)

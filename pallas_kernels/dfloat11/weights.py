@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +78,7 @@ def check_weight(w: DFloat11Weight, where: str) -> None:
         if getattr(w, name).dtype != dtype:
             raise ValueError(f"{where}: {name} must be {jnp.dtype(dtype).name}, got {getattr(w, name).dtype}")
     lead = w.stream.shape[:-1]
-    size = 1
-    for d in w.shape[len(lead) :]:
-        size *= d
+    size = math.prod(w.shape[len(lead) :])
     if w.block_starts.shape != (*lead, -(-size // w.block)):
         raise ValueError(
             f"{where}: block_starts has shape {w.block_starts.shape}, expected {(*lead, -(-size // w.block))}"

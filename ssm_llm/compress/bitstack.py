@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ssm_llm.config import ModelConfig
-from ssm_llm.layer_layout import unstack_layers
-from ssm_llm.models.lm_head import embed_tokens
-from ssm_llm.quant.attention_calibration import SITES, check_calibration, layer_statistics
+from ssm_llm.layer_layout import stack_layers, unstack_layers
+from ssm_llm.quant.attention_calibration import SITES, check_calibration, walk_layers
 from ssm_llm.quant.quamba import linear_names as quamba_linears
 
 TARGET_OVERHEAD_BITS = 0.125  # rank "auto": r (in + out) 16 bits ~ this many bits per weight (the paper: r=16 at 4096)
@@ -130,20 +128,16 @@ def linear_names(config) -> tuple[str, ...]:
 def _input_scales(params, config: ModelConfig, tokens, progress: bool) -> list[dict]:
     """Per layer {linear name: RMS of its input channels} [in] on `tokens`, layer by layer through the original
     model (small floor: a silent channel's weights still decompose)."""
-    layers = unstack_layers(params)["layers"]
-    x = embed_tokens(params, config, tokens).astype(jnp.float32)
     rows = tokens.shape[0] * tokens.shape[1]
+    walk = walk_layers(params, config, tokens, hessians=True)
     out = []
-    for i, layer in enumerate(tqdm(layers, desc="bitstack scales", disable=not progress, leave=False)):
-        layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)
-        x_next, stats = layer_statistics(config, layer, x, config.layer_windows[i], hessians=True)
+    for _, _, stats in tqdm(walk, total=config.num_layers, desc="bitstack scales", disable=not progress, leave=False):
         scales = {}
         for site, names in SITES.items():
             rms = np.sqrt(np.diag(np.asarray(stats[site]["xtx"], np.float64)) / rows)
             for name in names:
                 scales[name] = (rms + 1e-3 * rms.mean() + 1e-12).astype(np.float32)
         out.append(scales)
-        x = x_next
     return out
 
 
@@ -188,8 +182,8 @@ def load_budget(stack: BitStack, params: dict, budget: int, dtype=None) -> tuple
     floor = stack.bytes_for(0)
     if budget < floor:
         raise ValueError(f"load_budget: {budget} bytes is below one block per matrix ({floor} bytes)")
-    sizes = np.cumsum([0] + [stack.matrices[key].block_bytes for key, _ in stack.order])
-    steps = int(np.searchsorted(floor + sizes, budget, side="right")) - 1  # the longest prefix that fits
+    used = floor + np.cumsum([0] + [stack.matrices[key].block_bytes for key, _ in stack.order])
+    steps = int(np.searchsorted(used, budget, side="right")) - 1  # the longest prefix that fits
     counts = dict.fromkeys(stack.matrices, 1)
     for key, level in stack.order[:steps]:
         counts[key] = level
@@ -197,10 +191,8 @@ def load_budget(stack: BitStack, params: dict, budget: int, dtype=None) -> tuple
     for (i, name), matrix in stack.matrices.items():
         target = dtype or layers[i][name].dtype
         layers[i][name] = jnp.asarray(matrix.weight(counts[i, name]), target)
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-    used = stack.bytes_for(steps)
-    return {**params, "layers": stacked}, {
-        "bytes": used,
-        "bits_per_weight": 8 * used / stack.weights,
+    return stack_layers({**params, "layers": layers}), {
+        "bytes": int(used[steps]),
+        "bits_per_weight": 8 * int(used[steps]) / stack.weights,
         "blocks": counts,
     }

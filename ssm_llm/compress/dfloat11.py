@@ -131,12 +131,7 @@ def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_
     found = []
 
     def convert(path, leaf, stacked: bool):
-        if (
-            is_dfloat11(leaf)
-            or isinstance(leaf, QuantizedWeight)
-            or not hasattr(leaf, "dtype")
-            or not jnp.issubdtype(leaf.dtype, jnp.floating)
-        ):
+        if _kept_whole(leaf) or not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
             return leaf
         inner = leaf.shape[1:] if stacked else leaf.shape
         if len(inner) < 2 or int(np.prod(inner)) < min_size:
@@ -153,10 +148,10 @@ def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_
 
     out = {}
     for key, value in params.items():
-        if key == "layers" and isinstance(value, dict):
-            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, True), value, is_leaf=_kept_whole)
-        else:
-            out[key] = jax.tree_util.tree_map_with_path(lambda p, x: convert(p, x, False), value, is_leaf=_kept_whole)
+        stacked = key == "layers" and isinstance(value, dict)  # [L, ...] leaves: one code per layer
+        out[key] = jax.tree_util.tree_map_with_path(
+            lambda p, x, s=stacked: convert(p, x, s), value, is_leaf=_kept_whole
+        )
     if not found:
         raise ValueError(f"dfloat11: no bfloat16 matrix of at least {min_size} weights to compress in params")
     return out

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssm_llm.compress.bitstack import linear_names
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import stack_layers, unstack_layers
-from ssm_llm.models.lm_head import embed_tokens
-from ssm_llm.quant.attention_calibration import check_calibration, layer_statistics
+from ssm_llm.quant.attention_calibration import check_calibration, walk_layers
 
 SCORES = ("lim", "zd")
 
@@ -33,10 +31,9 @@ def layer_scores(params: dict, config, score: str = "lim", calibration=None) -> 
     """One importance score per layer [L] (see the module doc); "lim" needs `calibration` token ids [B, T]."""
     if score not in SCORES:
         raise ValueError(f"layer_scores: score must be one of {SCORES}, got {score!r}")
-    layers = unstack_layers(params)["layers"]
     if score == "zd":
         out = []
-        for layer in layers:
+        for layer in unstack_layers(params)["layers"]:
             w = np.concatenate([np.asarray(layer[n], np.float32).reshape(-1) for n in linear_names(config)])
             out.append(float(np.mean(np.abs(w - w.mean()) > w.std())))
         return np.array(out)
@@ -44,15 +41,10 @@ def layer_scores(params: dict, config, score: str = "lim", calibration=None) -> 
         raise ValueError("layer_scores: 'lim' walks attention layers; use score='zd' for Mamba families")
     if calibration is None:
         raise ValueError("layer_scores: 'lim' compares each layer's input and output on calibration text: pass it")
-    tokens = check_calibration(calibration, config.vocab_size)
-    x = embed_tokens(params, config, tokens).astype(jnp.float32)
     out = []
-    for i, layer in enumerate(layers):
-        layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)
-        y, _ = layer_statistics(config, layer, x, config.layer_windows[i])
+    for x, y, _ in walk_layers(params, config, check_calibration(calibration, config.vocab_size)):
         cos = jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1) + 1e-12)
         out.append(float(1.0 - jnp.mean(cos)))
-        x = y
     return np.array(out)
 
 

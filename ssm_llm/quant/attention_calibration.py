@@ -19,7 +19,9 @@ import numpy as np
 
 from pallas_kernels.flash_attention import flash_attention
 from ssm_llm.config import ModelConfig
+from ssm_llm.layer_layout import unstack_layers
 from ssm_llm.models.attention_lm import finish_block_with_inputs, project_qkv
+from ssm_llm.models.lm_head import embed_tokens
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -39,6 +41,17 @@ def check_calibration(tokens, vocab_size: int) -> jax.Array:
     if arr.min() < 0 or arr.max() >= vocab_size:
         raise ValueError(f"calibration token ids must lie in [0, {vocab_size}), got [{arr.min()}, {arr.max()}]")
     return jnp.asarray(arr, jnp.int32)
+
+
+def walk_layers(params: dict, config: ModelConfig, tokens: jax.Array, hessians: bool = False):
+    """Yield (layer input x, its output, `layer_statistics`) for every layer of the unchanged model in float32 on
+    `tokens` [B, T] (checked token ids), each layer's output the next one's input."""
+    x = embed_tokens(params, config, tokens).astype(jnp.float32)
+    for i, layer in enumerate(unstack_layers(params)["layers"]):
+        layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)
+        y, stats = layer_statistics(config, layer, x, config.layer_windows[i], hessians)
+        yield x, y, stats
+        x = y
 
 
 @functools.partial(jax.jit, static_argnames=("config", "window", "hessians"))
