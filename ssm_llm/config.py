@@ -14,9 +14,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 MAX_LAYERS = 4096
 # How an attention model's linear layers are stored and multiplied (`ssm_llm.quantize_weights`): "none"
 # (float), "w8a8" (int8 weights per output channel or group, activations rounded to int8 per token at each
-# product, integer accumulation), "w8a16" / "w4a16" (int8 / int4 weights, float activations).
+# product, integer accumulation), "w8a16" / "w4a16" (int8 / int4 weights, float activations), "wxa16" (float
+# activations, 2- to 8-bit weights whose width may differ from layer to layer: `ssm_llm.compress.quantize_layers`).
 WEIGHT_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}  # scheme -> bits of its weight codes
-WEIGHT_QUANTIZATIONS = ("none", *WEIGHT_BITS)
+MIXED_WEIGHT_ONLY = "wxa16"
+WEIGHT_QUANTIZATIONS = ("none", *WEIGHT_BITS, MIXED_WEIGHT_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul import QuantizedWeight
+from pallas_kernels.quantized_matmul.weights import unpacked_rows
 from ssm_llm.models import family_module
 
 # Marks a subtree of `param_shapes` whose layout its family validates itself (quantization scales).
@@ -61,7 +62,7 @@ def _check_layer_list(layers, spec: dict, path: str, owner: str) -> None:
 
 def _check_leaf(x, shape: tuple, path: str, owner: str) -> None:
     if isinstance(x, QuantizedWeight):
-        rows = x.values.shape[-2] * (2 if x.bits == 4 else 1)
+        rows = unpacked_rows(x.bits, x.values.shape[-2])
         got, ok_dtype = (*x.values.shape[:-2], rows, x.values.shape[-1]), jnp.issubdtype(x.values.dtype, jnp.integer)
         kind = "integer codes"
     elif hasattr(x, "shape") and hasattr(x, "dtype"):

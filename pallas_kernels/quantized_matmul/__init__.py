@@ -5,7 +5,10 @@ The weight w [K, N] is quantized symmetrically per group of `group_size` rows al
     q[k, n] = clip(round(w[k, n] / scale[k // group_size, n]), q_min, q_max),
 with (q_min, q_max) = CODE_RANGE[bits]: (-127, 127) for 8 bits and (-8, 7) for 4 bits. 8-bit values are
 stored as int8 [K, N]; 4-bit values two per byte along K as uint8 [K / 2, N]: the low nibble holds even
-row k, the high nibble odd row k + 1, each a two's-complement 4-bit number (`weights.py`).
+row k, the high nibble odd row k + 1, each a two's-complement 4-bit number (`weights.py`). The other
+widths, 2, 3, 5, 6 and 7 bits (two's-complement ranges, e.g. (-4, 3) for 3), are stored as bit planes,
+each 8 rows of K in `bits` bytes, and multiply through the reference only (the kernels take 4 and 8 bits;
+"auto" routes the rest to "xla"). With `offsets` a weight is asymmetric: w = q * scale + offset.
 
 Decode reads every weight once per token, so the kernel is memory bound: it streams the quantized
 bytes (2x / 4x fewer than bfloat16) and dequantizes on chip. `quantized_matmul_pallas` (`triton.py`) is
@@ -44,6 +47,7 @@ from pallas_kernels.quantized_matmul.weights import (
     check_weight,
     dequantize_weights,
     offset_term,
+    pack_codes,
     pack_int4,
     quantize_weights,
     symmetric_part,
@@ -56,6 +60,7 @@ __all__ = [
     "QuantizedMatmulTPUBlockSizes",
     "QuantizedWeight",
     "dequantize_weights",
+    "pack_codes",
     "pack_int4",
     "quantize_weights",
     "quantized_matmul",

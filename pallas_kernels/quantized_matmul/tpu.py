@@ -16,6 +16,7 @@ from pallas_kernels.quantized_matmul.weights import (
     QuantizedWeight,
     check_inputs,
     check_int8_inputs,
+    check_kernel_bits,
     check_symmetric,
     group_rows,
 )
@@ -90,6 +91,7 @@ def _tpu_call(
     """Launches `_qmm_tpu_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32
     scalar), after the caller's checks; see `quantized_matmul_pallas_tpu`."""
     check_symmetric(qw, where)
+    check_kernel_bits(qw, where)
     k, n = qw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

@@ -13,9 +13,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.lowering import triton_params
 from pallas_kernels.quantized_matmul.weights import (
+    KERNEL_BITS,
     QuantizedWeight,
     check_inputs,
     check_int8_inputs,
+    check_kernel_bits,
     check_symmetric,
     group_rows,
     sign_extend_nibble,
@@ -115,8 +117,8 @@ def _chunk_rows(qw: QuantizedWeight, blocks: QuantizedMatmulBlockSizes) -> int:
 
 
 def kernel_supports(qw: QuantizedWeight, integer: bool, blocks: QuantizedMatmulBlockSizes) -> bool:
-    """Whether the GPU kernel takes `qw`: its K chunks must be long enough for Triton's dots."""
-    return _chunk_rows(qw, blocks) >= _min_chunk_rows(integer)
+    """Whether the GPU kernel takes `qw`: 4 or 8 bits, with K chunks long enough for Triton's dots."""
+    return qw.bits in KERNEL_BITS and _chunk_rows(qw, blocks) >= _min_chunk_rows(integer)
 
 
 def _gpu_call(
@@ -125,6 +127,7 @@ def _gpu_call(
     """Launches `_qmm_kernel` on x: float [..., K] (x_scale None) or int8 codes (x_scale a float32 scalar),
     after the caller's checks; see `quantized_matmul_pallas`."""
     check_symmetric(qw, where)
+    check_kernel_bits(qw, where)
     integer = x_scale is not None
     if not kernel_supports(qw, integer, blocks):
         least = _min_chunk_rows(integer) * (1 if qw.bits == 8 else 2)

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 
 # bits -> (q_min, q_max) of the stored integer codes (read-only: the one source of truth, also for
-# the quantizers of `ssm_llm.quant`).
-CODE_RANGE = MappingProxyType({8: (-127, 127), 4: (-8, 7)})
+# the quantizers of `ssm_llm.quant`): two's-complement ranges below 8 bits, symmetric +-127 at 8.
+CODE_RANGE = MappingProxyType({8: (-127, 127), **{b: (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in range(2, 8)}})
+# Widths the Pallas kernels decode on chip (int8 bytes, nibble pairs); the others run through the reference.
+KERNEL_BITS = (4, 8)
 
 
 @functools.partial(
@@ -24,10 +26,11 @@ CODE_RANGE = MappingProxyType({8: (-127, 127), 4: (-8, 7)})
 class QuantizedWeight:
     """A quantized weight w [K, N]; `bits` and `group_size` are static pytree metadata (not leaves).
 
-    values: int8 [K, N] (8 bits) or uint8 [K / 2, N] (4 bits, two values per byte along K);
+    values: int8 [K, N] (8 bits), uint8 [K / 2, N] (4 bits, two values per byte along K), or for the other
+      widths b in 2..7 uint8 bit planes [K * b / 8, N] (`pack_bit_planes`: each 8 rows of K take b bytes);
     scales: [K / group_size, N], float32 or bfloat16;
-    offsets: None (symmetric: w = q * scale) or float32 [K / group_size, N] (asymmetric formats such as
-    GGUF's Q4_1 / Q4_K: w = q * scale + offset).
+    offsets: None (symmetric: w = q * scale) or [K / group_size, N], float32 or 16-bit (asymmetric formats such
+    as GGUF's Q4_1 / Q4_K, or min-max rounding: w = q * scale + offset).
     """
 
     values: jax.Array
@@ -40,7 +43,17 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         """(K, N) of the unquantized weight."""
         rows, n = self.values.shape
-        return (rows * 2 if self.bits == 4 else rows), n
+        return unpacked_rows(self.bits, rows), n
+
+
+def stored_rows(bits: int, k: int) -> int:
+    """Rows of `values` that hold K = k rows of `bits`-bit codes."""
+    return k if bits == 8 else k // 2 if bits == 4 else k * bits // 8
+
+
+def unpacked_rows(bits: int, rows: int) -> int:
+    """The inverse of `stored_rows`: K from the stored rows."""
+    return rows if bits == 8 else rows * 2 if bits == 4 else rows * 8 // bits
 
 
 # Its public home, where pickles look it up (the package re-exports it).
@@ -48,12 +61,16 @@ QuantizedWeight.__module__ = "pallas_kernels.quantized_matmul"
 
 
 def check_layout(bits, group_size, k: int, where: str):
-    if bits not in CODE_RANGE:
-        raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+    if isinstance(bits, bool) or bits not in CODE_RANGE:
+        raise ValueError(f"{where}: bits must be an int in 2..8, got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"{where}: group_size must be a positive int, got {group_size!r}")
     if bits == 4 and k % 2:
         raise ValueError(f"{where}: 4-bit weights pack two rows per byte, so K must be even, got K={k}")
+    if bits not in (4, 8) and k % 8:
+        raise ValueError(
+            f"{where}: {bits}-bit weights pack 8 rows into {bits} bytes, so K must be a multiple of 8, got K={k}"
+        )
     if k % group_size:
         raise ValueError(f"{where}: K ({k}) must be a multiple of group_size ({group_size})")
 
@@ -61,6 +78,10 @@ def check_layout(bits, group_size, k: int, where: str):
 def check_weight(qw: QuantizedWeight, where: str):
     k, n = qw.shape
     check_layout(qw.bits, qw.group_size, k, where)
+    if qw.bits not in (4, 8) and qw.values.shape[0] % qw.bits:
+        raise ValueError(
+            f"{where}: {qw.bits}-bit values need a multiple of {qw.bits} stored rows, got {qw.values.shape[0]}"
+        )
     values_dtype = jnp.int8 if qw.bits == 8 else jnp.uint8
     if qw.values.dtype != values_dtype:
         raise ValueError(f"{where}: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, got {qw.values.dtype}")
@@ -79,6 +100,12 @@ def check_symmetric(qw: QuantizedWeight, where: str):
             f"{where}: this kernel takes symmetric weights (offsets None); call the dispatcher "
             "(quantized_matmul / quantized_matmul_int8), which adds the offsets' share"
         )
+
+
+def check_kernel_bits(qw: QuantizedWeight, where: str):
+    """The Pallas kernels decode 4- and 8-bit codes; other widths go through the reference (impl='xla')."""
+    if qw.bits not in KERNEL_BITS:
+        raise ValueError(f"{where}: the Pallas kernels take 4- or 8-bit weights, got {qw.bits} bits; use impl='xla'")
 
 
 def _check_rows(x, name: str, qw: QuantizedWeight, where: str):
@@ -131,28 +158,70 @@ def unpack_int4(values):
     return pairs.reshape(2 * values.shape[0], values.shape[1])
 
 
-def quantize_weights(w, bits: int = 8, group_size: int = 128, scale_dtype=jnp.float32) -> QuantizedWeight:
-    """w: [K, N] float -> `QuantizedWeight` with symmetric per-group absmax scales in `scale_dtype`.
+def pack_bit_planes(q, bits: int):
+    """q: int [K, N] in CODE_RANGE[bits], K a multiple of 8 -> uint8 [K * bits / 8, N]: each 8 rows of K
+    take `bits` bytes, byte p of them holding bit p of the 8 rows' two's-complement codes (row r at bit r)."""
+    k, n = q.shape
+    rows = (q.astype(jnp.int32) & ((1 << bits) - 1)).reshape(k // 8, 1, 8, n)
+    planes = (rows >> jnp.arange(bits, dtype=jnp.int32)[None, :, None, None]) & 1  # [K / 8, bits, 8, N]
+    packed = jnp.sum(planes << jnp.arange(8, dtype=jnp.int32)[None, None, :, None], axis=2)
+    return packed.reshape(k // 8 * bits, n).astype(jnp.uint8)
 
-    q is rounded against the stored (possibly bfloat16-rounded) scale, so |w - dequantized| <= scale / 2.
+
+def unpack_bit_planes(values, bits: int):
+    """The inverse of `pack_bit_planes`: uint8 [K * bits / 8, N] -> int32 [K, N]."""
+    stored, n = values.shape
+    v = values.astype(jnp.int32).reshape(stored // bits, bits, 1, n)
+    bit = (v >> jnp.arange(8, dtype=jnp.int32)[None, None, :, None]) & 1  # [K / 8, bits, 8, N]
+    codes = jnp.sum(bit << jnp.arange(bits, dtype=jnp.int32)[None, :, None, None], axis=1)
+    sign = 1 << (bits - 1)
+    return ((codes ^ sign) - sign).reshape(stored // bits * 8, n)
+
+
+def pack_codes(q, bits: int):
+    """Integer codes q [K, N] in CODE_RANGE[bits] -> the `values` array of a `bits`-bit QuantizedWeight."""
+    return q.astype(jnp.int8) if bits == 8 else pack_int4(q) if bits == 4 else pack_bit_planes(q, bits)
+
+
+def quantize_weights(
+    w, bits: int = 8, group_size: int = 128, scale_dtype=jnp.float32, symmetric: bool = True
+) -> QuantizedWeight:
+    """w: [K, N] float -> `QuantizedWeight` with per-group scales in `scale_dtype`, `bits` in 2..8.
+
+    symmetric: scale = absmax / q_max and no offsets; else min-max over the group's full code range
+    (scale = (max - min) / (q_max - q_min), offsets = min - q_min * scale, also in `scale_dtype`), the better
+    choice at 2-3 bits. q is rounded against the stored (possibly 16-bit) scale and offset, so |w -
+    dequantized| <= scale / 2 inside the range.
     """
     if w.ndim != 2:
         raise ValueError(f"quantize_weights: w must be 2-D [K, N], got shape {tuple(w.shape)}")
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"quantize_weights: symmetric must be True or False, got {symmetric!r}")
     k, n = w.shape
     check_layout(bits, group_size, k, "quantize_weights")
     q_min, q_max = CODE_RANGE[bits]
     groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
-    scales = (jnp.max(jnp.abs(groups), axis=1) / q_max).astype(scale_dtype)
+    offsets = None
+    if symmetric:
+        scales = (jnp.max(jnp.abs(groups), axis=1) / q_max).astype(scale_dtype)
+        shifted = groups
+    else:
+        low, high = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
+        scales = ((high - low) / (q_max - q_min)).astype(scale_dtype)
+        offsets = (low - q_min * scales.astype(jnp.float32)).astype(scale_dtype)
+        shifted = groups - offsets.astype(jnp.float32)[:, None, :]
     s32 = scales.astype(jnp.float32)[:, None, :]
-    # An all-zero group has scale 0: divide by 1 instead, its q are 0 either way.
-    q = jnp.clip(jnp.round(groups / jnp.where(s32 > 0, s32, 1.0)), q_min, q_max).reshape(k, n)
-    values = q.astype(jnp.int8) if bits == 8 else pack_int4(q)
-    return QuantizedWeight(values, scales, bits, group_size)
+    # An all-zero (symmetric) or constant (min-max) group has scale 0: divide by 1 instead, its q are 0 or
+    # q_min either way.
+    q = jnp.clip(jnp.round(shifted / jnp.where(s32 > 0, s32, 1.0)), q_min, q_max).reshape(k, n)
+    return QuantizedWeight(pack_codes(q, bits), scales, bits, group_size, offsets)
 
 
 def int_values(qw: QuantizedWeight):
     """The quantized values q of `qw` as int32 [K, N]."""
-    return qw.values.astype(jnp.int32) if qw.bits == 8 else unpack_int4(qw.values)
+    if qw.bits == 8:
+        return qw.values.astype(jnp.int32)
+    return unpack_int4(qw.values) if qw.bits == 4 else unpack_bit_planes(qw.values, qw.bits)
 
 
 def dequantize_weights(qw: QuantizedWeight):
@@ -180,5 +249,6 @@ def offset_term(x, qw: QuantizedWeight):
 
 
 def group_rows(qw: QuantizedWeight) -> int:
-    """Stored rows of `values` per group (4-bit values pack two rows of K per stored row)."""
-    return qw.group_size if qw.bits == 8 else qw.group_size // 2
+    """Stored rows of `values` per group (4-bit values pack two rows of K per stored row; the kernels'
+    widths only)."""
+    return stored_rows(qw.bits, qw.group_size)

@@ -7,24 +7,33 @@ Importance scores (higher = more important):
 - "zd", z-score distribution: the fraction of a layer's linear weights more than one standard deviation from
   their mean (heavier tails, more important); any family, no data.
 
-`allocate_bits` turns scores into per-layer widths from two given ones; `quantize_layers` rounds each layer's
-linears to its width (symmetric round-to-nearest per group of input rows; simulated: the rounded weights are
-stored as floats, and the widths count what integer codes would store).
+`allocate_bits` turns scores into per-layer widths from two given ones; `quantize_layers` stores each layer's
+linears as integer codes of its width (`QuantizedWeight`, 2-8 bits, one scale per group of input rows), by
+round-to-nearest or GPTQ, absmax or min-max; `bits_per_weight` counts the bytes the result holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from pallas_kernels.quantized_matmul import QuantizedWeight
+from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
 from ssm_llm.compress.bitstack import linear_names
-from ssm_llm.config import ModelConfig
-from ssm_llm.layer_layout import stack_layers, unstack_layers
-from ssm_llm.quant.attention_calibration import check_calibration, walk_layers
+from ssm_llm.config import MIXED_WEIGHT_ONLY, ModelConfig
+from ssm_llm.layer_layout import unstack_layers
+from ssm_llm.models.lm_head import embed_tokens
+from ssm_llm.quant.attention_calibration import SITE_OF, check_calibration, layer_statistics, walk_layers
+from ssm_llm.quant.gptq import gptq_quantize
 
 SCORES = ("lim", "zd")
+METHODS = ("rtn", "gptq")
 
 
 def layer_scores(params: dict, config, score: str = "lim", calibration=None) -> np.ndarray:
@@ -72,35 +81,94 @@ def allocate_bits(scores, target: float, widths: tuple[int, int]) -> tuple[int, 
     return tuple(int(b) for b in bits)
 
 
-def round_to_nearest(w, bits: int, group: int):
-    """w [in, out] rounded to symmetric `bits`-bit codes (+-(2^(bits-1) - 1)), one scale per `group` input rows
-    and output column (`group` must divide the rows); returned as floats in w's dtype."""
-    rows = w.shape[0]
-    if rows % group:
-        raise ValueError(f"round_to_nearest: group {group} must divide the input size {rows}")
-    q_max = 2 ** (bits - 1) - 1
-    grouped = jnp.asarray(w, jnp.float32).reshape(rows // group, group, -1)
-    scale = jnp.max(jnp.abs(grouped), axis=1, keepdims=True) / q_max
-    codes = jnp.clip(jnp.round(grouped / jnp.where(scale > 0, scale, 1.0)), -q_max, q_max)
-    return (codes * scale).reshape(w.shape).astype(w.dtype)
+@functools.partial(jax.jit, static_argnames=("bits", "group", "symmetric", "scale_dtype"))
+def _rounded(w, bits: int, group: int, symmetric: bool, scale_dtype):
+    return quantize_matrix(w.astype(jnp.float32), bits, group, scale_dtype, symmetric)
 
 
-def quantize_layers(params: dict, config, bits: tuple[int, ...], group: int = 64) -> tuple[dict, float]:
-    """`params` with layer i's linears rounded to bits[i] (see `round_to_nearest`) in the stacked layout, and the
-    average bits per linear weight (codes plus a 16-bit scale per group; a matrix whose rows `group` does not
-    divide takes the largest group dividing both)."""
+def quantize_layers(
+    params: dict,
+    config,
+    bits: tuple[int, ...],
+    group: int = 64,
+    *,
+    method: str = "rtn",
+    symmetric: bool = True,
+    calibration=None,
+    scale_dtype=jnp.float16,
+    progress: bool = True,
+):
+    """Layer i's linears stored as `bits[i]`-bit `QuantizedWeight`s (2-8 bits: int8, nibbles or bit planes)
+    -> (params, config), the layers as a list (widths that differ cannot stack; `forward` runs either layout).
+
+    group: input rows per scale (a matrix whose rows it does not divide takes the largest group dividing both,
+    e.g. Mamba-1's dt_proj of 48 rows). method: "rtn" (round to nearest) or "gptq" (attention models: each
+    layer's Hessians from its inputs through the already quantized layers, as `quantize_weights(gptq=True)`;
+    needs `calibration`, token ids [B, T] of real text). symmetric: absmax codes, or min-max with an offset
+    per group (better at 2-3 bits). Scales (and offsets) are stored in `scale_dtype`. An attention config
+    comes back with quantization "wxa16" (weight-only, any widths); a Mamba config as it was (its linears
+    multiply any `QuantizedWeight` weight-only). `bits_per_weight` counts what the result stores.
+    """
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8 for b in bits):
+        raise ValueError(f"quantize_layers: widths must be ints in [2, 8], got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"quantize_layers: group must be a positive int, got {group!r}")
+    if method not in METHODS:
+        raise ValueError(f"quantize_layers: method must be one of {METHODS}, got {method!r}")
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"quantize_layers: symmetric must be True or False, got {symmetric!r}")
+    attention = isinstance(config, ModelConfig)
+    if method == "gptq" and not attention:
+        raise ValueError("quantize_layers: method 'gptq' walks attention layers; use 'rtn' for Mamba families")
+    if method == "gptq" and calibration is None:
+        raise ValueError("quantize_layers: method 'gptq' needs calibration= token ids of real text [B, T]")
+    if method == "rtn" and calibration is not None:
+        raise ValueError("quantize_layers: calibration= is used by method 'gptq' only; pass it or drop calibration")
+    qconfig = dataclasses.replace(config, quantization=MIXED_WEIGHT_ONLY) if attention else config
     layers = [dict(layer) for layer in unstack_layers(params)["layers"]]
     if len(bits) != len(layers):
         raise ValueError(f"quantize_layers: {len(bits)} widths for {len(layers)} layers")
-    if not all(isinstance(b, int) and 2 <= b <= 8 for b in bits):
-        raise ValueError(f"quantize_layers: widths must be ints in [2, 8], got {bits!r}")
+    if any(isinstance(layer[n], QuantizedWeight) for layer in layers for n in linear_names(config)):
+        raise ValueError("quantize_layers: these params are already quantized; start from the float model")
+    names = linear_names(config)
+    x = None
+    if method == "gptq":
+        x = embed_tokens(params, config, check_calibration(calibration, config.vocab_size)).astype(jnp.float32)
+    for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress, leave=False)):
+        hessians = None
+        if x is not None:
+            _, stats = layer_statistics(config, _as_float32(layer), x, config.layer_windows[i], True)
+            hessians = {site: np.asarray(v["xtx"], np.float64) for site, v in stats.items()}
+        for name in names:
+            w = layer[name]
+            here = math.gcd(w.shape[0], group)
+            try:
+                if hessians is None:
+                    layer[name] = _rounded(w, bits[i], here, symmetric, scale_dtype)
+                else:
+                    h = hessians[SITE_OF[name]]
+                    layer[name] = gptq_quantize(
+                        np.asarray(w, np.float32), h, bits[i], here, symmetric=symmetric, scale_dtype=scale_dtype
+                    )
+            except ValueError as err:
+                raise ValueError(f"quantize_layers: layer {i} {name!r} {tuple(w.shape)}: {err}") from None
+        if x is not None:
+            x, _ = layer_statistics(qconfig, layer, x, config.layer_windows[i])
+    return {**params, "layers": layers}, qconfig
+
+
+def bits_per_weight(params: dict, config) -> float:
+    """Stored bits per weight of the layers' linears (codes, scales and offsets) of `quantize_layers`' output;
+    float linears count their dtype's bits."""
     total = weights = 0
-    for layer, width in zip(layers, bits, strict=True):
+    for layer in unstack_layers(params)["layers"]:
         for name in linear_names(config):
-            rows = layer[name].shape[0]
-            here = math.gcd(rows, group)  # e.g. Mamba-1's dt_proj reads time_step_rank = 48 rows
-            layer[name] = round_to_nearest(layer[name], width, here)
-            size = int(np.prod(layer[name].shape))
-            total += size * (width + 16 / here)
-            weights += size
-    return stack_layers({**params, "layers": layers}), total / weights
+            w = layer[name]
+            leaves = jax.tree_util.tree_leaves(w)
+            total += 8 * sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+            weights += math.prod(w.shape)
+    return total / weights
+
+
+def _as_float32(layer: dict) -> dict:
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)

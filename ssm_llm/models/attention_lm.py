@@ -26,7 +26,7 @@ from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.cache import init_cache as init_kv_cache
 from ssm_llm.compressed_cache import AttentionStep, CompressedCache, PrefillObservation
-from ssm_llm.config import WEIGHT_BITS, ModelConfig
+from ssm_llm.config import MIXED_WEIGHT_ONLY, WEIGHT_BITS, ModelConfig
 from ssm_llm.layer_layout import run_layers
 from ssm_llm.models.lm_head import embed_tokens, linear
 from ssm_llm.models.registry import Family, register
@@ -120,13 +120,15 @@ LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights `q
 
 def check_linear_kinds(params: dict, config: ModelConfig) -> None:
     """Raise ValueError unless every linear weight is what `config.quantization` says: float for "none",
-    a `QuantizedWeight` of its bit width otherwise (params quantized one way under a config of another)."""
+    a `QuantizedWeight` of its bit width otherwise, of any width for "wxa16" (params quantized one way under a
+    config of another)."""
     layers = params["layers"]
     for i, layer in enumerate(layers if isinstance(layers, (list, tuple)) else [layers]):
         for name in LINEARS:
             w = layer[name]
             bits = w.bits if isinstance(w, QuantizedWeight) else None
-            if bits != WEIGHT_BITS.get(config.quantization):
+            want = bits if config.quantization == MIXED_WEIGHT_ONLY and bits else WEIGHT_BITS.get(config.quantization)
+            if bits != want:
                 where = f"params['layers']{f'[{i}]' if isinstance(layers, (list, tuple)) else ''}[{name!r}]"
                 got = "float weights" if bits is None else f"{bits}-bit QuantizedWeight"
                 raise ValueError(

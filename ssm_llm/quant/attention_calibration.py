@@ -26,6 +26,7 @@ from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
 
 SITES = {"attn_in": ("wq", "wk", "wv"), "o_in": ("wo",), "mlp_in": ("w_gate", "w_up"), "down_in": ("w_down",)}
+SITE_OF = {name: site for site, names in SITES.items() for name in names}  # linear -> the site it reads
 
 
 def check_calibration(tokens, vocab_size: int) -> jax.Array:

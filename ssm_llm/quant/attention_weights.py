@@ -35,11 +35,9 @@ from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
 from ssm_llm.models.lm_head import embed_tokens
 from ssm_llm.param_check import check_params
-from ssm_llm.quant.attention_calibration import SITES, check_calibration, layer_statistics
+from ssm_llm.quant.attention_calibration import SITE_OF, check_calibration, layer_statistics
 from ssm_llm.quant.gptq import gptq_quantize
 from ssm_llm.quant.smoothquant import smooth_layer
-
-_SITE_OF = {name: site for site, names in SITES.items() for name in names}
 
 
 def quantize_weights(
@@ -190,7 +188,7 @@ def _quantize_layer(layer: dict, bits: int, group_size: int | None, stacked: boo
         if k % size:
             raise ValueError(f"group_size {group_size} does not divide the input size {k} of {name!r}")
         if hessians is not None:
-            out[name] = gptq_quantize(w, hessians[_SITE_OF[name]], bits=bits, group_size=size)
+            out[name] = gptq_quantize(w, hessians[SITE_OF[name]], bits=bits, group_size=size)
             continue
         quantize = functools.partial(quantize_matrix, bits=bits, group_size=size)
         out[name] = jax.vmap(quantize)(w) if stacked else quantize(w)

@@ -8,10 +8,11 @@ correlated. With U the upper Cholesky factor of H^-1 (H^-1 = U^T U), quantizing 
     err = (w[k] - q[k] * s) / U[k, k],    w[j] -= U[k, j] * err  for every later row j > k,
 applied at once inside a block of rows and lazily (one matmul per block) to the rows after the block.
 
-The result is the `QuantizedWeight` that `pallas_kernels.quantized_matmul` consumes: symmetric scales
-per group of `group_size` rows along K (as `quantize_weights`), codes int8 or packed two per byte.
-Without act_order a group's scales are absmax / q_max of its rows as the sweep enters the group, i.e.
-of the weights already updated for every earlier row (blocks are cut at group starts so that no lazy
+The result is the `QuantizedWeight` that `pallas_kernels.quantized_matmul` consumes: scales per group of
+`group_size` rows along K (as `quantize_weights`), 2- to 8-bit codes in its packed layouts; symmetric
+(absmax) or, with symmetric=False, min-max with an offset per group (GPTQ's own default, far better at 2-3
+bits). Without act_order a group's scales are absmax / q_max (or its range) of its rows as the sweep enters
+the group, i.e. of the weights already updated for every earlier row (blocks are cut at group starts so that no lazy
 update is pending then). With act_order rows are swept by decreasing H_kk, and since a group's rows are
 then spread over the sweep, its scales are fixed before the sweep from the original weights ("static
 groups"), so the stored layout stays the plain per-group one.
@@ -23,10 +24,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.quantized_matmul import QuantizedWeight, pack_int4
+from pallas_kernels.quantized_matmul import QuantizedWeight, pack_codes
 from ssm_llm.quant.quantizers import absmax_scale, qrange, quantize
 
 _quantize_row = jax.jit(quantize, static_argnums=2)  # one dispatch per row instead of one per op
+
+
+def _group_grid(rows: np.ndarray, bits: int, symmetric: bool, scale_dtype):
+    """rows [..., g, N] float64 -> (scales, offsets) [..., N] float32 of the group(s), both as stored in
+    `scale_dtype`: absmax / q_max and zeros, or (max - min) / (q_max - q_min) and min - q_min * scale."""
+    stored = lambda a: np.asarray(jnp.asarray(a, scale_dtype), np.float32)  # noqa: E731
+    if symmetric:
+        scales = stored(absmax_scale(rows.astype(np.float32), bits, axis=-2))
+        return scales, np.zeros_like(scales)
+    q_min, q_max = qrange(bits)
+    low, high = rows.min(axis=-2).astype(np.float32), rows.max(axis=-2).astype(np.float32)
+    scales = stored((high - low) / np.float32(q_max - q_min))
+    return scales, stored(low - np.float32(q_min) * scales)
 
 
 def hessian(x_batches) -> np.ndarray:
@@ -60,6 +74,10 @@ def _check(w: np.ndarray, h: np.ndarray, bits, group_size, damp, block_size):
         raise ValueError(f"gptq_quantize: group_size must be a positive int dividing K ({k}), got {group_size!r}")
     if bits == 4 and k % 2:
         raise ValueError(f"gptq_quantize: 4-bit weights pack two rows per byte, so K must be even, got K={k}")
+    if bits not in (4, 8) and k % 8:
+        raise ValueError(
+            f"gptq_quantize: {bits}-bit weights pack 8 rows into {bits} bytes, so K must be a multiple of 8, got K={k}"
+        )
     if not np.isfinite(damp) or damp < 0:
         raise ValueError(f"gptq_quantize: damp must be a finite number >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -82,9 +100,18 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq_quantize(
-    w, H, bits: int = 4, group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False
+    w,
+    H,
+    bits: int = 4,
+    group_size: int = 128,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    symmetric: bool = True,
+    scale_dtype=jnp.float32,
 ) -> QuantizedWeight:
-    """w: float [K, N], H: [K, K] (from `hessian`) -> QuantizedWeight (bits, group_size, float32 scales).
+    """w: float [K, N], H: [K, K] (from `hessian`) -> QuantizedWeight (bits in 2..8, group_size, scales in
+    `scale_dtype`, and offsets in it too when not `symmetric`; codes rounded against the stored values).
 
     damp: damp * mean(diag H) is added to H's diagonal (after dead inputs are fixed). Dead inputs
     (H_kk == 0: the input was always exactly 0, so its weights never matter) get H_kk = 1 and their w
@@ -94,6 +121,8 @@ def gptq_quantize(
     w = np.array(w, np.float64)  # a copy: the sweep updates it in place
     h = np.array(H, np.float64)
     _check(w, h, bits, group_size, damp, block_size)
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"gptq_quantize: symmetric must be True or False, got {symmetric!r}")
     k, n = w.shape
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -101,9 +130,10 @@ def gptq_quantize(
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
 
     scales = np.zeros((k // group_size, n), np.float32)
+    offsets = np.zeros_like(scales)
     if act_order:
         order = np.argsort(-np.diag(h), kind="stable")
-        scales[:] = absmax_scale(w.reshape(-1, group_size, n).astype(np.float32), bits, axis=1)
+        scales[:], offsets[:] = _group_grid(w.reshape(-1, group_size, n), bits, symmetric, scale_dtype)
         w, h = w[order], h[np.ix_(order, order)]
         starts = range(0, k, block_size)
     else:
@@ -119,13 +149,19 @@ def gptq_quantize(
         for i in range(i2 - i1):
             row = i1 + i
             if not act_order and row % group_size == 0:  # a block start: w[row:] has every update so far
-                scales[group[row]] = absmax_scale(w[row : row + group_size].astype(np.float32), bits, axis=0)
-            s = scales[group[row]]
-            codes[row] = _quantize_row(block[i].astype(np.float32), s, bits)
-            errors[i] = (block[i] - codes[row] * s.astype(np.float64)) / u[row, row]
+                grid = _group_grid(w[row : row + group_size], bits, symmetric, scale_dtype)
+                scales[group[row]], offsets[group[row]] = grid
+            s, o = scales[group[row]], offsets[group[row]].astype(np.float64)
+            codes[row] = _quantize_row((block[i] - o).astype(np.float32), s, bits)
+            errors[i] = (block[i] - codes[row] * s.astype(np.float64) - o) / u[row, row]
             block[i + 1 :] -= np.outer(u[row, row + 1 : i2], errors[i])
         w[i2:] -= u[i1:i2, i2:].T @ errors
 
     codes[order] = codes.copy()
-    values = jnp.asarray(codes) if bits == 8 else pack_int4(jnp.asarray(codes))
-    return QuantizedWeight(values, jnp.asarray(scales), bits, group_size)
+    return QuantizedWeight(
+        pack_codes(jnp.asarray(codes), bits),
+        jnp.asarray(scales, scale_dtype),
+        bits,
+        group_size,
+        None if symmetric else jnp.asarray(offsets, scale_dtype),
+    )

@@ -1,8 +1,9 @@
 """Symmetric integer quantization of tensors with static scales (activations, SSM states, weights).
 
 A value x with scale s maps to the code q = clip(round(x / s), q_min, q_max) and back to q * s, with
-(q_min, q_max) = (-127, 127) for 8 bits and (-8, 7) for 4 bits: the ranges `pallas_kernels.quantized_matmul`
-stores and decodes, so codes made here can feed its `QuantizedWeight`. round() is round-half-to-even.
+(q_min, q_max) = (-127, 127) for 8 bits and the two's-complement (-2^(b-1), 2^(b-1) - 1) below, e.g. (-8, 7)
+for 4 bits: the ranges `pallas_kernels.quantized_matmul` stores and decodes, so codes made here can feed its
+`QuantizedWeight`. round() is round-half-to-even.
 Inside [q_min * s, q_max * s] the error is at most s / 2; beyond it values clip to the nearest end.
 
 `scale` broadcasts against x and must not enlarge it: a scalar (per tensor), a vector over the last axis
@@ -18,9 +19,9 @@ from pallas_kernels.quantized_matmul import CODE_RANGE as _Q_RANGE  # the codes 
 
 
 def qrange(bits: int) -> tuple[int, int]:
-    """(q_min, q_max) of symmetric `bits`-bit codes: (-127, 127) for 8, (-8, 7) for 4."""
+    """(q_min, q_max) of `bits`-bit codes, bits in 2..8: (-127, 127) for 8, (-8, 7) for 4, (-4, 3) for 3."""
     if isinstance(bits, bool) or bits not in _Q_RANGE:
-        raise ValueError(f"bits must be one of {sorted(_Q_RANGE)}, got {bits!r}")
+        raise ValueError(f"bits must be an int in {min(_Q_RANGE)}..{max(_Q_RANGE)}, got {bits!r}")
     return _Q_RANGE[bits]
 
 
@@ -37,7 +38,7 @@ def _check_scale(x, scale, where: str):
 
 
 def quantize(x, scale, bits: int):
-    """x: float [...], scale: broadcastable to x -> int8 codes [...] (4-bit codes are int8 too, unpacked)."""
+    """x: float [...], scale: broadcastable to x -> int8 codes [...] (narrower codes are int8 too, unpacked)."""
     q_min, q_max = qrange(bits)
     _check_scale(x, scale, "quantize")
     x = jnp.asarray(x, jnp.float32)

@@ -1,7 +1,9 @@
 """Layer-wise mixed bit widths: the scores (LIM against its definition written out in numpy, ZD on planted
 outliers), the allocation (exactly the asked average, the most important layers get the high width, averages no
-layer count reaches refused with the nearest ones), rounding against a numpy round-to-nearest, and the rounded
-model runs through `forward`."""
+layer count reaches refused with the nearest ones), the stored codes (each layer at its width, round-to-nearest
+against numpy, GPTQ against `gptq_quantize` on the inputs through the quantized layers before), the bits counted
+from the bytes held, and the quantized model's `forward` equal to the float model holding its dequantized weights,
+cached decode included."""
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ssm_llm
-from ssm_llm.compress import allocate_bits, layer_scores, quantize_layers
-from ssm_llm.compress.mixed_bits import round_to_nearest
+from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights
+from ssm_llm.compress import allocate_bits, bits_per_weight, layer_scores, quantize_layers
 from ssm_llm.layer_layout import unstack_layers
+from ssm_llm.models.lm_head import embed_tokens
+from ssm_llm.quant import gptq_quantize
 from ssm_llm.quant.attention_calibration import layer_statistics
 
 LLAMA = ssm_llm.ModelConfig(
@@ -88,41 +92,104 @@ def test_unreachable_averages_and_bad_widths_are_refused():
         layer_scores({}, LLAMA, "hessian")
 
 
-def test_mamba1_rounds_its_projections_only():
+def _dequantized(params, config):
+    """The float model holding the quantized linears' dequantized weights (the reference forward)."""
+    layers = [
+        {n: dequantize_weights(w) if isinstance(w, QuantizedWeight) else w for n, w in layer.items()}
+        for layer in params["layers"]
+    ]
+    return {**params, "layers": layers}
+
+
+def test_mamba1_quantizes_its_projections_only():
     """Quamba's list: in_proj, x_proj, dt_proj, out_proj; A_log, D and the conv taps stay. dt_proj reads
-    time_step_rank (here 4) rows, which a group of 64 does not divide: it takes groups of 4."""
-    config = ssm_llm.MambaConfig(vocab_size=64, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128)
+    time_step_rank (here 8) rows, which a group of 64 does not divide: it takes groups of 8."""
+    config = ssm_llm.MambaConfig(
+        vocab_size=64, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128, time_step_rank=8
+    )
     params = ssm_llm.init_params(config, jax.random.PRNGKey(0))
-    rounded, average = quantize_layers(params, config, (4, 4), group=64)
-    for name, x in params["layers"].items():
-        same = np.array_equal(np.asarray(rounded["layers"][name]), np.asarray(x))
-        assert same == (name not in ("in_proj", "x_proj", "dt_proj", "out_proj")), name
-    sizes = {n: int(np.prod(params["layers"][n].shape[1:])) for n in ("in_proj", "x_proj", "dt_proj", "out_proj")}
-    rows = {n: params["layers"][n].shape[1] for n in sizes}
-    want = sum(sizes[n] * (4 + 16 / np.gcd(rows[n], 64)) for n in sizes) / sum(sizes.values())
-    assert np.isclose(average, want)
+    quantized, same_config = quantize_layers(params, config, (4, 3), group=64, progress=False)
+    assert same_config is config
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    for i, layer in enumerate(quantized["layers"]):
+        for name, x in layer.items():
+            assert isinstance(x, QuantizedWeight) == (name in names), name
+            if name in names:
+                assert x.bits == (4, 3)[i] and x.group_size == np.gcd(x.shape[0], 64)
+    tokens = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
+    got, _ = ssm_llm.forward(quantized, config, tokens, ssm_llm.init_cache(config, 1, 8))
+    want, _ = ssm_llm.forward(_dequantized(quantized, config), config, tokens, ssm_llm.init_cache(config, 1, 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert len(layer_scores(params, config, "zd")) == 2
 
 
-def test_rounding_against_numpy(params):
-    w = np.asarray(params["layers"]["wq"][0])
-    got = np.asarray(round_to_nearest(jnp.asarray(w), 3, 16))
-    groups = w.reshape(4, 16, -1)
-    scale = np.abs(groups).max(1, keepdims=True) / 3
-    want = (np.clip(np.round(groups / scale), -3, 3) * scale).reshape(w.shape)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert len(np.unique(got[:16, 0])) <= 7
+def test_round_to_nearest_codes_against_numpy(params):
+    bits = (3, 5, 2, 8)
+    quantized, config = quantize_layers(params, LLAMA, bits, group=16, progress=False)
+    assert config.quantization == "wxa16" and isinstance(quantized["layers"], list)
+    for i, layer in enumerate(unstack_layers(params)["layers"]):
+        w = np.asarray(layer["wq"], np.float32)
+        qw = quantized["layers"][i]["wq"]
+        assert qw.bits == bits[i] and qw.scales.dtype == jnp.float16 and qw.values.size * 8 == w.size * bits[i]
+        groups = w.reshape(4, 16, -1)
+        scale = (np.abs(groups).max(1, keepdims=True) / (127 if bits[i] == 8 else 2 ** (bits[i] - 1) - 1)).astype(
+            np.float16
+        )
+        want = (np.round(groups / scale.astype(np.float32)) * scale.astype(np.float32)).reshape(w.shape)
+        np.testing.assert_allclose(np.asarray(dequantize_weights(qw)), want, rtol=1e-6, atol=1e-7)
 
 
-def test_mixed_model_runs_and_counts_its_bits(params):
+def test_mixed_model_equals_its_dequantized_float_model_and_counts_its_bits(params):
     bits = allocate_bits(layer_scores(params, LLAMA, "zd"), 3.5, (3, 4))
-    rounded, average = quantize_layers(params, LLAMA, bits, group=16)
-    assert np.isclose(average, 3.5 + 1.0)  # codes plus a 16-bit scale per 16 rows
-    tokens = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
-    logits, _ = ssm_llm.forward(rounded, LLAMA, tokens, ssm_llm.init_cache(LLAMA, 1, 8))
-    want, _ = ssm_llm.forward(params, LLAMA, tokens, ssm_llm.init_cache(LLAMA, 1, 8))
-    assert np.isfinite(logits).all() and 0 < np.abs(np.asarray(logits) - np.asarray(want)).max() < 0.5
-    with pytest.raises(ValueError, match="widths"):
-        quantize_layers(params, LLAMA, (3, 4, 9, 3))
-    with pytest.raises(ValueError, match="4 layers"):
-        quantize_layers(params, LLAMA, (3, 4))
+    quantized, config = quantize_layers(params, LLAMA, bits, group=16, progress=False)
+    assert np.isclose(bits_per_weight(quantized, config), 3.5 + 1.0)  # codes plus a 16-bit scale per 16 rows
+    assert np.isclose(bits_per_weight(params, LLAMA), 32.0)
+    minmax, _ = quantize_layers(params, LLAMA, bits, group=16, symmetric=False, progress=False)
+    assert np.isclose(bits_per_weight(minmax, config), 3.5 + 2.0)  # and a 16-bit offset
+    reference = _dequantized(quantized, config)
+    tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)
+    got, cache = ssm_llm.forward(quantized, config, tokens[:, :5], ssm_llm.init_cache(config, 1, 8))
+    step, _ = ssm_llm.forward(quantized, config, tokens[:, 5:], cache)
+    want, _ = ssm_llm.forward(reference, LLAMA, tokens, ssm_llm.init_cache(LLAMA, 1, 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :5]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(want[:, 5:]), rtol=1e-5, atol=1e-5)
+    float_logits, _ = ssm_llm.forward(params, LLAMA, tokens, ssm_llm.init_cache(LLAMA, 1, 8))
+    assert 0 < np.abs(np.asarray(want) - np.asarray(float_logits)).max() < 0.5
+
+
+def test_gptq_quantizes_each_layer_on_the_inputs_of_the_quantized_layers_before(params):
+    tokens = np.random.default_rng(0).integers(0, 128, (2, 24))
+    bits = (3, 4, 3, 4)
+    quantized, config = quantize_layers(
+        params, LLAMA, bits, group=16, method="gptq", symmetric=False, calibration=tokens, progress=False
+    )
+    x = embed_tokens(params, LLAMA, jnp.asarray(tokens, jnp.int32))
+    for i, layer in enumerate(unstack_layers(params)["layers"]):
+        _, stats = layer_statistics(LLAMA, layer, x, LLAMA.layer_windows[i], True)
+        want = gptq_quantize(
+            np.asarray(layer["w_up"]), np.asarray(stats["mlp_in"]["xtx"], np.float64), bits[i], 16,
+            symmetric=False, scale_dtype=jnp.float16,
+        )  # fmt: skip
+        got = quantized["layers"][i]["w_up"]
+        np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
+        np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+        x, _ = layer_statistics(config, quantized["layers"][i], x, LLAMA.layer_windows[i])
+
+
+def test_quantize_layers_refuses_bad_requests_by_name(params):
+    mamba = ssm_llm.MambaConfig(vocab_size=64, hidden_size=64, num_layers=2, state_size=16, intermediate_size=128)
+    cases = [
+        (lambda: quantize_layers(params, LLAMA, (3, 4, 9, 3)), "widths must be ints in"),
+        (lambda: quantize_layers(params, LLAMA, (3, 4)), "2 widths for 4 layers"),
+        (lambda: quantize_layers(params, LLAMA, (4,) * 4, group=0), "group must be a positive int"),
+        (lambda: quantize_layers(params, LLAMA, (4,) * 4, method="awq"), "method must be one of"),
+        (lambda: quantize_layers(params, LLAMA, (4,) * 4, method="gptq"), "needs calibration="),
+        (lambda: quantize_layers(params, LLAMA, (4,) * 4, calibration=np.ones((1, 4), int)), "used by method 'gptq'"),
+        (lambda: quantize_layers({}, mamba, (4, 4), method="gptq", calibration=[[1]]), "use 'rtn' for Mamba"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    quantized, config = quantize_layers(params, LLAMA, (4,) * 4, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_layers(quantized, config, (4,) * 4)

@@ -192,7 +192,7 @@ def test_int8_clear_errors():
         ((jnp.ones((2, 32), jnp.int8), 0.1, qw), r"xq must have shape \[..., 64\] \(the weight's K\), got \(2, 32\)"),
         ((xq, jnp.ones((2,)), qw), r"x_scale must be a floating-point scalar .* got float32 with shape \(2,\)"),
         ((xq, 1, qw), r"x_scale must be a floating-point scalar .* got int32 with shape \(\)"),
-        ((xq, 0.1, QuantizedWeight(qw.values, qw.scales, 3, 32)), "bits must be 4 or 8, got 3"),
+        ((xq, 0.1, QuantizedWeight(qw.values, qw.scales, 9, 32)), "bits must be an int in 2..8, got 9"),
         ((xq, 0.1, QuantizedWeight(qw.values, qw.scales, 8, 48)), r"K \(64\) must be a multiple of group_size \(48\)"),
         ((xq, 0.1, QuantizedWeight(qw.values, qw.scales[:1], 8, 32)), r"scales must have shape \(2, 8\), got \(1, 8\)"),
         ((xq, 0.1, QuantizedWeight(qw.values.astype(jnp.uint8), qw.scales, 8, 32)), "8-bit values must be int8"),

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from kernel_checks import random_int8_inputs
 
 from pallas_kernels.quantized_matmul import (
+    CODE_RANGE,
     QuantizedWeight,
     dequantize_weights,
     quantize_weights,
+    quantized_matmul,
     quantized_matmul_int8_ref,
     quantized_matmul_ref,
 )
@@ -34,6 +36,11 @@ def _codes(qw: QuantizedWeight) -> np.ndarray:
     v = np.asarray(qw.values).astype(np.int64)
     if qw.bits == 8:
         return v
+    if qw.bits != 4:  # bit planes: each 8 rows of K in `bits` bytes, byte p holding bit p of each row's code
+        planes = v.reshape(-1, qw.bits, 1, v.shape[1]) >> np.arange(8)[None, None, :, None] & 1
+        codes = (planes << np.arange(qw.bits)[None, :, None, None]).sum(1).reshape(-1, v.shape[1])
+        sign = 1 << (qw.bits - 1)
+        return (codes ^ sign) - sign
     nibbles = np.stack([v & 0xF, v >> 4], axis=1).reshape(2 * v.shape[0], v.shape[1])
     return (nibbles ^ 8) - 8
 
@@ -129,10 +136,54 @@ def test_int8_reference_matches_weight_only_path_on_dequantized_activations(bits
     )
 
 
+@settings(max_examples=14, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    group=st.sampled_from([8, 16, 64]),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_every_width_from_2_to_8_bits_stores_its_codes_and_multiplies(bits, symmetric, group, groups, n, seed):
+    """2-8 bits, absmax or min-max: the stored bytes are bits/8 per weight, the codes (unpacked here in numpy)
+    lie in CODE_RANGE and dequantize within half a step, and the product is x @ the dequantized weight."""
+    rng = np.random.default_rng(seed)
+    k = group * groups
+    w = (rng.standard_normal((k, n)) + (0 if symmetric else 1.5)).astype(np.float32)
+    w[:group, 0] = 0.25  # a constant column of a group: scale 0 under min-max, still exact
+    qw = quantize_weights(jnp.asarray(w), bits, group, symmetric=symmetric)
+    assert qw.shape == (k, n) and qw.values.size == k * n * bits // 8 and (qw.offsets is None) == symmetric
+    codes = _codes(qw)
+    q_min, q_max = CODE_RANGE[bits]
+    assert codes.min() >= q_min and codes.max() <= q_max
+    scales = np.repeat(np.asarray(qw.scales, np.float64), group, axis=0)
+    offsets = 0.0 if symmetric else np.repeat(np.asarray(qw.offsets, np.float64), group, axis=0)
+    deq = codes * scales + offsets
+    np.testing.assert_allclose(np.asarray(dequantize(qw)), deq, rtol=1e-6, atol=1e-6)
+    assert (np.abs(w - deq) <= scales / 2 + 1e-5).all()
+    if not symmetric:
+        np.testing.assert_allclose(deq[:group, 0], 0.25, rtol=1e-6)
+    x = jnp.asarray(rng.standard_normal((3, k), np.float32))
+    want = np.asarray(x, np.float64) @ deq
+    np.testing.assert_allclose(np.asarray(quantized_matmul(x, qw)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernels_refuse_widths_other_than_4_and_8_by_name():
+    qw = quantize_weights(jnp.ones((64, 128)), bits=3, group_size=32)
+    x = jnp.ones((2, 64))
+    np.testing.assert_allclose(np.asarray(quantized_matmul(x, qw)), np.asarray(x @ dequantize_weights(qw)), rtol=1e-6)
+    with pytest.raises(ValueError, match="the Pallas kernels take 4- or 8-bit weights, got 3 bits; use impl='xla'"):
+        quantized_matmul(x, qw, impl="interpret")
+
+
 def test_quantizer_gives_clear_errors():
     w = jnp.ones((64, 8))
-    with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
-        quantize_weights(w, bits=3)
+    for bad in (1, 9, 16):
+        with pytest.raises(ValueError, match=f"bits must be an int in 2..8, got {bad}"):
+            quantize_weights(w, bits=bad)
+    with pytest.raises(ValueError, match="3-bit weights pack 8 rows into 3 bytes, so K must be a multiple of 8"):
+        quantize_weights(jnp.ones((12, 8)), bits=3, group_size=4)
     with pytest.raises(ValueError, match=r"K \(64\) must be a multiple of group_size \(48\)"):
         quantize_weights(w, group_size=48)
     with pytest.raises(ValueError, match="K must be even, got K=3"):

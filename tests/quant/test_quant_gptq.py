@@ -49,6 +49,8 @@ def _codes(qw) -> np.ndarray:
         (4, 128, False, 0.5),  # measured 0.38
         (4, 128, True, 0.5),  # measured 0.26
         (8, K, False, 0.5),  # per output channel; measured 0.36
+        (3, 64, False, 0.6),  # the other widths (bit planes); measured 0.39
+        (5, 64, False, 0.6),  # measured 0.36
     ],
 )
 def test_gptq_lowers_the_output_error_of_round_to_nearest(layer, bits, group, act_order, max_ratio):
@@ -58,6 +60,20 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(layer, bits, group, ac
     ratio = _output_error(x_test, w, gptq) / _output_error(x_test, w, rtn)
     print(f"{bits}-bit group {group} act_order={act_order}: GPTQ / RTN held-out output error = {ratio:.3f}")
     assert ratio < max_ratio
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_min_max_gptq_lowers_the_output_error_of_min_max_rounding(layer, bits):
+    """symmetric=False (GPTQ's own default grid, an offset per group): it beats min-max rounding to nearest,
+    and at 2-3 bits min-max beats the absmax grid, which wastes a code on a symmetric range."""
+    _, x_test, w, h = layer
+    gptq = gptq_quantize(w, h, bits=bits, group_size=64, symmetric=False)
+    assert gptq.offsets is not None and gptq.offsets.shape == (K // 64, N)
+    rtn = quantize_weights(jnp.asarray(w), bits, 64, symmetric=False)
+    absmax = gptq_quantize(w, h, bits=bits, group_size=64)
+    errors = [_output_error(x_test, w, qw) for qw in (gptq, rtn, absmax)]
+    print(f"{bits}-bit min-max GPTQ / RTN = {errors[0] / errors[1]:.3f}, / absmax GPTQ = {errors[0] / errors[2]:.3f}")
+    assert errors[0] < 0.7 * errors[1] and errors[0] < errors[2]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -79,15 +95,19 @@ def test_gptq_returns_a_valid_quantized_weight(layer, bits):
     np.testing.assert_allclose(np.asarray(quantized_matmul_ref(x, qw)), np.asarray(x) @ deq, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits, act_order", [(4, False), (8, False), (4, True)])
-def test_a_diagonal_hessian_reduces_gptq_to_round_to_nearest(layer, bits, act_order):
+@pytest.mark.parametrize(
+    "bits, act_order, symmetric", [(4, False, True), (8, False, True), (4, True, True), (3, False, False)]
+)
+def test_a_diagonal_hessian_reduces_gptq_to_round_to_nearest(layer, bits, act_order, symmetric):
     """Uncorrelated inputs leave no error to spread: the codes and scales are RTN's. (Scales to an ulp:
     XLA may compute absmax / q_max as absmax * (1 / q_max), depending on the shapes it compiles for.)"""
     w = layer[2]
     h = np.diag(np.random.default_rng(1).uniform(0.1, 10.0, K))
-    qw = gptq_quantize(w, h, bits=bits, group_size=32, act_order=act_order)
-    rtn = quantize_weights(jnp.asarray(w), bits, 32)
+    qw = gptq_quantize(w, h, bits=bits, group_size=32, act_order=act_order, symmetric=symmetric)
+    rtn = quantize_weights(jnp.asarray(w), bits, 32, symmetric=symmetric)
     np.testing.assert_allclose(qw.scales, rtn.scales, rtol=2.5e-7)
+    if not symmetric:
+        np.testing.assert_allclose(qw.offsets, rtn.offsets, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(qw.values, rtn.values)
 
 
@@ -174,8 +194,8 @@ def test_gptq_errors(layer):
     _, _, w, h = layer
     with pytest.raises(ValueError, match=r"group_size must be a positive int dividing K \(256\), got 96"):
         gptq_quantize(w, h, group_size=96)
-    for bits in (2, 3, 16):
-        with pytest.raises(ValueError, match="bits must be one of"):
+    for bits in (1, 9, 16):
+        with pytest.raises(ValueError, match="bits must be an int in 2..8"):
             gptq_quantize(w, h, bits=bits)
     with pytest.raises(ValueError, match=r"H must have shape \(256, 256\)"):
         gptq_quantize(w, h[:-1, :-1])
