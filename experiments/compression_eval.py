@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 import converters
 import ssm_llm
 from pallas_kernels.dfloat11 import DFloat11Weight
+from pallas_kernels.quantized_matmul import dequantize_weights, quantize_weights
 from ssm_llm.compress import (
     allocate_bits,
+    bits_per_weight,
     bitstack,
     compressed_bytes,
     dfloat11,
@@ -46,7 +48,6 @@ from ssm_llm.compress import (
 )
 from ssm_llm.compress.bitstack import decompose, rank_for
 from ssm_llm.compress.dfloat11 import code_lengths
-from ssm_llm.compress.mixed_bits import round_to_nearest
 from ssm_llm.layer_layout import unstack_layers
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -165,7 +166,7 @@ def _float32_model_and_text(args):
 
 
 def _recorder(config, windows, rows: dict):
-    def record(name, p, bits, **extra):
+    def record(name, p, bits, config=config, **extra):
         start = time.perf_counter()
         rows[name] = {"bits_per_weight": bits, "perplexity": _perplexity(p, config, windows), **extra}
         rows[name]["eval_s"] = time.perf_counter() - start
@@ -182,8 +183,8 @@ def _mixed_part(args) -> dict:
     record = _recorder(config, windows, rows)
     record("float32", params, 32.0)
     for bits in (2, 3, 4, 5, 6):
-        rounded, average = quantize_layers(params, config, (bits,) * config.num_layers)
-        record(f"uniform {bits}-bit", rounded, average, codes=bits)
+        rounded, qconfig = quantize_layers(params, config, (bits,) * config.num_layers)
+        record(f"uniform {bits}-bit", rounded, bits_per_weight(rounded, qconfig), codes=bits, config=qconfig)
     scores = {
         "lim": layer_scores(params, config, "lim", calibration),
         "zd": layer_scores(params, config, "zd"),
@@ -192,11 +193,55 @@ def _mixed_part(args) -> dict:
     for target, widths in ((3.0, (2, 4)), (3.5, (3, 4)), (5.0, (4, 6))):
         for name, score in scores.items():
             bits = allocate_bits(score, target, widths)
-            rounded, average = quantize_layers(params, config, bits)
-            record(f"mixed {target:g} {widths} {name}", rounded, average, codes=target, layer_bits=list(bits))
+            rounded, qconfig = quantize_layers(params, config, bits)
+            average = bits_per_weight(rounded, qconfig)
+            record(
+                f"mixed {target:g} {widths} {name}",
+                rounded,
+                average,
+                codes=target,
+                layer_bits=list(bits),
+                config=qconfig,
+            )
     return {
         "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
         "scores": {k: v.tolist() for k, v in scores.items() if k != "reversed lim"},
+        "rows": rows,
+    }
+
+
+def _gptq_part(args) -> dict:
+    """GPTQ with integer codes at every width (min-max grid, an offset and a scale in float16 per 64 input rows:
+    +0.5 bit per weight): uniform widths, layer-wise mixed widths ranked by LIM (and reversed LIM at 3.5, the
+    control) at 3 / 3.5 / 5 average bits, and uniform 3 bits in groups of 32, which holds exactly the bytes of the
+    3.5 mixture in groups of 64 (4.0 bits per weight)."""
+    config, params, calibration, windows = _float32_model_and_text(args)
+    rows = {}
+    record = _recorder(config, windows, rows)
+    lim = layer_scores(params, config, "lim", calibration)
+
+    def run(name, bits, group=64, **extra):
+        start = time.perf_counter()
+        quantized, qconfig = quantize_layers(
+            params, config, bits, group, method="gptq", symmetric=False, calibration=calibration
+        )
+        seconds = time.perf_counter() - start
+        record(name, quantized, bits_per_weight(quantized, qconfig), config=qconfig, quantize_s=seconds, **extra)
+
+    record("float32", params, 32.0)
+    for bits in args.gptq_bits:
+        run(f"gptq uniform {bits}-bit g64", (bits,) * config.num_layers, codes=bits)
+    run("gptq uniform 3-bit g32", (3,) * config.num_layers, group=32, codes=3)
+    for target, widths in ((3.0, (2, 4)), (3.5, (3, 4)), (5.0, (4, 6))):
+        bits = allocate_bits(lim, target, widths)
+        run(f"gptq mixed {target:g} {widths} lim", bits, codes=target, layer_bits=list(bits))
+    bits = allocate_bits(-lim, 3.5, (3, 4))
+    run("gptq mixed 3.5 (3, 4) reversed lim", bits, codes=3.5, layer_bits=list(bits))
+    return {
+        "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "calibration_tokens": int(calibration.size),
+        "grid": "min-max (asymmetric), float16 scale and offset per group",
+        "lim": lim.tolist(),
         "rows": rows,
     }
 
@@ -209,7 +254,7 @@ def _matrix_part(args) -> dict:
     for name in ("w_gate", "wq", "wk"):
         w = np.asarray(params["layers"][name][5], np.float32)
         stack = decompose(w, np.ones(w.shape[0], np.float32), 4, rank_for(w.shape))
-        rtn = {b: np.asarray(round_to_nearest(jnp.asarray(w), b, 64)) for b in (3, 4)}
+        rtn = {b: np.asarray(dequantize_weights(quantize_weights(jnp.asarray(w), b, 64))) for b in (3, 4)}
         out[f"layers.5.{name}"] = {
             "shape": list(w.shape),
             "rank": rank_for(w.shape),
@@ -227,8 +272,8 @@ def _bitstack_part(args) -> dict:
     record = _recorder(config, windows, rows)
     record("float32", params, 32.0)
     for bits in (2, 3, 4, 8):
-        rounded, average = quantize_layers(params, config, (bits,) * config.num_layers)
-        record(f"rtn {bits}-bit g64", rounded, average)
+        rounded, qconfig = quantize_layers(params, config, (bits,) * config.num_layers)
+        record(f"rtn {bits}-bit g64", rounded, bits_per_weight(rounded, qconfig), config=qconfig)
     start = time.perf_counter()
     gptq, gptq_config = ssm_llm.quantize_weights(params, config, "w4a16", 64, calibration=calibration, gptq=True)
     rows_time = time.perf_counter() - start
@@ -290,12 +335,13 @@ def _plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["dfloat11", "bitstack", "mixed", "matrix"]
+    parts = ["dfloat11", "bitstack", "mixed", "gptq", "matrix"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--bits", type=float, nargs="+", default=[2.25, 2.5, 3, 3.5, 4, 5, 6, 8])
+    parser.add_argument("--gptq-bits", type=int, nargs="+", default=[2, 3, 4, 5])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=16)
@@ -311,6 +357,8 @@ def main() -> None:
         result["bitstack"] = _bitstack_part(args)
     if "mixed" in args.parts:
         result["mixed_bits"] = _mixed_part(args)
+    if "gptq" in args.parts:
+        result["gptq_widths"] = _gptq_part(args)
     if "matrix" in args.parts:
         result["bitstack_matrices"] = _matrix_part(args)
     if "bitstack" in result or "mixed_bits" in result:
