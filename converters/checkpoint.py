@@ -227,11 +227,13 @@ def _sharded_target(stored, meta: dict, config, mesh, directory: Path):
 
 
 def split_quantized(params: dict) -> tuple[dict, dict]:
-    """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict and every DFloat11 weight by
-    its four arrays (orbax stores arrays only); returns the new tree and {"path/to/weight": layout}, the layout
-    {"bits", "group_size"} or {"format": "dfloat11", "block", "code_bits"}."""
+    """Replace every `QuantizedWeight` by a plain {"values", "scales"(, "offsets")} dict and every DFloat11 or
+    BitStack weight by its arrays (orbax stores arrays only); returns the new tree and {"path/to/weight": layout},
+    the layout {"bits", "group_size"}, {"format": "dfloat11", "block", "code_bits"} or {"format": "bitstack",
+    "shape"}."""
     from pallas_kernels.dfloat11 import DFloat11Weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
+    from ssm_llm.bitstack_weight import BitStackWeight
 
     found = {}
 
@@ -243,6 +245,9 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
         if isinstance(node, DFloat11Weight):
             found["/".join(path)] = {"format": "dfloat11", "block": node.block, "code_bits": node.code_bits}
             return {name: getattr(node, name) for name in DFLOAT11_ARRAYS}
+        if isinstance(node, BitStackWeight):
+            found["/".join(path)] = {"format": "bitstack", "shape": list(node.shape)}
+            return {name: getattr(node, name) for name in BITSTACK_ARRAYS}
         if isinstance(node, dict):
             return {k: walk(v, path + (str(k),)) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
@@ -253,12 +258,14 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
 
 
 DFLOAT11_ARRAYS = ("sign_mantissa", "stream", "block_starts", "table")
+BITSTACK_ARRAYS = ("signs", "u", "v", "scale")
 
 
 def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
     """Invert `split_quantized` with the layout recorded in the config file."""
     from pallas_kernels.dfloat11 import DFloat11Weight, check_weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
+    from ssm_llm.bitstack_weight import BitStackWeight
 
     for path, layout in quantized.items():
         *parents, leaf = path.split("/")
@@ -271,6 +278,10 @@ def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
                 arrays = [stored[name] for name in DFLOAT11_ARRAYS]
                 node[leaf] = DFloat11Weight(*arrays, int(layout["block"]), int(layout["code_bits"]))
                 check_weight(node[leaf], path)
+                continue
+            if layout.get("format") == "bitstack":
+                rows, cols = (int(n) for n in layout["shape"])
+                node[leaf] = BitStackWeight(*(stored[name] for name in BITSTACK_ARRAYS), (rows, cols))
                 continue
             node[leaf] = QuantizedWeight(
                 stored["values"],

@@ -15,7 +15,8 @@ removes, ||diag(s) dW||_F^2 (the paper measures each block's effect on calibrati
 evaluation per matrix and level: 16 x 210 forwards for SmolLM2, out of reach on a CPU).
 
 `bitstack(params, config, calibration)` decomposes; `load_budget(stack, params, bytes)` returns params with the
-loaded weights (float, for `forward`) and the bytes they occupy in packed form, never above the budget.
+loaded weights (float, or with `packed=True` the blocks themselves, `ssm_llm.bitstack_weight.BitStackWeight`,
+rebuilt inside each product) and the bytes they occupy in packed form, never above the budget.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ssm_llm.bitstack_weight import BitStackWeight, reconstruct
 from ssm_llm.config import ModelConfig
 from ssm_llm.layer_layout import stack_layers, unstack_layers
 from ssm_llm.quant.attention_calibration import SITES, check_calibration, walk_layers
@@ -61,15 +63,19 @@ class MatrixStack:
         """Bytes stored once per matrix: the float16 scale."""
         return 2 * self.shape[0]
 
+    def packed(self, blocks: int) -> BitStackWeight:
+        """The first `blocks` blocks as they are stored, for `forward` to rebuild at each product."""
+        return BitStackWeight(
+            jnp.asarray(self.signs[:blocks]),
+            jnp.asarray(self.u[:blocks]),
+            jnp.asarray(self.v[:blocks]),
+            jnp.asarray(self.scale, jnp.float16),
+            self.shape,
+        )
+
     def weight(self, blocks: int) -> np.ndarray:
-        """W rebuilt from its first `blocks` blocks, float32 [in, out]."""
-        rows, cols = self.shape
-        total = np.zeros(self.shape, np.float32)
-        for k in range(blocks):
-            negative = np.unpackbits(self.signs[k], count=rows * cols).reshape(rows, cols).astype(bool)
-            magnitude = self.u[k].astype(np.float32) @ self.v[k].astype(np.float32)
-            total += np.where(negative, -magnitude, magnitude)
-        return total / self.scale[:, None]
+        """W rebuilt from its first `blocks` blocks, float32 [in, out] (what `forward` rebuilds from `packed`)."""
+        return np.asarray(reconstruct(self.packed(blocks)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +180,16 @@ def bitstack(params: dict, config, calibration=None, blocks: int = 16, rank="aut
     return BitStack(matrices, tuple(order))
 
 
-def load_budget(stack: BitStack, params: dict, budget: int, dtype=None) -> tuple[dict, dict]:
+def load_budget(stack: BitStack, params: dict, budget: int, dtype=None, packed: bool = False) -> tuple[dict, dict]:
     """`params` with every decomposed weight rebuilt from as many blocks as `budget` bytes of packed blocks allow
     (the longest prefix of the stack's order; every matrix has at least one block). Returns (params in the
     stacked layout, {"bytes": bytes used (<= budget), "bits_per_weight", "blocks": {key: count}}). Raises
-    ValueError when the budget is below one block per matrix."""
+    ValueError when the budget is below one block per matrix.
+
+    packed: keep the loaded blocks packed (`BitStackWeight`: the memory the budget counts) and rebuild each
+    weight inside the product that reads it; the layers then come as a list (block counts differ per matrix)."""
+    if not isinstance(packed, bool):
+        raise ValueError(f"load_budget: packed must be True or False, got {packed!r}")
     floor = stack.bytes_for(0)
     if budget < floor:
         raise ValueError(f"load_budget: {budget} bytes is below one block per matrix ({floor} bytes)")
@@ -189,9 +200,13 @@ def load_budget(stack: BitStack, params: dict, budget: int, dtype=None) -> tuple
         counts[key] = level
     layers = [dict(layer) for layer in unstack_layers(params)["layers"]]
     for (i, name), matrix in stack.matrices.items():
+        if packed:
+            layers[i][name] = matrix.packed(counts[i, name])
+            continue
         target = dtype or layers[i][name].dtype
         layers[i][name] = jnp.asarray(matrix.weight(counts[i, name]), target)
-    return stack_layers({**params, "layers": layers}), {
+    loaded = {**params, "layers": layers}
+    return loaded if packed else stack_layers(loaded), {
         "bytes": int(used[steps]),
         "bits_per_weight": 8 * int(used[steps]) / stack.weights,
         "blocks": counts,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.dfloat11 import DFloat11Weight, decompress, take_rows
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
+from ssm_llm.bitstack_weight import BitStackWeight, reconstruct
 from ssm_llm.hadamard import block_hadamard
 
 # On CPU, up to this many rows (batch x tokens), tied logits are computed as `embed @ h.T` ([V, rows])
@@ -22,7 +23,10 @@ SMALL_ROWS = 32
 def linear(x: jax.Array, w, b: jax.Array | None = None, int8_acts: bool = False, rotate: bool = False) -> jax.Array:
     """`x: [..., in] @ w: [in, out] (+ b: [out])`. A `QuantizedWeight` w multiplies through the quantized
     matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8), x first rotated
-    by `block_hadamard` if `rotate` (w then holds the rotated rows)."""
+    by `block_hadamard` if `rotate` (w then holds the rotated rows). A `BitStackWeight` is rebuilt from its
+    packed blocks inside the product's program."""
+    if isinstance(w, BitStackWeight):
+        w = reconstruct(w, x.dtype)
     if isinstance(w, QuantizedWeight):
         if int8_acts and rotate:
             x = block_hadamard(x).astype(x.dtype)

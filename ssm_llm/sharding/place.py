@@ -9,6 +9,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.dfloat11 import DFloat11Weight
 from pallas_kernels.quantized_matmul import QuantizedWeight
+from ssm_llm.bitstack_weight import BitStackWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
 from ssm_llm.sharding import rules
@@ -121,7 +122,8 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
     def place(logical_axes, leaf, stacked, where):
         if logical_axes is rules.REPLICATED:  # a whole subtree (Quamba's activation scales)
             return jax.tree.map(lambda _: PartitionSpec(), leaf)
-        if isinstance(leaf, DFloat11Weight):  # a Huffman stream cannot be cut along the weight's axes: replicated
+        # A Huffman stream or packed sign bits cannot be cut along the weight's axes: replicated.
+        if isinstance(leaf, (DFloat11Weight, BitStackWeight)):
             return jax.tree.map(lambda _: PartitionSpec(), leaf)
         if isinstance(leaf, QuantizedWeight):
             float_spec = _spec(((None,) if stacked else ()) + tuple(logical_axes), mesh)

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import converters
 import ssm_llm
+from ssm_llm.bitstack_weight import BitStackWeight, reconstruct, stored_bytes
 from ssm_llm.compress import bitstack, load_budget
 from ssm_llm.compress.bitstack import decompose, rank_for
 
@@ -117,6 +119,47 @@ def test_loaded_models_run_through_forward(llama):
     assert {name for _, name in mstack.matrices} == {"in_proj", "out_proj"}  # Quamba's list
     loaded, _ = load_budget(mstack, mamba, mstack.bytes_for(len(mstack.order)))
     np.testing.assert_allclose(logits(loaded, MAMBA2), logits(mamba, MAMBA2), atol=2e-2)
+    packed, _ = load_budget(mstack, mamba, mstack.bytes_for(len(mstack.order)), packed=True)
+    np.testing.assert_allclose(logits(packed, MAMBA2), logits(loaded, MAMBA2), rtol=1e-4, atol=1e-4)
+
+
+def _numpy_weight(matrix, blocks: int) -> np.ndarray:
+    """W rebuilt in numpy from the stored arrays: numpy's own bit order, sum of sign * (u v), divided by the scale."""
+    rows, cols = matrix.shape
+    total = np.zeros(matrix.shape, np.float64)
+    for k in range(blocks):
+        negative = np.unpackbits(matrix.signs[k], count=rows * cols).reshape(rows, cols).astype(bool)
+        magnitude = matrix.u[k].astype(np.float64) @ matrix.v[k].astype(np.float64)
+        total += np.where(negative, -magnitude, magnitude)
+    return total / matrix.scale.astype(np.float64)[:, None]
+
+
+def test_packed_blocks_run_through_forward_hold_the_budget_and_survive_a_checkpoint(llama, tmp_path):
+    """load_budget(packed=True): each weight stays as its packed blocks (the bytes the budget counts, floats rebuilt
+    only inside the products), with the logits of the float-rebuilt load, cached decode included; orbax keeps it."""
+    params, stack = llama
+    budget = stack.bytes_for(len(stack.order) // 2)
+    rebuilt, info = load_budget(stack, params, budget)
+    packed, packed_info = load_budget(stack, params, budget, packed=True)
+    assert packed_info == info and isinstance(packed["layers"], list)
+    weights = [w for layer in packed["layers"] for w in layer.values() if isinstance(w, BitStackWeight)]
+    assert len(weights) == len(stack.matrices)
+    assert sum(stored_bytes(w) for w in weights) == info["bytes"]
+    for (i, name), matrix in stack.matrices.items():
+        w = packed["layers"][i][name]
+        assert w.blocks == info["blocks"][i, name]
+        np.testing.assert_allclose(np.asarray(reconstruct(w)), _numpy_weight(matrix, w.blocks), rtol=1e-5, atol=1e-6)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (1, 9)), jnp.int32)
+    want, _ = ssm_llm.forward(rebuilt, LLAMA, tokens, ssm_llm.init_cache(LLAMA, 1, 16))
+    got, cache = ssm_llm.forward(packed, LLAMA, tokens[:, :8], ssm_llm.init_cache(LLAMA, 1, 16))
+    step, _ = ssm_llm.forward(packed, LLAMA, tokens[:, 8:], cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :8]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(want[:, 8:]), rtol=1e-4, atol=1e-4)
+    converters.save(packed, LLAMA, tmp_path / "ckpt")
+    config, loaded = converters.load(tmp_path / "ckpt")
+    assert config == LLAMA and isinstance(loaded["layers"][0]["wq"], BitStackWeight)
+    for a, b in zip(jax.tree_util.tree_leaves(packed), jax.tree_util.tree_leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bad_arguments_are_refused(llama):

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import converters
 import ssm_llm
 from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights
 from ssm_llm.compress import allocate_bits, bits_per_weight, layer_scores, quantize_layers
@@ -193,3 +194,13 @@ def test_quantize_layers_refuses_bad_requests_by_name(params):
     quantized, config = quantize_layers(params, LLAMA, (4,) * 4, progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_layers(quantized, config, (4,) * 4)
+
+
+def test_mixed_checkpoint_round_trip(params, tmp_path):
+    """converters.save / load keep every width's codes (bit planes included) and the per-layer list."""
+    quantized, config = quantize_layers(params, LLAMA, (2, 3, 5, 6), group=16, symmetric=False, progress=False)
+    converters.save(quantized, config, tmp_path / "ckpt")
+    loaded_config, loaded = converters.load(tmp_path / "ckpt")
+    assert loaded_config == config and [layer["wq"].bits for layer in loaded["layers"]] == [2, 3, 5, 6]
+    for a, b in zip(jax.tree_util.tree_leaves(quantized), jax.tree_util.tree_leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
