@@ -190,11 +190,13 @@ def load_checkpoint(directory: str | Path, dtype=None, mesh=None) -> tuple[Model
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise ValueError(f"{directory}: cannot restore params ({type(e).__name__}: {e})") from None
     _check_digests(params, meta.get("sha256"), directory)
-    if dtype is not None:  # integer codes of quantized weights keep their dtype
-        params = jax.tree_util.tree_map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-        )
     params = join_quantized(jax.tree_util.tree_map(jnp.asarray, params), meta.get("quantized_weights", {}), directory)
+    if dtype is not None:  # plain float leaves only: quantized and compressed weights keep their stored arrays
+        params = jax.tree_util.tree_map(
+            lambda x: x if _compressed(x) or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype),
+            params,
+            is_leaf=_compressed,
+        )
     try:  # an edited or mismatched config file would otherwise run to garbage
         check_params(params, config)
     except ValueError as e:
@@ -224,6 +226,15 @@ def _sharded_target(stored, meta: dict, config, mesh, directory: Path):
         specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def _compressed(x) -> bool:
+    """A quantized or compressed weight (kept whole by casts)."""
+    from pallas_kernels.dfloat11 import DFloat11Weight
+    from pallas_kernels.quantized_matmul import QuantizedWeight
+    from ssm_llm.bitstack_weight import BitStackWeight
+
+    return isinstance(x, (QuantizedWeight, DFloat11Weight, BitStackWeight))
 
 
 def split_quantized(params: dict) -> tuple[dict, dict]:
@@ -265,7 +276,7 @@ def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
     """Invert `split_quantized` with the layout recorded in the config file."""
     from pallas_kernels.dfloat11 import DFloat11Weight, check_weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
-    from ssm_llm.bitstack_weight import BitStackWeight
+    from ssm_llm.bitstack_weight import BitStackWeight, check_bitstack
 
     for path, layout in quantized.items():
         *parents, leaf = path.split("/")
@@ -282,6 +293,7 @@ def join_quantized(params: dict, quantized: dict, directory: Path) -> dict:
             if layout.get("format") == "bitstack":
                 rows, cols = (int(n) for n in layout["shape"])
                 node[leaf] = BitStackWeight(*(stored[name] for name in BITSTACK_ARRAYS), (rows, cols))
+                check_bitstack(node[leaf])
                 continue
             node[leaf] = QuantizedWeight(
                 stored["values"],

@@ -9,12 +9,16 @@ BitStack (`ssm_llm.compress.bitstack`, float32 base): the linears decomposed onc
 on held-out real text (text_corpus's eval split, --windows x --seq-len tokens) beside round-to-nearest at 2, 3, 4
 and 8 bits and GPTQ at 4 bits (groups of 64 input rows (576 = 9 x 64), a float16 scale each: +0.25 bit per weight).
 
-Also per-matrix errors ("matrix": BitStack's blocks against rounding on three of SmolLM2's matrices).
+Layer-wise mixed widths ("mixed": round-to-nearest, layers ranked by LIM / ZD / reversed LIM; "gptq": GPTQ on the
+min-max grid at every width, uniform and LIM-mixed, at the same text and memory). "storage": bytes and decode speed
+of the integer codes and of BitStack's packed blocks against float32. Also per-matrix errors ("matrix": BitStack's
+blocks against rounding on three of SmolLM2's matrices).
 
 One run writes experiments/results/compression_eval.json (+ compression_eval.png) with the CPU model and its
 flags; `--parts bitstack` reruns one part and keeps the other's results.
 
-    .venv/bin/python experiments/compression_eval.py [--parts dfloat11 bitstack] [--new-tokens 16] [--repeats 3]
+    .venv/bin/python experiments/compression_eval.py [--parts dfloat11 bitstack mixed gptq storage matrix]
+        [--new-tokens 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -246,6 +250,45 @@ def _gptq_part(args) -> dict:
     }
 
 
+def _storage_part(args) -> dict:
+    """What the integer and packed storage formats cost at run time on SmolLM2 (float32 base, layers unrolled, as the
+    mixed and packed models must be): bytes of the linears and greedy decode tok/s of float32, uniform 4-bit codes
+    (nibbles) and 3-bit codes (bit planes), the LIM 3.5-bit mixture, and BitStack blocks kept packed at a 4-bit
+    budget, side by side in one run."""
+    config, params, calibration, _ = _float32_model_and_text(args)
+    ids = converters.load_tokenizer(ssm_llm.default_model_path()).encode(PROMPT)
+    lim = layer_scores(params, config, "lim", calibration)
+    models = {"float32": (unstack_layers(params), config)}
+    for name, bits in (
+        ("4-bit codes", (4,) * config.num_layers),
+        ("3-bit codes", (3,) * config.num_layers),
+        ("LIM 3.5-bit mixture", allocate_bits(lim, 3.5, (3, 4))),
+    ):
+        models[name] = quantize_layers(params, config, bits)
+    start = time.perf_counter()
+    stack = bitstack(params, config, calibration, blocks=args.storage_blocks)
+    decompose_s = time.perf_counter() - start
+    models["BitStack packed, 4-bit budget"] = (
+        load_budget(stack, params, int(4 * stack.weights / 8), packed=True)[0],
+        config,
+    )
+    rows = {}
+    for name, (p, c) in models.items():
+        linear = sum(
+            leaf.size * leaf.dtype.itemsize
+            for layer in p["layers"]
+            for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+            for leaf in jax.tree_util.tree_leaves(layer[n])
+        )
+        _, speed = _decode_speed(p, c, ids, args.new_tokens, args.repeats)
+        rows[name] = {"linear_bytes": int(linear), "bits_per_weight": 8 * linear / stack.weights, **speed}
+        print(f"{name:<32} {linear / 1e6:7.1f} MB  {speed['tok_s']:.2f} tok/s")
+    base = rows["float32"]["tok_s"]
+    for row in rows.values():
+        row["speed_vs_float32"] = row["tok_s"] / base
+    return {"new_tokens": args.new_tokens, "blocks": args.storage_blocks, "decompose_s": decompose_s, "rows": rows}
+
+
 def _matrix_part(args) -> dict:
     """Per-matrix errors: BitStack's relative squared error after each block (unscaled, rank "auto") beside
     round-to-nearest at 3 and 4 bits (groups of 64), on layer 5's w_gate, wq and wk."""
@@ -311,11 +354,12 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [key for key in ("bitstack", "mixed_bits") if key in result]
+    parts = [key for key in ("bitstack", "mixed_bits", "gptq_widths") if key in result]
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), squeeze=False)
     styles = {
         "bitstack": (("bitstack", "o-"), ("rtn", "s--"), ("gptq", "^")),
         "mixed_bits": (("uniform", "s--"), ("mixed", "o")),
+        "gptq_widths": (("gptq uniform", "s--"), ("gptq mixed", "o")),
     }
     for ax, part in zip(axes[0], parts, strict=True):
         rows = result[part]["rows"]
@@ -326,7 +370,12 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("bits per linear weight (codes + scales)")
         ax.set_ylabel("perplexity (held-out text)")
-        ax.set_title({"bitstack": "BitStack vs quantization", "mixed_bits": "layer-wise mixed widths"}[part])
+        titles = {
+            "bitstack": "BitStack vs quantization",
+            "mixed_bits": "mixed widths, round-to-nearest",
+            "gptq_widths": "mixed widths, GPTQ (min-max)",
+        }
+        ax.set_title(titles[part])
         ax.legend()
     fig.suptitle("SmolLM2-135M at equal memory")
     fig.tight_layout()
@@ -335,13 +384,14 @@ def _plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["dfloat11", "bitstack", "mixed", "gptq", "matrix"]
+    parts = ["dfloat11", "bitstack", "mixed", "gptq", "storage", "matrix"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--bits", type=float, nargs="+", default=[2.25, 2.5, 3, 3.5, 4, 5, 6, 8])
     parser.add_argument("--gptq-bits", type=int, nargs="+", default=[2, 3, 4, 5])
+    parser.add_argument("--storage-blocks", type=int, default=5)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=16)
@@ -359,6 +409,8 @@ def main() -> None:
         result["mixed_bits"] = _mixed_part(args)
     if "gptq" in args.parts:
         result["gptq_widths"] = _gptq_part(args)
+    if "storage" in args.parts:
+        result["storage"] = _storage_part(args)
     if "matrix" in args.parts:
         result["bitstack_matrices"] = _matrix_part(args)
     if "bitstack" in result or "mixed_bits" in result:

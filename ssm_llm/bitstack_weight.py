@@ -42,13 +42,31 @@ class BitStackWeight:
         return self.signs.shape[0]
 
 
-def reconstruct(w: BitStackWeight, dtype=jnp.float32) -> jax.Array:
-    """W [in, out] from the loaded blocks: diag(1 / scale) sum_k sign_k * (u_k v_k), summed in float32."""
+def check_bitstack(w: BitStackWeight, where: str = "BitStackWeight") -> None:
+    """Raise ValueError unless the arrays fit `shape` (a damaged checkpoint fails here, not inside a product)."""
     rows, cols = w.shape
-    bits = (w.signs[:, :, None] >> jnp.arange(7, -1, -1, dtype=jnp.uint8)) & 1
-    negative = bits.reshape(w.blocks, 8 * w.signs.shape[1])[:, : rows * cols].reshape(w.blocks, rows, cols)
-    magnitude = jnp.einsum("kir,kro->kio", w.u.astype(jnp.float32), w.v.astype(jnp.float32))
-    total = jnp.sum(jnp.where(negative == 1, -magnitude, magnitude), axis=0)
+    n = w.signs.shape[0] if w.signs.ndim == 2 else -1
+    rank = w.u.shape[-1] if w.u.ndim == 3 else -1
+    want = {"signs": (n, -(-rows * cols // 8)), "u": (n, rows, rank), "v": (n, rank, cols), "scale": (rows,)}
+    for name, shape in want.items():
+        if tuple(getattr(w, name).shape) != shape or n < 0 or rank < 0:
+            raise ValueError(f"{where}: {name} has shape {tuple(getattr(w, name).shape)}, expected {shape}")
+
+
+def reconstruct(w: BitStackWeight, dtype=jnp.float32) -> jax.Array:
+    """W [in, out] from the loaded blocks: diag(1 / scale) sum_k sign_k * (u_k v_k), summed in float32 one block at a
+    time (no [blocks, in, out] temporary)."""
+    rows, cols = w.shape
+    shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+
+    def add_block(k, total):
+        negative = ((w.signs[k][:, None] >> shifts) & 1).reshape(-1)[: rows * cols].reshape(rows, cols)
+        magnitude = w.u[k].astype(jnp.float32) @ w.v[k].astype(jnp.float32)
+        return total + jnp.where(negative == 1, -magnitude, magnitude)
+
+    total = jnp.zeros((rows, cols), jnp.float32)
+    if w.blocks:  # (no block: zeros; an empty axis cannot be indexed, even by a loop that never runs)
+        total = jax.lax.fori_loop(0, w.blocks, add_block, total)
     return (total / w.scale.astype(jnp.float32)[:, None]).astype(dtype)
 
 

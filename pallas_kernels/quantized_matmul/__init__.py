@@ -43,6 +43,7 @@ from pallas_kernels.quantized_matmul.triton import (
 )
 from pallas_kernels.quantized_matmul.weights import (
     CODE_RANGE,
+    KERNEL_BITS,
     QuantizedWeight,
     check_weight,
     dequantize_weights,
@@ -81,8 +82,11 @@ BlockSizesArg = QuantizedMatmulBlockSizes | QuantizedMatmulTPUBlockSizes | None
 def _route(impl: str, kernel: str, qw: QuantizedWeight, integer: bool, block_sizes: BlockSizesArg) -> str:
     """`impl` resolved for `kernel` on this backend: "xla", "tpu" (the compiled TPU variant), "pallas"
     (the compiled GPU kernel) or "interpret" (the GPU kernel, interpreted). "auto" falls back to the
-    reference for a group size the GPU kernel cannot take."""
+    reference for a width the kernels do not decode (2, 3, 5, 6, 7 bits) and for a group size the GPU kernel
+    cannot take."""
     kind = resolve_impl(impl, kernel, PALLAS_BACKENDS)
+    if kind == "pallas" and impl == "auto" and qw.bits not in KERNEL_BITS:
+        return "xla"
     if kind == "pallas" and jax.default_backend() == "tpu":
         return "tpu"
     if kind == "pallas" and impl == "auto":

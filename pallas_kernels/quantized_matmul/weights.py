@@ -1,10 +1,11 @@
-"""The quantized weight format that every quantized matmul decodes: `QuantizedWeight`, int4 packing,
-symmetric per-group quantization, and the input checks the kernels share."""
+"""The quantized weight format that every quantized matmul decodes: `QuantizedWeight` (2- to 8-bit codes), int4 and
+bit-plane packing, per-group quantization (absmax or min-max), and the input checks the kernels share."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from types import MappingProxyType
 
 import jax
@@ -28,7 +29,7 @@ class QuantizedWeight:
 
     values: int8 [K, N] (8 bits), uint8 [K / 2, N] (4 bits, two values per byte along K), or for the other
       widths b in 2..7 uint8 bit planes [K * b / 8, N] (`pack_bit_planes`: each 8 rows of K take b bytes);
-    scales: [K / group_size, N], float32 or bfloat16;
+    scales: [K / group_size, N], float32 or a 16-bit float;
     offsets: None (symmetric: w = q * scale) or [K / group_size, N], float32 or 16-bit (asymmetric formats such
     as GGUF's Q4_1 / Q4_K, or min-max rounding: w = q * scale + offset).
     """
@@ -61,7 +62,7 @@ QuantizedWeight.__module__ = "pallas_kernels.quantized_matmul"
 
 
 def check_layout(bits, group_size, k: int, where: str):
-    if isinstance(bits, bool) or bits not in CODE_RANGE:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in CODE_RANGE:
         raise ValueError(f"{where}: bits must be an int in 2..8, got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"{where}: group_size must be a positive int, got {group_size!r}")
@@ -76,12 +77,12 @@ def check_layout(bits, group_size, k: int, where: str):
 
 
 def check_weight(qw: QuantizedWeight, where: str):
-    k, n = qw.shape
-    check_layout(qw.bits, qw.group_size, k, where)
-    if qw.bits not in (4, 8) and qw.values.shape[0] % qw.bits:
+    if qw.bits in CODE_RANGE and qw.bits not in (4, 8) and qw.values.shape[0] % qw.bits:
         raise ValueError(
             f"{where}: {qw.bits}-bit values need a multiple of {qw.bits} stored rows, got {qw.values.shape[0]}"
         )
+    k, n = qw.shape
+    check_layout(qw.bits, qw.group_size, k, where)
     values_dtype = jnp.int8 if qw.bits == 8 else jnp.uint8
     if qw.values.dtype != values_dtype:
         raise ValueError(f"{where}: {qw.bits}-bit values must be {jnp.dtype(values_dtype).name}, got {qw.values.dtype}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from pallas_kernels.dfloat11 import MAX_CODE_BITS, DFloat11Weight, is_dfloat11
 from pallas_kernels.quantized_matmul import QuantizedWeight
+from ssm_llm.bitstack_weight import BitStackWeight
 
 DEFAULT_BLOCK = 256  # elements per independently decodable block: 32 bits of start per block, 0.125 bit per weight
 DEFAULT_CODE_BITS = 12  # longest code: a 4096-entry table; on SmolLM2's exponents 2.692 bits per weight against
@@ -158,8 +159,9 @@ def dfloat11(params: dict, block: int = DEFAULT_BLOCK, code_bits: int = DEFAULT_
 
 
 def _kept_whole(x) -> bool:
-    """Leaves `dfloat11` does not walk into: compressed weights, and integer-quantized ones (kept as they are)."""
-    return is_dfloat11(x) or isinstance(x, QuantizedWeight)
+    """Leaves `dfloat11` does not walk into: compressed weights (DFloat11, packed BitStack blocks), and
+    integer-quantized ones (kept as they are)."""
+    return is_dfloat11(x) or isinstance(x, (QuantizedWeight, BitStackWeight))
 
 
 def compressed_bytes(params) -> tuple[int, int]:

@@ -127,13 +127,14 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
         for name in LINEARS:
             w = layer[name]
             bits = w.bits if isinstance(w, QuantizedWeight) else None
-            want = bits if config.quantization == MIXED_WEIGHT_ONLY and bits else WEIGHT_BITS.get(config.quantization)
-            if bits != want:
+            mixed = config.quantization == MIXED_WEIGHT_ONLY
+            if (bits is None) if mixed else (bits != WEIGHT_BITS.get(config.quantization)):
                 where = f"params['layers']{f'[{i}]' if isinstance(layers, (list, tuple)) else ''}[{name!r}]"
                 got = "float weights" if bits is None else f"{bits}-bit QuantizedWeight"
                 raise ValueError(
-                    f"{where} holds {got}, but config.quantization is {config.quantization!r} "
-                    "(quantize with ssm_llm.quantize_weights, which returns the matching config)"
+                    f"{where} holds {got}, but config.quantization is {config.quantization!r} (quantize with "
+                    f"{'ssm_llm.compress.quantize_layers' if mixed else 'ssm_llm.quantize_weights'}, which returns "
+                    "the matching config)"
                 )
     for name in ("embed", *(() if config.tie_word_embeddings else ("lm_head",))):
         if isinstance(params[name], QuantizedWeight) != config.int8_embedding:

@@ -4,8 +4,9 @@ Transformers") for a linear y = x @ w, w: [K, N] (in x out, our layout), offline
 GPTQ quantizes w one input row k at a time and spreads each row's rounding error over the rows not yet
 quantized, weighted by the inverse Hessian of the layer's squared output error, H = 2 X^T X / n: this
 minimizes ||X w - X w_q||^2 far better than rounding each weight to nearest (RTN) when inputs are
-correlated. With U the upper Cholesky factor of H^-1 (H^-1 = U^T U), quantizing row k gives
-    err = (w[k] - q[k] * s) / U[k, k],    w[j] -= U[k, j] * err  for every later row j > k,
+correlated. With U the upper Cholesky factor of H^-1 (H^-1 = U^T U), quantizing row k (scale s, offset o = 0
+unless min-max) gives
+    err = (w[k] - (q[k] * s + o)) / U[k, k],    w[j] -= U[k, j] * err  for every later row j > k,
 applied at once inside a block of rows and lazily (one matmul per block) to the rows after the block.
 
 The result is the `QuantizedWeight` that `pallas_kernels.quantized_matmul` consumes: scales per group of
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quantized_matmul import QuantizedWeight, pack_codes
+from pallas_kernels.quantized_matmul.weights import check_layout
 from ssm_llm.quant.quantizers import absmax_scale, qrange
 
 
@@ -78,12 +80,7 @@ def _check(w: np.ndarray, h: np.ndarray, bits, group_size, damp, block_size):
         raise ValueError(f"gptq_quantize: H must have shape {(k, k)} (w is {w.shape}), got {h.shape}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or k % group_size:
         raise ValueError(f"gptq_quantize: group_size must be a positive int dividing K ({k}), got {group_size!r}")
-    if bits == 4 and k % 2:
-        raise ValueError(f"gptq_quantize: 4-bit weights pack two rows per byte, so K must be even, got K={k}")
-    if bits not in (4, 8) and k % 8:
-        raise ValueError(
-            f"gptq_quantize: {bits}-bit weights pack 8 rows into {bits} bytes, so K must be a multiple of 8, got K={k}"
-        )
+    check_layout(bits, group_size, k, "gptq_quantize")  # the packing's own conditions on K
     if not np.isfinite(damp) or damp < 0:
         raise ValueError(f"gptq_quantize: damp must be a finite number >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

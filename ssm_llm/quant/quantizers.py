@@ -13,6 +13,8 @@ Inside [q_min * s, q_max * s] the error is at most s / 2; beyond it values clip 
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul import CODE_RANGE as _Q_RANGE  # the codes the kernel decodes
@@ -20,7 +22,7 @@ from pallas_kernels.quantized_matmul import CODE_RANGE as _Q_RANGE  # the codes 
 
 def qrange(bits: int) -> tuple[int, int]:
     """(q_min, q_max) of `bits`-bit codes, bits in 2..8: (-127, 127) for 8, (-8, 7) for 4, (-4, 3) for 3."""
-    if isinstance(bits, bool) or bits not in _Q_RANGE:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in _Q_RANGE:
         raise ValueError(f"bits must be an int in {min(_Q_RANGE)}..{max(_Q_RANGE)}, got {bits!r}")
     return _Q_RANGE[bits]
 

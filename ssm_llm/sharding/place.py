@@ -9,6 +9,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.dfloat11 import DFloat11Weight
 from pallas_kernels.quantized_matmul import QuantizedWeight
+from pallas_kernels.quantized_matmul.weights import KERNEL_BITS
 from ssm_llm.bitstack_weight import BitStackWeight
 from ssm_llm.cache import KVCache
 from ssm_llm.config import ModelConfig
@@ -126,6 +127,8 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
         if isinstance(leaf, (DFloat11Weight, BitStackWeight)):
             return jax.tree.map(lambda _: PartitionSpec(), leaf)
         if isinstance(leaf, QuantizedWeight):
+            if leaf.bits not in KERNEL_BITS:  # bit planes: 8 rows of K in `bits` stored rows, so K stays whole
+                logical_axes = (None, *tuple(logical_axes)[1:])
             float_spec = _spec(((None,) if stacked else ()) + tuple(logical_axes), mesh)
             return dataclasses.replace(
                 leaf,

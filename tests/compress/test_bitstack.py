@@ -160,6 +160,8 @@ def test_packed_blocks_run_through_forward_hold_the_budget_and_survive_a_checkpo
     assert config == LLAMA and isinstance(loaded["layers"][0]["wq"], BitStackWeight)
     for a, b in zip(jax.tree_util.tree_leaves(packed), jax.tree_util.tree_leaves(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, cast = converters.load(tmp_path / "ckpt", dtype=jnp.bfloat16)  # plain floats cast, the blocks kept as stored
+    assert cast["embed"].dtype == jnp.bfloat16 and cast["layers"][0]["wq"].u.dtype == jnp.float16
 
 
 def test_bad_arguments_are_refused(llama):

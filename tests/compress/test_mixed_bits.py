@@ -174,6 +174,7 @@ def test_gptq_quantizes_each_layer_on_the_inputs_of_the_quantized_layers_before(
         got = quantized["layers"][i]["w_up"]
         np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
         np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+        np.testing.assert_array_equal(np.asarray(got.offsets), np.asarray(want.offsets))
         x, _ = layer_statistics(config, quantized["layers"][i], x, LLAMA.layer_windows[i])
 
 
@@ -194,6 +195,14 @@ def test_quantize_layers_refuses_bad_requests_by_name(params):
     quantized, config = quantize_layers(params, LLAMA, (4,) * 4, progress=False)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_layers(quantized, config, (4,) * 4)
+    floats = [dict(layer) for layer in quantized["layers"]]
+    floats[1]["wo"] = unstack_layers(params)["layers"][1]["wo"]
+    with pytest.raises(
+        ValueError, match=r"\['layers'\]\[1\]\['wo'\] holds float weights, but config.quantization is 'wxa16'"
+    ):
+        ssm_llm.forward(
+            {**quantized, "layers": floats}, config, jnp.ones((1, 2), jnp.int32), ssm_llm.init_cache(config, 1, 4)
+        )
 
 
 def test_mixed_checkpoint_round_trip(params, tmp_path):

@@ -169,6 +169,21 @@ def test_every_width_from_2_to_8_bits_stores_its_codes_and_multiplies(bits, symm
     np.testing.assert_allclose(np.asarray(quantized_matmul(x, qw)), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits, symmetric", [(3, False), (5, True), (2, True)])
+def test_int8_activations_against_bit_plane_weights_are_exact(bits, symmetric):
+    """W3A8 / W5A8: the integer path's group sums of int8 activations times the unpacked codes (plus the offsets'
+    share) against numpy int64."""
+    rng = np.random.default_rng(bits)
+    qw = quantize_weights(jnp.asarray(rng.standard_normal((64, 12)), jnp.float32), bits, 16, symmetric=symmetric)
+    xq = jnp.asarray(rng.integers(-127, 128, (3, 64)), jnp.int8)
+    want, scale = _exact(xq, 0.02, qw)
+    if not symmetric:
+        sums = np.asarray(xq, np.int64).reshape(3, 4, 16).sum(-1)
+        want = want + 0.02 * sums @ np.asarray(qw.offsets, np.float64)
+    got = np.asarray(int8_reference(xq, 0.02, qw, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale.max())
+
+
 def test_the_kernels_refuse_widths_other_than_4_and_8_by_name():
     qw = quantize_weights(jnp.ones((64, 128)), bits=3, group_size=32)
     x = jnp.ones((2, 64))

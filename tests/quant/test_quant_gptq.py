@@ -96,8 +96,10 @@ def test_gptq_returns_a_valid_quantized_weight(layer, bits):
 
 
 @pytest.mark.parametrize(
-    "bits, act_order, symmetric", [(4, False, True), (8, False, True), (4, True, True), (3, False, False)]
-)
+    "bits, act_order, symmetric",
+    [(4, False, True), (8, False, True), (4, True, True), (3, False, False), (2, False, False), (5, False, True),
+     (4, True, False)],
+)  # fmt: skip
 def test_a_diagonal_hessian_reduces_gptq_to_round_to_nearest(layer, bits, act_order, symmetric):
     """Uncorrelated inputs leave no error to spread: the codes and scales are RTN's. (Scales to an ulp:
     XLA may compute absmax / q_max as absmax * (1 / q_max), depending on the shapes it compiles for.)"""
