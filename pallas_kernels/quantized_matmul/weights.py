@@ -184,6 +184,18 @@ def pack_codes(q, bits: int):
     return q.astype(jnp.int8) if bits == 8 else pack_int4(q) if bits == 4 else pack_bit_planes(q, bits)
 
 
+def group_grid(groups, bits: int, symmetric: bool, scale_dtype):
+    """groups float32 [..., g, N] -> (scales, offsets) [..., N] in `scale_dtype`, the grid of each group's g rows:
+    absmax / q_max and no offsets (None), or min-max: (max - min) / (q_max - q_min) and min - q_min * scale
+    (the scale as stored)."""
+    q_min, q_max = CODE_RANGE[bits]
+    if symmetric:
+        return (jnp.max(jnp.abs(groups), axis=-2) / q_max).astype(scale_dtype), None
+    low, high = jnp.min(groups, axis=-2), jnp.max(groups, axis=-2)
+    scales = ((high - low) / (q_max - q_min)).astype(scale_dtype)
+    return scales, (low - q_min * scales.astype(jnp.float32)).astype(scale_dtype)
+
+
 def quantize_weights(
     w, bits: int = 8, group_size: int = 128, scale_dtype=jnp.float32, symmetric: bool = True
 ) -> QuantizedWeight:
@@ -202,15 +214,8 @@ def quantize_weights(
     check_layout(bits, group_size, k, "quantize_weights")
     q_min, q_max = CODE_RANGE[bits]
     groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
-    offsets = None
-    if symmetric:
-        scales = (jnp.max(jnp.abs(groups), axis=1) / q_max).astype(scale_dtype)
-        shifted = groups
-    else:
-        low, high = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
-        scales = ((high - low) / (q_max - q_min)).astype(scale_dtype)
-        offsets = (low - q_min * scales.astype(jnp.float32)).astype(scale_dtype)
-        shifted = groups - offsets.astype(jnp.float32)[:, None, :]
+    scales, offsets = group_grid(groups, bits, symmetric, scale_dtype)
+    shifted = groups if offsets is None else groups - offsets.astype(jnp.float32)[:, None, :]
     s32 = scales.astype(jnp.float32)[:, None, :]
     # An all-zero (symmetric) or constant (min-max) group has scale 0: divide by 1 instead, its q are 0 or
     # q_min either way.

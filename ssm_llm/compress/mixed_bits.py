@@ -29,7 +29,7 @@ from ssm_llm.compress.bitstack import linear_names
 from ssm_llm.config import MIXED_WEIGHT_ONLY, ModelConfig
 from ssm_llm.layer_layout import unstack_layers
 from ssm_llm.models.lm_head import embed_tokens
-from ssm_llm.quant.attention_calibration import SITE_OF, check_calibration, layer_statistics, walk_layers
+from ssm_llm.quant.attention_calibration import SITE_OF, as_float32, check_calibration, layer_statistics, walk_layers
 from ssm_llm.quant.gptq import gptq_quantize
 
 SCORES = ("lim", "zd")
@@ -137,7 +137,7 @@ def quantize_layers(
     for i, layer in enumerate(tqdm(layers, desc="quantize", disable=not progress, leave=False)):
         hessians = None
         if x is not None:
-            _, stats = layer_statistics(config, _as_float32(layer), x, config.layer_windows[i], True)
+            _, stats = layer_statistics(config, as_float32(layer), x, config.layer_windows[i], True)
             hessians = {site: np.asarray(v["xtx"], np.float64) for site, v in stats.items()}
         for name in names:
             w = layer[name]
@@ -168,7 +168,3 @@ def bits_per_weight(params: dict, config) -> float:
             total += 8 * sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
             weights += math.prod(w.shape)
     return total / weights
-
-
-def _as_float32(layer: dict) -> dict:
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)

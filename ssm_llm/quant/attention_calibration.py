@@ -44,13 +44,17 @@ def check_calibration(tokens, vocab_size: int) -> jax.Array:
     return jnp.asarray(arr, jnp.int32)
 
 
+def as_float32(layer: dict) -> dict:
+    """A layer's weights in float32 (the calibration walks compute in float32 whatever the model's dtype)."""
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)
+
+
 def walk_layers(params: dict, config: ModelConfig, tokens: jax.Array, hessians: bool = False):
     """Yield (layer input x, its output, `layer_statistics`) for every layer of the unchanged model in float32 on
     `tokens` [B, T] (checked token ids), each layer's output the next one's input."""
     x = embed_tokens(params, config, tokens).astype(jnp.float32)
     for i, layer in enumerate(unstack_layers(params)["layers"]):
-        layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), layer)
-        y, stats = layer_statistics(config, layer, x, config.layer_windows[i], hessians)
+        y, stats = layer_statistics(config, as_float32(layer), x, config.layer_windows[i], hessians)
         yield x, y, stats
         x = y
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quantized_matmul import QuantizedWeight, pack_codes
-from pallas_kernels.quantized_matmul.weights import check_layout
-from ssm_llm.quant.quantizers import absmax_scale, qrange
+from pallas_kernels.quantized_matmul.weights import check_layout, group_grid
+from ssm_llm.quant.quantizers import qrange
 
 
 def _quantize_row(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -39,16 +39,11 @@ def _quantize_row(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _group_grid(rows: np.ndarray, bits: int, symmetric: bool, scale_dtype):
-    """rows [..., g, N] float64 -> (scales, offsets) [..., N] float32 of the group(s), both as stored in
-    `scale_dtype`: absmax / q_max and zeros, or (max - min) / (q_max - q_min) and min - q_min * scale."""
-    stored = lambda a: np.asarray(jnp.asarray(a, scale_dtype), np.float32)  # noqa: E731
-    if symmetric:
-        scales = stored(absmax_scale(rows.astype(np.float32), bits, axis=-2))
-        return scales, np.zeros_like(scales)
-    q_min, q_max = qrange(bits)
-    low, high = rows.min(axis=-2).astype(np.float32), rows.max(axis=-2).astype(np.float32)
-    scales = stored((high - low) / np.float32(q_max - q_min))
-    return scales, stored(low - np.float32(q_min) * scales)
+    """rows [..., g, N] float64 -> (scales, offsets) [..., N] float32, `group_grid` of the rows in float32 as
+    stored in `scale_dtype` (zero offsets when symmetric)."""
+    scales, offsets = group_grid(jnp.asarray(rows, jnp.float32), bits, symmetric, scale_dtype)
+    scales = np.asarray(scales, np.float32)
+    return scales, np.zeros_like(scales) if offsets is None else np.asarray(offsets, np.float32)
 
 
 def hessian(x_batches) -> np.ndarray:
