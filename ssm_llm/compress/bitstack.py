@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,6 +35,11 @@ from ssm_llm.quant.attention_calibration import SITES, check_calibration, walk_l
 from ssm_llm.quant.quamba import linear_names as quamba_linears
 
 TARGET_OVERHEAD_BITS = 0.125  # rank "auto": r (in + out) 16 bits ~ this many bits per weight (the paper: r=16 at 4096)
+
+
+# Jitted once per (matrix shape, block count): called eagerly, `reconstruct`'s loop compiled anew at every call
+# (~0.1 s each; `load_budget` of a 2-layer model took 1.7 s, of SmolLM2's 210 matrices minutes).
+_rebuild = jax.jit(reconstruct)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +81,7 @@ class MatrixStack:
 
     def weight(self, blocks: int) -> np.ndarray:
         """W rebuilt from its first `blocks` blocks, float32 [in, out] (what `forward` rebuilds from `packed`)."""
-        return np.asarray(reconstruct(self.packed(blocks)))
+        return np.asarray(_rebuild(self.packed(blocks)))
 
 
 @dataclasses.dataclass(frozen=True)

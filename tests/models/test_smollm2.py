@@ -136,8 +136,6 @@ def test_cli_generate_quantized():
     assert "Paris" in result.stdout and "as w8a16" in result.stderr
     result = run_cli(*prompt, "--quantize", "w3")
     assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
-    result = run_cli(*prompt, "--quantize", "w3")
-    assert result.returncode == 2 and "invalid choice: 'w3'" in result.stderr
 
 
 def test_cli_convert_then_generate_from_checkpoint(tmp_path):
