@@ -16,6 +16,7 @@ from pathlib import Path
 
 from converters.cache_dir import cache_root, source_digest
 from converters.checkpoint import TOKENIZER_DIR, is_checkpoint
+from converters.gguf_file import open_reader
 from converters.text_tokenizer import TextTokenizer, TransformersText
 
 # Files any transformers tokenizer is built from (fast, sentencepiece, BPE / WordPiece vocabularies).
@@ -96,9 +97,7 @@ def _from_gguf(path: Path):
 def _check_gguf_has_tokenizer(path: Path) -> None:
     """Fail clearly when a GGUF file lacks the vocabulary transformers builds its tokenizer from (it would
     raise a bare KeyError)."""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields  # memory-mapped: reads the metadata, not the tensors
+    fields = open_reader(path).fields  # memory-mapped: reads the metadata, not the tensors
     missing = [key for key in GGUF_TOKENIZER_KEYS if key not in fields]
     if missing:
         raise ValueError(f"{path} holds no tokenizer: its metadata lacks {', '.join(missing)}")
