@@ -8,7 +8,9 @@ Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * prefill time  = t(1 new token) for a 512-token prompt
 `--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`; -emb: with `embedding=True`) adds
 ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
-float32's, so it reports the fraction of them that agree.
+float32's, so it reports the fraction of them that agree. A W8A8 model runs its few-row products through the compiled
+CPU kernel (`config.int8_dot="auto"`, `pallas_kernels.cpu_int8_dot`); `--xla-int8-dot` adds each W8A8 variant again
+with `int8_dot="xla"` (XLA's integer dot, the same numbers), named "... xla-dot".
 `--peer-python PY` adds llama.cpp (llama-cpp-python in the virtual environment of PY, on the shipped Q4_1
 GGUF file itself, as many threads as cores) to the batch-1 cases, timed by `llama_cpp_decode.py` in a child
 process after the others, and reports each ssm_llm runner's ratio to it.
@@ -17,12 +19,15 @@ Writes experiments/results/bench_decode.json (+ .png) and prints a table of rati
     python experiments/bench_decode.py            # full run (~10 min on 2 cores)
     python experiments/bench_decode.py --quantize w8a8 w8a8-rot --out experiments/results/bench_decode_w8a8.json
     python experiments/bench_decode.py --quantize w8a8-rot --peer-python /tmp/llamavenv/bin/python
+    python experiments/bench_decode.py --quantize w8a8-rot-emb --xla-int8-dot --batch 4 \
+        --out experiments/results/bench_decode_int8_dot.json
     python experiments/bench_decode.py --quick    # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -86,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--quantize", nargs="*", default=[], choices=[*WEIGHT_BITS, *VARIANTS])
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     parser.add_argument("--peer-python", help="python of a virtual environment with llama-cpp-python")
+    parser.add_argument("--xla-int8-dot", action="store_true", help="also run W8A8 variants with int8_dot='xla'")
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats, args.batch = 8, 1, 2
@@ -105,6 +111,12 @@ def main(argv=None):
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),
         ]
+        if args.xla_int8_dot and base == "w8a8":
+            xla_config = dataclasses.replace(qconfig, int8_dot="xla")
+            ours += [
+                Ours(qparams, xla_config, f"ssm_llm {scheme} xla-dot"),
+                Ours(ssm_llm.unstack_layers(qparams), xla_config, f"ssm_llm {scheme} unrolled xla-dot"),
+            ]
     runners = [*ours, Peer(hf)]
 
     cases = [

@@ -7,6 +7,8 @@ every layer its own weights, chained so nothing is skipped), for 1-16 rows:
   w8a8       x rounded per row to int8 (dynamic absmax scale), int8 x int8 -> int32 `lax.dot_general`,
              rescaled by the row scale and the per-output-channel weight scale
   w8a8_nk    the same with the codes stored transposed, [N, K] (each output channel's K codes contiguous)
+  w8a8_kernel the w8a8 product through the compiled AVX2 kernel (`pallas_kernels.cpu_int8_dot`), and
+  w8a8_pad   XLA's integer dot with a single row padded to two, as the library runs it without the kernel
   w8_convert weight-only int8, converted to float32 inside the product
   bfloat16   x and w in bfloat16, float32 accumulation
 and, apart, the tied lm_head (49152 x 576) in float32 and w8a8. Medians of --repeats calls after a warm-up;
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.quantized_matmul import quantize_weights
 from ssm_llm.cpu_features import host_cpu
 
@@ -45,7 +48,7 @@ LAYER_SHAPES = {  # name: (K, N) of x [rows, K] @ w [K, N]
     "up": (HIDDEN, INTERMEDIATE),
     "down": (INTERMEDIATE, HIDDEN),
 }
-VARIANTS = ("float32", "w8a8", "w8a8_nk", "w8_convert", "bfloat16")
+VARIANTS = ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel", "w8_convert", "bfloat16")
 OUT = Path(__file__).parent / "results" / "int8_matmul_speed.json"
 
 
@@ -56,12 +59,22 @@ def quantize_weight(w):
     return qw.values, qw.scales[0]
 
 
-def w8a8_product(x, codes, scale, codes_axis: int = 0):
+def padded_dot(xq, codes):
+    """XLA's integer dot with one row padded to two (its one-row path is slow)."""
+    rows = xq.shape[0]
+    xq = jnp.concatenate([xq, jnp.zeros_like(xq)]) if rows == 1 else xq
+    return jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)[:rows]
+
+
+def w8a8_product(x, codes, scale, codes_axis: int = 0, dot=None):
     """x float32 [rows, K] -> x @ (codes * scale) with x rounded per row to int8: one integer product;
-    `codes_axis`: the axis of `codes` that is K (0: [K, N], 1: [N, K])."""
+    `codes_axis`: the axis of `codes` that is K (0: [K, N], 1: [N, K]); `dot(xq, codes)`: another integer dot."""
     x_scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-12) / 127.0
     xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
-    acc = jax.lax.dot_general(xq, codes, (((1,), (codes_axis,)), ((), ())), preferred_element_type=jnp.int32)
+    if dot is not None:
+        acc = dot(xq, codes)
+    else:
+        acc = jax.lax.dot_general(xq, codes, (((1,), (codes_axis,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * x_scale * scale
 
 
@@ -73,6 +86,10 @@ def product(variant: str, x, weight):
         return w8a8_product(x, *weight)
     if variant == "w8a8_nk":
         return w8a8_product(x, *weight, codes_axis=1)
+    if variant == "w8a8_pad":
+        return w8a8_product(x, *weight, dot=padded_dot)
+    if variant == "w8a8_kernel":
+        return w8a8_product(x, *weight, dot=cpu_int8_dot.int8_dot)
     if variant == "w8_convert":
         codes, scale = weight
         return (x @ codes.astype(jnp.float32)) * scale
@@ -134,6 +151,8 @@ def main(argv=None) -> dict:
         {n: (0.05 * rng.standard_normal(s)).astype(np.float32) for n, s in LAYER_SHAPES.items()}
         for _ in range(args.layers)
     ]
+    if "w8a8_kernel" in args.variants and not cpu_int8_dot.available():
+        parser.error(f"w8a8_kernel: {cpu_int8_dot.unavailable_reason()}")
     layers_ms = {}
     for variant in args.variants:
         layers = [{n: stored(variant, w) for n, w in layer.items()} for layer in weights]
@@ -147,7 +166,7 @@ def main(argv=None) -> dict:
     head_ms = {}
     if not args.skip_lm_head:
         embed = (0.05 * rng.standard_normal((HIDDEN, VOCAB))).astype(np.float32)
-        for variant in ("float32", "w8a8", "w8a8_nk"):
+        for variant in ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel"):
             head = stored(variant, embed)
             fn = jax.jit(lambda x, w, v=variant: product(v, x, w))
             head_ms[variant] = {

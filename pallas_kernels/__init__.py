@@ -5,7 +5,8 @@ Triton GPU lowering, `<name>_pallas_tpu` for Mosaic TPU), their tunables as froz
 dataclasses, and the dispatcher `<name>(..., block_sizes=None, impl="auto")`; models call only the
 dispatchers. Small operations are one module (`flash_attention.py`, `tree_attention.py`); the others
 are packages `<name>/` with `reference.py`, `triton.py` and `tpu.py`, their `__init__` holding the
-dispatchers and re-exporting the public names.
+dispatchers and re-exporting the public names. `cpu_int8_dot/` is the one compiled CPU kernel (C++ through XLA's
+FFI, built on first use): the few-row int8 products of W8A8 decode, beside XLA's dot as its reference.
 """
 
 from pallas_kernels.cache_attention import cache_attention, cache_attention_ref

@@ -19,6 +19,10 @@ MAX_LAYERS = 4096
 WEIGHT_BITS = {"w8a8": 8, "w8a16": 8, "w4a16": 4}  # scheme -> bits of its weight codes
 MIXED_WEIGHT_ONLY = "wxa16"
 WEIGHT_QUANTIZATIONS = ("none", *WEIGHT_BITS, MIXED_WEIGHT_ONLY)
+# How W8A8's int8 x int8 products run on CPU (`ssm_llm.models.lm_head.int8_matmul`): "auto" takes the compiled
+# kernel (`pallas_kernels.cpu_int8_dot`) for products of few rows where it is built, XLA's dot otherwise;
+# "xla" always XLA's dot. Both give the same int32 sums.
+INT8_DOTS = ("auto", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,8 @@ class ModelConfig:
     by a block Hadamard matrix (`ssm_llm.hadamard.block_hadamard`) before it is rounded to int8, the
     weights holding the same rotation. `int8_embedding` ("w8a8" only): the embedding (and an untied
     lm_head) is int8 with one scale per vocabulary row, stored as the tied output projection's
-    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product.
+    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product. `int8_dot` picks how W8A8 products
+    run on CPU (one of `INT8_DOTS`; the same numbers either way).
     """
 
     vocab_size: int
@@ -97,6 +102,7 @@ class ModelConfig:
     quantization: str = "none"
     activation_rotation: bool = False
     int8_embedding: bool = False
+    int8_dot: str = "auto"
 
     def __post_init__(self):
         for name in (
@@ -134,6 +140,8 @@ class ModelConfig:
             )
         if not isinstance(self.activation_rotation, bool):
             raise ValueError(f"config.activation_rotation must be True or False, got {self.activation_rotation!r}")
+        if self.int8_dot not in INT8_DOTS:
+            raise ValueError(f"config.int8_dot must be one of {', '.join(INT8_DOTS)}, got {self.int8_dot!r}")
         if not isinstance(self.int8_embedding, bool):
             raise ValueError(f"config.int8_embedding must be True or False, got {self.int8_embedding!r}")
         if self.int8_embedding and self.quantization != "w8a8":

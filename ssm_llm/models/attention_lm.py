@@ -86,11 +86,11 @@ def project_qkv(config: ModelConfig, p: dict, x: jax.Array) -> tuple[jax.Array, 
     """The attention inputs of one block (before RoPE): `x: [B, T, H]` and this layer's params `p` ->
     q: [B, T, Hq, D], k, v: [B, T, Hkv, D]."""
     batch, steps, _ = x.shape
-    int8, rot = config.quantization == "w8a8", config.activation_rotation
+    w8a8 = (config.quantization == "w8a8", config.activation_rotation, config.int8_dot)  # linear's int8 options
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = linear(h, p["wq"], p.get("bq"), int8, rot).reshape(batch, steps, config.num_heads, config.head_dim)
-    k = linear(h, p["wk"], p.get("bk"), int8, rot).reshape(batch, steps, config.num_kv_heads, config.head_dim)
-    v = linear(h, p["wv"], p.get("bv"), int8, rot).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    q = linear(h, p["wq"], p.get("bq"), *w8a8).reshape(batch, steps, config.num_heads, config.head_dim)
+    k = linear(h, p["wk"], p.get("bk"), *w8a8).reshape(batch, steps, config.num_kv_heads, config.head_dim)
+    v = linear(h, p["wv"], p.get("bv"), *w8a8).reshape(batch, steps, config.num_kv_heads, config.head_dim)
     return q, k, v
 
 
@@ -104,14 +104,14 @@ def finish_block_with_inputs(config: ModelConfig, p: dict, x: jax.Array, attn: j
     """`finish_block`, also returning what its linears read: {"o_in": [B, T, Hq*D] (wo's input),
     "mlp_in": [B, T, H] (w_gate / w_up's), "down_in": [B, T, I] (w_down's)} — for calibration; under jit
     the unused ones cost nothing."""
-    int8, rot = config.quantization == "w8a8", config.activation_rotation
+    w8a8 = (config.quantization == "w8a8", config.activation_rotation, config.int8_dot)  # linear's int8 options
     o_in = attn.reshape(*x.shape[:2], config.q_size)
-    x = x + linear(o_in, p["wo"], p.get("bo"), int8, rot)
+    x = x + linear(o_in, p["wo"], p.get("bo"), *w8a8)
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate = linear(h, p["w_gate"], p.get("b_gate"), int8, rot)
-    up = linear(h, p["w_up"], p.get("b_up"), int8, rot)
+    gate = linear(h, p["w_gate"], p.get("b_gate"), *w8a8)
+    up = linear(h, p["w_up"], p.get("b_up"), *w8a8)
     down_in = jax.nn.silu(gate) * up
-    out = x + linear(down_in, p["w_down"], p.get("b_down"), int8, rot)
+    out = x + linear(down_in, p["w_down"], p.get("b_down"), *w8a8)
     return out, {"o_in": o_in, "mlp_in": h, "down_in": down_in}
 
 

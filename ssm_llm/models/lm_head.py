@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.dfloat11 import DFloat11Weight, decompress, take_rows
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
 from ssm_llm.bitstack_weight import BitStackWeight, reconstruct
@@ -18,45 +19,62 @@ from ssm_llm.hadamard import block_hadamard
 # of packing it for a GEMM. Measured on SmolLM2 (576 x 49152, 2-core CPU): 1.7-1.9x faster for 2-16
 # rows, equal at 1 row, slower from ~128 rows (prefill) on. Other backends keep `h @ embed.T`.
 SMALL_ROWS = 32
+# W8A8 products of up to this many rows run through the compiled CPU kernel (`pallas_kernels.cpu_int8_dot`) when
+# the config's `int8_dot` is "auto". Measured on the 2-core AVX-512 VNNI EPYC, SmolLM2 W8A8 (rotated, int8
+# embedding), greedy decode after a 128-token prompt, kernel against XLA's dot in one process: 66.3 vs 51.4 tok/s
+# at batch 1 (1.29x), 120.1 vs 149.9 at batch 4 (0.80x); SmolLM2's 210 layer products chained
+# (experiments/int8_matmul_speed.py): 9.1-9.2 vs 11.1-14.0 ms at 1 row, 9.4-10.9 vs 12.3-14.7 at 2.
+KERNEL_ROWS = 2
 
 
-def linear(x: jax.Array, w, b: jax.Array | None = None, int8_acts: bool = False, rotate: bool = False) -> jax.Array:
+def linear(
+    x: jax.Array,
+    w,
+    b: jax.Array | None = None,
+    int8_acts: bool = False,
+    rotate: bool = False,
+    int8_dot: str = "auto",
+) -> jax.Array:
     """`x: [..., in] @ w: [in, out] (+ b: [out])`. A `QuantizedWeight` w multiplies through the quantized
-    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8), x first rotated
-    by `block_hadamard` if `rotate` (w then holds the rotated rows). A `BitStackWeight` is rebuilt from its
-    packed blocks inside the product's program."""
+    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8, its CPU products as
+    `int8_dot` says), x first rotated by `block_hadamard` if `rotate` (w then holds the rotated rows). A
+    `BitStackWeight` is rebuilt from its packed blocks inside the product's program."""
     if isinstance(w, BitStackWeight):
         w = reconstruct(w, x.dtype)
     if isinstance(w, QuantizedWeight):
         if int8_acts and rotate:
             x = block_hadamard(x).astype(x.dtype)
-        y = int8_matmul(x, w) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
+        y = int8_matmul(x, w, int8_dot) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
     else:
         y = x @ w
     return y if b is None else y + b
 
 
-def int8_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+def int8_matmul(x: jax.Array, w: QuantizedWeight, int8_dot: str = "auto") -> jax.Array:
     """x: float [..., K] rounded to int8 with one absmax scale per row (dynamic, per token), times int8
     weight codes with int32 accumulation, rescaled: `x_scale[..., None] * sum_g (xq_g @ q_g) * scale_g`.
-    An all-zero row has scale 0 and gives 0. Result in x's dtype."""
+    An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit weights multiply
+    as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`)."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     x_scale = amax / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
     if jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None:
-        acc = _cpu_int8_dot(xq.reshape(-1, xq.shape[-1]), w.values).reshape(*xq.shape[:-1], -1)
+        acc = _cpu_int8_dot(xq.reshape(-1, xq.shape[-1]), w.values, int8_dot).reshape(*xq.shape[:-1], -1)
         out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
     else:
         out = quantized_matmul_int8(xq, 1.0, w)
     return (out * x_scale).astype(x.dtype)
 
 
-def _cpu_int8_dot(xq: jax.Array, codes: jax.Array) -> jax.Array:
-    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] as one plain dot. XLA's CPU backend takes a slow path
-    for a single row: measured on SmolLM2's 210 layer products (2-core AMD EPYC, AVX2 only;
+def _cpu_int8_dot(xq: jax.Array, codes: jax.Array, int8_dot: str = "auto") -> jax.Array:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] (exact either way): up to KERNEL_ROWS rows through the compiled
+    kernel when `int8_dot` is "auto" and it is built here, else one plain XLA dot. XLA's CPU backend takes a
+    slow path for a single row: measured on SmolLM2's 210 layer products (2-core AMD EPYC, AVX2 only;
     experiments/int8_matmul_speed.py) one row took 155 ms, two rows 17 ms (float32: 19 / 24 ms), so a
     single row is padded to two."""
     rows = xq.shape[0]
+    if int8_dot == "auto" and rows <= KERNEL_ROWS and cpu_int8_dot.available():
+        return cpu_int8_dot.int8_dot(xq, codes)
     if rows == 1:
         xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
     acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
@@ -93,7 +111,7 @@ def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
         head = decompress(head)
         params = {**params, "embed" if config.tie_word_embeddings else "lm_head": head}
     if isinstance(head, QuantizedWeight):
-        return linear(h, head, int8_acts=True, rotate=config.activation_rotation)
+        return linear(h, head, int8_acts=True, rotate=config.activation_rotation, int8_dot=config.int8_dot)
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":
             return jnp.moveaxis(jnp.einsum("vh,...h->v...", params["embed"], h), 0, -1)

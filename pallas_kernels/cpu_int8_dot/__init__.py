@@ -1,0 +1,36 @@
+"""int8 x int8 -> int32 matrix product for CPU decode: a compiled AVX2 kernel called from XLA (`int8_dot.cc`).
+
+`int8_dot(xq, w)` multiplies activation codes xq [M, K] (int8 in [-127, 127], as W8A8 rounds them) by weight
+codes w [K, N] (any int8) with exact int32 sums, the same numbers as `int8_dot_reference` (XLA's integer dot).
+It serves the few-row products of decode, where XLA's CPU int8 dot is slow (see `int8_dot.cc`); the kernel is
+built on first use (`build.py`), and where it cannot be (not x86-64 AVX2, no compiler) `available()` is False
+and callers keep XLA's dot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.cpu_int8_dot.build import TARGET, available, kernel_dir, unavailable_reason
+
+__all__ = ["available", "int8_dot", "int8_dot_reference", "kernel_dir", "unavailable_reason"]
+
+
+def int8_dot_reference(xq: jax.Array, w: jax.Array) -> jax.Array:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] through XLA's dot (exact)."""
+    return jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def int8_dot(xq: jax.Array, w: jax.Array) -> jax.Array:
+    """int8 [M, K] @ int8 [K, N] -> int32 [M, N] through the compiled kernel (CPU only; xq in [-127, 127])."""
+    if xq.ndim != 2 or w.ndim != 2 or xq.shape[1] != w.shape[0]:
+        raise ValueError(f"int8_dot: x [M, K] and w [K, N] expected, got {tuple(xq.shape)} and {tuple(w.shape)}")
+    if xq.dtype != jnp.int8 or w.dtype != jnp.int8:
+        raise ValueError(f"int8_dot: int8 operands expected, got {xq.dtype} and {w.dtype}")
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"int8_dot: the CPU kernel is unavailable here: {reason}")
+    out = jax.ShapeDtypeStruct((xq.shape[0], w.shape[1]), jnp.int32)
+    # Under vmap, one call per batch element (the kernel takes two-dimensional operands).
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(xq, w)

@@ -1,0 +1,242 @@
+// int8 x [M, K] times int8 w [K, N] -> exact int32 [M, N] on x86-64 AVX2, as an XLA FFI custom call.
+//
+// Why: decode multiplies one or two activation rows by every weight matrix, and XLA's CPU integer dot is slow
+// there (one row takes a slow path, so the library padded it to two). This kernel reads the weights in their
+// [K, N] layout, four rows of K at a time, and multiplies with vpmaddubsw + vpmaddwd (the instructions
+// llama.cpp's AVX2 path uses), or with one vpdpbusd where the CPU has AVX-512 VNNI.
+//
+// The product of four consecutive k for one column: the four weight rows' 32-byte slices are interleaved
+// (unpack epi8 then epi16) so that each 32-bit lane holds w[k..k+3, n]; x[m, k..k+3] is broadcast to every
+// lane; the unsigned operand is |w|, the signed one sign(w) * x, and adjacent products are summed into int16
+// (maddubs) then int32 (madd). |w| <= 128 and |x| <= 127 keep each pair sum <= 32512 < 2^15: exact for every
+// weight code and for activation codes in [-127, 127] (W8A8 rounds activations into that range; x = -128 is
+// outside the contract). The interleaving permutes columns inside a 32-column block; the stores undo it.
+// Rows of K are walked in tiles of 16 with software prefetch: a [K, N] weight read 32 columns at a time is a
+// strided walk (one 32-byte slice per row), which the hardware prefetchers alone followed at a third of the
+// memory bandwidth.
+#include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kCols = 32;   // columns per block: one 32-byte slice of a weight row
+constexpr int64_t kGroup = 4;   // rows of K per maddubs + madd
+constexpr int64_t kTile = 4;    // groups of K per pass over the columns (16 rows: 16 streams to prefetch)
+constexpr int64_t kAhead = 1024;  // software prefetch distance along a weight row, in bytes
+constexpr int64_t kMaxBlocks = 256;  // column blocks per accumulator pass (8192 columns)
+
+// acc + the four-term sums of |w| * (sign(w) x) per 32-bit lane: one vpdpbusd where the CPU has AVX-512 VNNI
+// (built with -mavx512vnni -mavx512vl), else vpmaddubsw + vpmaddwd + vpaddd.
+inline __m256i dot4(__m256i acc, __m256i w, __m256i xb, [[maybe_unused]] __m256i ones) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(w), _mm256_sign_epi8(xb, w));
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xb, w)), ones));
+#endif
+}
+
+// acc[i] holds columns {4i..4i+3} (low 128 bits) and {16+4i..16+4i+3} (high 128 bits) of a block.
+inline void store_block(const __m256i* acc, int32_t* out) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 0), _mm256_permute2x128_si256(acc[0], acc[1], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(acc[2], acc[3], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(acc[0], acc[1], 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(acc[2], acc[3], 0x31));
+}
+
+// R rows of x against column blocks [b0, b1) and k groups [g0, g1), added into acc [R][b1 - b0][4].
+template <int R>
+void tile(const int8_t* x, const int8_t* w, __m256i* acc, int64_t K, int64_t N, int64_t b0, int64_t b1,
+          int64_t g0, int64_t g1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = b1 - b0;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256i a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm256_setzero_si256();
+    const int8_t* p = w + g0 * kGroup * N + b * kCols;
+    for (int64_t g = g0; g < g1; ++g, p += kGroup * N) {
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(p + j * N + kAhead), _MM_HINT_T0);
+      __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + N));
+      __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * N));
+      __m256i r3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 3 * N));
+      __m256i t0 = _mm256_unpacklo_epi8(r0, r1), t1 = _mm256_unpackhi_epi8(r0, r1);
+      __m256i t2 = _mm256_unpacklo_epi8(r2, r3), t3 = _mm256_unpackhi_epi8(r2, r3);
+      __m256i u[4] = {_mm256_unpacklo_epi16(t0, t2), _mm256_unpackhi_epi16(t0, t2),
+                      _mm256_unpacklo_epi16(t1, t3), _mm256_unpackhi_epi16(t1, t3)};
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, x + r * K + g * kGroup, 4);
+        const __m256i xb = _mm256_set1_epi32(v);
+        for (int i = 0; i < 4; ++i) a[r][i] = dot4(a[r][i], u[i], xb, ones);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) {
+        __m256i* q = acc + (r * nb + (b - b0)) * 4 + i;
+        *q = _mm256_add_epi32(*q, a[r][i]);
+      }
+  }
+}
+
+// Full blocks [b0, b1) (at most kMaxBlocks) of every row, K rounded down to a multiple of 4.
+void blocks(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N, int64_t b0,
+            int64_t b1) {
+  alignas(32) static thread_local __m256i acc[2 * kMaxBlocks * 4];
+  const int64_t nb = b1 - b0, groups = K / kGroup;
+  for (int64_t m = 0; m < M; m += 2) {
+    const int R = M - m >= 2 ? 2 : 1;
+    for (int64_t i = 0; i < R * nb * 4; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < groups; g0 += kTile) {
+      const int64_t g1 = std::min(groups, g0 + kTile);
+      if (R == 2)
+        tile<2>(x + m * K, w, acc, K, N, b0, b1, g0, g1);
+      else
+        tile<1>(x + m * K, w, acc, K, N, b0, b1, g0, g1);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t b = b0; b < b1; ++b) store_block(acc + (r * nb + (b - b0)) * 4, out + (m + r) * N + b * kCols);
+  }
+}
+
+// Columns [n0, n1) for every row, with scalar sums where the vector blocks do not reach (a column tail past
+// the last full block, K's last K % 4 rows).
+void columns(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  const int64_t full_end = std::min(n1, N / kCols * kCols);
+  for (int64_t b = n0 / kCols; b < full_end / kCols; b += kMaxBlocks)
+    blocks(x, w, out, M, K, N, b, std::min(full_end / kCols, b + kMaxBlocks));
+  const int64_t k_vec = K / kGroup * kGroup;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      const bool vector = n < full_end;
+      int32_t s = vector ? out[m * N + n] : 0;
+      for (int64_t k = vector ? k_vec : 0; k < K; ++k) s += int32_t(x[m * K + k]) * int32_t(w[k * N + n]);
+      out[m * N + n] = s;
+    }
+}
+
+// Helper threads of our own, one per further usable core ($SSM_LLM_INT8_DOT_THREADS caps the total): each product's
+// column blocks are claimed from a counter by the caller and the helpers. XLA's intra-op pool wakes a sleeping
+// thread in tens of microseconds, about as long as one decode product, so its helpers came too late; ours spin
+// briefly after each product (a decode step runs hundreds back to back), then sleep. The caller never waits
+// for a helper that has not started: it waits only for the blocks already claimed.
+class Workers {
+ public:
+  explicit Workers(int helpers) : owner_(getpid()) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  ~Workers() {
+    stop_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int helpers() const { return static_cast<int>(threads_.size()); }
+
+  // Offers f to the helpers and runs it on the caller; f claims parts of the work until none is left, and
+  // `finished()` says when every claimed part is done. Then no helper may enter f, and those inside are waited
+  // for (they find nothing left). One caller at a time: another caller (XLA runs independent ops concurrently)
+  // and a forked child (which has no helpers) get false and run f alone.
+  template <typename F, typename Done>
+  bool run(F& f, Done finished) {
+    if (threads_.empty() || getpid() != owner_ || busy_.exchange(true)) return false;
+    job_ = &f;
+    invoke_ = [](void* p) { (*static_cast<F*>(p))(); };
+    open_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+    f();
+    while (!finished()) _mm_pause();
+    open_.store(false);  // before reading active_; a helper raises active_ before reading open_ (seq_cst)
+    while (active_.load() > 0) _mm_pause();
+    busy_.store(false);
+    return true;
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;  // the generation at construction: a run may start before this thread does
+    for (;;) {
+      for (int spin = 0; spin < kSpins && generation_.load() == seen; ++spin) _mm_pause();
+      generation_.wait(seen);
+      seen = generation_.load();
+      if (stop_.load()) return;
+      active_.fetch_add(1);
+      if (open_.load()) invoke_(job_);
+      active_.fetch_sub(1);
+    }
+  }
+  static constexpr int kSpins = 1024;  // pause instructions before sleeping: ~25 us on a 2.6 GHz EPYC
+  const pid_t owner_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> active_{0};
+  std::atomic<bool> busy_{false}, stop_{false}, open_{false};
+  void* job_ = nullptr;
+  void (*invoke_)(void*) = nullptr;
+};
+
+int threads_to_use() {
+  if (const char* cap = std::getenv("SSM_LLM_INT8_DOT_THREADS")) {
+    const int n = std::atoi(cap);
+    if (n >= 1) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Workers& workers() {
+  static Workers pool(threads_to_use() - 1);
+  return pool;
+}
+
+ffi::Error Int8DotImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ssm_llm_int8_dot: x [M, K] and w [K, N] expected");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  const int8_t* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  int32_t* op = out->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(op, op + M * N, 0);
+    return ffi::Error::Success();
+  }
+  Workers& pool = workers();
+  const int64_t threads = 1 + pool.helpers();
+  const int64_t nblocks = (N + kCols - 1) / kCols;
+  const int64_t per = std::max<int64_t>(1, (nblocks + 2 * threads - 1) / (2 * threads));
+  const int64_t parts = (nblocks + per - 1) / per;
+  std::atomic<int64_t> next{0}, done{0};
+  auto work = [&]() {
+    for (int64_t c; (c = next.fetch_add(1)) < parts; done.fetch_add(1))
+      columns(xp, wp, op, M, K, N, c * per * kCols, std::min(N, (c + 1) * per * kCols));
+  };
+  if (parts < 2 || !pool.run(work, [&] { return done.load() == parts; })) work();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmLlmInt8Dot, Int8DotImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
