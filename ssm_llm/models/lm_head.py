@@ -20,10 +20,10 @@ from ssm_llm.hadamard import block_hadamard
 # rows, equal at 1 row, slower from ~128 rows (prefill) on. Other backends keep `h @ embed.T`.
 SMALL_ROWS = 32
 # W8A8 products of up to this many rows run through the compiled CPU kernel (`pallas_kernels.cpu_int8_dot`) when
-# the config's `int8_dot` is "auto". Measured on the 2-core AVX-512 VNNI EPYC, SmolLM2 W8A8 (rotated, int8
-# embedding), greedy decode after a 128-token prompt, kernel against XLA's dot in one process: 66.3 vs 51.4 tok/s
-# at batch 1 (1.29x), 120.1 vs 149.9 at batch 4 (0.80x); SmolLM2's 210 layer products chained
-# (experiments/int8_matmul_speed.py): 9.1-9.2 vs 11.1-14.0 ms at 1 row, 9.4-10.9 vs 12.3-14.7 at 2.
+# the config's `int8_dot` is "auto". Measured on the 2-core AVX-512 VNNI EPYC (README, "A compiled CPU kernel"):
+# SmolLM2's 210 layer products (experiments/int8_matmul_speed.py) 11.1 vs 20.0 ms at 1 row, 15.3 vs 14.9 at 2,
+# 17.1 vs 18.7 at 4; W8A8 decode (bench_decode.py --xla-int8-dot, two runs) 1.07-1.35x at batch 1 (one 0.89x),
+# 0.93-1.16x at batch 2, and 0.80x at batch 4 (120 vs 150 tok/s). Two rows is the last size where it did not lose.
 KERNEL_ROWS = 2
 
 
