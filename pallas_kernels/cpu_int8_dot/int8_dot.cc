@@ -139,12 +139,6 @@ class Workers {
   explicit Workers(int helpers) : owner_(getpid()) {
     for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
   }
-  ~Workers() {
-    stop_.store(true);
-    generation_.fetch_add(1);
-    generation_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
   int helpers() const { return static_cast<int>(threads_.size()); }
 
   // Offers f to the helpers and runs it on the caller; f claims parts of the work until none is left, and
@@ -174,7 +168,6 @@ class Workers {
       for (int spin = 0; spin < kSpins && generation_.load() == seen; ++spin) _mm_pause();
       generation_.wait(seen);
       seen = generation_.load();
-      if (stop_.load()) return;
       active_.fetch_add(1);
       if (open_.load()) invoke_(job_);
       active_.fetch_sub(1);
@@ -185,7 +178,7 @@ class Workers {
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> active_{0};
-  std::atomic<bool> busy_{false}, stop_{false}, open_{false};
+  std::atomic<bool> busy_{false}, open_{false};
   void* job_ = nullptr;
   void (*invoke_)(void*) = nullptr;
 };
@@ -200,9 +193,11 @@ int threads_to_use() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// Never destroyed: the helpers end with the process. (A destructor joining them would run at exit in a forked
+// child too, whose std::thread objects name threads that only the parent has.)
 Workers& workers() {
-  static Workers pool(threads_to_use() - 1);
-  return pool;
+  static Workers* pool = new Workers(threads_to_use() - 1);
+  return *pool;
 }
 
 ffi::Error Int8DotImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
