@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from pallas_kernels.cpu_int8_dot import int8_dot_reference
 from ssm_llm.cpu_features import host_cpu
 
 # The integer path is chosen when its products take at most 1/PAYS_AT of float32's time. Whole-model decode
@@ -94,7 +95,7 @@ def _products(rows: int, k: int, n: int, count: int):
         q = jnp.round(x * (127.0 / amax)).astype(jnp.int8)
 
         def dot(i):
-            return jax.lax.dot_general(q, w[i], (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+            return int8_dot_reference(q, w[i])
 
         return sum(dot(i).astype(jnp.float32) * (amax / 127.0) * s[i] for i in range(count))
 

@@ -77,8 +77,7 @@ def _cpu_int8_dot(xq: jax.Array, codes: jax.Array, int8_dot: str = "auto") -> ja
         return cpu_int8_dot.int8_dot(xq, codes)
     if rows == 1:
         xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
-    acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return acc[:rows]
+    return cpu_int8_dot.int8_dot_reference(xq, codes)[:rows]
 
 
 def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
