@@ -32,7 +32,9 @@ from converters.mamba_weights import convert_mamba_weights
 from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
+from pallas_kernels import cpu_int8_dot
 from ssm_llm.config import ModelConfig
+from ssm_llm.int8_blocks import block_int8_weights
 from ssm_llm.int8_choice import int8_choice
 from ssm_llm.quant import quantize_weights
 from ssm_llm.quant.presets import AUTO_PRESET, preset, preset_of
@@ -122,7 +124,9 @@ def load(
     `mesh`: a `jax.sharding.Mesh`; the params are placed on it by `ssm_llm.sharding`'s rules. A float
     conversion builds each tensor in host memory and sends each device only its shard (no device holds
     the whole model); a cache entry (mapped from its file) is sharded the same way; an orbax checkpoint is
-    restored straight into its shards; a quantized conversion is loaded, then sharded.
+    restored straight into its shards; a quantized conversion is loaded, then sharded. Without a mesh, W8A8
+    params come in the CPU int8 kernel's blocked layout where it runs (`ssm_llm.int8_blocks`; checkpoints and
+    the cache keep the plain one, and `unblock_int8_weights` turns them back).
     Strict: an unknown architecture, a missing, unused or mis-shaped tensor raises ValueError naming it.
     """
     auto = quantize == "auto"
@@ -159,9 +163,24 @@ def load(
     else:
         loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None, auto=auto)
     if mesh is None:
-        return loaded
+        return _for_cpu_kernel(*loaded)
     model_config, params = loaded
     return model_config, shard_params(params, model_config, mesh)
+
+
+def _for_cpu_kernel(config, params):
+    """W8A8 params in the CPU int8 kernel's blocked layout where decode reads them through it
+    (`ssm_llm.int8_blocks`: a CPU backend in one process, `config.int8_dot` "auto", the kernel built here)."""
+    if (
+        isinstance(config, ModelConfig)
+        and config.quantization == "w8a8"
+        and config.int8_dot == "auto"
+        and jax.default_backend() == "cpu"
+        and jax.process_count() == 1
+        and cpu_int8_dot.available()
+    ):
+        return config, block_int8_weights(params, config)
+    return config, params
 
 
 def int8_decision() -> tuple[bool, str]:

@@ -230,11 +230,12 @@ def _sharded_target(stored, meta: dict, config, mesh, directory: Path):
 
 def _compressed(x) -> bool:
     """A quantized or compressed weight (kept whole by casts)."""
+    from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
     from pallas_kernels.dfloat11 import DFloat11Weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
     from ssm_llm.bitstack_weight import BitStackWeight
 
-    return isinstance(x, (QuantizedWeight, DFloat11Weight, BitStackWeight))
+    return isinstance(x, (QuantizedWeight, BlockedInt8Weight, DFloat11Weight, BitStackWeight))
 
 
 def split_quantized(params: dict) -> tuple[dict, dict]:
@@ -242,6 +243,7 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
     BitStack weight by its arrays (orbax stores arrays only); returns the new tree and {"path/to/weight": layout},
     the layout {"bits", "group_size"}, {"format": "dfloat11", "block", "code_bits"} or {"format": "bitstack",
     "shape"}."""
+    from pallas_kernels.cpu_int8_dot import BlockedInt8Weight, to_plain
     from pallas_kernels.dfloat11 import DFloat11Weight
     from pallas_kernels.quantized_matmul import QuantizedWeight
     from ssm_llm.bitstack_weight import BitStackWeight
@@ -249,6 +251,8 @@ def split_quantized(params: dict) -> tuple[dict, dict]:
     found = {}
 
     def walk(node, path):
+        if isinstance(node, BlockedInt8Weight):  # stored in the plain layout (`ssm_llm.int8_blocks`)
+            node = to_plain(node)
         if isinstance(node, QuantizedWeight):
             found["/".join(path)] = {"bits": node.bits, "group_size": node.group_size}
             arrays = {"values": node.values, "scales": node.scales}

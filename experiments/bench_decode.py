@@ -9,8 +9,10 @@ Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
 `--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`; -emb: with `embedding=True`) adds
 ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
 float32's, so it reports the fraction of them that agree. A W8A8 model runs its few-row products through the compiled
-CPU kernel (`config.int8_dot="auto"`, `pallas_kernels.cpu_int8_dot`); `--xla-int8-dot` adds each W8A8 variant again
-with `int8_dot="xla"` (XLA's integer dot, the same numbers), named "... xla-dot".
+CPU kernel (`config.int8_dot="auto"`, `pallas_kernels.cpu_int8_dot`), on the plain [K, N] codes and, named
+"... blocked", in the kernel's blocked layout (`ssm_llm.int8_blocks`, what `converters.load` gives where the kernel
+runs); `--xla-int8-dot` adds each W8A8 variant again with `int8_dot="xla"` (XLA's integer dot, the same numbers),
+named "... xla-dot".
 `--peer-python PY` adds llama.cpp (llama-cpp-python in the virtual environment of PY, on the shipped Q4_1
 GGUF file itself, as many threads as cores) to the batch-1 cases, timed by `llama_cpp_decode.py` in a child
 process after the others, and reports each ssm_llm runner's ratio to it.
@@ -42,7 +44,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from pallas_kernels import cpu_int8_dot  # noqa: E402
 from ssm_llm.config import WEIGHT_BITS  # noqa: E402
+from ssm_llm.int8_blocks import block_int8_weights  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # --quantize names beyond the plain schemes: (scheme, quantize_weights options).
@@ -111,6 +115,12 @@ def main(argv=None):
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),
         ]
+        if base == "w8a8" and cpu_int8_dot.available():  # the layout converters.load gives W8A8 models here
+            blocked = block_int8_weights(qparams, qconfig)
+            ours += [
+                Ours(blocked, qconfig, f"ssm_llm {scheme} blocked"),
+                Ours(ssm_llm.unstack_layers(blocked), qconfig, f"ssm_llm {scheme} unrolled blocked"),
+            ]
         if args.xla_int8_dot and base == "w8a8":
             xla_config = dataclasses.replace(qconfig, int8_dot="xla")
             ours += [

@@ -23,7 +23,8 @@ Writes experiments/results/bench_speculative.json (+ .png) and prints a table la
     python experiments/bench_speculative.py            # full run (~30 min on 2 cores)
     python experiments/bench_speculative.py --quick    # smoke run (1 prompt per kind, the 2 default drafters)
     python experiments/bench_speculative.py --quantize w8a8 --train-free --no-peer
-        # the W8A8 target (ssm_llm.quantize_weights), prompt lookup and Token Recycling only:
+        # the W8A8 target (ssm_llm.quantize_weights; in the CPU kernel's blocked layout where it runs, as
+        # converters.load gives it), prompt lookup and Token Recycling only:
         # experiments/results/bench_speculative_w8a8.json; exactness is checked against plain W8A8 greedy
         # (--quantize takes the presets of ssm_llm.quant.presets: w8a8-rot-emb is the CLI's auto choice)
 """
@@ -48,7 +49,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
+from pallas_kernels import cpu_int8_dot  # noqa: E402
 from ssm_llm import speculative  # noqa: E402
+from ssm_llm.int8_blocks import block_int8_weights  # noqa: E402
 from ssm_llm.quant.presets import PRESETS, preset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -261,6 +264,8 @@ def main(argv=None):
     if args.quantize:
         scheme, options = preset(args.quantize)
         params, config = ssm_llm.quantize_weights(params, config, scheme, **options)
+        if config.quantization == "w8a8" and cpu_int8_dot.available():  # the layout converters.load gives here
+            params = block_int8_weights(params, config)
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
     def encode(message):

@@ -9,6 +9,8 @@ every layer its own weights, chained so nothing is skipped), for 1-16 rows:
   w8a8_nk    the same with the codes stored transposed, [N, K] (each output channel's K codes contiguous)
   w8a8_kernel the w8a8 product through the compiled AVX2 kernel (`pallas_kernels.cpu_int8_dot`), and
   w8a8_pad   XLA's integer dot with a single row padded to two, as the library runs it without the kernel
+  w8a8_blocked the kernel on the codes in its blocked layout (`cpu_int8_dot.block_weights`: each 32-column
+             block one contiguous stream), as `converters.load` gives W8A8 models where the kernel runs
   w8_convert weight-only int8, converted to float32 inside the product
   bfloat16   x and w in bfloat16, float32 accumulation
 and, apart, the tied lm_head (49152 x 576) in float32 and w8a8. Medians of --repeats calls after a warm-up;
@@ -48,7 +50,7 @@ LAYER_SHAPES = {  # name: (K, N) of x [rows, K] @ w [K, N]
     "up": (HIDDEN, INTERMEDIATE),
     "down": (INTERMEDIATE, HIDDEN),
 }
-VARIANTS = ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel", "w8_convert", "bfloat16")
+VARIANTS = ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel", "w8a8_blocked", "w8_convert", "bfloat16")
 OUT = Path(__file__).parent / "results" / "int8_matmul_speed.json"
 
 
@@ -90,6 +92,9 @@ def product(variant: str, x, weight):
         return w8a8_product(x, *weight, dot=padded_dot)
     if variant == "w8a8_kernel":
         return w8a8_product(x, *weight, dot=cpu_int8_dot.int8_dot)
+    if variant == "w8a8_blocked":
+        blocked, scale = weight
+        return w8a8_product(x, blocked, scale, dot=lambda xq, b: cpu_int8_dot.int8_dot_blocked(xq, b, scale.shape[-1]))
     if variant == "w8_convert":
         codes, scale = weight
         return (x @ codes.astype(jnp.float32)) * scale
@@ -105,6 +110,8 @@ def stored(variant: str, w: np.ndarray):
     if variant == "bfloat16":
         return jnp.asarray(w, jnp.bfloat16)
     codes, scale = quantize_weight(w)
+    if variant == "w8a8_blocked":
+        return cpu_int8_dot.block_weights(codes), scale
     return (codes.T.copy(), scale) if variant == "w8a8_nk" else (codes, scale)
 
 
@@ -151,8 +158,9 @@ def main(argv=None) -> dict:
         {n: (0.05 * rng.standard_normal(s)).astype(np.float32) for n, s in LAYER_SHAPES.items()}
         for _ in range(args.layers)
     ]
-    if "w8a8_kernel" in args.variants and not cpu_int8_dot.available():
-        parser.error(f"w8a8_kernel: {cpu_int8_dot.unavailable_reason()}")
+    for variant in {"w8a8_kernel", "w8a8_blocked"} & set(args.variants):
+        if not cpu_int8_dot.available():
+            parser.error(f"{variant}: {cpu_int8_dot.unavailable_reason()}")
     layers_ms = {}
     for variant in args.variants:
         layers = [{n: stored(variant, w) for n, w in layer.items()} for layer in weights]
@@ -166,7 +174,7 @@ def main(argv=None) -> dict:
     head_ms = {}
     if not args.skip_lm_head:
         embed = (0.05 * rng.standard_normal((HIDDEN, VOCAB))).astype(np.float32)
-        for variant in ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel"):
+        for variant in ("float32", "w8a8", "w8a8_nk", "w8a8_pad", "w8a8_kernel", "w8a8_blocked"):
             head = stored(variant, embed)
             fn = jax.jit(lambda x, w, v=variant: product(v, x, w))
             head_ms[variant] = {

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 
+from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from pallas_kernels.quantized_matmul.weights import unpacked_rows
 from ssm_llm.models import family_module
@@ -61,7 +62,9 @@ def _check_layer_list(layers, spec: dict, path: str, owner: str) -> None:
 
 
 def _check_leaf(x, shape: tuple, path: str, owner: str) -> None:
-    if isinstance(x, QuantizedWeight):
+    if isinstance(x, BlockedInt8Weight):
+        got, ok_dtype, kind = (*x.values.shape[:-3], x.k, x.n), x.values.dtype == jnp.int8, "int8 codes"
+    elif isinstance(x, QuantizedWeight):
         rows = unpacked_rows(x.bits, x.values.shape[-2])
         got, ok_dtype = (*x.values.shape[:-2], rows, x.values.shape[-1]), jnp.issubdtype(x.values.dtype, jnp.integer)
         kind = "integer codes"
@@ -72,5 +75,5 @@ def _check_leaf(x, shape: tuple, path: str, owner: str) -> None:
     if got != tuple(shape):
         raise ValueError(f"{path} has shape {got}, but the {owner} needs {tuple(shape)}")
     if not ok_dtype:
-        dtype = x.values.dtype if isinstance(x, QuantizedWeight) else x.dtype
+        dtype = x.values.dtype if isinstance(x, (QuantizedWeight, BlockedInt8Weight)) else x.dtype
         raise ValueError(f"{path} has dtype {dtype}; expected {kind}")

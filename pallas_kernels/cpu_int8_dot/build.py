@@ -23,6 +23,7 @@ import jax
 import jaxlib
 
 TARGET = "ssm_llm_int8_dot"
+BLOCKED_TARGET = "ssm_llm_int8_dot_blocked"
 SOURCE = Path(__file__).with_name("int8_dot.cc")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w")
 # Added where the CPU has them: one vpdpbusd instead of vpmaddubsw + vpmaddwd + vpaddd.
@@ -106,6 +107,7 @@ def _load() -> str | None:
             _compile(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SsmLlmInt8Dot), platform="cpu")
+        jax.ffi.register_ffi_target(BLOCKED_TARGET, jax.ffi.pycapsule(library.SsmLlmInt8DotBlocked), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
     return None

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import cache_attention
+from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from ssm_llm.cache import KVCache
@@ -126,7 +127,7 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
     for i, layer in enumerate(layers if isinstance(layers, (list, tuple)) else [layers]):
         for name in LINEARS:
             w = layer[name]
-            bits = w.bits if isinstance(w, QuantizedWeight) else None
+            bits = w.bits if isinstance(w, QuantizedWeight) else 8 if isinstance(w, BlockedInt8Weight) else None
             mixed = config.quantization == MIXED_WEIGHT_ONLY
             if (bits is None) if mixed else (bits != WEIGHT_BITS.get(config.quantization)):
                 where = f"params['layers']{f'[{i}]' if isinstance(layers, (list, tuple)) else ''}[{name!r}]"
@@ -137,9 +138,10 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
                     "the matching config)"
                 )
     for name in ("embed", *(() if config.tie_word_embeddings else ("lm_head",))):
-        if isinstance(params[name], QuantizedWeight) != config.int8_embedding:
+        int8 = isinstance(params[name], (QuantizedWeight, BlockedInt8Weight))
+        if int8 != config.int8_embedding:
             raise ValueError(
-                f"params[{name!r}] is {'an int8' if isinstance(params[name], QuantizedWeight) else 'a float'} "
+                f"params[{name!r}] is {'an int8' if int8 else 'a float'} "
                 f"table, but config.int8_embedding is {config.int8_embedding} (quantize_weights(..., embedding=True) "
                 "returns the matching config)"
             )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import cpu_int8_dot
+from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from pallas_kernels.dfloat11 import DFloat11Weight, decompress, take_rows
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
 from ssm_llm.bitstack_weight import BitStackWeight, reconstruct
@@ -25,6 +26,10 @@ SMALL_ROWS = 32
 # 17.1 vs 18.7 at 4; W8A8 decode (bench_decode.py --xla-int8-dot, two runs) 1.07-1.35x at batch 1 (one 0.89x),
 # 0.93-1.16x at batch 2, and 0.80x at batch 4 (120 vs 150 tok/s). Two rows is the last size where it did not lose.
 KERNEL_ROWS = 2
+# Products of up to this many rows with weights in the kernel's blocked layout (`BlockedInt8Weight`) run through
+# `cpu_int8_dot.int8_dot_blocked`; larger ones (prefill) through XLA's dot on the codes unblocked inside the
+# program. Measured: see README, "A compiled CPU kernel" (experiments/int8_matmul_speed.py, variant w8a8_blocked).
+BLOCKED_ROWS = 16
 
 
 def linear(
@@ -38,9 +43,15 @@ def linear(
     """`x: [..., in] @ w: [in, out] (+ b: [out])`. A `QuantizedWeight` w multiplies through the quantized
     matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8, its CPU products as
     `int8_dot` says), x first rotated by `block_hadamard` if `rotate` (w then holds the rotated rows). A
-    `BitStackWeight` is rebuilt from its packed blocks inside the product's program."""
+    `BitStackWeight` is rebuilt from its packed blocks inside the product's program; a `BlockedInt8Weight` (the
+    CPU kernel's layout of a W8A8 weight) multiplies as W8A8 only."""
     if isinstance(w, BitStackWeight):
         w = reconstruct(w, x.dtype)
+    if isinstance(w, BlockedInt8Weight):
+        if not int8_acts:
+            raise ValueError("linear: a BlockedInt8Weight multiplies int8 activations only (int8_acts=True)")
+        y = int8_matmul(block_hadamard(x).astype(x.dtype) if rotate else x, w, int8_dot)
+        return y if b is None else y + b
     if isinstance(w, QuantizedWeight):
         if int8_acts and rotate:
             x = block_hadamard(x).astype(x.dtype)
@@ -50,20 +61,34 @@ def linear(
     return y if b is None else y + b
 
 
-def int8_matmul(x: jax.Array, w: QuantizedWeight, int8_dot: str = "auto") -> jax.Array:
+def int8_matmul(x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str = "auto") -> jax.Array:
     """x: float [..., K] rounded to int8 with one absmax scale per row (dynamic, per token), times int8
     weight codes with int32 accumulation, rescaled: `x_scale[..., None] * sum_g (xq_g @ q_g) * scale_g`.
     An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit weights multiply
-    as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`)."""
+    as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`); a
+    `BlockedInt8Weight` through `_blocked_int8_dot`."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     x_scale = amax / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
-    if jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None:
+    if isinstance(w, BlockedInt8Weight):
+        acc = _blocked_int8_dot(xq.reshape(-1, xq.shape[-1]), w, int8_dot).reshape(*xq.shape[:-1], -1)
+        out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
+    elif jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None:
         acc = _cpu_int8_dot(xq.reshape(-1, xq.shape[-1]), w.values, int8_dot).reshape(*xq.shape[:-1], -1)
         out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
     else:
         out = quantized_matmul_int8(xq, 1.0, w)
     return (out * x_scale).astype(x.dtype)
+
+
+def _blocked_int8_dot(xq: jax.Array, w: BlockedInt8Weight, int8_dot: str = "auto") -> jax.Array:
+    """int8 [M, K] @ a `BlockedInt8Weight`'s codes -> int32 [M, N] (exact either way): up to BLOCKED_ROWS rows
+    through the compiled kernel when `int8_dot` is "auto" and it runs here (CPU backend, kernel built), else XLA's
+    dot (`_cpu_int8_dot`'s "xla" path) on the codes unblocked inside the program."""
+    kernel = int8_dot == "auto" and jax.default_backend() == "cpu" and cpu_int8_dot.available()
+    if kernel and xq.shape[0] <= BLOCKED_ROWS:
+        return cpu_int8_dot.int8_dot_blocked(xq, w.values, w.n)
+    return _cpu_int8_dot(xq, cpu_int8_dot.unblock_weights(w.values, w.k, w.n), "xla")
 
 
 def _cpu_int8_dot(xq: jax.Array, codes: jax.Array, int8_dot: str = "auto") -> jax.Array:
@@ -82,23 +107,36 @@ def _cpu_int8_dot(xq: jax.Array, codes: jax.Array, int8_dot: str = "auto") -> ja
 
 def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
     """The embedding rows of `tokens` `[...]` -> `[..., H]`: a float table [V, H], or an int8 one stored as the
-    tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row), dequantized row by row;
-    under `activation_rotation` a tied table holds the rotated rows (E Q, the head's weight Q E^T), which
-    `block_hadamard` turns back (Q Q = I). A DFloat11 table decodes only the blocks holding those rows."""
+    tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row; or its `BlockedInt8Weight`,
+    gathered from the blocks), dequantized row by row; under `activation_rotation` a tied table holds the
+    rotated rows (E Q, the head's weight Q E^T), which `block_hadamard` turns back (Q Q = I). A DFloat11 table
+    decodes only the blocks holding those rows."""
     table = params["embed"]
     if isinstance(table, DFloat11Weight):
         return take_rows(table, tokens)
-    if isinstance(table, QuantizedWeight):
-        codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
+    if isinstance(table, (QuantizedWeight, BlockedInt8Weight)):
+        if isinstance(table, BlockedInt8Weight):
+            codes = _blocked_columns(table, tokens).reshape(*tokens.shape, table.k)
+        else:
+            codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
         rows = codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
         return block_hadamard(rows) if config.activation_rotation and config.tie_word_embeddings else rows
     return table[tokens]
 
 
+def _blocked_columns(w: BlockedInt8Weight, columns: jax.Array) -> jax.Array:
+    """The codes of `columns` (any shape) of a blocked weight: int8 [columns.size, K], one column per row."""
+    flat = columns.reshape(-1)
+    blocks = jnp.take(w.values, flat // cpu_int8_dot.COLS, axis=0)  # [C, Kg, 128]
+    lanes = blocks.reshape(flat.size, -1, cpu_int8_dot.COLS, cpu_int8_dot.GROUP)
+    codes = jnp.take_along_axis(lanes, (flat % cpu_int8_dot.COLS)[:, None, None, None], axis=2)  # [C, Kg, 1, 4]
+    return codes.reshape(flat.size, -1)[:, : w.k]
+
+
 def activation_dtype(params: dict):
     """The dtype hidden states and caches take for `params`: the embedding's (its scales' if it is int8)."""
     table = params["embed"]
-    return jnp.dtype(table.scales.dtype if isinstance(table, QuantizedWeight) else table.dtype)
+    return jnp.dtype(table.scales.dtype if isinstance(table, (QuantizedWeight, BlockedInt8Weight)) else table.dtype)
 
 
 def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
@@ -109,7 +147,7 @@ def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
     if isinstance(head, DFloat11Weight):
         head = decompress(head)
         params = {**params, "embed" if config.tie_word_embeddings else "lm_head": head}
-    if isinstance(head, QuantizedWeight):
+    if isinstance(head, (QuantizedWeight, BlockedInt8Weight)):
         return linear(h, head, int8_acts=True, rotate=config.activation_rotation, int8_dot=config.int8_dot)
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":

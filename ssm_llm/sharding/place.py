@@ -7,6 +7,7 @@ import dataclasses
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from pallas_kernels.dfloat11 import DFloat11Weight
 from pallas_kernels.quantized_matmul import QuantizedWeight
 from pallas_kernels.quantized_matmul.weights import KERNEL_BITS
@@ -126,6 +127,11 @@ def param_specs(params: dict, config, mesh: Mesh) -> dict:
         # A Huffman stream or packed sign bits cannot be cut along the weight's axes: replicated.
         if isinstance(leaf, (DFloat11Weight, BitStackWeight)):
             return jax.tree.map(lambda _: PartitionSpec(), leaf)
+        if isinstance(leaf, BlockedInt8Weight):
+            raise ValueError(
+                f"params{where} is in the CPU kernel's blocked layout, which is not sharded: give the plain layout "
+                "(ssm_llm.int8_blocks.unblock_int8_weights(params))"
+            )
         if isinstance(leaf, QuantizedWeight):
             if leaf.bits not in KERNEL_BITS:  # bit planes: 8 rows of K in `bits` stored rows, so K stays whole
                 logical_axes = (None, *tuple(logical_axes)[1:])

@@ -17,6 +17,7 @@ import converters
 import ssm_llm
 from converters.gguf_codes import NATIVE, as_quantized, block_codes, stack
 from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights
+from ssm_llm.int8_blocks import unblock_int8_weights
 
 T = gguf.GGMLQuantizationType
 
@@ -151,6 +152,7 @@ def test_requantized_and_w8a8_loads(tmp_path):
     config, params = converters.load(path)
     for scheme, group in (("w4a16", 32), ("w8a8", None)):
         qconfig, qparams = converters.load(path, quantize=scheme)
+        qparams = unblock_int8_weights(qparams)  # (W8A8 comes in the CPU kernel's blocked layout where it runs)
         ref_params, ref_config = ssm_llm.quantize_weights(params, config, scheme, group)
         assert qconfig == ref_config
         layer0 = jax.tree_util.tree_map(lambda a: a[0], qparams["layers"]["wq"])

@@ -12,6 +12,7 @@ from conftest import save_word_level_tokenizer, tiny_hf_model, tiny_hf_ssm_model
 
 import converters
 from ssm_llm import int8_choice
+from ssm_llm.int8_blocks import unblock_int8_weights
 from ssm_llm.int8_choice import PAYS_AT, Int8Choice
 from ssm_llm.quant import quantize_weights
 from ssm_llm.quant.presets import PRESETS, preset, preset_of
@@ -19,7 +20,9 @@ from ssm_llm_cli import main
 
 
 def assert_same(a, b):
+    # (W8A8 loads come in the CPU kernel's blocked layout where it runs: compared in the plain one)
     (config_a, params_a), (config_b, params_b) = a, b
+    params_a, params_b = unblock_int8_weights(params_a), unblock_int8_weights(params_b)
     assert config_a == config_b
     assert jax.tree.structure(params_a) == jax.tree.structure(params_b)
     for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):

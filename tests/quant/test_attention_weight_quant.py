@@ -16,6 +16,7 @@ import converters
 import ssm_llm
 from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights, quantize_weights
 from pallas_kernels.quantized_matmul.weights import int_values
+from ssm_llm.int8_blocks import unblock_int8_weights
 from ssm_llm.kv import StreamingLLM
 from ssm_llm.models.lm_head import int8_matmul, linear
 from ssm_llm.speculative import PromptLookup
@@ -224,9 +225,10 @@ def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
     want, bound = numpy_w8a8(np.asarray(block_hadamard(h)), tq["embed"])
     assert (np.abs(np.asarray(logits_from_hidden(tq, tconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     converters.save(qparams, qconfig, tmp_path / "ckpt")
-    config, loaded = converters.load(tmp_path / "ckpt")
-    assert config == qconfig and isinstance(loaded["embed"], QuantizedWeight)
-    np.testing.assert_array_equal(np.asarray(loaded["embed"].values), np.asarray(qparams["embed"].values))
+    config, loaded = converters.load(tmp_path / "ckpt")  # (in the CPU kernel's blocked layout where it runs)
+    plain_loaded = unblock_int8_weights(loaded)
+    assert config == qconfig and isinstance(plain_loaded["embed"], QuantizedWeight)
+    np.testing.assert_array_equal(np.asarray(plain_loaded["embed"].values), np.asarray(qparams["embed"].values))
     a, _ = ssm_llm.forward(loaded, config, IDS, ssm_llm.init_cache(config, 1, 16))
     b, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
