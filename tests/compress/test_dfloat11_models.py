@@ -1,6 +1,7 @@
 """DFloat11 models give identical outputs (not close: identical) to their bfloat16 originals: logits of prefill
-and cached decode, greedy generation and speculative decoding, for tiny Llama (stacked and unstacked layers),
-Mamba and Mamba-2, and SmolLM2; the compressed form survives an orbax checkpoint; sizes and errors."""
+and cached decode for tiny Llama (stacked and unstacked layers), Mamba and Mamba-2, and SmolLM2; greedy
+generation, speculative decoding, beam search and the serving engine for Llama and Mamba-2; the compressed form
+survives an orbax checkpoint; sizes and errors."""
 
 import dataclasses
 
@@ -48,11 +49,23 @@ def _bf16(params):
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
 
 
+def _model(name):
+    config = CONFIGS[name]
+    params = _bf16(ssm_llm.init_params(config, jax.random.PRNGKey(1)))
+    return name, config, params, dfloat11(params, min_size=256)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model(request):
-    config = CONFIGS[request.param]
-    params = _bf16(ssm_llm.init_params(config, jax.random.PRNGKey(1)))
-    return request.param, config, params, dfloat11(params, min_size=256)
+    return _model(request.param)
+
+
+# The generation paths on top of `forward` (speculation, beam search, the serving engine, sharding) decode DFloat11
+# weights the same way for every family (as each layer starts, `run_layers`): checked on one attention model and
+# one state-space model, every family's weights by the tests above (logits, checkpoints).
+@pytest.fixture(scope="module", params=["llama", "mamba2"])
+def two_families(request):
+    return _model(request.param)
 
 
 def _logits(params, config, tokens):
@@ -77,8 +90,8 @@ def test_logits_are_identical(model):
             np.testing.assert_array_equal(got, want)
 
 
-def test_generation_and_speculation_are_identical(model):
-    _, config, params, packed = model
+def test_generation_and_speculation_are_identical(two_families):
+    _, config, params, packed = two_families
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11]]
     for gen in (
         ssm_llm.GenerationConfig(max_new_tokens=6, max_len=32),
@@ -88,8 +101,8 @@ def test_generation_and_speculation_are_identical(model):
         assert ssm_llm.generate(packed, config, prompts, gen).tokens == want
 
 
-def test_beam_search_and_the_serving_engine_are_identical(model):
-    _, config, params, packed = model
+def test_beam_search_and_the_serving_engine_are_identical(two_families):
+    _, config, params, packed = two_families
     beams = ssm_llm.GenerationConfig(max_new_tokens=5, max_len=32, num_beams=3)
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
     assert (
@@ -112,13 +125,13 @@ def test_beam_search_and_the_serving_engine_are_identical(model):
     assert served(packed) == served(params)
 
 
-def test_sharded_on_a_one_device_mesh_gives_the_same_logits(model):
+def test_sharded_on_a_one_device_mesh_gives_the_same_logits(two_families):
     """The streams are replicated (a Huffman stream cannot be cut along the weight's axes)."""
     from jax.sharding import Mesh
 
     from ssm_llm.sharding import param_specs, shard_params
 
-    _, config, params, packed = model
+    _, config, params, packed = two_families
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
     specs = param_specs(packed, config, mesh)
     weights = [x for x in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, DFloat11Weight))]

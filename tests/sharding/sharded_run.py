@@ -62,13 +62,16 @@ MODELS = {
 }
 MODELS["mamba2-quamba2"] = MODELS["mamba2"]  # quantized below: Quamba2 W8A8 (int8 weights, activations, states)
 MODELS["mamba1-quamba"] = MODELS["mamba1"]  # Quamba W4A8 (4-bit group-wise weights)
+# One data x model mesh per model (the shapes test_sharding.py checks by hand), and for Llama pure tensor
+# parallelism over all 8 devices too. (Pure data parallelism, 1 x 8 for the Mamba models and 1 x 3 for the
+# SmolLM2-shape also passed; they were dropped to keep CI within its time: a mesh case costs 2-13 s on 2 cores.)
 MESHES = {
-    "llama": [(1, 8), (2, 4), (8, 1)],
-    "qwen2-gqa": [(2, 4), (4, 2)],
-    "smollm2-shaped": [(1, 3), (2, 3)],
+    "llama": [(1, 8), (2, 4)],
+    "qwen2-gqa": [(4, 2)],
+    "smollm2-shaped": [(2, 3)],
     "llama-w8a8": [(2, 4)],
-    "mamba1": [(1, 8), (2, 4)],
-    "mamba2": [(1, 8), (4, 2)],
+    "mamba1": [(2, 4)],
+    "mamba2": [(4, 2)],
     "mamba2-quamba2": [(2, 4)],
     "mamba1-quamba": [(2, 4)],
 }
@@ -274,7 +277,7 @@ SEQUENCE_MODELS = {
     "llama-window": dataclasses.replace(MODELS["qwen2-gqa"], layer_windows=(0, 6)),  # one sliding-window layer
     "mamba2": MODELS["mamba2"],
 }
-SEQUENCE_MESHES = [(1, 8, 1), (2, 2, 2), (1, 4, 2)]  # ("data", "seq", "model")
+SEQUENCE_MESHES = [(1, 8, 1), (2, 2, 2)]  # ("data", "seq", "model"): sequence only, and all three axes
 
 
 def sequence_parallel():

@@ -44,15 +44,10 @@ def cases():
 EXPECTED_CASES = [
     ("llama", (1, 8)),
     ("llama", (2, 4)),
-    ("llama", (8, 1)),
-    ("qwen2-gqa", (2, 4)),
     ("qwen2-gqa", (4, 2)),
-    ("smollm2-shaped", (1, 3)),
     ("smollm2-shaped", (2, 3)),
     ("llama-w8a8", (2, 4)),
-    ("mamba1", (1, 8)),
     ("mamba1", (2, 4)),
-    ("mamba2", (1, 8)),
     ("mamba2", (4, 2)),
     ("mamba2-quamba2", (2, 4)),
     ("mamba1-quamba", (2, 4)),
@@ -169,7 +164,7 @@ def test_sequence_parallel_ssd_equals_the_single_device_scan(cases):
 
 
 @pytest.mark.parametrize("model", ["llama-window", "mamba2"])
-@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2), (1, 4, 2)], ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)], ids=lambda m: "x".join(map(str, m)))
 def test_sequence_parallel_prefill_equals_one_device(cases, model, mesh):
     """`forward(..., sequence_parallel=SequenceParallel(mesh))` on a ("data", "seq", "model") mesh — a ragged
     29-token prefill (padded inside to the ring's blocks) of a GQA model with a sliding-window layer
