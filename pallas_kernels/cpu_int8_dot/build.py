@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def _load() -> str | None:
     try:
         compiler = _compiler()
         path = _library_path(compiler)
-        if not path.exists():
+        if not path.exists():  # once per host and version: say so, it takes a few seconds
+            print(f"ssm_llm: building the CPU int8 kernel into {path.parent} (once)", file=sys.stderr, flush=True)
             _compile(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SsmLlmInt8Dot), platform="cpu")
