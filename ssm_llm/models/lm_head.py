@@ -26,10 +26,6 @@ SMALL_ROWS = 32
 # 17.1 vs 18.7 at 4; W8A8 decode (bench_decode.py --xla-int8-dot, two runs) 1.07-1.35x at batch 1 (one 0.89x),
 # 0.93-1.16x at batch 2, and 0.80x at batch 4 (120 vs 150 tok/s). Two rows is the last size where it did not lose.
 KERNEL_ROWS = 2
-# Products of up to this many rows with weights in the kernel's blocked layout (`BlockedInt8Weight`) run through
-# `cpu_int8_dot.int8_dot_blocked`; larger ones (prefill) through XLA's dot on the codes unblocked inside the
-# program. Measured: see README, "A compiled CPU kernel" (experiments/int8_matmul_speed.py, variant w8a8_blocked).
-BLOCKED_ROWS = 16
 
 
 def linear(
@@ -82,11 +78,13 @@ def int8_matmul(x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: 
 
 
 def _blocked_int8_dot(xq: jax.Array, w: BlockedInt8Weight, int8_dot: str = "auto") -> jax.Array:
-    """int8 [M, K] @ a `BlockedInt8Weight`'s codes -> int32 [M, N] (exact either way): up to BLOCKED_ROWS rows
-    through the compiled kernel when `int8_dot` is "auto" and it runs here (CPU backend, kernel built), else XLA's
-    dot (`_cpu_int8_dot`'s "xla" path) on the codes unblocked inside the program."""
-    kernel = int8_dot == "auto" and jax.default_backend() == "cpu" and cpu_int8_dot.available()
-    if kernel and xq.shape[0] <= BLOCKED_ROWS:
+    """int8 [M, K] @ a `BlockedInt8Weight`'s codes -> int32 [M, N] (exact either way): through the compiled kernel
+    when `int8_dot` is "auto" and it runs here (CPU backend, kernel built), else XLA's dot (`_cpu_int8_dot`'s "xla"
+    path) on the codes unblocked inside the program. Every row count takes the kernel: on SmolLM2's 210 layer
+    products (2-core AVX-512 VNNI EPYC, experiments/int8_matmul_speed.py) it took 6.7 / 9.2 / 26.3 / 49.5 / 89.6 /
+    158 / 507 ms at 1 / 4 / 16 / 32 / 64 / 128 / 512 rows against XLA's dot on plain codes 15.4 / 13.5 / 25.6 /
+    48.5 / 82.3 / 145 / 521 ms, and XLA's dot on blocked weights first pays ~52 ms a forward unblocking them."""
+    if int8_dot == "auto" and jax.default_backend() == "cpu" and cpu_int8_dot.available():
         return cpu_int8_dot.int8_dot_blocked(xq, w.values, w.n)
     return _cpu_int8_dot(xq, cpu_int8_dot.unblock_weights(w.values, w.k, w.n), "xla")
 
