@@ -3,10 +3,11 @@
 `int8_dot(xq, w)` multiplies activation codes xq [M, K] (int8 in [-127, 127], as W8A8 rounds them) by weight
 codes w [K, N] (any int8) with exact int32 sums, the same numbers as `int8_dot_reference` (XLA's integer dot).
 `int8_dot_blocked(xq, blocked, n)` does the same on weights in the kernel's blocked layout (`block_weights`,
-`BlockedInt8Weight`: each 32-column block of w one contiguous stream), written once at load time and read about
-twice as fast. They serve the few-row products of decode, where XLA's CPU int8 dot is slow (see `int8_dot.cc`);
-the kernel is built on first use (`build.py`), and where it cannot be (not x86-64 AVX2, no compiler)
-`available()` is False and callers keep XLA's dot.
+`BlockedInt8Weight`: each 32-column block of w one contiguous stream), written once at load time: 1.6x faster
+than the plain layout at one row, and about as fast as XLA's integer dot from 16 rows up, so W8A8 products of
+every size take it; the plain one serves decode's one- and two-row products, where XLA's CPU int8 dot is slow
+(see `int8_dot.cc`). The kernel is built on first use (`build.py`), and where it cannot be (not x86-64 AVX2, no
+compiler) `available()` is False and callers keep XLA's dot.
 """
 
 from __future__ import annotations
