@@ -32,9 +32,8 @@ from converters.mamba_weights import convert_mamba_weights
 from converters.model_cache import load_cached
 from converters.packed_hf import PackedTensors, packed_format
 from converters.tokenizer import load_text_tokenizer, load_tokenizer, tokenizer_built_aside
-from pallas_kernels import cpu_int8_dot
 from ssm_llm.config import ModelConfig
-from ssm_llm.int8_blocks import block_int8_weights
+from ssm_llm.int8_blocks import for_cpu_kernel
 from ssm_llm.int8_choice import int8_choice
 from ssm_llm.quant import quantize_weights
 from ssm_llm.quant.presets import AUTO_PRESET, preset, preset_of
@@ -163,24 +162,10 @@ def load(
     else:
         loaded = _convert(source, config, dtype, progress, quantize, group_size, on_host=mesh is not None, auto=auto)
     if mesh is None:
-        return _for_cpu_kernel(*loaded)
+        model_config, params = loaded
+        return model_config, for_cpu_kernel(params, model_config)
     model_config, params = loaded
     return model_config, shard_params(params, model_config, mesh)
-
-
-def _for_cpu_kernel(config, params):
-    """W8A8 params in the CPU int8 kernel's blocked layout where decode reads them through it
-    (`ssm_llm.int8_blocks`: a CPU backend in one process, `config.int8_dot` "auto", the kernel built here)."""
-    if (
-        isinstance(config, ModelConfig)
-        and config.quantization == "w8a8"
-        and config.int8_dot == "auto"
-        and jax.default_backend() == "cpu"
-        and jax.process_count() == 1
-        and cpu_int8_dot.available()
-    ):
-        return config, block_int8_weights(params, config)
-    return config, params
 
 
 def int8_decision() -> tuple[bool, str]:

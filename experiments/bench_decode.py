@@ -44,9 +44,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from pallas_kernels import cpu_int8_dot  # noqa: E402
 from ssm_llm.config import WEIGHT_BITS  # noqa: E402
-from ssm_llm.int8_blocks import block_int8_weights  # noqa: E402
+from ssm_llm.int8_blocks import for_cpu_kernel  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # --quantize names beyond the plain schemes: (scheme, quantize_weights options).
@@ -115,8 +114,8 @@ def main(argv=None):
             Ours(qparams, qconfig, f"ssm_llm {scheme}"),
             Ours(ssm_llm.unstack_layers(qparams), qconfig, f"ssm_llm {scheme} unrolled"),
         ]
-        if base == "w8a8" and cpu_int8_dot.available():  # the layout converters.load gives W8A8 models here
-            blocked = block_int8_weights(qparams, qconfig)
+        blocked = for_cpu_kernel(qparams, qconfig)  # the layout converters.load gives W8A8 models here
+        if blocked is not qparams:
             ours += [
                 Ours(blocked, qconfig, f"ssm_llm {scheme} blocked"),
                 Ours(ssm_llm.unstack_layers(blocked), qconfig, f"ssm_llm {scheme} unrolled blocked"),

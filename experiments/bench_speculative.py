@@ -49,9 +49,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import converters  # noqa: E402
 import ssm_llm  # noqa: E402
-from pallas_kernels import cpu_int8_dot  # noqa: E402
 from ssm_llm import speculative  # noqa: E402
-from ssm_llm.int8_blocks import block_int8_weights  # noqa: E402
+from ssm_llm.int8_blocks import for_cpu_kernel  # noqa: E402
 from ssm_llm.quant.presets import PRESETS, preset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -264,8 +263,7 @@ def main(argv=None):
     if args.quantize:
         scheme, options = preset(args.quantize)
         params, config = ssm_llm.quantize_weights(params, config, scheme, **options)
-        if config.quantization == "w8a8" and cpu_int8_dot.available():  # the layout converters.load gives here
-            params = block_int8_weights(params, config)
+        params = for_cpu_kernel(params, config)  # blocked where the CPU kernel runs, as converters.load gives it
     eos = tuple(sorted(set(config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
 
     def encode(message):

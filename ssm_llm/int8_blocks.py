@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import cpu_int8_dot
 from pallas_kernels.cpu_int8_dot import BlockedInt8Weight, blockable, to_blocked, to_plain
 
 
@@ -31,6 +32,20 @@ def block_int8_weights(params: dict, config) -> dict:
         return to_blocked(x) if blockable(x) else x
 
     return jax.tree_util.tree_map(block, params, is_leaf=_is_weight)
+
+
+def for_cpu_kernel(params: dict, config) -> dict:
+    """`params` blocked (`block_int8_weights`) where decode reads them through the CPU kernel: a W8A8 attention
+    model (`config.quantization == "w8a8"`, `config.int8_dot` "auto") on a CPU backend in one process, with the
+    kernel built here; else `params` as they are."""
+    applies = (
+        getattr(config, "quantization", None) == "w8a8"
+        and getattr(config, "int8_dot", None) == "auto"
+        and jax.default_backend() == "cpu"
+        and jax.process_count() == 1
+        and cpu_int8_dot.available()
+    )
+    return block_int8_weights(params, config) if applies else params
 
 
 def unblock_int8_weights(params: dict) -> dict:

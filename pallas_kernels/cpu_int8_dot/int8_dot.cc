@@ -281,6 +281,22 @@ Workers& workers() {
   return *pool;
 }
 
+// Column blocks [0, nblocks) in about two parts per thread, claimed by the caller and the helpers:
+// cols(b0, b1) computes blocks [b0, b1).
+template <typename Cols>
+void in_parts(int64_t nblocks, Cols cols) {
+  Workers& pool = workers();
+  const int64_t threads = 1 + pool.helpers();
+  const int64_t per = std::max<int64_t>(1, (nblocks + 2 * threads - 1) / (2 * threads));
+  const int64_t parts = (nblocks + per - 1) / per;
+  std::atomic<int64_t> next{0}, done{0};
+  auto work = [&]() {
+    for (int64_t c; (c = next.fetch_add(1)) < parts; done.fetch_add(1))
+      cols(c * per, std::min(nblocks, (c + 1) * per));
+  };
+  if (parts < 2 || !pool.run(work, [&] { return done.load() == parts; })) work();
+}
+
 ffi::Error Int8DotImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -295,17 +311,9 @@ ffi::Error Int8DotImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Resu
     std::fill(op, op + M * N, 0);
     return ffi::Error::Success();
   }
-  Workers& pool = workers();
-  const int64_t threads = 1 + pool.helpers();
-  const int64_t nblocks = (N + kCols - 1) / kCols;
-  const int64_t per = std::max<int64_t>(1, (nblocks + 2 * threads - 1) / (2 * threads));
-  const int64_t parts = (nblocks + per - 1) / per;
-  std::atomic<int64_t> next{0}, done{0};
-  auto work = [&]() {
-    for (int64_t c; (c = next.fetch_add(1)) < parts; done.fetch_add(1))
-      columns(xp, wp, op, M, K, N, c * per * kCols, std::min(N, (c + 1) * per * kCols));
-  };
-  if (parts < 2 || !pool.run(work, [&] { return done.load() == parts; })) work();
+  in_parts((N + kCols - 1) / kCols, [&](int64_t b0, int64_t b1) {
+    columns(xp, wp, op, M, K, N, b0 * kCols, std::min(N, b1 * kCols));
+  });
   return ffi::Error::Success();
 }
 
@@ -337,16 +345,7 @@ ffi::Error Int8DotBlockedImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ff
     xp = copy.data();
   }
   const int8_t* wp = w.typed_data();
-  Workers& pool = workers();
-  const int64_t threads = 1 + pool.helpers();
-  const int64_t per = std::max<int64_t>(1, (Nb + 2 * threads - 1) / (2 * threads));
-  const int64_t parts = (Nb + per - 1) / per;
-  std::atomic<int64_t> next{0}, done{0};
-  auto work = [&]() {
-    for (int64_t c; (c = next.fetch_add(1)) < parts; done.fetch_add(1))
-      blocked_columns(xp, Kp, wp, Kg, op, M, N, c * per, std::min(Nb, (c + 1) * per));
-  };
-  if (parts < 2 || !pool.run(work, [&] { return done.load() == parts; })) work();
+  in_parts(Nb, [&](int64_t b0, int64_t b1) { blocked_columns(xp, Kp, wp, Kg, op, M, N, b0, b1); });
   return ffi::Error::Success();
 }
 

@@ -43,12 +43,9 @@ def linear(
     CPU kernel's layout of a W8A8 weight) multiplies as W8A8 only."""
     if isinstance(w, BitStackWeight):
         w = reconstruct(w, x.dtype)
-    if isinstance(w, BlockedInt8Weight):
-        if not int8_acts:
-            raise ValueError("linear: a BlockedInt8Weight multiplies int8 activations only (int8_acts=True)")
-        y = int8_matmul(block_hadamard(x).astype(x.dtype) if rotate else x, w, int8_dot)
-        return y if b is None else y + b
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, BlockedInt8Weight) and not int8_acts:
+        raise ValueError("linear: a BlockedInt8Weight multiplies int8 activations only (int8_acts=True)")
+    if isinstance(w, (QuantizedWeight, BlockedInt8Weight)):
         if int8_acts and rotate:
             x = block_hadamard(x).astype(x.dtype)
         y = int8_matmul(x, w, int8_dot) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
@@ -66,12 +63,11 @@ def int8_matmul(x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: 
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     x_scale = amax / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
-    if isinstance(w, BlockedInt8Weight):
-        acc = _blocked_int8_dot(xq.reshape(-1, xq.shape[-1]), w, int8_dot).reshape(*xq.shape[:-1], -1)
-        out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
-    elif jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None:
-        acc = _cpu_int8_dot(xq.reshape(-1, xq.shape[-1]), w.values, int8_dot).reshape(*xq.shape[:-1], -1)
-        out = acc.astype(jnp.float32) * w.scales[0].astype(jnp.float32)
+    blocked = isinstance(w, BlockedInt8Weight)
+    if blocked or (jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None):
+        rows = xq.reshape(-1, xq.shape[-1])
+        acc = _blocked_int8_dot(rows, w, int8_dot) if blocked else _cpu_int8_dot(rows, w.values, int8_dot)
+        out = acc.reshape(*xq.shape[:-1], -1).astype(jnp.float32) * w.scales[0].astype(jnp.float32)
     else:
         out = quantized_matmul_int8(xq, 1.0, w)
     return (out * x_scale).astype(x.dtype)
