@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cpu_attention
 from pallas_kernels.cache_attention import use_pallas
 from pallas_kernels.cache_attention.reference import check_cache_inputs, dequantize_cache, masked_attention
 from pallas_kernels.cache_attention.tpu import CacheAttentionTPUBlockSizes, attention_pallas_tpu
@@ -45,16 +46,21 @@ def tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale=None, k_scale=N
     prefix_lengths: [B]; tree_mask: [B, T_q, T_q] bool. Returns [B, T_q, H, D] in q's dtype (float32
     softmax). Key s is visible from draft t when s < prefix or tree_mask[t, s - prefix]."""
     _check(q, k, v, prefix_lengths, tree_mask, k_scale, v_scale)
-    steps, seq = q.shape[1], k.shape[2]
+    visible = tree_visible(prefix_lengths, tree_mask, k.shape[2])
+    k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
+    return masked_attention(q, k, v, visible, scale)
+
+
+def tree_visible(prefix_lengths, tree_mask, seq: int):
+    """[B, T_q, S] bool: key s is visible from draft t when s < prefix or tree_mask[t, s - prefix]."""
+    steps = tree_mask.shape[1]
     s = jnp.arange(seq)[None, None, :]
     rel = s - prefix_lengths[:, None, None]  # [B, 1, S]: index among the drafts
     in_tree = (rel >= 0) & (rel < steps)
     allowed = jnp.take_along_axis(
-        tree_mask, jnp.broadcast_to(jnp.clip(rel, 0, steps - 1), (q.shape[0], steps, seq)), axis=2
+        tree_mask, jnp.broadcast_to(jnp.clip(rel, 0, steps - 1), (tree_mask.shape[0], steps, seq)), axis=2
     )
-    visible = (rel < 0) | (in_tree & allowed)
-    k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
-    return masked_attention(q, k, v, visible, scale)
+    return (rel < 0) | (in_tree & allowed)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
@@ -116,10 +122,20 @@ def tree_attention(
     v_scale=None,
     *,
     block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None,
+    layer=None,
     impl="auto",
 ):
     """Dispatcher for `tree_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    `block_sizes` are those of the kernel that runs (None: its defaults)."""
+    `block_sizes` are those of the kernel that runs (None: its defaults). With `layer` (an int32 scalar), k and v
+    (and the scales) are every layer's cache [L, ...] and layer `layer` is attended: the CPU kernel
+    (`pallas_kernels.cpu_attention`, which "auto" takes on CPU where it applies) reads it in place and gives each
+    node the bits of the same token decoded alone after its ancestors."""
+    if impl == "auto" and cpu_attention.applies(q, k, k_scale):
+        _check(q, k if layer is None else k[0], v if layer is None else v[0], prefix_lengths, tree_mask, None, None)
+        visible = tree_visible(prefix_lengths, tree_mask, k.shape[-2])
+        return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
+    if layer is not None:
+        k, v, k_scale, v_scale = (None if a is None else a[layer] for a in (k, v, k_scale, v_scale))
     kind = use_pallas(impl, "tree_attention", q.shape[-1])
     if kind == "xla":
         return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)

@@ -11,7 +11,9 @@ optionally plus the draft-tree keys that `tree_attention` allows, so the same ke
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import cpu_attention
 from pallas_kernels.cache_attention.reference import (
     cache_attention_ref,
     check_cache_inputs,
@@ -45,6 +47,7 @@ __all__ = [
     "check_cache_inputs",
     "dequantize_cache",
     "key_ranges",
+    "masked",
     "masked_attention",
     "merge_partials",
     "use_pallas",
@@ -79,10 +82,20 @@ def cache_attention(
     v_scale=None,
     *,
     block_sizes: CacheAttentionBlockSizes | CacheAttentionTPUBlockSizes | None = None,
+    layer=None,
     impl="auto",
 ):
     """Dispatcher for `cache_attention_ref`'s contract (see there); `impl` as in `pallas_kernels.dispatch`.
-    `block_sizes` are those of the kernel that runs (None: its defaults)."""
+    `block_sizes` are those of the kernel that runs (None: its defaults). With `layer` (an int32 scalar), k and v
+    (and the scales) are every layer's cache [L, ...] and layer `layer` is attended: the CPU kernel
+    (`pallas_kernels.cpu_attention`, which "auto" takes on CPU where it applies) reads it in place."""
+    if impl == "auto" and cpu_attention.applies(q, k, k_scale):
+        lo, hi = key_ranges(q_positions, kv_lengths, window)
+        s = jnp.arange(k.shape[-2])[None, None, :]
+        visible = (s >= lo[..., None]) & (s < hi[..., None])
+        return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
+    if layer is not None:
+        k, v, k_scale, v_scale = (None if a is None else a[layer] for a in (k, v, k_scale, v_scale))
     kind = use_pallas(impl, "cache_attention", q.shape[-1])
     if kind == "xla":
         return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
@@ -103,3 +116,14 @@ def cache_attention(
         block_sizes=block_sizes,
         interpret=kind == "interpret",
     )
+
+
+def masked(q, k, v, visible, scale=None, *, layer=None, impl="auto"):
+    """`masked_attention` (visible [B, T, S], or [B, H_kv, T, S]) through the CPU kernel where "auto" takes it
+    (`cpu_attention.applies`, a [B, T, S] mask), else the reference. With `layer`, k and v are every layer's
+    cache [L, B, H_kv, S, D] and layer `layer` is attended."""
+    if impl == "auto" and visible.ndim == 3 and cpu_attention.applies(q, k):
+        return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
+    if layer is not None:
+        k, v = k[layer], v[layer]
+    return masked_attention(q, k, v, visible, scale)

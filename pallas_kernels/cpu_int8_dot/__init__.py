@@ -6,8 +6,9 @@ codes w [K, N] (any int8) with exact int32 sums, the same numbers as `int8_dot_r
 `BlockedInt8Weight`: each 32-column block of w one contiguous stream), written once at load time: 1.6x faster
 than the plain layout at one row, and about as fast as XLA's integer dot from 16 rows up, so W8A8 products of
 every size take it; the plain one serves decode's one- and two-row products, where XLA's CPU int8 dot is slow
-(see `int8_dot.cc`). The kernel is built on first use (`build.py`), and where it cannot be (not x86-64 AVX2, no
-compiler) `available()` is False and callers keep XLA's dot.
+(see `int8_dot.cc`). The kernel is built on first use (`pallas_kernels.cpu_build`: one library with the CPU
+attention kernel), and where it cannot be (not x86-64 AVX2, no compiler) `available()` is False and callers keep
+XLA's dot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cpu_int8_dot.build import BLOCKED_TARGET, TARGET, available, kernel_dir, unavailable_reason
+from pallas_kernels.cpu_build import BLOCKED_TARGET, TARGET, available, kernel_dir, unavailable_reason
 from pallas_kernels.cpu_int8_dot.weights import (
     COLS,
     GROUP,

@@ -174,9 +174,7 @@ def _dense_cache_attention(q, k, v, kv, step: AttentionStep, impl: str):
         cached.at[step.layer, rows, :, step.positions].set(new.astype(cached.dtype), mode="drop")
         for cached, new in zip(kv, (k, v), strict=True)
     )
-    attn = cache_attention(
-        q, k_all[step.layer], v_all[step.layer], step.positions, step.lengths, step.window, impl=impl
-    )
+    attn = cache_attention(q, k_all, v_all, step.positions, step.lengths, step.window, layer=step.layer, impl=impl)
     return attn, (k_all, v_all)
 
 

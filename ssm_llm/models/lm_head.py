@@ -60,6 +60,9 @@ def int8_matmul(x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: 
     An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit weights multiply
     as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`); a
     `BlockedInt8Weight` through `_blocked_int8_dot`."""
+    # x materialised first: fused into its producer (silu(gate) * up, a norm), XLA's CPU code computed some
+    # elements differently for one row than for several, and a rounding step then moved. Costs one small copy.
+    x = jax.lax.optimization_barrier(x)
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     x_scale = amax / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cache_attention import masked_attention
+from pallas_kernels.cache_attention import masked
 from pallas_kernels.tree_attention import tree_attention
 from ssm_llm.cache import KVCache
 from ssm_llm.compressed_cache import CompressedCache
@@ -123,11 +123,11 @@ def _tree_layer(config: ModelConfig, impl: str, kernel: bool, inputs, carry, lay
     k_all = k_all.at[index, rows, :, slots].set(k.astype(k_all.dtype))
     v_all = v_all.at[index, rows, :, slots].set(v.astype(v_all.dtype))
     if kernel:
-        attn = tree_attention(q, k_all[index], v_all[index], lengths, mask, impl=impl)
+        attn = tree_attention(q, k_all, v_all, lengths, mask, layer=index, impl=impl)
     else:
         # A node at position p sees keys at positions > p - window (as `cache_attention` does).
         in_window = (window <= 0) | (distance < window)
-        attn = masked_attention(q, k_all[index], v_all[index], visible & in_window)
+        attn = masked(q, k_all, v_all, visible & in_window, layer=index, impl=impl)
     return finish_block(config, p, x, attn), (k_all, v_all)
 
 

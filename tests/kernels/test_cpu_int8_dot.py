@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ssm_llm
+from pallas_kernels import cpu_build as build
 from pallas_kernels import cpu_int8_dot
-from pallas_kernels.cpu_int8_dot import build
 
 CAN_BUILD = (
     platform.machine().lower() in ("x86_64", "amd64")
@@ -34,7 +34,7 @@ def numpy_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def test_the_kernel_builds_here_into_the_cache():
     # CI's hosts are x86-64 with AVX2 and g++: the kernel must be there, not silently replaced by XLA's dot.
     assert cpu_int8_dot.unavailable_reason() is None and cpu_int8_dot.available()
-    assert list(cpu_int8_dot.kernel_dir().glob("libssm_llm_int8_dot-*.so"))
+    assert list(cpu_int8_dot.kernel_dir().glob("libssm_llm_cpu_kernels-*.so"))
 
 
 @needs_kernel
@@ -105,7 +105,7 @@ def test_int8_dot_refuses_bad_operands_by_name(monkeypatch):
 
 def test_hosts_that_cannot_build_say_why(monkeypatch):
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
-    assert build._check_host() == "the kernel is x86-64 AVX2 code; this machine is aarch64"
+    assert build._check_host() == "the kernels are x86-64 AVX2 code; this machine is aarch64"
     monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse4_2", "fma"})
     assert build._check_host() == "the CPU lacks avx2"
@@ -115,12 +115,12 @@ def test_hosts_that_cannot_build_say_why(monkeypatch):
 
 
 def test_a_failed_build_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "SOURCE", tmp_path / "broken.cc")
+    monkeypatch.setattr(build, "SOURCES", (tmp_path / "broken.cc",))
     (tmp_path / "broken.cc").write_text("this is not C++\n")
     compiler = build._compiler()
     if compiler is None:
         pytest.skip("no C++ compiler on this host")
-    with pytest.raises(RuntimeError, match="building broken.cc failed"):
+    with pytest.raises(RuntimeError, match="building the CPU kernels failed"):
         build._compile(compiler, tmp_path / "lib.so")
     assert not list(tmp_path.glob("*.so*"))  # no partial library left behind
 

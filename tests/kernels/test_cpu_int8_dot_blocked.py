@@ -18,8 +18,9 @@ from jax.sharding import Mesh
 import converters
 import ssm_llm
 from converters.checkpoint import load_checkpoint
+from pallas_kernels import cpu_build as build
 from pallas_kernels import cpu_int8_dot
-from pallas_kernels.cpu_int8_dot import BlockedInt8Weight, build
+from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from ssm_llm.int8_blocks import block_int8_weights, has_blocked_weights, unblock_int8_weights
 from ssm_llm.models import lm_head
 from ssm_llm.param_check import check_params

@@ -1,10 +1,11 @@
-"""Compile `int8_dot.cc` once per host and register it with XLA as the CPU custom call `ssm_llm_int8_dot`.
+"""Compile the CPU kernels (`cpu_int8_dot/int8_dot.cc`, `cpu_attention/attention.cc`) once per host into one
+shared library and register their handlers with XLA as CPU custom calls (`TARGETS`).
 
-The shared library is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) against the
+The library is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) against the
 XLA FFI headers that ship with jaxlib, into `$SSM_LLM_CACHE/kernels` (default `~/.cache/ssm_llm/kernels`,
 the cache the converters use), named by a digest of the source, the flags, the compiler and jaxlib: a new
 version builds anew, a built one loads in milliseconds. No compiler, a CPU without AVX2 / FMA, or a failed
-build leaves the op unavailable (`unavailable_reason` says why) and the callers on XLA's dot.
+build leaves the ops unavailable (`unavailable_reason` says why) and the callers on XLA.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ import jaxlib
 
 TARGET = "ssm_llm_int8_dot"
 BLOCKED_TARGET = "ssm_llm_int8_dot_blocked"
-SOURCE = Path(__file__).with_name("int8_dot.cc")
+ATTENTION_TARGET = "ssm_llm_masked_attention"
+# XLA custom-call name -> the handler symbol the library exports.
+TARGETS = {TARGET: "SsmLlmInt8Dot", BLOCKED_TARGET: "SsmLlmInt8DotBlocked", ATTENTION_TARGET: "SsmLlmMaskedAttention"}
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "cpu_int8_dot" / "int8_dot.cc", _HERE / "cpu_attention" / "attention.cc")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w")
 # Added where the CPU has them: one vpdpbusd instead of vpmaddubsw + vpmaddwd + vpaddd.
 VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl")
 BUILD_TIMEOUT_S = 300
-# The instructions the kernel uses, as /proc/cpuinfo names them.
+# The instructions the kernels use, as /proc/cpuinfo names them.
 NEEDS = ("avx2", "fma")
 
 
@@ -59,9 +64,9 @@ def _cpu_flags() -> set[str]:
 
 
 def _check_host() -> str | None:
-    """Why this host cannot run the kernel, or None."""
+    """Why this host cannot run the kernels, or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernel is x86-64 AVX2 code; this machine is {platform.machine()}"
+        return f"the kernels are x86-64 AVX2 code; this machine is {platform.machine()}"
     missing = [f for f in NEEDS if f not in _cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
@@ -76,8 +81,8 @@ def _flags() -> tuple[str, ...]:
 
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = "\0".join([SOURCE.read_text(), " ".join(_flags()), version, jaxlib.__version__])
-    return kernel_dir() / f"libssm_llm_int8_dot-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    key = "\0".join([*(source.read_text() for source in SOURCES), " ".join(_flags()), version, jaxlib.__version__])
+    return kernel_dir() / f"libssm_llm_cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _compile(compiler: str, out: Path, flags: tuple[str, ...] | None = None) -> None:
@@ -86,10 +91,10 @@ def _compile(compiler: str, out: Path, flags: tuple[str, ...] | None = None) -> 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        cmd = [compiler, *(flags or _flags()), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *(flags or _flags()), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: a concurrent builder's copy is as good as ours
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -97,7 +102,7 @@ def _compile(compiler: str, out: Path, flags: tuple[str, ...] | None = None) -> 
 
 @functools.cache
 def _load() -> str | None:
-    """Build (if needed), load and register the kernel once per process; the reason it is unavailable, or None."""
+    """Build (if needed), load and register the kernels once per process; the reason it is unavailable, or None."""
     reason = _check_host()
     if reason:
         return reason
@@ -105,21 +110,21 @@ def _load() -> str | None:
         compiler = _compiler()
         path = _library_path(compiler)
         if not path.exists():  # once per host and version: say so, it takes a few seconds
-            print(f"ssm_llm: building the CPU int8 kernel into {path.parent} (once)", file=sys.stderr, flush=True)
+            print(f"ssm_llm: building the CPU kernels into {path.parent} (once)", file=sys.stderr, flush=True)
             _compile(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SsmLlmInt8Dot), platform="cpu")
-        jax.ffi.register_ffi_target(BLOCKED_TARGET, jax.ffi.pycapsule(library.SsmLlmInt8DotBlocked), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"{type(error).__name__}: {error}"
     return None
 
 
 def unavailable_reason() -> str | None:
-    """None when the kernel is built and registered on this host (building it on the first call), else why not."""
+    """None when the kernels are built and registered on this host (building them on the first call), else why not."""
     return _load()
 
 
 def available() -> bool:
-    """Whether `int8_dot` runs the compiled kernel here (builds and registers it on the first call)."""
+    """Whether the compiled kernels run here (builds and registers them on the first call)."""
     return _load() is None
