@@ -310,11 +310,9 @@ def main(argv=None):
         for p in prompts
         if results[name][p]["tokens"] != results["plain"][p]["tokens"]
     ]
-    if mismatches and not args.quantize:
-        raise SystemExit(f"speculative output differs from plain greedy: {mismatches}")
-    # A quantized target is exact only up to its own rounding: per-token int8 activations turn the float noise
-    # of a differently shaped forward (a verified tree vs one token) into whole rounding steps, which can flip
-    # near-tied greedy choices. So its outputs are compared, not required equal.
+    # Checked after the results are written (below), so a failing run still leaves its numbers. A W8A8 target is
+    # exact too: its linears are integer products, and the CPU attention kernel, the norm's halving_sum and the
+    # materialised int8_matmul input give a tree node the bits of the token decoded alone.
     agreement = {
         name: float(
             np.mean(
@@ -408,6 +406,8 @@ def main(argv=None):
         + ", ".join(f"N={n} {t * 1e3:.1f} ({t / costs[1]:.2f}x)" for n, t in costs.items())
     )
     print(f"total {(time.perf_counter() - wall) / 60:.1f} min")
+    if mismatches:
+        raise SystemExit(f"speculative output differs from plain greedy: {mismatches}")
 
 
 def plot(summary, path):

@@ -277,6 +277,7 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     import dataclasses
 
     import converters
+    from pallas_kernels import cpu_attention
     from ssm_llm.generation import generate
     from ssm_llm.sharding import is_main_process
 
@@ -287,10 +288,17 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     started = time.perf_counter()
     path = _model_path(args.model)
     quantize = args.quantize
-    if quantize == "auto" and (gen_config.speculative is not None or args.constrained_drafter is not None):
-        quantize = "none"  # lossless only on float32: a W8A8 model's rounding follows the forward's shape
+    speculating = gen_config.speculative is not None or args.constrained_drafter is not None
+    if quantize == "auto" and speculating and (mesh is not None or not cpu_attention.available()):
+        # W8A8 verification reproduces plain decoding through the CPU attention kernel only (one device): elsewhere
+        # a W8A8 model's rounding follows the forward's shape, and only float32 stays lossless.
+        quantize = "none"
         if main_process:
-            print("[--quantize auto: float32 (--speculative is exact on float32 weights only)]", file=sys.stderr)
+            print(
+                "[--quantize auto: float32 (--speculative is exact on W8A8 weights only through the CPU attention "
+                "kernel, on one device)]",
+                file=sys.stderr,
+            )
     if quantize == "auto" and path.exists():
         converters.int8_decision()  # a first measurement before the tokenizer's child process loads a core
     with converters.tokenizer_built_aside(path):

@@ -11,6 +11,7 @@ import pytest
 from conftest import save_word_level_tokenizer, tiny_hf_model, tiny_hf_ssm_model
 
 import converters
+from pallas_kernels import cpu_attention
 from ssm_llm import int8_choice
 from ssm_llm.int8_blocks import unblock_int8_weights
 from ssm_llm.int8_choice import PAYS_AT, Int8Choice
@@ -176,13 +177,20 @@ def test_cli_generate_defaults_to_auto(monkeypatch, tmp_path, capsys):
     assert "[--quantize auto: w8a8-rot-emb ($SSM_LLM_INT8=1; --quantize none for float32)]" in err
     assert main([*argv, "--quantize", "w8a8-rot-emb"]) == 0
     assert capsys.readouterr().out == auto_out
-    assert main([*argv, "--speculative", "prompt_lookup"]) == 0  # exact on float32 only: auto loads float32
+    # Speculation is exact on W8A8 through the CPU attention kernel: auto keeps W8A8 and the same text...
+    assert main([*argv, "--speculative", "prompt_lookup"]) == 0
     spec_out, err = capsys.readouterr()
-    assert "[--quantize auto: float32 (--speculative is exact on float32 weights only)]" in err
+    assert "[--quantize auto: w8a8-rot-emb" in err and spec_out == auto_out
+    # ...and loads float32 where the kernel cannot run.
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_attention, "available", lambda: False)
+        assert main([*argv, "--speculative", "prompt_lookup"]) == 0
+    spec_float_out, err = capsys.readouterr()
+    assert "[--quantize auto: float32 (--speculative is exact on W8A8 weights only through the CPU attention" in err
     monkeypatch.setenv("SSM_LLM_INT8", "0")
     assert main(argv) == 0
     float_out, err = capsys.readouterr()
-    assert "[--quantize auto: float32 ($SSM_LLM_INT8=0)]" in err and spec_out == float_out
+    assert "[--quantize auto: float32 ($SSM_LLM_INT8=0)]" in err and spec_float_out == float_out
     assert main([*argv, "--quantize", "none"]) == 0
     none_out, err = capsys.readouterr()
     assert none_out == float_out and "--quantize auto" not in err
