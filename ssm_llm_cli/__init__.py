@@ -288,10 +288,15 @@ def _run_generation(args, gen_config, clock: _CompileClock) -> int:
     started = time.perf_counter()
     path = _model_path(args.model)
     quantize = args.quantize
-    speculating = gen_config.speculative is not None or args.constrained_drafter is not None
-    if quantize == "auto" and speculating and (mesh is not None or not cpu_attention.available()):
-        # W8A8 verification reproduces plain decoding through the CPU attention kernel only (one device): elsewhere
-        # a W8A8 model's rounding follows the forward's shape, and only float32 stays lossless.
+    drafter = args.constrained_drafter or gen_config.speculative
+    if (
+        quantize == "auto"
+        and drafter is not None
+        and (mesh is not None or not cpu_attention.runs_here(drafter.tree_size))
+    ):
+        # W8A8 verification reproduces plain decoding through the CPU attention kernel only (one device, trees of
+        # at most MAX_ROWS nodes): elsewhere a W8A8 model's rounding follows the forward's shape, and only float32
+        # stays lossless.
         quantize = "none"
         if main_process:
             print(

@@ -4,10 +4,11 @@
 [B, T, S] mask and float32 operands, and two properties XLA's dots lack (see `attention.cc`): each query row's
 result is bit-identical whatever the other rows, and whatever slots its visible keys sit in (only their order
 counts). So a draft-tree node and the same token decoded alone get the same bits: with int8 activations (W8A8,
-where every linear is an exact integer product) draft-tree verification gets far closer to plain decoding (not
-yet every token: see the README). With `layer` it reads one layer of the stacked cache in place, where XLA's
-dot copied the layer out first: one query row over 300 of 430 cached keys, 30 layers, 2-core EPYC, 0.84 ms
-against XLA's 1.68 ms; from 4 rows on it is about as fast as XLA (it recomputes each row alone, by design).
+where every linear is an exact integer product, and with `ssm_llm.norm.halving_sum` and `int8_matmul`'s
+materialised input) draft-tree verification reproduces plain decoding bit for bit. With `layer` it reads one
+layer of the stacked cache in place, where XLA's dot copied the layer out first: one query row over 300 of 430
+cached keys, 30 layers, 2-core EPYC, 0.84 ms against XLA's 1.68 ms; from 4 rows on it is about as fast as XLA
+(it recomputes each row alone, by design).
 
 `applies(q, k, k_scale)` says whether the dispatchers (`cache_attention`, `tree_attention`,
 `cache_attention.masked`) take it under `impl="auto"`: CPU backend with one device, kernel built
@@ -23,7 +24,7 @@ import numpy as np
 
 from pallas_kernels.cpu_build import ATTENTION_TARGET, available, unavailable_reason
 
-__all__ = ["MAX_ROWS", "applies", "masked_attention"]
+__all__ = ["MAX_ROWS", "applies", "masked_attention", "runs_here"]
 
 # Query rows per call up to which "auto" takes the kernel: decode (1 row) and draft-tree verification (the
 # library's trees hold up to ~64 nodes; every verified row must take it for the exactness above). Longer
@@ -31,18 +32,17 @@ __all__ = ["MAX_ROWS", "applies", "masked_attention"]
 MAX_ROWS = 64
 
 
+def runs_here(rows: int) -> bool:
+    """Whether `impl="auto"` attention of `rows` query rows per call runs through the kernel on this host and setup:
+    the CPU backend with one device (XLA cannot partition a custom call over a mesh: sharded programs keep XLA),
+    the kernel built, rows <= `MAX_ROWS`. Where it does, draft-tree verification is bit-exact on W8A8 models."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and rows <= MAX_ROWS and available()
+
+
 def applies(q: jax.Array, k: jax.Array, k_scale=None) -> bool:
     """Whether `impl="auto"` attention with a [B, T, S] mask takes the kernel for q [B, T, H, D] and k (see the
     module doc)."""
-    return (
-        jax.default_backend() == "cpu"
-        and jax.device_count() == 1  # XLA cannot partition a custom call over a mesh: sharded programs keep XLA
-        and k_scale is None
-        and q.dtype == k.dtype == jnp.float32
-        and q.shape[-1] % 8 == 0
-        and q.shape[1] <= MAX_ROWS
-        and available()
-    )
+    return k_scale is None and q.dtype == k.dtype == jnp.float32 and q.shape[-1] % 8 == 0 and runs_here(q.shape[1])
 
 
 def masked_attention(

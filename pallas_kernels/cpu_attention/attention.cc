@@ -28,11 +28,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 // exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n);
-// below -87.3 (where exp underflows float32's normal range) it returns 0.
+// below -87.3 (where exp underflows float32's normal range) it returns 0; a NaN stays NaN.
 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 low = _mm256_set1_ps(-87.3f);
   const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, low);
+  x = _mm256_max_ps(low, x);  // max_ps returns its second operand when one is NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -115,9 +115,12 @@ ffi::Error MaskedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                       "scalar layer expected");
   const int64_t B = qd[0], T = qd[1], H = qd[2], D = qd[3], L = kd[0], Hkv = kd[2], S = kd[3];
   const int64_t l = layer.typed_data()[0];
-  if (kd[1] != B || kd[4] != D || Hkv < 1 || H % Hkv || D % kLanes || md[0] != B || md[1] != T || md[2] != S)
+  const auto vd = v.dimensions();
+  bool same = true;
+  for (int i = 0; i < 5; ++i) same = same && vd[i] == kd[i];
+  if (!same || kd[1] != B || kd[4] != D || Hkv < 1 || H % Hkv || D % kLanes || md[0] != B || md[1] != T || md[2] != S)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "ssm_llm_masked_attention: shapes disagree (H a multiple of H_kv, D a multiple of 8)");
+                      "ssm_llm_masked_attention: shapes disagree (v as k, H a multiple of H_kv, D a multiple of 8)");
   if (l < 0 || l >= L) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ssm_llm_masked_attention: layer out of range");
   const int64_t G = H / Hkv;
   const float* qp = q.typed_data();

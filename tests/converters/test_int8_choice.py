@@ -183,7 +183,7 @@ def test_cli_generate_defaults_to_auto(monkeypatch, tmp_path, capsys):
     assert "[--quantize auto: w8a8-rot-emb" in err and spec_out == auto_out
     # ...and loads float32 where the kernel cannot run.
     with monkeypatch.context() as patch:
-        patch.setattr(cpu_attention, "available", lambda: False)
+        patch.setattr(cpu_attention, "runs_here", lambda rows: False)
         assert main([*argv, "--speculative", "prompt_lookup"]) == 0
     spec_float_out, err = capsys.readouterr()
     assert "[--quantize auto: float32 (--speculative is exact on W8A8 weights only through the CPU attention" in err

@@ -164,3 +164,10 @@ def test_halving_sum_gives_every_row_the_same_bits_whatever_the_row_count():
         assert np.asarray(total(x[:rows]))[0] == alone
     np.testing.assert_allclose(np.asarray(total(x)), np.asarray(x, np.float64).sum(-1), rtol=1e-5, atol=1e-4)
     assert float(halving_sum(jnp.ones((1,)))[()]) == 1.0
+
+
+def test_a_nan_query_gives_a_nan_row_as_the_reference_does():
+    q, k, v = operands(np.random.default_rng(7), 1, 2, 4, 2, 8, 16)
+    q = q.at[0, 1, 0, 3].set(jnp.nan)
+    out = np.asarray(cpu_attention.masked_attention(q, k, v, jnp.ones((1, 2, 8), bool)))
+    assert np.isnan(out[0, 1, 0]).all() and np.isfinite(out[0, 0]).all()
