@@ -31,6 +31,7 @@ ATTENTION_TARGET = "ssm_llm_masked_attention"
 TARGETS = {TARGET: "SsmLlmInt8Dot", BLOCKED_TARGET: "SsmLlmInt8DotBlocked", ATTENTION_TARGET: "SsmLlmMaskedAttention"}
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_int8_dot" / "int8_dot.cc", _HERE / "cpu_attention" / "attention.cc")
+HEADERS = (_HERE / "cpu_workers.h",)  # the helper threads both share
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w")
 # Added where the CPU has them: one vpdpbusd instead of vpmaddubsw + vpmaddwd + vpaddd.
 VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl")
@@ -81,7 +82,8 @@ def _flags() -> tuple[str, ...]:
 
 def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = "\0".join([*(source.read_text() for source in SOURCES), " ".join(_flags()), version, jaxlib.__version__])
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = "\0".join([*texts, " ".join(_flags()), version, jaxlib.__version__])
     return kernel_dir() / f"libssm_llm_cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -91,7 +93,8 @@ def _compile(compiler: str, out: Path, flags: tuple[str, ...] | None = None) -> 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        cmd = [compiler, *(flags or _flags()), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+        includes = [f"-I{jax.ffi.include_dir()}", f"-I{_HERE}"]
+        cmd = [compiler, *(flags or _flags()), *includes, *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode:
             raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")

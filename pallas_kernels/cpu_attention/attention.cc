@@ -15,17 +15,22 @@
 //   score_i = scale * q . k_i      one FMA chain over D in 8-float lanes, then a fixed horizontal sum;
 //   p_i     = exp(score_i - max)   a polynomial exp, 8 visible keys per vector (lane = i mod 8);
 //   out     = (sum_i p_i v_i) / (sum_i p_i)   sums in visible order, D in 8-float lanes.
+// The (row, head) units are split over the helper threads the int8 kernel uses (cpu_workers.h); a unit's arithmetic
+// does not depend on the thread.
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "cpu_workers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using ssm_llm_cpu::in_parts;
 
 // exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n);
 // below -87.3 (where exp underflows float32's normal range) it returns 0; a NaN stays NaN.
@@ -128,25 +133,32 @@ ffi::Error MaskedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const float* vp = v.typed_data() + l * B * Hkv * S * D;
   const uint8_t* mp = visible.typed_data();
   float* op = out->typed_data();
-  std::vector<int64_t> idx(S);
-  std::vector<float> scores((S + kLanes - 1) / kLanes * kLanes);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const uint8_t* row = mp + (b * T + t) * S;
-      int64_t n = 0;
-      for (int64_t s = 0; s < S; ++s)
-        if (row[s]) idx[n++] = s;
-      for (int64_t h = 0; h < H; ++h) {
-        float* o = op + ((b * T + t) * H + h) * D;
-        if (n == 0) {
-          for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-          continue;
-        }
-        const int64_t kv = h / G;
-        attend_row(qp + ((b * T + t) * H + h) * D, kp + (b * Hkv + kv) * S * D, vp + (b * Hkv + kv) * S * D,
-                   idx.data(), n, D, scale, scores.data(), o);
+  // (row, head) units split between the threads; each part compacts a row's visible slots once for its heads. A
+  // unit's arithmetic does not depend on which thread runs it, so the bits do not either.
+  const int64_t padded = (S + kLanes - 1) / kLanes * kLanes;
+  in_parts(B * T * H, [&](int64_t u0, int64_t u1) {
+    std::vector<int64_t> idx(S);
+    std::vector<float> scores(padded);
+    int64_t compacted = -1, n = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = u / H, h = u % H, b = r / T;
+      if (r != compacted) {
+        const uint8_t* row = mp + r * S;
+        n = 0;
+        for (int64_t s = 0; s < S; ++s)
+          if (row[s]) idx[n++] = s;
+        compacted = r;
       }
+      float* o = op + u * D;
+      if (n == 0) {
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+        continue;
+      }
+      const int64_t kv = h / G;
+      attend_row(qp + u * D, kp + (b * Hkv + kv) * S * D, vp + (b * Hkv + kv) * S * D, idx.data(), n, D, scale,
+                 scores.data(), o);
     }
+  });
   return ffi::Error::Success();
 }
 

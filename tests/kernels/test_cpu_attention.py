@@ -30,7 +30,7 @@ def operands(rng, batch, steps, heads, kv_heads, seq, dim, layers=None):
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     batch=st.integers(1, 2),
     kv_heads=st.integers(1, 3),
@@ -56,7 +56,7 @@ def test_cache_attention_through_the_kernel_matches_the_naive_loop(
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     steps=st.integers(1, 6),
     seq=st.integers(1, 50),
