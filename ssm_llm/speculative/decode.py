@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
 from ssm_llm.speculative.acceptance import accept_greedy, accept_sampling, target_probs
+from ssm_llm.speculative.in_place import cond_in_place
 from ssm_llm.speculative.protocol import DraftContext
 
 
@@ -45,6 +46,24 @@ def _emitted(tree, acceptance):
         jnp.where(j == acceptance.accepted[:, None], acceptance.bonus[:, None], -1),
     )
     return tokens, acceptance.accepted + 1
+
+
+def _score(params, config, cache, tree, full, like, impl: str):
+    """The round's (logits [B, N, V], scratch): the whole tree's where `full`, else the root's alone
+    (`verify.root_logits`). Where the scratch is the cache itself (attention: the tree goes into its free slots),
+    the choice runs in place (`cond_in_place`; a `lax.cond` copied the cache four times per round), `like`
+    (the prefill's logits, [B, V], from the same head) giving the logits' width and type."""
+
+    def whole(c):
+        return verify.tree_logits(params, config, c, tree, impl=impl)
+
+    def root(c):
+        return verify.root_logits(params, config, c, tree, impl=impl)
+
+    if not verify.scratch_is_cache(config):
+        return jax.lax.cond(full, whole, root, cache)
+    blank = jnp.zeros((tree.batch, tree.size, like.shape[-1]), like.dtype)
+    return cond_in_place(full, lambda c: whole(c[1]), lambda c: root(c[1]), (blank, cache))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
@@ -94,13 +113,8 @@ def speculative_decode(
         tree, state = drafter.propose(s.state, DraftContext(s.history, s.lengths, active), sampling, k_draft)
         # A round where no active row has a draft (prompt lookup without a match, Token Recycling's
         # unknown tokens) scores the root alone: on a CPU the forward's cost grows with the tree size.
-        tree_logits, scratch = jax.lax.cond(
-            jnp.any(tree.used[:, 1:] & active[:, None]),
-            lambda c, t: verify.tree_logits(params, config, c, t, impl=impl),
-            lambda c, t: verify.root_logits(params, config, c, t, impl=impl),
-            s.cache,
-            tree,
-        )
+        full = jnp.any(tree.used[:, 1:] & active[:, None])
+        tree_logits, scratch = _score(params, config, s.cache, tree, full, logits, impl)
         if sampling.greedy:
             acceptance = accept_greedy(tree, tree_logits)
         else:

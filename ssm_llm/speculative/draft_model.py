@@ -24,6 +24,7 @@ from ssm_llm.model import forward, init_cache
 from ssm_llm.option_spec import check_int
 from ssm_llm.sampling import Sampling
 from ssm_llm.speculative import verify
+from ssm_llm.speculative.in_place import cond_in_place
 from ssm_llm.speculative.protocol import Acceptance, DraftContext
 from ssm_llm.speculative.tree import MAX_TREE_NODES, ROOT_PARENT, TREE_BOUND, UNUSED, DraftTree
 from ssm_llm.ssm_config import Mamba2Config, MambaConfig
@@ -147,7 +148,7 @@ def commit_draft(
     missing = active & (last >= computed)
     # Rows that need nothing list their root again; recomputing a node rewrites the same values.
     nodes = jnp.where(missing, last, 0)[:, None]
-    scratch = jax.lax.cond(
+    scratch = cond_in_place(
         jnp.any(missing),
         lambda s: verify.tree_logits(params, config, state.cache, tree, s, nodes, state.impl)[1],
         lambda s: s,

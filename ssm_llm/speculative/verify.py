@@ -21,6 +21,12 @@ def _family(config):
     return _VERIFIERS[family.tree_verifier]
 
 
+def scratch_is_cache(config) -> bool:
+    """Whether `tree_logits`' scratch is the cache itself with the tree written into its free slots (attention
+    models), rather than separate per-node states (state-space models)."""
+    return _family(config) is attention_tree
+
+
 def tree_logits(params, config, cache, tree, scratch=None, nodes=None, impl: str = "auto"):
     """Logits `[B, M, V]` of the tree nodes `nodes: [B, M]` (default all N) continuing each row of
     `cache`, and the scratch holding every node computed so far (pass it back to compute more nodes,
