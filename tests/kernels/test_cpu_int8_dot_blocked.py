@@ -58,7 +58,20 @@ def test_int8_dot_blocked_is_exact_on_any_shape(m, k, n, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, k, n", [(1, 576, 1536), (2, 1536, 576), (16, 576, 192), (3, 576, 49152), (5, 0, 8)])
+@pytest.mark.parametrize(
+    "m, k, n",
+    # 3-6 rows per pass in 512-bit registers where the CPU has VNNI, split evenly (7: 4 + 3, 9: 5 + 4, 13: 5 + 4 + 4)
+    [
+        (1, 576, 1536),
+        (2, 1536, 576),
+        (16, 576, 192),
+        (3, 576, 49152),
+        (5, 0, 8),
+        (7, 64, 49),
+        (9, 576, 1536),
+        (13, 100, 70),
+    ],
+)
 def test_int8_dot_blocked_is_exact_on_model_sized_and_edge_shapes(m, k, n):
     rng = np.random.default_rng(m * k + n)
     x = rng.integers(-127, 128, (m, k), dtype=np.int8)
