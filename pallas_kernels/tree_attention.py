@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import cpu_attention
 from pallas_kernels.cache_attention import use_pallas
-from pallas_kernels.cache_attention.reference import check_cache_inputs, dequantize_cache, masked_attention
+from pallas_kernels.cache_attention.reference import check_cache_inputs, dequantize_cache, layer_of, masked_attention
 from pallas_kernels.cache_attention.tpu import CacheAttentionTPUBlockSizes, attention_pallas_tpu
 from pallas_kernels.cache_attention.triton import CacheAttentionBlockSizes, attention_partials_pallas, merge_partials
 
@@ -134,8 +134,7 @@ def tree_attention(
         _check(q, k if layer is None else k[0], v if layer is None else v[0], prefix_lengths, tree_mask, None, None)
         visible = tree_visible(prefix_lengths, tree_mask, k.shape[-2])
         return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
-    if layer is not None:
-        k, v, k_scale, v_scale = (None if a is None else a[layer] for a in (k, v, k_scale, v_scale))
+    k, v, k_scale, v_scale = layer_of(layer, k, v, k_scale, v_scale)
     kind = use_pallas(impl, "tree_attention", q.shape[-1])
     if kind == "xla":
         return tree_attention_ref(q, k, v, prefix_lengths, tree_mask, scale, k_scale, v_scale)

@@ -11,14 +11,15 @@ optionally plus the draft-tree keys that `tree_attention` allows, so the same ke
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import cpu_attention
 from pallas_kernels.cache_attention.reference import (
     cache_attention_ref,
+    cache_visible,
     check_cache_inputs,
     dequantize_cache,
     key_ranges,
+    layer_of,
     masked_attention,
 )
 from pallas_kernels.cache_attention.tpu import (
@@ -90,12 +91,9 @@ def cache_attention(
     (and the scales) are every layer's cache [L, ...] and layer `layer` is attended: the CPU kernel
     (`pallas_kernels.cpu_attention`, which "auto" takes on CPU where it applies) reads it in place."""
     if impl == "auto" and cpu_attention.applies(q, k, k_scale):
-        lo, hi = key_ranges(q_positions, kv_lengths, window)
-        s = jnp.arange(k.shape[-2])[None, None, :]
-        visible = (s >= lo[..., None]) & (s < hi[..., None])
+        visible = cache_visible(q_positions, kv_lengths, window, k.shape[-2])
         return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
-    if layer is not None:
-        k, v, k_scale, v_scale = (None if a is None else a[layer] for a in (k, v, k_scale, v_scale))
+    k, v, k_scale, v_scale = layer_of(layer, k, v, k_scale, v_scale)
     kind = use_pallas(impl, "cache_attention", q.shape[-1])
     if kind == "xla":
         return cache_attention_ref(q, k, v, q_positions, kv_lengths, window, scale, k_scale, v_scale)
@@ -124,6 +122,5 @@ def masked(q, k, v, visible, scale=None, *, layer=None, impl="auto"):
     cache [L, B, H_kv, S, D] and layer `layer` is attended."""
     if impl == "auto" and visible.ndim == 3 and cpu_attention.applies(q, k):
         return cpu_attention.masked_attention(q, k, v, visible, scale, layer=layer).astype(q.dtype)
-    if layer is not None:
-        k, v = k[layer], v[layer]
+    k, v = layer_of(layer, k, v)
     return masked_attention(q, k, v, visible, scale)

@@ -62,6 +62,18 @@ def key_ranges(q_positions, kv_lengths, window):
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
+def cache_visible(q_positions, kv_lengths, window, seq: int):
+    """[B, T, S] bool: the cache slots each query sees (`key_ranges` over S slots)."""
+    lo, hi = key_ranges(q_positions, kv_lengths, window)
+    s = jnp.arange(seq)[None, None, :]
+    return (s >= lo[..., None]) & (s < hi[..., None])
+
+
+def layer_of(layer, *arrays):
+    """`arrays` (every layer's cache [L, ...], or None) at `layer`; as they are where `layer` is None."""
+    return arrays if layer is None else tuple(None if a is None else a[layer] for a in arrays)
+
+
 def cache_attention_ref(q, k, v, q_positions, kv_lengths, window=0, scale=None, k_scale=None, v_scale=None):
     """Reference attention over the cache.
 
@@ -73,8 +85,6 @@ def cache_attention_ref(q, k, v, q_positions, kv_lengths, window=0, scale=None, 
     Returns [B, T, H, D] in q's dtype; scores and softmax are float32.
     """
     check_cache_inputs("cache_attention", q, k, v, k_scale, v_scale)
-    lo, hi = key_ranges(q_positions, kv_lengths, window)
-    s = jnp.arange(k.shape[2])[None, None, :]
-    visible = (s >= lo[..., None]) & (s < hi[..., None])
+    visible = cache_visible(q_positions, kv_lengths, window, k.shape[2])
     k, v = dequantize_cache(k, v, k_scale, v_scale, q.dtype)
     return masked_attention(q, k, v, visible, scale)

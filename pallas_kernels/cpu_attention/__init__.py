@@ -59,7 +59,7 @@ def masked_attention(
     elif k.ndim != 5:
         raise ValueError(f"cpu masked_attention: with a layer index k and v are [L, B, H_kv, S, D], got {k.shape}")
     layer = jnp.asarray(layer, jnp.int32)
-    k1 = k[0] if k.ndim == 5 else k
+    k1 = k[0]  # one layer's shape
     if q.ndim != 4 or k1.ndim != 4 or v.shape != k.shape or visible.shape != (q.shape[0], q.shape[1], k1.shape[2]):
         raise ValueError(
             f"cpu masked_attention: q [B, T, H, D], k = v [B, H_kv, S, D], visible [B, T, S] expected, got "
