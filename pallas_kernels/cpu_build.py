@@ -1,5 +1,5 @@
-"""Compile the CPU kernels (`cpu_int8_dot/int8_dot.cc`, `cpu_attention/attention.cc`) once per host into one
-shared library and register their handlers with XLA as CPU custom calls (`TARGETS`).
+"""Compile the CPU kernels (`cpu_int8_dot/int8_dot.cc`, `cpu_attention/attention.cc`, `cpu_fwht/fwht.cc`) once per
+host into one shared library and register their handlers with XLA as CPU custom calls (`TARGETS`).
 
 The library is built on first use with the host's C++ compiler (`$CXX`, else `c++` / `g++`) against the
 XLA FFI headers that ship with jaxlib, into `$SSM_LLM_CACHE/kernels` (default `~/.cache/ssm_llm/kernels`,
@@ -27,10 +27,20 @@ import jaxlib
 TARGET = "ssm_llm_int8_dot"
 BLOCKED_TARGET = "ssm_llm_int8_dot_blocked"
 ATTENTION_TARGET = "ssm_llm_masked_attention"
+FWHT_TARGET = "ssm_llm_fwht"
 # XLA custom-call name -> the handler symbol the library exports.
-TARGETS = {TARGET: "SsmLlmInt8Dot", BLOCKED_TARGET: "SsmLlmInt8DotBlocked", ATTENTION_TARGET: "SsmLlmMaskedAttention"}
+TARGETS = {
+    TARGET: "SsmLlmInt8Dot",
+    BLOCKED_TARGET: "SsmLlmInt8DotBlocked",
+    ATTENTION_TARGET: "SsmLlmMaskedAttention",
+    FWHT_TARGET: "SsmLlmFwht",
+}
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "cpu_int8_dot" / "int8_dot.cc", _HERE / "cpu_attention" / "attention.cc")
+SOURCES = (
+    _HERE / "cpu_int8_dot" / "int8_dot.cc",
+    _HERE / "cpu_attention" / "attention.cc",
+    _HERE / "cpu_fwht" / "fwht.cc",
+)
 HEADERS = (_HERE / "cpu_workers.h",)  # the helper threads both share
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w")
 # Added where the CPU has them: one vpdpbusd instead of vpmaddubsw + vpmaddwd + vpaddd.
