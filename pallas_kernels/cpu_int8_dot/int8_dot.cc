@@ -272,7 +272,8 @@ void blocked_columns(const int8_t* x, int64_t Kp, const int8_t* wb, int64_t Kg, 
         case 3: wide_rows<3>(xr, Kp, p, Kg, o, N, b * kCols); break;
 #endif
         case 2: blocked_rows<2>(xr, Kp, p, Kg, o, N, b * kCols); break;
-        default: blocked_rows<1>(xr, Kp, p, Kg, o, N, b * kCols);
+        case 1: blocked_rows<1>(xr, Kp, p, Kg, o, N, b * kCols); break;
+        default: std::abort();  // rows_in_pass gives 1..kMaxRows
       }
       m += R;
     }

@@ -62,8 +62,21 @@ def _score(params, config, cache, tree, full, like, impl: str):
 
     if not verify.scratch_is_cache(config):
         return jax.lax.cond(full, whole, root, cache)
-    blank = jnp.zeros((tree.batch, tree.size, like.shape[-1]), like.dtype)
-    return cond_in_place(full, lambda c: whole(c[1]), lambda c: root(c[1]), (blank, cache))
+    blank = jnp.zeros((tree.batch, tree.size, like.shape[-1]), like.dtype)  # a [B, N, V] fill per round
+
+    def checked(fn):
+        def run(c):
+            logits, scratch = fn(c[1])
+            if (logits.shape, logits.dtype) != (blank.shape, blank.dtype):
+                raise TypeError(
+                    f"speculative_decode: the tree's logits are {logits.dtype}{list(logits.shape)}, the prefill's "
+                    f"logits {like.dtype}{list(like.shape)}: pass the prefill's logits as the model gives them"
+                )
+            return logits, scratch
+
+        return run
+
+    return cond_in_place(full, checked(whole), checked(root), (blank, cache))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))

@@ -47,15 +47,11 @@ class DraftModelState:
 
     def with_scratch(self, config, scratch) -> DraftModelState:
         """The state holding a new proposal's scratch."""
-        return self.replace(cache=scratch) if _tree_in_cache(config) else self.replace(scratch=scratch)
+        return self.replace(cache=scratch) if verify.scratch_is_cache(config) else self.replace(scratch=scratch)
 
     def tree_scratch(self, config):
         """The scratch of the last proposal, to pass back to `verify`."""
-        return self.cache if _tree_in_cache(config) else self.scratch
-
-
-def _tree_in_cache(config) -> bool:
-    return isinstance(config, ModelConfig)
+        return self.cache if verify.scratch_is_cache(config) else self.scratch
 
 
 def check_draft_config(owner: str, config) -> None:
@@ -114,7 +110,7 @@ def prefill_draft(
     batch = prompts.shape[0]
     cache = init_cache(config, batch, max_len + tree_size)
     _, cache = forward(params, config, prompts, cache, token_counts=lengths, impl=impl)
-    if _tree_in_cache(config):
+    if verify.scratch_is_cache(config):
         return DraftModelState(cache, None, impl)
     # The speculative loop carries the state through `lax.while_loop`, so the scratch must exist, with
     # the shapes a proposal gives it, before the first round.
@@ -148,9 +144,11 @@ def commit_draft(
     missing = active & (last >= computed)
     # Rows that need nothing list their root again; recomputing a node rewrites the same values.
     nodes = jnp.where(missing, last, 0)[:, None]
+    in_cache = verify.scratch_is_cache(config)
     scratch = cond_in_place(
         jnp.any(missing),
-        lambda s: verify.tree_logits(params, config, state.cache, tree, s, nodes, state.impl)[1],
+        # (a scratch that is the cache itself is passed as both: capturing state.cache too would make XLA copy it)
+        lambda s: verify.tree_logits(params, config, s if in_cache else state.cache, tree, s, nodes, state.impl)[1],
         lambda s: s,
         state.tree_scratch(config),
     )

@@ -28,7 +28,11 @@ def cond_in_place(
     pred: jax.Array, true_fn: Callable[[Carry], Carry], false_fn: Callable[[Carry], Carry], carry: Carry
 ) -> Carry:
     """`lax.cond(pred, true_fn, false_fn, carry)` for branches that return a value of `carry`'s structure,
-    shapes and dtypes (e.g. a cache they write into, with buffers for their other results): the buffers of
-    `carry` are updated in place instead of copied. Both branches are traced; one runs."""
+    shapes and dtypes (e.g. a cache they write into, with buffers for their other results): on CPU the buffers
+    of `carry` are updated in place instead of copied. Elsewhere a plain `lax.cond`: on a GPU a while loop reads
+    its predicate back to the host every step, and copies run at the memory's full speed (not measured). Both
+    branches are traced; one runs. Not reverse-differentiable on CPU (while loops), which inference never asks."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.cond(pred, true_fn, false_fn, carry)
     pred = jnp.asarray(pred, bool)
     return _at_most_once(~pred, false_fn, _at_most_once(pred, true_fn, carry))

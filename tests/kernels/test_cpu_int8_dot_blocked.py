@@ -166,6 +166,15 @@ def test_blocking_round_trips_and_refuses_what_it_cannot_hold():
 
 
 @needs_kernel
+def test_the_vnni_build_compiles_on_any_host(tmp_path):
+    # Its 3-6-row passes in 512-bit registers exist only in the AVX-512 VNNI build; a host without VNNI compiles
+    # them here (without running them), so a compile error cannot hide until a VNNI host silently falls back.
+    path = tmp_path / "libvnni.so"
+    build._compile(build._compiler(), path, flags=build.FLAGS + build.VNNI_FLAGS)
+    assert path.stat().st_size > 0
+
+
+@needs_kernel
 def test_the_avx2_build_of_the_blocked_product_is_exact_on_a_vnni_host_too(tmp_path):
     # The host's build takes VNNI's unsigned-activation path where it can; the plain AVX2 one (sign trick, two rows
     # per pass) is built and checked too, so that both run wherever this does.
