@@ -1,9 +1,10 @@
 """The block Walsh-Hadamard transform of float32 rows on CPU: a compiled kernel called from XLA (`fwht.cc`).
 
 `block_fwht(x, block)`: every `block` consecutive channels of x's last axis multiplied by the normalized
-Hadamard matrix H_block / sqrt(block), bit-identical to `ssm_llm.hadamard.fwht` (the same additions in the same
-order), in one pass where XLA makes one per butterfly stage. `runs_here()` says whether `ssm_llm.hadamard` takes
-it: the CPU backend with one device (XLA cannot partition a custom call over a mesh) and the kernel built.
+Hadamard matrix H_block / sqrt(block), bit-identical to `ssm_llm.hadamard.fwht_reference` on the same input (the
+same additions in the same order), in one pass where XLA makes one per butterfly stage. `runs_here()` says
+whether `ssm_llm.hadamard` takes it: the CPU backend with one device (XLA cannot partition a custom call over a
+mesh) and the kernel built.
 """
 
 from __future__ import annotations

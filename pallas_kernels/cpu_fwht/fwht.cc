@@ -7,9 +7,11 @@
 // network without recomputing it exponentially): 27 passes per SmolLM2 layer, ~2.3 ms of an 18 ms 9-row
 // verification forward on the 2-core EPYC. Here a row's block stays in L1 through all stages.
 //
-// The same float operations in the same order as `ssm_llm.hadamard.fwht`: stage h = 1, 2, 4, ... turns every
+// The same float operations in the same order as `ssm_llm.hadamard.fwht_reference`: stage h = 1, 2, 4, ... turns every
 // pair (j, j + h) inside blocks of 2h into (a + b, a - b), then every element is multiplied by scale. So the
-// result is bit-identical to XLA's, and each row's result is independent of the other rows.
+// result is bit-identical to `fwht_reference` on the same (materialised) input, and each row's result is
+// independent of the other rows. (Inside a model XLA had fused the first stage into its producer and contracted
+// it there, so W8A8 outputs moved in the last bits when this kernel replaced it.)
 #include <cstdint>
 #include <cstring>
 
