@@ -41,6 +41,22 @@ def test_kernel_is_bit_identical_to_the_butterflies(lead, log_block, blocks, spe
     _same(got, expected)
 
 
+@pytest.mark.parametrize("log_block", range(11))
+def test_every_block_size_is_bit_identical(log_block):
+    """Each of the kernel's paths (scalar under 8; registers only at 8; two-stage passes ending in a one-stage or a
+    two-stage pass) on values with infinities, NaN, -0 and near-overflow ones, compared as bits."""
+    block = 2**log_block
+    rng = np.random.default_rng(log_block)
+    x = (rng.standard_normal((3, 2 * block)) * 1e3).astype(np.float32)
+    x.reshape(-1)[:5] = [np.inf, -np.inf, -0.0, 3e38, -3e38]
+    x[2, -1] = np.nan
+    got = np.asarray(cpu_fwht.block_fwht(jnp.asarray(x), block))
+    expected = np.asarray(hadamard.fwht_reference(jnp.asarray(x).reshape(3, 2, block))).reshape(x.shape)
+    finite = ~np.isnan(expected)
+    assert (np.isnan(got) == ~finite).all()
+    assert (got[finite].view(np.uint32) == expected[finite].view(np.uint32)).all()
+
+
 def test_hadamard_takes_the_kernel_on_one_cpu_device(monkeypatch):
     assert cpu_fwht.runs_here() == (jax.default_backend() == "cpu" and jax.device_count() == 1)
     calls = []
