@@ -27,6 +27,7 @@ import numpy as np
 
 from ssm_llm.generation import MAX_NEW_TOKENS, check_prompts, split_at_eos
 from ssm_llm.model import forward, init_cache
+from ssm_llm.sampling import greedy_tokens
 from ssm_llm.validation import as_float, as_int, as_token_ids
 
 UNCERTAINTIES = ("chow", "entropy", "margin")
@@ -84,7 +85,7 @@ def _read(params, config, cache, tokens, counts, how: str):
     at each row's last real token, the cache)."""
     logits, cache = forward(params, config, tokens, cache, token_counts=counts)
     last = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
-    return jnp.argmax(last, -1).astype(jnp.int32), uncertainty(last, how), cache
+    return greedy_tokens(last), uncertainty(last, how), cache
 
 
 def _bucket(n: int) -> int:

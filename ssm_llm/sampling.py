@@ -24,6 +24,17 @@ def is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
     return (tokens[..., None] == jnp.asarray(eos, jnp.int32)).any(-1)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` as int32 (the first index of the largest value; a NaN counts as the largest,
+    the first NaN then), computed as a max and then the first index holding it: two plain reductions where XLA's
+    CPU argmax is one variadic reduce (on the 2-core EPYC over 49152 logits: 1.8 -> 0.55 ms at 16 rows, 0.29 ->
+    0.15 ms at one)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def _top_k_filter(logits, k: int):
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits < kth, NEG_INF, logits)
@@ -83,7 +94,7 @@ def sample(
     Returns int32 `[B]`.
     """
     if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 

@@ -37,7 +37,7 @@ from ssm_llm.model import init_cache
 from ssm_llm.models import family_module
 from ssm_llm.models.lm_head import activation_dtype
 from ssm_llm.param_check import check_params
-from ssm_llm.sampling import Sampling
+from ssm_llm.sampling import Sampling, greedy_tokens
 from ssm_llm.serving import state_snapshots
 from ssm_llm.serving.model_step import Rows, init_pages, reset_slots, step
 from ssm_llm.serving.page_table import PageTable
@@ -115,7 +115,7 @@ def _step(params, config, state, decode, prefill, num_slots, impl, logprobs=Fals
     only in steps that need them."""
     COMPILATIONS["step"] += 1
     logits, checked, state = step(params, config, state, decode, prefill, num_slots, impl, verify)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     tables = None
     if logprobs:
         lse = jax.nn.logsumexp(logits, axis=-1)

@@ -26,6 +26,7 @@ from ssm_llm.models.attention_lm import check_linear_kinds, finish_block, projec
 from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
 from ssm_llm.norm import rms_norm
 from ssm_llm.rope import apply_rope, inverse_frequencies, rope_tables
+from ssm_llm.sampling import greedy_tokens
 from ssm_llm.ssm_cache import SSMCache
 
 
@@ -155,7 +156,7 @@ def _verify_pass(params, config, pool: PagePool, rows: Rows, impl):
     """The model over `rows` of a token and its drafts; returns (the greedy token after each position [R, W],
     pool)."""
     h, pool = _paged_hidden(params, config, rows.tokens, pool, rows.block_tables, rows.starts, rows.counts, impl)
-    return jnp.argmax(logits_from_hidden(params, config, h), axis=-1).astype(jnp.int32), pool
+    return greedy_tokens(logits_from_hidden(params, config, h)), pool
 
 
 def step(

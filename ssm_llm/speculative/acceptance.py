@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssm_llm.sampling import Sampling
+from ssm_llm.sampling import Sampling, greedy_tokens
 from ssm_llm.speculative.protocol import Acceptance
 from ssm_llm.speculative.tree import DraftTree, check_tree
 
@@ -43,7 +43,7 @@ def accept_greedy(tree: DraftTree, logits: jax.Array) -> Acceptance:
     argmax at the last accepted node.
     """
     _check_scores(tree, logits, "logits")
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]; the scan touches no [B, V] array
+    best = greedy_tokens(logits)  # [B, N]; the scan touches no [B, V] array
     batch, n = tree.tokens.shape
 
     def step(carry, i):

@@ -1,4 +1,5 @@
-"""Sampling filters agree with transformers' warpers; excluded tokens are never drawn; seeds repeat."""
+"""Sampling filters agree with transformers' warpers; excluded tokens are never drawn; seeds repeat; the greedy
+token is numpy's argmax (ties, infinities and NaN included)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 import ssm_llm
-from ssm_llm.sampling import filter_logits, sample
+from ssm_llm.sampling import filter_logits, greedy_tokens, sample
 
 
 def hf_kept(logits, temperature, top_k, top_p, min_p):
@@ -183,3 +184,18 @@ def test_sampling_methods_match_the_functions():
     np.testing.assert_array_equal(greedy.draw(logits, key), np.argmax(logits, -1))
     with pytest.raises(ValueError, match="temperature must be positive"):
         greedy.probs(logits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from([(1, 7), (3, 5), (2, 3, 9), (4, 1)]),
+    pool=st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan, 3e38]), min_size=1, max_size=4),
+    dtype=st.sampled_from([np.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_greedy_tokens_is_argmax(shape, pool, dtype, seed):
+    """Drawn from a few values, so rows have ties; numpy's argmax (first largest, first NaN) is the oracle."""
+    x = np.random.default_rng(seed).choice(np.asarray(pool, np.float32), size=shape)
+    got = jax.jit(greedy_tokens)(jnp.asarray(x, dtype))
+    assert got.dtype == jnp.int32 and got.shape == shape[:-1]
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(jnp.asarray(x, dtype), np.float32), -1))
