@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu_workers.h"
@@ -70,6 +71,36 @@ inline float hmax(__m256 v) {
 constexpr int64_t kLanes = 8;
 constexpr int64_t kChunk = 64;  // D handled in pieces of 64 floats: 8 accumulators per piece
 
+// out[0, 8 W) = inv * sum_i p_i v[idx[i], 0, 8 W), each lane's sum in key order; W a constant, so the W
+// accumulators stay in registers (with a run-time count GCC kept them on the stack: a store and a load per FMA).
+template <int W>
+void weighted_sum(const float* v, const int64_t* idx, int64_t n, int64_t D, const float* p, float inv, float* out) {
+  __m256 acc[W];
+  for (int c = 0; c < W; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* value = v + idx[i] * D;
+    const __m256 pi = _mm256_set1_ps(p[i]);
+    for (int c = 0; c < W; ++c) acc[c] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(value + c * kLanes), acc[c]);
+  }
+  const __m256 norm = _mm256_set1_ps(inv);
+  for (int c = 0; c < W; ++c) _mm256_storeu_ps(out + c * kLanes, _mm256_mul_ps(acc[c], norm));
+}
+
+// weighted_sum for the last w < kChunk / kLanes lanes of D.
+void weighted_sum_tail(const float* v, const int64_t* idx, int64_t n, int64_t D, int64_t w, const float* p, float inv,
+                       float* out) {
+  switch (w) {
+    case 1: return weighted_sum<1>(v, idx, n, D, p, inv, out);
+    case 2: return weighted_sum<2>(v, idx, n, D, p, inv, out);
+    case 3: return weighted_sum<3>(v, idx, n, D, p, inv, out);
+    case 4: return weighted_sum<4>(v, idx, n, D, p, inv, out);
+    case 5: return weighted_sum<5>(v, idx, n, D, p, inv, out);
+    case 6: return weighted_sum<6>(v, idx, n, D, p, inv, out);
+    case 7: return weighted_sum<7>(v, idx, n, D, p, inv, out);
+    default: std::abort();  // D is a multiple of 8: 1..7 lanes are left
+  }
+}
+
 // One query row q [D] of one head against the n visible keys/values (rows idx[0..n) of k, v [S, D]) -> out [D].
 // scores: scratch of n rounded up to 8 floats.
 void attend_row(const float* q, const float* k, const float* v, const int64_t* idx, int64_t n, int64_t D,
@@ -94,17 +125,10 @@ void attend_row(const float* q, const float* k, const float* v, const int64_t* i
   }
   const float inv = 1.0f / hsum(total);
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    const int64_t width = D - d0 < kChunk ? D - d0 : kChunk;
-    __m256 acc[kChunk / kLanes];
-    for (int64_t j = 0; j < width / kLanes; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; ++i) {
-      const float* value = v + idx[i] * D + d0;
-      const __m256 p = _mm256_set1_ps(scores[i]);
-      for (int64_t j = 0; j < width / kLanes; ++j)
-        acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + j * kLanes), acc[j]);
-    }
-    const __m256 norm = _mm256_set1_ps(inv);
-    for (int64_t j = 0; j < width / kLanes; ++j) _mm256_storeu_ps(out + d0 + j * kLanes, _mm256_mul_ps(acc[j], norm));
+    if (D - d0 >= kChunk)
+      weighted_sum<kChunk / kLanes>(v + d0, idx, n, D, scores, inv, out + d0);
+    else
+      weighted_sum_tail(v + d0, idx, n, D, (D - d0) / kLanes, scores, inv, out + d0);
   }
 }
 
