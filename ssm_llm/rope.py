@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,6 +36,16 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
 def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin tables `[..., head_dim // 2]` (float32) for integer `positions: [...]`."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return _cos_sin(angles)
+    # On one CPU device computed apart, inside a conditional (XLA fuses nothing across one; both branches are these
+    # tables): left to fusion, XLA computed cos and sin again inside every layer's q and k fusions, for every head.
+    # A batch-16 SmolLM2 W8A8 decode step on the 2-core EPYC: 25.3 -> 22.0 ms. The same values either way.
+    return jax.lax.cond(jnp.any(angles != angles), _cos_sin, _cos_sin, angles)
+
+
+def _cos_sin(angles):
+    """(cos, sin) of `angles`."""
     return jnp.cos(angles), jnp.sin(angles)
 
 
