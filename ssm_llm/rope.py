@@ -62,7 +62,7 @@ def rotate(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.
     """Rotate `x: [..., D]` to integer (possibly negative, which un-rotates) `positions` broadcastable
     to `x.shape[:-1]`; the same rotation as `apply_rope`, for caches laid out `[B, H, S, D]`."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = _cos_sin(angles)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
