@@ -24,7 +24,7 @@ from ssm_llm.constraints import Constraint, Matchers, awrs
 from ssm_llm.kv.policy import describe as describe_policy
 from ssm_llm.kv.policy import memory_bound
 from ssm_llm.kv.prefill import prefill as kv_prefill
-from ssm_llm.length_plan import LengthPlan, plan_lengths
+from ssm_llm.length_plan import LengthPlan, output_width, plan_lengths
 from ssm_llm.memory import check_fits
 from ssm_llm.model import check_sequence_parallel, init_cache
 from ssm_llm.models import family_module
@@ -337,13 +337,13 @@ def _step(params, config, cache, tok, done, key, sampling: Sampling, eos: tuple[
     return new, jnp.where(done, tok, new), cache, done | is_eos(new, eos), key
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
-def _decode(params, config, cache, logits, key, sampling: Sampling, *, max_new_tokens: int, eos, impl: str):
-    """Decode up to `max_new_tokens` tokens per row after a prefill, stopping a row at any of the `eos` ids,
-    in one compiled loop. logits: [B, V] at each prompt's last token; key: PRNG key. Returns (tokens
-    [B, max_new_tokens] with -1 after a row's end, the final cache)."""
+@functools.partial(jax.jit, static_argnames=("config", "width", "eos", "impl"), donate_argnames=("cache",))
+def _decode(params, config, cache, logits, key, sampling: Sampling, max_new_tokens, *, width: int, eos, impl: str):
+    """Decode up to `max_new_tokens` (a traced int32 scalar, at most `width`) tokens per row after a prefill,
+    stopping a row at any of the `eos` ids, in one compiled loop. logits: [B, V] at each prompt's last token;
+    key: PRNG key. Returns (tokens [B, width] with -1 after a row's end, the final cache)."""
     tok, done, key = _first_token(logits, key, sampling, eos)
-    out = jnp.full((logits.shape[0], max_new_tokens), -1, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((logits.shape[0], width), -1, jnp.int32).at[:, 0].set(tok)
 
     def cond(state):
         step, _, _, done, _, _ = state
@@ -680,6 +680,8 @@ def _decode_request(
         min_p=gen_config.min_p,
     )
     stop = dict(max_new_tokens=gen_config.max_new_tokens, eos=request.eos)
+    # The compiled loops take the count as a traced value and fill a bucketed width (cut here).
+    count, loop_stop = gen_config.max_new_tokens, dict(width=output_width(gen_config.max_new_tokens), eos=request.eos)
     drafter, constraint = gen_config.speculative, gen_config.constraint
     none = np.zeros(len(request.prompts), bool)
     if constraint is not None and drafter is not None:
@@ -697,14 +699,26 @@ def _decode_request(
         out, stopped = _decode_streamed(params, config, cache, logits, key, sampling, on_token, **stop, impl=impl)
         return out, None, stopped, None
     if drafter is None:
-        out, _ = _decode(params, config, cache, logits, key, sampling, **stop, impl=impl)
-        return np.asarray(out), None, none, None
+        out, _ = _decode(params, config, cache, logits, key, sampling, jnp.int32(count), **loop_stop, impl=impl)
+        return np.asarray(out)[:, :count], None, none, None
     state, history, counts = _drafter_start(params, config, drafter, request, plan, impl)
     out, _, rounds, accepted, state = speculative_decode(
-        params, config, drafter, state, cache, logits, history, counts, key, sampling, **stop, impl=impl
+        params,
+        config,
+        drafter,
+        state,
+        cache,
+        logits,
+        history,
+        counts,
+        key,
+        sampling,
+        jnp.int32(count),
+        **loop_stop,
+        impl=impl,
     )
     stats = SpeculativeStats(np.asarray(rounds).tolist(), np.asarray(accepted).tolist(), state)
-    return np.asarray(out), stats, none, None
+    return np.asarray(out)[:, :count], stats, none, None
 
 
 def _drafter_start(params, config, drafter, request: _Request, plan: LengthPlan, impl):

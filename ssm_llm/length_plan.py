@@ -12,6 +12,7 @@ from ssm_llm.kv.policy import round_up
 
 PROMPT_BUCKET = 16
 CACHE_BUCKET = 64
+OUTPUT_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +61,9 @@ def plan_lengths(
         cache_len=1 if state_space else max_len,
         capacity=None if tree_size is None else max_len - tree_size,
     )
+
+
+def output_width(max_new_tokens: int) -> int:
+    """The decode loops' output buffer width: `max_new_tokens` rounded up to `OUTPUT_BUCKET`. The loops take
+    the count itself as a traced value, so every `max_new_tokens` of a bucket shares one compiled loop."""
+    return round_up(max_new_tokens, OUTPUT_BUCKET)

@@ -79,7 +79,7 @@ def _score(params, config, cache, tree, full, like, impl: str):
     return cond_in_place(full, checked(whole), checked(root), (blank, cache))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "width", "eos", "impl"), donate_argnames=("cache",))
 def speculative_decode(
     params,
     config,
@@ -91,8 +91,9 @@ def speculative_decode(
     lengths,
     key,
     sampling: Sampling,
+    max_new_tokens,
     *,
-    max_new_tokens: int,
+    width: int,
     eos: tuple[int, ...],
     impl: str,
 ):
@@ -100,9 +101,10 @@ def speculative_decode(
 
     cache: the target's cache holding each row's prompt; logits: [B, V] at each prompt's last token;
     history: [B, S] the prompts right-padded, S >= prompt + max_new_tokens + N; lengths: [B] prompt lengths;
-    state: `drafter.init(...)`'s; key: PRNG key; sampling: the target's rule. Returns (tokens
-    [B, max_new_tokens] with -1 after a row's end, the final cache, rounds [B] target forwards per row,
-    accepted [B] accepted drafts per row, the drafter's final state).
+    state: `drafter.init(...)`'s; key: PRNG key; sampling: the target's rule; max_new_tokens: a traced
+    int32 scalar, at most the static `width` of the output. Returns (tokens [B, width] with -1 after a row's
+    end, the final cache, rounds [B] target forwards per row, accepted [B] accepted drafts per row, the
+    drafter's final state).
     """
     batch, n = logits.shape[0], drafter.tree_size
     rows = jnp.arange(batch)[:, None]
@@ -114,7 +116,7 @@ def speculative_decode(
     # The first token comes from the prefill's logits exactly as in plain decoding.
     key, sub = jax.random.split(key)
     first = sampling.draw(logits, sub)
-    out = jnp.full((batch, max_new_tokens + n), -1, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((batch, width + n), -1, jnp.int32).at[:, 0].set(first)
     history = history.at[jnp.arange(batch), lengths].set(first)
     done = is_eos(first) | (max_new_tokens <= 1)
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -161,4 +163,4 @@ def speculative_decode(
         )
 
     loop = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
-    return loop.out[:, :max_new_tokens], loop.cache, loop.rounds, loop.accepted, loop.state
+    return loop.out[:, :width], loop.cache, loop.rounds, loop.accepted, loop.state

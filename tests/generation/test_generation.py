@@ -52,6 +52,23 @@ def test_max_new_tokens_is_respected(params):
     assert out.finish_reasons == ["length", "length"]
 
 
+@pytest.mark.parametrize("drafter", [None, ssm_llm.speculative.PromptLookup(3)], ids=["plain", "speculative"])
+def test_max_new_tokens_of_one_bucket_share_one_compiled_loop(params, drafter):
+    """The decode loops take max_new_tokens as a traced count (the output width is bucketed): 3, 9 and 20
+    tokens compile one loop, and each shorter greedy output is the longer one's prefix."""
+    from ssm_llm.generation import _decode
+    from ssm_llm.speculative.decode import speculative_decode
+
+    loop = _decode if drafter is None else speculative_decode
+    prompts = [[1, 2, 3, 1, 2], [7, 8]]
+    longest = greedy(params, prompts, n=20, eos_token_ids=(), speculative=drafter).tokens
+    before = loop._cache_size()
+    for n in (3, 9):
+        out = greedy(params, prompts, n=n, eos_token_ids=(), speculative=drafter)
+        assert out.tokens == [row[:n] for row in longest] and out.finish_reasons == ["length", "length"]
+    assert loop._cache_size() == before
+
+
 def test_streaming_callback_sees_every_token(params):
     seen = []
     out = ssm_llm.generate(

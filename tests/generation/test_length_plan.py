@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from ssm_llm.length_plan import CACHE_BUCKET, PROMPT_BUCKET, LengthPlan, plan_lengths
+from ssm_llm.length_plan import CACHE_BUCKET, OUTPUT_BUCKET, PROMPT_BUCKET, LengthPlan, output_width, plan_lengths
 
 
 def test_default_sizes_are_bucketed():
@@ -54,3 +54,8 @@ def test_compressed_cache_counts_new_tokens_from_the_padded_prompt():
 def test_plan_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan_lengths(10, 20).max_len = 1
+
+
+def test_every_max_new_tokens_of_a_bucket_shares_one_output_width():
+    assert {output_width(n) for n in range(1, OUTPUT_BUCKET + 1)} == {OUTPUT_BUCKET}
+    assert output_width(OUTPUT_BUCKET + 1) == 2 * OUTPUT_BUCKET
