@@ -8,6 +8,8 @@ what catches unwritten elements.
 `triton_module_text` lowers a function for CUDA on this CPU-only machine: Pallas emits the Triton IR
 (as an `__gpu$xla.gpu.triton` custom call) without a GPU, so block shapes and primitives that the
 Triton lowering rejects fail here, in CI. Only the final PTX compilation needs a real GPU.
+
+`avx2_cpu_kernels` builds the CPU kernels' plain AVX2 variant once per test run (its tests live in two files).
 """
 
 import os
@@ -157,3 +159,20 @@ def random_int8_inputs(seed, lead, k, n, bits, group, scale_dtype=jnp.float32):
     xq = jnp.asarray(rng.integers(-127, 128, (*lead, k)), jnp.int8)
     x_scale = np.float32(rng.uniform(0.5, 1.5) / (127 * np.sqrt(k)))
     return xq, x_scale, random_quantized_weight(rng, k, n, bits, group, scale_dtype)
+
+
+def avx2_cpu_kernels():
+    """The CPU kernels' library built with the plain AVX2 flags (no VNNI), whatever the host: loaded with
+    ctypes. Built once per test run into the run's cache (conftest.py), shared by pytest-xdist's workers
+    (the build renames its output into place atomically): ~10 s of compiling on 2 cores."""
+    import ctypes
+    import hashlib
+    from pathlib import Path
+
+    from pallas_kernels import cpu_build as build
+
+    key = "\0".join([*(p.read_text() for p in (*build.SOURCES, *build.HEADERS)), " ".join(build.FLAGS)])
+    path = Path(os.environ["SSM_LLM_CACHE"]) / "test_avx2" / f"lib-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        build._compile(build._compiler(), path, flags=build.FLAGS)
+    return ctypes.cdll.LoadLibrary(str(path))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_checks import avx2_cpu_kernels
 
 import ssm_llm
 from pallas_kernels import cpu_build as build
@@ -63,15 +64,11 @@ def test_int8_dot_is_exact_on_model_sized_and_edge_shapes(m, k, n):
 
 
 @needs_kernel
-def test_the_avx2_build_is_exact_on_a_vnni_host_too(tmp_path):
+def test_the_avx2_build_is_exact_on_a_vnni_host_too():
     # The library is built for the host (vpdpbusd where it has AVX-512 VNNI); build the plain AVX2 variant as
     # well, so that both code paths are checked wherever this runs.
-    import ctypes
-
-    path = tmp_path / "libavx2.so"
-    build._compile(build._compiler(), path, flags=build.FLAGS)
     target = "ssm_llm_int8_dot_avx2_test"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(path)).SsmLlmInt8Dot), "cpu")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(avx2_cpu_kernels().SsmLlmInt8Dot), "cpu")
     rng = np.random.default_rng(3)
     for m, k, n in [(1, 576, 200), (2, 70, 33), (3, 9, 5)]:
         x = rng.integers(-127, 128, (m, k), dtype=np.int8)

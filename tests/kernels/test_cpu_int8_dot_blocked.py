@@ -14,6 +14,7 @@ from conftest import tiny_hf_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
+from kernel_checks import avx2_cpu_kernels
 
 import converters
 import ssm_llm
@@ -178,16 +179,11 @@ def test_the_vnni_build_compiles_on_a_host_without_vnni(tmp_path):
 
 
 @needs_kernel
-def test_the_avx2_build_of_the_blocked_product_is_exact_on_a_vnni_host_too(tmp_path):
+def test_the_avx2_build_of_the_blocked_product_is_exact_on_a_vnni_host_too():
     # The host's build takes VNNI's unsigned-activation path where it can; the plain AVX2 one (sign trick, two rows
     # per pass) is built and checked too, so that both run wherever this does.
-    import ctypes
-
-    path = tmp_path / "libavx2.so"
-    build._compile(build._compiler(), path, flags=build.FLAGS)
     target = "ssm_llm_int8_dot_blocked_avx2_test"
-    library = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.SsmLlmInt8DotBlocked), "cpu")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(avx2_cpu_kernels().SsmLlmInt8DotBlocked), "cpu")
     rng = np.random.default_rng(3)
     for m, k, n in [(1, 576, 200), (5, 70, 33), (3, 9, 5)]:
         x = rng.choice([-127, 127, *rng.integers(-127, 128, 6)], size=(m, k)).astype(np.int8)
