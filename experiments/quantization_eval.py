@@ -10,6 +10,10 @@ calibration (smoothing, GPTQ) on --calib-seqs windows of --calib-len tokens from
 Greedy agreement: --prompts prompts of --prompt-len held-out tokens, --new-tokens greedy tokens each
 (`ssm_llm.generate`, one batch, no EOS stop), compared with fp32's: "greedy_same_tokens" is the share
 of positions holding the same token, "greedy_prefix" the mean share before the first difference.
+Where a row first parts from fp32's greedy text, "divergence_margins" holds fp32's own margin there (its
+top-1 minus top-2 logit, from one forward over the prompt + fp32's tokens) and "divergence_ranks" the rank
+of the row's token among fp32's candidates (1 = fp32's runner-up): free-running agreement is decided at
+near-ties, and "fp32_margin_quantiles" (10/50/90%, over every generated position) say how near these are.
 
 Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
   fp32                     the float model
@@ -141,13 +145,37 @@ def greedy(params, config, prompts: list[list[int]], new_tokens: int) -> list[li
     return ssm_llm.generate(params, config, prompts, gen).tokens
 
 
-def agreement(tokens: list[list[int]], ref: list[list[int]]) -> dict:
+def agreement(tokens: list[list[int]], ref: list[list[int]], ref_logits: np.ndarray) -> dict:
+    """Greedy agreement with fp32's tokens `ref`; at each first difference, fp32's margin (top-1 - top-2 of
+    `ref_logits` [P, new_tokens, V], fp32's logits where it chose each of its tokens) and the row's token's
+    rank among fp32's candidates (0 = fp32's choice)."""
     same = np.mean([np.mean(np.equal(a, b)) for a, b in zip(tokens, ref, strict=True)])
-    prefix = []
-    for a, b in zip(tokens, ref, strict=True):
+    prefix, margins, ranks = [], [], []
+    for p, (a, b) in enumerate(zip(tokens, ref, strict=True)):
         k = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         prefix.append(k / len(a))
-    return {"greedy_same_tokens": float(same), "greedy_prefix": float(np.mean(prefix))}
+        if k < len(a):
+            top2 = np.sort(ref_logits[p, k])[-2:]
+            margins.append(float(top2[1] - top2[0]))
+            ranks.append(int((ref_logits[p, k] > ref_logits[p, k, a[k]]).sum()))
+    return {
+        "greedy_same_tokens": float(same),
+        "greedy_prefix": float(np.mean(prefix)),
+        "divergence_margins": margins,
+        "divergence_ranks": ranks,
+    }
+
+
+def greedy_logits(params, config, prompts: list[list[int]], tokens: list[list[int]]) -> np.ndarray:
+    """The model's logits [P, new_tokens, V] at the positions where `tokens` (its greedy continuation of the
+    equal-length `prompts`) were chosen: one forward over prompt + tokens."""
+    seqs = jnp.asarray([p + t for p, t in zip(prompts, tokens, strict=True)])
+    start = len(prompts[0]) - 1
+    out = []
+    for row in range(seqs.shape[0]):  # one row at a time: [T, V] float32 is ~25 MB
+        logits, _ = ssm_llm.forward(params, config, seqs[row : row + 1], ssm_llm.init_cache(config, 1, seqs.shape[1]))
+        out.append(np.asarray(logits[0, start : start + len(tokens[0])], np.float32))
+    return np.stack(out)
 
 
 def load_data(args, tokenizer) -> dict:
@@ -191,6 +219,11 @@ def main(argv=None) -> dict:
     rows = rows_for(args.alphas, args.group_size)
     chosen = [n for n in rows if n == "fp32" or not args.rows or any(fnmatch.fnmatch(n, p) for p in args.rows)]
     ref_tokens = greedy(params, config, data["prompts"], args.new_tokens)
+    ref_logits = greedy_logits(params, config, data["prompts"], ref_tokens)
+    assert (ref_logits.argmax(-1) == np.asarray(ref_tokens)).mean() > 0.99  # the forward retraces fp32's choices
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    fp32_margins = (top2[..., 1] - top2[..., 0]).reshape(-1)
+    margin_quantiles = {f"{q:.0%}": float(np.quantile(fp32_margins, q)) for q in (0.1, 0.5, 0.9)}
     scratch = tempfile.TemporaryDirectory(prefix="quantization_eval_")
     reference = Reference(params, config, Path(scratch.name))
     results = {}
@@ -210,7 +243,7 @@ def main(argv=None) -> dict:
             qparams, qconfig = ssm_llm.quantize_weights(params, config, **kwargs, **extra)
         quantize_s = time.perf_counter() - start
         row = scores(qparams, qconfig, reference, data["windows"], args.eval_batch)
-        row.update(agreement(greedy(qparams, qconfig, data["prompts"], args.new_tokens), ref_tokens))
+        row.update(agreement(greedy(qparams, qconfig, data["prompts"], args.new_tokens), ref_tokens, ref_logits))
         linears = tree_bytes([qparams["layers"][n] for n in LINEARS])
         row.update(
             weight_bytes=tree_bytes(qparams), linear_bytes=linears, quantize_seconds=quantize_s, arguments=kwargs
@@ -238,6 +271,7 @@ def main(argv=None) -> dict:
             },
             "calibration": {"windows": args.calib_seqs, "tokens_per_window": args.calib_len},
             "greedy": {"prompts": args.prompts, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens},
+            "fp32_margin_quantiles": margin_quantiles,
         },
         "targets": {"w8a8_ppl_within": TARGET_PPL, "greedy_same_tokens_at_least": TARGET_GREEDY},
         "rows": results,
@@ -282,12 +316,18 @@ def plot(result: dict, path: Path) -> None:
 
 def print_table(result: dict, path: Path) -> None:
     print(f"\nresults: {path}; {result['machine']['cpu']}")
-    print(f"{'row':<24}{'ppl':>9}{'ratio':>8}{'KL':>8}{'top1':>7}{'greedy':>8}{'prefix':>8}{'MB':>8}{'linears':>9}")
+    print(f"fp32's top-1 - top-2 logit margin over its greedy tokens: {result['setup']['fp32_margin_quantiles']}")
+    print(
+        f"{'row':<24}{'ppl':>9}{'ratio':>8}{'KL':>8}{'top1':>7}{'greedy':>8}{'prefix':>8}{'MB':>8}{'linears':>9}"
+        "  fp32 margin at divergences"
+    )
     for name, r in result["rows"].items():
+        margins = r.get("divergence_margins", [])
         print(
             f"{name:<24}{r['perplexity']:>9.3f}{r['ppl_ratio']:>8.4f}{r['kl_to_fp32']:>8.4f}"
             f"{r['next_token_agreement']:>7.3f}{r['greedy_same_tokens']:>8.3f}{r['greedy_prefix']:>8.3f}"
             f"{r['weight_bytes'] / 1e6:>8.1f}{r['linear_bytes_ratio']:>9.3f}"
+            f"  {len(margins)} parted, median {np.median(margins) if margins else float('nan'):.3f}"
         )
 
 

@@ -25,5 +25,9 @@ def test_tiny_run_writes_the_json(tmp_path):
     assert saved["setup"]["evaluation"]["scored_tokens"] == 64 and {"cpu", "int8_dot"} <= set(saved["machine"])
     fp32 = result["rows"]["fp32"]
     assert fp32["kl_to_fp32"] == 0 and fp32["next_token_agreement"] == 1 and fp32["greedy_same_tokens"] == 1
-    assert 0 < result["rows"]["w8a8 rot"]["linear_bytes_ratio"] < 0.3
+    assert fp32["divergence_margins"] == [] and set(saved["setup"]["fp32_margin_quantiles"]) == {"10%", "50%", "90%"}
+    row = result["rows"]["w8a8 rot"]
+    assert len(row["divergence_margins"]) == len(row["divergence_ranks"]) <= 2
+    assert all(r >= 1 for r in row["divergence_ranks"])
+    assert 0 < row["linear_bytes_ratio"] < 0.3
     assert out.with_suffix(".png").is_file()
