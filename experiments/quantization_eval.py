@@ -148,7 +148,8 @@ def greedy(params, config, prompts: list[list[int]], new_tokens: int) -> list[li
 def agreement(tokens: list[list[int]], ref: list[list[int]], ref_logits: np.ndarray) -> dict:
     """Greedy agreement with fp32's tokens `ref`; at each first difference, fp32's margin (top-1 - top-2 of
     `ref_logits` [P, new_tokens, V], fp32's logits where it chose each of its tokens) and the row's token's
-    rank among fp32's candidates (0 = fp32's choice)."""
+    rank among fp32's candidates (1 = fp32's runner-up; 0 only where the forward and the decode loop, two
+    compiled programs, break an exact near-tie differently)."""
     same = np.mean([np.mean(np.equal(a, b)) for a, b in zip(tokens, ref, strict=True)])
     prefix, margins, ranks = [], [], []
     for p, (a, b) in enumerate(zip(tokens, ref, strict=True)):
@@ -220,7 +221,8 @@ def main(argv=None) -> dict:
     chosen = [n for n in rows if n == "fp32" or not args.rows or any(fnmatch.fnmatch(n, p) for p in args.rows)]
     ref_tokens = greedy(params, config, data["prompts"], args.new_tokens)
     ref_logits = greedy_logits(params, config, data["prompts"], ref_tokens)
-    assert (ref_logits.argmax(-1) == np.asarray(ref_tokens)).mean() > 0.99  # the forward retraces fp32's choices
+    # The forward retraces fp32's greedy choices except, possibly, at exact near-ties (two compiled programs).
+    retraced = float((ref_logits.argmax(-1) == np.asarray(ref_tokens)).mean())
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]
     fp32_margins = (top2[..., 1] - top2[..., 0]).reshape(-1)
     margin_quantiles = {f"{q:.0%}": float(np.quantile(fp32_margins, q)) for q in (0.1, 0.5, 0.9)}
@@ -272,6 +274,7 @@ def main(argv=None) -> dict:
             "calibration": {"windows": args.calib_seqs, "tokens_per_window": args.calib_len},
             "greedy": {"prompts": args.prompts, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens},
             "fp32_margin_quantiles": margin_quantiles,
+            "fp32_forward_retraces_greedy": retraced,
         },
         "targets": {"w8a8_ppl_within": TARGET_PPL, "greedy_same_tokens_at_least": TARGET_GREEDY},
         "rows": results,

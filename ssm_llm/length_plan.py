@@ -65,5 +65,7 @@ def plan_lengths(
 
 def output_width(max_new_tokens: int) -> int:
     """The decode loops' output buffer width: `max_new_tokens` rounded up to `OUTPUT_BUCKET`. The loops take
-    the count itself as a traced value, so every `max_new_tokens` of a bucket shares one compiled loop."""
+    the count itself as a traced value, so `max_new_tokens` values of one bucket share a compiled loop where
+    the cache keeps its size too (a fixed `max_len`, a state-space cache, or prompt + new tokens in one
+    `CACHE_BUCKET`)."""
     return round_up(max_new_tokens, OUTPUT_BUCKET)

@@ -28,6 +28,6 @@ def test_tiny_run_writes_the_json(tmp_path):
     assert fp32["divergence_margins"] == [] and set(saved["setup"]["fp32_margin_quantiles"]) == {"10%", "50%", "90%"}
     row = result["rows"]["w8a8 rot"]
     assert len(row["divergence_margins"]) == len(row["divergence_ranks"]) <= 2
-    assert all(r >= 1 for r in row["divergence_ranks"])
+    assert all(r >= 0 for r in row["divergence_ranks"]) and 0 < saved["setup"]["fp32_forward_retraces_greedy"] <= 1
     assert 0 < row["linear_bytes_ratio"] < 0.3
     assert out.with_suffix(".png").is_file()
