@@ -381,7 +381,7 @@ def test_cli_generates_the_same_text_over_two_processes(tmp_path):
     plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert plain.returncode == 0, plain.stderr[-3000:]
     port = free_port()
-    multi_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    multi_env = {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     joined = ["--mesh", "1x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
     outputs = run_processes([argv + joined + [str(i)] for i in range(2)], multi_env)
     text = printed_lines(outputs[0][0])
