@@ -27,12 +27,20 @@ def is_eos(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
 def greedy_tokens(logits: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, axis=-1)` as int32 (the first index of the largest value; a NaN counts as the largest,
     the first NaN then), computed as a max and then the first index holding it: two plain reductions where XLA's
-    CPU argmax is one variadic reduce (on the 2-core EPYC over 49152 logits: 1.8 -> 0.55 ms at 16 rows, 0.29 ->
-    0.15 ms at one)."""
+    CPU argmax is one variadic reduce (on the 2-core VNNI EPYC over 49152 logits: 0.51 vs 1.96 ms at 16 rows, 0.09
+    vs 0.24 ms at one; experiments/greedy_tokens_speed.py).
+
+    XLA may compute the logits' elementwise producer once per reduction and round the two copies differently (a
+    multiply-add contracted in one copy only: seen on the CPU with its older fusion emitters, for the two-term int8
+    head); where no element then holds the max, the rows take `jnp.argmax` (one reduce, one copy), inside a `cond`
+    so that it costs nothing otherwise (under `vmap` both run)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     hit = (logits == top) | jnp.isnan(logits)
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+    first = jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+    return jax.lax.cond(
+        jnp.all(first < logits.shape[-1]), lambda: first, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    )
 
 
 def _top_k_filter(logits, k: int):

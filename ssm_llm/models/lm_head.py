@@ -26,6 +26,12 @@ SMALL_ROWS = 32
 # 17.1 vs 18.7 at 4; W8A8 decode (bench_decode.py --xla-int8-dot, two runs) 1.07-1.35x at batch 1 (one 0.89x),
 # 0.93-1.16x at batch 2, and 0.80x at batch 4 (120 vs 150 tok/s). Two rows is the last size where it did not lose.
 KERNEL_ROWS = 2
+# An int8 output projection (`quantize_weights(..., embedding=True)`) rounds its input in two int8 terms
+# (`int8_matmul(..., terms=2)`). On SmolLM2, W8A8 rotated (experiments/quantization_eval.py, 4,096 held-out tokens,
+# the 2-core VNNI EPYC, one session): the model's KL to float32 0.0040 instead of 0.0045 (a float head: 0.0033; the
+# rest is the int8 rows), greedy tokens equal to float32's 0.704 instead of 0.632; decode speed within this host's
+# noise (batch 1: 125-132 against 119-134 tok/s, batch 16: 692-763 against 711-964, four runs each).
+HEAD_TERMS = 2
 
 
 def linear(
@@ -35,12 +41,13 @@ def linear(
     int8_acts: bool = False,
     rotate: bool = False,
     int8_dot: str = "auto",
+    terms: int = 1,
 ) -> jax.Array:
     """`x: [..., in] @ w: [in, out] (+ b: [out])`. A `QuantizedWeight` w multiplies through the quantized
-    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8, its CPU products as
-    `int8_dot` says), x first rotated by `block_hadamard` if `rotate` (w then holds the rotated rows). A
-    `BitStackWeight` is rebuilt from its packed blocks inside the product's program; a `BlockedInt8Weight` (the
-    CPU kernel's layout of a W8A8 weight) multiplies as W8A8 only."""
+    matmul: with float x (weight-only), or with `int8_acts` through `int8_matmul` (W8A8 with `terms` int8
+    roundings of x, its CPU products as `int8_dot` says), x first rotated by `block_hadamard` if `rotate` (w then
+    holds the rotated rows). A `BitStackWeight` is rebuilt from its packed blocks inside the product's program; a
+    `BlockedInt8Weight` (the CPU kernel's layout of a W8A8 weight) multiplies as W8A8 only."""
     if isinstance(w, BitStackWeight):
         w = reconstruct(w, x.dtype)
     if isinstance(w, BlockedInt8Weight) and not int8_acts:
@@ -48,32 +55,50 @@ def linear(
     if isinstance(w, (QuantizedWeight, BlockedInt8Weight)):
         if int8_acts and rotate:
             x = block_hadamard(x).astype(x.dtype)
-        y = int8_matmul(x, w, int8_dot) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
+        y = int8_matmul(x, w, int8_dot, terms) if int8_acts else quantized_matmul(x, w).astype(x.dtype)
     else:
         y = x @ w
     return y if b is None else y + b
 
 
-def int8_matmul(x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str = "auto") -> jax.Array:
+def int8_matmul(
+    x: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str = "auto", terms: int = 1
+) -> jax.Array:
     """x: float [..., K] rounded to int8 with one absmax scale per row (dynamic, per token), times int8
     weight codes with int32 accumulation, rescaled: `x_scale[..., None] * sum_g (xq_g @ q_g) * scale_g`.
+    With `terms=2` the rounding's residual is rounded to int8 too (x ~ s1 q1 + s2 q2, s2 <= s1 / 254) and
+    multiplied in the same int8 dot as twice the rows: the activations then lose ~16 bits instead of ~8.
     An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit weights multiply
     as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`); a
     `BlockedInt8Weight` through `_blocked_int8_dot`."""
+    if terms not in (1, 2):
+        raise ValueError(f"int8_matmul: terms is 1 or 2 int8 roundings of the activations, got {terms!r}")
     # x materialised first: fused into its producer (silu(gate) * up, a norm), XLA's CPU code computed some
     # elements differently for one row than for several, and a rounding step then moved. Costs one small copy.
     x = jax.lax.optimization_barrier(x)
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    x_scale = amax / 127.0
+    xq, x_scale = _int8_rows(x.astype(jnp.float32))
+    if terms == 2:
+        rq, r_scale = _int8_rows(x.astype(jnp.float32) - xq.astype(jnp.float32) * x_scale)
+        both = _w8a8_codes_product(jnp.stack([xq, rq]), w, int8_dot)
+        return (both[0] * x_scale + both[1] * r_scale).astype(x.dtype)
+    return (_w8a8_codes_product(xq, w, int8_dot) * x_scale).astype(x.dtype)
+
+
+def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 [..., K] -> int8 codes [..., K] and one absmax scale per row [..., 1] (0 for an all-zero row)."""
+    x_scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
     xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
+    return xq, x_scale
+
+
+def _w8a8_codes_product(xq: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str) -> jax.Array:
+    """int8 codes [..., K] times the weight, with the weight's scales: float32 [..., N]."""
     blocked = isinstance(w, BlockedInt8Weight)
     if blocked or (jax.default_backend() == "cpu" and w.bits == 8 and w.group_size == w.shape[0] and w.offsets is None):
         rows = xq.reshape(-1, xq.shape[-1])
         acc = _blocked_int8_dot(rows, w, int8_dot) if blocked else _cpu_int8_dot(rows, w.values, int8_dot)
-        out = acc.reshape(*xq.shape[:-1], -1).astype(jnp.float32) * w.scales[0].astype(jnp.float32)
-    else:
-        out = quantized_matmul_int8(xq, 1.0, w)
-    return (out * x_scale).astype(x.dtype)
+        return acc.reshape(*xq.shape[:-1], -1).astype(jnp.float32) * w.scales[0].astype(jnp.float32)
+    return quantized_matmul_int8(xq, 1.0, w)
 
 
 def _blocked_int8_dot(xq: jax.Array, w: BlockedInt8Weight, int8_dot: str = "auto") -> jax.Array:
@@ -145,7 +170,9 @@ def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
         head = decompress(head)
         params = {**params, "embed" if config.tie_word_embeddings else "lm_head": head}
     if isinstance(head, (QuantizedWeight, BlockedInt8Weight)):
-        return linear(h, head, int8_acts=True, rotate=config.activation_rotation, int8_dot=config.int8_dot)
+        return linear(
+            h, head, int8_acts=True, rotate=config.activation_rotation, int8_dot=config.int8_dot, terms=HEAD_TERMS
+        )
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":
             return jnp.moveaxis(jnp.einsum("vh,...h->v...", params["embed"], h), 0, -1)

@@ -67,6 +67,41 @@ def test_int8_matmul_is_exact_against_numpy_int64(rows, groups, group_size, n, b
     assert not np.asarray(got)[np.abs(x).max(-1) == 0].any()  # an all-zero row gives exactly 0
 
 
+def two_term_bound(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 product of x with the dequantized weight, and how far `int8_matmul(..., terms=2)` may be from
+    it: each activation is off by at most half its second scale (<= amax / 127 / 254 / 2, the residual being at
+    most half the first scale), plus float32 rounding (a few eps of amax per element), times sum_k |w[k, n]|."""
+    w = np.asarray(dequantize_weights(qw), np.float64)
+    amax = np.abs(x).max(-1, keepdims=True).astype(np.float64)
+    per_element = amax / 127 / 254 / 2 + 8 * np.finfo(np.float32).eps * amax
+    return x.astype(np.float64) @ w, per_element * np.abs(w).sum(0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    k=st.sampled_from([8, 32, 96]),
+    n=st.integers(1, 9),
+    per_channel=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_two_int8_terms_round_activations_to_about_16_bits(rows, k, n, per_channel, seed):
+    """terms=2 (the int8 output projection's product): x ~ s1 q1 + s2 q2 in one int8 dot of twice the rows, within
+    the second rounding's error of the float product with the dequantized weight (per-channel weights take the CPU
+    int8 dot, grouped ones the quantized matmul); one term is ~254x coarser."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, k)) * rng.choice([0.0, 1e-3, 1.0, 50.0], size=(rows, 1))).astype(np.float32)
+    qw = quantize_weights(
+        jnp.asarray(rng.standard_normal((k, n)), jnp.float32), bits=8, group_size=k if per_channel else 8
+    )
+    got = np.asarray(int8_matmul(jnp.asarray(x), qw, terms=2), np.float64)
+    want, bound = two_term_bound(x, qw)
+    assert (np.abs(got - want) <= bound).all(), np.abs(got - want) / np.maximum(bound, 1e-45)
+    assert not got[np.abs(x).max(-1) == 0].any()
+    with pytest.raises(ValueError, match="terms is 1 or 2 int8 roundings"):
+        int8_matmul(jnp.asarray(x), qw, terms=3)
+
+
 @pytest.mark.parametrize("int8_acts", [True, False], ids=["w8a8", "weight-only"])
 def test_quantized_linear_equals_its_fake_quant_simulation(int8_acts):
     rng = np.random.default_rng(0)
@@ -167,8 +202,9 @@ def test_bad_uses_are_clear_errors(params):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_int8_embedding_is_its_int8_simulation(tie):
     """embedding=True: the embedding (and an untied lm_head) is int8 per vocabulary row, stored as the output
-    projection [H, V]; its rows are the dequantized codes, the logits the W8A8 product (numpy int64), and the
-    model still decodes consistently, in both layer layouts, through generate and the serving engine."""
+        projection [H, V]; its rows are the dequantized codes, the logits the product with them of the input rounded
+    in two int8 terms (within that rounding's error of the float product), and the
+        model still decodes consistently, in both layer layouts, through generate and the serving engine."""
     from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
     from ssm_llm.serving import Engine
 
@@ -184,7 +220,7 @@ def test_int8_embedding_is_its_int8_simulation(tie):
     assert (np.abs(rows - np.asarray(fparams["embed"])[np.asarray(IDS)]) <= scale / 2 + 1e-7).all()
     h = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 64)))
     head = table if tie else qparams["lm_head"]
-    want, bound = numpy_w8a8(h, head)
+    want, bound = two_term_bound(h, head)  # the head rounds its input in two int8 terms (lm_head.HEAD_TERMS)
     assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     full, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
     float_logits, _ = ssm_llm.forward(fparams, config, IDS, ssm_llm.init_cache(config, 1, 16))
@@ -211,7 +247,7 @@ def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
     qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8", embedding=True, rotation=True)
     # Rotated: the head's rows hold Q w and its input is rotated; the (untied) embedding is not.
     h = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 64)))
-    want, bound = numpy_w8a8(np.asarray(block_hadamard(h)), qparams["lm_head"])
+    want, bound = two_term_bound(np.asarray(block_hadamard(h)), qparams["lm_head"])
     assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     rows = np.asarray(embed_tokens(qparams, qconfig, IDS))
     np.testing.assert_allclose(rows, np.asarray(params["embed"])[np.asarray(IDS)], atol=0.01)
@@ -222,7 +258,7 @@ def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
     err = np.linalg.norm(rows - np.asarray(params["embed"])[np.asarray(IDS)], axis=-1)
     scale = np.asarray(tq["embed"].scales[0])[np.asarray(IDS)]
     assert (err <= scale * np.sqrt(64) / 2 + 1e-6).all()
-    want, bound = numpy_w8a8(np.asarray(block_hadamard(h)), tq["embed"])
+    want, bound = two_term_bound(np.asarray(block_hadamard(h)), tq["embed"])
     assert (np.abs(np.asarray(logits_from_hidden(tq, tconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     converters.save(qparams, qconfig, tmp_path / "ckpt")
     config, loaded = converters.load(tmp_path / "ckpt")  # (in the CPU kernel's blocked layout where it runs)
