@@ -28,9 +28,14 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 # Two worker processes (pytest-xdist), whole test files to each: most tests are bound by XLA's single-threaded
-# compiler, so a second process keeps the second core busy (CI wall time: see README, "The two commands").
+# compiler, so a second process keeps the second core busy (CI wall time: see README, "The two commands"). Two runs:
+# most tests with XLA's faster-compiling older CPU fusion emitters (tests/conftest.py), then the `optimized_xla`
+# tests (the real model run as users run it) with XLA's default CPU compiler.
 test: lint
-	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow and not optimized_xla" -n 2 --dist loadfile \
+		--durations=15 $(PYTEST_ARGS)
+	SSM_LLM_TEST_XLA=production HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "optimized_xla and not slow" \
+		-n 2 --dist loadfile --durations=5 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
