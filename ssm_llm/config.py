@@ -76,8 +76,8 @@ class ModelConfig:
     by a block Hadamard matrix (`ssm_llm.hadamard.block_hadamard`) before it is rounded to int8, the
     weights holding the same rotation. `int8_embedding` ("w8a8" only): the embedding (and an untied
     lm_head) is int8 with one scale per vocabulary row, stored as the tied output projection's
-    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product (its input rounded in two int8
-    terms). `int8_dot` picks how W8A8 products run on CPU (one of `INT8_DOTS`; the same numbers either way).
+    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product. `int8_dot` picks how W8A8 products
+    run on CPU (one of `INT8_DOTS`; the same numbers either way).
     """
 
     vocab_size: int

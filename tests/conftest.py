@@ -34,7 +34,8 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["SSM_LLM_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # XLA's CPU compiler with its older fusion emitters, in this process and every child: the tests compile thousands of
-# small programs and run each a few times, and the older emitters compile them much faster (the same semantics).
+# small programs and run each a few times, and the older emitters compile them much faster (the same operations;
+# floating-point results may differ in the last bit, e.g. where a multiply-add is contracted).
 # Measured on the 2-core EPYC, JAX 0.10.2: tiny Llama / Mamba / Mamba-2 `generate` programs 5.3-6.1 s instead of
 # 9.9-10.0 s; tests/models/test_attention_models.py 43 s instead of 56 s; the whole CI run 1107 s instead of 1508 s.
 # Not in the run of the `optimized_xla` tests (the Makefile's second pytest run, SSM_LLM_TEST_XLA=production): they
@@ -80,7 +81,7 @@ def _cheap_compiles(request):
     that run the real 135M model for many steps are marked `optimized_xla` (there the run time dominates and
     unoptimized programs were slower: test_speculative_smollm2 took 83 s instead of 54 s)."""
     if request.node.get_closest_marker("optimized_xla") or os.environ.get("SSM_LLM_TEST_XLA") == "production":
-        yield  # (a test-level mark is not seen by this module-level fixture: the production run covers it)
+        yield  # (a test-level mark is not seen by this module-level fixture: make test's production run covers it)
         return
     with _optimizations_off():
         yield

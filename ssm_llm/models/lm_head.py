@@ -26,12 +26,13 @@ SMALL_ROWS = 32
 # 17.1 vs 18.7 at 4; W8A8 decode (bench_decode.py --xla-int8-dot, two runs) 1.07-1.35x at batch 1 (one 0.89x),
 # 0.93-1.16x at batch 2, and 0.80x at batch 4 (120 vs 150 tok/s). Two rows is the last size where it did not lose.
 KERNEL_ROWS = 2
-# An int8 output projection (`quantize_weights(..., embedding=True)`) rounds its input in two int8 terms
-# (`int8_matmul(..., terms=2)`). On SmolLM2, W8A8 rotated (experiments/quantization_eval.py, 4,096 held-out tokens,
-# the 2-core VNNI EPYC, one session): the model's KL to float32 0.0040 instead of 0.0045 (a float head: 0.0033; the
-# rest is the int8 rows), greedy tokens equal to float32's 0.704 instead of 0.632; decode speed within this host's
-# noise (batch 1: 125-132 against 119-134 tok/s, batch 16: 692-763 against 711-964, four runs each).
-HEAD_TERMS = 2
+# How many int8 terms an int8 output projection (`quantize_weights(..., embedding=True)`) rounds its input in
+# (`int8_matmul(..., terms=)`). Two were measured on SmolLM2 W8A8 rotated, the 2-core VNNI EPYC: the model's KL to
+# float32 0.0040 instead of 0.0045 (a float head: 0.0033) and greedy tokens equal to float32's 0.704 instead of
+# 0.632 (experiments/quantization_eval.py, results/quantization_eval_head_{one_term,two_terms}.json), but decode at
+# batch 16 at 0.82x (twice the head's rows; batch 1 unchanged: results/bench_head_terms.json). That would take
+# batch-16 W8A8 from ~3.0x to ~2.5x float32, for an agreement still far from 90%: one term stays.
+HEAD_TERMS = 1
 
 
 def linear(
@@ -66,29 +67,30 @@ def int8_matmul(
 ) -> jax.Array:
     """x: float [..., K] rounded to int8 with one absmax scale per row (dynamic, per token), times int8
     weight codes with int32 accumulation, rescaled: `x_scale[..., None] * sum_g (xq_g @ q_g) * scale_g`.
-    With `terms=2` the rounding's residual is rounded to int8 too (x ~ s1 q1 + s2 q2, s2 <= s1 / 254) and
-    multiplied in the same int8 dot as twice the rows: the activations then lose ~16 bits instead of ~8.
-    An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit weights multiply
-    as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see `_cpu_int8_dot`); a
-    `BlockedInt8Weight` through `_blocked_int8_dot`."""
+    With `terms=2` the rounding's residual is rounded to int8 too, on a grid 256 times finer (x ~ x_scale (q1 +
+    q2 / 256)), and multiplied in the same int8 dot as twice the rows: each activation is then within x_scale / 256
+    instead of x_scale / 2. An all-zero row has scale 0 and gives 0. Result in x's dtype. On CPU, per-channel 8-bit
+    weights multiply as one int8 dot: the compiled kernel for few rows under `int8_dot="auto"` (see
+    `_cpu_int8_dot`); a `BlockedInt8Weight` through `_blocked_int8_dot`."""
     if terms not in (1, 2):
         raise ValueError(f"int8_matmul: terms is 1 or 2 int8 roundings of the activations, got {terms!r}")
     # x materialised first: fused into its producer (silu(gate) * up, a norm), XLA's CPU code computed some
     # elements differently for one row than for several, and a rounding step then moved. Costs one small copy.
     x = jax.lax.optimization_barrier(x)
-    xq, x_scale = _int8_rows(x.astype(jnp.float32))
-    if terms == 2:
-        rq, r_scale = _int8_rows(x.astype(jnp.float32) - xq.astype(jnp.float32) * x_scale)
-        both = _w8a8_codes_product(jnp.stack([xq, rq]), w, int8_dot)
-        return (both[0] * x_scale + both[1] * r_scale).astype(x.dtype)
-    return (_w8a8_codes_product(xq, w, int8_dot) * x_scale).astype(x.dtype)
-
-
-def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 [..., K] -> int8 codes [..., K] and one absmax scale per row [..., 1] (0 for an all-zero row)."""
-    x_scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-    xq = jnp.clip(jnp.round(x / jnp.where(x_scale > 0, x_scale, 1.0)), -127, 127).astype(jnp.int8)
-    return xq, x_scale
+    xf = x.astype(jnp.float32)
+    x_scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    steps = xf / jnp.where(x_scale > 0, x_scale, 1.0)  # x in units of its int8 step
+    xq = jnp.clip(jnp.round(steps), -127, 127).astype(jnp.int8)
+    if terms == 1:
+        return (_w8a8_codes_product(xq, w, int8_dot) * x_scale).astype(x.dtype)
+    # Every step below gives the same bits however XLA fuses it (a multiply-add contracted or not): steps - q1 is
+    # exact (they are within 1/2 of each other), and the scalings by 256 and 1/256 are exact. With a second scale of
+    # its own the residual's rounding and the terms' sum moved by an ulp between programs, and logits computed
+    # twice inside one program could disagree (see `ssm_llm.sampling.greedy_tokens`).
+    residual = (steps - xq.astype(jnp.float32)) * 256.0
+    rq = jnp.clip(jnp.round(residual), -127, 127).astype(jnp.int8)
+    both = _w8a8_codes_product(jnp.stack([xq, rq]), w, int8_dot)
+    return ((both[0] + both[1] * (1.0 / 256.0)) * x_scale).astype(x.dtype)
 
 
 def _w8a8_codes_product(xq: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str) -> jax.Array:

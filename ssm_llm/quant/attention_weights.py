@@ -60,8 +60,8 @@ def quantize_weights(
     [B, T] of real text (no padding), needed by `smoothing` (SmoothQuant's alpha in (0, 1], "w8a8" only)
     and `gptq`. rotation: see the module docstring ("w8a8" only). embedding ("w8a8" only): the embedding
     (and an untied lm_head) becomes int8 too, one scale per vocabulary row (`config.int8_embedding`; the
-    logits then a W8A8 product, its input rounded in two int8 terms: `ssm_llm.models.lm_head.HEAD_TERMS`).
-    Works on either layer layout (stacked or a list of per-layer dicts) and keeps it.
+    logits then a W8A8 product). Works on either layer layout (stacked or a list of per-layer dicts) and
+    keeps it.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(

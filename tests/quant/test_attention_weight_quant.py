@@ -18,7 +18,7 @@ from pallas_kernels.quantized_matmul import QuantizedWeight, dequantize_weights,
 from pallas_kernels.quantized_matmul.weights import int_values
 from ssm_llm.int8_blocks import unblock_int8_weights
 from ssm_llm.kv import StreamingLLM
-from ssm_llm.models.lm_head import int8_matmul, linear
+from ssm_llm.models.lm_head import HEAD_TERMS, int8_matmul, linear
 from ssm_llm.speculative import PromptLookup
 
 CONFIG = ssm_llm.ModelConfig(
@@ -69,12 +69,19 @@ def test_int8_matmul_is_exact_against_numpy_int64(rows, groups, group_size, n, b
 
 def two_term_bound(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     """The float64 product of x with the dequantized weight, and how far `int8_matmul(..., terms=2)` may be from
-    it: each activation is off by at most half its second scale (<= amax / 127 / 254 / 2, the residual being at
-    most half the first scale), plus float32 rounding (a few eps of amax per element), times sum_k |w[k, n]|."""
+    it: each activation is off by at most its int8 step / 256 (the residual, at most half a step, rounded on a grid
+    256 times finer and clipped at 127), plus float32 rounding (a few eps of amax per element; the groups' sums),
+    times sum_k |w[k, n]|."""
     w = np.asarray(dequantize_weights(qw), np.float64)
     amax = np.abs(x).max(-1, keepdims=True).astype(np.float64)
-    per_element = amax / 127 / 254 / 2 + 8 * np.finfo(np.float32).eps * amax
+    groups = qw.shape[0] // qw.group_size
+    per_element = amax / 127 / 256 + 4 * (groups + 2) * np.finfo(np.float32).eps * amax
     return x.astype(np.float64) @ w, per_element * np.abs(w).sum(0)
+
+
+def head_product(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """What an int8 output projection gives for x, and its bound: in `HEAD_TERMS` int8 terms."""
+    return numpy_w8a8(x, qw) if HEAD_TERMS == 1 else two_term_bound(x, qw)
 
 
 @settings(max_examples=12, deadline=None)
@@ -86,9 +93,9 @@ def two_term_bound(x: np.ndarray, qw: QuantizedWeight) -> tuple[np.ndarray, np.n
     seed=st.integers(0, 2**16),
 )
 def test_two_int8_terms_round_activations_to_about_16_bits(rows, k, n, per_channel, seed):
-    """terms=2 (the int8 output projection's product): x ~ s1 q1 + s2 q2 in one int8 dot of twice the rows, within
-    the second rounding's error of the float product with the dequantized weight (per-channel weights take the CPU
-    int8 dot, grouped ones the quantized matmul); one term is ~254x coarser."""
+    """terms=2 (the int8 output projection's product): x ~ s (q1 + q2 / 256) in one int8 dot of twice the rows,
+    within the second rounding's error of the float product with the dequantized weight (per-channel weights take
+    the CPU int8 dot, grouped ones the quantized matmul); one term is ~128x coarser."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, k)) * rng.choice([0.0, 1e-3, 1.0, 50.0], size=(rows, 1))).astype(np.float32)
     qw = quantize_weights(
@@ -220,7 +227,7 @@ def test_int8_embedding_is_its_int8_simulation(tie):
     assert (np.abs(rows - np.asarray(fparams["embed"])[np.asarray(IDS)]) <= scale / 2 + 1e-7).all()
     h = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 64)))
     head = table if tie else qparams["lm_head"]
-    want, bound = two_term_bound(h, head)  # the head rounds its input in two int8 terms (lm_head.HEAD_TERMS)
+    want, bound = head_product(h, head)
     assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     full, _ = ssm_llm.forward(qparams, qconfig, IDS, ssm_llm.init_cache(qconfig, 1, 16))
     float_logits, _ = ssm_llm.forward(fparams, config, IDS, ssm_llm.init_cache(config, 1, 16))
@@ -247,7 +254,7 @@ def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
     qparams, qconfig = ssm_llm.quantize_weights(params, CONFIG, "w8a8", embedding=True, rotation=True)
     # Rotated: the head's rows hold Q w and its input is rotated; the (untied) embedding is not.
     h = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 64)))
-    want, bound = two_term_bound(np.asarray(block_hadamard(h)), qparams["lm_head"])
+    want, bound = head_product(np.asarray(block_hadamard(h)), qparams["lm_head"])
     assert (np.abs(np.asarray(logits_from_hidden(qparams, qconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     rows = np.asarray(embed_tokens(qparams, qconfig, IDS))
     np.testing.assert_allclose(rows, np.asarray(params["embed"])[np.asarray(IDS)], atol=0.01)
@@ -258,7 +265,7 @@ def test_int8_embedding_saves_loads_and_refuses_mismatches(params, tmp_path):
     err = np.linalg.norm(rows - np.asarray(params["embed"])[np.asarray(IDS)], axis=-1)
     scale = np.asarray(tq["embed"].scales[0])[np.asarray(IDS)]
     assert (err <= scale * np.sqrt(64) / 2 + 1e-6).all()
-    want, bound = two_term_bound(np.asarray(block_hadamard(h)), tq["embed"])
+    want, bound = head_product(np.asarray(block_hadamard(h)), tq["embed"])
     assert (np.abs(np.asarray(logits_from_hidden(tq, tconfig, jnp.asarray(h)), np.float64) - want) <= bound).all()
     converters.save(qparams, qconfig, tmp_path / "ckpt")
     config, loaded = converters.load(tmp_path / "ckpt")  # (in the CPU kernel's blocked layout where it runs)
