@@ -32,18 +32,23 @@ lint: $(STAMP)
 # most tests with XLA's faster-compiling older CPU fusion emitters (tests/conftest.py), then the `optimized_xla`
 # tests (the real model run as users run it) with XLA's default CPU compiler. Both always run; pytest's 5 ("no
 # tests collected", e.g. PYTEST_ARGS naming only files of the other run) counts as a pass unless both give it.
-test: lint
+# $(call two_runs,MARK) runs the tests selected by the marker expression prefix MARK ("not slow and " or nothing).
+define two_runs
 	rc1=0; rc2=0; \
-	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow and not optimized_xla" -n 2 --dist loadfile \
+	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "$(1)not optimized_xla" -n 2 --dist loadfile \
 		--durations=15 $(PYTEST_ARGS) || rc1=$$?; \
-	SSM_LLM_TEST_XLA=production HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "optimized_xla and not slow" \
+	SSM_LLM_TEST_XLA=production HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "$(1)optimized_xla" \
 		-n 2 --dist loadfile --durations=5 $(PYTEST_ARGS) || rc2=$$?; \
 	if [ $$rc1 -eq 5 ] && [ $$rc2 -eq 5 ]; then exit 5; fi; \
 	if [ $$rc1 -eq 5 ]; then rc1=0; fi; if [ $$rc2 -eq 5 ]; then rc2=0; fi; \
 	exit $$(( rc1 > rc2 ? rc1 : rc2 ))
+endef
+
+test: lint
+	$(call two_runs,not slow and )
 
 test-all: $(STAMP)
-	HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(call two_runs,)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) experiments/bench_decode.py
