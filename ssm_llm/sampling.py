@@ -31,9 +31,9 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     vs 0.24 ms at one; experiments/greedy_tokens_speed.py).
 
     XLA may compute the logits' elementwise producer once per reduction and round the two copies differently (a
-    multiply-add contracted in one copy only: seen on the CPU with its older fusion emitters, for the two-term int8
-    head); where no element then holds the max, the rows take `jnp.argmax` (one reduce, one copy), inside a `cond`
-    so that it costs nothing otherwise (under `vmap` both run)."""
+    multiply-add contracted in one copy only: seen on the CPU with its older fusion emitters, for a first version of
+    the two-term int8 head); where no element then holds the max, the rows take `jnp.argmax` (one reduce, one
+    copy), inside a `cond` so that it costs nothing otherwise (under `vmap` both run)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     hit = (logits == top) | jnp.isnan(logits)
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)

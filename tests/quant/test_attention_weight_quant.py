@@ -209,9 +209,9 @@ def test_bad_uses_are_clear_errors(params):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_int8_embedding_is_its_int8_simulation(tie):
     """embedding=True: the embedding (and an untied lm_head) is int8 per vocabulary row, stored as the output
-        projection [H, V]; its rows are the dequantized codes, the logits the product with them of the input rounded
-    in two int8 terms (within that rounding's error of the float product), and the
-        model still decodes consistently, in both layer layouts, through generate and the serving engine."""
+    projection [H, V]; its rows are the dequantized codes, the logits the W8A8 product with its input rounded in
+    `lm_head.HEAD_TERMS` int8 terms (`head_product`), and the model still decodes consistently, in both layer
+    layouts, through generate and the serving engine."""
     from ssm_llm.models.lm_head import embed_tokens, logits_from_hidden
     from ssm_llm.serving import Engine
 
