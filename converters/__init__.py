@@ -107,11 +107,11 @@ def load(
     original state-spaces layout).
     `quantize`: None, or a preset of `ssm_llm.quant.presets` for attention models: a scheme of
     `ssm_llm.quantize_weights` ("w8a8", "w8a16", "w4a16") or "w8a8-rot" / "w8a8-rot-emb" (W8A8 with rotated
-    inputs, and an int8 embedding); the returned config says it. "auto": "w8a8-rot-emb" where int8 products
-    are faster than float32 on this host (`ssm_llm.int8_choice`, measured once and recorded in the cache
-    directory; $SSM_LLM_INT8=0 / 1 decides instead), None elsewhere and for Mamba models; an already
-    quantized checkpoint is kept as it is. From a GGUF file or a GPTQ / AWQ checkpoint the linears are built
-    one tensor at a time (presets without options), and with `group_size="native"` a tensor stored as
+    inputs, and an int8 embedding with its 4-bit head residual); the returned config says it. "auto":
+    "w8a8-rot-emb" where int8 products are faster than float32 on this host (`ssm_llm.int8_choice`, measured once
+    and recorded in the cache directory; $SSM_LLM_INT8=0 / 1 decides instead), None elsewhere and for Mamba
+    models; an already quantized checkpoint is kept as it is. From a GGUF file or a GPTQ / AWQ checkpoint the
+    linears are built one tensor at a time (presets without options), and with `group_size="native"` a tensor stored as
     Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K or packed by GPTQ / AWQ keeps its codes exactly (4-bit schemes take the
     4-bit formats); other tensors are rounded to nearest. Without `quantize`, GPTQ / AWQ checkpoints load dequantized.
     group_size: "auto" ("native" for the weight-only schemes; per output channel for "w8a8", whose CPU

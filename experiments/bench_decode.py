@@ -6,7 +6,8 @@ and unstacked (unrolled loop, faster on CPU).
 Every figure is end-to-end `generate` as a user calls it, greedy, no EOS stop:
   * decode tok/s  = (N - 1) * batch / (t(N new tokens) - t(1 new token))   (prefill cancels out)
   * prefill time  = t(1 new token) for a 512-token prompt
-`--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`; -emb: with `embedding=True`) adds
+`--quantize w8a8` (or w8a16 / w4a16; w8a8-rot: W8A8 with `rotation=True`; -emb: with `embedding=True`, and
+w8a8-rot-emb as its preset with `head_residual=True`) adds
 ssm_llm on the weight-quantized model (`ssm_llm.quantize_weights`) in both layouts; its greedy tokens differ from
 float32's, so it reports the fraction of them that agree. A W8A8 model runs its few-row products through the compiled
 CPU kernel (`config.int8_dot="auto"`, `pallas_kernels.cpu_int8_dot`), on the plain [K, N] codes and, named
@@ -52,7 +53,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "w8a8-rot": ("w8a8", {"rotation": True}),
     "w8a8-emb": ("w8a8", {"embedding": True}),
-    "w8a8-rot-emb": ("w8a8", {"rotation": True, "embedding": True}),
+    "w8a8-rot-emb": ("w8a8", {"rotation": True, "embedding": True, "head_residual": True}),  # the preset
 }
 
 

@@ -22,6 +22,8 @@ Rows (`quantize_weights` arguments; --rows picks some, fnmatch patterns):
   w8a8 smooth=A gptq       + GPTQ weights
   w8a8 (smooth=A) rot (gptq)  + online block-Hadamard rotation of every linear's input (QuaRot-style)
   ... emb                  + the embedding / tied output projection int8 per vocabulary row (W8A8 logits)
+  ... emb res              + its rounding residual in 4 bits, each row's top logits refined against it (the
+                           CLI's default, "w8a8-rot-emb")
   w8a16 / w8a16 gptq       int8 weights only
   w4a16 gG / w4a16 gG gptq int4 weights in groups of G rows (--group-size), re-quantized from fp32
   w4a16 gguf codes         `converters.load(path, quantize="w4a16")`: the file's own Q4_1 codes
@@ -80,6 +82,7 @@ def rows_for(alphas: list[float], group_size: int) -> dict[str, dict | None]:
         rows[f"w8a8 smooth={a:g} rot"] = {"scheme": "w8a8", "smoothing": a, "rotation": True}
         rows[f"w8a8 smooth={a:g} rot gptq"] = {"scheme": "w8a8", "smoothing": a, "rotation": True, "gptq": True}
     rows["w8a8 rot emb"] = {"scheme": "w8a8", "rotation": True, "embedding": True}
+    rows["w8a8 rot emb res"] = {"scheme": "w8a8", "rotation": True, "embedding": True, "head_residual": True}
     for a in alphas:
         rows[f"w8a8 smooth={a:g} rot gptq emb"] = {
             "scheme": "w8a8",

@@ -76,8 +76,11 @@ class ModelConfig:
     by a block Hadamard matrix (`ssm_llm.hadamard.block_hadamard`) before it is rounded to int8, the
     weights holding the same rotation. `int8_embedding` ("w8a8" only): the embedding (and an untied
     lm_head) is int8 with one scale per vocabulary row, stored as the tied output projection's
-    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product. `int8_dot` picks how W8A8 products
-    run on CPU (one of `INT8_DOTS`; the same numbers either way).
+    `QuantizedWeight` [hidden, vocab], and the logits are a W8A8 product. `head_residual` (with
+    `int8_embedding`): params also hold the int8 head's rounding residual in 4 bits ("head_residual"), and each
+    row's top logits are recomputed against the finer weights (`ssm_llm.models.lm_head.refine_logits`), from
+    which a tied embedding reads its rows too.
+    `int8_dot` picks how W8A8 products run on CPU (one of `INT8_DOTS`; the same numbers either way).
     """
 
     vocab_size: int
@@ -102,6 +105,7 @@ class ModelConfig:
     quantization: str = "none"
     activation_rotation: bool = False
     int8_embedding: bool = False
+    head_residual: bool = False
     int8_dot: str = "auto"
 
     def __post_init__(self):
@@ -149,6 +153,10 @@ class ModelConfig:
                 "config.int8_embedding makes the logits a W8A8 product: it needs quantization 'w8a8', "
                 f"got {self.quantization!r}"
             )
+        if not isinstance(self.head_residual, bool):
+            raise ValueError(f"config.head_residual must be True or False, got {self.head_residual!r}")
+        if self.head_residual and not self.int8_embedding:
+            raise ValueError("config.head_residual refines an int8 output projection: it needs int8_embedding=True")
         if self.activation_rotation and self.quantization != "w8a8":
             raise ValueError(
                 "config.activation_rotation rotates int8 activations: it needs quantization 'w8a8', "

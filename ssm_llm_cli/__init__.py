@@ -523,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         "where int8 products are faster than float32 on this CPU (measured once, recorded in the cache), "
         "float32 elsewhere; none = float32; int8 weights and per-token int8 activations (w8a8; w8a8-rot with "
         "Hadamard-rotated inputs: +0.5%% perplexity on SmolLM2 instead of +2.9%%; w8a8-rot-emb also an int8 "
-        "embedding and output projection), or int8 / int4 weights only; a GGUF file's Q8_0 / "
-        "Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
+        "embedding and output projection, its top logits refined by a 4-bit residual), or int8 / int4 weights "
+        "only; a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks are kept exactly by w8a16 and (4-bit ones) w4a16",
     )
     gen.add_argument(
         "--no-cache",

@@ -60,6 +60,8 @@ def param_shapes(config: ModelConfig) -> dict:
     shapes = {"embed": (H, V) if config.int8_embedding else (V, H), "final_norm": (H,), "layers": layers}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (H, V)
+    if config.head_residual:  # the int8 head's rounding residual, a 4-bit QuantizedWeight [H, V]
+        shapes["head_residual"] = (H, V)
     return shapes
 
 
@@ -144,6 +146,13 @@ def check_linear_kinds(params: dict, config: ModelConfig) -> None:
                 f"params[{name!r}] is {'an int8' if int8 else 'a float'} "
                 f"table, but config.int8_embedding is {config.int8_embedding} (quantize_weights(..., embedding=True) "
                 "returns the matching config)"
+            )
+    if config.head_residual:
+        r = params["head_residual"]
+        if not (isinstance(r, QuantizedWeight) and r.bits == 4 and r.offsets is None and r.group_size == r.shape[0]):
+            raise ValueError(
+                "params['head_residual'] must be a symmetric 4-bit QuantizedWeight with one scale per vocabulary row "
+                "(quantize_weights(..., head_residual=True) makes it)"
             )
 
 

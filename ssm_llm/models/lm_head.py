@@ -12,6 +12,7 @@ from pallas_kernels import cpu_int8_dot
 from pallas_kernels.cpu_int8_dot import BlockedInt8Weight
 from pallas_kernels.dfloat11 import DFloat11Weight, decompress, take_rows
 from pallas_kernels.quantized_matmul import QuantizedWeight, quantized_matmul, quantized_matmul_int8
+from pallas_kernels.quantized_matmul.weights import unpack_int4
 from ssm_llm.bitstack_weight import BitStackWeight, reconstruct
 from ssm_llm.hadamard import block_hadamard
 
@@ -33,6 +34,23 @@ KERNEL_ROWS = 2
 # batch 16 at 0.82x (twice the head's rows; batch 1 unchanged: results/bench_head_terms.json). That would take
 # batch-16 W8A8 from ~3.0x to ~2.5x float32, for an agreement still far from 90%: one term stays.
 HEAD_TERMS = 1
+# A head residual (`config.head_residual`) holds W - s q (the int8 head's rounding error, |.| <= s / 2) in 4 bits on
+# a grid of s / HEAD_RESIDUAL_STEPS: codes in [-7, 7], no clipping, so every weight is within s / 28 of W, against
+# s / 2 for the int8 codes alone.
+HEAD_RESIDUAL_STEPS = 14
+# How many top int8 logits of each row `refine_logits` recomputes. Measured on SmolLM2 W8A8 rotated, 2048 held-out
+# positions of the quantized model's own final hidden states: the float head's top token was the int8 head's top 1
+# at 98.1% of them, among its top 2 at 99.9%, its top 3 at all; 8 leaves room. Refined, the top token was the float
+# head's at 99.9% (one more bit everywhere would not be free: a second full int8 product cost 0.82x decode at batch
+# 16, see HEAD_TERMS).
+HEAD_CANDIDATES = 8
+# `_top_columns` finds them among the maxima of blocks of this many logits first: on SmolLM2's 49152 logits (2-core
+# EPYC) 0.17 against `jax.lax.top_k`'s 0.91 ms at 16 rows, 0.10 against 0.52 at 9, equal at 1 (blocks of 64: 0.13
+# at 16 rows, 256: 0.16, 512: 0.22).
+_TOP_BLOCK = 128
+# Rows of the refined product per int32 sum: |x code| <= 127 times |weight code| <= 127 * 14 + 7 = 1785 stays under
+# 2^31 for up to 9472 of them.
+_REFINE_CHUNK = 8192
 
 
 def linear(
@@ -77,20 +95,74 @@ def int8_matmul(
     # x materialised first: fused into its producer (silu(gate) * up, a norm), XLA's CPU code computed some
     # elements differently for one row than for several, and a rounding step then moved. Costs one small copy.
     x = jax.lax.optimization_barrier(x)
+    x_scale, xq, rq = _int8_terms(x, terms)
+    if terms == 1:
+        return (_w8a8_codes_product(xq, w, int8_dot) * x_scale).astype(x.dtype)
+    both = _w8a8_codes_product(jnp.stack([xq, rq]), w, int8_dot)
+    return _two_terms_sum(both[0], both[1], x_scale).astype(x.dtype)
+
+
+def _int8_terms(x: jax.Array, terms: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """x [..., K] as x_scale [..., 1] (absmax / 127, per row) and int8 codes: q1 = round(x / x_scale) and, for
+    `terms=2`, q2 = round((x / x_scale - q1) * 256) (else None)."""
     xf = x.astype(jnp.float32)
     x_scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
     steps = xf / jnp.where(x_scale > 0, x_scale, 1.0)  # x in units of its int8 step
     xq = jnp.clip(jnp.round(steps), -127, 127).astype(jnp.int8)
     if terms == 1:
-        return (_w8a8_codes_product(xq, w, int8_dot) * x_scale).astype(x.dtype)
+        return x_scale, xq, None
     # Every step below gives the same bits however XLA fuses it (a multiply-add contracted or not): steps - q1 is
     # exact (they are within 1/2 of each other), and the scalings by 256 and 1/256 are exact. With a second scale of
     # its own the residual's rounding and the terms' sum moved by an ulp between programs, and logits computed
     # twice inside one program could disagree (see `ssm_llm.sampling.greedy_tokens`).
     residual = (steps - xq.astype(jnp.float32)) * 256.0
-    rq = jnp.clip(jnp.round(residual), -127, 127).astype(jnp.int8)
-    both = _w8a8_codes_product(jnp.stack([xq, rq]), w, int8_dot)
-    return ((both[0] + both[1] * (1.0 / 256.0)) * x_scale).astype(x.dtype)
+    return x_scale, xq, jnp.clip(jnp.round(residual), -127, 127).astype(jnp.int8)
+
+
+def _two_terms_sum(first: jax.Array, second: jax.Array, x_scale: jax.Array) -> jax.Array:
+    """(first + second / 256) * x_scale in float32: the product by 1/256 is exact, so the sum has the same bits
+    whether XLA contracts it into a multiply-add or not."""
+    return (first.astype(jnp.float32) + second.astype(jnp.float32) * (1.0 / 256.0)) * x_scale
+
+
+def refine_logits(
+    logits: jax.Array,
+    x: jax.Array,
+    head: QuantizedWeight | BlockedInt8Weight,
+    residual: QuantizedWeight,
+    candidates: int = HEAD_CANDIDATES,
+) -> jax.Array:
+    """An int8 head's logits [..., V] with each row's top `candidates` recomputed on finer numbers: the head's
+    weights as int8 codes plus their 4-bit rounding residual (`residual`: [H, V], scale s / HEAD_RESIDUAL_STEPS, so
+    w = r (14 q + q_r)), its input x [..., H] (as the head multiplies it: rotated under `activation_rotation`) in
+    two int8 terms (`int8_matmul(terms=2)`'s rounding). The sums are int32, exact in any program, so a token's
+    logit has the same bits in a one-row step and a many-row verification. The other logits keep their values."""
+    vocab, hidden = logits.shape[-1], x.shape[-1]
+    lead = logits.shape[:-1]
+    k = min(candidates, vocab)
+    flat_logits = logits.reshape(-1, vocab)
+    x_scale, q1, q2 = _int8_terms(jax.lax.optimization_barrier(x).reshape(-1, hidden), 2)
+    top = _top_columns(flat_logits, k)  # [M, k]
+    columns = top.reshape(-1)
+    if isinstance(head, BlockedInt8Weight):
+        codes = _blocked_columns(head, columns)  # [M k, H]
+    else:
+        codes = jnp.take(head.values, columns, axis=1).T
+    fine = jnp.take(residual.values, columns, axis=1)  # [H / 2, M k] two 4-bit codes per byte
+    weights = codes.astype(jnp.int32) * HEAD_RESIDUAL_STEPS + unpack_int4(fine).T  # [M k, H], |.| <= 1785
+    weights = weights.reshape(*top.shape, hidden)
+    # int32 sums (exact: in any order, in any program), over chunks of at most _REFINE_CHUNK rows each.
+    chunks = -(-hidden // _REFINE_CHUNK)
+    size = _REFINE_CHUNK if chunks > 1 else hidden
+    pad = chunks * size - hidden
+    both = jnp.pad(jnp.stack([q1, q2]).astype(jnp.int32), ((0, 0), (0, 0), (0, pad))).reshape(2, -1, chunks, size)
+    weights = jnp.pad(weights, ((0, 0), (0, 0), (0, pad))).reshape(*top.shape, chunks, size)
+    sums = jnp.einsum("tmch,mkch->tmkc", both, weights, preferred_element_type=jnp.int32)
+    sums = sums.astype(jnp.float32).sum(-1)  # [2, M, k]
+    scales = jnp.take(residual.scales[0], columns).reshape(top.shape).astype(jnp.float32)
+    refined = _two_terms_sum(sums[0], sums[1], x_scale) * scales
+    rows = jnp.arange(top.shape[0])[:, None]
+    return flat_logits.at[rows, top].set(refined.astype(logits.dtype)).reshape(*lead, vocab)
 
 
 def _w8a8_codes_product(xq: jax.Array, w: QuantizedWeight | BlockedInt8Weight, int8_dot: str) -> jax.Array:
@@ -129,10 +201,27 @@ def _cpu_int8_dot(xq: jax.Array, codes: jax.Array, int8_dot: str = "auto") -> ja
     return cpu_int8_dot.int8_dot_reference(xq, codes)[:rows]
 
 
+def _top_columns(logits: jax.Array, k: int) -> jax.Array:
+    """The columns of the k largest logits of each row [M, V] -> [M, k] (as a set): the top k blocks of _TOP_BLOCK
+    by their maxima hold them (an element of the top k has at most k - 1 larger ones, so at most k - 1 blocks have a
+    larger maximum than its block), then the top k of those blocks' logits. Ties go to the lower column."""
+    rows, vocab = logits.shape
+    blocks = -(-vocab // _TOP_BLOCK)
+    if blocks <= 2 * k:
+        return jax.lax.top_k(logits, k)[1]
+    padded = jnp.pad(logits, ((0, 0), (0, blocks * _TOP_BLOCK - vocab)), constant_values=-jnp.inf)
+    padded = padded.reshape(rows, blocks, _TOP_BLOCK)
+    chosen = jnp.sort(jax.lax.top_k(jnp.max(padded, axis=-1), k)[1], axis=-1)  # in column order: ties as top_k's
+    within = jnp.take_along_axis(padded, chosen[:, :, None], axis=1).reshape(rows, k * _TOP_BLOCK)
+    best = jax.lax.top_k(within, k)[1]
+    return jnp.take_along_axis(chosen, best // _TOP_BLOCK, axis=1) * _TOP_BLOCK + best % _TOP_BLOCK
+
+
 def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
     """The embedding rows of `tokens` `[...]` -> `[..., H]`: a float table [V, H], or an int8 one stored as the
     tied output projection's `QuantizedWeight` [H, V] (one scale per vocabulary row; or its `BlockedInt8Weight`,
-    gathered from the blocks), dequantized row by row; under `activation_rotation` a tied table holds the
+    gathered from the blocks), dequantized row by row (with `config.head_residual` a tied table's rows are
+    r (14 q + q_r), the codes plus their 4-bit residual); under `activation_rotation` a tied table holds the
     rotated rows (E Q, the head's weight Q E^T), which `block_hadamard` turns back (Q Q = I). A DFloat11 table
     decodes only the blocks holding those rows."""
     table = params["embed"]
@@ -143,7 +232,13 @@ def embed_tokens(params: dict, config, tokens: jax.Array) -> jax.Array:
             codes = _blocked_columns(table, tokens).reshape(*tokens.shape, table.k)
         else:
             codes = jnp.moveaxis(jnp.take(table.values, tokens, axis=1), 0, -1)
-        rows = codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
+        if config.head_residual and config.tie_word_embeddings:  # the finer rows: r (14 q + q_r)
+            residual = params["head_residual"]
+            fine = unpack_int4(jnp.take(residual.values, tokens.reshape(-1), axis=1)).T.reshape(*tokens.shape, -1)
+            steps = codes.astype(jnp.int32) * HEAD_RESIDUAL_STEPS + fine
+            rows = steps.astype(jnp.float32) * residual.scales[0][tokens][..., None].astype(jnp.float32)
+        else:
+            rows = codes.astype(jnp.float32) * table.scales[0][tokens][..., None].astype(jnp.float32)
         return block_hadamard(rows) if config.activation_rotation and config.tie_word_embeddings else rows
     return table[tokens]
 
@@ -165,16 +260,16 @@ def activation_dtype(params: dict):
 
 def logits_from_hidden(params: dict, config, h: jax.Array) -> jax.Array:
     """Project final hidden states `[..., H]` to vocabulary logits `[..., V]` (tied: the embedding); an int8
-    output projection multiplies as W8A8 (`int8_matmul`), its input rotated under `activation_rotation`; a DFloat11
-    one is decoded whole first."""
+    output projection multiplies as W8A8 (`int8_matmul`), its input rotated under `activation_rotation`, and with
+    `config.head_residual` its top logits refined (`refine_logits`); a DFloat11 one is decoded whole first."""
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
     if isinstance(head, DFloat11Weight):
         head = decompress(head)
         params = {**params, "embed" if config.tie_word_embeddings else "lm_head": head}
     if isinstance(head, (QuantizedWeight, BlockedInt8Weight)):
-        return linear(
-            h, head, int8_acts=True, rotate=config.activation_rotation, int8_dot=config.int8_dot, terms=HEAD_TERMS
-        )
+        x = block_hadamard(h).astype(h.dtype) if config.activation_rotation else h
+        logits = int8_matmul(x, head, config.int8_dot, HEAD_TERMS)
+        return refine_logits(logits, x, head, params["head_residual"]) if config.head_residual else logits
     if config.tie_word_embeddings:
         if math.prod(h.shape[:-1]) <= SMALL_ROWS and jax.default_backend() == "cpu":
             return jnp.moveaxis(jnp.einsum("vh,...h->v...", params["embed"], h), 0, -1)

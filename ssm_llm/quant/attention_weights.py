@@ -2,7 +2,8 @@
 
 Every linear layer of every block (q, k, v, o, gate, up, down) becomes a `QuantizedWeight`: symmetric
 round-to-nearest absmax codes per output channel (`group_size=None`) or per group of input rows, 8 or 4
-bits. The embedding, the (tied) lm_head, norms and biases stay float. The returned config's
+bits. The embedding and the (tied) lm_head stay float unless `embedding=True` (int8 per vocabulary row, plus its
+4-bit rounding residual with `head_residual=True`); norms and biases stay float. The returned config's
 `quantization` tells `forward` how to multiply:
   "w8a8"   int8 weights; each product rounds its input rows to int8 with one absmax scale per token
            (dynamic, no calibration) and accumulates in int32 (`ssm_llm.models.lm_head.int8_matmul`);
@@ -25,15 +26,18 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from pallas_kernels.quantized_matmul import QuantizedWeight
 from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
+from pallas_kernels.quantized_matmul.weights import int_values, pack_int4
 from ssm_llm.config import WEIGHT_BITS, ModelConfig
 from ssm_llm.hadamard import block_hadamard
 from ssm_llm.layer_layout import is_stacked, stack_layers, unstack_layers
 from ssm_llm.models.attention_lm import LINEARS, check_linear_kinds
-from ssm_llm.models.lm_head import embed_tokens
+from ssm_llm.models.lm_head import HEAD_RESIDUAL_STEPS, embed_tokens
 from ssm_llm.param_check import check_params
 from ssm_llm.quant.attention_calibration import SITE_OF, check_calibration, layer_statistics
 from ssm_llm.quant.gptq import gptq_quantize
@@ -51,6 +55,7 @@ def quantize_weights(
     gptq: bool = False,
     rotation: bool = False,
     embedding: bool = False,
+    head_residual: bool = False,
     progress: bool = True,
 ):
     """Quantize an attention model's linear layers (see the module docstring) -> (params, config).
@@ -60,8 +65,10 @@ def quantize_weights(
     [B, T] of real text (no padding), needed by `smoothing` (SmoothQuant's alpha in (0, 1], "w8a8" only)
     and `gptq`. rotation: see the module docstring ("w8a8" only). embedding ("w8a8" only): the embedding
     (and an untied lm_head) becomes int8 too, one scale per vocabulary row (`config.int8_embedding`; the
-    logits then a W8A8 product). Works on either layer layout (stacked or a list of per-layer dicts) and
-    keeps it.
+    logits then a W8A8 product). head_residual (with embedding): also keep the int8 head's rounding residual in 4
+    bits (`config.head_residual`: an eighth of the head's float32 bytes), against which each row's top logits are
+    recomputed and a tied embedding's rows are read (`ssm_llm.models.lm_head.refine_logits`). Works on either layer
+    layout (stacked or a list of per-layer dicts) and keeps it.
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(
@@ -84,10 +91,26 @@ def quantize_weights(
         raise ValueError(
             f"embedding (True or False) makes the logits a W8A8 product: scheme 'w8a8' only, got {embedding!r}"
         )
+    if not isinstance(head_residual, bool) or (head_residual and not embedding):
+        raise ValueError(
+            f"head_residual (True or False) refines the int8 output projection: it needs embedding=True, got "
+            f"head_residual={head_residual!r} with embedding={embedding!r}"
+        )
+    if head_residual and config.hidden_size % 2:
+        raise ValueError(
+            f"head_residual packs two 4-bit codes per byte along the hidden size, which must be even, got "
+            f"{config.hidden_size}"
+        )
     check_params(params, config)
     check_linear_kinds(params, config)  # float linears: a QuantizedWeight under a "none" config is refused
     bits = WEIGHT_BITS[scheme]
-    qconfig = dataclasses.replace(config, quantization=scheme, activation_rotation=rotation, int8_embedding=embedding)
+    qconfig = dataclasses.replace(
+        config,
+        quantization=scheme,
+        activation_rotation=rotation,
+        int8_embedding=embedding,
+        head_residual=head_residual,
+    )
     layers = params["layers"]
     if calibration is not None:
         tokens = check_calibration(calibration, config.vocab_size)
@@ -103,6 +126,8 @@ def quantize_weights(
         # float32 from 0.0034 to 0.0175 with its input unrotated, to 0.0046 rotated; int8 rows alone cost nothing
         head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
         out["lm_head" if not config.tie_word_embeddings else "embed"] = _int8_rows(head, rotation)
+        if head_residual:
+            out["head_residual"] = _residual_rows(head, rotation)
         if not config.tie_word_embeddings:
             out["embed"] = _int8_rows(params["embed"].T, False)
     return out, qconfig
@@ -121,6 +146,20 @@ def _int8_rows(head, rotation: bool):
     `rotation`)."""
     head = block_hadamard(head, axis=0) if rotation else head
     return quantize_matrix(head, bits=8, group_size=head.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames=("rotation",))
+def _residual_rows(head, rotation: bool):
+    """What `_int8_rows(head, rotation)` leaves out, W - s q (|.| <= s / 2), as a 4-bit `QuantizedWeight` [H, V]
+    with scales s / HEAD_RESIDUAL_STEPS (codes in [-7, 7])."""
+    rows = _int8_rows(head, rotation)
+    w = (block_hadamard(head, axis=0) if rotation else head).astype(jnp.float32)
+    scale = rows.scales.astype(jnp.float32)
+    fine = scale / HEAD_RESIDUAL_STEPS
+    r = jnp.round((w - int_values(rows).astype(jnp.float32) * scale) / jnp.where(fine > 0, fine, 1.0))
+    lim = HEAD_RESIDUAL_STEPS // 2
+    codes = jnp.clip(r, -lim, lim)
+    return QuantizedWeight(pack_int4(codes), fine.astype(rows.scales.dtype), bits=4, group_size=head.shape[0])
 
 
 def _check_corrections(scheme: str, calibration, smoothing, gptq) -> None:

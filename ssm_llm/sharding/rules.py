@@ -79,7 +79,12 @@ MAMBA2_LAYER = {
     "out_proj_b": ("embed",),
 }
 REPLICATED = "replicated"  # a rule for a whole subtree of small leaves, each kept whole on every device
-GLOBAL = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("embed",)}
+GLOBAL = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "head_residual": ("embed", "vocab"),
+    "final_norm": ("embed",),
+}
 
 # Cache leaves, with their layer axis.
 KV_CACHE = {"k": (None, "batch", "kv_heads", "seq", None), "v": (None, "batch", "kv_heads", "seq", None)}

@@ -105,7 +105,7 @@ def test_presets_name_their_configs():
 def test_auto_loads_the_rotated_int8_model_where_int8_pays(monkeypatch, tmp_path, measurements):
     model = tiny_hf_model("llama")
     config, params = converters.load(model)
-    expected = quantize_weights(params, config, "w8a8", rotation=True, embedding=True)[::-1]
+    expected = quantize_weights(params, config, "w8a8", rotation=True, embedding=True, head_residual=True)[::-1]
     monkeypatch.setenv("SSM_LLM_INT8", "1")
     assert_same(converters.load(model, quantize="auto"), expected)
     assert_same(converters.load(model, quantize="w8a8-rot-emb"), expected)
