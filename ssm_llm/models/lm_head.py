@@ -42,7 +42,7 @@ HEAD_RESIDUAL_STEPS = 14
 # positions of the quantized model's own final hidden states: the float head's top token was the int8 head's top 1
 # at 98.1% of them, among its top 2 at 99.9%, its top 3 at all; 8 leaves room. Refined, the top token was the float
 # head's at 99.9% (one more bit everywhere would not be free: a second full int8 product cost 0.82x decode at batch
-# 16, see HEAD_TERMS).
+# 16, see HEAD_TERMS). experiments/head_candidates.py, results/head_candidates.json.
 HEAD_CANDIDATES = 8
 # `_top_columns` finds them among the maxima of blocks of this many logits first: on SmolLM2's 49152 logits (2-core
 # EPYC) 0.17 against `jax.lax.top_k`'s 0.91 ms at 16 rows, 0.10 against 0.52 at 9, equal at 1 (blocks of 64: 0.13
