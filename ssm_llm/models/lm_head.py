@@ -135,8 +135,9 @@ def refine_logits(
     """An int8 head's logits [..., V] with each row's top `candidates` recomputed on finer numbers: the head's
     weights as int8 codes plus their 4-bit rounding residual (`residual`: [H, V], scale s / HEAD_RESIDUAL_STEPS, so
     w = r (14 q + q_r)), its input x [..., H] (as the head multiplies it: rotated under `activation_rotation`) in
-    two int8 terms (`int8_matmul(terms=2)`'s rounding). The sums are int32, exact in any program, so a token's
-    logit has the same bits in a one-row step and a many-row verification. The other logits keep their values."""
+    two int8 terms (`int8_matmul(terms=2)`'s rounding). The sums are int32, exact in any program (over chunks of
+    _REFINE_CHUNK hidden rows, added in a fixed order), so a token's logit has the same bits in a one-row step and
+    a many-row verification. The other logits keep their values. NaN logits make the candidates unspecified."""
     vocab, hidden = logits.shape[-1], x.shape[-1]
     lead = logits.shape[:-1]
     k = min(candidates, vocab)
@@ -157,8 +158,10 @@ def refine_logits(
     pad = chunks * size - hidden
     both = jnp.pad(jnp.stack([q1, q2]).astype(jnp.int32), ((0, 0), (0, 0), (0, pad))).reshape(2, -1, chunks, size)
     weights = jnp.pad(weights, ((0, 0), (0, 0), (0, pad))).reshape(*top.shape, chunks, size)
-    sums = jnp.einsum("tmch,mkch->tmkc", both, weights, preferred_element_type=jnp.int32)
-    sums = sums.astype(jnp.float32).sum(-1)  # [2, M, k]
+    parts = jnp.einsum("tmch,mkch->tmkc", both, weights, preferred_element_type=jnp.int32).astype(jnp.float32)
+    sums = parts[..., 0]
+    for c in range(1, chunks):  # chunks added in a fixed order (hidden sizes over _REFINE_CHUNK only)
+        sums = sums + parts[..., c]
     scales = jnp.take(residual.scales[0], columns).reshape(top.shape).astype(jnp.float32)
     refined = _two_terms_sum(sums[0], sums[1], x_scale) * scales
     rows = jnp.arange(top.shape[0])[:, None]

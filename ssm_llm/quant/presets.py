@@ -27,15 +27,13 @@ def preset(name: str) -> tuple[str, dict]:
 
 
 def preset_of(config) -> str | None:
-    """The preset name a quantized attention config was made with (None: float, or no preset matches)."""
+    """The preset name a quantized attention config was made with (None: float, or no preset matches). The head
+    residual is not told apart: a rotated int8-embedding model saved before `w8a8-rot-emb` added it still names
+    that preset (and a checkpoint of it loads as it is)."""
     for name, (scheme, options) in PRESETS.items():
         if config.quantization == scheme and all(
             getattr(config, field) == bool(options.get(option))
-            for option, field in (
-                ("rotation", "activation_rotation"),
-                ("embedding", "int8_embedding"),
-                ("head_residual", "head_residual"),
-            )
+            for option, field in (("rotation", "activation_rotation"), ("embedding", "int8_embedding"))
         ):
             return name
     return None

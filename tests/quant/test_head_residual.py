@@ -21,8 +21,10 @@ from pallas_kernels.quantized_matmul.weights import int_values
 from ssm_llm.hadamard import block_hadamard
 from ssm_llm.int8_blocks import for_cpu_kernel, unblock_int8_weights
 from ssm_llm.models.lm_head import (
+    _REFINE_CHUNK,
     HEAD_CANDIDATES,
     HEAD_RESIDUAL_STEPS,
+    _int8_terms,
     embed_tokens,
     logits_from_hidden,
     refine_logits,
@@ -50,21 +52,25 @@ def params():
 
 
 def numpy_refined(x: np.ndarray, head: QuantizedWeight, residual: QuantizedWeight, top: np.ndarray):
-    """The refined logits of `top` [M, k] in numpy: x rounded in two int8 terms (float32, as the library), int64
-    sums against 14 q + q_r, then float64; and the float32 rounding bound of the library's combination."""
-    f32 = np.float32
-    x_scale = np.abs(x).max(-1, keepdims=True) / f32(127.0)
-    steps = x / np.where(x_scale > 0, x_scale, f32(1.0))
-    q1 = np.clip(np.round(steps), -127, 127)
-    q2 = np.clip(np.round((steps - q1) * f32(256.0)), -127, 127).astype(np.int64)
+    """The refined logits of `top` [M, k] in numpy: int64 sums of x's two int8 terms against 14 q + q_r, then
+    float64; and the bound of the library's float32 combination. The terms are the library's own (`_int8_terms`,
+    tested against the float product in test_attention_weight_quant.py): XLA's float32 division may round
+    differently from numpy's in the last bit, which moves a code across a rounding boundary now and then."""
+    x_scale, q1, q2 = (np.asarray(a) for a in _int8_terms(jnp.asarray(x), 2))
     w = np.asarray(int_values(head)).astype(np.int64) * HEAD_RESIDUAL_STEPS + np.asarray(int_values(residual))
     cols = w.T[top]  # [M, k, H]
     a1 = np.einsum("mh,mkh->mk", q1.astype(np.int64), cols)
-    a2 = np.einsum("mh,mkh->mk", q2, cols)
+    a2 = np.einsum("mh,mkh->mk", q2.astype(np.int64), cols)
     scale = np.asarray(residual.scales[0], np.float64)[top]
     want = (a1 + a2 / 256.0) * x_scale.astype(np.float64) * scale
-    bound = 4 * np.finfo(np.float32).eps * (np.abs(a1) + np.abs(a2) / 256.0) * x_scale * scale
-    return want, bound
+    # Each chunk's int32 sum is exact, then rounded to float32 (`_REFINE_CHUNK` rows of the hidden size each).
+    chunk = _REFINE_CHUNK if w.shape[0] > _REFINE_CHUNK else w.shape[0]
+    magnitude = sum(
+        np.abs(np.einsum("mh,mkh->mk", q[:, c : c + chunk].astype(np.int64), cols[..., c : c + chunk])) / d
+        for q, d in ((q1, 1.0), (q2, 256.0))
+        for c in range(0, w.shape[0], chunk)
+    )
+    return want, 4 * np.finfo(np.float32).eps * magnitude * x_scale * scale
 
 
 @pytest.mark.parametrize("rotation", [False, True], ids=["plain", "rotated"])
@@ -223,3 +229,40 @@ def test_bad_uses_are_clear_errors(params):
     wrong = {**qparams, "head_residual": dataclasses.replace(qparams["head_residual"], group_size=32)}
     with pytest.raises(ValueError, match="must be a symmetric 4-bit QuantizedWeight with one scale per vocabulary"):
         ssm_llm.forward(wrong, qconfig, IDS, cache)
+
+
+@pytest.mark.parametrize("k", [1, 8, 20])
+def test_top_columns_are_top_k_as_a_set(k):
+    """The block-maxima search finds `jax.lax.top_k`'s columns: a vocabulary not a multiple of the block, ties
+    (lower columns first), -inf logits, one block holding every winner."""
+    from ssm_llm.models.lm_head import _top_columns
+
+    rng = np.random.default_rng(k)
+    logits = np.round(rng.standard_normal((4, 5000)), 1).astype(np.float32)  # many ties
+    logits[1, 4990:] = 9.0  # the winners in the last, partial block
+    logits[2, ::7] = -np.inf
+    logits[3, 100:140] = 5.0  # more tied winners than k, across a block boundary
+    got = np.asarray(_top_columns(jnp.asarray(logits), k))
+    want = np.asarray(jax.lax.top_k(jnp.asarray(logits), k)[1])
+    assert [set(r) for r in got] == [set(r) for r in want]
+
+
+def test_refine_logits_past_one_int32_sum():
+    """Hidden sizes past _REFINE_CHUNK rows sum in several int32 chunks: still the numpy int64 product."""
+    from pallas_kernels.quantized_matmul import quantize_weights as quantize_matrix
+    from ssm_llm.quant.attention_weights import _residual_rows
+
+    hidden, vocab = 8200, 5
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((hidden, vocab)), jnp.float32)
+    head = quantize_matrix(w, bits=8, group_size=hidden)
+    residual = _residual_rows(w, head, False)
+    x = (rng.standard_normal((2, hidden)) * 3).astype(np.float32)
+    coarse = jnp.asarray(rng.standard_normal((2, vocab)), jnp.float32)
+    got = np.asarray(refine_logits(coarse, jnp.asarray(x), head, residual, 3), np.float64)
+    top = np.argsort(-np.asarray(coarse), axis=-1, kind="stable")[:, :3]
+    want, bound = numpy_refined(x, head, residual, top)
+    assert (np.abs(got[np.arange(2)[:, None], top] - want) <= bound).all()
+    exact = (x @ np.asarray(w))[np.arange(2)[:, None], top]
+    norms = np.linalg.norm(x, axis=-1)[:, None] * np.linalg.norm(np.asarray(w), axis=0)[top]
+    assert (np.abs(want - exact) <= 1e-3 * norms).all()  # 12-bit weights, ~16-bit inputs
