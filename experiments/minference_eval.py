@@ -9,8 +9,9 @@
       attend to the whole document through the sparse pattern.
   (c) prefill seconds at `--speed-lengths` (batch 1, compiled, median of `--repeats`, configs interleaved).
 Configs: "full" (dense flash prefill), "minference" (SmolLM2's fitted patterns, shipped with ssm_llm), the same
-at twice the budget, "vertical_slash" (every head vertical-slash, the paper's default without fitting) and
-"vertical_slash_dense0" (the same with layer 0 dense).
+at twice the budget, "vertical_slash" (every head vertical-slash, the paper's default without fitting),
+"vertical_slash_dense0" (the same with layer 0 dense), and the same budget spent otherwise: "vertical_slash_q128"
+(indices estimated from the last 128 queries) and "vertical_slash_6x384" (6 slash blocks + 384 columns).
 Writes experiments/results/minference_eval.json (+ .png) and prints a table.
 
     python experiments/minference_eval.py            # ~25 min on 2 cores
@@ -59,6 +60,12 @@ def configs(model: str, patterns_file: Path | None = None) -> dict:
         "vertical_slash_dense0": MInference(
             block=fitted.block, blocks=fitted.blocks, columns=fitted.columns, dense_layers=(0,)
         ),
+        # The same number of keys per query block, spent otherwise: estimated from twice the last queries, or
+        # with fewer slash blocks and more vertical columns.
+        "vertical_slash_q128": MInference(
+            block=fitted.block, blocks=fitted.blocks, columns=fitted.columns, last_queries=128
+        ),
+        "vertical_slash_6x384": MInference(block=fitted.block, blocks=6, columns=384),
     }
 
 
