@@ -39,6 +39,7 @@ import numpy as np
 from pallas_kernels import cpu_int8_dot
 from pallas_kernels.quantized_matmul import quantize_weights
 from ssm_llm.cpu_features import host_cpu
+from ssm_llm.models.lm_head import _cpu_int8_dot as cpu_int8_dot_xla
 
 HIDDEN, INTERMEDIATE, KV_WIDTH, VOCAB = 576, 1536, 192, 49152  # SmolLM2-135M (9 heads, 3 KV heads of 64)
 LAYER_SHAPES = {  # name: (K, N) of x [rows, K] @ w [K, N]
@@ -62,10 +63,8 @@ def quantize_weight(w):
 
 
 def padded_dot(xq, codes):
-    """XLA's integer dot with one row padded to two (its one-row path is slow)."""
-    rows = xq.shape[0]
-    xq = jnp.concatenate([xq, jnp.zeros_like(xq)]) if rows == 1 else xq
-    return cpu_int8_dot.int8_dot_reference(xq, codes)[:rows]
+    """XLA's integer dot with one row padded to two (its one-row path is slow): the library's own XLA path."""
+    return cpu_int8_dot_xla(xq, codes, "xla")
 
 
 def w8a8_product(x, codes, scale, codes_axis: int = 0, dot=None):
